@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import variants
 
 from . import data as D
+from .measure import param_counts
 from .metrics import accuracy_by_type
 from .store import ResultsStore, atomic_torch_save, atomic_write_bytes
 
@@ -98,12 +99,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def param_counts(model: torch.nn.Module) -> dict:
-    return {"total": sum(p.numel() for p in model.parameters()),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "by_module": {n: sum(p.numel() for p in m.parameters()) for n, m in model.named_children()}}
 
 
 def seed_everything(seed: int) -> None:
