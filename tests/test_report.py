@@ -353,3 +353,12 @@ def test_report_on_real_records(tiny, tmp_path):
         assert (md_path.parent / link).stat().st_size > 0
     df = pd.read_csv(tmp_path / "reports" / "real.csv")
     assert sorted(df["variant"]) == ["dualvgr", "question-only"]
+
+
+def test_cost_plot_labels_merge_identical_points_and_stack_the_rest():
+    from harness.report import _label_layout
+    pts = [{"label": "dualvgr", "x": 3.3e-3, "acc": 77.7}, {"label": "student", "x": 3.3e-3, "acc": 77.7},
+           {"label": "student-logits", "x": 3.3e-3, "acc": 78.9}, {"label": "question-only", "x": 8e-4, "acc": 26.5}]
+    layout = _label_layout(pts)
+    assert [(labels, k) for _, labels, k in layout] == [
+        (["question-only"], 0), (["student-logits"], 0), (["dualvgr", "student"], 1)]
