@@ -178,6 +178,8 @@ def run(
     results: str = typer.Option("results", help="Results store directory."),
     no_glove: bool = typer.Option(False, "--no-glove", help="Do not initialise word embeddings from the "
                                   "questions file's GloVe matrix."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16: autocast for the forward passes and losses in "
+                                  "training and evaluation (weights and optimizer state stay fp32)."),
     force: bool = typer.Option(False, help="Retrain even if the run is complete in the store."),
     mode: str = typer.Option("auto", help="Feature loading: memory, stream, or auto (stream when the "
                              "features do not fit in half the free RAM)."),
@@ -188,13 +190,17 @@ def run(
     from harness.runner import RunSpec, train
     from harness.store import ResultsStore
 
+    from harness.runner import PRECISIONS
+    if precision not in PRECISIONS:
+        console.print(f"[red]error:[/red] --precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        raise typer.Exit(2)
     try:
         variants.VARIANTS.get(variant)
     except variants.UnknownNameError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
     spec = RunSpec(variant=variant, data=data, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                   early_stop=early_stop, glove=not no_glove, overrides=parse_sets(set_))
+                   early_stop=early_stop, glove=not no_glove, precision=precision, overrides=parse_sets(set_))
     try:
         ds = D.load(data, mode=mode)
         record = train(spec, ResultsStore(results), data=ds, device=device, force=force)

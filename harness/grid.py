@@ -11,7 +11,7 @@ Grid file (``grids/NAME.toml``)::
     variants = ["dualvgr", "student", "student-*"]   # names or shell wildcards
 
     [train]                            # RunSpec settings: epochs, batch_size, lr, lr_decay_every,
-    epochs = 15                        # lr_decay, grad_clip, early_stop, glove
+    epochs = 15                        # lr_decay, grad_clip, early_stop, glove, precision (fp32|bf16)
     [set]                              # fixed variant settings, applied where the variant has them
     module_dim = 64
     [axes]                             # cartesian product over variant settings (where they apply)
@@ -40,11 +40,11 @@ from pathlib import Path
 
 import variants
 
-from .runner import REFERENCE_TRAIN, RunSpec
+from .runner import PRECISIONS, REFERENCE_TRAIN, RunSpec
 
 GRID_DIR = Path(__file__).resolve().parent.parent / "grids"
 TOP_KEYS = {"description", "data", "seeds", "variants", "train", "set", "axes", "include", "exclude", "executor"}
-TRAIN_KEYS = set(REFERENCE_TRAIN) | {"early_stop", "glove"}
+TRAIN_KEYS = set(REFERENCE_TRAIN) | {"early_stop", "glove", "precision"}
 EXECUTOR_KEYS = {"kind", "jobs", "partition", "gpus_per_run", "time_min", "array_parallelism", "cpus_per_run",
                  "mem_gb", "device"}
 EXECUTOR_KINDS = ("local", "slurm", "submitit-local")
@@ -106,6 +106,8 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
     if not isinstance(train, dict) or set(train) - TRAIN_KEYS:
         raise GridError(f"{where}: [train] has unknown key(s) {', '.join(sorted(set(train) - TRAIN_KEYS))} "
                         f"(known: {', '.join(sorted(TRAIN_KEYS))})")
+    if "precision" in train and train["precision"] not in PRECISIONS:
+        raise GridError(f"{where}: [train] precision = {train['precision']!r} is not one of {', '.join(PRECISIONS)}")
     executor = doc.get("executor", {})
     if set(executor) - EXECUTOR_KEYS:
         raise GridError(f"{where}: [executor] has unknown key(s) {', '.join(sorted(set(executor) - EXECUTOR_KEYS))} "

@@ -43,6 +43,13 @@ from .store import ResultsStore, atomic_torch_save, atomic_write_bytes
 REFERENCE_TRAIN = {"epochs": 25, "batch_size": 256, "lr": 1e-4, "lr_decay_every": 10, "lr_decay": 0.5,
                    "grad_clip": 12.0}
 RECORD_VERSION = 1
+#: training / evaluation precisions: fp32, or bf16 autocast (weights, optimizer state and losses stay fp32)
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(dev: torch.device, precision: str = "fp32"):
+    """The autocast context for a precision on a device (a no-op for fp32)."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @dataclass
@@ -58,6 +65,7 @@ class RunSpec:
     grad_clip: float | None = None
     early_stop: int | None = None  # patience in epochs without a better val accuracy; None = off
     glove: bool = True
+    precision: str = "fp32"  # fp32 (TF32 matmuls allowed on CUDA) or bf16 (autocast for training and evaluation)
     overrides: dict = field(default_factory=dict)  # variant settings (module_dim=..., alpha=...)
 
     def resolved_train(self, suggested: dict | None = None) -> dict:
@@ -70,6 +78,10 @@ class RunSpec:
                 out[k] = v
         out["early_stop"] = self.early_stop
         out["glove"] = self.glove
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.precision != "fp32":  # fp32, the default, is left out so run ids from before the option stay valid
+            out["precision"] = self.precision
         return out
 
 
@@ -118,17 +130,18 @@ def run_id_for(cfg: variants.VariantConfig, data_id: str, seed: int, train: dict
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, split: D.SplitData, features: D.Features, batch_size: int,
-            device: torch.device, feature_transform=None) -> tuple[torch.Tensor, float | None]:
+            device: torch.device, feature_transform=None, precision: str = "fp32") -> tuple[torch.Tensor, float | None]:
     """Argmax predictions for a split, kept on the device until the end (one transfer), and the
     mean reconstruction error for models that reconstruct their input (else None)."""
     model.eval()
     preds, recon = [], []
     for b in D.iterate_batches(split, features, batch_size, device=device):
         app, mot = (b.appearance, b.motion) if feature_transform is None else feature_transform(b)
-        out = model(app, mot, b.questions, b.lengths)
+        with autocast(device, precision):
+            out = model(app, mot, b.questions, b.lengths)
         preds.append(out["logits"].argmax(1))
         if "recon_loss" in out:
-            recon.append(out["recon_loss"] * b.answers.shape[0])
+            recon.append(out["recon_loss"].float() * b.answers.shape[0])
     recon_mse = float(torch.stack(recon).sum()) / len(split) if recon else None
     return torch.cat(preds).cpu(), recon_mse
 
@@ -152,11 +165,11 @@ def ablated(split: D.SplitData, name: str, seed: int = 0):
 
 
 def evaluate(model, split: D.SplitData, features: D.Features, type_names: list[str], batch_size: int,
-             device: torch.device, ablation: str | None = None) -> tuple[dict, np.ndarray]:
+             device: torch.device, ablation: str | None = None, precision: str = "fp32") -> tuple[dict, np.ndarray]:
     transform = None
     if ablation is not None:
         split, transform = ablated(split, ablation)
-    pred, recon_mse = predict(model, split, features, batch_size, device, transform)
+    pred, recon_mse = predict(model, split, features, batch_size, device, transform, precision)
     pred = pred.numpy()
     correct = pred == split.answers.cpu().numpy()
     metrics = accuracy_by_type(correct, split.qtypes.cpu().numpy(), type_names)
@@ -295,7 +308,9 @@ def _train_run(spec, store, data, dev, cfg, train_cfg, run_id, teachers, teacher
     objective = variants.objective(cfg, teacher_dim=teacher_dim).to(dev)
     # distillation losses may learn (a hint regressor): trained with the student, not counted in it
     trainable = [*model.parameters(), *objective.parameters()]
-    opt = torch.optim.Adam(trainable, lr=train_cfg["lr"])
+    # fused Adam on CUDA (one kernel for all parameters); the for-each implementation elsewhere
+    opt = torch.optim.Adam(trainable, lr=train_cfg["lr"], fused=dev.type == "cuda")
+    precision = train_cfg.get("precision", "fp32")
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=train_cfg["lr_decay_every"], gamma=train_cfg["lr_decay"])
 
     # features and questions on the device once (GPU-resident when they fit; streaming otherwise)
@@ -351,12 +366,14 @@ def _train_run(spec, store, data, dev, cfg, train_cfg, run_id, teachers, teacher
             t0 = time.perf_counter()
             for step, b in enumerate(D.iterate_batches(tr, features, bs, shuffle=True, generator=gen,
                                                         drop_last=drop_last, device=dev)):
-                out = model(b.appearance, b.motion, b.questions, b.lengths)
-                t_outs = None
-                if teachers:
-                    with torch.no_grad():  # frozen teachers: eval mode, no autograd
-                        t_outs = [t(b.appearance, b.motion, b.questions, b.lengths) for t in teachers]
-                loss, parts = objective(out, b.answers, t_outs)
+                with autocast(dev, precision):
+                    out = model(b.appearance, b.motion, b.questions, b.lengths)
+                    t_outs = None
+                    if teachers:
+                        with torch.no_grad():  # frozen teachers: eval mode, no autograd
+                            t_outs = [t(b.appearance, b.motion, b.questions, b.lengths) for t in teachers]
+                    loss, parts = objective(out, b.answers, t_outs)
+                loss = loss.float()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, train_cfg["grad_clip"])
@@ -365,7 +382,7 @@ def _train_run(spec, store, data, dev, cfg, train_cfg, run_id, teachers, teacher
                 count += n
                 sums += torch.stack([loss.detach() * n, (out["logits"].argmax(1) == b.answers).sum().to(sums.dtype)])
                 for k, v in parts.items():
-                    part_sums[k] = part_sums.get(k, 0) + v * n
+                    part_sums[k] = part_sums.get(k, 0) + v.float() * n
                 if display.live and (step + 1) % log_every == 0:
                     s = sums.tolist()  # display only, every log_every steps
                     display.step(log_every, f"loss {s[0] / count:.3f} acc {100 * s[1] / count:.1f}")
@@ -378,7 +395,7 @@ def _train_run(spec, store, data, dev, cfg, train_cfg, run_id, teachers, teacher
             train_time += dt
             train_samples += int(s[2])
             sched.step()
-            val, _ = evaluate(model, va, features, data.type_names, max(bs, 256), dev)
+            val, _ = evaluate(model, va, features, data.type_names, max(bs, 256), dev, precision=precision)
             rec = {"epoch": epoch, "loss": s[0] / s[2], "train_acc": 100 * s[1] / s[2], "val_acc": val["overall"],
                    "lr": opt.param_groups[0]["lr"], "train_time_s": dt,
                    **{f"loss_{k}": float(v) / s[2] for k, v in part_sums.items()}}
@@ -408,12 +425,12 @@ def _train_run(spec, store, data, dev, cfg, train_cfg, run_id, teachers, teacher
         raise RunFailed(f"{run_id}: no epoch was trained (epochs={epochs})")
     # test at the last epoch and at the best-validation epoch
     eval_bs = max(bs, 256)
-    test_last, pred_last = evaluate(model, splits["test"], features, data.type_names, eval_bs, dev)
+    test_last, pred_last = evaluate(model, splits["test"], features, data.type_names, eval_bs, dev, precision=precision)
     model.load_state_dict(torch.load(best_path, map_location=dev, weights_only=True))
-    val_best, pred_val = evaluate(model, va, features, data.type_names, eval_bs, dev)
-    test_best, pred_best = evaluate(model, splits["test"], features, data.type_names, eval_bs, dev)
-    ablations = {a: evaluate(model, splits["test"], features, data.type_names, eval_bs, dev, ablation=a)[0]
-                 for a in ABLATIONS}
+    val_best, pred_val = evaluate(model, va, features, data.type_names, eval_bs, dev, precision=precision)
+    test_best, pred_best = evaluate(model, splits["test"], features, data.type_names, eval_bs, dev, precision=precision)
+    ablations = {a: evaluate(model, splits["test"], features, data.type_names, eval_bs, dev, ablation=a,
+                             precision=precision)[0] for a in ABLATIONS}
     _write_predictions(run_dir / "predictions_test.csv", data, "test", {"pred_best": pred_best, "pred_last": pred_last})
     _write_predictions(run_dir / "predictions_val.csv", data, "val", {"pred_best": pred_val})
 

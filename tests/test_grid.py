@@ -29,7 +29,7 @@ def quiet():
     return Console(file=open(os.devnull, "w"))
 
 
-@pytest.mark.parametrize("name", ["tiny", "kd-losses", "teacher-depth", "msvd", "ci"])
+@pytest.mark.parametrize("name", ["tiny", "kd-losses", "teacher-depth", "msvd", "ci", "precision", "precision-fp32"])
 def test_shipped_grids_load(name):
     g = G.load(name)
     assert g.runs and g.description
@@ -44,6 +44,7 @@ def test_errors_name_the_file_and_key(tmp_path):
         ('variants = ["dualvgr"]\n[train]\nepoch = 3\n', r"\[train\] has unknown key\(s\) epoch"),
         ('variants = ["dualvgr"]\n[[include]]\nvariant = "dualvgr"\nfoo = 1\n', r"\[\[include\]\] #1: dualvgr has no setting"),
         ('variants = ["dualvgr"]\n[executor]\nkind = "k8s"\n', r"kind 'k8s' is not one of"),
+        ('variants = ["dualvgr"]\n[train]\nprecision = "fp8"\n', r"g.toml: \[train\] precision = 'fp8' is not one of"),
         ('seeds = [1]\n', r"missing key 'variants'"),
     ]
     for text, pattern in cases:

@@ -135,3 +135,17 @@ def test_word_embeddings_start_from_glove(tiny, tmp_path):
     state2 = torch.load(store.run_dir(rec2["run_id"]) / "best.pt", weights_only=True)
     emb = state2["linguistic_input_unit.encoder_embed.weight"]
     assert not torch.equal(emb, tiny.glove) and emb.abs().max() <= 1.0  # the reference's U(-1, 1)
+
+
+def test_bf16_autocast_trains_with_its_own_run_id(tiny, tmp_path):
+    store = ResultsStore(tmp_path)
+    fp32 = train(spec(epochs=1), store, data=tiny, device="cpu", progress=False)
+    bf16 = train(spec(epochs=1, precision="bf16"), store, data=tiny, device="cpu", progress=False)
+    assert "precision" not in fp32["train_config"]  # fp32 keeps the run ids of before the option
+    assert bf16["train_config"]["precision"] == "bf16" and bf16["run_id"] != fp32["run_id"]
+    assert bf16["status"] == "complete" and all(v == v for v in (bf16["history"][0]["loss"],))
+    # a different function (bf16 rounding) but the same model: close after one epoch, not identical
+    assert bf16["history"][0]["loss"] != fp32["history"][0]["loss"]
+    assert abs(bf16["history"][0]["loss"] - fp32["history"][0]["loss"]) < 0.1 * fp32["history"][0]["loss"]
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        spec(precision="fp16").resolved_train()
