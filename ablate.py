@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -158,6 +159,41 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
         console.print(f"[yellow]{len(missing)} of {len(ids)} runs are not complete[/yellow]; the report covers the rest "
                       f"(run `python ablate.py --grid {grid}` to finish them)")
     _write_report(store, g, reports, ids)
+
+
+@app.command()
+def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (names or files), A then B."),
+            results: str = typer.Option("results", help="Results store directory."),
+            out: Optional[str] = typer.Option(None, help="Also write the table as Markdown to this file.")):
+    """Compare two grids run by run (same variant, same seed): accuracy difference B - A per variant and
+    McNemar's test on per-question predictions. For fp32 against bf16, or before against after a change:
+    `python ablate.py compare --grid precision-fp32 --grid precision-bf16`."""
+    from harness import data as D
+    from harness import grid as G
+    from harness.report import compare_runs
+    from harness.runner import plan
+    from harness.store import ResultsStore
+
+    if len(grid) != 2:
+        console.print(f"[red]error:[/red] compare takes exactly two --grid options, got {len(grid)}")
+        raise typer.Exit(2)
+    try:
+        gs = [G.load(x) for x in grid]
+        ids = [[*dict.fromkeys(r for s in g.runs for r in plan(s, D.load(g.data)).all_run_ids())] for g in gs]
+    except (G.GridError, D.DataError, KeyError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    df, md = compare_runs(ResultsStore(results), ids[0], ids[1], gs[0].name, gs[1].name)
+    if df.empty:
+        console.print("[yellow]no variant has complete runs with the same seed in both grids[/yellow]")
+        raise typer.Exit(1)
+    text = "\n".join([f"# {gs[1].name} against {gs[0].name}", "",
+                       f"`python ablate.py compare --grid {gs[0].name} --grid {gs[1].name}`", "", *md, ""])
+    console.print(text)
+    if out:
+        from harness.store import atomic_write_bytes
+        atomic_write_bytes(Path(out), text.encode())
+        console.print(f"written: {out}")
 
 
 @app.command()

@@ -712,3 +712,55 @@ def write_report(store: ResultsStore, name: str, run_ids: list[str] | None = Non
     md = out_dir / f"{name}.md"
     atomic_write_bytes(md, "\n".join(lines).rstrip("\n").encode() + b"\n")
     return md
+
+
+# ---------------------------------------------------------------------------------------------
+# two sets of runs of the same variants: fp32 against bf16, before against after a change
+
+
+def compare_runs(store: ResultsStore, ids_a: list[str], ids_b: list[str], name_a: str = "A",
+                 name_b: str = "B") -> tuple[pd.DataFrame, list[str]]:
+    """Pair the runs of two sets by data set, variant label and seed, and compare their test
+    accuracy: one row per variant (means over the paired seeds, the mean and sample std of the
+    per-seed differences B - A, McNemar's exact test on per-question predictions pooled over the
+    paired seeds) and a last row ``all`` pooling every pair. Returns the table and the Markdown."""
+    sides, devices = {}, set()
+    for side, ids in (("a", ids_a), ("b", ids_b)):
+        recs = [store.read_record(r) for r in dict.fromkeys(ids) if store.is_complete(r)]
+        devices |= {f"{r.get('device_name') or r.get('device') or '?'}, torch {r.get('torch_version', '?')}" for r in recs}
+        sides[side] = {(d, g.variant): g for d, gs in group_runs(recs).items() for g in gs}
+    preds = _Predictions(store)
+    rows, all_d, tot = [], [], {"b": 0, "c": 0, "n": 0}
+    for key in [k for k in sides["a"] if k in sides["b"]]:
+        ga, gb = sides["a"][key], sides["b"][key]
+        t = paired_test(preds, gb, ga)  # b: questions B answers correctly and A does not
+        by_seed = {r["seed"]: r["metrics"]["test"]["overall"] for r in ga.runs}
+        d = [r["metrics"]["test"]["overall"] - by_seed[r["seed"]] for r in gb.runs if r["seed"] in t["seeds"]]
+        if not d:
+            continue
+        all_d += d
+        for k in tot:
+            tot[k] += t[k]
+        acc_a = [by_seed[s] for s in t["seeds"]]
+        rows.append({"variant": ga.label, "data": key[0], "pairs": len(d), f"acc_{name_a}": float(np.mean(acc_a)),
+                     f"acc_{name_b}": float(np.mean(acc_a) + np.mean(d)), "delta_mean": float(np.mean(d)),
+                     "delta_std": float(np.std(d, ddof=1)) if len(d) > 1 else None,
+                     "b": t["b"], "c": t["c"], "p": t["p"]})
+    if rows:
+        rows.append({"variant": "all", "data": "", "pairs": len(all_d),
+                     f"acc_{name_a}": float(np.mean([r[f"acc_{name_a}"] for r in rows for _ in range(r["pairs"])])),
+                     f"acc_{name_b}": float(np.mean([r[f"acc_{name_b}"] for r in rows for _ in range(r["pairs"])])),
+                     "delta_mean": float(np.mean(all_d)),
+                     "delta_std": float(np.std(all_d, ddof=1)) if len(all_d) > 1 else None,
+                     "b": tot["b"], "c": tot["c"], "p": mcnemar_p(tot["b"], tot["c"])})
+    df = pd.DataFrame(rows)
+    md = _md_table(["variant", "paired seeds", f"{name_a} acc", f"{name_b} acc", f"Δ ({name_b} - {name_a})",
+                    "Δ std", "b", "c", "McNemar p"],
+                   [[r["variant"], str(r["pairs"]), _f(r[f"acc_{name_a}"]), _f(r[f"acc_{name_b}"]),
+                     _f(r["delta_mean"], sign=True), _f(r["delta_std"]), str(r["b"]), str(r["c"]), fmt_p(r["p"])]
+                    for r in rows], right={1, 2, 3, 4, 5, 6, 7, 8})
+    md += ["", f"Test accuracy (%) at the best-validation epoch, means over the seeds both sets have; Δ: mean and "
+               f"sample std of the per-seed differences; b: questions {name_b} answers correctly and {name_a} does "
+               f"not, c the reverse, pooled over the paired seeds; McNemar's exact two-sided test.",
+           "", "Devices: " + "; ".join(sorted(devices)) + "."]
+    return df, md

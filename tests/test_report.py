@@ -362,3 +362,23 @@ def test_cost_plot_labels_merge_identical_points_and_stack_the_rest():
     layout = _label_layout(pts)
     assert [(labels, k) for _, labels, k in layout] == [
         (["question-only"], 0), (["student-logits"], 0), (["dualvgr", "student"], 1)]
+
+
+def test_compare_pairs_runs_by_variant_and_seed(tmp_path):
+    from harness.report import compare_runs
+    s = ResultsStore(tmp_path / "results")
+    a = [make_run(s, "dualvgr", seed, acc=acc, run_id=f"a{seed}")["run_id"] for seed, acc in ((1, 70.0), (2, 72.0))]
+    b = [make_run(s, "dualvgr", seed, acc=acc, run_id=f"b{seed}")["run_id"] for seed, acc in ((1, 71.0), (2, 69.0))]
+    b.append(make_run(s, "dualvgr", 3, acc=90.0, run_id="b3")["run_id"])  # no partner: left out
+    df, md = compare_runs(s, a, b, "fp32", "bf16")
+    row = df.iloc[0]
+    assert row["variant"] == "dualvgr" and row["pairs"] == 2
+    assert row["acc_fp32"] == pytest.approx(71.0) and row["acc_bf16"] == pytest.approx(70.0)
+    assert row["delta_mean"] == pytest.approx(-1.0) and row["delta_std"] == pytest.approx(np.std([1, -3], ddof=1))
+    # discordant pairs counted from the predictions files, pooled over seeds, tested with McNemar
+    pa = {k: pd.read_csv(s.run_dir(k) / "predictions_test.csv")["correct_best"].to_numpy() for k in a + b}
+    bb = sum(int((pa[f"b{k}"] & ~pa[f"a{k}"]).sum()) for k in (1, 2))
+    cc = sum(int((~pa[f"b{k}"] & pa[f"a{k}"]).sum()) for k in (1, 2))
+    assert (row["b"], row["c"]) == (bb, cc) and row["p"] == pytest.approx(binomtest(min(bb, cc), bb + cc).pvalue)
+    assert df.iloc[-1]["variant"] == "all" and df.iloc[-1]["pairs"] == 2
+    assert any("| dualvgr | 2 | 71.00 | 70.00 | -1.00 |" in line for line in md)
