@@ -3,13 +3,17 @@
 A data set is a directory holding (``{name}`` is the data set name, e.g. ``msvd-qa``)::
 
     {name}_appearance_feat.h5   resnet_features (videos, clips, frames, dim), ids (videos)
-    {name}_motion_feat.h5       resnext_features (videos, clips, dim), ids (videos)
+    {name}_motion_feat.h5       resnext_features (videos, clips, motion_dim), ids (videos)
     {name}_vocab.json           question_token_to_idx, answer_token_to_idx, question_answer_token_to_idx
     {name}_{train,val,test}_questions.pt   pickle: questions (N, L) padded with 0, questions_len,
                                 video_ids, question_id, answers, glove (vocab, word_dim),
                                 optional question_category (SVQA)
 
-Everything is validated when loaded, and every error names the file and what is wrong.
+Everything is validated when loaded, and every error names the file and what is wrong. The
+motion dim equals the appearance dim in files from HCRN's / DualVGR's scripts (ResNeXt-101 and
+ResNet-101, both 2048); a motion file written by :mod:`harness.prepare` names its backbone in the
+``model`` attribute of ``resnext_features`` and may have its own dim (512 for torchvision's video
+models), which the model then takes as ``motion_dim``.
 Features are read once (into memory, and onto the GPU when training there) and batches are
 built by indexing: no file is opened per item. For feature sets larger than memory a streaming
 mode keeps the two h5 files open and reads each batch's videos with one sorted, chunked read.
@@ -187,6 +191,7 @@ class Features:
     num_clips: int
     num_frames: int
     vision_dim: int
+    motion_dim: int
     streaming: bool = False
 
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +206,7 @@ class InMemoryFeatures(Features):
     def __init__(self, appearance: torch.Tensor, motion: torch.Tensor):
         self.appearance, self.motion = appearance, motion
         self.num_videos, self.num_clips, self.num_frames, self.vision_dim = appearance.shape
+        self.motion_dim = motion.shape[-1]
 
     def to(self, device=None, dtype=None) -> "InMemoryFeatures":
         return InMemoryFeatures(self.appearance.to(device=device, dtype=dtype),
@@ -224,9 +230,11 @@ class StreamingFeatures(Features):
 
     streaming = True
 
-    def __init__(self, app_path: Path, motion_path: Path, shape: tuple[int, int, int, int]):
+    def __init__(self, app_path: Path, motion_path: Path, shape: tuple[int, int, int, int],
+                 motion_dim: int | None = None):
         self.app_path, self.motion_path = app_path, motion_path
         self.num_videos, self.num_clips, self.num_frames, self.vision_dim = shape
+        self.motion_dim = self.vision_dim if motion_dim is None else motion_dim
         self._files: tuple[h5py.File, h5py.File] | None = None
 
     def _open(self):
@@ -288,19 +296,30 @@ class VideoQAData:
 
     @property
     def dims(self) -> dict:
-        """Model settings dictated by the data (see ``variants.DATA_KEYS``)."""
-        return {"question_vocab": len(self.vocab["question_token_to_idx"]),
+        """Model settings dictated by the data (see ``variants.DATA_KEYS``). ``motion_dim`` is
+        there only when it differs from ``vision_dim`` (a model's ``motion_dim=None`` means
+        ``vision_dim``, so configs and run ids of equal-dim data sets stay as they were)."""
+        f = self.features
+        dims = {"question_vocab": len(self.vocab["question_token_to_idx"]),
                 "answer_vocab": len(self.vocab["answer_token_to_idx"]),
-                "vision_dim": self.features.vision_dim, "word_dim": int(self.glove.shape[1]),
-                "num_clips": self.features.num_clips, "num_frames": self.features.num_frames}
+                "vision_dim": f.vision_dim, "word_dim": int(self.glove.shape[1]),
+                "num_clips": f.num_clips, "num_frames": f.num_frames}
+        if f.motion_dim != f.vision_dim:
+            dims["motion_dim"] = f.motion_dim
+        return dims
 
     def check_model_config(self, model_cfg: dict) -> None:
         """Fail with a clear message when a model config does not fit these features."""
         for key, have in self.dims.items():
             want = model_cfg.get(key)
-            if want is not None and want != have:
+            if key != "motion_dim" and want is not None and want != have:
                 raise DataError(f"data set {self.name}: model setting {key}={want} does not match the "
                                 f"data ({key}={have}, from {self._source_of(key)})")
+        # the motion width the model will have: motion_dim, or vision_dim when that is None
+        want = model_cfg.get("motion_dim") or model_cfg.get("vision_dim")
+        if want is not None and want != self.features.motion_dim:
+            raise DataError(f"data set {self.name}: model setting motion_dim={want} does not match the data "
+                            f"(motion_dim={self.features.motion_dim}, from {self._source_of('motion_dim')})")
 
     def _source_of(self, key: str) -> str:
         p = self.paths
@@ -309,7 +328,8 @@ class VideoQAData:
         return {"question_vocab": f"{p.vocab}:question_token_to_idx",
                 "answer_vocab": f"{p.vocab}:answer_token_to_idx",
                 "word_dim": f"{p.questions['train']}:glove",
-                "num_frames": f"{p.appearance}:resnet_features"}.get(key, f"{p.appearance}:resnet_features")
+                "num_frames": f"{p.appearance}:resnet_features",
+                "motion_dim": f"{p.motion}:resnext_features"}.get(key, f"{p.appearance}:resnet_features")
 
 
 def _memory_budget_bytes() -> int:
@@ -366,9 +386,15 @@ def load(spec: str | Path, *, splits: tuple[str, ...] = SPLITS, mode: str = "aut
         if mot_ds.shape[1] != C:
             raise DataError(f"clip counts disagree: {paths.appearance} has {C} clips per video, "
                             f"{paths.motion} has {mot_ds.shape[1]}")
-        if mot_ds.shape[2] != D:
+        Dm = mot_ds.shape[2]
+        if Dm != D and "model" not in mot_ds.attrs:
+            # HCRN's / DualVGR's scripts write 2048 for both: unequal dims without a named motion
+            # backbone mean mixed-up files
             raise DataError(f"feature dims disagree: {paths.appearance} has dim {D}, "
-                            f"{paths.motion} has dim {mot_ds.shape[2]}")
+                            f"{paths.motion} has dim {Dm} (a motion file with its own dim must name its "
+                            f"backbone in the 'model' attribute of 'resnext_features', as harness.prepare does)")
+        if D < 1 or Dm < 1:
+            raise DataError(f"{paths.appearance if D < 1 else paths.motion}: feature dim is 0")
         if V == 0:
             raise DataError(f"{paths.appearance}: no videos")
         nbytes = (app_ds.size + mot_ds.size) * 4
@@ -378,7 +404,7 @@ def load(spec: str | Path, *, splits: tuple[str, ...] = SPLITS, mode: str = "aut
                 _check_finite_h5(app_ds, paths.appearance, "resnet_features")
                 _check_finite_h5(mot_ds, paths.motion, "resnext_features")
         if stream:
-            features: Features = StreamingFeatures(paths.appearance, paths.motion, (V, C, T, D))
+            features: Features = StreamingFeatures(paths.appearance, paths.motion, (V, C, T, D), Dm)
         else:
             app = torch.from_numpy(np.asarray(app_ds[()], dtype=np.float32))
             mot = torch.from_numpy(np.asarray(mot_ds[()], dtype=np.float32))
@@ -464,6 +490,8 @@ def _data_id(paths: DataPaths, features: Features, spec: str) -> str:
         if p.exists():
             h.update(p.read_bytes())
     h.update(str((features.num_videos, features.num_clips, features.num_frames, features.vision_dim)).encode())
+    if features.motion_dim != features.vision_dim:  # only then, so that ids of equal-dim sets stay as they were
+        h.update(f"motion_dim={features.motion_dim}".encode())
     return f"{paths.name}-{h.hexdigest()[:10]}"
 
 

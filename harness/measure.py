@@ -59,7 +59,7 @@ def random_inputs(cfg: dict, batch_size: int, device, question_len: int = 12, se
     g = torch.Generator().manual_seed(seed)
     frames = cfg.get("num_frames") or 16
     app = torch.randn(batch_size, cfg["num_clips"], frames, cfg["vision_dim"], generator=g)
-    mot = torch.randn(batch_size, cfg["num_clips"], cfg["vision_dim"], generator=g)
+    mot = torch.randn(batch_size, cfg["num_clips"], cfg.get("motion_dim") or cfg["vision_dim"], generator=g)
     lengths = torch.randint(1, question_len + 1, (batch_size,), generator=g)
     q = torch.randint(1, cfg["question_vocab"], (batch_size, question_len), generator=g)
     q = q * (torch.arange(question_len) < lengths.unsqueeze(1))

@@ -11,14 +11,14 @@ from torch import nn
 import variants
 from variants.dualvgr import MaskedBiLSTM, PunishGAT, QueryAttn, full_graph_adjacency, reverse_padded
 
-torch.set_default_dtype(torch.float64)
-
 
 @pytest.fixture(autouse=True)
 def _f64():
+    """float64 for these tests only (set per test, not at import, which would leak into other modules)."""
+    old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield
-    torch.set_default_dtype(torch.float32)
+    torch.set_default_dtype(old)
 
 
 def packed_bilstm(lstm: nn.LSTM, x, lengths):

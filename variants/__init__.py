@@ -29,7 +29,7 @@ register_variant = VARIANTS.register
 ARCHS: dict[str, type[nn.Module]] = {"dualvgr": DualVGR, "question-only": QuestionOnly}
 MODEL_KEYS = tuple(f.name for f in dataclasses.fields(DualVGRConfig) if f.name != "extra")
 #: data-dependent model settings the runner fills in from the feature set
-DATA_KEYS = ("question_vocab", "answer_vocab", "vision_dim", "word_dim", "num_clips", "num_frames")
+DATA_KEYS = ("question_vocab", "answer_vocab", "vision_dim", "motion_dim", "word_dim", "num_clips", "num_frames")
 
 
 @dataclass
@@ -45,7 +45,12 @@ class VariantConfig:
     distill: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        # motion_dim=None (= vision_dim, the reference) is left out so that run ids from before the
+        # setting existed stay valid
+        if d["model"].get("motion_dim", 0) is None:
+            del d["model"]["motion_dim"]
+        return d
 
     def model_config(self) -> DualVGRConfig:
         return DualVGRConfig(**self.model)

@@ -378,6 +378,9 @@ class DualVGRConfig:
     question_vocab: int = 4000
     answer_vocab: int = 1000
     vision_dim: int = 2048
+    #: motion feature dim when it differs from the appearance dim (e.g. 512 for torchvision's video
+    #: models, see ``harness.prepare``); None = vision_dim, as in the reference (ResNeXt-101, 2048)
+    motion_dim: int | None = None
     module_dim: int = 768
     word_dim: int = 300
     num_clips: int = 8
@@ -403,6 +406,8 @@ class DualVGRConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"DualVGR config: {k} must be a positive integer, got {v!r}")
+        if self.motion_dim is not None and (not isinstance(self.motion_dim, int) or self.motion_dim < 1):
+            raise ValueError(f"DualVGR config: motion_dim must be a positive integer or None, got {self.motion_dim!r}")
         if not 0.0 < float(self.keep_ratio) <= 1.0:
             raise ValueError(f"DualVGR config: keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
         if not isinstance(self.edge_k, int) or self.edge_k < 0:
@@ -436,7 +441,8 @@ class DualVGR(nn.Module):
         self.feature_aggregation = ContextSelfAttn(D)
         self.linguistic_input_unit = LinguisticInputUnit(cfg.question_vocab, cfg.word_dim, D)
         self.visual_appearance_input_unit = VisualAppearanceEncoder(cfg.vision_dim, D)
-        self.visual_motion_input_unit = nn.Linear(cfg.vision_dim, D)
+        motion_dim = cfg.motion_dim or cfg.vision_dim
+        self.visual_motion_input_unit = nn.Linear(motion_dim, D)
         self.visual_input_unit = DualVGRUnit(cfg.word_dim, D, cfg.num_clips, cfg.graph_layers,
                                              cfg.unit_layers, cfg.mm_dim)
         self.output_unit = OutputUnitOpenEnded(D, cfg.answer_vocab)
@@ -445,7 +451,7 @@ class DualVGR(nn.Module):
             self.appearance_decoder = nn.Sequential(nn.Linear(D, cfg.decoder_hidden), nn.ELU(),
                                                     nn.Linear(cfg.decoder_hidden, frames * cfg.vision_dim))
             self.motion_decoder = nn.Sequential(nn.Linear(D, cfg.decoder_hidden), nn.ELU(),
-                                                nn.Linear(cfg.decoder_hidden, cfg.vision_dim))
+                                                nn.Linear(cfg.decoder_hidden, motion_dim))
         init_reference(self)
 
     @property
