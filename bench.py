@@ -94,9 +94,10 @@ def main(
                                  param_hint="--batch-size") from None
     if not sizes or min(sizes) < 1:
         raise typer.BadParameter(f"batch sizes must be >= 1, got {batch_size!r}", param_hint="--batch-size")
-    dev = resolve_device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--device") from None
     sets = parse_sets(set_)
     if threads is not None:
         if threads < 1:

@@ -922,17 +922,6 @@ class FeatureFiles:
 # ----------------------------------------------------------------------------- extraction
 
 
-def resolve_device(device: str = "auto"):
-    import torch
-
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PrepareError(f"--device {device}: CUDA is not available here")
-    return dev
-
-
 @dataclass
 class FeatureSettings:
     appearance: str = "resnet101"
@@ -1012,7 +1001,12 @@ def extract_features(dataset: str, videos: Path, out: Path, settings: FeatureSet
         only = set(only)
         targets = {v: p for v, p in targets.items() if v in only}
 
-    dev = resolve_device(s.device)
+    from .runner import resolve_device
+
+    try:
+        dev = resolve_device(s.device)
+    except ValueError as e:
+        raise PrepareError(f"--{e}") from None
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     app_model = build_appearance(s.appearance, s.appearance_weights, s.random_weights, s.image_size, dev)

@@ -730,29 +730,28 @@ def compare_runs(store: ResultsStore, ids_a: list[str], ids_b: list[str], name_a
         devices |= {f"{r.get('device_name') or r.get('device') or '?'}, torch {r.get('torch_version', '?')}" for r in recs}
         sides[side] = {(d, g.variant): g for d, gs in group_runs(recs).items() for g in gs}
     preds = _Predictions(store)
-    rows, all_d, tot = [], [], {"b": 0, "c": 0, "n": 0}
+    rows, pooled, tot = [], {"a": [], "b": []}, {"b": 0, "c": 0, "n": 0}
+
+    def row(variant: str, data: str, acc_a: list[float], acc_b: list[float], t: dict) -> dict:
+        d = np.subtract(acc_b, acc_a)
+        return {"variant": variant, "data": data, "pairs": len(d), f"acc_{name_a}": float(np.mean(acc_a)),
+                f"acc_{name_b}": float(np.mean(acc_b)), "delta_mean": float(d.mean()),
+                "delta_std": float(d.std(ddof=1)) if len(d) > 1 else None, "b": t["b"], "c": t["c"], "p": t["p"]}
+
     for key in [k for k in sides["a"] if k in sides["b"]]:
         ga, gb = sides["a"][key], sides["b"][key]
         t = paired_test(preds, gb, ga)  # b: questions B answers correctly and A does not
-        by_seed = {r["seed"]: r["metrics"]["test"]["overall"] for r in ga.runs}
-        d = [r["metrics"]["test"]["overall"] - by_seed[r["seed"]] for r in gb.runs if r["seed"] in t["seeds"]]
-        if not d:
+        if not t["seeds"]:
             continue
-        all_d += d
+        acc = {s: {r["seed"]: r["metrics"]["test"]["overall"] for r in g.runs} for s, g in (("a", ga), ("b", gb))}
+        acc_a, acc_b = ([acc[s][seed] for seed in t["seeds"]] for s in ("a", "b"))
+        pooled["a"] += acc_a
+        pooled["b"] += acc_b
         for k in tot:
             tot[k] += t[k]
-        acc_a = [by_seed[s] for s in t["seeds"]]
-        rows.append({"variant": ga.label, "data": key[0], "pairs": len(d), f"acc_{name_a}": float(np.mean(acc_a)),
-                     f"acc_{name_b}": float(np.mean(acc_a) + np.mean(d)), "delta_mean": float(np.mean(d)),
-                     "delta_std": float(np.std(d, ddof=1)) if len(d) > 1 else None,
-                     "b": t["b"], "c": t["c"], "p": t["p"]})
+        rows.append(row(ga.label, key[0], acc_a, acc_b, t))
     if rows:
-        rows.append({"variant": "all", "data": "", "pairs": len(all_d),
-                     f"acc_{name_a}": float(np.mean([r[f"acc_{name_a}"] for r in rows for _ in range(r["pairs"])])),
-                     f"acc_{name_b}": float(np.mean([r[f"acc_{name_b}"] for r in rows for _ in range(r["pairs"])])),
-                     "delta_mean": float(np.mean(all_d)),
-                     "delta_std": float(np.std(all_d, ddof=1)) if len(all_d) > 1 else None,
-                     "b": tot["b"], "c": tot["c"], "p": mcnemar_p(tot["b"], tot["c"])})
+        rows.append(row("all", "", pooled["a"], pooled["b"], {**tot, "p": mcnemar_p(tot["b"], tot["c"])}))
     df = pd.DataFrame(rows)
     md = _md_table(["variant", "paired seeds", f"{name_a} acc", f"{name_b} acc", f"Δ ({name_b} - {name_a})",
                     "Δ std", "b", "c", "McNemar p"],

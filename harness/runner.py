@@ -90,9 +90,13 @@ class RunFailed(RuntimeError):
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    if device in (None, "auto"):
+    """``auto`` (or None, ""): cuda when available, else cpu; a named CUDA device must exist here."""
+    if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: CUDA is not available here")
+    return dev
 
 
 def git_commit() -> str | None:
