@@ -226,9 +226,11 @@ def run(
     from harness.runner import RunSpec, train
     from harness.store import ResultsStore
 
-    from harness.runner import PRECISIONS
-    if precision not in PRECISIONS:
-        console.print(f"[red]error:[/red] --precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    from harness.env import PrecisionError, check_precision, resolve_device
+    try:  # before any data is loaded or any teacher trained
+        check_precision(resolve_device(device), precision, train=True)
+    except PrecisionError as e:
+        console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
     try:
         variants.VARIANTS.get(variant)

@@ -73,8 +73,9 @@ def main(
 
     import variants
     from ablate import parse_sets
-    from harness.measure import PRECISIONS, data_throughput, measure_variant
-    from harness.runner import git_commit, resolve_device
+    from harness.env import PRECISIONS, git_commit, resolve_device
+    from harness.errors import HarnessError
+    from harness.measure import data_throughput, measure_variant
     from harness.store import atomic_write_json
 
     if config not in CONFIGS:
@@ -96,7 +97,7 @@ def main(
         raise typer.BadParameter(f"batch sizes must be >= 1, got {batch_size!r}", param_hint="--batch-size")
     try:
         dev = resolve_device(device)
-    except ValueError as e:
+    except HarnessError as e:
         raise typer.BadParameter(str(e), param_hint="--device") from None
     sets = parse_sets(set_)
     if threads is not None:

@@ -39,6 +39,8 @@ import h5py
 import numpy as np
 import torch
 
+from .errors import HarnessError
+
 SPLITS = ("train", "val", "test")
 QUESTION_WORDS = ("what", "who", "how", "when", "where")
 OTHER = "other"
@@ -46,7 +48,7 @@ QUESTION_KEYS = ("questions", "questions_len", "video_ids", "question_id", "answ
 VOCAB_KEYS = ("question_token_to_idx", "answer_token_to_idx")
 
 
-class DataError(ValueError):
+class DataError(HarnessError, ValueError):
     """Bad input data: the message names the file and what is wrong."""
 
 

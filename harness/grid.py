@@ -40,7 +40,9 @@ from pathlib import Path
 
 import variants
 
-from .runner import PRECISIONS, REFERENCE_TRAIN, RunSpec
+from .env import TRAIN_PRECISIONS
+from .errors import HarnessError
+from .runner import REFERENCE_TRAIN, RunSpec
 
 GRID_DIR = Path(__file__).resolve().parent.parent / "grids"
 TOP_KEYS = {"description", "data", "seeds", "variants", "train", "set", "axes", "include", "exclude", "executor"}
@@ -50,7 +52,7 @@ EXECUTOR_KEYS = {"kind", "jobs", "partition", "gpus_per_run", "time_min", "array
 EXECUTOR_KINDS = ("local", "slurm", "submitit-local")
 
 
-class GridError(ValueError):
+class GridError(HarnessError, ValueError):
     """A bad grid file: the message names the file and the key."""
 
 
@@ -106,8 +108,9 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
     if not isinstance(train, dict) or set(train) - TRAIN_KEYS:
         raise GridError(f"{where}: [train] has unknown key(s) {', '.join(sorted(set(train) - TRAIN_KEYS))} "
                         f"(known: {', '.join(sorted(TRAIN_KEYS))})")
-    if "precision" in train and train["precision"] not in PRECISIONS:
-        raise GridError(f"{where}: [train] precision = {train['precision']!r} is not one of {', '.join(PRECISIONS)}")
+    if "precision" in train and train["precision"] not in TRAIN_PRECISIONS:
+        raise GridError(f"{where}: [train] precision = {train['precision']!r} is not one of "
+                        f"{', '.join(TRAIN_PRECISIONS)}")
     executor = doc.get("executor", {})
     if set(executor) - EXECUTOR_KEYS:
         raise GridError(f"{where}: [executor] has unknown key(s) {', '.join(sorted(set(executor) - EXECUTOR_KEYS))} "

@@ -40,9 +40,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-#: autocast dtype per ``precision`` name (fp32 = no autocast)
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from .env import autocast, device_name, precision_problem
 
 # ----------------------------------------------------------------------------- parameters & inputs
 
@@ -337,16 +335,6 @@ def flops_crosscheck(model: nn.Module, inputs: tuple) -> dict:
 # ----------------------------------------------------------------------------- timing helpers
 
 
-def autocast(device: torch.device | str, precision: str = "fp32"):
-    """Autocast context for ``precision`` (fp32: no-op)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -610,7 +598,6 @@ def measure_variant(cfg, batch_sizes: Iterable[int], device: torch.device | str,
     it. The model is randomly initialised (costs only). Teachers of distilled students are
     built with ``teacher_settings`` (default: the student's data dims and module_dim)."""
     import variants
-    from harness.runner import device_name
 
     dev = torch.device(device)
     say = on_progress or (lambda msg: None)
@@ -644,6 +631,14 @@ def measure_variant(cfg, batch_sizes: Iterable[int], device: torch.device | str,
                "peak_mem_mib_infer": None, "peak_mem_mib_train": None, "peak_mem_kind": None,
                "teachers": list(cfg.teachers) if train else [],
                "threads": torch.get_num_threads() if dev.type == "cpu" else None}
+        problem = precision_problem(dev, precision)  # e.g. no bf16 LSTM on this CPU: say so, never time it
+        if problem:
+            rec_err["latency"] = problem
+            if train:
+                rec_err["train"] = problem
+            rec["errors"] = rec_err
+            records.append(rec)
+            continue
         say(f"{cfg.name} batch {bs}: latency")
         try:
             lat = latency(fwd_model, inputs, warmup=warmup, reps=reps, precision=precision)

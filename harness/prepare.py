@@ -1001,7 +1001,7 @@ def extract_features(dataset: str, videos: Path, out: Path, settings: FeatureSet
         only = set(only)
         targets = {v: p for v, p in targets.items() if v in only}
 
-    from .runner import resolve_device
+    from .env import resolve_device
 
     try:
         dev = resolve_device(s.device)

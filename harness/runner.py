@@ -17,8 +17,6 @@ import hashlib
 import json
 import os
 import platform
-import random
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -35,6 +33,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import variants
 
 from . import data as D
+from .env import TRAIN_PRECISIONS, autocast, check_precision, device_name, git_commit, resolve_device, seed_everything
+from .errors import HarnessError
 from .measure import param_counts
 from .metrics import accuracy_by_type
 from .store import ResultsStore, atomic_torch_save, atomic_write_bytes
@@ -43,15 +43,6 @@ from .store import ResultsStore, atomic_torch_save, atomic_write_bytes
 REFERENCE_TRAIN = {"epochs": 25, "batch_size": 256, "lr": 1e-4, "lr_decay_every": 10, "lr_decay": 0.5,
                    "grad_clip": 12.0}
 RECORD_VERSION = 1
-#: training / evaluation precisions: fp32, or bf16 autocast (weights, optimizer state and losses stay fp32)
-PRECISIONS = ("fp32", "bf16")
-
-
-def autocast(dev: torch.device, precision: str = "fp32"):
-    """The autocast context for a precision on a device (a no-op for fp32)."""
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 @dataclass
 class RunSpec:
     variant: str
@@ -78,49 +69,15 @@ class RunSpec:
                 out[k] = v
         out["early_stop"] = self.early_stop
         out["glove"] = self.glove
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise RunFailed(f"precision {self.precision!r} is not one of {', '.join(TRAIN_PRECISIONS)}")
         if self.precision != "fp32":  # fp32, the default, is left out so run ids from before the option stay valid
             out["precision"] = self.precision
         return out
 
 
-class RunFailed(RuntimeError):
+class RunFailed(HarnessError, RuntimeError):
     """A run could not finish (NaN loss, bad config...); the message says why."""
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` (or None, ""): cuda when available, else cpu; a named CUDA device must exist here."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device}: CUDA is not available here")
-    return dev
-
-
-def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (sha + ("+dirty" if dirty else "")) if sha else None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
 
 
 def run_id_for(cfg: variants.VariantConfig, data_id: str, seed: int, train: dict,
@@ -262,6 +219,8 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
     data = data or D.load(spec.data)
     p = plan(spec, data)
     cfg, train_cfg, run_id = p.cfg, p.train, p.run_id
+    # before anything trains (teachers included): a precision this device cannot run fails now
+    check_precision(dev, train_cfg.get("precision", "fp32"), train=True)
     if store.is_complete(run_id) and not force:
         return store.read_record(run_id)
     # teachers first: found in the store by their config, data set and seed, or trained now

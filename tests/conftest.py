@@ -10,6 +10,17 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)  # small models: one thread is faster on 2 cores and avoids oversubscription
 
 
+def cpu_bf16_problem() -> str | None:
+    """Why bf16 autocast cannot run here (None when it can): oneDNN has no bf16 LSTM on AVX2-only CPUs."""
+    from harness.env import precision_problem
+
+    return precision_problem("cpu", "bf16")
+
+
+#: skip a test that trains or times in bf16 on a CPU that cannot, with the reason
+needs_cpu_bf16 = pytest.mark.skipif(cpu_bf16_problem() is not None, reason=f"bf16 on this CPU: {cpu_bf16_problem()}")
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
     """Synthetic data sets are generated once per test session, in a temp dir."""

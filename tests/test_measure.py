@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import variants
+from conftest import needs_cpu_bf16
 from harness import measure as M
 
 SMALL = dict(question_vocab=100, answer_vocab=50, vision_dim=128, module_dim=64, word_dim=32, num_clips=4, num_frames=4)
@@ -200,15 +201,30 @@ def test_peak_memory_cpu_is_process_rss():
     assert mib > 256
 
 
-def test_bf16_and_unsupported_precision_never_invent_numbers():
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_never_invents_numbers(precision):
     cfg = variants.get_config("dualvgr", **SMALL)
-    for precision in ("bf16", "fp16"):
-        (rec,) = M.measure_variant(cfg, [2], "cpu", precision=precision, reps=3, warmup=1, train_reps=2, flops=False)
-        errors = rec.get("errors", {})
-        assert (rec["latency_ms_median"] is None) == ("latency" in errors), rec
-        assert (rec["train_samples_per_s"] is None) == ("train" in errors), rec
-        if precision == "bf16":  # CPU autocast supports bf16
-            assert rec["latency_ms_median"] is not None
+    (rec,) = M.measure_variant(cfg, [2], "cpu", precision=precision, reps=3, warmup=1, train_reps=2, flops=False)
+    errors = rec.get("errors", {})
+    assert (rec["latency_ms_median"] is None) == ("latency" in errors), rec
+    assert (rec["train_samples_per_s"] is None) == ("train" in errors), rec
+
+
+@needs_cpu_bf16
+def test_bf16_is_timed_on_a_cpu_that_supports_it():
+    cfg = variants.get_config("dualvgr", **SMALL)
+    (rec,) = M.measure_variant(cfg, [2], "cpu", precision="bf16", reps=3, warmup=1, train_reps=2, flops=False)
+    assert rec["latency_ms_median"] is not None, rec
+
+
+def test_bf16_on_a_cpu_without_it_is_reported_not_timed(monkeypatch):
+    from harness import env
+
+    monkeypatch.setattr(env, "_probe_cpu", lambda dtype: "RuntimeError: no bf16 lstm")
+    cfg = variants.get_config("dualvgr", **SMALL)
+    (rec,) = M.measure_variant(cfg, [2], "cpu", precision="bf16", reps=3, warmup=1, train_reps=2, flops=False)
+    assert rec["latency_ms_median"] is None and rec["train_samples_per_s"] is None
+    assert "cannot run an LSTM on this CPU" in rec["errors"]["latency"]
     with pytest.raises(ValueError, match="precision"):
         M.autocast("cpu", "fp8")
 

@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+import ablate
+from conftest import needs_cpu_bf16
 from harness.runner import RunSpec, train
 from harness.store import ResultsStore
 
@@ -137,6 +139,7 @@ def test_word_embeddings_start_from_glove(tiny, tmp_path):
     assert not torch.equal(emb, tiny.glove) and emb.abs().max() <= 1.0  # the reference's U(-1, 1)
 
 
+@needs_cpu_bf16
 def test_bf16_autocast_trains_with_its_own_run_id(tiny, tmp_path):
     store = ResultsStore(tmp_path)
     fp32 = train(spec(epochs=1), store, data=tiny, device="cpu", progress=False)
@@ -149,3 +152,19 @@ def test_bf16_autocast_trains_with_its_own_run_id(tiny, tmp_path):
     assert abs(bf16["history"][0]["loss"] - fp32["history"][0]["loss"]) < 0.1 * fp32["history"][0]["loss"]
     with pytest.raises(ValueError, match="precision 'fp16'"):
         spec(precision="fp16").resolved_train()
+
+
+def test_bf16_on_a_cpu_without_bf16_lstm_fails_up_front(tiny, tmp_path, monkeypatch):
+    """On AVX2-only CPUs (oneDNN has no bf16 LSTM) a bf16 run fails before anything trains, its
+    teachers included, with a message that says why; simulated here by the probe's answer."""
+    from harness import env
+    from harness.env import PrecisionError
+
+    monkeypatch.setattr(env, "_probe_cpu", lambda dtype: "RuntimeError: mkldnn bf16 lstm needs avx512")
+    store = ResultsStore(tmp_path)
+    with pytest.raises(PrecisionError, match="bf16 autocast cannot run an LSTM on this CPU.*use fp32"):
+        train(spec("student-logits", epochs=1, precision="bf16"), store, data=tiny, device="cpu", progress=False)
+    assert not store.runs.exists() or not any(store.runs.iterdir())  # not even the teacher started
+    r = CliRunner().invoke(ablate.app, ["run", "dualvgr", "--precision", "bf16", "--device", "cpu",
+                                        "--results", str(tmp_path / "r2")])
+    assert r.exit_code == 2 and "cannot run an LSTM on this CPU" in r.output, r.output

@@ -1,0 +1,8 @@
+"""The harness's own error types. A CLI catches these (and ``variants.ConfigError``) and prints
+the message; anything else is a bug and shows its traceback."""
+from __future__ import annotations
+
+
+class HarnessError(Exception):
+    """Something the user can fix (bad input, a setting this machine cannot run); the message says
+    what is wrong and where."""
