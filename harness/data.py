@@ -1,4 +1,4 @@
-"""Feature data in the HCRN / DualVGR on-disk format.
+"""Feature data in the HCRN / DualVGR on-disk format (names defined in :mod:`harness.layout`).
 
 A data set is a directory holding (``{name}`` is the data set name, e.g. ``msvd-qa``)::
 
@@ -39,13 +39,12 @@ import h5py
 import numpy as np
 import torch
 
+from . import layout as L
 from .errors import HarnessError
 
-SPLITS = ("train", "val", "test")
+SPLITS = L.SPLITS
 QUESTION_WORDS = ("what", "who", "how", "when", "where")
 OTHER = "other"
-QUESTION_KEYS = ("questions", "questions_len", "video_ids", "question_id", "answers", "glove")
-VOCAB_KEYS = ("question_token_to_idx", "answer_token_to_idx")
 
 
 class DataError(HarnessError, ValueError):
@@ -75,21 +74,21 @@ class DataPaths:
             raise DataError(f"data directory {d} does not exist")
         if name is None:
             if vocab is not None:
-                name = Path(vocab).name.removesuffix("_vocab.json")
+                name = L.name_from_vocab_file(vocab)
             else:
-                found = sorted(p.name.removesuffix("_vocab.json") for p in d.glob("*_vocab.json"))
+                found = sorted(L.name_from_vocab_file(p) for p in d.glob(L.VOCAB_GLOB))
                 if len(found) != 1:
                     raise DataError(
-                        f"{d}: cannot tell the data set name: expected exactly one *_vocab.json, "
+                        f"{d}: cannot tell the data set name: expected exactly one {L.VOCAB_GLOB}, "
                         f"found {found or 'none'}; pass the name explicitly")
                 name = found[0]
-        q = {s: Path(questions[s]) if questions and s in questions else d / f"{name}_{s}_questions.pt"
+        q = {s: Path(questions[s]) if questions and s in questions else L.questions_file(d, name, s)
              for s in SPLITS}
-        meta = d / f"{name}_meta.json"
+        meta = L.meta_file(d, name)
         return cls(name=name,
-                   appearance=Path(appearance) if appearance else d / f"{name}_appearance_feat.h5",
-                   motion=Path(motion) if motion else d / f"{name}_motion_feat.h5",
-                   vocab=Path(vocab) if vocab else d / f"{name}_vocab.json",
+                   appearance=Path(appearance) if appearance else L.appearance_file(d, name),
+                   motion=Path(motion) if motion else L.motion_file(d, name),
+                   vocab=Path(vocab) if vocab else L.vocab_file(d, name),
                    questions=q, meta=meta if meta.exists() else None)
 
 
@@ -107,7 +106,7 @@ def load_vocab(path: Path) -> dict:
         vocab = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
-    for key in VOCAB_KEYS:
+    for key in L.VOCAB_KEYS:
         if key not in vocab:
             raise DataError(f"{path}: missing key {key!r} (has: {', '.join(vocab)})")
         if not vocab[key]:
@@ -124,7 +123,7 @@ def question_types(questions: np.ndarray, vocab: dict, category=None) -> tuple[n
         names = sorted(set(cats))
         lut = {n: i for i, n in enumerate(names)}
         return np.array([lut[c] for c in cats], dtype=np.int64), names
-    idx_to_token = {v: k for k, v in vocab["question_token_to_idx"].items()}
+    idx_to_token = {v: k for k, v in vocab[L.QUESTION_TOKENS_KEY].items()}
     names = list(QUESTION_WORDS) + [OTHER]
     lut = {w: i for i, w in enumerate(names)}
     first = questions[:, 0] if questions.size else np.zeros(0, dtype=np.int64)
@@ -163,7 +162,7 @@ def _load_questions(path: Path, split: str) -> dict:
         raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
-    missing = [k for k in QUESTION_KEYS if k not in obj]
+    missing = [k for k in L.QUESTION_KEYS if k not in obj]
     if missing:
         raise DataError(f"{path}: missing key(s) {', '.join(map(repr, missing))} "
                         f"(has: {', '.join(map(str, obj))})")
@@ -248,8 +247,8 @@ class StreamingFeatures(Features):
         fa, fm = self._open()
         r = rows.cpu().numpy()
         uniq, inverse = np.unique(r, return_inverse=True)
-        app = torch.from_numpy(fa["resnet_features"][uniq]).float()
-        mot = torch.from_numpy(fm["resnext_features"][uniq]).float()
+        app = torch.from_numpy(fa[L.APPEARANCE_KEY][uniq]).float()
+        mot = torch.from_numpy(fm[L.MOTION_KEY][uniq]).float()
         inv = torch.from_numpy(inverse.reshape(-1))
         return app[inv], mot[inv]
 
@@ -273,7 +272,7 @@ def _open_h5(path: Path, what: str, key: str) -> h5py.File:
         f = h5py.File(path, "r")
     except OSError as e:
         raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
-    for k in (key, "ids"):
+    for k in (key, L.IDS_KEY):
         if k not in f:
             keys = list(f.keys())
             f.close()
@@ -302,8 +301,8 @@ class VideoQAData:
         there only when it differs from ``vision_dim`` (a model's ``motion_dim=None`` means
         ``vision_dim``, so configs and run ids of equal-dim data sets stay as they were)."""
         f = self.features
-        dims = {"question_vocab": len(self.vocab["question_token_to_idx"]),
-                "answer_vocab": len(self.vocab["answer_token_to_idx"]),
+        dims = {"question_vocab": len(self.vocab[L.QUESTION_TOKENS_KEY]),
+                "answer_vocab": len(self.vocab[L.ANSWER_TOKENS_KEY]),
                 "vision_dim": f.vision_dim, "word_dim": int(self.glove.shape[1]),
                 "num_clips": f.num_clips, "num_frames": f.num_frames}
         if f.motion_dim != f.vision_dim:
@@ -327,11 +326,11 @@ class VideoQAData:
         p = self.paths
         if p is None:
             return "memory"
-        return {"question_vocab": f"{p.vocab}:question_token_to_idx",
-                "answer_vocab": f"{p.vocab}:answer_token_to_idx",
+        return {"question_vocab": f"{p.vocab}:{L.QUESTION_TOKENS_KEY}",
+                "answer_vocab": f"{p.vocab}:{L.ANSWER_TOKENS_KEY}",
                 "word_dim": f"{p.questions['train']}:glove",
-                "num_frames": f"{p.appearance}:resnet_features",
-                "motion_dim": f"{p.motion}:resnext_features"}.get(key, f"{p.appearance}:resnet_features")
+                "num_frames": f"{p.appearance}:{L.APPEARANCE_KEY}",
+                "motion_dim": f"{p.motion}:{L.MOTION_KEY}"}.get(key, f"{p.appearance}:{L.APPEARANCE_KEY}")
 
 
 def _memory_budget_bytes() -> int:
@@ -356,27 +355,27 @@ def load(spec: str | Path, *, splits: tuple[str, ...] = SPLITS, mode: str = "aut
         paths = DataPaths.from_dir(spec_s, name, **path_overrides)
 
     vocab = load_vocab(paths.vocab)
-    q_vocab = len(vocab["question_token_to_idx"])
-    a_vocab = len(vocab["answer_token_to_idx"])
+    q_vocab = len(vocab[L.QUESTION_TOKENS_KEY])
+    a_vocab = len(vocab[L.ANSWER_TOKENS_KEY])
 
-    fa = _open_h5(paths.appearance, "appearance feature", "resnet_features")
-    fm = _open_h5(paths.motion, "motion feature", "resnext_features")
+    fa = _open_h5(paths.appearance, "appearance feature", L.APPEARANCE_KEY)
+    fm = _open_h5(paths.motion, "motion feature", L.MOTION_KEY)
     try:
-        app_ds, mot_ds = fa["resnet_features"], fm["resnext_features"]
+        app_ds, mot_ds = fa[L.APPEARANCE_KEY], fm[L.MOTION_KEY]
         if app_ds.ndim != 4:
-            raise DataError(f"{paths.appearance}: 'resnet_features' must be (videos, clips, frames, dim), "
+            raise DataError(f"{paths.appearance}: {L.APPEARANCE_KEY!r} must be (videos, clips, frames, dim), "
                             f"got shape {app_ds.shape}")
         if mot_ds.ndim != 3:
-            raise DataError(f"{paths.motion}: 'resnext_features' must be (videos, clips, dim), "
+            raise DataError(f"{paths.motion}: {L.MOTION_KEY!r} must be (videos, clips, dim), "
                             f"got shape {mot_ds.shape}")
-        app_ids = np.asarray(fa["ids"][()]).reshape(-1)
-        mot_ids = np.asarray(fm["ids"][()]).reshape(-1)
+        app_ids = np.asarray(fa[L.IDS_KEY][()]).reshape(-1)
+        mot_ids = np.asarray(fm[L.IDS_KEY][()]).reshape(-1)
         if app_ids.shape[0] != app_ds.shape[0]:
             raise DataError(f"{paths.appearance}: 'ids' has {app_ids.shape[0]} entries but "
-                            f"'resnet_features' has {app_ds.shape[0]} videos")
+                            f"{L.APPEARANCE_KEY!r} has {app_ds.shape[0]} videos")
         if mot_ids.shape[0] != mot_ds.shape[0]:
             raise DataError(f"{paths.motion}: 'ids' has {mot_ids.shape[0]} entries but "
-                            f"'resnext_features' has {mot_ds.shape[0]} videos")
+                            f"{L.MOTION_KEY!r} has {mot_ds.shape[0]} videos")
         if app_ids.shape != mot_ids.shape:
             raise DataError(f"video ids disagree between {paths.appearance} ({app_ids.shape[0]} videos) "
                             f"and {paths.motion} ({mot_ids.shape[0]} videos)")
@@ -389,12 +388,12 @@ def load(spec: str | Path, *, splits: tuple[str, ...] = SPLITS, mode: str = "aut
             raise DataError(f"clip counts disagree: {paths.appearance} has {C} clips per video, "
                             f"{paths.motion} has {mot_ds.shape[1]}")
         Dm = mot_ds.shape[2]
-        if Dm != D and "model" not in mot_ds.attrs:
+        if Dm != D and L.MOTION_MODEL_ATTR not in mot_ds.attrs:
             # HCRN's / DualVGR's scripts write 2048 for both: unequal dims without a named motion
             # backbone mean mixed-up files
             raise DataError(f"feature dims disagree: {paths.appearance} has dim {D}, "
                             f"{paths.motion} has dim {Dm} (a motion file with its own dim must name its "
-                            f"backbone in the 'model' attribute of 'resnext_features', as harness.prepare does)")
+                            f"backbone in the {L.MOTION_MODEL_ATTR!r} attribute of {L.MOTION_KEY!r}, as harness.prepare does)")
         if D < 1 or Dm < 1:
             raise DataError(f"{paths.appearance if D < 1 else paths.motion}: feature dim is 0")
         if V == 0:
@@ -403,14 +402,14 @@ def load(spec: str | Path, *, splits: tuple[str, ...] = SPLITS, mode: str = "aut
         stream = mode == "stream" or (mode == "auto" and nbytes > _memory_budget_bytes())
         if check_finite:
             if stream:
-                _check_finite_h5(app_ds, paths.appearance, "resnet_features")
-                _check_finite_h5(mot_ds, paths.motion, "resnext_features")
+                _check_finite_h5(app_ds, paths.appearance, L.APPEARANCE_KEY)
+                _check_finite_h5(mot_ds, paths.motion, L.MOTION_KEY)
         if stream:
             features: Features = StreamingFeatures(paths.appearance, paths.motion, (V, C, T, D), Dm)
         else:
             app = torch.from_numpy(np.asarray(app_ds[()], dtype=np.float32))
             mot = torch.from_numpy(np.asarray(mot_ds[()], dtype=np.float32))
-            for t, p, k in ((app, paths.appearance, "resnet_features"), (mot, paths.motion, "resnext_features")):
+            for t, p, k in ((app, paths.appearance, L.APPEARANCE_KEY), (mot, paths.motion, L.MOTION_KEY)):
                 if check_finite and not bool(torch.isfinite(t).all()):
                     bad = int(torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(1))[0, 0])
                     raise DataError(f"{p}: {k!r} has NaN or Inf values (first at video row {bad})")
@@ -466,7 +465,7 @@ def load(spec: str | Path, *, splits: tuple[str, ...] = SPLITS, mode: str = "aut
             raise DataError(f"{path}: 'glove' must be (question vocab = {q_vocab}, word_dim), got shape {g.shape}")
         if glove is None:
             glove = torch.from_numpy(g.copy())
-        types, names = question_types(qs, vocab, obj.get("question_category"))
+        types, names = question_types(qs, vocab, obj.get(L.QUESTION_CATEGORY_KEY))
         if type_names is None:
             type_names = names
         elif names != type_names:

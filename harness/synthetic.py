@@ -100,6 +100,9 @@ from typing import Any
 
 import numpy as np
 
+from . import layout
+from .store import atomic_write_bytes
+
 __all__ = [
     "Preset",
     "PRESETS",
@@ -127,7 +130,7 @@ _ORDINALS = (
     "ninth", "tenth", "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth",
     "sixteenth",
 )
-SPLITS: tuple[str, ...] = ("train", "val", "test")
+SPLITS = layout.SPLITS
 
 
 @dataclass(frozen=True)
@@ -280,8 +283,8 @@ def _vocab(p: Preset, lay: _Layout) -> dict[str, dict[str, int]]:
             qa[t] = len(qa)
     assert len(q) == p.question_vocab and len(a) == p.answer_vocab
     return {
-        "question_token_to_idx": q,
-        "answer_token_to_idx": a,
+        layout.QUESTION_TOKENS_KEY: q,
+        layout.ANSWER_TOKENS_KEY: a,
         "question_answer_token_to_idx": qa,
     }
 
@@ -390,7 +393,7 @@ def _video_split(p: Preset, seed: int) -> dict[str, np.ndarray]:
 def _questions(p: Preset, lay: _Layout, vocab: dict[str, dict[str, int]], vids: _Videos,
                split_rows: dict[str, np.ndarray], seed: int) -> dict[str, dict[str, np.ndarray]]:
     r = _rng(seed, _S_QUESTIONS)
-    qv, av = vocab["question_token_to_idx"], vocab["answer_token_to_idx"]
+    qv, av = vocab[layout.QUESTION_TOKENS_KEY], vocab[layout.ANSWER_TOKENS_KEY]
     C = p.n_clips
     qword = np.array([qv[w] for w in QUESTION_WORDS], dtype=np.int64)
     ordinal = np.array([qv[o] for o in _ORDINALS[:C]], dtype=np.int64)
@@ -482,17 +485,8 @@ def _features_for_video(p: Preset, world: _World, vids: _Videos, row: int, seed:
 
 def dataset_files(out: str | Path, name: str = "synthetic") -> dict[str, Path]:
     """Paths of every file of a data set (keys: appearance, motion, vocab, train, val,
-    test, meta)."""
-    out = Path(out)
-    files = {
-        "appearance": out / f"{name}_appearance_feat.h5",
-        "motion": out / f"{name}_motion_feat.h5",
-        "vocab": out / f"{name}_vocab.json",
-    }
-    for split in SPLITS:
-        files[split] = out / f"{name}_{split}_questions.pt"
-    files["meta"] = out / f"{name}_meta.json"
-    return files
+    test, meta): :func:`harness.layout.dataset_files`."""
+    return layout.dataset_files(out, name)
 
 
 def is_complete(out: str | Path, preset: str | Preset = "tiny", seed: int = 0,
@@ -522,18 +516,6 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = _tmp(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_features(p: Preset, world: _World, vids: _Videos, seed: int, app_path: Path,
                     mot_path: Path, progress: bool) -> None:
     import h5py
@@ -545,12 +527,12 @@ def _write_features(p: Preset, world: _World, vids: _Videos, seed: int, app_path
     bar = None
     try:
         with h5py.File(app_tmp, "w") as fa, h5py.File(mot_tmp, "w") as fm:
-            da = fa.create_dataset("resnet_features", shape=(V, C, F, D), dtype=np.float32,
+            da = fa.create_dataset(layout.APPEARANCE_KEY, shape=(V, C, F, D), dtype=np.float32,
                                    chunks=(1, C, F, D))
-            dm = fm.create_dataset("resnext_features", shape=(V, C, D), dtype=np.float32,
+            dm = fm.create_dataset(layout.MOTION_KEY, shape=(V, C, D), dtype=np.float32,
                                    chunks=(min(V, max(1, (1 << 20) // (4 * C * D))), C, D))
-            fa.create_dataset("ids", data=vids.ids)
-            fm.create_dataset("ids", data=vids.ids)
+            fa.create_dataset(layout.IDS_KEY, data=vids.ids)
+            fm.create_dataset(layout.IDS_KEY, data=vids.ids)
             if progress:
                 from rich.progress import (BarColumn, MofNCompleteColumn, Progress,
                                            TextColumn, TimeRemainingColumn)
@@ -610,14 +592,14 @@ def generate(out: str | Path, preset: str = "tiny", seed: int = 0, name: str = "
                                                  dtype=np.float32)
 
     _write_features(p, world, vids, seed, files["appearance"], files["motion"], progress)
-    _write_bytes_atomic(files["vocab"], json.dumps(vocab, indent=1).encode())
+    atomic_write_bytes(files["vocab"], json.dumps(vocab, indent=1).encode())
     for split in SPLITS:
         obj = dict(qs[split])
         obj["glove"] = glove
-        _write_bytes_atomic(files[split], pickle.dumps(obj, protocol=4))
+        atomic_write_bytes(files[split], pickle.dumps(obj, protocol=4))
 
     type_counts = {
-        split: {w: int((qs[split]["questions"][:, 0] == vocab["question_token_to_idx"][w]).sum())
+        split: {w: int((qs[split]["questions"][:, 0] == vocab[layout.QUESTION_TOKENS_KEY][w]).sum())
                 for w in QUESTION_WORDS}
         for split in SPLITS
     }
@@ -639,7 +621,7 @@ def generate(out: str | Path, preset: str = "tiny", seed: int = 0, name: str = "
         "question_type_counts": type_counts,
         "files": {k: v.name for k, v in files.items()},
     }
-    _write_bytes_atomic(files["meta"], json.dumps(meta, indent=1).encode())
+    atomic_write_bytes(files["meta"], json.dumps(meta, indent=1).encode())
     return out
 
 

@@ -237,7 +237,7 @@ def test_killed_run_leaves_no_complete_looking_dir(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt("killed")
 
-    original = syn._write_bytes_atomic
+    original = syn.atomic_write_bytes
     calls = []
 
     def write_then_die(path, data):
@@ -246,7 +246,7 @@ def test_killed_run_leaves_no_complete_looking_dir(tmp_path, monkeypatch):
             boom()
         original(path, data)
 
-    monkeypatch.setattr(syn, "_write_bytes_atomic", write_then_die)
+    monkeypatch.setattr(syn, "atomic_write_bytes", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         syn.generate(d, "tiny", seed=0, progress=False)
     assert not syn.dataset_files(d)["meta"].exists()

@@ -1,0 +1,69 @@
+"""The HCRN / DualVGR on-disk feature format, defined once: split names, file names, HDF5 dataset
+keys and the keys of the vocab and question files. The reader (:mod:`harness.data`) and both
+writers (:mod:`harness.synthetic`, :mod:`harness.prepare`) use these names; no other module spells
+them out.
+
+A data set ``{name}`` (e.g. ``msvd-qa``) is a directory holding::
+
+    {name}_appearance_feat.h5   APPEARANCE_KEY (videos, clips, frames, dim) float32, IDS_KEY (videos)
+    {name}_motion_feat.h5       MOTION_KEY (videos, clips, motion_dim) float32, IDS_KEY (videos);
+                                optional attribute MOTION_MODEL_ATTR on MOTION_KEY names the backbone
+    {name}_vocab.json           VOCAB_KEYS (+ question_answer_token_to_idx in the reference's files)
+    {name}_{split}_questions.pt pickle of a dict with QUESTION_KEYS (+ optional QUESTION_CATEGORY_KEY)
+    {name}_meta.json            optional: how the set was made (synthetic presets write it last)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+APPEARANCE_KEY = "resnet_features"
+MOTION_KEY = "resnext_features"
+IDS_KEY = "ids"
+#: attribute of MOTION_KEY naming the motion backbone; a motion dim unlike the appearance dim needs it
+MOTION_MODEL_ATTR = "model"
+
+QUESTION_TOKENS_KEY = "question_token_to_idx"
+ANSWER_TOKENS_KEY = "answer_token_to_idx"
+VOCAB_KEYS: tuple[str, ...] = (QUESTION_TOKENS_KEY, ANSWER_TOKENS_KEY)
+QUESTION_KEYS: tuple[str, ...] = ("questions", "questions_len", "video_ids", "question_id", "answers", "glove")
+#: SVQA-style question types; without it the type is the question's first word
+QUESTION_CATEGORY_KEY = "question_category"
+
+
+def appearance_file(root: str | Path, name: str) -> Path:
+    return Path(root) / f"{name}_appearance_feat.h5"
+
+
+def motion_file(root: str | Path, name: str) -> Path:
+    return Path(root) / f"{name}_motion_feat.h5"
+
+
+def vocab_file(root: str | Path, name: str) -> Path:
+    return Path(root) / f"{name}_vocab.json"
+
+
+def questions_file(root: str | Path, name: str, split: str) -> Path:
+    return Path(root) / f"{name}_{split}_questions.pt"
+
+
+def meta_file(root: str | Path, name: str) -> Path:
+    return Path(root) / f"{name}_meta.json"
+
+
+def name_from_vocab_file(path: str | Path) -> str:
+    """The data set name of a ``{name}_vocab.json`` file."""
+    return Path(path).name.removesuffix("_vocab.json")
+
+
+VOCAB_GLOB = "*_vocab.json"
+
+
+def dataset_files(root: str | Path, name: str) -> dict[str, Path]:
+    """Every file of a data set by role: appearance, motion, vocab, one per split, meta."""
+    files = {"appearance": appearance_file(root, name), "motion": motion_file(root, name),
+             "vocab": vocab_file(root, name)}
+    files.update({s: questions_file(root, name, s) for s in SPLITS})
+    files["meta"] = meta_file(root, name)
+    return files
