@@ -335,7 +335,7 @@ def _train_run(spec, store, data, dev, cfg, train_cfg, run_id, teachers, teacher
                     if teachers:
                         with torch.no_grad():  # frozen teachers: eval mode, no autograd
                             t_outs = [t(b.appearance, b.motion, b.questions, b.lengths) for t in teachers]
-                    loss, parts = objective(out, b.answers, t_outs)
+                    loss, parts = objective(out, b.answers, t_outs, epoch=epoch)
                 loss = loss.float()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

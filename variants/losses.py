@@ -94,7 +94,9 @@ class Objective(torch.nn.Module):
             self.kd_names.append(item["name"])
             self.kd_weights.append(float(item.get("weight", 1.0)))
 
-    def forward(self, out: dict, answers: torch.Tensor, teacher_outs: list[dict] | None = None):
+    def forward(self, out: dict, answers: torch.Tensor, teacher_outs: list[dict] | None = None, epoch: int = 0):
+        """``epoch``: the 0-based training epoch (a Python int, so no host sync), for losses whose
+        weight follows the schedule (mdistiller passes the epoch the same way)."""
         total, parts = dualvgr_loss(out, answers, self.alpha, self.beta, self.ce_weight)
         for name, weight, module in zip(self.kd_names, self.kd_weights, self.kd):
             value, kd_parts = module(out, teacher_outs or [], answers)
