@@ -11,17 +11,25 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from harness.console import error, make_console, say
+
 app = typer.Typer(add_completion=False, help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
-# full width in logs and pipes (rich would otherwise wrap tables at 80 columns)
-console = Console() if sys.stdout.isatty() else Console(width=200)
+console = make_console()
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user can cause and fix (printed as a message, exit 2); anything else is a bug
+    and shows its traceback."""
+    import variants
+    from harness.errors import HarnessError
+
+    return (HarnessError, variants.UnknownNameError, variants.ConfigError)
 
 
 def parse_sets(items: list[str] | None) -> dict:
@@ -52,10 +60,10 @@ def accuracy_table(record: dict, title: str | None = None) -> Table:
         row = m[key]
         t.add_row(label, *[f"{row['per_type'][n]:.2f}" if n in row["per_type"] else "-" for n in types],
                   f"{row['overall']:.2f}")
-    labels = {"shuffle_video": "test, videos shuffled", "zero_appearance": "test, appearance zeroed",
-              "zero_motion": "test, motion zeroed"}
+    from harness.evaluate import ABLATIONS
+
     for key, row in m.get("ablations", {}).items():
-        t.add_row(labels.get(key, key), *[f"{row['per_type'][n]:.2f}" if n in row["per_type"] else "-" for n in types],
+        t.add_row(f"test, {ABLATIONS.get(key, key)}", *[f"{row['per_type'][n]:.2f}" if n in row["per_type"] else "-" for n in types],
                   f"{row['overall']:.2f}", style="italic")
     t.add_row("questions (test)", *[str(m["test"]["counts"].get(n, 0)) for n in types], str(m["test"]["n"]),
               style="dim")
@@ -88,19 +96,18 @@ def main(
     if grid is None:
         console.print(ctx.get_help())
         raise typer.Exit(0)
-    from harness import data as D
     from harness import grid as G
     from harness.executor import run_grid
     from harness.store import ResultsStore
 
     try:
         g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None)
-    except (G.GridError, KeyError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
+    except user_errors() as e:
+        error(console, e)
         raise typer.Exit(2)
     ex = executor or g.executor.get("kind", "local")
     if ex not in G.EXECUTOR_KINDS:
-        console.print(f"[red]error:[/red] --executor must be one of {', '.join(G.EXECUTOR_KINDS)}, got {ex!r}")
+        error(console, f"--executor must be one of {', '.join(G.EXECUTOR_KINDS)}, got {ex!r}")
         raise typer.Exit(2)
     slurm = {k: v for k, v in {**g.executor, "partition": partition or g.executor.get("partition"),
                                 "gpus_per_run": gpus_per_run or g.executor.get("gpus_per_run"),
@@ -111,15 +118,15 @@ def main(
     try:
         res = run_grid(g, store, executor=ex, jobs=jobs or int(g.executor.get("jobs", 1)), device=device, mode=mode,
                        console=console, slurm=slurm)
-    except D.DataError as e:
-        console.print(f"[red]error:[/red] {e}")
+    except user_errors() as e:
+        error(console, e)
         raise typer.Exit(2)
     if res.interrupted:
         raise typer.Exit(130)
     _write_report(store, g, reports, res.run_ids)
     if res.failed:
-        console.print(f"[red]{len(res.failed)} run(s) failed[/red]: " + "; ".join(
-            f"{f['variant']} seed {f['seed']}: {f['reason']}" for f in res.failed))
+        say(console, f"{len(res.failed)} run(s) failed: " + "; ".join(
+            f"{f['variant']} seed {f['seed']}: {f['reason']}" for f in res.failed), "red")
         raise typer.Exit(1)
 
 
@@ -128,10 +135,10 @@ def _write_report(store, g, reports: str, run_ids: list[str]) -> None:
 
     complete = [r for r in run_ids if store.is_complete(r)]
     if not complete:
-        console.print("no complete run: no report written")
+        say(console, "no complete run: no report written")
         return
     path = write_report(store, g.name, run_ids=complete, out_dir=reports, grid_file=str(g.path))
-    console.print(f"report: {path}")
+    say(console, f"report: {path}")
 
 
 @app.command()
@@ -141,23 +148,22 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
            data: Optional[str] = typer.Option(None, help="Override the grid's data set."),
            seeds: Optional[str] = typer.Option(None, help="Override the grid's seeds, comma-separated.")):
     """Regenerate reports/NAME.md (and .csv, and plots) from the results store; trains nothing."""
-    from harness import data as D
     from harness import grid as G
-    from harness.runner import plan
+    from harness.runner import plan, recorded_info
     from harness.store import ResultsStore
 
+    store = ResultsStore(results)
     try:
         g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None)
-        ds = D.load(g.data)
-    except (G.GridError, D.DataError, KeyError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        info = recorded_info(g.data, store)  # from the store: no feature file is read
+        ids = [*dict.fromkeys(r for s in g.runs for r in plan(s, info).all_run_ids())]
+    except user_errors() as e:
+        error(console, e)
         raise typer.Exit(2)
-    ids = [*dict.fromkeys(r for s in g.runs for r in plan(s, ds).all_run_ids())]
-    store = ResultsStore(results)
     missing = [r for r in ids if not store.is_complete(r)]
     if missing:
-        console.print(f"[yellow]{len(missing)} of {len(ids)} runs are not complete[/yellow]; the report covers the rest "
-                      f"(run `python ablate.py --grid {grid}` to finish them)")
+        say(console, f"{len(missing)} of {len(ids)} runs are not complete; the report covers the rest "
+                     f"(run `python ablate.py --grid {grid}` to finish them)", "yellow")
     _write_report(store, g, reports, ids)
 
 
@@ -168,22 +174,23 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
     """Compare two grids run by run (same variant, same seed): accuracy difference B - A per variant and
     McNemar's test on per-question predictions. For fp32 against bf16, or before against after a change:
     `python ablate.py compare --grid precision-fp32 --grid precision-bf16`."""
-    from harness import data as D
     from harness import grid as G
     from harness.report import compare_runs
-    from harness.runner import plan
+    from harness.runner import plan, recorded_info
     from harness.store import ResultsStore
 
     if len(grid) != 2:
-        console.print(f"[red]error:[/red] compare takes exactly two --grid options, got {len(grid)}")
+        error(console, f"compare takes exactly two --grid options, got {len(grid)}")
         raise typer.Exit(2)
+    store = ResultsStore(results)
     try:
         gs = [G.load(x) for x in grid]
-        ids = [[*dict.fromkeys(r for s in g.runs for r in plan(s, D.load(g.data)).all_run_ids())] for g in gs]
-    except (G.GridError, D.DataError, KeyError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        ids = [[*dict.fromkeys(r for s in g.runs for r in plan(s, recorded_info(g.data, store)).all_run_ids())]
+               for g in gs]
+    except user_errors() as e:
+        error(console, e)
         raise typer.Exit(2)
-    df, md = compare_runs(ResultsStore(results), ids[0], ids[1], gs[0].name, gs[1].name)
+    df, md = compare_runs(store, ids[0], ids[1], gs[0].name, gs[1].name)
     if df.empty:
         console.print("[yellow]no variant has complete runs with the same seed in both grids[/yellow]")
         raise typer.Exit(1)
@@ -221,38 +228,34 @@ def run(
                              "features do not fit in half the free RAM)."),
 ):
     """Train and evaluate one variant; print its per-question-type accuracy table."""
-    import variants
     from harness import data as D
-    from harness.runner import RunSpec, train
+    from harness.env import check_precision, resolve_device
+    from harness.runner import RunSpec, feature_mode, plan, train
     from harness.store import ResultsStore
 
-    from harness.env import PrecisionError, check_precision, resolve_device
-    try:  # before any data is loaded or any teacher trained
-        check_precision(resolve_device(device), precision, train=True)
-    except PrecisionError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
+    store = ResultsStore(results)
     try:
-        variants.VARIANTS.get(variant)
-    except variants.UnknownNameError as e:
-        console.print(f"[red]error:[/red] {e}")
+        check_precision(resolve_device(device), precision, train=True)  # before any data is loaded
+        spec = RunSpec(variant=variant, data=data, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                       early_stop=early_stop, glove=not no_glove, precision=precision, overrides=parse_sets(set_))
+        ds = D.load(data, mode=feature_mode(spec, mode))
+        run_id = plan(spec, ds).run_id
+        reused = store.is_complete(run_id) and not force
+        record = train(spec, store, data=ds, device=device, force=force)
+    except user_errors() as e:
+        error(console, e)
         raise typer.Exit(2)
-    spec = RunSpec(variant=variant, data=data, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                   early_stop=early_stop, glove=not no_glove, precision=precision, overrides=parse_sets(set_))
-    try:
-        ds = D.load(data, mode=mode)
-        record = train(spec, ResultsStore(results), data=ds, device=device, force=force)
-    except (D.DataError, KeyError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
+    if reused:
+        say(console, f"already complete: {run_id}, not retrained (the record from {store.run_dir(run_id)}; "
+                     f"--force retrains)", "yellow")
     console.print(accuracy_table(record))
-    console.print(f"run {record['run_id']}: {record['epochs_run']} epochs, best val epoch "
-                  f"{record['metrics']['best_epoch'] + 1}, {record['params']['total']:,} parameters, "
-                  f"{record['train_samples_per_s']:.0f} train samples/s on {record['device_name']}; "
-                  f"record in {ResultsStore(results).run_dir(record['run_id'])}")
+    say(console, f"run {record['run_id']}: {record['epochs_run']} epochs, best val epoch "
+                 f"{record['metrics']['best_epoch'] + 1}, {record['params']['total']:,} parameters, "
+                 f"{record['train_samples_per_s']:.0f} train samples/s on {record['device_name']}; "
+                 f"record in {store.run_dir(record['run_id'])}")
     for t in record.get("teachers", []):
-        console.print(f"teacher {t['variant']}: run {t['run_id']}, {t['params']:,} parameters, "
-                      f"test accuracy {t['test_acc']:.2f}")
+        say(console, f"teacher {t['variant']}: run {t['run_id']}, {t['params']:,} parameters, "
+                     f"test accuracy {t['test_acc']:.2f}")
 
 
 @app.command("list")

@@ -22,17 +22,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from harness.synthetic import PRESETS
+
 app = typer.Typer(add_completion=False, help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
 console = Console() if sys.stdout.isatty() else Console(width=200)
 err = Console(stderr=True)
 
-#: shortcuts for model sizes; msvd = the reference's MSVD-QA setting
-CONFIGS = {
-    "msvd": {"question_vocab": 4000, "answer_vocab": 1000, "vision_dim": 2048, "module_dim": 768, "word_dim": 300,
-             "num_clips": 8, "num_frames": 16},
-    "tiny": {"question_vocab": 100, "answer_vocab": 50, "vision_dim": 128, "module_dim": 64, "word_dim": 32,
-             "num_clips": 4, "num_frames": 4},
-}
+#: model sizes: those of the synthetic presets (msvd = the reference's MSVD-QA setting)
+CONFIGS = {name: p.model_config() for name, p in PRESETS.items()}
 
 #: fields every record has (null where a field cannot be measured on the device)
 REQUIRED_FIELDS = ("variant", "config", "device", "gpu_name", "torch_version", "batch_size", "precision",

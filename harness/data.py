@@ -26,12 +26,13 @@ Data specs accepted by :func:`load`:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -198,24 +199,20 @@ class Features:
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
 
 class InMemoryFeatures(Features):
-    def __init__(self, appearance: torch.Tensor, motion: torch.Tensor):
-        self.appearance, self.motion = appearance, motion
+    """Features as two tensors. Loaded from files stored contiguously (HCRN's scripts, the
+    synthetic sets) they are copy-on-write memory maps of the h5 files: the OS's page cache holds
+    one copy, shared by every process that maps them (the workers of a ``--jobs N`` grid)."""
+
+    def __init__(self, appearance: torch.Tensor, motion: torch.Tensor, mapped: bool = False):
+        self.appearance, self.motion, self.mapped = appearance, motion, mapped
         self.num_videos, self.num_clips, self.num_frames, self.vision_dim = appearance.shape
         self.motion_dim = motion.shape[-1]
 
     def to(self, device=None, dtype=None) -> "InMemoryFeatures":
         return InMemoryFeatures(self.appearance.to(device=device, dtype=dtype),
                                 self.motion.to(device=device, dtype=dtype))
-
-    @property
-    def device(self) -> torch.device:
-        return self.appearance.device
 
     @property
     def nbytes(self) -> int:
@@ -227,7 +224,8 @@ class InMemoryFeatures(Features):
 
 
 class StreamingFeatures(Features):
-    """Reads each batch's videos from the open h5 files (sorted unique rows, one read per file)."""
+    """Reads each batch's videos from the open h5 files (sorted unique rows, one read per file).
+    Picklable for worker processes: the files are opened lazily in each process."""
 
     streaming = True
 
@@ -252,18 +250,31 @@ class StreamingFeatures(Features):
         inv = torch.from_numpy(inverse.reshape(-1))
         return app[inv], mot[inv]
 
-    def __getstate__(self):  # picklable for worker processes: reopen lazily
-        d = dict(self.__dict__)
-        d["_files"] = None
-        return d
+
+class NoFeatures(Features):
+    """For models that use no video (question-only): batches carry empty feature tensors, and no
+    feature is read or held in memory."""
+
+    def __init__(self, shape: tuple[int, int, int, int], motion_dim: int):
+        self.num_videos, self.num_clips, self.num_frames, self.vision_dim = shape
+        self.motion_dim = motion_dim
+
+    def gather(self, rows):
+        n = rows.shape[0]
+        return rows.new_zeros((n, 0), dtype=torch.float32), rows.new_zeros((n, 0), dtype=torch.float32)
 
 
-def _check_finite_h5(ds: h5py.Dataset, path: Path, key: str, chunk: int = 64) -> None:
-    for s in range(0, ds.shape[0], chunk):
-        block = ds[s:s + chunk]
-        if not np.isfinite(block).all():
-            bad = s + int(np.argwhere(~np.isfinite(block.reshape(block.shape[0], -1)).all(1))[0, 0])
-            raise DataError(f"{path}: {key!r} has NaN or Inf values (first at video row {bad})")
+def _first_non_finite(arr, chunk_bytes: int = 64 << 20) -> int | None:
+    """The first video row with a NaN or Inf (None if all finite), read in blocks of rows so that
+    no full-size temporary is made (arr: an h5 dataset, a numpy array or a memory map)."""
+    per_row = max(1, int(np.prod(arr.shape[1:])) * 4)
+    step = max(1, chunk_bytes // per_row)
+    for s in range(0, arr.shape[0], step):
+        block = np.asarray(arr[s:s + step])
+        ok = np.isfinite(block.reshape(block.shape[0], -1)).all(1)
+        if not ok.all():
+            return s + int(np.argmin(ok))
+    return None
 
 
 def _open_h5(path: Path, what: str, key: str) -> h5py.File:
@@ -280,34 +291,110 @@ def _open_h5(path: Path, what: str, key: str) -> h5py.File:
     return f
 
 
+def _mappable_offset(ds: h5py.Dataset) -> int | None:
+    """Byte offset of a dataset that can be memory-mapped as it is (contiguous, uncompressed,
+    little-endian float32, allocated), else None."""
+    if ds.chunks is not None or ds.compression is not None or ds.dtype != np.dtype("<f4"):
+        return None
+    try:
+        return ds.id.get_offset()
+    except Exception:  # noqa: BLE001 - h5py raises various errors for unallocated / external storage
+        return None
+
+
+def _read_features(ds: h5py.Dataset, path: Path) -> tuple[torch.Tensor, bool]:
+    """A dataset as a float32 tensor: a copy-on-write memory map of the file when the layout
+    allows (shared between processes, nothing read until used), else read into memory."""
+    offset = _mappable_offset(ds)
+    if offset is not None:
+        arr = np.memmap(path, dtype="<f4", mode="c", offset=offset, shape=ds.shape)
+        return torch.from_numpy(arr), True
+    return torch.from_numpy(np.asarray(ds[()], dtype=np.float32)), False
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+#: name of the per-directory cache of file fingerprints
+FINGERPRINT_FILE = ".vqakd-fingerprints.json"
+
+
+def _fingerprint_cache(directory: Path) -> Path:
+    """Beside the data when the directory is writable, else under ``$XDG_CACHE_HOME/vqakd``."""
+    if os.access(directory, os.W_OK):
+        return directory / FINGERPRINT_FILE
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vqakd" / "fingerprints"
+    return root / f"{hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:16]}.json"
+
+
+def file_fingerprint(path: Path) -> dict:
+    """``{"sha1", "size", "mtime_ns"}`` of a file; the SHA-1 of every byte is computed once and
+    cached (keyed by size and modification time), so a changed file, even one of the same shape
+    re-extracted with another backbone, gets a new fingerprint. The whole file is hashed rather
+    than a sample of rows: a sample can miss a change confined to some videos, and one pass at
+    disk speed (about 2 s for the 2.2 GB msvd-sized set here) is paid once per change."""
+    from .store import atomic_write_json
+
+    st = path.stat()
+    cache_path = _fingerprint_cache(path.parent)
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(path.name) if isinstance(cache, dict) else None
+    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return entry
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            h.update(block)
+    entry = {"sha1": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    cache = cache if isinstance(cache, dict) else {}
+    cache[path.name] = entry
+    try:
+        atomic_write_json(cache_path, cache)
+    except OSError:
+        pass  # a read-only place: the fingerprint is recomputed next time
+    return entry
+
+
+def _checked_finite(path: Path, key: str, arr) -> None:
+    """Fail naming the file, key and first bad row when ``arr`` holds NaN or Inf. The verdict is
+    cached with the file's fingerprint, so unchanged files are not read again for it."""
+    from .store import atomic_write_json
+
+    fp = file_fingerprint(path)
+    if fp.get("finite", {}).get(key):
+        return
+    bad = _first_non_finite(arr)
+    if bad is not None:
+        raise DataError(f"{path}: {key!r} has NaN or Inf values (first at video row {bad})")
+    cache_path = _fingerprint_cache(path.parent)
+    try:
+        cache = json.loads(cache_path.read_text())
+        if cache.get(path.name, {}).get("sha1") == fp["sha1"]:
+            cache[path.name].setdefault("finite", {})[key] = True
+            atomic_write_json(cache_path, cache)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 # ----------------------------------------------------------------------------- the data set
 
 
-@dataclass
-class VideoQAData:
+@dataclass(frozen=True)
+class DataInfo:
+    """What planning a run needs to know of a data set, without its features: the id (which
+    covers the vocab, the question files and the feature files' contents), the model settings
+    the data dictates, and the data set's suggestions (``meta``). Cheap to compute
+    (:func:`describe`) and recorded in the results store, so reports need no data at all."""
+
+    spec: str
     name: str
     data_id: str
-    paths: DataPaths | None
-    vocab: dict
-    glove: torch.Tensor  # (question_vocab, word_dim)
-    splits: dict[str, SplitData]
-    features: Features
-    type_names: list[str]
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def dims(self) -> dict:
-        """Model settings dictated by the data (see ``variants.DATA_KEYS``). ``motion_dim`` is
-        there only when it differs from ``vision_dim`` (a model's ``motion_dim=None`` means
-        ``vision_dim``, so configs and run ids of equal-dim data sets stay as they were)."""
-        f = self.features
-        dims = {"question_vocab": len(self.vocab[L.QUESTION_TOKENS_KEY]),
-                "answer_vocab": len(self.vocab[L.ANSWER_TOKENS_KEY]),
-                "vision_dim": f.vision_dim, "word_dim": int(self.glove.shape[1]),
-                "num_clips": f.num_clips, "num_frames": f.num_frames}
-        if f.motion_dim != f.vision_dim:
-            dims["motion_dim"] = f.motion_dim
-        return dims
+    dims: dict
+    meta: dict
+    sources: dict  # model setting -> "file:key" it comes from (for messages)
 
     def check_model_config(self, model_cfg: dict) -> None:
         """Fail with a clear message when a model config does not fit these features."""
@@ -315,22 +402,120 @@ class VideoQAData:
             want = model_cfg.get(key)
             if key != "motion_dim" and want is not None and want != have:
                 raise DataError(f"data set {self.name}: model setting {key}={want} does not match the "
-                                f"data ({key}={have}, from {self._source_of(key)})")
+                                f"data ({key}={have}, from {self.sources.get(key, 'memory')})")
         # the motion width the model will have: motion_dim, or vision_dim when that is None
+        have_motion = self.dims.get("motion_dim", self.dims.get("vision_dim"))
         want = model_cfg.get("motion_dim") or model_cfg.get("vision_dim")
-        if want is not None and want != self.features.motion_dim:
+        if want is not None and have_motion is not None and want != have_motion:
             raise DataError(f"data set {self.name}: model setting motion_dim={want} does not match the data "
-                            f"(motion_dim={self.features.motion_dim}, from {self._source_of('motion_dim')})")
+                            f"(motion_dim={have_motion}, from {self.sources.get('motion_dim', 'memory')})")
 
-    def _source_of(self, key: str) -> str:
-        p = self.paths
-        if p is None:
-            return "memory"
-        return {"question_vocab": f"{p.vocab}:{L.QUESTION_TOKENS_KEY}",
-                "answer_vocab": f"{p.vocab}:{L.ANSWER_TOKENS_KEY}",
-                "word_dim": f"{p.questions['train']}:glove",
-                "num_frames": f"{p.appearance}:{L.APPEARANCE_KEY}",
-                "motion_dim": f"{p.motion}:{L.MOTION_KEY}"}.get(key, f"{p.appearance}:{L.APPEARANCE_KEY}")
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class VideoQAData:
+    name: str
+    info: DataInfo
+    paths: DataPaths | None
+    vocab: dict
+    glove: torch.Tensor  # (question_vocab, word_dim)
+    splits: dict[str, SplitData]
+    features: Features
+    type_names: list[str]
+
+    @property
+    def data_id(self) -> str:
+        return self.info.data_id
+
+    @property
+    def meta(self) -> dict:
+        return self.info.meta
+
+    @property
+    def dims(self) -> dict:
+        return self.info.dims
+
+    def check_model_config(self, model_cfg: dict) -> None:
+        self.info.check_model_config(model_cfg)
+
+
+def _sources(p: DataPaths) -> dict:
+    return {"question_vocab": f"{p.vocab}:{L.QUESTION_TOKENS_KEY}", "answer_vocab": f"{p.vocab}:{L.ANSWER_TOKENS_KEY}",
+            "word_dim": f"{p.questions['train']}:glove", "vision_dim": f"{p.appearance}:{L.APPEARANCE_KEY}",
+            "num_clips": f"{p.appearance}:{L.APPEARANCE_KEY}", "num_frames": f"{p.appearance}:{L.APPEARANCE_KEY}",
+            "motion_dim": f"{p.motion}:{L.MOTION_KEY}"}
+
+
+def _dims(vocab: dict, app_shape: tuple, motion_dim: int, word_dim: int) -> dict:
+    """Model settings dictated by the data (``variants.DATA_KEYS``). ``motion_dim`` is there only
+    when it differs from ``vision_dim`` (a model's ``motion_dim=None`` means ``vision_dim``, so
+    configs and run ids of equal-dim data sets stay as they were)."""
+    _, clips, frames, dim = app_shape
+    dims = {"question_vocab": len(vocab[L.QUESTION_TOKENS_KEY]), "answer_vocab": len(vocab[L.ANSWER_TOKENS_KEY]),
+            "vision_dim": int(dim), "word_dim": int(word_dim), "num_clips": int(clips), "num_frames": int(frames)}
+    if motion_dim != dim:
+        dims["motion_dim"] = int(motion_dim)
+    return dims
+
+
+def _data_id(paths: DataPaths) -> str:
+    """name + a hash of the vocab and question files' bytes and the feature files' fingerprints
+    (:func:`file_fingerprint`: their whole contents, hashed once and cached)."""
+    h = hashlib.sha1()
+    for p in [paths.vocab, *paths.questions.values()]:
+        if p.exists():
+            h.update(p.read_bytes())
+    for p in (paths.appearance, paths.motion):
+        h.update(file_fingerprint(p)["sha1"].encode())
+    return f"{paths.name}-{h.hexdigest()[:10]}"
+
+
+def _resolve_paths(spec: str | Path, path_overrides: dict, generate: bool = True) -> DataPaths:
+    spec_s = str(spec)
+    if spec_s.startswith("synthetic:"):
+        return DataPaths.from_dir(synthetic_dir(spec_s, generate=generate))
+    overrides = dict(path_overrides)
+    name = overrides.pop("name", None)
+    return DataPaths.from_dir(spec_s, name, **overrides)
+
+
+def _feature_shapes(paths: DataPaths) -> tuple[tuple, tuple]:
+    """Shapes of the two feature datasets, validated against each other (reads no feature)."""
+    fa = _open_h5(paths.appearance, "appearance feature", L.APPEARANCE_KEY)
+    fm = _open_h5(paths.motion, "motion feature", L.MOTION_KEY)
+    try:
+        _check_features(paths, fa, fm)
+        return tuple(fa[L.APPEARANCE_KEY].shape), tuple(fm[L.MOTION_KEY].shape)
+    finally:
+        fa.close()
+        fm.close()
+
+
+def describe(spec: str | Path, *, generate: bool = True, **path_overrides) -> DataInfo:
+    """The :class:`DataInfo` of a data set, reading its vocab and question files and the feature
+    files' shapes, not the features (their fingerprints come from the cache when unchanged)."""
+    paths = _resolve_paths(spec, path_overrides, generate)
+    vocab = load_vocab(paths.vocab)
+    app_shape, mot_shape = _feature_shapes(paths)
+    obj = _load_questions(paths.questions["train"], "train")
+    g = np.asarray(obj["glove"])
+    word_dim = int(g.shape[1]) if g.ndim == 2 else -1
+    return _info(spec, paths, vocab, app_shape, mot_shape[-1], word_dim)
+
+
+def _info(spec, paths: DataPaths, vocab: dict, app_shape: tuple, motion_dim: int, word_dim: int) -> DataInfo:
+    meta = {}
+    if paths.meta:
+        try:
+            meta = json.loads(paths.meta.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{paths.meta}: not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise DataError(f"{paths.meta}: expected a JSON object, got {type(meta).__name__}")
+    return DataInfo(str(spec), paths.name, _data_id(paths), _dims(vocab, app_shape, motion_dim, word_dim), meta,
+                    _sources(paths))
 
 
 def _memory_budget_bytes() -> int:
@@ -341,131 +526,141 @@ def _memory_budget_bytes() -> int:
     return int(avail * 0.5)
 
 
-def load(spec: str | Path, *, splits: tuple[str, ...] = SPLITS, mode: str = "auto",
-         check_finite: bool = True, progress: bool = False, **path_overrides) -> VideoQAData:
-    """Load and validate a data set. ``mode``: ``memory``, ``stream`` or ``auto`` (memory when
-    the features fit in half of the available RAM)."""
-    if mode not in ("auto", "memory", "stream"):
-        raise ValueError(f"mode must be auto, memory or stream, got {mode!r}")
-    spec_s = str(spec)
-    if spec_s.startswith("synthetic:"):
-        paths = DataPaths.from_dir(synthetic_dir(spec_s))
-    else:
-        name = path_overrides.pop("name", None)
-        paths = DataPaths.from_dir(spec_s, name, **path_overrides)
+def _check_features(paths: DataPaths, fa: h5py.File, fm: h5py.File) -> None:
+    """The two feature files agree with each other (shapes, ids, dims)."""
+    app_ds, mot_ds = fa[L.APPEARANCE_KEY], fm[L.MOTION_KEY]
+    if app_ds.ndim != 4:
+        raise DataError(f"{paths.appearance}: {L.APPEARANCE_KEY!r} must be (videos, clips, frames, dim), "
+                        f"got shape {app_ds.shape}")
+    if mot_ds.ndim != 3:
+        raise DataError(f"{paths.motion}: {L.MOTION_KEY!r} must be (videos, clips, dim), got shape {mot_ds.shape}")
+    app_ids = np.asarray(fa[L.IDS_KEY][()]).reshape(-1)
+    mot_ids = np.asarray(fm[L.IDS_KEY][()]).reshape(-1)
+    for ids, ds, path, key in ((app_ids, app_ds, paths.appearance, L.APPEARANCE_KEY),
+                               (mot_ids, mot_ds, paths.motion, L.MOTION_KEY)):
+        if ids.shape[0] != ds.shape[0]:
+            raise DataError(f"{path}: {L.IDS_KEY!r} has {ids.shape[0]} entries but {key!r} has {ds.shape[0]} videos")
+    if app_ids.shape != mot_ids.shape:
+        raise DataError(f"video ids disagree between {paths.appearance} ({app_ids.shape[0]} videos) "
+                        f"and {paths.motion} ({mot_ids.shape[0]} videos)")
+    if not np.array_equal(app_ids, mot_ids):
+        r = int(np.flatnonzero(app_ids != mot_ids)[0])
+        raise DataError(f"video ids disagree between {paths.appearance} and {paths.motion}: "
+                        f"row {r} is id {app_ids[r]} in one and {mot_ids[r]} in the other")
+    V, C, T, D = app_ds.shape
+    if mot_ds.shape[1] != C:
+        raise DataError(f"clip counts disagree: {paths.appearance} has {C} clips per video, "
+                        f"{paths.motion} has {mot_ds.shape[1]}")
+    Dm = mot_ds.shape[2]
+    if Dm != D and L.MOTION_MODEL_ATTR not in mot_ds.attrs:
+        # HCRN's / DualVGR's scripts write 2048 for both: unequal dims without a named motion
+        # backbone mean mixed-up files
+        raise DataError(f"feature dims disagree: {paths.appearance} has dim {D}, "
+                        f"{paths.motion} has dim {Dm} (a motion file with its own dim must name its "
+                        f"backbone in the {L.MOTION_MODEL_ATTR!r} attribute of {L.MOTION_KEY!r}, "
+                        f"as harness.prepare does)")
+    if D < 1 or Dm < 1:
+        raise DataError(f"{paths.appearance if D < 1 else paths.motion}: feature dim is 0")
+    if V == 0:
+        raise DataError(f"{paths.appearance}: no videos")
 
-    vocab = load_vocab(paths.vocab)
-    q_vocab = len(vocab[L.QUESTION_TOKENS_KEY])
-    a_vocab = len(vocab[L.ANSWER_TOKENS_KEY])
 
+def _load_features(paths: DataPaths, mode: str, check_finite: bool) -> tuple[Features, np.ndarray]:
+    """The features in ``mode`` (memory: mapped or read; stream: read per batch; none: nothing
+    read) and the video ids (row order)."""
     fa = _open_h5(paths.appearance, "appearance feature", L.APPEARANCE_KEY)
     fm = _open_h5(paths.motion, "motion feature", L.MOTION_KEY)
     try:
+        _check_features(paths, fa, fm)
         app_ds, mot_ds = fa[L.APPEARANCE_KEY], fm[L.MOTION_KEY]
-        if app_ds.ndim != 4:
-            raise DataError(f"{paths.appearance}: {L.APPEARANCE_KEY!r} must be (videos, clips, frames, dim), "
-                            f"got shape {app_ds.shape}")
-        if mot_ds.ndim != 3:
-            raise DataError(f"{paths.motion}: {L.MOTION_KEY!r} must be (videos, clips, dim), "
-                            f"got shape {mot_ds.shape}")
-        app_ids = np.asarray(fa[L.IDS_KEY][()]).reshape(-1)
-        mot_ids = np.asarray(fm[L.IDS_KEY][()]).reshape(-1)
-        if app_ids.shape[0] != app_ds.shape[0]:
-            raise DataError(f"{paths.appearance}: 'ids' has {app_ids.shape[0]} entries but "
-                            f"{L.APPEARANCE_KEY!r} has {app_ds.shape[0]} videos")
-        if mot_ids.shape[0] != mot_ds.shape[0]:
-            raise DataError(f"{paths.motion}: 'ids' has {mot_ids.shape[0]} entries but "
-                            f"{L.MOTION_KEY!r} has {mot_ds.shape[0]} videos")
-        if app_ids.shape != mot_ids.shape:
-            raise DataError(f"video ids disagree between {paths.appearance} ({app_ids.shape[0]} videos) "
-                            f"and {paths.motion} ({mot_ids.shape[0]} videos)")
-        if not np.array_equal(app_ids, mot_ids):
-            r = int(np.flatnonzero(app_ids != mot_ids)[0])
-            raise DataError(f"video ids disagree between {paths.appearance} and {paths.motion}: "
-                            f"row {r} is id {app_ids[r]} in one and {mot_ids[r]} in the other")
-        V, C, T, D = app_ds.shape
-        if mot_ds.shape[1] != C:
-            raise DataError(f"clip counts disagree: {paths.appearance} has {C} clips per video, "
-                            f"{paths.motion} has {mot_ds.shape[1]}")
-        Dm = mot_ds.shape[2]
-        if Dm != D and L.MOTION_MODEL_ATTR not in mot_ds.attrs:
-            # HCRN's / DualVGR's scripts write 2048 for both: unequal dims without a named motion
-            # backbone mean mixed-up files
-            raise DataError(f"feature dims disagree: {paths.appearance} has dim {D}, "
-                            f"{paths.motion} has dim {Dm} (a motion file with its own dim must name its "
-                            f"backbone in the {L.MOTION_MODEL_ATTR!r} attribute of {L.MOTION_KEY!r}, as harness.prepare does)")
-        if D < 1 or Dm < 1:
-            raise DataError(f"{paths.appearance if D < 1 else paths.motion}: feature dim is 0")
-        if V == 0:
-            raise DataError(f"{paths.appearance}: no videos")
+        ids = np.asarray(fa[L.IDS_KEY][()]).reshape(-1)
+        shape, motion_dim = tuple(app_ds.shape), mot_ds.shape[2]
+        if mode == "none":
+            return NoFeatures(shape, motion_dim), ids
         nbytes = (app_ds.size + mot_ds.size) * 4
-        stream = mode == "stream" or (mode == "auto" and nbytes > _memory_budget_bytes())
-        if check_finite:
-            if stream:
-                _check_finite_h5(app_ds, paths.appearance, L.APPEARANCE_KEY)
-                _check_finite_h5(mot_ds, paths.motion, L.MOTION_KEY)
+        stream = mode == "stream" or (mode == "auto" and nbytes > _memory_budget_bytes()
+                                      and _mappable_offset(app_ds) is None)
         if stream:
-            features: Features = StreamingFeatures(paths.appearance, paths.motion, (V, C, T, D), Dm)
-        else:
-            app = torch.from_numpy(np.asarray(app_ds[()], dtype=np.float32))
-            mot = torch.from_numpy(np.asarray(mot_ds[()], dtype=np.float32))
-            for t, p, k in ((app, paths.appearance, L.APPEARANCE_KEY), (mot, paths.motion, L.MOTION_KEY)):
-                if check_finite and not bool(torch.isfinite(t).all()):
-                    bad = int(torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(1))[0, 0])
-                    raise DataError(f"{p}: {k!r} has NaN or Inf values (first at video row {bad})")
-            features = InMemoryFeatures(app, mot)
+            if check_finite:
+                _checked_finite(paths.appearance, L.APPEARANCE_KEY, app_ds)
+                _checked_finite(paths.motion, L.MOTION_KEY, mot_ds)
+            return StreamingFeatures(paths.appearance, paths.motion, shape, motion_dim), ids
+        (app, app_mapped), (mot, _) = _read_features(app_ds, paths.appearance), _read_features(mot_ds, paths.motion)
     finally:
         fa.close()
         fm.close()
+    if check_finite:
+        _checked_finite(paths.appearance, L.APPEARANCE_KEY, app.numpy())
+        _checked_finite(paths.motion, L.MOTION_KEY, mot.numpy())
+    return InMemoryFeatures(app, mot, mapped=app_mapped), ids
 
-    id_to_row = {int(v): i for i, v in enumerate(app_ids.tolist())}
-    split_data: dict[str, SplitData] = {}
-    glove = None
-    type_names: list[str] | None = None
+
+def _split_arrays(path: Path, split: str, q_vocab: int, a_vocab: int, vocab_path: Path) -> tuple[dict, np.ndarray]:
+    """A question file's arrays, validated: shapes, lengths, token and answer ids in range."""
+    obj = _load_questions(path, split)
+    qs = _as_int_array(obj, "questions", path)
+    if qs.ndim != 2:
+        raise DataError(f"{path}: 'questions' must be 2-D (questions, max_len), got shape {qs.shape}")
+    n = qs.shape[0]
+    if n == 0:
+        raise DataError(f"{path}: the {split} split is empty (0 questions)")
+    arrays = {"questions": qs}
+    for key in ("questions_len", "video_ids", "question_id", "answers"):
+        a = _as_int_array(obj, key, path).reshape(-1)
+        if a.shape[0] != n:
+            raise DataError(f"{path}: {key!r} has {a.shape[0]} entries but 'questions' has {n}")
+        arrays[key] = a
+    lens, qid = arrays["questions_len"], arrays["question_id"]
+    if lens.min() < 1 or lens.max() > qs.shape[1]:
+        i = int(np.flatnonzero((lens < 1) | (lens > qs.shape[1]))[0])
+        raise DataError(f"{path}: questions_len[{i}] = {lens[i]} is outside 1..{qs.shape[1]} (question_id {qid[i]})")
+    if qs.min() < 0 or qs.max() >= q_vocab:
+        i, j = np.argwhere((qs < 0) | (qs >= q_vocab))[0]
+        raise DataError(f"{path}: token id {qs[i, j]} in question {i} (question_id {qid[i]}) is outside the "
+                        f"question vocabulary of {q_vocab} tokens in {vocab_path}")
+    ans = arrays["answers"]
+    if ans.min() < 0 or ans.max() >= a_vocab:
+        i = int(np.flatnonzero((ans < 0) | (ans >= a_vocab))[0])
+        raise DataError(f"{path}: answer id {ans[i]} of question {i} (question_id {qid[i]}) is outside the "
+                        f"answer vocabulary of {a_vocab} answers in {vocab_path}")
+    arrays["category"] = obj.get(L.QUESTION_CATEGORY_KEY)
+    return arrays, _glove(obj, path, q_vocab)
+
+
+def _glove(obj: dict, path: Path, q_vocab: int) -> np.ndarray:
+    g = np.asarray(obj["glove"], dtype=np.float32)
+    if g.ndim != 2 or g.shape[0] != q_vocab:
+        raise DataError(f"{path}: 'glove' must be (question vocab = {q_vocab}, word_dim), got shape {g.shape}")
+    if not np.isfinite(g).all():
+        i, j = np.argwhere(~np.isfinite(g))[0]
+        raise DataError(f"{path}: 'glove' has NaN or Inf values (first at row {i}, column {j}: token {i} of the "
+                        f"question vocabulary)")
+    return g
+
+
+def _video_rows(path: Path, arrays: dict, id_to_row: dict, app_path: Path) -> np.ndarray:
+    rows = np.empty(len(arrays["video_ids"]), dtype=np.int64)
+    for i, vid in enumerate(arrays["video_ids"].tolist()):
+        r = id_to_row.get(int(vid))
+        if r is None:
+            raise DataError(f"{path}: question {i} (question_id {arrays['question_id'][i]}) refers to "
+                            f"video id {vid}, which has no features in {app_path}")
+        rows[i] = r
+    return rows
+
+
+def _load_splits(paths: DataPaths, splits: tuple[str, ...], vocab: dict, ids: np.ndarray
+                 ) -> tuple[dict[str, SplitData], np.ndarray, list[str]]:
+    q_vocab, a_vocab = len(vocab[L.QUESTION_TOKENS_KEY]), len(vocab[L.ANSWER_TOKENS_KEY])
+    id_to_row = {int(v): i for i, v in enumerate(ids.tolist())}
+    out: dict[str, SplitData] = {}
+    glove, type_names = None, None
     for split in splits:
         path = paths.questions[split]
-        obj = _load_questions(path, split)
-        qs = _as_int_array(obj, "questions", path)
-        if qs.ndim != 2:
-            raise DataError(f"{path}: 'questions' must be 2-D (questions, max_len), got shape {qs.shape}")
-        n = qs.shape[0]
-        if n == 0:
-            raise DataError(f"{path}: the {split} split is empty (0 questions)")
-        arrays = {}
-        for key in ("questions_len", "video_ids", "question_id", "answers"):
-            a = _as_int_array(obj, key, path).reshape(-1)
-            if a.shape[0] != n:
-                raise DataError(f"{path}: {key!r} has {a.shape[0]} entries but 'questions' has {n}")
-            arrays[key] = a
-        lens = arrays["questions_len"]
-        if lens.min() < 1 or lens.max() > qs.shape[1]:
-            i = int(np.flatnonzero((lens < 1) | (lens > qs.shape[1]))[0])
-            raise DataError(f"{path}: questions_len[{i}] = {lens[i]} is outside 1..{qs.shape[1]} "
-                            f"(question_id {arrays['question_id'][i]})")
-        if qs.min() < 0 or qs.max() >= q_vocab:
-            i, j = np.argwhere((qs < 0) | (qs >= q_vocab))[0]
-            raise DataError(f"{path}: token id {qs[i, j]} in question {i} (question_id "
-                            f"{arrays['question_id'][i]}) is outside the question vocabulary of "
-                            f"{q_vocab} tokens in {paths.vocab}")
-        ans = arrays["answers"]
-        if ans.min() < 0 or ans.max() >= a_vocab:
-            i = int(np.flatnonzero((ans < 0) | (ans >= a_vocab))[0])
-            raise DataError(f"{path}: answer id {ans[i]} of question {i} (question_id "
-                            f"{arrays['question_id'][i]}) is outside the answer vocabulary of "
-                            f"{a_vocab} answers in {paths.vocab}")
-        rows = np.empty(n, dtype=np.int64)
-        for i, vid in enumerate(arrays["video_ids"].tolist()):
-            r = id_to_row.get(int(vid))
-            if r is None:
-                raise DataError(f"{path}: question {i} (question_id {arrays['question_id'][i]}) refers to "
-                                f"video id {vid}, which has no features in {paths.appearance}")
-            rows[i] = r
-        g = np.asarray(obj["glove"], dtype=np.float32)
-        if g.ndim != 2 or g.shape[0] != q_vocab:
-            raise DataError(f"{path}: 'glove' must be (question vocab = {q_vocab}, word_dim), got shape {g.shape}")
-        if glove is None:
-            glove = torch.from_numpy(g.copy())
-        types, names = question_types(qs, vocab, obj.get(L.QUESTION_CATEGORY_KEY))
+        arrays, g = _split_arrays(path, split, q_vocab, a_vocab, paths.vocab)
+        rows = _video_rows(path, arrays, id_to_row, paths.appearance)
+        glove = g if glove is None else glove
+        types, names = question_types(arrays["questions"], vocab, arrays["category"])
         if type_names is None:
             type_names = names
         elif names != type_names:
@@ -473,31 +668,32 @@ def load(spec: str | Path, *, splits: tuple[str, ...] = SPLITS, mode: str = "aut
             union = sorted(set(type_names) | set(names))
             type_names, remap = union, {i: union.index(n) for i, n in enumerate(names)}
             types = np.array([remap[t] for t in types.tolist()], dtype=np.int64)
-        split_data[split] = SplitData(
-            split, torch.from_numpy(qs), torch.from_numpy(lens), torch.from_numpy(rows),
-            torch.from_numpy(ans), torch.from_numpy(types), arrays["question_id"], arrays["video_ids"])
-
-    meta = json.loads(paths.meta.read_text()) if paths.meta else {}
-    data_id = _data_id(paths, features, spec_s)
-    return VideoQAData(paths.name, data_id, paths, vocab, glove, split_data, features,
-                       type_names or [], meta)
+        out[split] = SplitData(split, *(torch.from_numpy(arrays[k]) for k in ("questions", "questions_len")),
+                               torch.from_numpy(rows), torch.from_numpy(arrays["answers"]), torch.from_numpy(types),
+                               arrays["question_id"], arrays["video_ids"])
+    return out, glove, type_names or []
 
 
-def _data_id(paths: DataPaths, features: Features, spec: str) -> str:
-    """A short id for the data set: name + hash of the vocab, the question files and the
-    feature shapes (cheap; the feature values are not hashed)."""
-    h = hashlib.sha1()
-    for p in [paths.vocab, *paths.questions.values()]:
-        if p.exists():
-            h.update(p.read_bytes())
-    h.update(str((features.num_videos, features.num_clips, features.num_frames, features.vision_dim)).encode())
-    if features.motion_dim != features.vision_dim:  # only then, so that ids of equal-dim sets stay as they were
-        h.update(f"motion_dim={features.motion_dim}".encode())
-    return f"{paths.name}-{h.hexdigest()[:10]}"
+def load(spec: str | Path, *, splits: tuple[str, ...] = SPLITS, mode: str = "auto",
+         check_finite: bool = True, progress: bool = False, **path_overrides) -> VideoQAData:
+    """Load and validate a data set. ``mode``: ``memory`` (contiguous files memory-mapped, others
+    read), ``stream`` (read per batch), ``auto`` (memory when the files can be mapped or fit in
+    half of the available RAM, else stream) or ``none`` (no features: for models without video)."""
+    if mode not in ("auto", "memory", "stream", "none"):
+        raise DataError(f"feature mode must be auto, memory, stream or none, got {mode!r}")
+    paths = _resolve_paths(spec, path_overrides)
+    vocab = load_vocab(paths.vocab)
+    features, ids = _load_features(paths, mode, check_finite)
+    split_data, glove, type_names = _load_splits(paths, splits, vocab, ids)
+    app_shape = (features.num_videos, features.num_clips, features.num_frames, features.vision_dim)
+    info = _info(spec, paths, vocab, app_shape, features.motion_dim, int(glove.shape[1]))
+    return VideoQAData(paths.name, info, paths, vocab, torch.from_numpy(glove.copy()), split_data, features,
+                       type_names)
 
 
-def synthetic_dir(spec: str) -> Path:
-    """``synthetic:PRESET[:SEED]`` -> the cached directory, generated on first use."""
+def synthetic_dir(spec: str, generate: bool = True) -> Path:
+    """``synthetic:PRESET[:SEED]`` -> the cached directory, generated on first use (unless
+    ``generate`` is false: then the directory as it is)."""
     from . import synthetic
 
     parts = spec.split(":")
@@ -513,7 +709,8 @@ def synthetic_dir(spec: str) -> Path:
         raise DataError(f"bad data spec {spec!r}: seed {parts[2]!r} is not an integer") from None
     root = Path(os.environ.get("VQAKD_DATA_DIR", Path.cwd() / "data")) / "synthetic"
     out = root / f"{preset}-seed{seed}"
-    synthetic.generate(out, preset=preset, seed=seed, name=f"synthetic-{preset}", progress=False)
+    if generate:
+        synthetic.generate(out, preset=preset, seed=seed, name=f"synthetic-{preset}", progress=False)
     return out
 
 

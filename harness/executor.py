@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import data as D
 from .grid import Grid
-from .runner import RunSpec, plan, train
+from .runner import RunSpec, feature_mode, plan, train
 from .store import ResultsStore, atomic_write_json
 
 _DATA: dict[tuple[str, str], D.VideoQAData] = {}  # per process: each worker loads a data set once
@@ -36,7 +36,7 @@ def run_one(spec: dict, results: str, device: str = "auto", mode: str = "auto") 
     store = ResultsStore(results)
     run_id = None
     try:
-        data = _data(s.data, mode)
+        data = _data(s.data, feature_mode(s, mode))
         run_id = plan(s, data).run_id
         rec = train(s, store, data=data, device=device, progress=False)
         (store.run_dir(run_id) / "failed.json").unlink(missing_ok=True)
@@ -71,8 +71,9 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
              mode: str = "auto", console: Console | None = None, slurm: dict | None = None,
              poll_s: float = 2.0) -> GridResult:
     console = console or Console(stderr=True)
-    data = D.load(grid.data, mode=mode)
-    plans = [plan(s, data) for s in grid.runs]
+    info = D.describe(grid.data)  # run ids from the data set's info: no feature is read here
+    store.write_data_info(info.to_dict())
+    plans = [plan(s, info) for s in grid.runs]
     all_ids = [*dict.fromkeys(r for p in plans for r in p.all_run_ids())]
     todo = [p for p in plans if not store.is_complete(p.run_id)]
     skipped = len(plans) - len(todo)

@@ -40,13 +40,12 @@ from pathlib import Path
 
 import variants
 
-from .env import TRAIN_PRECISIONS
 from .errors import HarnessError
-from .runner import REFERENCE_TRAIN, RunSpec
+from .runner import TRAIN_CHECKS, RunSpec, SettingError, _is_int, check_train_settings
 
 GRID_DIR = Path(__file__).resolve().parent.parent / "grids"
 TOP_KEYS = {"description", "data", "seeds", "variants", "train", "set", "axes", "include", "exclude", "executor"}
-TRAIN_KEYS = set(REFERENCE_TRAIN) | {"early_stop", "glove", "precision"}
+TRAIN_KEYS = set(TRAIN_CHECKS)
 EXECUTOR_KEYS = {"kind", "jobs", "partition", "gpus_per_run", "time_min", "array_parallelism", "cpus_per_run",
                  "mem_gb", "device"}
 EXECUTOR_KINDS = ("local", "slurm", "submitit-local")
@@ -90,9 +89,7 @@ def _settings_of(name: str) -> set[str]:
     return keys
 
 
-def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | None = None) -> Grid:
-    """Read, check and expand a grid file. ``data`` / ``seeds`` override the file's."""
-    path = resolve_path(name_or_path)
+def _read(path: Path) -> dict:
     where = str(path)
     try:
         doc = tomllib.loads(path.read_text())
@@ -101,34 +98,44 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
     unknown = set(doc) - TOP_KEYS
     if unknown:
         raise GridError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(TOP_KEYS))})")
-    for key in ("variants",):
-        if key not in doc:
-            raise GridError(f"{where}: missing key {key!r}")
+    if "variants" not in doc:
+        raise GridError(f"{where}: missing key 'variants'")
+    for section in ("train", "set", "axes", "executor"):
+        if not isinstance(doc.get(section, {}), dict):
+            raise GridError(f"{where}: [{section}] must be a table")
     train = doc.get("train", {})
-    if not isinstance(train, dict) or set(train) - TRAIN_KEYS:
-        raise GridError(f"{where}: [train] has unknown key(s) {', '.join(sorted(set(train) - TRAIN_KEYS))} "
-                        f"(known: {', '.join(sorted(TRAIN_KEYS))})")
-    if "precision" in train and train["precision"] not in TRAIN_PRECISIONS:
-        raise GridError(f"{where}: [train] precision = {train['precision']!r} is not one of "
-                        f"{', '.join(TRAIN_PRECISIONS)}")
+    try:
+        check_train_settings(train, f"{where}: [train] ")
+    except SettingError as e:
+        raise GridError(str(e)) from None
     executor = doc.get("executor", {})
     if set(executor) - EXECUTOR_KEYS:
         raise GridError(f"{where}: [executor] has unknown key(s) {', '.join(sorted(set(executor) - EXECUTOR_KEYS))} "
                         f"(known: {', '.join(sorted(EXECUTOR_KEYS))})")
     if executor.get("kind", "local") not in EXECUTOR_KINDS:
         raise GridError(f"{where}: [executor] kind {executor['kind']!r} is not one of {', '.join(EXECUTOR_KINDS)}")
+    return doc
 
+
+def _variant_names(where: str, patterns) -> list[str]:
+    if not isinstance(patterns, list) or not patterns:
+        raise GridError(f"{where}: variants must be a non-empty list of names or wildcards, got {patterns!r}")
     names: list[str] = []
-    for pattern in doc["variants"]:
-        found = variants.list(pattern)
+    for pattern in patterns:
+        found = variants.list(pattern) if isinstance(pattern, str) else []
         if not found:
             raise GridError(f"{where}: variants: {pattern!r} matches no registered variant "
                             f"(known: {', '.join(variants.list())})")
         names += [n for n in found if n not in names]
-    settings = {n: _settings_of(n) for n in names}
+    return names
 
-    fixed = doc.get("set", {})
-    axes = doc.get("axes", {})
+
+def _combos(where: str, doc: dict, names: list[str], seeds: list[int], seeds_given: bool
+            ) -> list[tuple[str, dict, list[int]]]:
+    """(variant, settings, seeds) of every configuration: the cartesian product of the axes that
+    apply to each variant, then the ``[[include]]`` entries."""
+    settings = {n: _settings_of(n) for n in names}
+    fixed, axes = doc.get("set", {}), doc.get("axes", {})
     for section, keys in (("set", fixed), ("axes", axes)):
         for key in keys:
             if not any(key in settings[n] for n in names):
@@ -136,57 +143,78 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise GridError(f"{where}: [axes] {key!r} must be a non-empty list of values")
-
-    seeds = list(seeds if seeds is not None else doc.get("seeds", [666]))
-    if not seeds or not all(isinstance(s, int) for s in seeds):
-        raise GridError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
-    data = data or doc.get("data", "synthetic:tiny")
-
-    def make(variant: str, overrides: dict, seed: int) -> RunSpec:
-        return RunSpec(variant=variant, data=data, seed=seed, overrides=dict(overrides),
-                       **{k: v for k, v in train.items()})
-
-    combos: list[tuple[str, dict]] = []
+    combos: list[tuple[str, dict, list[int]]] = []
     for n in names:
         base = {k: v for k, v in fixed.items() if k in settings[n]}
         own = [(k, v) for k, v in axes.items() if k in settings[n]]
         for values in itertools.product(*[v for _, v in own]):
-            combos.append((n, {**base, **dict(zip([k for k, _ in own], values))}))
+            combos.append((n, {**base, **dict(zip([k for k, _ in own], values))}, seeds))
     for i, inc in enumerate(doc.get("include", [])):
-        inc = dict(inc)
-        v = inc.pop("variant", None)
-        if v is None or v not in variants.VARIANTS:
-            raise GridError(f"{where}: [[include]] #{i + 1}: 'variant' must name a registered variant, got {v!r}")
-        bad = set(inc) - settings[v] - {"seeds"}
-        if bad:
-            raise GridError(f"{where}: [[include]] #{i + 1}: {v} has no setting(s) {', '.join(sorted(bad))}")
-        inc.pop("seeds", None)
-        combos.append((v, {**{k: x for k, x in fixed.items() if k in settings[v]}, **inc}))
+        combos.append(_include(where, i, dict(inc), fixed, seeds, seeds_given))
+    return combos
+
+
+def _excluder(where: str, doc: dict):
     excludes = [dict(e) for e in doc.get("exclude", [])]
     for i, ex in enumerate(excludes):
         if "variant" in ex and not variants.list(ex["variant"]):
             raise GridError(f"{where}: [[exclude]] #{i + 1}: variant {ex['variant']!r} matches nothing")
 
     def excluded(variant: str, ov: dict) -> bool:
-        for ex in excludes:
-            if all((fnmatch.fnmatchcase(variant, v) if k == "variant" else ov.get(k) == v) for k, v in ex.items()):
-                return True
-        return False
+        return any(all((fnmatch.fnmatchcase(variant, v) if k == "variant" else ov.get(k) == v) for k, v in ex.items())
+                   for ex in excludes)
 
+    return excluded
+
+
+def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | None = None) -> Grid:
+    """Read, check and expand a grid file. ``data`` / ``seeds`` override the file's."""
+    path = resolve_path(name_or_path)
+    where = str(path)
+    doc = _read(path)
+    names = _variant_names(where, doc["variants"])
+    seeds_given = seeds is not None  # the command line's seeds replace every seed list of the file
+    seeds = list(seeds if seeds is not None else doc.get("seeds", [666]))
+    if not seeds or not all(_is_int(s) for s in seeds):
+        raise GridError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
+    data = data or doc.get("data", "synthetic:tiny")
+    excluded = _excluder(where, doc)
+    train = doc.get("train", {})
     runs: list[RunSpec] = []
     seen = set()
-    for variant, ov in combos:
+    for variant, ov, run_seeds in _combos(where, doc, names, seeds, seeds_given):
         if excluded(variant, ov):
             continue
-        for seed in seeds:
+        for seed in run_seeds:
             key = (variant, tuple(sorted(ov.items())), seed)
             if key not in seen:
                 seen.add(key)
-                runs.append(make(variant, ov, seed))
+                runs.append(RunSpec(variant=variant, data=data, seed=seed, overrides=dict(ov), **train))
     if not runs:
         raise GridError(f"{where}: the grid expands to no runs")
     return Grid(name=path.stem, path=path, description=doc.get("description", ""), data=data, seeds=seeds,
-                runs=order_runs(runs), executor=executor)
+                runs=order_runs(runs), executor=doc.get("executor", {}))
+
+
+def _include(where: str, i: int, inc: dict, fixed: dict, seeds: list[int], seeds_given: bool
+             ) -> tuple[str, dict, list[int]]:
+    """One ``[[include]]`` entry: (variant, settings, seeds); its own ``seeds`` replace the grid's
+    (unless seeds were given on the command line)."""
+    v = inc.pop("variant", None)
+    if not isinstance(v, str) or v not in variants.VARIANTS:
+        known = ", ".join(variants.list())
+        raise GridError(f"{where}: [[include]] #{i + 1}: 'variant' must name a registered variant, got {v!r} "
+                        f"(known: {known})")
+    own = _settings_of(v)
+    bad = set(inc) - own - {"seeds"}
+    if bad:
+        raise GridError(f"{where}: [[include]] #{i + 1}: {v} has no setting(s) {', '.join(sorted(bad))}")
+    inc_seeds = inc.pop("seeds", seeds)
+    inc_seeds = seeds if seeds_given else inc_seeds
+    if not isinstance(inc_seeds, list) or not inc_seeds or not all(isinstance(x, int) for x in inc_seeds):
+        raise GridError(f"{where}: [[include]] #{i + 1}: seeds must be a non-empty list of integers, "
+                        f"got {inc_seeds!r}")
+    return v, {**{k: x for k, x in fixed.items() if k in own}, **inc}, list(inc_seeds)
 
 
 def order_runs(runs: list[RunSpec]) -> list[RunSpec]:

@@ -26,6 +26,7 @@ Conventions (also in ``docs/benchmarks.md``):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import math
@@ -407,73 +408,35 @@ def latency(model: nn.Module, inputs: tuple, *, warmup: int | None = None, reps:
 # ----------------------------------------------------------------------------- training step
 
 
-def teacher_overrides(cfg) -> dict:
-    """Settings a teacher is built with by default: the student's data dims and module_dim."""
-    import variants
-
-    return {k: cfg.model[k] for k in (*variants.DATA_KEYS, "module_dim") if k in cfg.model}
-
-
-def build_teachers(cfg, device, **overrides) -> list[nn.Module]:
+def build_teachers(cfg, device, **settings) -> list[nn.Module]:
     """The variant's teachers (``cfg.teachers``), randomly initialised (cost only), in eval mode
-    and frozen, on ``device``. ``overrides`` default to :func:`teacher_overrides`."""
+    and frozen, on ``device``. Each gets the student's model settings its registration does not
+    fix (:func:`variants.teacher_settings`: data dims, ``module_dim``), as in training, or
+    ``settings`` when given."""
     import variants
 
-    overrides = overrides or teacher_overrides(cfg)
-    return [variants.create(t, **overrides).to(device).eval().requires_grad_(False) for t in cfg.teachers]
+    return [variants.create(t, **(settings or variants.teacher_settings(t, cfg.model))).to(device).eval()
+            .requires_grad_(False) for t in cfg.teachers]
 
 
 def make_train_step(cfg, model: nn.Module, teachers: list[nn.Module] | None = None, *, lr: float = 1e-4,
                     grad_clip: float | None = 12.0, precision: str = "fp32",
                     compile: bool = False) -> Callable[[tuple, torch.Tensor], torch.Tensor]:  # noqa: A002
-    """One training step as the runner does it: forward (train mode), teacher outputs under
-    ``no_grad``, the variant's objective, backward, grad-norm clip, Adam step. Returns
-    ``step(inputs, answers) -> loss`` (detached, on the device: no host sync).
+    """The runner's own training step (:class:`harness.step.TrainStep`: forward in train mode,
+    teacher outputs under ``no_grad``, the variant's objective, backward, grad-norm clip, Adam,
+    fused on CUDA), as ``step(inputs, answers) -> loss`` (detached, on the device: no host sync).
+    ``step.train_step`` is the TrainStep; fp16 on CUDA uses a GradScaler."""
+    from .step import build_step
 
-    The objective is ``variants.objective(cfg, teacher_dim)`` moved to the model's device; for a
-    variant without teachers it is the same objective ``variants.loss_fn(cfg)`` wraps. Its
-    learnable parts (a hint regressor) are trained with the model, as in the runner. fp16 on
-    CUDA uses a GradScaler.
-    """
-    import variants
-
-    dev = next(model.parameters()).device
-    teachers = list(teachers or [])
-    if cfg.teachers and not teachers:
-        raise ValueError(f"variant {cfg.name!r} distils from {cfg.teachers}: pass teachers (build_teachers)")
-    teacher_dim = teachers[0].cfg.module_dim if teachers else None
-    objective = variants.objective(cfg, teacher_dim=teacher_dim).to(dev)
-    params = [*model.parameters(), *objective.parameters()]
-    opt = torch.optim.Adam(params, lr=lr)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and dev.type == "cuda" else None
-    run_model = maybe_compile(model, compile)
+    ts = build_step(cfg, model, teachers, lr=lr, grad_clip=grad_clip, precision=precision,
+                    forward=maybe_compile(model, True) if compile else None)
 
     def step(inputs: tuple, answers: torch.Tensor) -> torch.Tensor:
-        model.train()
-        with autocast(dev, precision):
-            out = run_model(*inputs)
-            t_outs = None
-            if teachers:
-                with torch.no_grad():
-                    t_outs = [t(*inputs) for t in teachers]
-            loss, _ = objective(out, answers, t_outs)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-        else:
-            loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        return loss.detach()
+        return ts(*inputs, answers).loss
 
-    step.optimizer = opt  # type: ignore[attr-defined]
-    step.objective = objective  # type: ignore[attr-defined]
+    step.train_step = ts  # type: ignore[attr-defined]
+    step.optimizer = ts.optimizer  # type: ignore[attr-defined]
+    step.objective = ts.objective  # type: ignore[attr-defined]
     return step
 
 
@@ -586,6 +549,68 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+@dataclasses.dataclass
+class _Bench:
+    """What one variant's measurements share across batch sizes."""
+
+    cfg: object
+    model: nn.Module
+    forward: nn.Module  # the model, or its compiled form
+    teachers: list[nn.Module]
+    device: torch.device
+    precision: str
+    compile: bool
+    question_len: int
+
+
+def _base_record(b: _Bench, bs: int, params: dict, fl: dict, train: bool) -> dict:
+    dev = b.device
+    return {"variant": b.cfg.name, "model": dict(b.cfg.model), "device": str(dev), "device_name": device_name(dev),
+            "gpu_name": gpu_name(dev), "torch_version": torch.__version__, "batch_size": bs,
+            "precision": b.precision, "compile": b.compile, "question_len": b.question_len,
+            "params_total": params["total"], "params_trainable": params["trainable"],
+            "params_by_module": params["by_module"], **fl,
+            "latency_ms_median": None, "latency_ms_p90": None, "latency_ms_p99": None,
+            "infer_samples_per_s": None, "train_samples_per_s": None, "train_ms_median": None,
+            "peak_mem_mib_infer": None, "peak_mem_mib_train": None, "peak_mem_kind": None,
+            "teachers": list(b.cfg.teachers) if train else [],
+            "threads": torch.get_num_threads() if dev.type == "cpu" else None}
+
+
+def _measure_inference(b: _Bench, rec: dict, inputs: tuple, warmup: int | None, reps: int) -> None:
+    rec.update(latency(b.forward, inputs, warmup=warmup, reps=reps, precision=b.precision))
+
+    def infer():
+        with torch.no_grad(), autocast(b.device, b.precision):
+            b.forward(*inputs)
+
+    rec["peak_mem_mib_infer"], rec["peak_mem_kind"] = peak_memory_mib(infer, b.device)
+
+
+def _measure_training(b: _Bench, rec: dict, inputs: tuple, warmup: int | None, reps: int) -> None:
+    bs = int(inputs[0].shape[0])
+    if bs < 2:  # BatchNorm1d in train mode needs more than one sample per batch
+        raise ValueError("a training step needs batch size >= 2 (BatchNorm in train mode)")
+    step = make_train_step(b.cfg, b.model, b.teachers, precision=b.precision, compile=b.compile)
+    answers = random_answers(b.cfg.model, bs, b.device)
+    rec.update(train_throughput(step, inputs, answers, warmup=warmup, reps=reps))
+    rec["peak_mem_mib_train"], kind = peak_memory_mib(lambda: step(inputs, answers), b.device)
+    rec["peak_mem_kind"] = rec["peak_mem_kind"] or kind
+
+
+def _flops_or_error(cfg, model, dev, flops_batch_size: int, question_len: int, errors: dict) -> dict:
+    """FLOPs counted once (fp32, at ``flops_batch_size``); a failure is recorded in ``errors``."""
+    try:
+        return count_flops(model, random_inputs(cfg.model, flops_batch_size, dev, question_len))
+    except Exception as e:  # noqa: BLE001 - reported, not hidden
+        errors["flops"] = f"{type(e).__name__}: {e}"
+    return dict(_NO_FLOPS)
+
+
+_NO_FLOPS = {"macs_per_sample": None, "flops_per_sample": None, "unsupported_ops": None,
+             "macs_per_sample_by_module": None, "flops_batch_size": None}
+
+
 def measure_variant(cfg, batch_sizes: Iterable[int], device: torch.device | str, *, precision: str = "fp32",
                     compile: bool = False, reps: int = 50, warmup: int | None = None,  # noqa: A002
                     train: bool = True, train_reps: int | None = None, flops: bool = True,
@@ -596,75 +621,37 @@ def measure_variant(cfg, batch_sizes: Iterable[int], device: torch.device | str,
     per batch size (fields: docs/benchmarks.md). Parameters and FLOPs do not depend on the
     batch size or precision: counted once, in fp32, FLOPs at ``flops_batch_size`` and divided by
     it. The model is randomly initialised (costs only). Teachers of distilled students are
-    built with ``teacher_settings`` (default: the student's data dims and module_dim)."""
+    built with ``teacher_settings`` (default: :func:`variants.teacher_settings` of the student's)."""
     import variants
 
     dev = torch.device(device)
     say = on_progress or (lambda msg: None)
     torch.manual_seed(0)
     model = variants.build(cfg).to(dev)
-    params = param_counts(model)
-    errors: dict[str, str] = {}
-    fl: dict = {"macs_per_sample": None, "flops_per_sample": None, "unsupported_ops": None,
-                "macs_per_sample_by_module": None, "flops_batch_size": None}
+    params, errors = param_counts(model), {}
     if flops:
         say(f"{cfg.name}: counting FLOPs")
-        try:
-            fl = count_flops(model, random_inputs(cfg.model, flops_batch_size, dev, question_len))
-        except Exception as e:  # noqa: BLE001 - reported, not hidden
-            errors["flops"] = f"{type(e).__name__}: {e}"
-    teachers = []
-    if train and cfg.teachers:
-        teachers = build_teachers(cfg, dev, **(teacher_settings or {}))
-    fwd_model = maybe_compile(model, compile)  # compiled during the first warm-up
+    fl = _flops_or_error(cfg, model, dev, flops_batch_size, question_len, errors) if flops else dict(_NO_FLOPS)
+    teachers = build_teachers(cfg, dev, **(teacher_settings or {})) if train and cfg.teachers else []
+    b = _Bench(cfg, model, maybe_compile(model, compile), teachers, dev, precision, compile, question_len)
+    problem = precision_problem(dev, precision)  # e.g. no bf16 LSTM on this CPU: say so, never time it
     records = []
     for bs in batch_sizes:
-        rec_err = dict(errors)
+        rec, rec_err = _base_record(b, bs, params, fl, train), dict(errors)
         inputs = random_inputs(cfg.model, bs, dev, question_len)
-        rec = {"variant": cfg.name, "model": dict(cfg.model), "device": str(dev), "device_name": device_name(dev),
-               "gpu_name": gpu_name(dev), "torch_version": torch.__version__, "batch_size": bs,
-               "precision": precision, "compile": compile, "question_len": question_len,
-               "params_total": params["total"], "params_trainable": params["trainable"],
-               "params_by_module": params["by_module"], **fl,
-               "latency_ms_median": None, "latency_ms_p90": None, "latency_ms_p99": None,
-               "infer_samples_per_s": None, "train_samples_per_s": None, "train_ms_median": None,
-               "peak_mem_mib_infer": None, "peak_mem_mib_train": None, "peak_mem_kind": None,
-               "teachers": list(cfg.teachers) if train else [],
-               "threads": torch.get_num_threads() if dev.type == "cpu" else None}
-        problem = precision_problem(dev, precision)  # e.g. no bf16 LSTM on this CPU: say so, never time it
-        if problem:
-            rec_err["latency"] = problem
-            if train:
-                rec_err["train"] = problem
-            rec["errors"] = rec_err
-            records.append(rec)
-            continue
-        say(f"{cfg.name} batch {bs}: latency")
-        try:
-            lat = latency(fwd_model, inputs, warmup=warmup, reps=reps, precision=precision)
-            rec.update(lat)
-
-            def infer():
-                with torch.no_grad(), autocast(dev, precision):
-                    fwd_model(*inputs)
-            rec["peak_mem_mib_infer"], rec["peak_mem_kind"] = peak_memory_mib(infer, dev)
-        except Exception as e:  # noqa: BLE001
-            rec_err["latency"] = f"{type(e).__name__}: {e}"
+        parts = [("latency", lambda: _measure_inference(b, rec, inputs, warmup, reps))]
         if train:
-            say(f"{cfg.name} batch {bs}: training step")
+            parts.append(("train", lambda: _measure_training(b, rec, inputs, warmup, train_reps or max(5, reps // 5))))
+        for name, fn in parts:
+            if problem:
+                rec_err[name] = problem
+                continue
+            say(f"{cfg.name} batch {bs}: {'latency' if name == 'latency' else 'training step'}")
             try:
-                if bs < 2:
-                    # BatchNorm1d in train mode needs more than one sample per batch
-                    raise ValueError("a training step needs batch size >= 2 (BatchNorm in train mode)")
-                step = make_train_step(cfg, model, teachers, precision=precision, compile=compile)
-                answers = random_answers(cfg.model, bs, dev)
-                tr = train_throughput(step, inputs, answers, warmup=warmup, reps=train_reps or max(5, reps // 5))
-                rec.update(tr)
-                rec["peak_mem_mib_train"], kind = peak_memory_mib(lambda: step(inputs, answers), dev)
-                rec["peak_mem_kind"] = rec["peak_mem_kind"] or kind
-                del step
-            except Exception as e:  # noqa: BLE001
-                rec_err["train"] = f"{type(e).__name__}: {e}"
+                fn()
+            except Exception as e:  # noqa: BLE001 - a measurement that fails is recorded as missing
+                rec_err[name] = f"{type(e).__name__}: {e}"
+        if train:
             model.zero_grad(set_to_none=True)
             _release(dev)
         if rec_err:

@@ -3,11 +3,17 @@
 Training follows the reference recipe (Adam, lr halved every 10 epochs, grad-norm clip 12,
 CE + the variant's auxiliary losses); every setting can be changed per run. The run is
 identified by a hash of everything that determines its result (variant config, data set id,
-seed, training settings), so starting the same run again resumes it from its last completed
-epoch, and a complete run is not run twice.
+seed, training settings, teacher runs), so starting the same run again resumes it from its last
+completed epoch, and a complete run is not run twice. The id is computed from the data set's
+:class:`~harness.data.DataInfo` alone (:func:`plan`), so reports and grids know every run id
+without reading a feature.
 
-The training step has no host synchronisation: losses and accuracy are summed on the device
-and read once per epoch (and, for the progress display, every ``log_every`` steps).
+A run goes through named steps around one state object (:class:`_Run`): set up (model, the
+shared training step of :mod:`harness.step`, schedule, resume from ``state.pt``), one epoch at a
+time (train, validate, checkpoint), then evaluate (test at the last and the best-validation epoch,
+the evaluation-time ablations) and write the record. The training step has no host
+synchronisation: losses and accuracy are summed on the device and read once per epoch (and, for
+the progress display, every ``log_every`` steps).
 """
 from __future__ import annotations
 
@@ -15,7 +21,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import os
 import platform
 import sys
 import time
@@ -28,21 +33,24 @@ import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import variants
 
 from . import data as D
-from .env import TRAIN_PRECISIONS, autocast, check_precision, device_name, git_commit, resolve_device, seed_everything
+from .console import progress_bar, say
+from .env import TRAIN_PRECISIONS, check_precision, device_name, git_commit, resolve_device, seed_everything
 from .errors import HarnessError
+from .evaluate import ABLATIONS, evaluate
 from .measure import param_counts
-from .metrics import accuracy_by_type
+from .step import TrainStep, build_step
 from .store import ResultsStore, atomic_torch_save, atomic_write_bytes
 
 #: the reference's training recipe (anchors.md); data sets may suggest their own (synthetic presets)
 REFERENCE_TRAIN = {"epochs": 25, "batch_size": 256, "lr": 1e-4, "lr_decay_every": 10, "lr_decay": 0.5,
                    "grad_clip": 12.0}
 RECORD_VERSION = 1
+
+
 @dataclass
 class RunSpec:
     variant: str
@@ -69,8 +77,7 @@ class RunSpec:
                 out[k] = v
         out["early_stop"] = self.early_stop
         out["glove"] = self.glove
-        if self.precision not in TRAIN_PRECISIONS:
-            raise RunFailed(f"precision {self.precision!r} is not one of {', '.join(TRAIN_PRECISIONS)}")
+        check_train_settings({k: getattr(self, k) for k in TRAIN_CHECKS})
         if self.precision != "fp32":  # fp32, the default, is left out so run ids from before the option stay valid
             out["precision"] = self.precision
         return out
@@ -78,6 +85,43 @@ class RunSpec:
 
 class RunFailed(HarnessError, RuntimeError):
     """A run could not finish (NaN loss, bad config...); the message says why."""
+
+
+class SettingError(HarnessError, ValueError):
+    """A training setting of the wrong type or out of range; the message names it."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+#: training settings: key -> (check, what it must be)
+TRAIN_CHECKS = {
+    "epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (BatchNorm trains on batches of 2 or more)"),
+    "lr": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "lr_decay_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "lr_decay": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "grad_clip": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "early_stop": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 (epochs without improvement)"),
+    "glove": (lambda v: isinstance(v, bool), "true or false"),
+    "precision": (lambda v: v in TRAIN_PRECISIONS, f"one of {', '.join(TRAIN_PRECISIONS)}"),
+}
+
+
+def check_train_settings(values: dict, where: str = "") -> None:
+    """Fail naming the first training setting that is unknown, of the wrong type or out of range
+    (``None`` means "the default" for every setting)."""
+    for k, v in values.items():
+        if k not in TRAIN_CHECKS:
+            raise SettingError(f"{where}unknown training setting {k!r} (known: {', '.join(TRAIN_CHECKS)})")
+        ok, what = TRAIN_CHECKS[k]
+        if v is not None and not ok(v):
+            raise SettingError(f"{where}{k} = {v!r}: must be {what}")
 
 
 def run_id_for(cfg: variants.VariantConfig, data_id: str, seed: int, train: dict,
@@ -89,90 +133,7 @@ def run_id_for(cfg: variants.VariantConfig, data_id: str, seed: int, train: dict
     return f"{cfg.name}-{hashlib.sha1(blob).hexdigest()[:12]}"
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, split: D.SplitData, features: D.Features, batch_size: int,
-            device: torch.device, feature_transform=None, precision: str = "fp32") -> tuple[torch.Tensor, float | None]:
-    """Argmax predictions for a split, kept on the device until the end (one transfer), and the
-    mean reconstruction error for models that reconstruct their input (else None)."""
-    model.eval()
-    preds, recon = [], []
-    for b in D.iterate_batches(split, features, batch_size, device=device):
-        app, mot = (b.appearance, b.motion) if feature_transform is None else feature_transform(b)
-        with autocast(device, precision):
-            out = model(app, mot, b.questions, b.lengths)
-        preds.append(out["logits"].argmax(1))
-        if "recon_loss" in out:
-            recon.append(out["recon_loss"].float() * b.answers.shape[0])
-    recon_mse = float(torch.stack(recon).sum()) / len(split) if recon else None
-    return torch.cat(preds).cpu(), recon_mse
-
-
-#: evaluation-time ablations: which evidence each question type uses
-ABLATIONS = ("shuffle_video", "zero_appearance", "zero_motion")
-
-
-def ablated(split: D.SplitData, name: str, seed: int = 0):
-    """(split, feature_transform) for an evaluation-time ablation: ``shuffle_video`` pairs every
-    question with another question's video (a fixed permutation), ``zero_appearance`` /
-    ``zero_motion`` replace that stream by zeros."""
-    if name == "shuffle_video":
-        perm = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)).to(split.video_rows.device)
-        return dataclasses.replace(split, video_rows=split.video_rows[perm]), None
-    if name == "zero_appearance":
-        return split, lambda b: (torch.zeros_like(b.appearance), b.motion)
-    if name == "zero_motion":
-        return split, lambda b: (b.appearance, torch.zeros_like(b.motion))
-    raise ValueError(f"unknown ablation {name!r} (known: {', '.join(ABLATIONS)})")
-
-
-def evaluate(model, split: D.SplitData, features: D.Features, type_names: list[str], batch_size: int,
-             device: torch.device, ablation: str | None = None, precision: str = "fp32") -> tuple[dict, np.ndarray]:
-    transform = None
-    if ablation is not None:
-        split, transform = ablated(split, ablation)
-    pred, recon_mse = predict(model, split, features, batch_size, device, transform, precision)
-    pred = pred.numpy()
-    correct = pred == split.answers.cpu().numpy()
-    metrics = accuracy_by_type(correct, split.qtypes.cpu().numpy(), type_names)
-    if recon_mse is not None:
-        metrics["recon_mse"] = recon_mse
-    return metrics, pred
-
-
-class _Display:
-    """rich progress on a terminal; plain per-epoch lines otherwise (logs, CI)."""
-
-    def __init__(self, console: Console, enabled: bool, title: str, epochs: int, steps: int):
-        self.console, self.title = console, title
-        self.live = enabled and console.is_terminal
-        self.progress = None
-        if self.live:
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                     console=console, transient=False)
-            self.progress.start()
-            self.t_epochs = self.progress.add_task(f"{title} epochs", total=epochs, info="")
-            self.t_steps = self.progress.add_task("steps", total=steps, info="")
-        self.enabled = enabled
-
-    def epoch_start(self, epoch: int, completed: int) -> None:
-        if self.live:
-            self.progress.update(self.t_epochs, completed=completed)
-            self.progress.reset(self.t_steps, description=f"epoch {epoch + 1}")
-
-    def step(self, n: int, info: str | None = None) -> None:
-        if self.live:
-            self.progress.update(self.t_steps, advance=n, **({"info": info} if info else {}))
-
-    def epoch_end(self, line: str, completed: int) -> None:
-        if self.live:
-            self.progress.update(self.t_epochs, completed=completed, info=line)
-        elif self.enabled:
-            self.console.print(f"{self.title} {line}", highlight=False)
-
-    def close(self) -> None:
-        if self.live:
-            self.progress.stop()
+# ----------------------------------------------------------------------------- planning
 
 
 @dataclass
@@ -191,17 +152,47 @@ class Plan:
         out = [r for t in self.teachers for r in t.all_run_ids()]
         return [*dict.fromkeys([*out, self.run_id])]
 
+    def all_plans(self) -> list["Plan"]:
+        """This plan and its teachers' (recursively), teachers first, each run once."""
+        seen: dict[str, Plan] = {}
+        for t in self.teachers:
+            for q in t.all_plans():
+                seen.setdefault(q.run_id, q)
+        seen.setdefault(self.run_id, self)
+        return list(seen.values())
 
-def plan(spec: RunSpec, data: D.VideoQAData) -> Plan:
-    """Resolve a run's settings (explicit > data set suggestions > reference) and its id."""
-    train_cfg = spec.resolved_train(data.meta.get("suggested_train"))
-    suggested_model = dict(data.meta.get("suggested_model", {}))
-    dims = {k: v for k, v in data.dims.items() if k in variants.DATA_KEYS}
+
+def plan(spec: RunSpec, data: D.DataInfo | D.VideoQAData) -> Plan:
+    """Resolve a run's settings (explicit > data set suggestions > reference) and its id. Model
+    settings given to a student that its teachers' registrations do not fix (``module_dim``...)
+    reach its teachers (:func:`variants.teacher_settings`)."""
+    info = data.info if isinstance(data, D.VideoQAData) else data
+    train_cfg = spec.resolved_train(info.meta.get("suggested_train"))
+    suggested_model = dict(info.meta.get("suggested_model", {}))
+    dims = {k: v for k, v in info.dims.items() if k in variants.DATA_KEYS}
     cfg = variants.get_config(spec.variant, **{**suggested_model, **dims, **spec.overrides})
-    data.check_model_config(cfg.model)
-    teachers = [plan(dataclasses.replace(spec, variant=t, overrides={}), data) for t in cfg.teachers]
-    run_id = run_id_for(cfg, data.data_id, spec.seed, train_cfg, [t.run_id for t in teachers])
+    info.check_model_config(cfg.model)
+    teachers = [plan(dataclasses.replace(spec, variant=t, overrides=variants.teacher_settings(t, spec.overrides)), info)
+                for t in cfg.teachers]
+    run_id = run_id_for(cfg, info.data_id, spec.seed, train_cfg, [t.run_id for t in teachers])
     return Plan(spec, cfg, train_cfg, run_id, teachers)
+
+
+def recorded_info(spec: str, store: ResultsStore) -> D.DataInfo:
+    """A data set's info as the results store last recorded it (no data read at all), else
+    described from its files (vocab, questions, feature shapes; never generated)."""
+    rec = store.read_data_info(spec)
+    if rec is not None:
+        return D.DataInfo(**rec)
+    return D.describe(spec, generate=False)
+
+
+def feature_mode(spec: RunSpec, mode: str = "auto") -> str:
+    """The feature loading mode a run needs: ``none`` for a model that reads no video."""
+    return mode if variants.uses_video(variants.get_config(spec.variant)) else "none"
+
+
+# ----------------------------------------------------------------------------- training
 
 
 def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQAData | None = None,
@@ -216,29 +207,31 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
     store = store or ResultsStore()
     console = console or Console(stderr=True)
     dev = resolve_device(device)
-    data = data or D.load(spec.data)
+    data = data or D.load(spec.data, mode=feature_mode(spec))
     p = plan(spec, data)
-    cfg, train_cfg, run_id = p.cfg, p.train, p.run_id
     # before anything trains (teachers included): a precision this device cannot run fails now
-    check_precision(dev, train_cfg.get("precision", "fp32"), train=True)
-    if store.is_complete(run_id) and not force:
-        return store.read_record(run_id)
-    # teachers first: found in the store by their config, data set and seed, or trained now
+    check_precision(dev, p.train.get("precision", "fp32"), train=True)
+    store.write_data_info(data.info.to_dict())
+    if store.is_complete(p.run_id) and not force:
+        return store.read_record(p.run_id)
     teachers, teacher_records = [], []
-    for tp in p.teachers:
-        trec = train(tp.spec, store, data=data, device=device, progress=progress, console=console, log_every=log_every)
-        tcfg = variants.VariantConfig(**trec["variant_config"])
-        tmodel = variants.build(tcfg)
-        tmodel.load_state_dict(torch.load(store.run_dir(trec["run_id"]) / "best.pt", map_location="cpu",
-                                          weights_only=True))
-        teachers.append(tmodel.to(dev).eval().requires_grad_(False))
+    for tp in p.teachers:  # found in the store by their config, data set and seed, or trained now
+        trec = train(tp.spec, store, data=data, device=dev, progress=progress, console=console, log_every=log_every)
+        teachers.append(_frozen_teacher(store, trec, dev))
         teacher_records.append(trec)
-    run_dir = store.run_dir(run_id)
-    with run_lock(run_dir):  # one process trains a given run; others wait, then read its record
-        if store.is_complete(run_id) and not force:
-            return store.read_record(run_id)
-        return _train_run(spec, store, data, dev, cfg, train_cfg, run_id, teachers, teacher_records, force,
-                          progress, console, log_every, stop_after_epochs)
+    with run_lock(store.run_dir(p.run_id)):  # one process trains a given run; others wait, then read its record
+        if store.is_complete(p.run_id) and not force:
+            return store.read_record(p.run_id)
+        run = _Run(p, store, data, dev, teachers, teacher_records, console, progress, log_every)
+        return run.execute(force, stop_after_epochs)
+
+
+def _frozen_teacher(store: ResultsStore, trec: dict, dev: torch.device) -> torch.nn.Module:
+    """A trained teacher's best weights, frozen: eval mode, no autograd."""
+    tmodel = variants.build(variants.VariantConfig(**trec["variant_config"]))
+    tmodel.load_state_dict(torch.load(store.run_dir(trec["run_id"]) / "best.pt", map_location="cpu",
+                                      weights_only=True))
+    return tmodel.to(dev).eval().requires_grad_(False)
 
 
 @contextmanager
@@ -253,176 +246,255 @@ def run_lock(run_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _train_run(spec, store, data, dev, cfg, train_cfg, run_id, teachers, teacher_records, force, progress,
-               console, log_every, stop_after_epochs) -> dict:
-    run_dir = store.run_dir(run_id)
+class _Display:
+    """rich progress on a terminal; plain per-epoch lines, named by the run, otherwise (logs, CI)."""
 
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    seed_everything(spec.seed)
-    model = variants.build(cfg).to(dev)
-    if train_cfg["glove"] and hasattr(model, "word_embedding"):
-        with torch.no_grad():
-            model.word_embedding.weight.copy_(data.glove)
-    teacher_dims = sorted({t.cfg.module_dim for t in teachers})
-    if len(teacher_dims) > 1:
-        raise RunFailed(f"{run_id}: teachers {cfg.teachers} have different module_dim {teacher_dims}; "
-                        f"distillation losses take one teacher width")
-    teacher_dim = teacher_dims[0] if teachers else None
-    objective = variants.objective(cfg, teacher_dim=teacher_dim).to(dev)
-    # distillation losses may learn (a hint regressor): trained with the student, not counted in it
-    trainable = [*model.parameters(), *objective.parameters()]
-    # fused Adam on CUDA (one kernel for all parameters); the for-each implementation elsewhere
-    opt = torch.optim.Adam(trainable, lr=train_cfg["lr"], fused=dev.type == "cuda")
-    precision = train_cfg.get("precision", "fp32")
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=train_cfg["lr_decay_every"], gamma=train_cfg["lr_decay"])
+    def __init__(self, console: Console, enabled: bool, title: str, epochs: int, steps: int):
+        self.console, self.title, self.enabled = console, title, enabled
+        self.live = enabled and console.is_terminal
+        self.progress = None
+        if self.live:
+            self.progress = progress_bar(console, disable=False)
+            self.progress.start()
+            self.t_epochs = self.progress.add_task(f"{title} epochs", total=epochs, info="")
+            self.t_steps = self.progress.add_task("steps", total=steps, info="")
 
-    # features and questions on the device once (GPU-resident when they fit; streaming otherwise)
-    features = data.features
-    if isinstance(features, D.InMemoryFeatures) and dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        if features.nbytes < 0.5 * free:
-            features = features.to(dev)
-    splits = {k: v.to(dev) for k, v in data.splits.items()}
-    tr, va = splits["train"], splits["val"]
-    bs = train_cfg["batch_size"]
-    drop_last = len(tr) % bs == 1  # BatchNorm cannot train on a batch of one
-    steps = D.num_batches(len(tr), bs, drop_last)
+    def epoch_start(self, epoch: int) -> None:
+        if self.live:
+            self.progress.update(self.t_epochs, completed=epoch)
+            self.progress.reset(self.t_steps, description=f"epoch {epoch + 1}")
 
-    state_path, best_path = run_dir / "state.pt", run_dir / "best.pt"
-    history: list[dict] = []
-    best = {"acc": -1.0, "epoch": -1}
-    start_epoch, train_time, train_samples = 0, 0.0, 0
-    if state_path.exists() and not force:
-        st = torch.load(state_path, map_location=dev, weights_only=False)
-        model.load_state_dict(st["model"])
-        objective.load_state_dict(st["objective"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
+    def step(self, n: int, info: str) -> None:
+        if self.live:
+            self.progress.update(self.t_steps, advance=n, info=info)
+
+    def epoch_end(self, line: str, completed: int) -> None:
+        if self.live:
+            self.progress.update(self.t_epochs, completed=completed, info=line)
+        elif self.enabled:
+            say(self.console, f"{self.title} {line}")
+
+    def close(self) -> None:
+        if self.live:
+            self.progress.stop()
+
+
+@dataclass
+class _Progress:
+    """What a run has done so far; saved in ``state.pt`` after every epoch."""
+
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": -1})
+    next_epoch: int = 0
+    train_time: float = 0.0  # seconds in training steps
+    train_samples: int = 0
+    active_time: float = 0.0  # seconds this run's processes spent on it (not the time a killed run lay dead)
+    started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def stale_epochs(self) -> int:
+        return 0 if not self.history else len(self.history) - 1 - self.best["epoch"]
+
+
+class _Run:
+    """One run's state and its steps: :meth:`setup`, :meth:`train_epoch`, :meth:`end_epoch`,
+    :meth:`final_eval`, :meth:`record`."""
+
+    def __init__(self, p: Plan, store: ResultsStore, data: D.VideoQAData, dev: torch.device,
+                 teachers: list[torch.nn.Module], teacher_records: list[dict], console: Console, progress: bool,
+                 log_every: int):
+        self.p, self.store, self.data, self.dev = p, store, data, dev
+        self.teachers, self.teacher_records = teachers, teacher_records
+        self.console, self.show_progress, self.log_every = console, progress, log_every
+        self.run_dir = store.run_dir(p.run_id)
+        self.state_path, self.best_path = self.run_dir / "state.pt", self.run_dir / "best.pt"
+        self.precision = p.train.get("precision", "fp32")
+        self.t_process = time.perf_counter()
+
+    # -- set up
+
+    def setup(self, force: bool) -> None:
+        cfg, tc = self.p.cfg, self.p.train
+        seed_everything(self.p.spec.seed)
+        self.model = variants.build(cfg).to(self.dev)
+        if tc["glove"] and hasattr(self.model, "word_embedding"):
+            with torch.no_grad():
+                self.model.word_embedding.weight.copy_(self.data.glove)
+        self.step: TrainStep = build_step(cfg, self.model, self.teachers, lr=tc["lr"], grad_clip=tc["grad_clip"],
+                                          precision=self.precision)
+        self.sched = torch.optim.lr_scheduler.StepLR(self.step.optimizer, step_size=tc["lr_decay_every"],
+                                                     gamma=tc["lr_decay"])
+        self.features = self._device_features()
+        self.splits = {k: v.to(self.dev) for k, v in self.data.splits.items()}
+        self.batch_size = tc["batch_size"]
+        self.drop_last = len(self.splits["train"]) % self.batch_size == 1  # BatchNorm cannot train on a batch of one
+        self.state = _Progress()
+        if self.state_path.exists() and not force:
+            self._resume()
+        for stale_tmp in self.run_dir.glob(".*.tmp"):  # left by a process killed while writing
+            stale_tmp.unlink(missing_ok=True)
+        if self.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dev)
+
+    def _device_features(self) -> D.Features:
+        """Features and questions on the device once (GPU-resident when they fit; streaming otherwise)."""
+        features = self.data.features
+        if isinstance(features, D.InMemoryFeatures) and self.dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.dev)
+            if features.nbytes < 0.5 * free:
+                features = features.to(self.dev)
+        return features
+
+    def _resume(self) -> None:
+        st = torch.load(self.state_path, map_location=self.dev, weights_only=False)
+        self.model.load_state_dict(st["model"])
+        self.step.objective.load_state_dict(st["objective"])
+        self.step.optimizer.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
         torch.set_rng_state(st["rng_cpu"])
-        if dev.type == "cuda" and st.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(st["rng_cuda"], dev)
-        history, best = st["history"], st["best"]
-        start_epoch, train_time, train_samples = st["epoch"] + 1, st["train_time"], st["train_samples"]
-        started = st["started_at"]
-        console.print(f"[dim]{run_id}: resuming after epoch {start_epoch}[/dim]")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale_tmp in run_dir.glob(".*.tmp"):  # left by a process killed while writing
-        stale_tmp.unlink(missing_ok=True)
+        if self.dev.type == "cuda" and st.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(st["rng_cuda"], self.dev)
+        self.state = _Progress(st["history"], st["best"], st["epoch"] + 1, st["train_time"], st["train_samples"],
+                               st.get("active_time", 0.0), st["started_at"])
+        say(self.console, f"{self.p.run_id}: resuming after epoch {self.state.next_epoch}", "dim")
 
-    epochs = train_cfg["epochs"]
+    # -- one epoch
+
+    def train_epoch(self, epoch: int, display: _Display) -> dict:
+        """One pass over the training split; returns the epoch's mean loss terms and accuracy."""
+        gen = torch.Generator().manual_seed(self.p.spec.seed * 1_000_003 + epoch)
+        tr = self.splits["train"]
+        sums = torch.zeros(2, device=self.dev)  # sum of loss * n, correct answers
+        part_sums: dict[str, torch.Tensor] = {}
+        count = 0
+        _sync(self.dev)
+        t0 = time.perf_counter()
+        for i, b in enumerate(D.iterate_batches(tr, self.features, self.batch_size, shuffle=True, generator=gen,
+                                                drop_last=self.drop_last, device=self.dev)):
+            out = self.step(b.appearance, b.motion, b.questions, b.lengths, b.answers, epoch=epoch)
+            n = b.answers.shape[0]
+            count += n
+            sums += torch.stack([out.loss * n, (out.logits.argmax(1) == b.answers).sum().to(sums.dtype)])
+            for k, v in out.parts.items():
+                part_sums[k] = part_sums.get(k, 0) + v.float() * n
+            if display.live and (i + 1) % self.log_every == 0:
+                s = sums.tolist()  # display only, every log_every steps
+                display.step(self.log_every, f"loss {s[0] / count:.3f} acc {100 * s[1] / count:.1f}")
+        _sync(self.dev)
+        dt = time.perf_counter() - t0
+        loss_sum, correct = sums.tolist()
+        if not np.isfinite(loss_sum):
+            raise RunFailed(f"{self.p.run_id}: loss became {loss_sum} in epoch {epoch + 1}")
+        self.state.train_time += dt
+        self.state.train_samples += count
+        self.sched.step()
+        return {"epoch": epoch, "loss": loss_sum / count, "train_acc": 100 * correct / count,
+                "lr": self.step.optimizer.param_groups[0]["lr"], "train_time_s": dt,
+                **{f"loss_{k}": float(v) / count for k, v in part_sums.items()}}
+
+    def end_epoch(self, rec: dict) -> None:
+        """Validate, keep the best weights, checkpoint the whole state atomically."""
+        val, _ = evaluate(self.model, self.splits["val"], self.features, self.data.type_names, self.eval_batch,
+                          self.dev, precision=self.precision)
+        rec["val_acc"] = val["overall"]
+        st = self.state
+        st.history.append(rec)
+        if val["overall"] > st.best["acc"]:
+            st.best = {"acc": val["overall"], "epoch": rec["epoch"]}
+            atomic_torch_save(self.best_path, self.model.state_dict())
+        st.next_epoch = rec["epoch"] + 1
+        now = time.perf_counter()
+        st.active_time += now - self.t_process
+        self.t_process = now
+        atomic_torch_save(self.state_path, {
+            "model": self.model.state_dict(), "objective": self.step.objective.state_dict(),
+            "optimizer": self.step.optimizer.state_dict(), "scheduler": self.sched.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(self.dev) if self.dev.type == "cuda" else None,
+            "history": st.history, "best": st.best, "epoch": rec["epoch"], "train_time": st.train_time,
+            "train_samples": st.train_samples, "active_time": st.active_time, "started_at": st.started,
+            "run_id": self.p.run_id})
+
+    @property
+    def eval_batch(self) -> int:
+        return max(self.batch_size, 256)
+
+    # -- the whole run
+
+    def execute(self, force: bool, stop_after_epochs: int | None) -> dict:
+        self.setup(force)
+        tc, st = self.p.train, self.state
+        epochs, first = tc["epochs"], st.next_epoch
+        steps = D.num_batches(len(self.splits["train"]), self.batch_size, self.drop_last)
+        display = _Display(self.console, self.show_progress, self.p.spec.variant, epochs, steps)
+        try:
+            for epoch in range(first, epochs):
+                if tc["early_stop"] is not None and st.stale_epochs() >= tc["early_stop"]:
+                    break
+                display.epoch_start(epoch)
+                rec = self.train_epoch(epoch, display)
+                self.end_epoch(rec)
+                display.epoch_end(f"epoch {epoch + 1}/{epochs} loss {rec['loss']:.3f} train {rec['train_acc']:.1f}% "
+                                  f"val {rec['val_acc']:.1f}%", epoch + 1)
+                if stop_after_epochs is not None and epoch + 1 - first >= stop_after_epochs and epoch + 1 < epochs:
+                    return {"run_id": self.p.run_id, "status": "stopped", "epoch": epoch}
+        finally:
+            display.close()
+        if not st.history:
+            raise RunFailed(f"{self.p.run_id}: no epoch was trained (epochs={epochs})")
+        peak = torch.cuda.max_memory_allocated(self.dev) / 2 ** 20 if self.dev.type == "cuda" and first < epochs else None
+        metrics = self.final_eval()
+        return self.record(metrics, peak)
+
+    def final_eval(self) -> dict:
+        """Test at the last epoch and at the best-validation epoch (and the ablations there);
+        writes the per-question predictions."""
+        ev = lambda split, **kw: evaluate(self.model, self.splits[split], self.features,  # noqa: E731
+                                          self.data.type_names, self.eval_batch, self.dev,
+                                          precision=self.precision, **kw)
+        test_last, pred_last = ev("test")
+        self.model.load_state_dict(torch.load(self.best_path, map_location=self.dev, weights_only=True))
+        val_best, pred_val = ev("val")
+        test_best, pred_best = ev("test")
+        ablations = {a: ev("test", ablation=a)[0] for a in ABLATIONS}
+        _write_predictions(self.run_dir / "predictions_test.csv", self.data, "test",
+                           {"pred_best": pred_best, "pred_last": pred_last})
+        _write_predictions(self.run_dir / "predictions_val.csv", self.data, "val", {"pred_best": pred_val})
+        return {"selection": "test is reported at the epoch with the best validation accuracy; "
+                             "test_last at the last epoch trained",
+                "best_epoch": self.state.best["epoch"], "val": val_best, "test": test_best, "test_last": test_last,
+                "ablations": ablations}
+
+    def record(self, metrics: dict, peak_train_mib: float | None) -> dict:
+        p, st, dev, data = self.p, self.state, self.dev, self.data
+        st.active_time += time.perf_counter() - self.t_process
+        self.t_process = time.perf_counter()
+        speed = st.train_samples / st.train_time if st.train_time else None
+        record = {
+            "run_id": p.run_id, "status": "complete", "record_version": RECORD_VERSION,
+            "variant": p.spec.variant, "variant_config": p.cfg.to_dict(), "train_config": p.train,
+            "seed": p.spec.seed, "spec": dataclasses.asdict(p.spec),
+            "data": {"spec": p.spec.data, "id": data.data_id, "name": data.name, "type_names": data.type_names,
+                     "sizes": {k: len(v) for k, v in data.splits.items()}, "streaming": data.features.streaming},
+            "metrics": metrics, "epochs_run": len(st.history), "history": st.history,
+            "train_time_s": st.train_time, "train_samples_per_s": speed,
+            "cost": run_cost(self.model, p.cfg, dev, speed, peak_train_mib),
+            "teacher_runs": [r["run_id"] for r in self.teacher_records],
+            "teachers": [{"variant": r["variant"], "run_id": r["run_id"], "params": r["params"]["total"],
+                          "test_acc": r["metrics"]["test"]["overall"]} for r in self.teacher_records],
+            "params": param_counts(self.model), "git_commit": git_commit(), "torch_version": torch.__version__,
+            "python_version": sys.version.split()[0], "device": str(dev), "device_name": device_name(dev),
+            "started_at": st.started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(),
+            # time this run's processes spent on it, resumed runs included; not the time a killed run lay dead
+            "wall_time_s": st.active_time,
+        }
+        self.store.write_record(record)
+        return record
+
+
+def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    display = _Display(console, progress, spec.variant, epochs, steps)
-    stale = 0 if not history else len(history) - 1 - best["epoch"]
-    try:
-        for epoch in range(start_epoch, epochs):
-            if train_cfg["early_stop"] is not None and stale >= train_cfg["early_stop"]:
-                break
-            display.epoch_start(epoch, epoch)
-            model.train()
-            gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch)
-            sums = torch.zeros(2, device=dev)  # sum of loss * n, correct answers
-            count = 0
-            part_sums: dict[str, torch.Tensor] = {}
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            for step, b in enumerate(D.iterate_batches(tr, features, bs, shuffle=True, generator=gen,
-                                                        drop_last=drop_last, device=dev)):
-                with autocast(dev, precision):
-                    out = model(b.appearance, b.motion, b.questions, b.lengths)
-                    t_outs = None
-                    if teachers:
-                        with torch.no_grad():  # frozen teachers: eval mode, no autograd
-                            t_outs = [t(b.appearance, b.motion, b.questions, b.lengths) for t in teachers]
-                    loss, parts = objective(out, b.answers, t_outs, epoch=epoch)
-                loss = loss.float()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, train_cfg["grad_clip"])
-                opt.step()
-                n = b.answers.shape[0]
-                count += n
-                sums += torch.stack([loss.detach() * n, (out["logits"].argmax(1) == b.answers).sum().to(sums.dtype)])
-                for k, v in parts.items():
-                    part_sums[k] = part_sums.get(k, 0) + v.float() * n
-                if display.live and (step + 1) % log_every == 0:
-                    s = sums.tolist()  # display only, every log_every steps
-                    display.step(log_every, f"loss {s[0] / count:.3f} acc {100 * s[1] / count:.1f}")
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            dt = time.perf_counter() - t0
-            s = sums.tolist() + [count]
-            if not np.isfinite(s[0]):
-                raise RunFailed(f"{run_id}: loss became {s[0]} in epoch {epoch + 1}")
-            train_time += dt
-            train_samples += int(s[2])
-            sched.step()
-            val, _ = evaluate(model, va, features, data.type_names, max(bs, 256), dev, precision=precision)
-            rec = {"epoch": epoch, "loss": s[0] / s[2], "train_acc": 100 * s[1] / s[2], "val_acc": val["overall"],
-                   "lr": opt.param_groups[0]["lr"], "train_time_s": dt,
-                   **{f"loss_{k}": float(v) / s[2] for k, v in part_sums.items()}}
-            history.append(rec)
-            if val["overall"] > best["acc"]:
-                best = {"acc": val["overall"], "epoch": epoch}
-                atomic_torch_save(best_path, model.state_dict())
-                stale = 0
-            else:
-                stale += 1
-            atomic_torch_save(state_path, {
-                "model": model.state_dict(), "objective": objective.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-                "history": history, "best": best, "epoch": epoch, "train_time": train_time,
-                "train_samples": train_samples, "started_at": started, "run_id": run_id})
-            display.epoch_end(f"epoch {epoch + 1}/{epochs} loss {rec['loss']:.3f} train {rec['train_acc']:.1f}% "
-                              f"val {rec['val_acc']:.1f}%", epoch + 1)
-            if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs and epoch + 1 < epochs:
-                return {"run_id": run_id, "status": "stopped", "epoch": epoch}
-    finally:
-        display.close()
-
-    peak_train = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda" and start_epoch < epochs else None
-    if not history:
-        raise RunFailed(f"{run_id}: no epoch was trained (epochs={epochs})")
-    # test at the last epoch and at the best-validation epoch
-    eval_bs = max(bs, 256)
-    test_last, pred_last = evaluate(model, splits["test"], features, data.type_names, eval_bs, dev, precision=precision)
-    model.load_state_dict(torch.load(best_path, map_location=dev, weights_only=True))
-    val_best, pred_val = evaluate(model, va, features, data.type_names, eval_bs, dev, precision=precision)
-    test_best, pred_best = evaluate(model, splits["test"], features, data.type_names, eval_bs, dev, precision=precision)
-    ablations = {a: evaluate(model, splits["test"], features, data.type_names, eval_bs, dev, ablation=a,
-                             precision=precision)[0] for a in ABLATIONS}
-    _write_predictions(run_dir / "predictions_test.csv", data, "test", {"pred_best": pred_best, "pred_last": pred_last})
-    _write_predictions(run_dir / "predictions_val.csv", data, "val", {"pred_best": pred_val})
-
-    record = {
-        "run_id": run_id, "status": "complete", "record_version": RECORD_VERSION,
-        "variant": spec.variant, "variant_config": cfg.to_dict(), "train_config": train_cfg,
-        "seed": spec.seed, "spec": dataclasses.asdict(spec),
-        "data": {"spec": spec.data, "id": data.data_id, "name": data.name, "type_names": data.type_names,
-                 "sizes": {k: len(v) for k, v in data.splits.items()},
-                 "streaming": data.features.streaming},
-        "metrics": {"selection": "test is reported at the epoch with the best validation accuracy; "
-                                 "test_last at the last epoch trained",
-                    "best_epoch": best["epoch"], "val": val_best, "test": test_best, "test_last": test_last,
-                    "ablations": ablations},
-        "epochs_run": len(history), "history": history,
-        "train_time_s": train_time, "train_samples_per_s": train_samples / train_time if train_time else None,
-        "cost": run_cost(model, cfg, dev, train_samples / train_time if train_time else None, peak_train),
-        "teacher_runs": [r["run_id"] for r in teacher_records],
-        "teachers": [{"variant": r["variant"], "run_id": r["run_id"], "params": r["params"]["total"],
-                      "test_acc": r["metrics"]["test"]["overall"]} for r in teacher_records],
-        "params": param_counts(model), "git_commit": git_commit(), "torch_version": torch.__version__,
-        "python_version": sys.version.split()[0], "device": str(dev), "device_name": device_name(dev),
-        "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-    }
-    record["wall_time_s"] = (datetime.fromisoformat(record["finished_at"])
-                             - datetime.fromisoformat(started)).total_seconds()
-    store.write_record(record)
-    return record
+        torch.cuda.synchronize(dev)
 
 
 def run_cost(model: torch.nn.Module, cfg: variants.VariantConfig, dev: torch.device,

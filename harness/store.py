@@ -8,6 +8,7 @@ is complete, or the run is resumed from ``state.pt`` when started again.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -74,6 +75,26 @@ class ResultsStore:
         path = self.run_dir(record["run_id"]) / self.RECORD
         atomic_write_json(path, record)
         return path
+
+    # -- data sets: what planning needs (harness.data.DataInfo), so reports read no feature file
+
+    def _data_info_path(self, spec: str) -> Path:
+        key = str(Path(spec).resolve()) if not str(spec).startswith("synthetic:") else str(spec)
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(spec)).name)[:40]
+        return self.root / "datasets" / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
+
+    def write_data_info(self, info: dict) -> None:
+        """Record a data set's info under its spec (rewritten only when it changed)."""
+        path = self._data_info_path(info["spec"])
+        if self.read_data_info(info["spec"]) != info:
+            atomic_write_json(path, info)
+
+    def read_data_info(self, spec: str) -> dict | None:
+        """The info last recorded for a data spec, or None."""
+        try:
+            return json.loads(self._data_info_path(spec).read_text())
+        except (OSError, ValueError):
+            return None
 
     def read_record(self, run_id: str) -> dict:
         return json.loads((self.run_dir(run_id) / self.RECORD).read_text())

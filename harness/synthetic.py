@@ -114,7 +114,7 @@ __all__ = [
     "main",
 ]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: contiguous feature datasets (memory-mappable)
 
 #: training settings that fit each preset (the reference recipe, 25 epochs of batch 256 at
 #: lr 1e-4, is sized for MSVD-QA's 30k questions); the runner uses them unless told otherwise
@@ -149,6 +149,13 @@ class Preset:
     answer_vocab: int  # total size of answer_token_to_idx
     word_dim: int  # width of the glove matrix
     suggested_module_dim: int
+
+    def model_config(self) -> dict:
+        """The model settings of this size (the data's dims and the suggested module_dim): what
+        ``bench.py --config NAME`` and the tests build."""
+        return {"question_vocab": self.question_vocab, "answer_vocab": self.answer_vocab,
+                "vision_dim": self.vision_dim, "module_dim": self.suggested_module_dim, "word_dim": self.word_dim,
+                "num_clips": self.n_clips, "num_frames": self.n_frames}
 
 
 PRESETS: dict[str, Preset] = {
@@ -390,69 +397,86 @@ def _video_split(p: Preset, seed: int) -> dict[str, np.ndarray]:
             "test": np.sort(perm[n_tr + n_va:])}
 
 
+@dataclass
+class _QTokens:
+    """Token and answer ids the question generator draws from."""
+
+    n_clips: int
+    qword: np.ndarray
+    ordinal: np.ndarray
+    act_q: np.ndarray
+    filler: np.ndarray
+    p_filler: np.ndarray
+    obj_a: np.ndarray
+    act_a: np.ndarray
+    scene_a: np.ndarray
+    time_a: np.ndarray
+    bucket: np.ndarray
+
+    @classmethod
+    def make(cls, p: Preset, lay: _Layout, vocab: dict[str, dict[str, int]]) -> "_QTokens":
+        qv, av = vocab[layout.QUESTION_TOKENS_KEY], vocab[layout.ANSWER_TOKENS_KEY]
+        ids = lambda table, names: np.array([table[n] for n in names], dtype=np.int64)  # noqa: E731
+        return cls(p.n_clips, ids(qv, QUESTION_WORDS), ids(qv, _ORDINALS[:p.n_clips]),
+                   ids(qv, [f"act_{i}" for i in range(lay.n_act)]), ids(qv, [f"w_{i}" for i in range(lay.n_filler)]),
+                   _zipf(lay.n_filler, _STORY.filler_zipf_alpha), ids(av, [f"obj_{i}" for i in range(lay.n_obj)]),
+                   ids(av, [f"act_{i}" for i in range(lay.n_act)]), ids(av, [f"scene_{i}" for i in range(lay.n_scene)]),
+                   ids(av, TIME_BUCKETS), _time_bucket(p.n_clips))
+
+
+def _question(r: np.random.Generator, q: _QTokens, vids: _Videos, v: int, t: int, length: int
+              ) -> tuple[list[int], int]:
+    """One question of type ``t`` about video row ``v``: its tokens after the question word, and its answer."""
+    C = q.n_clips
+    spec: list[int] = []
+    if t == 0:  # what: object of the named clip
+        k = int(r.integers(C))
+        spec = [int(q.ordinal[k])]
+        answer = q.obj_a[vids.clip_obj[v, k]]
+    elif t == 1:  # who: dominant object
+        answer = q.obj_a[vids.dom_obj[v]]
+    elif t == 2:  # how: dominant action
+        answer = q.act_a[vids.dom_act[v]]
+    elif t == 3:  # when: time bucket of the clip doing a (unique) named action
+        acts = vids.clip_act[v]
+        uniq = [c for c in range(C) if int((acts == acts[c]).sum()) == 1]
+        c = int(uniq[int(r.integers(len(uniq)))])
+        spec = [int(q.act_q[acts[c]])]
+        answer = q.time_a[q.bucket[c]]
+    else:  # where: scene (sometimes with the dominant action as a language hint)
+        if r.random() < _STORY.p_where_names_action:
+            spec = [int(q.act_q[vids.dom_act[v]])]
+        answer = q.scene_a[vids.scene[v]]
+    rest = list(r.choice(q.filler, size=length - 1 - len(spec), p=q.p_filler))
+    for tok in spec:  # scatter spec tokens among the fillers, keeping their order
+        rest.insert(int(r.integers(len(rest) + 1)), tok)
+    return rest, int(answer)
+
+
 def _questions(p: Preset, lay: _Layout, vocab: dict[str, dict[str, int]], vids: _Videos,
                split_rows: dict[str, np.ndarray], seed: int) -> dict[str, dict[str, np.ndarray]]:
     r = _rng(seed, _S_QUESTIONS)
-    qv, av = vocab[layout.QUESTION_TOKENS_KEY], vocab[layout.ANSWER_TOKENS_KEY]
-    C = p.n_clips
-    qword = np.array([qv[w] for w in QUESTION_WORDS], dtype=np.int64)
-    ordinal = np.array([qv[o] for o in _ORDINALS[:C]], dtype=np.int64)
-    act_q = np.array([qv[f"act_{i}"] for i in range(lay.n_act)], dtype=np.int64)
-    filler = np.array([qv[f"w_{i}"] for i in range(lay.n_filler)], dtype=np.int64)
-    p_filler = _zipf(lay.n_filler, _STORY.filler_zipf_alpha)
-    obj_a = np.array([av[f"obj_{i}"] for i in range(lay.n_obj)], dtype=np.int64)
-    act_a = np.array([av[f"act_{i}"] for i in range(lay.n_act)], dtype=np.int64)
-    scene_a = np.array([av[f"scene_{i}"] for i in range(lay.n_scene)], dtype=np.int64)
-    time_a = np.array([av[b] for b in TIME_BUCKETS], dtype=np.int64)
-    bucket = _time_bucket(C)
-
+    q = _QTokens.make(p, lay, vocab)
     counts = {"train": p.n_train, "val": p.n_val, "test": p.n_test}
-    total = sum(counts.values())
-    qids = (100000 + r.permutation(total)).astype(np.int64)
+    qids = (100000 + r.permutation(sum(counts.values()))).astype(np.int64)
     out: dict[str, dict[str, np.ndarray]] = {}
     start = 0
     for split in SPLITS:
         n = counts[split]
-        rows = split_rows[split]
         # balanced use of the split's videos, in random order
-        vrow = r.permutation(np.resize(r.permutation(rows), n))
+        vrow = r.permutation(np.resize(r.permutation(split_rows[split]), n))
         qtype = r.choice(len(QUESTION_WORDS), size=n, p=np.asarray(_STORY.type_mix))
         lengths = r.integers(_STORY.min_question_len, lay.max_len + 1, size=n)
         toks = np.zeros((n, lay.max_len), dtype=np.int64)
         answers = np.empty(n, dtype=np.int64)
         for i in range(n):
-            v, t, L = int(vrow[i]), int(qtype[i]), int(lengths[i])
-            spec: list[int] = []
-            if t == 0:  # what: object of the named clip
-                k = int(r.integers(C))
-                spec = [int(ordinal[k])]
-                answers[i] = obj_a[vids.clip_obj[v, k]]
-            elif t == 1:  # who: dominant object
-                answers[i] = obj_a[vids.dom_obj[v]]
-            elif t == 2:  # how: dominant action
-                answers[i] = act_a[vids.dom_act[v]]
-            elif t == 3:  # when: time bucket of the clip doing a (unique) named action
-                acts = vids.clip_act[v]
-                uniq = [c for c in range(C) if int((acts == acts[c]).sum()) == 1]
-                c = int(uniq[int(r.integers(len(uniq)))])
-                spec = [int(act_q[acts[c]])]
-                answers[i] = time_a[bucket[c]]
-            else:  # where: scene (sometimes with the dominant action as a language hint)
-                if r.random() < _STORY.p_where_names_action:
-                    spec = [int(act_q[vids.dom_act[v]])]
-                answers[i] = scene_a[vids.scene[v]]
-            rest = list(r.choice(filler, size=L - 1 - len(spec), p=p_filler))
-            for tok in spec:  # scatter spec tokens among the fillers, keeping their order
-                rest.insert(int(r.integers(len(rest) + 1)), tok)
-            toks[i, 0] = qword[t]
+            t, L = int(qtype[i]), int(lengths[i])
+            rest, answers[i] = _question(r, q, vids, int(vrow[i]), t, L)
+            toks[i, 0] = q.qword[t]
             toks[i, 1:L] = rest
-        out[split] = {
-            "questions": toks,
-            "questions_len": lengths.astype(np.int64),
-            "video_ids": vids.ids[vrow].astype(np.int64),
-            "question_id": qids[start:start + n].copy(),
-            "answers": answers,
-        }
+        out[split] = {"questions": toks, "questions_len": lengths.astype(np.int64),
+                      "video_ids": vids.ids[vrow].astype(np.int64), "question_id": qids[start:start + n].copy(),
+                      "answers": answers}
         start += n
     return out
 
@@ -527,21 +551,20 @@ def _write_features(p: Preset, world: _World, vids: _Videos, seed: int, app_path
     bar = None
     try:
         with h5py.File(app_tmp, "w") as fa, h5py.File(mot_tmp, "w") as fm:
-            da = fa.create_dataset(layout.APPEARANCE_KEY, shape=(V, C, F, D), dtype=np.float32,
-                                   chunks=(1, C, F, D))
-            dm = fm.create_dataset(layout.MOTION_KEY, shape=(V, C, D), dtype=np.float32,
-                                   chunks=(min(V, max(1, (1 << 20) // (4 * C * D))), C, D))
+            # contiguous, as HCRN's scripts write them: the loader memory-maps such files, so the
+            # workers of a --jobs N grid share one copy through the page cache
+            da = fa.create_dataset(layout.APPEARANCE_KEY, shape=(V, C, F, D), dtype=np.float32)
+            dm = fm.create_dataset(layout.MOTION_KEY, shape=(V, C, D), dtype=np.float32)
             fa.create_dataset(layout.IDS_KEY, data=vids.ids)
             fm.create_dataset(layout.IDS_KEY, data=vids.ids)
             if progress:
-                from rich.progress import (BarColumn, MofNCompleteColumn, Progress,
-                                           TextColumn, TimeRemainingColumn)
+                from rich.console import Console
 
-                bar = Progress(TextColumn("[bold]writing features"), BarColumn(),
-                               MofNCompleteColumn(), TextColumn("videos"),
-                               TimeRemainingColumn())
+                from .console import progress_bar
+
+                bar = progress_bar(Console(stderr=True), info=False, disable=False)
                 bar.start()
-                task = bar.add_task("features", total=V)
+                task = bar.add_task("writing features (videos)", total=V)
             for b0 in range(0, V, block):
                 b1 = min(V, b0 + block)
                 a_buf = np.empty((b1 - b0, C, F, D), dtype=np.float32)
@@ -561,6 +584,25 @@ def _write_features(p: Preset, world: _World, vids: _Videos, seed: int, app_path
         mot_tmp.unlink(missing_ok=True)
 
 
+def _meta(p: Preset, seed: int, name: str, lay: _Layout, vocab: dict, qs: dict, split_rows: dict,
+          files: dict[str, Path]) -> dict[str, Any]:
+    """The data set's ``{name}_meta.json``: how it was made, the sizes, the model and training it suggests."""
+    type_counts = {
+        split: {w: int((qs[split]["questions"][:, 0] == vocab[layout.QUESTION_TOKENS_KEY][w]).sum())
+                for w in QUESTION_WORDS}
+        for split in SPLITS
+    }
+    return {
+        "generator": "harness.synthetic", "format_version": FORMAT_VERSION, "preset": p.name, "seed": seed,
+        "name": name, "suggested_model": {"module_dim": p.suggested_module_dim},
+        "suggested_train": SUGGESTED_TRAIN.get(p.name, {}), "question_types": list(QUESTION_WORDS),
+        "story": _STORY_TEXT, "preset_config": asdict(p),
+        "answer_groups": {"object": lay.n_obj, "action": lay.n_act, "scene": lay.n_scene, "time": len(TIME_BUCKETS)},
+        "max_question_len": lay.max_len, "split_videos": {s: int(len(split_rows[s])) for s in SPLITS},
+        "question_type_counts": type_counts, "files": {k: v.name for k, v in files.items()},
+    }
+
+
 def generate(out: str | Path, preset: str = "tiny", seed: int = 0, name: str = "synthetic",
              progress: bool = True) -> Path:
     """Write the data set for (preset, seed) into ``out`` and return ``out`` as a Path.
@@ -574,7 +616,6 @@ def generate(out: str | Path, preset: str = "tiny", seed: int = 0, name: str = "
     holds a complete data set for the same preset, seed and name, nothing is written.
     """
     p = _get_preset(preset)
-    preset_name = p.name
     out = Path(out)
     if is_complete(out, p, seed, name):
         return out
@@ -598,29 +639,7 @@ def generate(out: str | Path, preset: str = "tiny", seed: int = 0, name: str = "
         obj["glove"] = glove
         atomic_write_bytes(files[split], pickle.dumps(obj, protocol=4))
 
-    type_counts = {
-        split: {w: int((qs[split]["questions"][:, 0] == vocab[layout.QUESTION_TOKENS_KEY][w]).sum())
-                for w in QUESTION_WORDS}
-        for split in SPLITS
-    }
-    meta: dict[str, Any] = {
-        "generator": "harness.synthetic",
-        "format_version": FORMAT_VERSION,
-        "preset": preset_name,
-        "seed": seed,
-        "name": name,
-        "suggested_model": {"module_dim": p.suggested_module_dim},
-        "suggested_train": SUGGESTED_TRAIN.get(p.name, {}),
-        "question_types": list(QUESTION_WORDS),
-        "story": _STORY_TEXT,
-        "preset_config": asdict(p),
-        "answer_groups": {"object": lay.n_obj, "action": lay.n_act, "scene": lay.n_scene,
-                          "time": len(TIME_BUCKETS)},
-        "max_question_len": lay.max_len,
-        "split_videos": {s: int(len(split_rows[s])) for s in SPLITS},
-        "question_type_counts": type_counts,
-        "files": {k: v.name for k, v in files.items()},
-    }
+    meta = _meta(p, seed, name, lay, vocab, qs, split_rows, files)
     atomic_write_bytes(files["meta"], json.dumps(meta, indent=1).encode())
     return out
 

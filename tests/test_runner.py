@@ -1,4 +1,5 @@
 """The runner on the tiny synthetic set: records, predictions, resume, SIGKILL safety, CLI."""
+import math
 import os
 import signal
 import subprocess
@@ -42,10 +43,16 @@ def test_record_fields_and_predictions(tiny, tmp_path):
     df = store.to_frame()
     assert df.loc[0, "variant"] == "dualvgr" and df.loc[0, "test_acc"] == m["test"]["overall"]
     assert "test_acc_what" in df
-    # complete runs are not run twice
-    t = time.perf_counter()
-    again = train(spec(), store, data=tiny, device="cpu", progress=False)
-    assert again == rec and time.perf_counter() - t < 2
+    # complete runs are not run twice: nothing is trained, the stored record comes back
+    import harness.runner as R
+
+    def no_training(*a, **k):
+        raise AssertionError("a complete run was trained again")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(R._Run, "execute", no_training)
+        again = train(spec(), store, data=tiny, device="cpu", progress=False)
+    assert again == rec
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny, tmp_path):
@@ -146,7 +153,7 @@ def test_bf16_autocast_trains_with_its_own_run_id(tiny, tmp_path):
     bf16 = train(spec(epochs=1, precision="bf16"), store, data=tiny, device="cpu", progress=False)
     assert "precision" not in fp32["train_config"]  # fp32 keeps the run ids of before the option
     assert bf16["train_config"]["precision"] == "bf16" and bf16["run_id"] != fp32["run_id"]
-    assert bf16["status"] == "complete" and all(v == v for v in (bf16["history"][0]["loss"],))
+    assert bf16["status"] == "complete" and math.isfinite(bf16["history"][0]["loss"])
     # a different function (bf16 rounding) but the same model: close after one epoch, not identical
     assert bf16["history"][0]["loss"] != fp32["history"][0]["loss"]
     assert abs(bf16["history"][0]["loss"] - fp32["history"][0]["loss"]) < 0.1 * fp32["history"][0]["loss"]

@@ -22,6 +22,13 @@ from .dualvgr import DualVGR, DualVGRConfig, QuestionOnly
 from .losses import LOSSES, Objective
 from .registry import Registry, UnknownNameError
 
+class ConfigError(KeyError):
+    """A variant setting that does not exist or does not fit; the message names it."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
 VARIANTS = Registry("variant")
 register_variant = VARIANTS.register
 
@@ -71,7 +78,7 @@ def get_config(name: str, **overrides) -> VariantConfig:
     spec = copy.deepcopy(entry.fn())
     arch = spec.pop("arch")
     if arch not in ARCHS:
-        raise ValueError(f"variant {name!r}: unknown arch {arch!r} (known: {', '.join(ARCHS)})")
+        raise ConfigError(f"variant {name!r}: unknown arch {arch!r} (known: {', '.join(ARCHS)})")
     model = {k: getattr(DualVGRConfig(), k) for k in MODEL_KEYS}
     model.update(spec.pop("model", {}))
     loss = dict(spec.pop("loss", {}))
@@ -79,7 +86,7 @@ def get_config(name: str, **overrides) -> VariantConfig:
     teachers = [teachers] if isinstance(teachers, str) else builtins.list(teachers)
     distill = [dict(d, params=dict(d.get("params", {}))) for d in spec.pop("distill", [])]
     if spec:
-        raise ValueError(f"variant {name!r}: unknown config sections {sorted(spec)}")
+        raise ConfigError(f"variant {name!r}: unknown config sections {sorted(spec)}")
     for key, value in overrides.items():
         loss_name, _, param = key.partition(".")
         if key in model:
@@ -96,7 +103,7 @@ def get_config(name: str, **overrides) -> VariantConfig:
                 d["params"][param] = value
         else:
             kd = [f"{d['name']}.<param>" for d in distill] + (["teacher"] if teachers else [])
-            raise KeyError(
+            raise ConfigError(
                 f"variant {name!r} has no setting {key!r}; model settings: {', '.join(model)}; "
                 f"loss settings: {', '.join(loss) or '(none)'}"
                 + (f"; distillation settings: {', '.join(kd)}" if kd else ""))
@@ -122,6 +129,20 @@ def objective(cfg: VariantConfig, teacher_dim: int | None = None) -> Objective:
                      teacher_dim=teacher_dim or cfg.model["module_dim"])
 
 
+def uses_video(cfg: VariantConfig) -> bool:
+    """Whether the variant's model reads the video features (the question-only sanity model does not)."""
+    return getattr(ARCHS[cfg.arch], "uses_video", True)
+
+
+def teacher_settings(teacher: str, settings: dict) -> dict:
+    """The model settings among ``settings`` (a student's overrides, e.g. a grid's ``[set]`` or
+    ``--set``) that reach its teacher ``teacher``: every model setting that the teacher's own
+    registration does not fix. ``module_dim = 32`` reaches teacher-g4; ``graph_layers`` does not
+    (it is what makes teacher-g4 a teacher)."""
+    fixed = set(VARIANTS.get(teacher).fn().get("model", {}))
+    return {k: v for k, v in settings.items() if k in MODEL_KEYS and k not in fixed}
+
+
 def loss_fn(cfg: VariantConfig):
     """``fn(outputs, answers) -> (total, parts)`` for variants without teachers."""
     obj = objective(cfg)
@@ -132,4 +153,4 @@ from . import kd_losses  # noqa: E402,F401  (registers the distillation losses)
 from . import zoo  # noqa: E402,F401  (registers the variants)
 
 __all__ = ["VARIANTS", "LOSSES", "ARCHS", "VariantConfig", "register_variant", "list", "describe",
-           "get_config", "build", "create", "objective", "loss_fn", "UnknownNameError", "DATA_KEYS"]
+           "get_config", "build", "create", "objective", "loss_fn", "uses_video", "teacher_settings", "ConfigError", "UnknownNameError", "DATA_KEYS"]

@@ -514,6 +514,9 @@ class DualVGR(nn.Module):
 class QuestionOnly(nn.Module):
     """Sanity baseline: DualVGR's question encoder and classifier, no video input."""
 
+    #: the runner reads no features for a model that ignores them
+    uses_video = False
+
     def __init__(self, cfg: DualVGRConfig):
         super().__init__()
         self.cfg = cfg

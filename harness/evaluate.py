@@ -1,0 +1,63 @@
+"""Evaluation: argmax predictions for a split, per-question-type accuracy, and the
+evaluation-time ablations that show which evidence each question type uses."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from . import data as D
+from .env import autocast
+from .metrics import accuracy_by_type
+
+#: evaluation-time ablations and their labels (runner, report and CLI use these)
+ABLATIONS: dict[str, str] = {"shuffle_video": "videos shuffled", "zero_appearance": "appearance zeroed",
+                             "zero_motion": "motion zeroed"}
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, split: D.SplitData, features: D.Features, batch_size: int,
+            device: torch.device, feature_transform=None, precision: str = "fp32") -> tuple[torch.Tensor, float | None]:
+    """Argmax predictions for a split, kept on the device until the end (one transfer), and the
+    mean reconstruction error for models that reconstruct their input (else None)."""
+    model.eval()
+    preds, recon = [], []
+    for b in D.iterate_batches(split, features, batch_size, device=device):
+        app, mot = (b.appearance, b.motion) if feature_transform is None else feature_transform(b)
+        with autocast(device, precision):
+            out = model(app, mot, b.questions, b.lengths)
+        preds.append(out["logits"].argmax(1))
+        if "recon_loss" in out:
+            recon.append(out["recon_loss"].float() * b.answers.shape[0])
+    recon_mse = float(torch.stack(recon).sum()) / len(split) if recon else None
+    return torch.cat(preds).cpu(), recon_mse
+
+
+def ablated(split: D.SplitData, name: str, seed: int = 0):
+    """(split, feature_transform) for an evaluation-time ablation: ``shuffle_video`` pairs every
+    question with another question's video (a fixed permutation), ``zero_appearance`` /
+    ``zero_motion`` replace that stream by zeros."""
+    if name == "shuffle_video":
+        perm = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)).to(split.video_rows.device)
+        return dataclasses.replace(split, video_rows=split.video_rows[perm]), None
+    if name == "zero_appearance":
+        return split, lambda b: (torch.zeros_like(b.appearance), b.motion)
+    if name == "zero_motion":
+        return split, lambda b: (b.appearance, torch.zeros_like(b.motion))
+    raise ValueError(f"unknown ablation {name!r} (known: {', '.join(ABLATIONS)})")
+
+
+def evaluate(model, split: D.SplitData, features: D.Features, type_names: list[str], batch_size: int,
+             device: torch.device, ablation: str | None = None, precision: str = "fp32") -> tuple[dict, np.ndarray]:
+    """Per-type accuracy (and reconstruction error) of ``model`` on ``split``, and its predictions."""
+    transform = None
+    if ablation is not None:
+        split, transform = ablated(split, ablation)
+    pred, recon_mse = predict(model, split, features, batch_size, device, transform, precision)
+    pred = pred.numpy()
+    correct = pred == split.answers.cpu().numpy()
+    metrics = accuracy_by_type(correct, split.qtypes.cpu().numpy(), type_names)
+    if recon_mse is not None:
+        metrics["recon_mse"] = recon_mse
+    return metrics, pred
