@@ -19,7 +19,8 @@ from rich.table import Table
 
 from harness.console import error, make_console, say
 
-app = typer.Typer(add_completion=False, help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
+app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 console = make_console()
 
 
@@ -228,22 +229,29 @@ def run(
                              "features do not fit in half the free RAM)."),
 ):
     """Train and evaluate one variant; print its per-question-type accuracy table."""
+    import variants
     from harness import data as D
     from harness.env import check_precision, resolve_device
     from harness.runner import RunSpec, feature_mode, plan, train
     from harness.store import ResultsStore
 
     store = ResultsStore(results)
-    try:
-        check_precision(resolve_device(device), precision, train=True)  # before any data is loaded
+    run_id = None
+    try:  # everything is checked before any data is loaded or anything trained
+        check_precision(resolve_device(device), precision, train=True)
         spec = RunSpec(variant=variant, data=data, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
                        early_stop=early_stop, glove=not no_glove, precision=precision, overrides=parse_sets(set_))
+        spec.resolved_train()
+        variants.get_config(variant, **spec.overrides)
         ds = D.load(data, mode=feature_mode(spec, mode))
         run_id = plan(spec, ds).run_id
         reused = store.is_complete(run_id) and not force
         record = train(spec, store, data=ds, device=device, force=force)
     except user_errors() as e:
         error(console, e)
+        if run_id is not None and store.run_dir(run_id).exists():  # the run started: record why it failed
+            store.write_failure(run_id, {"variant": variant, "seed": seed}, e)
+            say(console, f"failure recorded in {store.run_dir(run_id) / 'failed.json'}")
         raise typer.Exit(2)
     if reused:
         say(console, f"already complete: {run_id}, not retrained (the record from {store.run_dir(run_id)}; "
@@ -263,11 +271,15 @@ def list_(pattern: str = typer.Argument("*", help="Shell wildcard, e.g. 'teacher
     """List registered variants (and distillation losses) with their descriptions."""
     import variants
 
+    names = variants.list(pattern)
+    if not names:
+        error(console, f"no variant matches {pattern!r} (known: {', '.join(variants.list())})")
+        raise typer.Exit(1)
     t = Table(title="variants")
     t.add_column("name", style="bold")
     t.add_column("arch")
     t.add_column("description")
-    for name in variants.list(pattern):
+    for name in names:
         cfg = variants.get_config(name)
         t.add_row(name, cfg.arch, cfg.description)
     console.print(t)
@@ -282,24 +294,61 @@ def list_(pattern: str = typer.Argument("*", help="Shell wildcard, e.g. 'teacher
 
 @app.command()
 def results(results: str = typer.Option("results", help="Results store directory."),
-            csv: Optional[str] = typer.Option(None, help="Also write the table to this CSV file.")):
-    """Every complete run in the results store, one line each."""
+            csv: Optional[str] = typer.Option(None, help="Also write the table to this CSV file."),
+            failed: bool = typer.Option(False, "--failed", help="List the runs that failed, with the reason."),
+            incomplete: bool = typer.Option(False, "--incomplete", help="List the runs that started and have no "
+                                            "record (killed, or still running), with their last epoch.")):
+    """Every complete run in the results store, one line each (best epoch 1-based, as `run` prints)."""
     from harness.store import ResultsStore
 
-    df = ResultsStore(results).to_frame()
-    if df.empty:
-        console.print(f"no complete runs in {results}")
+    store = ResultsStore(results)
+    if not store.runs.is_dir():
+        error(console, f"no results store at {results} (no {store.runs} directory): nothing has run there yet")
+        raise typer.Exit(1)
+    if failed or incomplete:
+        _list_unfinished(store, failed)
         return
-    cols = [c for c in ("run_id", "variant", "teachers", "data", "seed", "params", "epochs_run", "best_epoch",
-                        "val_acc", "test_acc", "test_last_acc", "train_samples_per_s") if c in df]
+    df = store.to_frame()
+    if df.empty:
+        say(console, f"no complete runs in {results}")
+        return
+    df["best_epoch"] = df["best_epoch"] + 1
+    cols = [c for c in ("run_id", "variant", "teachers", "teacher_runs", "overrides", "data", "seed", "params",
+                        "epochs_run", "best_epoch", "val_acc", "test_acc", "test_last_acc", "train_samples_per_s")
+            if c in df]
     t = Table()
     for c in cols:
         t.add_column(c)
     for _, r in df[cols].iterrows():
-        t.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in r])
+        t.add_row(*[f"{v:.2f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in r])
     console.print(t)
     if csv:
         df.to_csv(csv, index=False)
+
+
+def _list_unfinished(store, failed: bool) -> None:
+    t = Table()
+    for c in ("run_id", "reason" if failed else "last epoch"):
+        t.add_column(c)
+    n = 0
+    for d in sorted(store.runs.iterdir()):
+        if store.is_complete(d.name):
+            continue
+        f = d / "failed.json"
+        if failed and f.is_file():
+            t.add_row(d.name, json.loads(f.read_text()).get("reason", "?"))
+            n += 1
+        elif not failed and not f.is_file():
+            epochs = "-"
+            if (d / "state.pt").is_file():
+                import torch
+                epochs = str(torch.load(d / "state.pt", map_location="cpu", weights_only=False)["epoch"] + 1)
+            t.add_row(d.name, epochs)
+            n += 1
+    if n:
+        console.print(t)
+    else:
+        say(console, f"no {'failed' if failed else 'incomplete'} runs in {store.root}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from rich.table import Table
 
 from harness.synthetic import PRESETS
 
-app = typer.Typer(add_completion=False, help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
+app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 console = Console() if sys.stdout.isatty() else Console(width=200)
 err = Console(stderr=True)
 
@@ -81,10 +82,11 @@ def main(
         raise typer.BadParameter(f"unknown format {fmt!r} (table, json or markdown)", param_hint="--format")
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"unknown precision {precision!r} ({', '.join(PRECISIONS)})", param_hint="--precision")
+    for pattern in variant:  # every pattern must match: a typo is an error, not a silent omission
+        if not variants.list(pattern):
+            raise typer.BadParameter(f"{pattern!r} matches no registered variant "
+                                     f"(known: {', '.join(variants.list())})", param_hint="--variant")
     names = variants.list(variant)
-    if not names:
-        raise typer.BadParameter(f"no variant matches {variant} (known: {', '.join(variants.list())})",
-                                 param_hint="--variant")
     try:
         sizes = [int(b) for b in batch_size.split(",") if b.strip()]
     except ValueError:
@@ -127,7 +129,7 @@ def main(
     for name in names:
         try:
             cfg = variants.get_config(name, **{**CONFIGS[config], **sets})
-        except (KeyError, ValueError) as e:
+        except variants.ConfigError as e:
             raise typer.BadParameter(str(e), param_hint="--set") from None
         recs = measure_variant(cfg, sizes, dev, precision=precision, compile=compile_, reps=reps, warmup=warmup,
                                train=not no_train, train_reps=train_reps, flops=not no_flops,

@@ -104,6 +104,9 @@ def _read(path: Path) -> dict:
         if not isinstance(doc.get(section, {}), dict):
             raise GridError(f"{where}: [{section}] must be a table")
     train = doc.get("train", {})
+    if set(train) - TRAIN_KEYS:
+        raise GridError(f"{where}: [train] has unknown key(s) {', '.join(sorted(set(train) - TRAIN_KEYS))} "
+                        f"(known: {', '.join(sorted(TRAIN_KEYS))})")
     try:
         check_train_settings(train, f"{where}: [train] ")
     except SettingError as e:
@@ -151,6 +154,11 @@ def _combos(where: str, doc: dict, names: list[str], seeds: list[int], seeds_giv
             combos.append((n, {**base, **dict(zip([k for k, _ in own], values))}, seeds))
     for i, inc in enumerate(doc.get("include", [])):
         combos.append(_include(where, i, dict(inc), fixed, seeds, seeds_given))
+    for variant, ov, _ in combos:  # every value checked (types, ranges) before anything runs
+        try:
+            variants.get_config(variant, **ov)
+        except variants.ConfigError as e:
+            raise GridError(f"{where}: {e}") from None
     return combos
 
 

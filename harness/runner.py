@@ -121,7 +121,7 @@ def check_train_settings(values: dict, where: str = "") -> None:
             raise SettingError(f"{where}unknown training setting {k!r} (known: {', '.join(TRAIN_CHECKS)})")
         ok, what = TRAIN_CHECKS[k]
         if v is not None and not ok(v):
-            raise SettingError(f"{where}{k} = {v!r}: must be {what}")
+            raise SettingError(f"{where}{k} = {v!r} is not {what}")
 
 
 def run_id_for(cfg: variants.VariantConfig, data_id: str, seed: int, train: dict,
@@ -174,8 +174,22 @@ def plan(spec: RunSpec, data: D.DataInfo | D.VideoQAData) -> Plan:
     info.check_model_config(cfg.model)
     teachers = [plan(dataclasses.replace(spec, variant=t, overrides=variants.teacher_settings(t, spec.overrides)), info)
                 for t in cfg.teachers]
+    _check_objective(cfg, teachers)
     run_id = run_id_for(cfg, info.data_id, spec.seed, train_cfg, [t.run_id for t in teachers])
     return Plan(spec, cfg, train_cfg, run_id, teachers)
+
+
+def _check_objective(cfg: variants.VariantConfig, teachers: list["Plan"]) -> None:
+    """Build the variant's objective once, so that a bad loss setting (``--set logits.T=-1``) fails
+    when the run is planned, before its teachers train, not hours later."""
+    dims = sorted({t.cfg.model["module_dim"] for t in teachers})
+    if len(dims) > 1:
+        raise variants.ConfigError(f"{cfg.name}: teachers {cfg.teachers} have different module_dim {dims}; "
+                                   f"distillation losses take one teacher width")
+    try:
+        variants.objective(cfg, teacher_dim=dims[0] if dims else None)
+    except (ValueError, TypeError) as e:
+        raise variants.ConfigError(f"variant {cfg.name!r}: {e}") from None
 
 
 def recorded_info(spec: str, store: ResultsStore) -> D.DataInfo:

@@ -16,26 +16,51 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import errno
+import traceback
+import warnings
+from datetime import datetime, timezone
+
 import pandas as pd
 import torch
+
+from .errors import HarnessError
+
+
+class StoreError(HarnessError, OSError):
+    """The results store cannot be written (a full disk, no permission); the message names the path."""
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _store_error(path, len(data), e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise _store_error(path, len(data), e) from None
         raise
+
+
+def _store_error(path: Path, nbytes: int, e: OSError) -> Exception:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"{path}: no space left on the device (writing {nbytes:,} bytes); free some space and "
+                          f"run the same command again: completed epochs and runs are kept")
+    if e.errno in (errno.EACCES, errno.EROFS):
+        return StoreError(f"{path}: cannot write here ({e.strerror})")
+    return e
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -69,7 +94,44 @@ class ResultsStore:
         return self.runs / run_id
 
     def is_complete(self, run_id: str) -> bool:
-        return (self.run_dir(run_id) / self.RECORD).is_file()
+        """A run is complete when its record exists and parses; a damaged record is set aside
+        (``record.json.damaged-<time>``, with a warning naming it) and the run counts as incomplete,
+        so it is redone and every other run goes on."""
+        return self._load(self.run_dir(run_id) / self.RECORD) is not None
+
+    def _load(self, path: Path) -> dict | None:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            rec = json.loads(text)
+            if not isinstance(rec, dict) or "run_id" not in rec:
+                raise ValueError("not a run record")
+            return rec
+        except ValueError as e:
+            aside = path.with_name(f"{path.name}.damaged-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}")
+            try:
+                os.replace(path, aside)
+            except FileNotFoundError:  # another process set it aside first
+                return None
+            warnings.warn(f"{path}: damaged record ({e}); kept as {aside.name}, the run counts as incomplete "
+                          f"and will be redone", stacklevel=3)
+            return None
+
+    def write_failure(self, run_id: str, info: dict, exc: BaseException) -> dict:
+        """Record why a run failed (``failed.json``: reason, traceback, time) and return it."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            reason = f"out of GPU memory: {exc}"
+        failure = {"run_id": run_id, **info, "status": "failed", "reason": reason,
+                   "traceback": "".join(traceback.format_exception(exc)),
+                   "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        try:
+            atomic_write_json(self.run_dir(run_id) / "failed.json", failure)
+        except StoreError:
+            pass  # a full disk: the failure is still returned and reported
+        return failure
 
     def write_record(self, record: dict) -> Path:
         path = self.run_dir(record["run_id"]) / self.RECORD
@@ -97,15 +159,18 @@ class ResultsStore:
             return None
 
     def read_record(self, run_id: str) -> dict:
-        return json.loads((self.run_dir(run_id) / self.RECORD).read_text())
+        rec = self._load(self.run_dir(run_id) / self.RECORD)
+        if rec is None:
+            raise StoreError(f"{self.run_dir(run_id) / self.RECORD}: no complete record")
+        return rec
 
     def iter_records(self) -> Iterator[dict]:
         if not self.runs.is_dir():
             return
         for d in sorted(self.runs.iterdir()):
-            p = d / self.RECORD
-            if p.is_file():
-                yield json.loads(p.read_text())
+            rec = self._load(d / self.RECORD)
+            if rec is not None:
+                yield rec
 
     def records(self, **match) -> list[dict]:
         """Complete records whose top-level fields equal ``match`` (e.g. ``variant="dualvgr"``)."""
@@ -121,6 +186,8 @@ class ResultsStore:
             row["data"] = r.get("data", {}).get("id")
             row["teachers"] = ",".join(t["variant"] for t in r.get("teachers", [])) or None
             row["teacher_runs"] = ",".join(r.get("teacher_runs", [])) or None
+            ov = r.get("spec", {}).get("overrides") or {}
+            row["overrides"] = ", ".join(f"{k}={v}" for k, v in sorted(ov.items())) or None
             row["params"] = r.get("params", {}).get("total")
             m = r.get("metrics", {})
             row["best_epoch"] = m.get("best_epoch")

@@ -668,7 +668,7 @@ class PresetName(str, Enum):
 def _make_app():
     import typer
 
-    app = typer.Typer(add_completion=False)
+    app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
     @app.command(help=(
         "Write a deterministic synthetic video-QA data set in the HCRN/DualVGR on-disk "

@@ -46,6 +46,12 @@ def test_errors_name_the_file_and_key(tmp_path):
         ('variants = ["dualvgr"]\n[executor]\nkind = "k8s"\n', r"kind 'k8s' is not one of"),
         ('variants = ["dualvgr"]\n[train]\nprecision = "fp8"\n', r"g.toml: \[train\] precision = 'fp8' is not one of"),
         ('seeds = [1]\n', r"missing key 'variants'"),
+        ('variants = ["dualvgr"]\n[train]\nepochs = 0\n', r"g.toml: \[train\] epochs = 0 is not an integer >= 1"),
+        ('variants = ["dualvgr"]\n[train]\nbatch_size = 1\n', r"\[train\] batch_size = 1 is not an integer >= 2"),
+        ('variants = ["dualvgr"]\n[train]\nepochs = "3"\n', r"\[train\] epochs = '3' is not an integer"),
+        ('variants = ["dualvgr"]\n[train]\nlr = 0\n', r"\[train\] lr = 0 is not a number > 0"),
+        ('variants = ["dualvgr"]\n[set]\nalpha = "abc"\n', r"g.toml: variant 'dualvgr': setting alpha = 'abc' must be float"),
+        ('variants = ["dualvgr"]\n[axes]\nkeep_ratio = [0.5, 2.0]\n', r"g.toml: .*keep_ratio must be in \(0, 1\]"),
     ]
     for text, pattern in cases:
         with pytest.raises(G.GridError, match=pattern):

@@ -34,7 +34,7 @@ register_variant = VARIANTS.register
 
 #: architecture name -> model class taking a DualVGRConfig
 ARCHS: dict[str, type[nn.Module]] = {"dualvgr": DualVGR, "question-only": QuestionOnly}
-MODEL_KEYS = tuple(f.name for f in dataclasses.fields(DualVGRConfig) if f.name != "extra")
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(DualVGRConfig))
 #: data-dependent model settings the runner fills in from the feature set
 DATA_KEYS = ("question_vocab", "answer_vocab", "vision_dim", "motion_dim", "word_dim", "num_clips", "num_frames")
 
@@ -87,6 +87,8 @@ def get_config(name: str, **overrides) -> VariantConfig:
     distill = [dict(d, params=dict(d.get("params", {}))) for d in spec.pop("distill", [])]
     if spec:
         raise ConfigError(f"variant {name!r}: unknown config sections {sorted(spec)}")
+    defaults = {**model, **loss, **{f"{d['name']}.weight": d.get("weight", 1.0) for d in distill},
+                **{f"{d['name']}.{k}": v for d in distill for k, v in d["params"].items()}}
     for key, value in overrides.items():
         loss_name, _, param = key.partition(".")
         if key in model:
@@ -109,8 +111,36 @@ def get_config(name: str, **overrides) -> VariantConfig:
                 + (f"; distillation settings: {', '.join(kd)}" if kd else ""))
     for t in teachers:
         VARIANTS.get(t)  # unknown teacher: fail now, naming it
+    _check_types(name, overrides, model, loss, distill, defaults)
+    try:
+        DualVGRConfig(**model)  # ranges (positive dims, keep_ratio in (0, 1]...), checked before anything runs
+    except ValueError as e:
+        raise ConfigError(f"variant {name!r}: {e}") from None
     return VariantConfig(name=name, arch=arch, description=entry.description, model=model, loss=loss,
                          teachers=teachers, distill=distill)
+
+
+def _type_ok(default, value) -> bool:
+    """A setting's value must have its default's type (a float setting takes an int too); a
+    setting whose default is None takes anything its model checks."""
+    if default is None or isinstance(default, (builtins.list, dict)):
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def _check_types(name: str, overrides: dict, model: dict, loss: dict, distill: list, defaults: dict) -> None:
+    for key, value in overrides.items():
+        if key in ("teacher", "teachers") or key not in defaults:
+            continue
+        if not _type_ok(defaults[key], value):
+            raise ConfigError(f"variant {name!r}: setting {key} = {value!r} must be "
+                              f"{type(defaults[key]).__name__}, like its default {defaults[key]!r}")
 
 
 def build(cfg: VariantConfig) -> nn.Module:

@@ -23,7 +23,7 @@ Where this file deliberately differs from the reference, it says so next to the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -398,7 +398,6 @@ class DualVGRConfig:
     #: autoencoder (MSVQA): hidden width of the decoders that reconstruct each clip's appearance
     #: frames and motion feature from its clip representation; 0 = no decoders (the reference)
     decoder_hidden: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for k in ("question_vocab", "answer_vocab", "vision_dim", "module_dim", "word_dim",

@@ -1,0 +1,101 @@
+"""What a user sees when something is wrong: messages, exit codes and failure records, no
+traceback for anything a user caused; help and paths printed as text."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+from typer.testing import CliRunner
+
+import ablate
+import bench
+from harness.runner import RunSpec, train
+from harness.store import ResultsStore
+
+runner = CliRunner()
+
+
+def run(*args, app=ablate.app):
+    r = runner.invoke(app, [str(a) for a in args])
+    return r.exit_code, r.output, r.exception
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "epochs = 0 is not an integer >= 1"),
+    (["--batch-size", "1"], "batch_size = 1 is not an integer >= 2"),
+    (["--set", "alpha=abc"], "setting alpha = 'abc' must be float"),
+    (["--set", "graph_layer=2"], "has no setting 'graph_layer'"),
+    (["--precision", "fp8"], "precision 'fp8' is not one of fp32, bf16"),
+])
+def test_run_rejects_bad_settings_before_anything_runs(tmp_path, args, message, tiny):
+    code, out, exc = run("run", "dualvgr", "--results", tmp_path, "--device", "cpu", *args)
+    assert code == 2 and message in out and "Traceback" not in out, out
+    assert not (tmp_path / "runs").exists()  # no run directory left behind
+
+
+def test_run_bad_distillation_setting_fails_before_the_teacher_trains(tmp_path, tiny):
+    code, out, _ = run("run", "student-logits", "--set", "logits.T=abc", "--results", tmp_path, "--device", "cpu")
+    assert code == 2 and "logits.T = 'abc'" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_nan_loss_ends_with_a_message_and_failed_json(tmp_path, tiny):
+    code, out, _ = run("run", "dualvgr", "--set", "beta=1e38", "--epochs", "1", "--batch-size", "512",
+                       "--results", tmp_path, "--device", "cpu")
+    assert code == 2 and "loss became" in out and "Traceback" not in out, out
+    (failed,) = (tmp_path / "runs").glob("*/failed.json")
+    rec = json.loads(failed.read_text())
+    assert "loss became" in rec["reason"] and "Traceback" in rec["traceback"]
+
+
+def test_run_says_when_it_reuses_a_record(tmp_path, tiny):
+    args = ("run", "question-only", "--epochs", "1", "--batch-size", "512", "--results", tmp_path, "--device", "cpu")
+    assert run(*args)[0] == 0
+    code, out, _ = run(*args)
+    assert code == 0 and "already complete: question-only-" in out and "not retrained" in out
+
+
+def test_a_damaged_record_is_set_aside_and_the_run_redone(tmp_path, tiny):
+    store = ResultsStore(tmp_path)
+    rec = train(RunSpec("question-only", epochs=1, batch_size=512, seed=9), store, data=tiny, device="cpu",
+                progress=False)
+    path = store.run_dir(rec["run_id"]) / "record.json"
+    path.write_text('{"run_id": "x", "truncat')
+    with pytest.warns(UserWarning, match="damaged record"):
+        assert not store.is_complete(rec["run_id"])
+    assert list(path.parent.glob("record.json.damaged-*"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert store.records() == []  # listing goes on without it
+    again = train(RunSpec("question-only", epochs=1, batch_size=512, seed=9), store, data=tiny, device="cpu",
+                  progress=False)
+    assert again["run_id"] == rec["run_id"] and store.is_complete(rec["run_id"])
+
+
+def test_results_lists_failed_and_incomplete_runs(tmp_path, tiny):
+    code, out, _ = run("results", "--results", tmp_path / "nothing")
+    assert code == 1 and "no results store" in out
+    run("run", "dualvgr", "--set", "beta=1e38", "--epochs", "1", "--batch-size", "512", "--results", tmp_path,
+        "--device", "cpu")
+    code, out, _ = run("results", "--results", tmp_path, "--failed")
+    assert code == 0 and "loss became" in out
+
+
+def test_help_shows_defaults_and_brackets():
+    code, out, _ = run("run", "--help")
+    assert code == 0 and "[default: the data set's suggestion, else 25]" in out
+
+
+def test_grid_errors_keep_their_brackets(tmp_path):
+    p = tmp_path / "g[v2].toml"
+    p.write_text('variants = ["dualvgr"]\n[train]\nepoch = 3\n')
+    code, out, _ = run("--grid", p)
+    assert code == 2 and "[train] has unknown key(s) epoch" in out and "g[v2].toml" in out, out
+
+
+def test_list_and_bench_name_a_pattern_that_matches_nothing():
+    code, out, _ = run("list", "nosuch*")
+    assert code == 1 and "no variant matches 'nosuch*'" in out
+    code, out, _ = run("--variant", "dualvgr", "--variant", "teacher-g5", "--no-store", app=bench.app)
+    assert code == 2 and "teacher-g5" in out
