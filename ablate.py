@@ -124,11 +124,22 @@ def main(
         raise typer.Exit(2)
     if res.interrupted:
         raise typer.Exit(130)
+    _measure_costs(store, res.run_ids, device)
     _write_report(store, g, reports, res.run_ids)
     if res.failed:
         say(console, f"{len(res.failed)} run(s) failed: " + "; ".join(
             f"{f['variant']} seed {f['seed']}: {f['reason']}" for f in res.failed), "red")
         raise typer.Exit(1)
+
+
+def _measure_costs(store, run_ids: list[str], device: str) -> None:
+    """Latency and inference memory of each trained configuration, once per device, serially,
+    after all training (harness.costs)."""
+    from harness import costs
+
+    n = costs.measure_missing(store, run_ids, device, say=lambda m: say(console, m, "dim"))
+    if n:
+        say(console, f"inference cost measured for {n} configuration(s), one at a time")
 
 
 def _write_report(store, g, reports: str, run_ids: list[str]) -> None:
@@ -253,6 +264,7 @@ def run(
             store.write_failure(run_id, {"variant": variant, "seed": seed}, e)
             say(console, f"failure recorded in {store.run_dir(run_id) / 'failed.json'}")
         raise typer.Exit(2)
+    _measure_costs(store, [record["run_id"]], device)
     if reused:
         say(console, f"already complete: {run_id}, not retrained (the record from {store.run_dir(run_id)}; "
                      f"--force retrains)", "yellow")

@@ -513,32 +513,21 @@ def _sync(dev: torch.device) -> None:
 
 def run_cost(model: torch.nn.Module, cfg: variants.VariantConfig, dev: torch.device,
              train_samples_per_s: float | None, peak_train_mib: float | None) -> dict:
-    """Cost of a trained variant for reports: FLOPs per sample (fvcore, LSTMs included), eval
-    latency at batch 1 on the run's device, peak training memory (CUDA only; None elsewhere,
-    never invented). Measured on random inputs of the data's shapes (questions of 12 tokens)."""
+    """What a training run can say of its variant's cost: FLOPs per sample (fvcore, LSTMs
+    included; counted, so load does not change them), the measured training throughput and peak
+    training memory (CUDA only; None elsewhere, never invented). Latency and inference memory are
+    not timed here, under whatever else runs: :mod:`harness.costs` measures them once per
+    configuration and device, serially, after training."""
     from . import measure
 
-    out = {"macs_per_sample": None, "flops_per_sample": None, "latency_ms_median": None, "latency_ms_p90": None,
-           "latency_batch_size": 1, "peak_mem_mib_train": peak_train_mib, "peak_mem_mib_infer": None,
+    out = {"macs_per_sample": None, "flops_per_sample": None, "peak_mem_mib_train": peak_train_mib,
            "train_samples_per_s": train_samples_per_s, "device": str(dev), "errors": {}}
-    was_training = model.training
     try:
         fl = measure.count_flops(model, measure.random_inputs(cfg.model, 2, dev))
         out.update(macs_per_sample=int(fl["macs_per_sample"]), flops_per_sample=int(fl["flops_per_sample"]),
                    unsupported_ops=fl["unsupported_ops"])
     except Exception as e:  # noqa: BLE001 - a cost that cannot be measured is recorded as missing
         out["errors"]["flops"] = f"{type(e).__name__}: {e}"
-    try:
-        inputs = measure.random_inputs(cfg.model, 1, dev)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        lat = measure.latency(model, inputs, reps=50 if dev.type == "cuda" else 20)
-        out.update(latency_ms_median=lat["latency_ms_median"], latency_ms_p90=lat["latency_ms_p90"])
-        if dev.type == "cuda":
-            out["peak_mem_mib_infer"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
-    except Exception as e:  # noqa: BLE001
-        out["errors"]["latency"] = f"{type(e).__name__}: {e}"
-    model.train(was_training)
     return out
 
 

@@ -1,0 +1,121 @@
+"""Inference costs of trained configurations, measured once per (model configuration, device),
+serially, after training.
+
+Latency and inference memory belong to a model configuration and a device, not to a training
+run: timed inside a run they measure whatever else the machine was doing (a ``--jobs 2`` grid
+once showed 302 ms for dualvgr and 3.5 ms for the same architecture in another run). So runs
+record no latency; after a grid's (or ``ablate.py run``'s) training, :func:`measure_missing`
+times each distinct configuration of the runs once, alone, with warm-up and repetitions, and
+stores the figures under ``results/costs/``, keyed by the configuration and the device.
+:func:`attach` puts them into the records a report reads, with when and where they were measured
+and their spread (p90 / median): a spread above :data:`SPREAD_FLAG` suggests interference.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import variants
+
+from .env import device_name, resolve_device
+from .store import ResultsStore, atomic_write_json
+
+#: p90 / median above this: the timing was disturbed (other work on the machine); reports flag it
+SPREAD_FLAG = 1.5
+#: timed forwards per configuration (after warm-up), by device type
+REPS = {"cuda": 200, "cpu": 50}
+
+
+def cost_key(model_cfg: dict, arch: str, dev_name: str) -> str:
+    """The configuration's architecture and model settings (what inference cost depends on) and the device."""
+    blob = json.dumps({"arch": arch, "model": model_cfg, "device": dev_name}, sort_keys=True, default=str)
+    return f"{arch}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+
+
+def _path(store: ResultsStore, key: str) -> Path:
+    return store.root / "costs" / f"{key}.json"
+
+
+def read(store: ResultsStore, record: dict) -> dict | None:
+    """The stored inference cost of a record's configuration on the record's device, or None."""
+    cfg = record.get("variant_config") or {}
+    key = cost_key(cfg.get("model", {}), cfg.get("arch", ""), record.get("device_name", ""))
+    try:
+        return json.loads(_path(store, key).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def measure_one(model_cfg: dict, arch: str, device: torch.device) -> dict:
+    """Batch-1 eval latency (median, p90, p99) and, on CUDA, peak inference memory of one
+    configuration with random weights (costs do not depend on the weights)."""
+    from . import measure
+
+    cfg = variants.VariantConfig(name=arch, arch=arch, description="", model=dict(model_cfg))
+    torch.manual_seed(0)
+    model = variants.build(cfg).to(device).eval()
+    inputs = measure.random_inputs(cfg.model, 1, device)
+    lat = measure.latency(model, inputs, reps=REPS.get(device.type, 50))
+
+    def infer():
+        with torch.no_grad():
+            model(*inputs)
+
+    mem, kind = measure.peak_memory_mib(infer, device)
+    return {"latency_ms_median": lat["latency_ms_median"], "latency_ms_p90": lat["latency_ms_p90"],
+            "latency_ms_p99": lat["latency_ms_p99"], "reps": lat["reps"], "warmup": lat["warmup"],
+            "spread": lat["latency_ms_p90"] / lat["latency_ms_median"] if lat["latency_ms_median"] else None,
+            "peak_mem_mib_infer": mem if device.type == "cuda" else None, "peak_mem_kind": kind,
+            "latency_batch_size": 1}
+
+
+def measure_missing(store: ResultsStore, run_ids: list[str], device: str | torch.device = "auto",
+                    say=lambda msg: None, force: bool = False) -> int:
+    """Measure, one at a time, every configuration among ``run_ids``' complete records that has
+    no stored cost on this device yet (records trained on another device are left to that
+    device). Returns how many were measured."""
+    dev = resolve_device(device)
+    name = device_name(dev)
+    todo: dict[str, tuple[dict, str]] = {}
+    for rid in run_ids:
+        if not store.is_complete(rid):
+            continue
+        r = store.read_record(rid)
+        if r.get("device_name") != name:
+            continue
+        cfg = r["variant_config"]
+        key = cost_key(cfg["model"], cfg["arch"], name)
+        if force or not _path(store, key).exists():
+            todo.setdefault(key, (cfg["model"], cfg["arch"]))
+    for i, (key, (model_cfg, arch)) in enumerate(todo.items()):
+        say(f"measuring inference cost {i + 1}/{len(todo)}: {key} on {name}")
+        rec = measure_one(model_cfg, arch, dev)
+        rec.update({"key": key, "arch": arch, "model": model_cfg, "device": str(dev), "device_name": name,
+                    "host": platform.node(), "torch_version": torch.__version__,
+                    "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        atomic_write_json(_path(store, key), rec)
+    return len(todo)
+
+
+def attach(store: ResultsStore, records: list[dict]) -> list[dict]:
+    """Copies of ``records`` whose ``cost`` carries the serially measured latency and inference
+    memory of their configuration (``cost.measured``: when, where, spread, flagged), or None where
+    none was measured: a latency timed during training is never shown."""
+    out = []
+    for r in records:
+        r = dict(r)
+        cost = dict(r.get("cost") or {})
+        c = read(store, r)
+        for k in ("latency_ms_median", "latency_ms_p90", "peak_mem_mib_infer"):
+            cost[k] = c.get(k) if c else None
+        cost["measured"] = None if c is None else {
+            "at": c["measured_at"], "device_name": c["device_name"], "host": c["host"], "spread": c["spread"],
+            "disturbed": c["spread"] is not None and c["spread"] > SPREAD_FLAG, "reps": c["reps"]}
+        r["cost"] = cost
+        out.append(r)
+    return out

@@ -1,0 +1,51 @@
+"""Inference costs: measured once per configuration and device, serially, after training; the
+same figure for every run of the same architecture (issue: costs measured under load)."""
+from __future__ import annotations
+
+import json
+
+from harness import costs
+from harness.runner import RunSpec, train
+from harness.store import ResultsStore
+
+FAST = dict(epochs=1, batch_size=512)
+
+
+def test_one_measurement_per_configuration_shared_by_its_runs(tiny, tmp_path):
+    store = ResultsStore(tmp_path)
+    recs = [train(RunSpec(v, seed=s, **FAST), store, data=tiny, device="cpu", progress=False)
+            for v, s in (("dualvgr", 0), ("dualvgr", 1), ("question-only", 0))]
+    assert all(r["cost"].get("latency_ms_median") is None for r in recs)  # not timed during training
+    calls = []
+    real = costs.measure_one
+
+    def counted(*a, **k):
+        calls.append(a[1])
+        return real(*a, **k)
+
+    costs.measure_one = counted
+    try:
+        n = costs.measure_missing(store, [r["run_id"] for r in recs], "cpu")
+        assert n == 2 and sorted(calls) == ["dualvgr", "question-only"]  # two seeds of dualvgr: one measurement
+        assert costs.measure_missing(store, [r["run_id"] for r in recs], "cpu") == 0  # stored: not again
+    finally:
+        costs.measure_one = real
+    shown = costs.attach(store, recs)
+    lat = [r["cost"]["latency_ms_median"] for r in shown]
+    assert lat[0] == lat[1] is not None and lat[2] is not None
+    m = shown[0]["cost"]["measured"]
+    assert m["device_name"] == recs[0]["device_name"] and m["at"] and m["spread"] >= 1.0
+    stored = [json.loads(p.read_text()) for p in (tmp_path / "costs").glob("*.json")]
+    assert {s["arch"] for s in stored} == {"dualvgr", "question-only"} and all(s["reps"] >= 20 for s in stored)
+
+
+def test_a_disturbed_timing_is_flagged(tiny, tmp_path):
+    store = ResultsStore(tmp_path)
+    rec = train(RunSpec("question-only", seed=2, **FAST), store, data=tiny, device="cpu", progress=False)
+    costs.measure_missing(store, [rec["run_id"]], "cpu")
+    (path,) = (tmp_path / "costs").glob("*.json")
+    c = json.loads(path.read_text())
+    c.update(latency_ms_median=1.0, latency_ms_p90=3.0, spread=3.0)
+    path.write_text(json.dumps(c))
+    (shown,) = costs.attach(store, [rec])
+    assert shown["cost"]["measured"]["disturbed"] is True
