@@ -9,7 +9,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pytest
 from typer.testing import CliRunner
 
 import ablate
