@@ -7,6 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import av  # a dependency of the project: if missing, this must fail, not skip
