@@ -156,6 +156,11 @@ class SplitData:
 
 def _load_questions(path: Path, split: str) -> dict:
     _require(path, f"{split} questions")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PK\x03\x04":
+        raise DataError(f"{path}: a torch.save zip archive, not the pickle the HCRN/DualVGR format uses; "
+                        f"load it with torch.load and write the dict with pickle.dump")
     try:
         with open(path, "rb") as f:
             obj = pickle.load(f)

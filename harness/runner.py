@@ -439,7 +439,7 @@ class _Run:
         tc, st = self.p.train, self.state
         epochs, first = tc["epochs"], st.next_epoch
         steps = D.num_batches(len(self.splits["train"]), self.batch_size, self.drop_last)
-        display = _Display(self.console, self.show_progress, self.p.spec.variant, epochs, steps)
+        display = _Display(self.console, self.show_progress, f"{self.p.spec.variant} seed {self.p.spec.seed}", epochs, steps)
         try:
             for epoch in range(first, epochs):
                 if tc["early_stop"] is not None and st.stale_epochs() >= tc["early_stop"]:

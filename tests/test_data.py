@@ -290,3 +290,21 @@ def test_batches_cover_the_split_once(tmp_path):
     assert b.appearance.shape == (4, 3, 2, 5) and b.motion.shape == (4, 3, 5)
     # features follow the question's video
     assert torch.equal(b.appearance[1], d.features.appearance[split.video_rows[1]])
+
+
+def test_torch_zip_questions_and_bad_glove_and_meta_are_named(tmp_path):
+    root = write_dataset(tmp_path / "z")
+    obj = pickle.load(open(root / "toy_train_questions.pt", "rb"))
+    torch.save(obj, root / "toy_train_questions.pt")
+    with pytest.raises(D.DataError, match=r"toy_train_questions.pt: a torch.save zip archive, not the pickle"):
+        D.load(root)
+
+    def nan_glove(split, obj):
+        obj["glove"] = obj["glove"].copy()
+        obj["glove"][3, 1] = np.nan
+    with pytest.raises(D.DataError, match=r"toy_train_questions.pt: 'glove' has NaN or Inf values \(first at row 3"):
+        D.load(write_dataset(tmp_path / "g", split_edit=nan_glove))
+    root = write_dataset(tmp_path / "m")
+    (root / "toy_meta.json").write_text("{broken")
+    with pytest.raises(D.DataError, match=r"toy_meta.json: not valid JSON"):
+        D.load(root)
