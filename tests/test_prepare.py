@@ -148,7 +148,7 @@ def release(tmp_path_factory):
 
 def run_cli(*args):
     """(exit code, output with whitespace runs as single spaces)."""
-    res = CliRunner().invoke(P._cli(), [str(a) for a in args])
+    res = CliRunner().invoke(P.build_cli(), [str(a) for a in args])
     return res.exit_code, " ".join(res.output.split())
 
 
