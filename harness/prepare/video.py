@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import struct
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -147,11 +148,67 @@ class DecodedVideo:
     warning: str | None = None
 
 
+#: the first box of an ISO base media file (mp4, mov, m4v, 3gp)
+_ISO_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"styp", b"pnot"}
+
+
+def _iso_damage(f, size: int) -> str | None:
+    """What is wrong with an ISO base media file's top-level boxes (None: nothing seen)."""
+    off, kinds = 0, set()
+    while off + 8 <= size:
+        f.seek(off)
+        head = f.read(16)
+        n, kind = struct.unpack(">I4s", head[:8])
+        if n == 1 and len(head) == 16:
+            n = struct.unpack(">Q", head[8:])[0]
+        elif n == 0:
+            n = size - off
+        name = kind.decode("latin-1")
+        if n < 8:
+            return f"its {name!r} box at byte {off} has the impossible size {n}"
+        if off + n > size:
+            return f"its {name!r} box at byte {off} needs {n} bytes, {off + n - size} more than the file has"
+        kinds.add(kind)
+        off += n
+    return None if b"moov" in kinds else "it has no 'moov' box (the index of its frames)"
+
+
+def container_damage(path: Path) -> str | None:
+    """A truncated or damaged container, told by the sizes its headers declare: an mp4 / mov box
+    running past the end of the file (or no index box), an AVI's RIFF size larger than the file.
+    None when nothing is seen (other formats are not checked)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if head[:4] == b"RIFF" and len(head) >= 8:
+                declared = struct.unpack("<I", head[4:8])[0] + 8
+                return (f"its RIFF header declares {declared} bytes, the file has {size}" if declared > size
+                        else None)
+            if head[4:8] in _ISO_BOXES:
+                return _iso_damage(f, size)
+    except OSError as e:
+        return f"cannot read it ({e})"
+    return None
+
+
+def _ffmpeg_error(e: Exception) -> str:
+    """An FFmpeg error without the file name it repeats."""
+    return f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"
+
+
 def _open(path: Path):
+    """The container, or a VideoError saying why not: an empty file, a truncated or damaged
+    container, or a file FFmpeg cannot read at all (not a video)."""
     try:
         return av.open(str(path))
     except Exception as e:  # noqa: BLE001 - every kind of unreadable file
-        raise VideoError(f"cannot open ({type(e).__name__}: {e})") from None
+        if path.is_file() and path.stat().st_size == 0:
+            raise VideoError("empty file (0 bytes)") from None
+        damage = container_damage(path)
+        if damage is not None:
+            raise VideoError(f"truncated or damaged: {damage}; FFmpeg cannot open it ({_ffmpeg_error(e)})") from None
+        raise VideoError(f"not a video FFmpeg can read ({_ffmpeg_error(e)})") from None
 
 
 def _decode(path: Path, wanted: set[int] | None) -> tuple[dict[int, np.ndarray], int, str | None]:
@@ -173,8 +230,8 @@ def _decode(path: Path, wanted: set[int] | None) -> tuple[dict[int, np.ndarray],
                 n += 1
         except Exception as e:  # noqa: BLE001
             if n == 0:
-                raise VideoError(f"cannot decode ({type(e).__name__}: {e})") from None
-            warning = f"decoding stopped after {n} frames ({type(e).__name__}: {e})"
+                raise VideoError(f"cannot decode any frame ({_ffmpeg_error(e)})") from None
+            warning = f"decoding stopped after {n} frames ({_ffmpeg_error(e)})"
     if n == 0:
         raise VideoError("no decodable frame")
     return kept, n, warning
@@ -202,6 +259,10 @@ def _sampled_frames(path: Path, num_clips: int, num_frames: int
         kept, total2, warning = _decode(path, need)
         if total2 != total or not need <= kept.keys():
             raise VideoError(f"decoded {total} frames, then {total2}: the video does not decode the same twice")
+    if total < meta:  # a truncated file often decodes its first frames without an error
+        damage = container_damage(path)
+        fewer = f"the container declares {meta} frames, {total} decoded: truncated or damaged"
+        warning = "; ".join(w for w in (warning, fewer + (f" ({damage})" if damage else "")) if w)
     return kept, total, idx, padded, warning
 
 

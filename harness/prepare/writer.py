@@ -10,12 +10,14 @@ batch), so those videos are extracted again. Attributes on the feature data sets
 backbone and sampling settings; resuming with other settings is refused."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from .. import layout as L
+from ..store import atomic_write_bytes
 from .common import PrepareError
 
 #: not compared on resuming: the same weights may have moved
@@ -35,20 +37,34 @@ class FeatureFiles:
     def __init__(self, app_path: Path, motion_path: Path, num_clips: int, num_frames: int,
                  app_attrs: dict, motion_attrs: dict, app_dim: int, motion_dim: int):
         self.paths = (Path(app_path), Path(motion_path))
+        ids = (L.IDS_KEY, (), None, np.int64)
+        layouts = ([(L.APPEARANCE_KEY, (num_clips, num_frames, app_dim), app_attrs, np.float32), ids,
+                    (L.NUM_FRAMES_KEY, (), None, np.int64)],
+                   [(L.MOTION_KEY, (num_clips, motion_dim), motion_attrs, np.float32), ids])
         self.files: list[h5py.File] = []
         try:
-            for p in self.paths:
-                self.files.append(_open(p))
-            fa, fm = self.files
-            self.app = _dataset(fa, L.APPEARANCE_KEY, (num_clips, num_frames, app_dim), app_attrs, np.float32)
-            self.mot = _dataset(fm, L.MOTION_KEY, (num_clips, motion_dim), motion_attrs, np.float32)
-            self.app_ids = _dataset(fa, L.IDS_KEY, (), None, np.int64)
-            self.mot_ids = _dataset(fm, L.IDS_KEY, (), None, np.int64)
-            self.nframes = _dataset(fa, L.NUM_FRAMES_KEY, (), None, np.int64)
+            opened = [self._open(p, layout) for p, layout in zip(self.paths, layouts)]
+            (self.app, self.app_ids, self.nframes), (self.mot, self.mot_ids) = opened
             self.done: set[int] = self._drop_unfinished()
         except BaseException:
             self.close()
             raise
+
+    def _open(self, path: Path, layout: list[tuple]) -> list[h5py.Dataset]:
+        """Open ``path`` for appending, created first (empty, complete, written atomically: a kill
+        while a new file is set up leaves no file rather than an unreadable one)."""
+        if not path.exists():
+            buf = io.BytesIO()
+            with h5py.File(buf, "w") as f:
+                for spec in layout:
+                    _dataset(f, *spec)
+            atomic_write_bytes(path, buf.getvalue())
+        try:
+            f = h5py.File(path, "a")
+        except OSError as e:
+            raise PrepareError(f"{path}: not a readable HDF5 file ({e}); delete it to start again") from None
+        self.files.append(f)
+        return [_dataset(f, *spec) for spec in layout]
 
     def _drop_unfinished(self) -> set[int]:
         """Truncate every data set to the rows both files' ids agree on; the ids of those rows."""
@@ -93,13 +109,6 @@ class FeatureFiles:
             except Exception:  # noqa: BLE001 - closing what is left after an error
                 pass
         self.files = []
-
-
-def _open(path: Path) -> h5py.File:
-    try:
-        return h5py.File(path, "a")
-    except OSError as e:
-        raise PrepareError(f"{path}: not a readable HDF5 file ({e}); delete it to start again") from None
 
 
 def _dataset(f: h5py.File, key: str, row_shape: tuple, attrs: dict | None, dtype) -> h5py.Dataset:
