@@ -4,17 +4,14 @@ import pickle
 import shutil
 from pathlib import Path
 
+import av  # a dependency of the project: if missing, this must fail, not skip
 import h5py
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
-import av  # a dependency of the project: if missing, this must fail, not skip
-
-from harness import data as D  # noqa: E402
-from harness import prepare as P  # noqa: E402
-
+from harness import data as D
+from harness import prepare as P
 
 # --------------------------------------------------------------------------- clip sampling
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -39,9 +38,9 @@ def questions(
     out: Path = typer.Option(..., help="Output directory (created if needed)."),
     answer_top: int = typer.Option(ANSWER_TOP, help="Answer vocabulary: the K most frequent training answers "
                                    "(the reference's default for both data sets)."),
-    mapping: Optional[Path] = typer.Option(None, help="MSVD-QA's youtube_mapping.txt, to check that every "
-                                           "question's video has a name [default: found in --annotations or "
-                                           "its parent, else not checked]."),
+    mapping: Path | None = typer.Option(None, help="MSVD-QA's youtube_mapping.txt, to check that every "
+                                       "question's video has a name [default: found in --annotations or "
+                                       "its parent, else not checked]."),
 ):
     """Vocabulary json and question pickles (HCRN's preprocess_questions.py rules)."""
     try:
@@ -56,11 +55,11 @@ def features(
                                 "YouTubeClips/*.avi or MSRVTT's TrainValVideo/ and TestVideo/ video<N>.mp4."),
     out: Path = typer.Option(..., help="Output directory (created if needed)."),
     dataset: Dataset = typer.Option(..., help="Which release: names the files and how video files map to ids."),
-    annotations: Optional[Path] = typer.Option(None, help="The QA json directory: only the videos its questions "
-                                               "refer to, and a missing one is an error [default: every video "
-                                               "found]."),
-    mapping: Optional[Path] = typer.Option(None, help="MSVD-QA's youtube_mapping.txt [default: found in "
-                                           "--annotations, --videos or their parents]."),
+    annotations: Path | None = typer.Option(None, help="The QA json directory: only the videos its questions "
+                                           "refer to, and a missing one is an error [default: every video "
+                                           "found]."),
+    mapping: Path | None = typer.Option(None, help="MSVD-QA's youtube_mapping.txt [default: found in "
+                                       "--annotations, --videos or their parents]."),
     appearance: str = typer.Option("resnet101", help=f"Appearance backbone: {', '.join(APPEARANCE_MODELS)} "
                                    "(torchvision, ImageNet; pool5, 2048-d)."),
     motion: str = typer.Option("r2plus1d_18", help=f"Motion backbone: {', '.join(MOTION_MODELS)} (torchvision, "
@@ -68,10 +67,10 @@ def features(
                                "checkpoint resnext-101-kinetics.pth; 2048-d)."),
     clips: int = typer.Option(8, help="Clips per video (MSVD-QA 8; MSRVTT-QA configs use 16)."),
     frames: int = typer.Option(16, help="Consecutive frames per clip."),
-    appearance_weights: Optional[Path] = typer.Option(None, help="State dict file for the appearance backbone "
-                                                      "[default: torchvision's cached ImageNet weights]."),
-    motion_weights: Optional[Path] = typer.Option(None, help="State dict / checkpoint file for the motion "
-                                                  "backbone [default: torchvision's cached Kinetics weights]."),
+    appearance_weights: Path | None = typer.Option(None, help="State dict file for the appearance backbone "
+                                                  "[default: torchvision's cached ImageNet weights]."),
+    motion_weights: Path | None = typer.Option(None, help="State dict / checkpoint file for the motion "
+                                              "backbone [default: torchvision's cached Kinetics weights]."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Random backbones: meaningless features, "
                                         "for tests only."),
     image_size: int = typer.Option(224, help="Appearance frame size (square)."),

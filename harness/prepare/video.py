@@ -6,10 +6,10 @@ import itertools
 import re
 import struct
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import av
 import numpy as np
