@@ -3,8 +3,11 @@
 Both files grow one batch of videos at a time (resizable data sets). A batch is committed in two
 phases: first its feature rows (and ``num_frames``) are written to both files and flushed, then
 its ids, again flushed file by file. A row therefore counts as done only when its id is in both
-files at the same row, and an id is written only after its features reached both files: a run
-killed at any point leaves readable files in which every video that has an id is complete.
+files at the same row, and an id is written only after its features reached both files (a
+whole flush earlier, so this holds whatever order HDF5 writes in within one flush). A run killed at
+any point leaves readable files in which every video that has an id is complete
+(tests/test_prepare_videos.py copies the files before each flush of a run, what a kill then leaves,
+and checks it; a new file is written complete before anything is appended, see ``_open``).
 Opening the files again drops whatever lies past the rows both files' ids agree on (an interrupted
 batch), so those videos are extracted again. Attributes on the feature data sets record the
 backbone and sampling settings; resuming with other settings is refused."""
