@@ -11,6 +11,7 @@ A data set ``{name}`` (e.g. ``msvd-qa``) is a directory holding::
     {name}_vocab.json           VOCAB_KEYS (+ question_answer_token_to_idx in the reference's files)
     {name}_{split}_questions.pt pickle of a dict with QUESTION_KEYS (+ optional QUESTION_CATEGORY_KEY)
     {name}_meta.json            optional: how the set was made (synthetic presets write it last)
+    {name}_{questions,features}_report.json  optional: what harness.prepare found (not read by harness.data)
 """
 from __future__ import annotations
 
@@ -23,11 +24,20 @@ MOTION_KEY = "resnext_features"
 IDS_KEY = "ids"
 #: attribute of MOTION_KEY naming the motion backbone; a motion dim unlike the appearance dim needs it
 MOTION_MODEL_ATTR = "model"
+#: optional in the appearance file (written by harness.prepare): frames decoded per video, 0 = unreadable
+NUM_FRAMES_KEY = "num_frames"
 
 QUESTION_TOKENS_KEY = "question_token_to_idx"
 ANSWER_TOKENS_KEY = "answer_token_to_idx"
 VOCAB_KEYS: tuple[str, ...] = (QUESTION_TOKENS_KEY, ANSWER_TOKENS_KEY)
-QUESTION_KEYS: tuple[str, ...] = ("questions", "questions_len", "video_ids", "question_id", "answers", "glove")
+#: the reference's third vocabulary (specials only); written by harness.prepare, not read
+QUESTION_ANSWER_TOKENS_KEY = "question_answer_token_to_idx"
+QUESTIONS_KEY, QUESTIONS_LEN_KEY, VIDEO_IDS_KEY = "questions", "questions_len", "video_ids"
+QUESTION_ID_KEY, ANSWERS_KEY, GLOVE_KEY = "question_id", "answers", "glove"
+QUESTION_KEYS: tuple[str, ...] = (QUESTIONS_KEY, QUESTIONS_LEN_KEY, VIDEO_IDS_KEY, QUESTION_ID_KEY, ANSWERS_KEY,
+                                  GLOVE_KEY)
+#: the reference's copy of VIDEO_IDS_KEY; written by harness.prepare, not read
+VIDEO_NAMES_KEY = "video_names"
 #: SVQA-style question types; without it the type is the question's first word
 QUESTION_CATEGORY_KEY = "question_category"
 
@@ -50,6 +60,16 @@ def questions_file(root: str | Path, name: str, split: str) -> Path:
 
 def meta_file(root: str | Path, name: str) -> Path:
     return Path(root) / f"{name}_meta.json"
+
+
+def questions_report_file(root: str | Path, name: str) -> Path:
+    """What ``harness.prepare questions`` found (vocabulary sizes, dropped questions); not read."""
+    return Path(root) / f"{name}_questions_report.json"
+
+
+def features_report_file(root: str | Path, name: str) -> Path:
+    """What ``harness.prepare features`` found (unreadable and short videos); it reads it back on resuming."""
+    return Path(root) / f"{name}_features_report.json"
 
 
 def name_from_vocab_file(path: str | Path) -> str:

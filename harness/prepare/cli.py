@@ -1,0 +1,107 @@
+"""The command line: ``python -m harness.prepare questions|features``. It catches only
+:class:`PrepareError` (printed, exit 2); anything else is a bug and shows its traceback."""
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from .. import layout as L
+from .backbones import APPEARANCE_MODELS, MOTION_MODELS, RESNEXT3D
+from .common import PrepareError
+from .extract import FeatureSettings, extract_features
+from .questions import ANSWER_TOP, prepare_questions
+
+#: no wrapping: messages hold file names
+console = Console(stderr=True, soft_wrap=True)
+
+
+class Dataset(str, Enum):
+    msvd = "msvd-qa"
+    msrvtt = "msrvtt-qa"
+
+
+def _fail(e: PrepareError) -> None:
+    console.print(f"error: {e}", style="red", highlight=False, markup=False)
+    raise typer.Exit(2)
+
+
+def questions(
+    dataset: Dataset = typer.Option(..., help="Which release: names the output files "
+                                    f"({L.vocab_file('', '{dataset}')} ...)."),
+    annotations: Path = typer.Option(..., help="Directory with the release's train_qa.json, val_qa.json, "
+                                     "test_qa.json (records: question, answer, video_id, id)."),
+    glove: Path = typer.Option(..., help="GloVe vectors, .txt format (glove.840B.300d.txt as in the reference)."),
+    out: Path = typer.Option(..., help="Output directory (created if needed)."),
+    answer_top: int = typer.Option(ANSWER_TOP, help="Answer vocabulary: the K most frequent training answers "
+                                   "(the reference's default for both data sets)."),
+    mapping: Path | None = typer.Option(None, help="MSVD-QA's youtube_mapping.txt, to check that every "
+                                       "question's video has a name [default: found in --annotations or "
+                                       "its parent, else not checked]."),
+):
+    """Vocabulary json and question pickles (HCRN's preprocess_questions.py rules)."""
+    try:
+        prepare_questions(dataset.value, annotations, glove, out, answer_top=answer_top, mapping=mapping,
+                          log=lambda m: console.print(m, highlight=False, markup=False))
+    except PrepareError as e:
+        _fail(e)
+
+
+def features(
+    videos: Path = typer.Option(..., help="Directory holding the videos (searched recursively): MSVD's "
+                                "YouTubeClips/*.avi or MSRVTT's TrainValVideo/ and TestVideo/ video<N>.mp4."),
+    out: Path = typer.Option(..., help="Output directory (created if needed)."),
+    dataset: Dataset = typer.Option(..., help="Which release: names the files and how video files map to ids."),
+    annotations: Path | None = typer.Option(None, help="The QA json directory: only the videos its questions "
+                                           "refer to, and a missing one is an error [default: every video "
+                                           "found]."),
+    mapping: Path | None = typer.Option(None, help="MSVD-QA's youtube_mapping.txt [default: found in "
+                                       "--annotations, --videos or their parents]."),
+    appearance: str = typer.Option("resnet101", help=f"Appearance backbone: {', '.join(APPEARANCE_MODELS)} "
+                                   "(torchvision, ImageNet; pool5, 2048-d)."),
+    motion: str = typer.Option("r2plus1d_18", help=f"Motion backbone: {', '.join(MOTION_MODELS)} (torchvision, "
+                               f"Kinetics-400; 512-d) or {RESNEXT3D}:PATH (the reference's ResNeXt-101 3D "
+                               "checkpoint resnext-101-kinetics.pth; 2048-d)."),
+    clips: int = typer.Option(8, help="Clips per video (MSVD-QA 8; MSRVTT-QA configs use 16)."),
+    frames: int = typer.Option(16, help="Consecutive frames per clip."),
+    appearance_weights: Path | None = typer.Option(None, help="State dict file for the appearance backbone "
+                                                  "[default: torchvision's cached ImageNet weights]."),
+    motion_weights: Path | None = typer.Option(None, help="State dict / checkpoint file for the motion "
+                                              "backbone [default: torchvision's cached Kinetics weights]."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Random backbones: meaningless features, "
+                                        "for tests only."),
+    image_size: int = typer.Option(224, help="Appearance frame size (square)."),
+    motion_size: int = typer.Option(112, help="Motion frame size (square)."),
+    batch_size: int = typer.Option(4, help="Videos per forward pass (x clips x frames images)."),
+    device: str = typer.Option("auto", help="auto (cuda when available), cpu, cuda, cuda:N."),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Decoding threads."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="With --annotations: give referenced "
+                                       "videos that have no file zero features instead of failing."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
+):
+    """Appearance and motion h5 files (HCRN's preprocess_features.py sampling); resumable."""
+    settings = FeatureSettings(appearance, motion, clips, frames, image_size, motion_size, batch_size,
+                               appearance_weights, motion_weights, random_weights, device, workers, allow_missing)
+    try:
+        summary = extract_features(dataset.value, videos, out, settings, annotations=annotations, mapping=mapping,
+                                   console=console, progress=progress)
+    except PrepareError as e:
+        _fail(e)
+    if not summary.complete:
+        raise typer.Exit(1)
+
+
+def build_cli() -> typer.Typer:
+    app = typer.Typer(add_completion=False, context_settings={"help_option_names": ["-h", "--help"]},
+                      help="From the public MSVD-QA / MSRVTT-QA release (QA json files, videos) and a GloVe file to "
+                           "the HCRN / DualVGR feature format that harness.data loads. See docs/preparing-data.md.")
+    app.command()(questions)
+    app.command()(features)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    build_cli()(args=argv, prog_name="python -m harness.prepare")
