@@ -95,7 +95,7 @@ def features(
 
 
 def build_cli() -> typer.Typer:
-    app = typer.Typer(add_completion=False, context_settings={"help_option_names": ["-h", "--help"]},
+    app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
                       help="From the public MSVD-QA / MSRVTT-QA release (QA json files, videos) and a GloVe file to "
                            "the HCRN / DualVGR feature format that harness.data loads. See docs/preparing-data.md.")
     app.command()(questions)

@@ -11,16 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from .. import layout as L
+from ..console import progress_bar
 from ..env import resolve_device
 from ..store import atomic_write_json
 from .backbones import Backbone, build_appearance, build_motion, preprocess
@@ -172,9 +165,7 @@ class _Extraction:
         sm.total, sm.skipped = len(self.targets), len(self.targets) - len(todo)
         self._announce(todo)
         live = progress and self.console.is_terminal  # else a plain line every 500 videos (logs)
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                       console=self.console, disable=not live)
+        bar = progress_bar(self.console, disable=not live)
         with bar, torch.inference_mode():
             task = bar.add_task("videos", total=len(self.targets), completed=sm.skipped, info="")
             for batch in self._batches(todo):
