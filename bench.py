@@ -84,7 +84,7 @@ def main(
         raise typer.BadParameter(f"unknown precision {precision!r} ({', '.join(PRECISIONS)})", param_hint="--precision")
     for pattern in variant:  # every pattern must match: a typo is an error, not a silent omission
         if not variants.list(pattern):
-            raise typer.BadParameter(f"{pattern!r} matches no registered variant "
+            raise typer.BadParameter(f"no variant matches {pattern!r} "
                                      f"(known: {', '.join(variants.list())})", param_hint="--variant")
     names = variants.list(variant)
     try:
