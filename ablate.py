@@ -76,19 +76,31 @@ def main(
     ctx: typer.Context,
     grid: Optional[str] = typer.Option(None, "--grid", help="Run the grid grids/NAME.toml (or a path to a grid "
                                        "file): complete runs are skipped, teachers run first, then the report is written."),
-    jobs: Optional[int] = typer.Option(None, help="Runs at a time [default: the grid's executor.jobs, else 1]."),
+    jobs: Optional[int] = typer.Option(None, min=1, help="Runs at a time \\[default: the grid's executor.jobs, else 1]."),
     executor: Optional[str] = typer.Option(None, help="local (processes on this machine), slurm (a submitit job "
-                                           "array), or submitit-local [default: the grid's, else local]."),
+                                           "array), or submitit-local \\[default: the grid's, else local]."),
     data: Optional[str] = typer.Option(None, help="Override the grid's data set."),
     seeds: Optional[str] = typer.Option(None, help="Override the grid's seeds, comma-separated."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:N [default: cuda when available; with --jobs, "
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N \\[default: cuda when available; with --jobs, "
                                "runs are spread over the GPUs]."),
     results: str = typer.Option("results", help="Results store directory."),
     reports: str = typer.Option("reports", help="Where the report goes."),
-    partition: Optional[str] = typer.Option(None, help="SLURM partition."),
-    gpus_per_run: Optional[int] = typer.Option(None, help="SLURM GPUs per run [default 1]."),
-    time_min: Optional[int] = typer.Option(None, help="SLURM time limit per run, minutes [default 240]."),
-    array_parallelism: Optional[int] = typer.Option(None, help="SLURM array parallelism [default: --jobs]."),
+    partition: Optional[str] = typer.Option(None, help="SLURM partition \\[default: the grid's executor.partition, "
+                                            "else the cluster's default partition]."),
+    gpus_per_run: Optional[int] = typer.Option(None, min=0, help="GPUs per SLURM job (--gpus-per-node); 0 for a "
+                                               "CPU-only partition \\[default: the grid's executor.gpus_per_run, else 1 "
+                                               "when --device is cuda, else none requested]."),
+    cpus_per_run: Optional[int] = typer.Option(None, min=1, help="CPUs per SLURM job (--cpus-per-task); torch uses "
+                                               "as many threads \\[default: the grid's executor.cpus_per_run, else "
+                                               "the cluster's default]."),
+    mem_gb: Optional[float] = typer.Option(None, min=0, help="Memory per SLURM job, GB (--mem; 0 is SLURM's 'all of "
+                                           "the node's memory') \\[default: the grid's executor.mem_gb, else the "
+                                           "cluster's default]."),
+    time_min: Optional[int] = typer.Option(None, min=1, help="SLURM time limit per job, minutes; a run that reaches "
+                                           "it is requeued and resumes from its last completed epoch \\[default: the "
+                                           "grid's executor.time_min, else the partition's default time limit]."),
+    array_parallelism: Optional[int] = typer.Option(None, min=1, help="SLURM jobs running at a time \\[default: the "
+                                                    "grid's executor.array_parallelism, else --jobs]."),
     mode: str = typer.Option("auto", help="Feature loading: memory, stream or auto."),
 ):
     """Run an ablation grid (--grid), or one of the commands below."""
@@ -98,7 +110,7 @@ def main(
         console.print(ctx.get_help())
         raise typer.Exit(0)
     from harness import grid as G
-    from harness.executor import run_grid
+    from harness.executor import check_executor_options, run_grid
     from harness.store import ResultsStore
 
     try:
@@ -110,11 +122,15 @@ def main(
     if ex not in G.EXECUTOR_KINDS:
         error(console, f"--executor must be one of {', '.join(G.EXECUTOR_KINDS)}, got {ex!r}")
         raise typer.Exit(2)
-    slurm = {k: v for k, v in {**g.executor, "partition": partition or g.executor.get("partition"),
-                                "gpus_per_run": gpus_per_run or g.executor.get("gpus_per_run"),
-                                "time_min": time_min or g.executor.get("time_min"),
-                                "array_parallelism": array_parallelism or g.executor.get("array_parallelism")}.items()
-             if v is not None}
+    try:  # a SLURM request given in the grid is checked before anything runs; the command line's by typer
+        check_executor_options(g.executor, f"{g.path}: [executor]")
+    except G.GridError as e:
+        error(console, e)
+        raise typer.Exit(2)
+    # the command line overrides the grid's [executor] table; a value given is sent as is, 0 included
+    given = {"partition": partition, "gpus_per_run": gpus_per_run, "cpus_per_run": cpus_per_run, "mem_gb": mem_gb,
+             "time_min": time_min, "array_parallelism": array_parallelism}
+    slurm = {**g.executor, **{k: v for k, v in given.items() if v is not None}}
     store = ResultsStore(results)
     try:
         res = run_grid(g, store, executor=ex, jobs=jobs or int(g.executor.get("jobs", 1)), device=device, mode=mode,

@@ -1,24 +1,42 @@
 """Running a grid: skip complete runs, run the rest (in this process, in worker processes, or as
 a submitit job array on SLURM), teachers before the students that need them, failures recorded
-and the grid going on, Ctrl-C stopping cleanly (running again resumes)."""
+and the grid going on, Ctrl-C stopping cleanly (running again resumes).
+
+Worker processes (``--jobs N``) die with the grid's process, even when it is killed with SIGKILL.
+On SLURM, resources are requested exactly as the grid's ``[executor]`` table or the command line
+asks (see :func:`slurm_parameters`), a run that reaches the job's time limit is requeued and resumes
+from its last completed epoch (:class:`SubmititRun`), job states are read from result files and
+``squeue`` (clusters without accounting have no ``sacct``), and Ctrl-C cancels the grid's jobs.
+"""
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import getpass
+import logging
+import math
 import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from datetime import datetime, timezone
 from pathlib import Path
 
+import submitit
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import data as D
-from .grid import Grid
+from .errors import HarnessError
+from .grid import Grid, GridError
 from .runner import RunSpec, feature_mode, plan, train
-from .store import ResultsStore, atomic_write_json
+from .store import ResultsStore
 
 _DATA: dict[tuple[str, str], D.VideoQAData] = {}  # per process: each worker loads a data set once
 
@@ -38,20 +56,198 @@ def run_one(spec: dict, results: str, device: str = "auto", mode: str = "auto") 
     try:
         data = _data(s.data, feature_mode(s, mode))
         run_id = plan(s, data).run_id
-        rec = train(s, store, data=data, device=device, progress=False)
+        # per-epoch lines named by variant and seed in logs (SLURM, CI); no live bar beside the grid's own
+        rec = train(s, store, data=data, device=device, progress=not sys.stderr.isatty())
         (store.run_dir(run_id) / "failed.json").unlink(missing_ok=True)
         return {"run_id": rec["run_id"], "variant": s.variant, "seed": s.seed, "status": "complete",
                 "test_acc": rec["metrics"]["test"]["overall"]}
     except Exception as e:  # noqa: BLE001 - every failure is recorded; the grid goes on
-        reason = f"{type(e).__name__}: {e}"
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            reason = f"out of GPU memory: {e}"
-        failure = {"run_id": run_id, "variant": s.variant, "seed": s.seed, "status": "failed", "reason": reason,
-                   "traceback": traceback.format_exc(), "spec": spec,
-                   "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        if run_id is not None:
-            atomic_write_json(store.run_dir(run_id) / "failed.json", failure)
+        info = {"variant": s.variant, "seed": s.seed, "spec": spec}
+        if run_id is None:
+            failure = {"run_id": None, **info, "status": "failed", "reason": f"{type(e).__name__}: {e}",
+                       "traceback": traceback.format_exc()}
+        else:
+            failure = store.write_failure(run_id, info, e)
         return failure
+
+
+class SubmititRun(submitit.helpers.Checkpointable):
+    """:func:`run_one` as a submitit job. When the job nears its SLURM time limit (or is preempted),
+    submitit calls :meth:`checkpoint` from its signal handler and requeues the job with the call it
+    returns: the same run, which the runner resumes from ``state.pt`` (its last completed epoch)."""
+
+    def __call__(self, spec: dict, results: str, device: str = "auto", mode: str = "auto") -> dict:
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus:  # as many threads as the job was given CPUs (torch would otherwise use every core of the node)
+            torch.set_num_threads(int(cpus))
+        return run_one(spec, results, device, mode)
+
+    def checkpoint(self, spec: dict, results: str, device: str = "auto", mode: str = "auto"):
+        print(f"{spec['variant']} seed {spec['seed']}: job time limit or preemption: requeued, the run resumes "
+              f"from its last completed epoch", file=sys.stderr, flush=True)
+        return submitit.helpers.DelayedSubmission(self, spec, results, device, mode)
+
+
+# --- local worker processes die with the grid's process ----------------------------------------------------
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Initializer of the grid's worker processes: end this worker when the grid's process ends, even
+    by SIGKILL (which leaves no chance to clean up), instead of training on for nobody. Linux: the
+    kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG); everywhere: a thread that
+    checks every second that the parent is still this process's parent."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watchdog below still ends the worker
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+# --- SLURM ------------------------------------------------------------------------------------------------
+
+class ExecutorError(HarnessError, RuntimeError):
+    """The grid cannot be submitted or followed (SLURM refused the jobs, squeue or sinfo failed...)."""
+
+
+#: grid [executor] keys (= ablate.py options) that are SLURM requests, with the sbatch option each becomes
+SLURM_REQUESTS = {"partition": "--partition", "gpus_per_run": "--gpus-per-node", "cpus_per_run": "--cpus-per-task",
+                  "mem_gb": "--mem", "time_min": "--time", "array_parallelism": "--array=...%N"}
+_MINIMUM = {"gpus_per_run": 0, "cpus_per_run": 1, "mem_gb": 0, "time_min": 1, "array_parallelism": 1}
+#: times a run may be requeued at its time limit before it is recorded as failed (each requeue resumes)
+MAX_REQUEUES = 20
+
+
+def check_executor_options(options: dict, where: str = "executor options") -> None:
+    """Raise GridError naming ``where`` and the key for a SLURM request that is not a valid value."""
+    for key, low in _MINIMUM.items():
+        v = options.get(key)
+        if v is None:
+            continue
+        kind = (int, float) if key == "mem_gb" else int
+        if isinstance(v, bool) or not isinstance(v, kind) or v < low:
+            raise GridError(f"{where}: {key} = {v!r} must be {'a number' if key == 'mem_gb' else 'an integer'} "
+                            f">= {low}")
+    part = options.get("partition")
+    if part is not None and (not isinstance(part, str) or not part):
+        raise GridError(f"{where}: partition = {part!r} must be a partition name")
+
+
+def slurm_parameters(options: dict, device: str = "auto", jobs: int = 1, name: str = "ablate") -> dict:
+    """submitit SlurmExecutor parameters for a grid's jobs: exactly the requests that were set (0
+    included: ``gpus_per_run = 0`` sends ``--gpus-per-node=0``), nothing else, so the cluster's
+    defaults apply to the rest. GPUs are requested unasked only when the device is cuda (one per
+    run). ``mem_gb = 0`` is SLURM's ``--mem=0`` (all of the node's memory). Without ``time_min``
+    the partition's default time limit is looked up (submitit always sends one)."""
+    check_executor_options(options)
+    gpus = options.get("gpus_per_run")
+    if gpus is None and device.startswith("cuda"):
+        gpus = 1
+    params = {"job_name": name, "partition": options.get("partition"), "gpus_per_node": gpus,
+              "cpus_per_task": options.get("cpus_per_run"), "array_parallelism": options.get("array_parallelism", jobs)}
+    mem = options.get("mem_gb")
+    if mem is not None:
+        params["mem"] = f"{mem}G" if float(mem).is_integer() else f"{math.ceil(mem * 1024)}M"
+    time_min = options.get("time_min")
+    if time_min is None:
+        time_min = partition_time_limit(options.get("partition"))
+    params["time"] = time_min
+    # submitit signals the job this long before its time limit to checkpoint and requeue it; slurmctld looks at
+    # time limits every 30 s, so at least 30 s (and at most half the limit, for tiny limits)
+    params["signal_delay_s"] = max(30, min(90, time_min * 30)) if time_min else 90
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _minutes(text: str) -> int | None:
+    """A SLURM time ([D-]HH:MM:SS, MM:SS, MM, infinite) in minutes, rounded up; 0 for no limit."""
+    text = text.strip()
+    if text in ("infinite", "UNLIMITED"):
+        return 0
+    days, _, clock = text.rpartition("-")
+    try:
+        parts = [int(x) for x in clock.split(":")]
+        d = int(days) if days else 0
+    except ValueError:
+        return None
+    seconds = {1: lambda p: p[0] * 60, 2: lambda p: p[0] * 60 + p[1],
+               3: lambda p: p[0] * 3600 + p[1] * 60 + p[2]}.get(len(parts))
+    return None if seconds is None else d * 1440 + math.ceil(seconds(parts) / 60)
+
+
+def partition_time_limit(partition: str | None) -> int:
+    """The time limit, in minutes (0: none), that a job asking for none gets on this partition (the
+    cluster's default one when None): its DefaultTime, else its MaxTime. Raises ExecutorError when
+    sinfo fails or the partition does not exist."""
+    cmd = ["sinfo", "-h", "-o", "%P %L %l"] + (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ExecutorError(f"cannot ask SLURM about its partitions ({' '.join(cmd)}): {e}") from None
+    if out.returncode:
+        raise ExecutorError(f"{' '.join(cmd)} failed: {out.stderr.strip() or out.stdout.strip()}")
+    rows = [line.split() for line in out.stdout.splitlines() if len(line.split()) == 3]
+    if partition is None:
+        rows = [r for r in rows if r[0].endswith("*")]
+    if not rows:
+        known = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60).stdout.split()
+        what = f"no partition {partition!r}" if partition else "no default partition"
+        raise ExecutorError(f"SLURM has {what} (partitions: {', '.join(k.rstrip('*') for k in known) or 'none'}); "
+                            f"pass --partition")
+    _, default, maximum = rows[0]
+    for text in (default, maximum):
+        minutes = _minutes(text)
+        if minutes is not None:
+            return minutes
+    return 0
+
+
+class _SacctNoise(logging.Filter):
+    """On clusters without accounting every sacct call fails and submitit logs a warning each time:
+    the first is shown once, as one line that says what it means; the rest are dropped."""
+
+    def __init__(self, console: Console):
+        super().__init__()
+        self.console, self.seen = console, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Bypassing sacct error" not in record.getMessage():
+            return True
+        self.seen += 1
+        if self.seen == 1:
+            self.console.print(f"[dim]sacct does not answer (no job accounting on this cluster?); job states are read "
+                               f"from result files and squeue; further sacct errors are not shown. "
+                               f"({escape(record.getMessage())})[/dim]")
+        return False
+
+
+#: squeue states of a job that has ended (a requeued job is PENDING or REQUEUED again)
+_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT"}
+
+
+def _ended_jobs(job_ids: list[str]) -> set[str] | None:
+    """Which of these SLURM jobs (array tasks as ``123_4``) have ended, by squeue, which needs no
+    accounting: in an ended state or no longer listed. None when squeue cannot say."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i %T"], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode:
+        return None
+    states = dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
+    return {j for j in job_ids if states.get(j, "GONE") in _ENDED | {"GONE"}}
 
 
 @dataclasses.dataclass
@@ -100,7 +296,7 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
                           f" ({out['run_id']})")
         else:
             result.failed.append(out)
-            console.print(f"[red]failed[/red] {out['variant']} seed {out['seed']}: {out['reason']}")
+            console.print(f"[red]failed[/red] {out['variant']} seed {out['seed']}: {escape(out['reason'])}")
         progress.update(task, advance=1, status=status())
 
     specs = {p.run_id: dataclasses.asdict(p.spec) for p in todo}
@@ -124,7 +320,8 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
             elif executor == "local":
                 ngpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
                 free_slots = list(range(jobs))
-                with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+                with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                         initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
                     futures = {}
                     try:
                         while pending or futures:
@@ -157,7 +354,7 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
                         raise
             else:
                 _run_submitit(grid, todo, specs, store, executor, jobs, device, mode, slurm or {}, finished,
-                              running, progress, task, status, poll_s)
+                              running, progress, task, status, poll_s, console)
         except KeyboardInterrupt:
             result.interrupted = True
             console.print("[yellow]interrupted[/yellow]: finished runs are kept; run the same command again to "
@@ -166,20 +363,16 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
 
 
 def _run_submitit(grid, todo, specs, store, executor, jobs, device, mode, slurm, finished, running, progress, task,
-                  status, poll_s) -> None:
-    """Job arrays through submitit: one array per dependency wave (teachers, then students)."""
-    import submitit
-
-    folder = Path(store.root) / "submitit" / grid.name
+                  status, poll_s, console) -> None:
+    """Job arrays through submitit: one array per dependency wave (teachers, then students). Ctrl-C
+    cancels the jobs not finished (running the grid again resumes them)."""
+    root = Path(store.root).resolve()  # the jobs may start in another directory
+    folder = root / "submitit" / grid.name
     if executor == "slurm":
-        ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
-        params = {"slurm_partition": slurm.get("partition"), "gpus_per_node": slurm.get("gpus_per_run", 1),
-                  "timeout_min": slurm.get("time_min", 240), "slurm_array_parallelism": slurm.get("array_parallelism", jobs),
-                  "cpus_per_task": slurm.get("cpus_per_run", 8), "mem_gb": slurm.get("mem_gb", 32),
-                  "name": f"ablate-{grid.name}"}
-        ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
+        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
+        ex.update_parameters(**slurm_parameters(slurm, device, jobs, name=f"ablate-{grid.name}"))
     else:  # submitit's LocalExecutor: the same code path, on this machine (used in CI)
-        ex = submitit.LocalExecutor(folder=folder)
+        ex = submitit.LocalExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
         ex.update_parameters(timeout_min=slurm.get("time_min", 60))
     ids = {p.run_id for p in todo}
     waves: list[list] = []
@@ -191,22 +384,66 @@ def _run_submitit(grid, todo, specs, store, executor, jobs, device, mode, slurm,
             wave = left[:]
         waves.append(wave)
         left = [p for p in left if p not in wave]
-    for wave in waves:
-        jobs_ = ex.map_array(run_one, [specs[p.run_id] for p in wave], [str(store.root)] * len(wave),
-                             [device] * len(wave), [mode] * len(wave))
-        pending = dict(zip(jobs_, wave))
-        for p in wave:
-            running[p.run_id] = p
-        progress.update(task, status=status())
-        while pending:
-            for job in [j for j in pending if j.done()]:
-                p = pending.pop(job)
-                running.pop(p.run_id, None)
-                try:
-                    out = job.result()
-                except Exception as e:  # noqa: BLE001 - the job itself died (node failure, timeout)
-                    out = {"run_id": p.run_id, "variant": p.spec.variant, "seed": p.spec.seed, "status": "failed",
-                           "reason": f"submitit job {job.job_id} failed: {type(e).__name__}: {e}"}
-                finished(out)
-            if pending:
-                time.sleep(poll_s)
+    noise = _SacctNoise(console)
+    logging.getLogger("submitit").addFilter(noise)
+    pending: dict = {}
+    try:
+        for wave in waves:
+            try:
+                jobs_ = ex.map_array(SubmititRun(), [specs[p.run_id] for p in wave], [str(root)] * len(wave),
+                                     [device] * len(wave), [mode] * len(wave))
+            except submitit.core.utils.FailedJobError as e:  # sbatch refused the jobs; its message says why
+                hint = (" (the partition has no GPUs? --gpus-per-run 0 asks for none)"
+                        if "gres" in str(e).lower() else "")
+                raise ExecutorError(f"SLURM refused the grid's jobs: {e}{hint}") from None
+            pending = dict(zip(jobs_, wave))
+            for p in wave:
+                running[p.run_id] = p
+            progress.update(task, status=status())
+            _follow(pending, executor, finished, running, poll_s)
+    except KeyboardInterrupt:
+        cancel = [j for j in pending if not j.paths.result_pickle.exists()]
+        for job in cancel:
+            job.cancel(check=False)
+        if cancel:
+            console.print(f"cancelled {len(cancel)} submitit job(s): {', '.join(j.job_id for j in cancel)}",
+                          markup=False)
+        raise
+    finally:
+        logging.getLogger("submitit").removeFilter(noise)
+
+
+def _follow(pending: dict, executor: str, finished, running, poll_s: float, squeue_every_s: float = 30.0) -> None:
+    """Wait for a wave's jobs; report each as it ends. On SLURM a job is over when its result file
+    exists, or when squeue has shown it ended twice in a row (a job killed before it could write one:
+    cancelled, out of memory, node failure); submitit's own check needs sacct, which clusters without
+    accounting do not have."""
+    last_squeue, gone_before = 0.0, set()
+    while pending:
+        over = [j for j in pending if j.paths.result_pickle.exists()] if executor == "slurm" else \
+            [j for j in pending if j.done()]
+        lost = []
+        if executor == "slurm" and time.time() - last_squeue >= squeue_every_s:
+            last_squeue = time.time()
+            ended = _ended_jobs([j.job_id for j in pending if j not in over])
+            gone = ended or set()
+            lost = [j for j in pending if j.job_id in gone & gone_before and not j.paths.result_pickle.exists()]
+            gone_before = gone
+        for job in over:
+            p = pending.pop(job)
+            running.pop(p.run_id, None)
+            try:
+                out = job.result()
+            except Exception as e:  # noqa: BLE001 - the job itself died (node failure, time limit)
+                out = {"run_id": p.run_id, "variant": p.spec.variant, "seed": p.spec.seed, "status": "failed",
+                       "reason": f"submitit job {job.job_id} failed: {type(e).__name__}: {e}"}
+            finished(out)
+        for job in lost:
+            p = pending.pop(job)
+            running.pop(p.run_id, None)
+            log = (job.stderr() or "").strip().splitlines()[-5:]
+            finished({"run_id": p.run_id, "variant": p.spec.variant, "seed": p.spec.seed, "status": "failed",
+                      "reason": f"SLURM job {job.job_id} ended without a result (cancelled, killed, node failure?); "
+                                f"last lines of {job.paths.stderr}: " + " | ".join(log)})
+        if pending:
+            time.sleep(poll_s)
