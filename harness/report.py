@@ -287,17 +287,19 @@ class SectionStats:
 
 
 def correct_table(preds, run_ids: list[str], types: list[str], boot: Bootstrap) -> tuple[S.CorrectTable, list[str]]:
-    """The runs' correct answers aligned on the test questions (those of the first run with
-    predictions; a run with other questions or none is left out and listed), as a CorrectTable
-    with one cell per question type and ``all``."""
-    frames = {r: preds(r) for r in run_ids}
-    have = {r: f for r, f in frames.items() if f is not None}
-    ref = next(iter(have.values()), None)
-    usable = {r: f for r, f in have.items() if ref is not None and f.index.equals(ref.index)}
+    """The runs' correct answers aligned on the test questions (those most runs have; a run with
+    other questions or no predictions is left out and listed), as a CorrectTable with a cell per
+    question type that has questions, and ``all``."""
+    have = {r: f for r in run_ids if (f := preds(r)) is not None}
+    sets: dict[tuple, list[str]] = {}
+    for r, f in have.items():
+        sets.setdefault(tuple(f.index), []).append(r)
+    usable = {r: have[r] for r in max(sets.values(), key=len)} if sets else {}
     missing = [r for r in run_ids if r not in usable]
+    ref = next(iter(usable.values()), None)
     cells = {"all": np.ones(0 if ref is None else len(ref), bool)}
     if ref is not None:
-        cells.update({t: (ref["qtype"] == t).to_numpy() for t in types})
+        cells.update({t: m for t in types if (m := (ref["qtype"] == t).to_numpy()).any()})
     return S.CorrectTable({r: f["correct"].to_numpy() for r, f in usable.items()}, cells, boot), missing
 
 
@@ -328,7 +330,7 @@ def section_stats(preds, groups: list[Group], types: list[str], refs: dict[str, 
     for g in groups:
         ids = [r["run_id"] for r in g.runs]
         ok = bool(ids) and all(i in table for i in ids)
-        cells[g.label] = {c: table.estimate(ids, c) if ok else None for c in ["all", *types]}
+        cells[g.label] = {c: table.estimate(ids, c) if ok and c in table.cells else None for c in ["all", *types]}
     comparisons: dict[str, list[Comparison]] = {}
     for name, ref in refs.items():
         if ref is None:

@@ -290,6 +290,20 @@ def test_reference_prefers_the_registered_settings_of_an_axis(tmp_path):
     assert "Against `student` (runs of `student [loss.alpha=1.0, loss.beta=1e-08]`):" in md
 
 
+def test_runs_without_predictions_are_left_out_of_the_statistics(store, tmp_path):
+    rid = store.records(variant="student-logits")[0]["run_id"]
+    (store.run_dir(rid) / "predictions_test.csv").unlink()
+    md = write_report(store, "g", out_dir=tmp_path).read_text()
+    assert f"runs without usable test predictions, left out of the intervals and tests: `{rid}`." in md
+    main = table(sections(md)["Main table"])
+    assert main["student-logits"][main["__header__"].index("95% CI")] == "-"  # no interval from part of the runs
+    m, s = stats(store, "student-logits")
+    assert main["student-logits"][main["__header__"].index("test acc")] == fmt(m, s)  # the records still count
+    sig = table(sections(md)["Significance"], 0)
+    assert sig["student-logits"][1] == str(store.records(variant="student-logits")[1]["seed"])  # the other seed
+    assert "predictions missing or on other questions for `" + rid + "` (those seeds left out)" in md
+
+
 def test_pareto_front_helper():
     assert pareto_front([1, 2, 3], [50, 60, 70]) == [True, True, True]
     assert pareto_front([1, 2, 3], [70, 60, 80]) == [True, False, True]

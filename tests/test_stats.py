@@ -201,3 +201,10 @@ def test_bootstrap_settings_are_checked():
     with pytest.raises(ValueError, match="confidence"):
         Bootstrap(confidence=1.5)
     assert Bootstrap(resamples=1999).p_floor == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("name", ["kd-losses", "teacher-depth", "msvd", "vqakd-weights"])
+def test_research_grids_have_enough_seeds_for_seed_variance(name):
+    from harness import grid as G
+
+    assert len(G.load(name).seeds) >= MIN_SEEDS

@@ -315,7 +315,7 @@ SIMILARITY_MATRICES = ("cross", "self")
 @_factory
 def similarity(student_dim: int = 768, teacher_dim: int = 768, *, delta: float = 1.0, matrix: str = "cross",
                embedding: str | None = None) -> KDLoss:
-    """TeachText: Huber loss between the student's batch similarity matrix and the teachers' mean matrix.
+    """TeachText: Huber loss between the student's batch question x video similarity matrix and the teachers' mean.
 
     Formula (TeachText, Croitoru et al., ICCV 2021; ``albanie/collaborative-experts``,
     ``trainer/trainer.py`` and ``model/model.py``)::
@@ -537,7 +537,7 @@ class DecoupledKD(KDLoss):
 @_factory
 def dkd(student_dim: int = 768, teacher_dim: int = 768, *, alpha: float = 1.0, beta: float = 8.0,
         T: float = 4.0, warmup: float = DKD_WARMUP) -> KDLoss:
-    """Decoupled KD: alpha * target-class KD + beta * non-target-class KD, T^2-scaled, with the answer as target.
+    """Decoupled KD: alpha * target-class KD + beta * non-target-class KD, T^2-scaled, answer as target, linear warm-up.
 
     Formula (Zhao et al., CVPR 2022; ``megvii-research/mdistiller``, ``distillers/DKD.py``
     ``dkd_loss``)::
