@@ -1,23 +1,44 @@
 """Regression checks on tiny feature sets (in the style of detectron2's quick-schedule checks):
-run a grid, compare each variant's test accuracy (within a tolerance), parameter count (exact)
-and MACs per sample (exact) with an expected-results file, and print a table of what moved.
+run a grid, compare each variant's test accuracy, parameter count and MACs per sample with an
+expected-results file, each within its tolerance, and print a table of what moved.
 
     python -m harness.regression --grid ci                 # check (what tests/test_regression_grid.py does)
     python -m harness.regression --grid ci --update        # re-measure and rewrite the expected file
+
+The expected file (``tests/golden/<grid>_expected.json``)::
+
+    {"grid": "ci",
+     "tolerance": {"test_acc": 3.0, "params": 0, "macs_per_sample": 0},   # per metric (defaults below)
+     "variants": {"dualvgr": {"test_acc": 70.5, "params": 223748, "macs_per_sample": 1634304},
+                  "sparse-node": {"test_acc": 66.4, ..., "tolerance": {"test_acc": 5.0}}}}   # per variant
+
+As detectron2's ``EXPECTED_RESULTS`` (metric, value, tolerance), a tolerance can be given per metric
+for the whole file and per variant and metric; the older ``"tolerance_acc"`` key is read as the
+file's ``test_acc`` tolerance. A measured or expected value that is not a finite number (NaN, inf,
+missing) is always a failure (``abs(nan - x) > tol`` is False, so a plain comparison would pass it),
+and ``--update`` refuses to write such a value as the new expectation.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from . import grid as G
+from .errors import HarnessError
 from .executor import run_grid
 from .store import ResultsStore, atomic_write_json
 
 EXPECTED_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
+#: the metrics checked, and their tolerance when the expected file gives none
+DEFAULT_TOLERANCE = {"test_acc": 3.0, "params": 0, "macs_per_sample": 0}
+
+
+class RegressionError(HarnessError):
+    """The regression check cannot run or cannot bless a result (failed runs, non-finite metrics)."""
 
 
 def expected_path(grid_name: str) -> Path:
@@ -29,7 +50,7 @@ def measure(grid: G.Grid, store: ResultsStore, console=None) -> dict[str, dict]:
     over seeds, the parameter count and MACs per sample."""
     res = run_grid(grid, store, console=console)
     if res.failed:
-        raise RuntimeError("runs failed: " + "; ".join(f"{f['variant']}: {f['reason']}" for f in res.failed))
+        raise RegressionError("runs failed: " + "; ".join(f"{f['variant']}: {f['reason']}" for f in res.failed))
     by_variant: dict[str, list[dict]] = {}
     for rid in res.run_ids:
         rec = store.read_record(rid)
@@ -42,23 +63,72 @@ def measure(grid: G.Grid, store: ResultsStore, console=None) -> dict[str, dict]:
     return out
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def tolerance(expected: dict, variant: str, metric: str) -> float:
+    """The variant's own tolerance for the metric, else the file's, else :data:`DEFAULT_TOLERANCE`."""
+    own = (expected["variants"].get(variant) or {}).get("tolerance") or {}
+    file_wide = dict(expected.get("tolerance") or {})
+    if "tolerance_acc" in expected:
+        file_wide.setdefault("test_acc", expected["tolerance_acc"])
+    return float(own.get(metric, file_wide.get(metric, DEFAULT_TOLERANCE[metric])))
+
+
+def _check(variant: str, metric: str, m, e, tol: float) -> dict | None:
+    row = {"variant": variant, "expected": e, "measured": m}
+    if not _finite(m):
+        return {**row, "what": f"{metric} (measured value not finite)"}
+    if not _finite(e):
+        return {**row, "what": f"{metric} (expected value not finite)"}
+    if abs(m - e) > tol:
+        return {**row, "what": f"{metric} (tolerance {tol})"}
+    return None
+
+
 def compare(measured: dict, expected: dict) -> list[dict]:
-    """Rows for every number that moved: accuracy outside its tolerance, params or MACs not equal,
-    a variant missing on either side."""
-    tol = expected.get("tolerance_acc", 3.0)
+    """Rows for every number that moved: outside its tolerance, not finite on either side, or a
+    variant missing on either side."""
     rows = []
     for v in sorted(set(measured) | set(expected["variants"])):
         m, e = measured.get(v), expected["variants"].get(v)
         if m is None or e is None:
             rows.append({"variant": v, "what": "variant", "expected": e and "present", "measured": m and "present"})
             continue
-        if abs(m["test_acc"] - e["test_acc"]) > tol:
-            rows.append({"variant": v, "what": f"test_acc (tolerance {tol})", "expected": e["test_acc"],
-                         "measured": m["test_acc"]})
-        for k in ("params", "macs_per_sample"):
-            if m[k] != e[k]:
-                rows.append({"variant": v, "what": k, "expected": e[k], "measured": m[k]})
+        for metric in DEFAULT_TOLERANCE:
+            if metric not in e and m.get(metric) is None:
+                continue  # neither side has it (e.g. MACs not measured in either)
+            row = _check(v, metric, m.get(metric), e.get(metric), tolerance(expected, v, metric))
+            if row:
+                rows.append(row)
     return rows
+
+
+def bless(measured: dict, old: dict, grid_name: str, acc_tolerance: float | None = None) -> dict:
+    """The new expected file from a measurement, keeping the old file's tolerances; refuses
+    (:class:`RegressionError`) a measurement with a metric that is not a finite number."""
+    bad = [f"{v}: {k}={x!r}" for v, ms in sorted(measured.items()) for k, x in ms.items()
+           if k in DEFAULT_TOLERANCE and x is not None and not _finite(x)]
+    bad += [f"{v}: test_acc={ms.get('test_acc')!r}" for v, ms in sorted(measured.items()) if ms.get("test_acc") is None]
+    if bad:
+        raise RegressionError(f"not writing {expected_path(grid_name)}: metrics are not finite numbers ("
+                              + "; ".join(bad) + ")")
+    tol = {**DEFAULT_TOLERANCE, **(old.get("tolerance") or {})}
+    if "tolerance_acc" in old and "test_acc" not in (old.get("tolerance") or {}):
+        tol["test_acc"] = old["tolerance_acc"]
+    if acc_tolerance is not None:
+        tol["test_acc"] = acc_tolerance
+    variants = {}
+    for v, ms in sorted(measured.items()):
+        variants[v] = dict(ms)
+        own = ((old.get("variants") or {}).get(v) or {}).get("tolerance")
+        if own:
+            variants[v]["tolerance"] = own
+    return {"grid": grid_name, "tolerance": tol,
+            "note": "test accuracy (%) mean over the grid's seeds, CPU; params and MACs exact; tolerances per metric "
+                    "(and per variant where a variant has its own); rewrite with python -m harness.regression "
+                    f"--grid {grid_name} --update", "variants": variants}
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -74,18 +144,20 @@ app = typer.Typer(add_completion=False, help=__doc__)
 def main(grid: str = typer.Option("ci", help="Grid name or file."),
          results: str = typer.Option("results", help="Results store directory."),
          update: bool = typer.Option(False, help="Rewrite the expected-results file from this run."),
-         tolerance: Optional[float] = typer.Option(None, help="Accuracy tolerance in points when updating [3.0].")):
-    g = G.load(grid)
-    measured = measure(g, ResultsStore(results))
-    path = expected_path(g.name)
-    if update:
-        old = json.loads(path.read_text()) if path.exists() else {}
-        atomic_write_json(path, {"grid": g.name, "tolerance_acc": tolerance or old.get("tolerance_acc", 3.0),
-                                 "note": "test accuracy (%) mean over the grid's seeds, CPU; params and MACs exact; "
-                                         "rewrite with python -m harness.regression --grid " + g.name + " --update",
-                                 "variants": measured})
-        typer.echo(f"wrote {path}")
-        return
+         tolerance_acc: Optional[float] = typer.Option(None, "--tolerance", help="With --update: the file's "
+                                                       "accuracy tolerance in points [the old file's, else 3.0].")):
+    try:
+        g = G.load(grid)
+        measured = measure(g, ResultsStore(results))
+        path = expected_path(g.name)
+        if update:
+            old = json.loads(path.read_text()) if path.exists() else {}
+            atomic_write_json(path, bless(measured, old, g.name, tolerance_acc))
+            typer.echo(f"wrote {path}")
+            return
+    except HarnessError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
     rows = compare(measured, json.loads(path.read_text()))
     if rows:
         typer.echo("numbers moved outside tolerance:\n" + format_rows(rows))

@@ -5,12 +5,17 @@ main table, one row per variant and data set) and the plots it embeds under ``re
 
 Runs are grouped by data set and variant: the runs of one group differ only in their seed (runs
 of one variant with different settings, e.g. ``--set module_dim=128``, form separate groups whose
-labels name the settings that differ). Accuracies are the test accuracy at the best-validation
-epoch, in percent, averaged over seeds (sample standard deviation, ddof=1). Significance is
-McNemar's exact test on per-question predictions, pairing runs seed by seed.
+labels name the settings that differ). A group's category is the baseline, the control (the
+un-distilled student), or its variant's family from the zoo's tags (``variants.zoo.FAMILIES``).
+Accuracies are the test accuracy at the best-validation epoch, in percent: mean over seeds,
+sample standard deviation (ddof=1; none for one seed) and a 95% interval. Intervals, p-values and
+the per-seed McNemar tests come from :mod:`harness.stats` (a two-level bootstrap over seeds and
+test questions, Holm-Bonferroni across the comparisons of a table); this module only gathers the
+runs' predictions and renders.
 
-The output depends only on the records (and predictions) it covers, except the header's
-``generated`` line, so a report can be regenerated and diffed.
+The output depends only on the records (and predictions) it covers and on the bootstrap's seed
+and size (named in the header), except the header's ``generated`` line, so a report can be
+regenerated and diffed.
 """
 from __future__ import annotations
 
@@ -28,8 +33,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from scipy.stats import binomtest
 
+import variants
+from variants.zoo import FAMILIES
+
+from . import stats as S
+from .stats import Bootstrap, Estimate
 from .store import ResultsStore, atomic_write_bytes
 
 #: evaluation-time ablations (harness.runner.ABLATIONS) and their column titles
@@ -40,13 +49,16 @@ COST_COLUMNS = {"flops_per_sample": ("GFLOPs", "gflops", 1e-9),
                 "latency_ms_median": ("latency ms", "latency_ms", 1.0),
                 "peak_mem_mib_train": ("train mem MiB", "peak_mem_train_mib", 1.0),
                 "peak_mem_mib_infer": ("infer mem MiB", "peak_mem_infer_mib", 1.0)}
-TEST_NAME = "McNemar's exact test"
-CATEGORIES = ("baseline", "control", "teacher", "student", "other")
+#: row order: the baseline, the control, then the zoo's families (the baseline family's other members first)
+CATEGORIES = ("baseline", "control", *(f for f in FAMILIES if f != "baseline"), "other")
 ALPHA = 0.05
+CORRECTION = "Holm-Bonferroni"
+#: marks an interval or p-value that covers the test questions only (fewer than stats.MIN_SEEDS seeds)
+QUESTIONS_ONLY = "†"
 
 
 # ---------------------------------------------------------------------------------------------
-# grouping and summary statistics
+# grouping
 
 
 @dataclass
@@ -59,6 +71,7 @@ class Group:
     category: str
     runs: list[dict]  # sorted by seed
     superseded: list[str] = field(default_factory=list)  # same-seed duplicates left out
+    settings: dict = field(default_factory=dict)  # the configuration, flattened (see _flat)
 
     @property
     def seeds(self) -> list:
@@ -80,11 +93,12 @@ class Group:
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (ddof=1; 0.0 for a single value)."""
+    """Mean and sample standard deviation (ddof=1); the std is None for fewer than two values
+    (it is not defined, which is not the same as 0)."""
     if not values:
         return None, None
     a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else None
 
 
 def _mean(values: list[float]) -> float | None:
@@ -112,30 +126,37 @@ def _flat(fp: dict) -> dict:
     return out
 
 
+def _same(a, b) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def _differing(flats: list[dict]) -> list[str]:
+    """The settings whose values are not the same in every configuration."""
+    keys = sorted({k for f in flats for k in f})
+    return [k for k in keys if any(not _same(f.get(k), flats[0].get(k)) for f in flats[1:])]
+
+
+def _family(variant: str) -> str | None:
+    return variants.VARIANTS.get(variant).family if variant in variants.VARIANTS else None
+
+
 def _category(variant: str, cfg: dict, baseline: str, control: str, used_as_teacher: set) -> str:
     if variant == baseline:
         return "baseline"
     if variant == control:
         return "control"
-    if variant.startswith("teacher") or variant in used_as_teacher:
+    if variant in used_as_teacher:
         return "teacher"
-    if variant.startswith("student") or cfg.get("teachers") or cfg.get("distill"):
-        return "student"
-    return "other"
+    family = _family(variant)
+    if family in CATEGORIES:
+        return family
+    # a variant no longer registered: its record still says whether it was distilled
+    return "student" if cfg.get("teachers") or cfg.get("distill") else "other"
 
 
-def group_runs(records: list[dict], baseline: str = "dualvgr", control: str = "student") -> dict[str, list[Group]]:
-    """``{data_id: [Group, ...]}``, groups in report order: baseline, control, teachers, students,
-    others (alphabetically within each); data sets by name then id."""
-    used_as_teacher = {t["variant"] for r in records for t in r.get("teachers", [])}
-    by_key: dict[tuple, list[dict]] = {}
-    fps: dict[str, dict] = {}
-    for r in records:
-        fp = _fingerprint(r)
-        fkey = json.dumps(fp, sort_keys=True, default=str)
-        fps[fkey] = fp
-        by_key.setdefault((r["data"]["id"], r["variant"], fkey), []).append(r)
-    # label the configurations of a variant that has several by the settings that differ
+def _labels(by_key: dict, fps: dict) -> dict:
+    """A label per (data, variant, config): the variant's name, plus the settings that differ
+    when the variant ran with several configurations on the data set."""
     configs: dict[tuple, list[str]] = {}
     for d, v, fkey in by_key:
         configs.setdefault((d, v), []).append(fkey)
@@ -146,21 +167,41 @@ def group_runs(records: list[dict], baseline: str = "dualvgr", control: str = "s
             labels[(d, v, fkeys[0])] = v
             continue
         flats = [_flat(fps[k]) for k in fkeys]
-        keys = sorted({k for f in flats for k in f})
-        diff = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1]
+        diff = _differing(flats)
         for fkey, f in zip(fkeys, flats):
             parts = [f"{k}={f.get(k)}" for k in diff[:4]] + ([f"+{len(diff) - 4} more"] if len(diff) > 4 else [])
             labels[(d, v, fkey)] = f"{v} [{', '.join(parts)}]"
+    return labels
+
+
+def _keep_latest(runs: list[dict]) -> tuple[list[dict], list[str]]:
+    """One run per seed (the latest finished), sorted by seed; and the run ids left out."""
+    by_seed: dict = {}
+    for r in sorted(runs, key=lambda r: (r.get("finished_at") or "", r["run_id"])):
+        by_seed.setdefault(r["seed"], []).append(r)
+    kept = [rs[-1] for rs in by_seed.values()]
+    kept.sort(key=lambda r: (r["seed"] if isinstance(r["seed"], (int, float)) else math.inf, str(r["seed"])))
+    return kept, sorted(r["run_id"] for rs in by_seed.values() for r in rs[:-1])
+
+
+def group_runs(records: list[dict], baseline: str = "dualvgr", control: str = "student") -> dict[str, list[Group]]:
+    """``{data_id: [Group, ...]}``, groups in report order (:data:`CATEGORIES`, alphabetically
+    within each); data sets by name then id."""
+    used_as_teacher = {t["variant"] for r in records for t in r.get("teachers", [])}
+    by_key: dict[tuple, list[dict]] = {}
+    fps: dict[str, dict] = {}
+    for r in records:
+        fp = _fingerprint(r)
+        fkey = json.dumps(fp, sort_keys=True, default=str)
+        fps[fkey] = fp
+        by_key.setdefault((r["data"]["id"], r["variant"], fkey), []).append(r)
+    labels = _labels(by_key, fps)
     groups: dict[str, list[Group]] = {}
     for (d, v, fkey), runs in by_key.items():
-        by_seed: dict = {}
-        for r in sorted(runs, key=lambda r: (r.get("finished_at") or "", r["run_id"])):
-            by_seed.setdefault(r["seed"], []).append(r)  # the latest finished run of a seed is kept
-        kept = [rs[-1] for _, rs in sorted(by_seed.items(), key=lambda kv: str(kv[0]))]
-        kept.sort(key=lambda r: (r["seed"] if isinstance(r["seed"], (int, float)) else math.inf, str(r["seed"])))
-        superseded = sorted(r["run_id"] for rs in by_seed.values() for r in rs[:-1])
+        kept, superseded = _keep_latest(runs)
         cat = _category(v, fps[fkey]["variant_config"], baseline, control, used_as_teacher)
-        groups.setdefault(d, []).append(Group(d, v, labels[(d, v, fkey)], cat, kept, superseded))
+        groups.setdefault(d, []).append(Group(d, v, labels[(d, v, fkey)], cat, kept, superseded,
+                                              _flat(fps[fkey])))
     for d in groups:
         groups[d].sort(key=lambda g: (CATEGORIES.index(g.category), g.variant, g.label))
     names = {r["data"]["id"]: r["data"].get("name") or r["data"]["id"] for r in records}
@@ -168,9 +209,17 @@ def group_runs(records: list[dict], baseline: str = "dualvgr", control: str = "s
 
 
 def reference(groups: list[Group], variant: str) -> Group | None:
-    """The group a variant name refers to: the one with the most runs if it has several configs."""
+    """The group a variant name refers to. When the variant ran with several configurations: the
+    one with the registered defaults in every setting that differs between them (a grid's
+    ``[axes]``), else the one with the most runs (the first of ties)."""
     cands = [g for g in groups if g.variant == variant]
-    return max(cands, key=lambda g: len(g.runs)) if cands else None  # max keeps the first of ties
+    if len(cands) > 1 and variant in variants.VARIANTS:
+        default = _flat({"variant_config": variants.get_config(variant).to_dict(), "train": {}})
+        diff = [k for k in _differing([g.settings for g in cands]) if not k.startswith("train.")]
+        match = [g for g in cands if all(_same(g.settings.get(k), default.get(k)) for k in diff)]
+        if len(match) == 1:
+            return match[0]
+    return max(cands, key=lambda g: len(g.runs)) if cands else None
 
 
 def type_names(groups: list[Group]) -> list[str]:
@@ -185,8 +234,119 @@ def type_names(groups: list[Group]) -> list[str]:
     return [t for t in names if t in present] + sorted(present - set(names))
 
 
-def summarize(g: Group, base: Group | None, ctrl: Group | None, types: list[str]) -> dict:
-    """One main-table row (numbers, not strings): also the CSV row."""
+# ---------------------------------------------------------------------------------------------
+# predictions and statistics (the arithmetic is harness.stats')
+
+
+class _Predictions:
+    """Per-run test predictions (question_id -> correct at the best-validation epoch, and the
+    question's type), cached."""
+
+    def __init__(self, store: ResultsStore):
+        self.store, self.cache = store, {}
+
+    def __call__(self, run_id: str) -> pd.DataFrame | None:
+        if run_id not in self.cache:
+            path = self.store.run_dir(run_id) / "predictions_test.csv"
+            df = None
+            if path.is_file():
+                raw = pd.read_csv(path)
+                if "correct_best" in raw:
+                    ok = raw["correct_best"].astype(str).str.lower().isin(["true", "1", "1.0"])
+                else:
+                    ok = raw["pred_best"] == raw["answer"]
+                df = pd.DataFrame({"correct": ok.to_numpy(bool),
+                                   "qtype": raw["qtype"].astype(str).to_numpy() if "qtype" in raw else "?"},
+                                  index=raw["question_id"].astype(str).to_numpy())
+                df = df[~df.index.duplicated()].sort_index()
+            self.cache[run_id] = df
+        return self.cache[run_id]
+
+
+@dataclass
+class Comparison:
+    """One variant against a reference: runs paired by seed, statistics from harness.stats."""
+
+    label: str
+    seeds: list
+    delta: Estimate | None = None  # points, variant - reference, with p
+    p_holm: float | None = None
+    mcnemar: list[tuple] = field(default_factory=list)  # (seed, b, c, p)
+    why: str | None = None  # why there is no comparison, or what was left out
+
+
+@dataclass
+class SectionStats:
+    """A data set's statistics: per group label and cell (``all``, a question type) the accuracy
+    estimate, and per reference name the comparisons of every other group with it."""
+
+    boot: Bootstrap
+    cells: dict[str, dict[str, Estimate | None]]
+    comparisons: dict[str, list[Comparison]]
+    missing: list[str]  # runs without usable predictions (left out of the statistics)
+
+
+def correct_table(preds, run_ids: list[str], types: list[str], boot: Bootstrap) -> tuple[S.CorrectTable, list[str]]:
+    """The runs' correct answers aligned on the test questions (those most runs have; a run with
+    other questions or no predictions is left out and listed), as a CorrectTable with a cell per
+    question type that has questions, and ``all``."""
+    have = {r: f for r in run_ids if (f := preds(r)) is not None}
+    sets: dict[tuple, list[str]] = {}
+    for r, f in have.items():
+        sets.setdefault(tuple(f.index), []).append(r)
+    usable = {r: have[r] for r in max(sets.values(), key=len)} if sets else {}
+    missing = [r for r in run_ids if r not in usable]
+    ref = next(iter(usable.values()), None)
+    cells = {"all": np.ones(0 if ref is None else len(ref), bool)}
+    if ref is not None:
+        cells.update({t: m for t in types if (m := (ref["qtype"] == t).to_numpy()).any()})
+    return S.CorrectTable({r: f["correct"].to_numpy() for r, f in usable.items()}, cells, boot), missing
+
+
+def _compare(table: S.CorrectTable, g: Group, ref: Group) -> Comparison:
+    ref_by_seed = {r["seed"]: r for r in ref.runs}
+    pairs = [(r, ref_by_seed[r["seed"]]) for r in g.runs if r["seed"] in ref_by_seed]
+    if not pairs:
+        return Comparison(g.label, [], why=f"no shared seeds ({g.label}: {', '.join(map(str, g.seeds))}; "
+                                           f"{ref.label}: {', '.join(map(str, ref.seeds))})")
+    lost = [x["run_id"] for pr in pairs for x in pr if x["run_id"] not in table]
+    pairs = [(a, b) for a, b in pairs if a["run_id"] in table and b["run_id"] in table]
+    why = ("predictions missing or on other questions for " + ", ".join(f"`{m}`" for m in lost)) if lost else None
+    if not pairs:
+        return Comparison(g.label, [], why=why)
+    ids, ref_ids = [a["run_id"] for a, _ in pairs], [b["run_id"] for _, b in pairs]
+    seeds = [a["seed"] for a, _ in pairs]
+    mc = [(s, *t) for s, t in zip(seeds, table.mcnemar(ids, ref_ids))]
+    return Comparison(g.label, seeds, table.compare(ids, ref_ids), mcnemar=mc,
+                      why=why and why + " (those seeds left out)")
+
+
+def section_stats(preds, groups: list[Group], types: list[str], refs: dict[str, Group | None],
+                  boot: Bootstrap) -> SectionStats:
+    """Every accuracy cell of every group, and every group against each reference (Holm across
+    the comparisons of one reference)."""
+    table, missing = correct_table(preds, [r["run_id"] for g in groups for r in g.runs], types, boot)
+    cells: dict[str, dict[str, Estimate | None]] = {}
+    for g in groups:
+        ids = [r["run_id"] for r in g.runs]
+        ok = bool(ids) and all(i in table for i in ids)
+        cells[g.label] = {c: table.estimate(ids, c) if ok and c in table.cells else None for c in ["all", *types]}
+    comparisons: dict[str, list[Comparison]] = {}
+    for name, ref in refs.items():
+        if ref is None:
+            continue
+        comps = [_compare(table, g, ref) for g in groups if g is not ref]
+        adjusted = S.holm([c.delta.p if c.delta else None for c in comps])
+        for c, p in zip(comps, adjusted):
+            c.p_holm = p
+        comparisons[name] = comps
+    return SectionStats(boot, cells, comparisons, missing)
+
+
+def summarize(g: Group, base: Group | None, ctrl: Group | None, types: list[str],
+              cells: dict[str, Estimate | None] | None = None) -> dict:
+    """One main-table row (numbers, not strings): also the CSV row. ``cells``: the group's
+    estimates from :func:`section_stats` (intervals), if computed."""
     m, s = mean_std(g.acc())
     row = {"data_name": g.runs[0]["data"].get("name"), "data_id": g.data_id, "variant": g.variant,
            "label": g.label, "category": g.category}
@@ -197,6 +357,9 @@ def summarize(g: Group, base: Group | None, ctrl: Group | None, types: list[str]
         row[col] = v * scale if v is not None else None
     row.update({"test_acc_mean": m, "test_acc_std": s, "n_seeds": len(g.runs),
                 "seeds": ";".join(str(x) for x in g.seeds)})
+    est = (cells or {}).get("all")
+    row.update({"test_acc_ci_lo": est and est.lo, "test_acc_ci_hi": est and est.hi,
+                "ci_covers_seeds": est.seed_level if est else None})
     bm = _mean(base.acc()) if base is not None else None
     cm = _mean(ctrl.acc()) if ctrl is not None else None
     row["delta_baseline"] = m - bm if m is not None and bm is not None else None
@@ -214,8 +377,17 @@ def summarize(g: Group, base: Group | None, ctrl: Group | None, types: list[str]
     return row
 
 
+def _comparison_columns(row: dict, stats: SectionStats, label: str) -> None:
+    """Add each reference's comparison (interval, p, Holm p) of group ``label`` to a CSV row."""
+    for name, key in (("baseline", "baseline"), ("control", "control")):
+        c = next((c for c in stats.comparisons.get(name, []) if c.label == label), None)
+        d = c.delta if c else None
+        row.update({f"delta_{key}_ci_lo": d and d.lo, f"delta_{key}_ci_hi": d and d.hi, f"p_{key}": d and d.p,
+                    f"p_{key}_holm": c.p_holm if c else None})
+
+
 # ---------------------------------------------------------------------------------------------
-# Pareto front and significance
+# Pareto front
 
 
 def pareto_front(costs: list[float | None], accs: list[float | None]) -> list[bool]:
@@ -230,64 +402,6 @@ def pareto_front(costs: list[float | None], accs: list[float | None]) -> list[bo
         dominated = any(ok[j] and costs[j] <= ci and accs[j] >= ai and (costs[j] < ci or accs[j] > ai)
                         for j in range(len(costs)) if j != i)
         out.append(not dominated)
-    return out
-
-
-def mcnemar_p(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value: a binomial test of min(b, c) in b + c at 1/2."""
-    return float(binomtest(min(b, c), b + c, 0.5).pvalue) if b + c else 1.0
-
-
-class _Predictions:
-    """Per-run test predictions (question_id -> correct at the best-validation epoch), cached."""
-
-    def __init__(self, store: ResultsStore):
-        self.store, self.cache = store, {}
-
-    def __call__(self, run_id: str) -> pd.Series | None:
-        if run_id not in self.cache:
-            path = self.store.run_dir(run_id) / "predictions_test.csv"
-            s = None
-            if path.is_file():
-                df = pd.read_csv(path)
-                if "correct_best" in df:
-                    ok = df["correct_best"].astype(str).str.lower().isin(["true", "1", "1.0"])
-                else:
-                    ok = df["pred_best"] == df["answer"]
-                s = pd.Series(ok.to_numpy(bool), index=df["question_id"].astype(str).to_numpy())
-                s = s[~s.index.duplicated()]
-            self.cache[run_id] = s
-        return self.cache[run_id]
-
-
-def paired_test(preds, a: Group, ref: Group) -> dict:
-    """McNemar's exact test of ``a`` against ``ref``: runs paired seed by seed (seeds both have),
-    questions paired on question_id, discordant counts pooled over the paired seeds.
-    ``b``: questions ``a`` answers correctly and ``ref`` does not; ``c``: the reverse."""
-    ref_by_seed = {r["seed"]: r for r in ref.runs}
-    shared = [r["seed"] for r in a.runs if r["seed"] in ref_by_seed]
-    out = {"seeds": shared, "b": 0, "c": 0, "n": 0, "p": None, "missing": [], "delta": None}
-    if not shared:
-        return out
-    paired, deltas = [], []
-    for r in a.runs:
-        if r["seed"] not in ref_by_seed:
-            continue
-        rr = ref_by_seed[r["seed"]]
-        pa, pr = preds(r["run_id"]), preds(rr["run_id"])
-        if pa is None or pr is None:
-            out["missing"] += [x["run_id"] for x, p in ((r, pa), (rr, pr)) if p is None]
-            continue
-        qa, qr = pa.align(pr, join="inner")
-        out["b"] += int((qa & ~qr).sum())
-        out["c"] += int((~qa & qr).sum())
-        out["n"] += int(len(qa))
-        paired.append(r["seed"])
-        deltas.append(r["metrics"]["test"]["overall"] - rr["metrics"]["test"]["overall"])
-    out["seeds"] = paired
-    if paired:
-        out["p"] = mcnemar_p(out["b"], out["c"])
-        out["delta"] = float(np.mean(deltas))
     return out
 
 
@@ -314,7 +428,24 @@ def fmt_p(p: float | None) -> str:
 
 
 def fmt_acc(mean: float | None, std: float | None) -> str:
-    return "-" if mean is None else f"{mean:.2f} ± {std:.2f}"
+    """``mean ± std``; the mean alone when the std is undefined (one seed)."""
+    if mean is None:
+        return "-"
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def fmt_ci(e: Estimate | None, sign: bool = False) -> str:
+    """``[lo, hi]``, marked † when the interval covers the test questions only (few seeds)."""
+    if e is None or e.lo is None:
+        return "-"
+    return f"[{_f(e.lo, 1, sign)}, {_f(e.hi, 1, sign)}]" + ("" if e.seed_level else QUESTIONS_ONLY)
+
+
+def fmt_cell(e: Estimate | None, mean: float | None) -> str:
+    """An accuracy cell: ``mean ± std [lo, hi]`` (the record's mean when there is no estimate)."""
+    if e is None:
+        return _f(mean)
+    return f"{fmt_acc(e.mean, e.std)} {fmt_ci(e)}"
 
 
 def _md_table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> list[str]:
@@ -435,7 +566,7 @@ def plot_curves(groups: list[Group], colors: dict, title: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
-# the report
+# the report, one function per section
 
 
 def _is_autoencoder(g: Group) -> bool:
@@ -443,90 +574,84 @@ def _is_autoencoder(g: Group) -> bool:
     return "autoencoder" in g.variant or (model.get("decoder_hidden") or 0) > 0
 
 
-def _header(name: str, records: list[dict], missing: list[str], grid_file, baseline: str, control: str,
-            superseded: list[str]) -> list[str]:
-    lines = [f"# {name}", "",
-             f"Reports are regenerated by `python ablate.py report --grid {name}`; do not edit.", ""]
-    gf = "-"
-    if grid_file:
-        p = Path(grid_file)
-        try:  # a path relative to the working directory reads the same on every machine
-            shown = p.resolve().relative_to(Path.cwd().resolve())
-        except ValueError:
-            shown = p
-        gf = f"`{shown}`"
-        if p.is_file():
-            gf += f" (sha256 {hashlib.sha256(p.read_bytes()).hexdigest()[:12]})"
-    datasets = sorted({(r["data"].get("name") or r["data"]["id"], r["data"]["id"]) for r in records})
-    started = [r["started_at"] for r in records if r.get("started_at")]
-    finished = [r["finished_at"] for r in records if r.get("finished_at")]
+def _grid_file(grid_file) -> str:
+    if not grid_file:
+        return "-"
+    p = Path(grid_file)
+    try:  # a path relative to the working directory reads the same on every machine
+        shown = p.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        shown = p
+    return f"`{shown}`" + (f" (sha256 {hashlib.sha256(p.read_bytes()).hexdigest()[:12]})" if p.is_file() else "")
+
+
+def _date_span(records: list[dict]) -> str:
     def key(s: str):
         try:
             return datetime.fromisoformat(s).astimezone(timezone.utc).isoformat()
         except ValueError:
             return s
-    span = f"{min(started, key=key) if started else '-'} .. {max(finished, key=key) if finished else '-'}"
+    started = [r["started_at"] for r in records if r.get("started_at")]
+    finished = [r["finished_at"] for r in records if r.get("finished_at")]
+    return f"{min(started, key=key) if started else '-'} .. {max(finished, key=key) if finished else '-'}"
+
+
+def _header(name: str, records: list[dict], missing: list[str], grid_file, baseline: str, control: str,
+            superseded: list[str], boot: Bootstrap) -> list[str]:
+    datasets = sorted({(r["data"].get("name") or r["data"]["id"], r["data"]["id"]) for r in records})
     runs = f"{len(records)} complete"
     if missing:
         runs += f"; {len(missing)} requested but not complete, left out: " + ", ".join(f"`{m}`" for m in missing)
     if superseded:
         runs += (f"; {len(superseded)} superseded by a later run of the same variant, settings and seed, "
                  "left out: " + ", ".join(f"`{m}`" for m in superseded))
-    lines += [
+    return [
+        f"# {name}", "", f"Reports are regenerated by `python ablate.py report --grid {name}`; do not edit.", "",
         f"- generated: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-        f"- grid: `{name}`; grid file: {gf}",
+        f"- grid: `{name}`; grid file: {_grid_file(grid_file)}",
         "- data sets: " + (", ".join(f"{n} (`{i}`)" for n, i in datasets) or "-"),
         f"- runs: {runs}",
-        f"- runs' dates: {span} (earliest start .. latest finish)",
+        f"- runs' dates: {_date_span(records)} (earliest start .. latest finish)",
         "- git commits: " + (", ".join(f"`{c}`" for c in _uniq(r.get("git_commit") for r in records)) or "-"),
         "- devices: " + (", ".join(_uniq(r.get("device_name") for r in records)) or "-"),
         "- torch: " + (", ".join(_uniq(r.get("torch_version") for r in records)) or "-"),
         f"- baseline: `{baseline}`; control (the un-distilled student): `{control}`",
+        f"- statistics: two-level bootstrap over seeds and test questions (`harness/stats.py`), "
+        f"{boot.resamples} resamples, generator seed {boot.seed}, {boot.confidence:.0%} intervals; "
+        f"{CORRECTION} across the comparisons of each table",
         "",
-        "Accuracies are test accuracies (%) at the epoch with the best validation accuracy, mean ± sample "
-        "standard deviation (ddof=1) over seeds; deltas are differences of means in percentage points. "
+        "Accuracies are test accuracies (%) at the epoch with the best validation accuracy: mean ± sample "
+        "standard deviation (ddof=1) over seeds (no ± for one seed) and a 95% interval [lo, hi] from the "
+        "two-level bootstrap: test questions resampled (the same question ids for every run), the seed level "
+        f"from Student's t with n - 1 degrees of freedom. With fewer than {S.MIN_SEEDS} seeds the seed variance "
+        f"is not estimated: such intervals and p-values, marked {QUESTIONS_ONLY}, cover the sampling of the test "
+        "questions only (they say whether these trained runs differ beyond the noise of the test set, not "
+        "whether training again with other seeds would). Deltas are differences of means in percentage points. "
         "The list of runs behind every number is at the end.",
         "",
     ]
-    return lines
 
 
-def _section(preds, files_dir: Path, data_id: str, groups: list[Group], baseline: str,
-             control: str, multi: bool, written: dict[str, bytes]) -> tuple[list[str], list[dict]]:
-    r0 = groups[0].runs[0]
-    dname = r0["data"].get("name") or data_id
-    h2, h3 = "##", "###"
-    lines = [f"{h2} Data set: {dname} (`{data_id}`)", ""]
-    sizes = r0["data"].get("sizes") or {}
-    if sizes:
-        lines += ["Questions: " + ", ".join(f"{k} {v:,}" for k, v in sorted(sizes.items())) + ".", ""]
-    types = type_names(groups)
-    base, ctrl = reference(groups, baseline), reference(groups, control)
-    rows = [summarize(g, base, ctrl, types) for g in groups]
-    colors = {g.label: _COLORS[i % len(_COLORS)] for i, g in enumerate(groups)}
-    suffix = f"-{_slug(data_id)}" if multi else ""  # one set of plots per data set
-
-    # -- main table
+def _main_table(groups, rows, base, ctrl, baseline, control, cells) -> list[str]:
     has_recon = any(r["recon_mse"] is not None for r in rows)
-    headers = ["variant", "params"] + [c[0] for c in COST_COLUMNS.values()] + ["test acc", "n seeds",
-                                                                                 f"Δ {baseline}", f"Δ {control}"]
-    headers += (["recon MSE"] if has_recon else []) + ["teachers"]
+    headers = (["variant", "params"] + [c[0] for c in COST_COLUMNS.values()]
+               + ["test acc", "95% CI", "n seeds", f"Δ {baseline}", f"Δ {control}"]
+               + (["recon MSE"] if has_recon else []) + ["teachers"])
     table = []
     for g, r in zip(groups, rows):
-        cells = [f"**{g.label}**" if g in (base, ctrl) else g.label,
-                 f"{r['params']:,}" if r["params"] is not None else "-"]
+        cells_ = [f"**{g.label}**" if g in (base, ctrl) else g.label,
+                  f"{r['params']:,}" if r["params"] is not None else "-"]
         for _, col, _ in COST_COLUMNS.values():
-            cells.append(_g(r[col]) if col == "gflops" else _f(r[col], 3 if col == "latency_ms" else 1))
-        cells += [fmt_acc(r["test_acc_mean"], r["test_acc_std"]), f"n={r['n_seeds']}",
-                  "ref" if g is base else _f(r["delta_baseline"], sign=True),
-                  "ref" if g is ctrl else _f(r["delta_control"], sign=True)]
-        if has_recon:
-            cells.append(_g(r["recon_mse"]))
-        cells.append(r["teachers"] or "-")
-        table.append(cells)
-    lines += [f"{h3} Main table", ""]
-    lines += _md_table(headers, table, right=set(range(1, len(headers) - 1)))
-    lines.append("")
+            cells_.append(_g(r[col]) if col == "gflops" else _f(r[col], 3 if col == "latency_ms" else 1))
+        cells_ += [fmt_acc(r["test_acc_mean"], r["test_acc_std"]), fmt_ci(cells[g.label]["all"]), f"n={r['n_seeds']}",
+                   "ref" if g is base else _f(r["delta_baseline"], sign=True),
+                   "ref" if g is ctrl else _f(r["delta_control"], sign=True)]
+        cells_ += [_g(r["recon_mse"])] if has_recon else []
+        table.append(cells_ + [r["teachers"] or "-"])
+    return _md_table(headers, table, right=set(range(1, len(headers) - 1))) + [""]
+
+
+def _main_notes(groups, rows, base, ctrl, baseline, control, stats: SectionStats) -> list[str]:
     notes = []
     if base is None:
         notes.append(f"the baseline `{baseline}` has no run on this data set: no Δ {baseline}.")
@@ -538,86 +663,95 @@ def _section(preds, files_dir: Path, data_id: str, groups: list[Group], baseline
         notes.append("GFLOPs: forward FLOPs per sample / 1e9; latency: median eval forward at batch 1; memory: "
                      "peak during a training step / inference (from the records' `cost`, mean over seeds; "
                      "- where not measured).")
-    ae = [g.label for g, r in zip(groups, rows) if _is_autoencoder(g)]
-    if has_recon:
+    few = [g.label for g in groups if len(g.runs) < S.MIN_SEEDS]
+    if few:
+        notes.append(f"n seeds < {S.MIN_SEEDS}: seed variance not estimated ({', '.join(few)}); their intervals "
+                     f"({QUESTIONS_ONLY}) cover the test questions only.")
+    if stats.missing:
+        notes.append("runs without usable test predictions, left out of the intervals and tests: "
+                     + ", ".join(f"`{m}`" for m in stats.missing) + ".")
+    ae = [g.label for g in groups if _is_autoencoder(g)]
+    if any(r["recon_mse"] is not None for r in rows):
         notes.append("recon MSE: the test-set reconstruction error of autoencoder variants "
                      "(`metrics.test.recon_mse`, mean over seeds).")
     elif ae:
         notes.append("autoencoder variants (" + ", ".join(ae) + ") have no reconstruction error in their records.")
     if any(g.label != g.variant for g in groups):
         notes.append("a variant run with several settings has one row per setting, labelled with the settings "
-                     "that differ.")
-    lines += [f"Notes: {' '.join(notes)}", ""] if notes else []
+                     "that differ; the baseline and the control are the rows with the variant's registered settings.")
+    return [f"Notes: {' '.join(notes)}", ""] if notes else []
 
-    # -- per question type
-    lines += [f"{h3} Accuracy per question type", "",
-              "Test accuracy (%) per question type, mean over seeds; the last row is the number of test questions.",
-              ""]
-    pt_rows = []
-    for g, r in zip(groups, rows):
-        pt_rows.append([g.label] + [_f(r[f"test_acc_{t}"]) for t in types] + [_f(r["test_acc_mean"])])
+
+def _per_type_table(groups, rows, types, cells) -> list[str]:
+    lines = ["Test accuracy (%) per question type: mean ± std over seeds [95% interval]; the last row is the "
+             "number of test questions.", ""]
+    pt_rows = [[g.label] + [fmt_cell(cells[g.label].get(t), r[f"test_acc_{t}"]) for t in types]
+               + [fmt_cell(cells[g.label].get("all"), r["test_acc_mean"])] for g, r in zip(groups, rows)]
     counts = groups[0].runs[0]["metrics"]["test"]
     pt_rows.append(["questions"] + [str(counts.get("counts", {}).get(t, "-")) for t in types]
                    + [str(counts.get("n", "-"))])
-    lines += _md_table(["variant"] + types + ["all"], pt_rows)
-    lines.append("")
+    return lines + _md_table(["variant"] + types + ["all"], pt_rows) + [""]
 
-    # -- evaluation-time ablations
-    lines += [f"{h3} Evaluation-time ablations", "",
-              "Test accuracy (%) when the model is evaluated with the videos shuffled across questions, the "
-              "appearance features zeroed, or the motion features zeroed (mean over seeds).", ""]
+
+def _ablation_table(groups, rows) -> list[str]:
+    lines = ["Test accuracy (%) when the model is evaluated with the videos shuffled across questions, the "
+             "appearance features zeroed, or the motion features zeroed (mean over seeds).", ""]
     ab_rows = []
     for g, r in zip(groups, rows):
         cells = [g.label, _f(r["test_acc_mean"])]
         for key in ABLATIONS:
             cells.append(_f(_mean(g.values(lambda x, key=key: x["metrics"]["ablations"][key]["overall"]))))
         ab_rows.append(cells)
-    lines += _md_table(["variant", "test"] + list(ABLATIONS.values()), ab_rows)
-    lines.append("")
+    return lines + _md_table(["variant", "test"] + list(ABLATIONS.values()), ab_rows) + [""]
 
-    # -- significance
-    lines += [f"{h3} Significance", "",
-              f"{TEST_NAME} (two-sided; `scipy.stats.binomtest` of min(b, c) successes in b + c trials at 1/2) on "
-              "per-question test predictions at the best-validation epoch. The two variants' runs are paired seed "
-              "by seed (seeds both have) and questions by question_id; b counts questions the variant answers "
-              "correctly and the reference does not, c the reverse, pooled over the paired seeds. Δ is the mean "
-              f"accuracy difference over the paired seeds. p-values are not corrected for multiple comparisons "
-              f"(* p < {ALPHA}).", ""]
-    for refname, ref in ((baseline, base), (control, ctrl)):
+
+def _fmt_mcnemar(mc: list[tuple]) -> str:
+    return "; ".join(f"{seed}: {b}/{c}, p={fmt_p(p)}" for seed, b, c, p in mc) or "-"
+
+
+def _significance_table(comps: list[Comparison]) -> list[str]:
+    rows, notes = [], []
+    for c in comps:
+        if c.delta is None:
+            rows.append([c.label, "-", "-", "-", "-", "-", "not paired"])
+            notes.append(f"{c.label}: {c.why}")
+            continue
+        star = " *" if c.p_holm is not None and c.p_holm < ALPHA else ""
+        mark = "" if c.delta.seed_level else QUESTIONS_ONLY
+        rows.append([c.label, ", ".join(map(str, c.seeds)), _f(c.delta.mean, sign=True), fmt_ci(c.delta, sign=True),
+                     fmt_p(c.delta.p) + mark, fmt_p(c.p_holm) + mark + star, _fmt_mcnemar(c.mcnemar)])
+        if c.why:
+            notes.append(f"{c.label}: {c.why}")
+    lines = _md_table(["variant", "paired seeds", "Δ", "95% CI", "p", "p (Holm)", "McNemar per seed: b/c, p"],
+                      rows, right={1, 2, 3, 4, 5}) + [""]
+    return lines + (["Pairing impossible or partial: " + "; ".join(notes) + ".", ""] if notes else [])
+
+
+def _significance(groups, refs: dict[str, Group | None], names: dict[str, str], stats: SectionStats) -> list[str]:
+    b = stats.boot
+    lines = [f"Each variant against the reference, runs paired seed by seed (the seeds both have) and questions by "
+             f"question_id. Δ: mean over the paired seeds of the test-accuracy difference (points, variant - "
+             f"reference). 95% CI and p: the two-level bootstrap ({b.resamples} resamples, seed {b.seed}) of the "
+             f"paired difference; p is two-sided for Δ = 0 and never below {fmt_p(b.p_floor)}. p (Holm): "
+             f"{CORRECTION} correction across all comparisons of the table (* below {ALPHA}). McNemar per seed: "
+             "McNemar's exact two-sided test of each paired seed on its own (b: questions only the variant answers "
+             "correctly, c: only the reference), not pooled over seeds and not corrected.", ""]
+    for key, refname in names.items():
+        ref = refs[key]
         shown = f" (runs of `{ref.label}`)" if ref is not None and ref.label != refname else ""
         lines += [f"Against `{refname}`{shown}:", ""]
-        others = [g for g in groups if g is not ref]
         if ref is None:
             lines += [f"`{refname}` has no run on this data set: no comparison.", ""]
-            continue
-        if not others:
+        elif len(groups) < 2:
             lines += ["no other variant.", ""]
-            continue
-        srows, impossible = [], []
-        for g in others:
-            t = paired_test(preds, g, ref)
-            if not t["seeds"]:
-                why = (f"no shared seeds ({g.label}: {', '.join(map(str, g.seeds))}; {ref.label}: "
-                       f"{', '.join(map(str, ref.seeds))})")
-                if t["missing"]:
-                    why = "predictions missing for " + ", ".join(f"`{m}`" for m in t["missing"])
-                impossible.append(f"{g.label}: {why}")
-                srows.append([g.label, "-", "-", "-", "-", "-", "not paired"])
-                continue
-            star = " *" if t["p"] < ALPHA else ""
-            srows.append([g.label, ", ".join(map(str, t["seeds"])), f"{t['n']:,}", _f(t["delta"], sign=True),
-                          str(t["b"]), str(t["c"]), fmt_p(t["p"]) + star])
-            if t["missing"]:
-                impossible.append(f"{g.label}: predictions missing for " + ", ".join(f"`{m}`" for m in t["missing"])
-                                  + " (those seeds left out)")
-        lines += _md_table(["variant", "paired seeds", "questions", "Δ", "b", "c", "p"], srows)
-        lines.append("")
-        if impossible:
-            lines += ["Pairing impossible or partial: " + "; ".join(impossible) + ".", ""]
+        else:
+            lines += _significance_table(stats.comparisons[key])
+    return lines
 
-    # -- accuracy against cost
-    lines += [f"{h3} Accuracy against cost", ""]
-    for key, (col_title, col, _) in COST_COLUMNS.items():
+
+def _cost_section(groups, rows, colors, files_dir: Path, suffix: str, dname: str, written: dict) -> list[str]:
+    lines = []
+    for key, (_, col, _) in COST_COLUMNS.items():
         if key not in ("flops_per_sample", "latency_ms_median"):
             continue
         what = "GFLOPs per sample" if col == "gflops" else "latency (ms, batch 1)"
@@ -637,24 +771,95 @@ def _section(preds, files_dir: Path, data_id: str, groups: list[Group], baseline
         if left:
             lines.append(f"Not plotted (no `cost.{key}`): " + ", ".join(left) + ".")
         lines.append("")
+    return lines
 
-    # -- per type and training curves
+
+def _plot_sections(groups, types, colors, files_dir: Path, suffix: str, dname: str, written: dict) -> list[str]:
     fname = f"per_type{suffix}.png"
     written[fname] = plot_per_type(groups, types, colors, f"{dname}: test accuracy per question type")
-    lines += [f"{h3} Per-type accuracy (plot)", "",
-              f"![accuracy per question type]({quote(files_dir.name)}/{quote(fname)})", ""]
+    lines = ["### Per-type accuracy (plot)", "", f"![accuracy per question type]({quote(files_dir.name)}/{quote(fname)})",
+             ""]
     fname = f"training_curves{suffix}.png"
     written[fname] = plot_curves(groups, colors, f"{dname}: validation accuracy per epoch (mean over seeds)")
-    lines += [f"{h3} Training curves", "", f"![training curves]({quote(files_dir.name)}/{quote(fname)})", ""]
+    return lines + ["### Training curves", "", f"![training curves]({quote(files_dir.name)}/{quote(fname)})", ""]
+
+
+def _section(preds, files_dir: Path, data_id: str, groups: list[Group], baseline: str, control: str,
+             multi: bool, written: dict[str, bytes], boot: Bootstrap) -> tuple[list[str], list[dict]]:
+    """One data set: its tables, statistics and plots (plots go into ``written``)."""
+    r0 = groups[0].runs[0]
+    dname = r0["data"].get("name") or data_id
+    sizes = r0["data"].get("sizes") or {}
+    lines = [f"## Data set: {dname} (`{data_id}`)", ""]
+    lines += ["Questions: " + ", ".join(f"{k} {v:,}" for k, v in sorted(sizes.items())) + ".", ""] if sizes else []
+    types = type_names(groups)
+    base, ctrl = reference(groups, baseline), reference(groups, control)
+    refs = {"baseline": base, "control": ctrl}
+    stats = section_stats(preds, groups, types, refs, boot)
+    rows = [summarize(g, base, ctrl, types, stats.cells[g.label]) for g in groups]
+    for g, row in zip(groups, rows):
+        _comparison_columns(row, stats, g.label)
+    colors = {g.label: _COLORS[i % len(_COLORS)] for i, g in enumerate(groups)}
+    suffix = f"-{_slug(data_id)}" if multi else ""  # one set of plots per data set
+    lines += ["### Main table", ""] + _main_table(groups, rows, base, ctrl, baseline, control, stats.cells)
+    lines += _main_notes(groups, rows, base, ctrl, baseline, control, stats)
+    lines += ["### Accuracy per question type", ""] + _per_type_table(groups, rows, types, stats.cells)
+    lines += ["### Evaluation-time ablations", ""] + _ablation_table(groups, rows)
+    lines += ["### Significance", ""] + _significance(groups, refs, {"baseline": baseline, "control": control}, stats)
+    lines += ["### Accuracy against cost", ""] + _cost_section(groups, rows, colors, files_dir, suffix, dname, written)
+    lines += _plot_sections(groups, types, colors, files_dir, suffix, dname, written)
     return lines, rows
 
 
+def _runs_table(sections: dict[str, list[Group]]) -> list[str]:
+    run_rows = []
+    for gs in sections.values():
+        for g in gs:
+            for r in g.runs:
+                m = r["metrics"]
+                run_rows.append([f"`{r['run_id']}`", g.label, r["data"].get("name") or r["data"]["id"], str(r["seed"]),
+                                 _f(m["test"]["overall"]), _f(m["val"]["overall"]),
+                                 f"{m['best_epoch'] + 1}/{r.get('epochs_run', len(r.get('history', [])))}",
+                                 ",".join(r.get("teacher_runs", [])) or "-", str(r.get("device_name") or "-"),
+                                 f"`{r.get('git_commit') or '-'}`", str(r.get("finished_at") or "-")])
+    return ["## Runs", ""] + _md_table(["run", "variant", "data", "seed", "test acc", "val acc", "best epoch",
+                                       "teacher runs", "device", "commit", "finished"], run_rows,
+                                      right={3, 4, 5, 6}) + [""]
+
+
+#: the main CSV's leading columns (per-type accuracies, intervals and tests follow)
+CSV_COLUMNS = ["data_name", "data_id", "variant", "label", "category", "params", *(c[1] for c in COST_COLUMNS.values()),
+               "test_acc_mean", "test_acc_std", "test_acc_ci_lo", "test_acc_ci_hi", "ci_covers_seeds", "n_seeds",
+               "seeds", "delta_baseline", "delta_baseline_ci_lo", "delta_baseline_ci_hi", "p_baseline",
+               "p_baseline_holm", "delta_control", "delta_control_ci_lo", "delta_control_ci_hi", "p_control",
+               "p_control_holm", "teachers", "recon_mse"]
+
+
+def _write_outputs(out_dir: Path, name: str, files_dir: Path, written: dict, rows: list[dict], lines: list[str]) -> Path:
+    """Plots first, then the table, then the Markdown that links them (each atomically)."""
+    for fname, data in sorted(written.items()):
+        atomic_write_bytes(files_dir / fname, data)
+    if files_dir.is_dir():
+        for old in files_dir.glob("*.png"):
+            if old.name not in written:
+                old.unlink()
+    df = pd.DataFrame(rows)
+    extra = [c for c in df.columns if c not in CSV_COLUMNS]
+    df = df.reindex(columns=CSV_COLUMNS + extra) if len(df) else pd.DataFrame(columns=CSV_COLUMNS)
+    atomic_write_bytes(out_dir / f"{name}.csv", df.to_csv(index=False).encode())
+    md = out_dir / f"{name}.md"
+    atomic_write_bytes(md, "\n".join(lines).rstrip("\n").encode() + b"\n")
+    return md
+
+
 def write_report(store: ResultsStore, name: str, run_ids: list[str] | None = None, out_dir: str | Path = "reports",
-                 baseline: str = "dualvgr", control: str = "student", grid_file: str | None = None) -> Path:
+                 baseline: str = "dualvgr", control: str = "student", grid_file: str | None = None,
+                 boot: Bootstrap | None = None) -> Path:
     """Write ``out_dir/NAME.md``, ``out_dir/NAME.csv`` (the main table, one row per variant and data
     set) and the plots in ``out_dir/NAME_files/``; returns the Markdown's path. ``run_ids=None``:
-    every complete run in the store; requested runs that are not complete are listed and left out."""
-    out_dir = Path(out_dir)
+    every complete run in the store; requested runs that are not complete are listed and left out.
+    ``boot``: the bootstrap's size and seed (default: harness.stats')."""
+    out_dir, boot = Path(out_dir), boot or Bootstrap()
     if run_ids is None:
         records = list(store.iter_records())
         missing: list[str] = []
@@ -667,99 +872,88 @@ def write_report(store: ResultsStore, name: str, run_ids: list[str] | None = Non
     superseded = sorted(x for gs in sections.values() for g in gs for x in g.superseded)
     kept = sorted((r for gs in sections.values() for g in gs for r in g.runs), key=lambda r: r["run_id"])
     files_dir = out_dir / f"{name}_files"
-    lines = _header(name, kept, missing, grid_file, baseline, control, superseded)
-    preds = _Predictions(store)
-    written: dict[str, bytes] = {}
-    all_rows: list[dict] = []
+    lines = _header(name, kept, missing, grid_file, baseline, control, superseded, boot)
+    preds, written, all_rows = _Predictions(store), {}, []
     if not sections:
         lines += ["No complete run.", ""]
     for data_id, groups in sections.items():
-        sec, rows = _section(preds, files_dir, data_id, groups, baseline, control, len(sections) > 1,
-                             written)
+        sec, rows = _section(preds, files_dir, data_id, groups, baseline, control, len(sections) > 1, written, boot)
         lines += sec
         all_rows += rows
-
-    # -- the runs behind the numbers
-    lines += ["## Runs", ""]
-    run_rows = []
-    for gs in sections.values():
-        for g in gs:
-            for r in g.runs:
-                m = r["metrics"]
-                run_rows.append([f"`{r['run_id']}`", g.label, r["data"].get("name") or r["data"]["id"], str(r["seed"]),
-                                 _f(m["test"]["overall"]), _f(m["val"]["overall"]),
-                                 f"{m['best_epoch'] + 1}/{r.get('epochs_run', len(r.get('history', [])))}",
-                                 ",".join(r.get("teacher_runs", [])) or "-", str(r.get("device_name") or "-"),
-                                 f"`{r.get('git_commit') or '-'}`", str(r.get("finished_at") or "-")])
-    lines += _md_table(["run", "variant", "data", "seed", "test acc", "val acc", "best epoch", "teacher runs",
-                        "device", "commit", "finished"], run_rows, right={3, 4, 5, 6})
-    lines.append("")
-
-    # -- write: plots first, then the table, then the Markdown that links them
-    for fname, data in sorted(written.items()):
-        atomic_write_bytes(files_dir / fname, data)
-    if files_dir.is_dir():
-        for old in files_dir.glob("*.png"):
-            if old.name not in written:
-                old.unlink()
-    cols = ["data_name", "data_id", "variant", "label", "category", "params"] + [c[1] for c in COST_COLUMNS.values()]
-    cols += ["test_acc_mean", "test_acc_std", "n_seeds", "seeds", "delta_baseline", "delta_control", "teachers",
-             "recon_mse"]
-    df = pd.DataFrame(all_rows)
-    extra = [c for c in df.columns if c not in cols]
-    df = df.reindex(columns=cols + extra) if len(df) else pd.DataFrame(columns=cols)
-    atomic_write_bytes(out_dir / f"{name}.csv", df.to_csv(index=False).encode())
-    md = out_dir / f"{name}.md"
-    atomic_write_bytes(md, "\n".join(lines).rstrip("\n").encode() + b"\n")
-    return md
+    lines += _runs_table(sections)
+    return _write_outputs(out_dir, name, files_dir, written, all_rows, lines)
 
 
 # ---------------------------------------------------------------------------------------------
 # two sets of runs of the same variants: fp32 against bf16, before against after a change
 
 
+def _pairs(sides: dict, key) -> tuple[list[str], list[str], list]:
+    """Run ids of side a and side b paired by seed for one (data, variant label), and the seeds."""
+    a = {r["seed"]: r["run_id"] for r in sides["a"][key].runs}
+    b = {r["seed"]: r["run_id"] for r in sides["b"][key].runs}
+    seeds = [s for s in a if s in b]
+    return [a[s] for s in seeds], [b[s] for s in seeds], seeds
+
+
+def _compare_row(table: S.CorrectTable, variant: str, data: str, ids_a, ids_b, seeds, name_a, name_b) -> dict:
+    d = table.compare(ids_b, ids_a)
+    acc_a, acc_b = table.estimate(ids_a), table.estimate(ids_b)
+    return {"variant": variant, "data": data, "pairs": len(seeds), f"acc_{name_a}": acc_a.mean,
+            f"acc_{name_b}": acc_b.mean, "delta_mean": d.mean, "delta_std": d.std, "ci_lo": d.lo, "ci_hi": d.hi,
+            "ci_covers_seeds": d.seed_level, "p": d.p,
+            "mcnemar": [(s, *t) for s, t in zip(seeds, table.mcnemar(ids_b, ids_a))]}
+
+
 def compare_runs(store: ResultsStore, ids_a: list[str], ids_b: list[str], name_a: str = "A",
-                 name_b: str = "B") -> tuple[pd.DataFrame, list[str]]:
+                 name_b: str = "B", boot: Bootstrap | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Pair the runs of two sets by data set, variant label and seed, and compare their test
-    accuracy: one row per variant (means over the paired seeds, the mean and sample std of the
-    per-seed differences B - A, McNemar's exact test on per-question predictions pooled over the
-    paired seeds) and a last row ``all`` pooling every pair. Returns the table and the Markdown."""
-    sides, devices = {}, set()
+    accuracy: one row per variant (means over the paired seeds; the paired difference B - A with
+    its two-level bootstrap interval and p-value; McNemar's exact test per paired seed) and a row
+    ``all`` per data set taking every pair as a unit; Holm-Bonferroni across the rows. Returns the
+    table and the Markdown."""
+    boot, sides, devices = boot or Bootstrap(), {}, set()
     for side, ids in (("a", ids_a), ("b", ids_b)):
         recs = [store.read_record(r) for r in dict.fromkeys(ids) if store.is_complete(r)]
         devices |= {f"{r.get('device_name') or r.get('device') or '?'}, torch {r.get('torch_version', '?')}" for r in recs}
-        sides[side] = {(d, g.variant): g for d, gs in group_runs(recs).items() for g in gs}
-    preds = _Predictions(store)
-    rows, pooled, tot = [], {"a": [], "b": []}, {"b": 0, "c": 0, "n": 0}
+        sides[side] = {(d, g.label): g for d, gs in group_runs(recs).items() for g in gs}
+    preds, rows = _Predictions(store), []
+    for data in dict.fromkeys(d for d, _ in sides["a"]):
+        keys = [k for k in sides["a"] if k[0] == data and k in sides["b"]]
+        paired = {k: _pairs(sides, k) for k in keys}
+        table, _ = correct_table(preds, [i for a, b, _ in paired.values() for i in a + b], [], boot)
+        pooled: list[list] = [[], [], []]
+        first = len(rows)
+        for (d, label), (a, b, seeds) in paired.items():
+            keep = [(x, y, s) for x, y, s in zip(a, b, seeds) if x in table and y in table]
+            if keep:
+                a, b, seeds = (list(v) for v in zip(*keep))
+                rows.append(_compare_row(table, label, d, a, b, seeds, name_a, name_b))
+                for acc, v in zip(pooled, (a, b, [f"{label}/{s}" for s in seeds])):
+                    acc += v
+        if len(rows) - first > 1:  # several variants: every pair of the data set as one unit
+            rows.append(_compare_row(table, "all", data, *pooled, name_a, name_b))
+    for r, p in zip(rows, S.holm([r["p"] for r in rows])):
+        r["p_holm"] = p
+    return pd.DataFrame(rows), _compare_markdown(rows, name_a, name_b, devices, boot)
 
-    def row(variant: str, data: str, acc_a: list[float], acc_b: list[float], t: dict) -> dict:
-        d = np.subtract(acc_b, acc_a)
-        return {"variant": variant, "data": data, "pairs": len(d), f"acc_{name_a}": float(np.mean(acc_a)),
-                f"acc_{name_b}": float(np.mean(acc_b)), "delta_mean": float(d.mean()),
-                "delta_std": float(d.std(ddof=1)) if len(d) > 1 else None, "b": t["b"], "c": t["c"], "p": t["p"]}
 
-    for key in [k for k in sides["a"] if k in sides["b"]]:
-        ga, gb = sides["a"][key], sides["b"][key]
-        t = paired_test(preds, gb, ga)  # b: questions B answers correctly and A does not
-        if not t["seeds"]:
-            continue
-        acc = {s: {r["seed"]: r["metrics"]["test"]["overall"] for r in g.runs} for s, g in (("a", ga), ("b", gb))}
-        acc_a, acc_b = ([acc[s][seed] for seed in t["seeds"]] for s in ("a", "b"))
-        pooled["a"] += acc_a
-        pooled["b"] += acc_b
-        for k in tot:
-            tot[k] += t[k]
-        rows.append(row(ga.label, key[0], acc_a, acc_b, t))
-    if rows:
-        rows.append(row("all", "", pooled["a"], pooled["b"], {**tot, "p": mcnemar_p(tot["b"], tot["c"])}))
-    df = pd.DataFrame(rows)
+def _compare_markdown(rows: list[dict], name_a: str, name_b: str, devices: set, boot: Bootstrap) -> list[str]:
     md = _md_table(["variant", "paired seeds", f"{name_a} acc", f"{name_b} acc", f"Δ ({name_b} - {name_a})",
-                    "Δ std", "b", "c", "McNemar p"],
+                    "Δ std", "95% CI", "p", "p (Holm)", "McNemar per seed: b/c, p"],
                    [[r["variant"], str(r["pairs"]), _f(r[f"acc_{name_a}"]), _f(r[f"acc_{name_b}"]),
-                     _f(r["delta_mean"], sign=True), _f(r["delta_std"]), str(r["b"]), str(r["c"]), fmt_p(r["p"])]
+                     _f(r["delta_mean"], sign=True), _f(r["delta_std"]),
+                     fmt_ci(Estimate(r["delta_mean"], r["delta_std"], r["ci_lo"], r["ci_hi"], r["p"], r["pairs"],
+                                     r["ci_covers_seeds"]), sign=True),
+                     fmt_p(r["p"]), fmt_p(r["p_holm"]) + (" *" if r["p_holm"] < ALPHA else ""), _fmt_mcnemar(r["mcnemar"])]
                     for r in rows], right={1, 2, 3, 4, 5, 6, 7, 8})
-    md += ["", f"Test accuracy (%) at the best-validation epoch, means over the seeds both sets have; Δ: mean and "
-               f"sample std of the per-seed differences; b: questions {name_b} answers correctly and {name_a} does "
-               f"not, c the reverse, pooled over the paired seeds; McNemar's exact two-sided test.",
-           "", "Devices: " + "; ".join(sorted(devices)) + "."]
-    return df, md
+    return md + ["", f"Test accuracy (%) at the best-validation epoch, means over the seeds both sets have. Δ: the "
+                     f"paired difference {name_b} - {name_a} (mean and sample std over the paired seeds); 95% CI and p: "
+                     f"the two-level bootstrap of `harness/stats.py` ({boot.resamples} resamples, seed {boot.seed}; "
+                     f"test questions resampled with the same ids for both sets, the seed level from Student's t); "
+                     f"{QUESTIONS_ONLY}: fewer than {S.MIN_SEEDS} paired seeds, the interval covers the test "
+                     f"questions only. `all`: every paired run of the data set as one unit (variants and seeds). "
+                     f"p (Holm): {CORRECTION} across the rows (* below {ALPHA}). McNemar per seed: each paired seed's "
+                     f"exact test on its own (b: questions {name_b} answers correctly and {name_a} does not, c the "
+                     "reverse), not pooled, not corrected.",
+               "", "Devices: " + "; ".join(sorted(devices)) + "."]

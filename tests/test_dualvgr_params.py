@@ -31,3 +31,15 @@ def test_param_counts(c):
 
 def test_msvd_default_is_the_reference_23m():
     assert sum(p.numel() for p in variants.create("dualvgr").parameters()) == 23_187_578
+
+
+def test_dualvgr_u2_is_what_the_official_train_py_builds():
+    """The official train.py never passes unit_layers, so DualVGR's constructor default (2 units)
+    applies: 27,792,523 parameters at the MSVD-QA setting. ``dualvgr`` is VQAKD's 1-unit model."""
+    ref = next(c for c in CONFIGS if (c["question_vocab"], c["answer_vocab"], c["module_dim"], c["unit_layers"],
+                                      c["graph_layers"]) == (4000, 1000, 768, 2, 1))
+    model = variants.create("dualvgr-u2")
+    assert model.cfg.unit_layers == 2 and model.cfg.graph_layers == 1
+    assert {n: sum(p.numel() for p in m.parameters()) for n, m in model.named_children()} == ref["params_by_module"]
+    assert sum(p.numel() for p in model.parameters()) == ref["params"] == 27_792_523
+    assert variants.get_config("dualvgr").model["unit_layers"] == 1

@@ -105,15 +105,25 @@ def ref_logits(s, t, T=4.0):
 
 
 def sim_matrix(out, key="joint"):
+    """Self-similarity: cosine of sample i's and sample j's ``key`` embedding."""
     es = [[x / norm(e) for x in e] for e in flat(out, key)]
     return [[dot(ei, ej) for ej in es] for ei in es]
 
 
-def ref_similarity(s, ts, delta=1.0, key="joint"):
+def cross_matrix(out):
+    """TeachText's query x video matrix: cosine of question embedding i and video embedding j."""
+    qs = [[x / norm(e) for x in e] for e in flat(out, "question")]
+    vs = [[x / norm(e) for x in e] for e in flat(out, "video")]
+    return [[dot(q, v) for v in vs] for q in qs]
+
+
+def ref_similarity(s, ts, delta=1.0, key="joint", matrix="cross"):
     """TeachText: Huber (SmoothL1, delta 1) between the student's matrix and the element-wise
-    mean of the teachers' matrices, averaged over all B*B entries."""
-    ss = sim_matrix(s, key)
-    tms = [sim_matrix(t, key) for t in ts]
+    mean of the teachers' matrices, averaged over all B*B entries; ``matrix="cross"``: question
+    x video cosines (TeachText's), ``"self"``: self-similarity of the ``key`` embedding."""
+    mat = cross_matrix if matrix == "cross" else (lambda out: sim_matrix(out, key))
+    ss = mat(s)
+    tms = [mat(t) for t in ts]
     nb = len(ss)
     total = 0.0
     for i in range(nb):
@@ -234,9 +244,11 @@ GOLDEN = {
     "logits": 3.8385396615920664,
     "pkt": 0.024544379221883995,
     "relational": 0.19137808365907133,
-    "similarity": 0.1298216106159242,
+    "similarity": 0.12751739635279943,  # matrix="cross" (the default): question x video
     "sp": 0.06456963078293183,
 }
+#: similarity with matrix="self" (the joint embedding's self-similarity, the earlier default), same tensors
+GOLDEN_SIMILARITY_SELF = 0.1298216106159242
 
 
 def make(name, sd=D, td=D, **params):
@@ -282,8 +294,10 @@ def test_non_default_parameters_follow_the_formulas():
     s, t = outputs(2), outputs(3)
     v, _ = build("logits", T=1.5)(s, [t], ANSWERS)
     assert v.item() == pytest.approx(ref_logits(s, t, 1.5), rel=1e-9)
-    v, _ = build("similarity", delta=0.05, embedding="video")(s, [t], ANSWERS)
-    assert v.item() == pytest.approx(ref_similarity(s, [t], 0.05, "video"), rel=1e-9)
+    v, _ = build("similarity", delta=0.05, matrix="self", embedding="video")(s, [t], ANSWERS)
+    assert v.item() == pytest.approx(ref_similarity(s, [t], 0.05, "video", matrix="self"), rel=1e-9)
+    v, _ = build("similarity", delta=0.05)(s, [t], ANSWERS)
+    assert v.item() == pytest.approx(ref_similarity(s, [t], 0.05), rel=1e-9)
     v, _ = build("relational", embedding="joint")(s, [t], ANSWERS)
     assert v.item() == pytest.approx(ref_relational(s, t, key="joint")[0], rel=1e-9)
     v, _ = build("sp", feature="clip_app")(s, [t], ANSWERS)
@@ -317,6 +331,59 @@ def test_fused_hand_computed_cases():
     q = math.sqrt(3) / (math.sqrt(3) + 1)
     per_clip = 0.5 * math.log(0.5 / q) + 0.5 * math.log(0.5 / (1 - q))
     assert m2(student, [teacher], ANSWERS[:2])[0].item() == pytest.approx(0.5 * 6 * per_clip / 2, rel=1e-12)
+
+
+def test_similarity_matrices_golden_and_hand_computed():
+    s, t = outputs(0), outputs(1)
+    self_ = build("similarity", matrix="self")
+    assert self_(s, [t], ANSWERS)[0].item() == pytest.approx(ref_similarity(s, [t], matrix="self"), rel=1e-9)
+    assert self_(s, [t], ANSWERS)[0].item() == pytest.approx(GOLDEN_SIMILARITY_SELF, rel=1e-9)
+    # the default is TeachText's cross-modal matrix, not the self-similarity
+    assert build("similarity")(s, [t], ANSWERS)[0].item() != pytest.approx(GOLDEN_SIMILARITY_SELF, rel=1e-3)
+    # by hand, B = 2, D = 2. Student: questions (1, 0), (0, 1); videos (1, 0), (1, 1) -> cosines
+    # [[1, 1/sqrt 2], [0, 1/sqrt 2]] (row: question, column: video; not symmetric). Teacher: the
+    # identity. Huber (delta 1) of the differences 0, 1/sqrt 2, 0, 1/sqrt 2 - 1, mean of 4.
+    f = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    student = {"question": f([[1.0, 0.0], [0.0, 1.0]]), "video": f([[1.0, 0.0], [1.0, 1.0]])}
+    teacher = {"question": f([[1.0, 0.0], [0.0, 1.0]]), "video": f([[1.0, 0.0], [0.0, 1.0]])}
+    r = 1 / math.sqrt(2)
+    expected = (0.5 * r * r + 0.5 * (r - 1) ** 2) / 4
+    assert build("similarity")(student, [teacher], ANSWERS[:2])[0].item() == pytest.approx(expected, rel=1e-12)
+    m = build("similarity").matrix(student, "student")
+    torch.testing.assert_close(m, f([[1.0, r], [0.0, r]]), rtol=1e-12, atol=1e-12)
+
+
+def test_dkd_warmup_follows_the_epoch():
+    """mdistiller: min(epoch / warmup, 1) with 1-based epochs = min((epoch + 1) / warmup, 1) here."""
+    s, t = outputs(0), outputs(1)
+    full = ref_dkd(s, t, ANSWERS)[0]
+    m = build("dkd")  # default warm-up: 2 epochs
+    assert m.progress_aware and m.warmup == 2.0
+    assert m(s, [t], ANSWERS, epoch=0)[0].item() == pytest.approx(0.5 * full, rel=1e-9)
+    assert m(s, [t], ANSWERS, epoch=1)[0].item() == pytest.approx(full, rel=1e-9)
+    assert m(s, [t], ANSWERS, epoch=24)[0].item() == pytest.approx(full, rel=1e-9)
+    assert m(s, [t], ANSWERS)[0].item() == pytest.approx(full, rel=1e-9)  # no epoch: full weight
+    m5 = build("dkd", warmup=5)
+    assert [round(m5.warmup_factor(e), 12) for e in range(6)] == [0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
+    assert build("dkd", warmup=0)(s, [t], ANSWERS, epoch=0)[0].item() == pytest.approx(full, rel=1e-9)
+    # the unweighted parts do not carry the factor
+    _, parts = m(s, [t], ANSWERS, epoch=0)
+    assert parts["dkd_tckd"].item() == pytest.approx(ref_dkd(s, t, ANSWERS)[1], rel=1e-9)
+
+
+def test_objective_routes_the_epoch_to_progress_aware_losses_only():
+    from variants.losses import Objective
+
+    s, t = outputs(0), outputs(1)
+    obj = Objective({}, [{"name": "dkd", "weight": 2.0}, {"name": "logits", "weight": 1.0}], student_dim=D,
+                    teacher_dim=D)
+    ce = torch.nn.functional.cross_entropy(s["logits"], ANSWERS).item()
+    dkd_full, logit = ref_dkd(s, t, ANSWERS)[0], ref_logits(s, t)
+    for epoch, factor in ((0, 0.5), (1, 1.0), (7, 1.0)):
+        total, parts = obj(s, ANSWERS, [t], epoch=epoch)
+        assert total.item() == pytest.approx(ce + 2.0 * factor * dkd_full + logit, rel=1e-9)
+        assert parts["kd_logits"].item() == pytest.approx(logit, rel=1e-9)
+    assert not build("logits").progress_aware  # called without the epoch
 
 
 def test_hand_computed_zero_cases():
@@ -438,7 +505,10 @@ def test_unknown_parameter_names_the_loss_and_the_key(name):
 @pytest.mark.parametrize("name, params, key", [
     ("hint", {"feature": "logits"}, "feature"),
     ("sp", {"feature": "nope"}, "feature"),
-    ("similarity", {"embedding": "nope"}, "embedding"),
+    ("similarity", {"matrix": "self", "embedding": "nope"}, "embedding"),
+    ("similarity", {"embedding": "video"}, "embedding"),  # embedding belongs to matrix="self"
+    ("similarity", {"matrix": "diagonal"}, "matrix"),
+    ("dkd", {"warmup": -1}, "warmup"),
     ("relational", {"embedding": "nope"}, "embedding"),
     ("pkt", {"embedding": "nope"}, "embedding"),
     ("logits", {"T": 0}, "T"),

@@ -94,3 +94,82 @@ def test_dualvgr_loss_weights_and_averaging():
 def test_registered_dualvgr_uses_reference_weights():
     cfg = variants.get_config("dualvgr")
     assert cfg.loss == {"alpha": 1.0, "beta": 1e-8}
+
+
+# ----------------------------------------------------------------------------- precision
+# Under bf16 autocast the model's outputs are bf16. The objective computes every loss in fp32 from
+# them (autocast off, .float() first), so its values equal the fp32 computation on the same
+# bf16-rounded outputs. The outputs come from Linear layers run under CPU autocast (this CPU may
+# not run bf16 LSTMs, so not from DualVGR itself).
+
+B_, N_, D_, A_ = 16, 4, 32, 40
+
+
+def bf16_outputs(seed: int) -> dict:
+    """A model-output dict with every key the objective and the distillation losses read, made
+    by Linear layers under bf16 autocast (so bf16 tensors, with autograd to fp32 leaves)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B_, N_, D_, generator=g)
+    head = {k: torch.nn.Linear(D_, A_ if k == "logits" else D_) for k in
+            ("logits", "clip_fused", "clip_app", "clip_motion", "video", "question", "common_app", "common_motion",
+             "specific_app", "specific_motion", "decoder")}
+    for m in head.values():
+        for p in m.parameters():
+            p.data = 0.3 * torch.randn(p.shape, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = {k: head[k](x) for k in ("clip_fused", "clip_app", "clip_motion")}
+        out["logits"] = 3.0 * head["logits"](x.mean(1))
+        out["video"], out["question"] = head["video"](x.mean(1)), head["question"](x[:, 0])
+        for k in ("common_app", "common_motion", "specific_app", "specific_motion"):
+            out[k] = [head[k](x), head[k](x.flip(1))]  # two graph layers
+        recon = head["decoder"](out["clip_app"])
+        out["recon_loss"] = F.mse_loss(recon, x)  # as DualVGR.forward does (autocast runs mse_loss in fp32)
+        out["_recon_bf16"] = recon
+    return out
+
+
+def all_losses_objective():
+    from variants.losses import LOSSES, Objective
+
+    torch.manual_seed(0)  # the hint regressor's initialisation
+    return Objective({"alpha": 1.0, "beta": 1e-3, "recon_weight": 1.0},
+                     [{"name": n, "weight": 1.0} for n in LOSSES.list()], student_dim=D_, teacher_dim=D_)
+
+
+def test_bf16_mode_losses_equal_fp32_on_the_same_outputs():
+    from variants.losses import to_fp32
+
+    s, t = bf16_outputs(0), bf16_outputs(1)
+    assert s["logits"].dtype == torch.bfloat16 and s["common_app"][0].dtype == torch.bfloat16
+    answers = torch.randint(0, A_, (B_,), generator=torch.Generator().manual_seed(2))
+    obj = all_losses_objective()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, parts = obj(s, answers, [t], epoch=3)
+    ref_total, ref_parts = obj(to_fp32(s), answers, [to_fp32(t)], epoch=3)  # fp32, no autocast
+    assert total.dtype == torch.float32
+    assert set(parts) == set(ref_parts) and {"ce", "common", "hsic", "recon", "kd_similarity", "kd_pkt"} <= set(parts)
+    for k in ref_parts:
+        assert parts[k].dtype == torch.float32, k
+        torch.testing.assert_close(parts[k], ref_parts[k], rtol=1e-5, atol=0, msg=k)
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=0)
+    # the reconstruction term: autocast computes mse_loss in fp32 from the bf16 reconstruction
+    x = torch.randn(B_, N_, D_, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(s["recon_loss"], F.mse_loss(s["_recon_bf16"].float(), x), rtol=1e-6, atol=0)
+    total.backward()  # gradients reach the bf16 graph's fp32 leaves
+
+
+def test_without_the_fp32_objective_bf16_losses_are_off():
+    """What the test above guards against: the same losses computed in bf16 (the modules called
+    directly under autocast on the bf16 outputs) differ from fp32 by far more than 1e-5."""
+    from variants.losses import to_fp32
+
+    s, t = bf16_outputs(0), bf16_outputs(1)
+    answers = torch.randint(0, A_, (B_,), generator=torch.Generator().manual_seed(2))
+    obj = all_losses_objective()
+    worst = 0.0
+    for name, module in zip(obj.kd_names, obj.kd):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = module(s, [t], answers)[0]
+        ref = module(to_fp32(s), [to_fp32(t)], answers)[0]
+        worst = max(worst, abs(low.float().item() - ref.item()) / abs(ref.item()))
+    assert worst > 1e-3

@@ -1,4 +1,5 @@
-"""The Markdown report: sections, statistics, McNemar, Pareto front, plots, CSV, determinism."""
+"""The Markdown report: sections, statistics (intervals, Holm-corrected p-values, per-seed McNemar),
+Pareto front, plots, CSV, determinism."""
 import re
 import zlib
 from pathlib import Path
@@ -8,8 +9,11 @@ import pandas as pd
 import pytest
 from scipy.stats import binomtest
 
-from harness.report import fmt_p, group_runs, mcnemar_p, pareto_front, write_report
+from harness import stats as S
+from harness.report import fmt_p, group_runs, pareto_front, reference, write_report
 from harness.store import ResultsStore, atomic_write_bytes
+
+BOOT = S.Bootstrap()  # the reports' default
 
 TYPES = ["what", "who", "how", "when", "where"]
 N = 200  # test questions
@@ -116,9 +120,13 @@ def table(text: str, first: int = 0) -> dict[str, list[str]]:
     return {"__header__": t[0], **{r[0]: r for r in t[2:]}}
 
 
-def stats(store, variant) -> tuple[float, float]:
+def stats(store, variant) -> tuple[float, float | None]:
     acc = [r["metrics"]["test"]["overall"] for r in store.records(variant=variant)]
-    return float(np.mean(acc)), float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0
+    return float(np.mean(acc)), float(np.std(acc, ddof=1)) if len(acc) > 1 else None
+
+
+def fmt(m, s) -> str:
+    return f"{m:.2f}" if s is None else f"{m:.2f} ± {s:.2f}"
 
 
 def load_correct(store, run_id) -> pd.Series:
@@ -151,7 +159,7 @@ def test_sections_main_table_and_deltas(store, tmp_path):
     for v in ("dualvgr", "student", "student-logits", "teacher-g4", "autoencoder"):
         m, s = stats(store, v)
         row = main[v]
-        assert row[col["test acc"]] == f"{m:.2f} ± {s:.2f}"
+        assert row[col["test acc"]] == fmt(m, s)
         assert row[col["n seeds"]] == f"n={len(store.records(variant=v))}"
         assert row[col["params"]] == f"{PARAMS[v]:,}"
         if v != "dualvgr":
@@ -159,7 +167,8 @@ def test_sections_main_table_and_deltas(store, tmp_path):
         if v != "student":
             assert row[col["Δ student"]] == f"{m - ctrl_m:+.2f}"
     assert main["dualvgr"][col["Δ dualvgr"]] == "ref" and main["student"][col["Δ student"]] == "ref"
-    assert main["teacher-g4"][col["test acc"]].endswith("± 0.00") and main["teacher-g4"][col["n seeds"]] == "n=1"
+    # one seed: no standard deviation (undefined, not 0.00)
+    assert main["teacher-g4"][col["test acc"]] == "85.00" and main["teacher-g4"][col["n seeds"]] == "n=1"
     # cost: present -> formatted, absent -> "-"
     assert main["dualvgr"][col["GFLOPs"]] == "2" and main["student"][col["GFLOPs"]] == "0.5"
     assert main["dualvgr"][col["latency ms"]] == "5.000" and main["dualvgr"][col["train mem MiB"]] == "300.0"
@@ -174,7 +183,7 @@ def test_sections_main_table_and_deltas(store, tmp_path):
     assert pt["__header__"] == ["variant", *TYPES, "all"]
     for t in TYPES:
         exp = np.mean([r["metrics"]["test"]["per_type"][t] for r in store.records(variant="student-logits")])
-        assert pt["student-logits"][1 + TYPES.index(t)] == f"{exp:.2f}"
+        assert pt["student-logits"][1 + TYPES.index(t)].startswith(f"{exp:.2f} ± ")
     assert pt["questions"][1:] == [str(int((QTYPES == t).sum())) for t in TYPES] + [str(N)]
 
     ab = table(secs["Evaluation-time ablations"])
@@ -189,42 +198,110 @@ def test_sections_main_table_and_deltas(store, tmp_path):
     for v in ("dualvgr", "student", "student-logits"):
         m, s = stats(store, v)
         assert r.loc[v, "test_acc_mean"] == pytest.approx(m) and r.loc[v, "test_acc_std"] == pytest.approx(s)
+        assert r.loc[v, "test_acc_ci_lo"] < m < r.loc[v, "test_acc_ci_hi"] and not r.loc[v, "ci_covers_seeds"]
         assert r.loc[v, "delta_baseline"] == pytest.approx(m - base_m)
         assert r.loc[v, "delta_control"] == pytest.approx(m - ctrl_m)
     assert r.loc["dualvgr", "gflops"] == pytest.approx(2.0) and np.isnan(r.loc["student-logits", "gflops"])
-    assert r.loc["teacher-g4", "n_seeds"] == 1 and r.loc["teacher-g4", "test_acc_std"] == 0.0
+    assert r.loc["teacher-g4", "n_seeds"] == 1 and np.isnan(r.loc["teacher-g4", "test_acc_std"])
+    # categories: the baseline, the control, then the zoo's families (tags)
     assert r.loc["student-logits", "category"] == "student" and r.loc["teacher-g4", "category"] == "teacher"
+    assert r.loc["autoencoder", "category"] == "autoencoder" and r.loc["student", "category"] == "control"
 
 
-def test_mcnemar_matches_a_direct_computation(store, tmp_path):
+def test_significance_matches_direct_computations(store, tmp_path):
+    """Each row: Δ the mean paired difference, the interval and p from harness.stats on the
+    predictions, Holm over the table's p column, McNemar per seed from the predictions files."""
     md = write_report(store, "g", out_dir=tmp_path).read_text()
     sig = sections(md)["Significance"]
-    assert "McNemar's exact test" in sig
+    assert "Holm-Bonferroni" in sig and "McNemar's exact two-sided test of each paired seed" in sig
     for ref, first in (("dualvgr", 0), ("student", 1)):
         rows = table(sig, first)
-        for v in ("student-logits", "teacher-g4"):
-            b = c = n = 0
-            paired = []
+        assert rows["__header__"] == ["variant", "paired seeds", "Δ", "95% CI", "p", "p (Holm)",
+                                      "McNemar per seed: b/c, p"]
+        ps = {}
+        for v in ("student-logits", "teacher-g4", "student" if ref == "dualvgr" else "dualvgr"):
+            paired, mc, a_all, r_all = [], [], [], []
             for seed in (1, 2):
                 va = [r for r in store.records(variant=v) if r["seed"] == seed]
                 vr = [r for r in store.records(variant=ref) if r["seed"] == seed]
                 if not va or not vr:
                     continue
                 a, rr = load_correct(store, va[0]["run_id"]), load_correct(store, vr[0]["run_id"])
-                b += int((a & ~rr).sum())
-                c += int((~a & rr).sum())
-                n += len(a)
+                b, c = int((a & ~rr).sum()), int((~a & rr).sum())
+                mc.append(f"{seed}: {b}/{c}, p={fmt_p(binomtest(min(b, c), b + c, 0.5).pvalue)}")
                 paired.append(str(seed))
-            p = binomtest(min(b, c), b + c, 0.5).pvalue
-            assert mcnemar_p(b, c) == pytest.approx(p)
+                a_all.append(va[0]["run_id"])
+                r_all.append(vr[0]["run_id"])
             row = rows[v]
-            assert row[1] == ", ".join(paired) and row[2] == f"{n:,}"
-            assert row[4:6] == [str(b), str(c)]
-            assert row[6].removesuffix(" *") == fmt_p(p) and row[6].endswith("*") == (p < 0.05)
+            assert row[1] == ", ".join(paired) and row[-1] == "; ".join(mc)
+            delta = np.mean([store.read_record(x)["metrics"]["test"]["overall"] for x in a_all]) - np.mean(
+                [store.read_record(x)["metrics"]["test"]["overall"] for x in r_all])
+            assert row[2] == f"{delta:+.2f}"
+            t = S.CorrectTable({x: load_correct(store, x).to_numpy() for x in a_all + r_all},
+                               {"all": np.ones(N, bool)}, BOOT)
+            e = t.compare(a_all, r_all)
+            assert row[3] == f"[{e.lo:+.1f}, {e.hi:+.1f}]†"  # 1 or 2 seeds: questions only
+            assert row[4] == fmt_p(e.p) + "†"
+            ps[v] = e.p
         # the autoencoder ran on seed 3 only: no pairing
         assert rows["autoencoder"][-1] == "not paired"
+        holm = dict(zip(ps, S.holm(list(ps.values()))))  # the table's family: every paired variant
+        for v, p in holm.items():
+            assert rows[v][5].removesuffix(" *") == fmt_p(p) + "†" and rows[v][5].endswith("*") == (p < 0.05)
     assert "autoencoder: no shared seeds (autoencoder: 3; dualvgr: 1, 2)" in sig
     assert "teacher-g4" in table(sig, 0) and "dualvgr" in table(sig, 1)  # baseline vs control too
+    assert "n seeds < 3: seed variance not estimated" in md
+    assert "- statistics: two-level bootstrap over seeds and test questions (`harness/stats.py`), 2000 resamples, " \
+           f"generator seed {S.BOOTSTRAP_SEED}" in md
+
+
+def test_three_seeds_give_intervals_over_seeds_and_questions(tmp_path):
+    s = ResultsStore(tmp_path / "results")
+    for seed, (a, b, c) in enumerate([(70.0, 71.0, 80.0), (72.0, 74.0, 81.5), (71.0, 71.5, 82.0)]):
+        make_run(s, "dualvgr", seed, acc=a)
+        make_run(s, "student", seed, acc=b)
+        make_run(s, "student-logits", seed, acc=c, teachers=("teacher-g4",))
+    md = write_report(s, "g", out_dir=tmp_path / "r").read_text()
+    main = table(sections(md)["Main table"])
+    ci = main["student-logits"][main["__header__"].index("95% CI")]
+    assert re.fullmatch(r"\[\d+\.\d, \d+\.\d\]", ci)  # no †: 3 seeds
+    lo, hi = (float(x) for x in ci.strip("[]").split(", "))
+    assert lo < 81.17 < hi
+    assert "seed variance not estimated" not in md
+    sig = table(sections(md)["Significance"], 0)
+    assert sig["student-logits"][1] == "0, 1, 2" and not sig["student-logits"][3].endswith("†")
+    assert sig["student-logits"][5].endswith("*")  # +10 points over 3 seeds: significant after Holm
+
+
+def test_reference_prefers_the_registered_settings_of_an_axis(tmp_path):
+    """A grid with [axes] over the control's loss weights (grids/vqakd-weights.toml): the control is
+    the row with the registered alpha and beta, whatever its position or run count."""
+    s = ResultsStore(tmp_path / "results")
+    for seed in (1, 2, 3):
+        for alpha, beta in ((1.0, 1e-8), (1.0, 1e-6), (100.0, 1e-8), (100.0, 1e-6)):
+            rec = make_run(s, "student", seed, acc=70.0 + alpha / 10, run_id=f"student-{alpha}-{beta}-{seed}")
+            rec["variant_config"]["loss"] = {"alpha": alpha, "beta": beta, "ce_weight": 1.0}
+            s.write_record(rec)
+    groups = group_runs(list(s.iter_records()))["fake-abc123"]
+    assert len(groups) == 4
+    ctrl = reference(groups, "student")
+    assert ctrl.label == "student [loss.alpha=1.0, loss.beta=1e-08]"
+    md = write_report(s, "g", out_dir=tmp_path / "r").read_text()
+    assert "Against `student` (runs of `student [loss.alpha=1.0, loss.beta=1e-08]`):" in md
+
+
+def test_runs_without_predictions_are_left_out_of_the_statistics(store, tmp_path):
+    rid = store.records(variant="student-logits")[0]["run_id"]
+    (store.run_dir(rid) / "predictions_test.csv").unlink()
+    md = write_report(store, "g", out_dir=tmp_path).read_text()
+    assert f"runs without usable test predictions, left out of the intervals and tests: `{rid}`." in md
+    main = table(sections(md)["Main table"])
+    assert main["student-logits"][main["__header__"].index("95% CI")] == "-"  # no interval from part of the runs
+    m, s = stats(store, "student-logits")
+    assert main["student-logits"][main["__header__"].index("test acc")] == fmt(m, s)  # the records still count
+    sig = table(sections(md)["Significance"], 0)
+    assert sig["student-logits"][1] == str(store.records(variant="student-logits")[1]["seed"])  # the other seed
+    assert "predictions missing or on other questions for `" + rid + "` (those seeds left out)" in md
 
 
 def test_pareto_front_helper():
@@ -312,7 +389,7 @@ def test_settings_split_groups_and_superseded_seeds(tmp_path):
     assert groups[0].superseded == ["dualvgr-fake-abc123-s1"]
     md = write_report(s, "g", out_dir=tmp_path / "r").read_text()
     main = table(sections(md)["Main table"])
-    assert main["dualvgr"][main["__header__"].index("test acc")] == "90.00 ± 0.00"
+    assert main["dualvgr"][main["__header__"].index("test acc")] == "90.00"
     assert "superseded by a later run" in md and "`dualvgr-fake-abc123-s1`" in md
 
 
@@ -335,7 +412,7 @@ def test_report_on_real_records(tiny, tmp_path):
     main = table(secs["Main table"])
     h = main["__header__"]
     for v, r in recs.items():
-        assert main[v][h.index("test acc")] == f"{r['metrics']['test']['overall']:.2f} ± 0.00"
+        assert main[v][h.index("test acc")] == f"{r['metrics']['test']['overall']:.2f}"
         assert main[v][h.index("params")] == f"{r['params']['total']:,}"
     d = recs["question-only"]["metrics"]["test"]["overall"] - recs["dualvgr"]["metrics"]["test"]["overall"]
     assert main["question-only"][h.index("Δ dualvgr")] == f"{d:+.2f}"
@@ -345,8 +422,8 @@ def test_report_on_real_records(tiny, tmp_path):
     b_ = load_correct(s, recs["dualvgr"]["run_id"])
     b, c = int((a & ~b_).sum()), int((~a & b_).sum())
     row = table(secs["Significance"])["question-only"]
-    assert row[4:6] == [str(b), str(c)]
-    assert row[6].removesuffix(" *") == fmt_p(binomtest(min(b, c), b + c, 0.5).pvalue)
+    assert row[-1] == f"{recs['dualvgr']['seed']}: {b}/{c}, p={fmt_p(binomtest(min(b, c), b + c, 0.5).pvalue)}"
+    assert row[3].endswith("]†")  # one seed: the interval covers the test questions only
     pt = table(secs["Accuracy per question type"])
     assert pt["__header__"][1:-1] == [t for t in tiny.type_names if t in recs["dualvgr"]["metrics"]["test"]["per_type"]]
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
@@ -375,10 +452,22 @@ def test_compare_pairs_runs_by_variant_and_seed(tmp_path):
     assert row["variant"] == "dualvgr" and row["pairs"] == 2
     assert row["acc_fp32"] == pytest.approx(71.0) and row["acc_bf16"] == pytest.approx(70.0)
     assert row["delta_mean"] == pytest.approx(-1.0) and row["delta_std"] == pytest.approx(np.std([1, -3], ddof=1))
-    # discordant pairs counted from the predictions files, pooled over seeds, tested with McNemar
-    pa = {k: pd.read_csv(s.run_dir(k) / "predictions_test.csv")["correct_best"].to_numpy() for k in a + b}
-    bb = sum(int((pa[f"b{k}"] & ~pa[f"a{k}"]).sum()) for k in (1, 2))
-    cc = sum(int((~pa[f"b{k}"] & pa[f"a{k}"]).sum()) for k in (1, 2))
-    assert (row["b"], row["c"]) == (bb, cc) and row["p"] == pytest.approx(binomtest(min(bb, cc), bb + cc).pvalue)
-    assert df.iloc[-1]["variant"] == "all" and df.iloc[-1]["pairs"] == 2
-    assert any("| dualvgr | 2 | 71.00 | 70.00 | -1.00 |" in line for line in md)
+    # the interval and p: harness.stats on the paired predictions (2 seeds: the questions only)
+    pa = {k: load_correct(s, k).to_numpy() for k in a + b}
+    e = S.CorrectTable(pa, {"all": np.ones(N, bool)}, BOOT).compare(["b1", "b2"], ["a1", "a2"])
+    assert (row["ci_lo"], row["ci_hi"], row["p"]) == pytest.approx((e.lo, e.hi, e.p)) and not row["ci_covers_seeds"]
+    # McNemar per seed from the predictions files, not pooled
+    for (seed, bb, cc, p), k in zip(row["mcnemar"], (1, 2)):
+        assert seed == k and bb == int((pa[f"b{k}"] & ~pa[f"a{k}"]).sum()) and cc == int((~pa[f"b{k}"] & pa[f"a{k}"]).sum())
+        assert p == pytest.approx(binomtest(min(bb, cc), bb + cc).pvalue)
+    assert list(df["variant"]) == ["dualvgr"]  # one variant: no pooled row (it would repeat it)
+    assert any(line.startswith("| dualvgr | 2 | 71.00 | 70.00 | -1.00 |") for line in md)
+    assert any("Holm-Bonferroni" in line for line in md)
+    # a second variant: a row each, and `all` taking every pair as a unit; Holm across the rows
+    a += [make_run(s, "student", seed, acc=75.0, run_id=f"sa{seed}")["run_id"] for seed in (1, 2, 3)]
+    b += [make_run(s, "student", seed, acc=77.0, run_id=f"sb{seed}")["run_id"] for seed in (1, 2, 3)]
+    df, md = compare_runs(s, a, b, "fp32", "bf16")
+    assert list(df["variant"]) == ["dualvgr", "student", "all"] and list(df["pairs"]) == [2, 3, 5]
+    assert df.iloc[-1]["delta_mean"] == pytest.approx((1 - 3 + 2 + 2 + 2) / 5)
+    assert bool(df.iloc[1]["ci_covers_seeds"]) and bool(df.iloc[2]["ci_covers_seeds"])
+    assert list(df["p_holm"]) == pytest.approx(S.holm(list(df["p"])))

@@ -153,3 +153,16 @@ def test_records_have_sanity_ablations_and_reconstruction(tiny, tmp_path):
     m = rec["metrics"]
     assert set(m["ablations"]) == {"shuffle_video", "zero_appearance", "zero_motion"}
     assert m["test"]["recon_mse"] > 0 and "loss_recon" in rec["history"][0]
+
+
+def test_every_variant_has_a_family_and_the_reference_models_are_named():
+    from variants.zoo import FAMILIES
+
+    for name in variants.list():
+        assert variants.VARIANTS.get(name).family in FAMILIES, name
+    assert variants.VARIANTS.get("dualvgr-u2").family == "baseline"
+    assert variants.VARIANTS.get("student-logits").family == "student"
+    assert "official DualVGR train.py" in variants.describe("dualvgr-u2")
+    assert "as published" not in variants.describe("dualvgr").lower()
+    assert variants.get_config("dualvgr-u2").model["unit_layers"] == 2
+    assert variants.get_config("student-similarity").distill[0]["params"] == {}  # the loss's default: cross

@@ -6,7 +6,10 @@ Each loss is a registered factory (``@LOSSES.register()``) returning a :class:`K
     loss, parts = module(student_outputs, [teacher_outputs, ...], answers)
 
 The runner adds ``weight * loss`` to the student's own objective (cross entropy plus DualVGR's
-auxiliary terms), so no loss here contains a cross-entropy term. ``parts`` holds detached scalars
+auxiliary terms), so no loss here contains a cross-entropy term. A loss whose weight follows the
+training schedule (``dkd``'s warm-up) sets ``progress_aware = True`` and is called with the 0-based
+``epoch`` as a keyword (``variants.losses.Objective`` routes it); the others are called without it.
+The objective computes every loss in fp32, outside autocast (see ``variants.losses``). ``parts`` holds detached scalars
 for logging (the components of losses that have several; single-term losses return ``{}``, the
 runner logs the total as ``kd_<name>``).
 
@@ -42,6 +45,8 @@ from .losses import LOSSES
 FEATURE_KEYS = ("clip_fused", "clip_app", "clip_motion", "video", "question")
 #: what the batch-relation losses (similarity, relational, sp, pkt) may compare
 EMBEDDING_KEYS = FEATURE_KEYS + ("joint",)
+#: dkd's default warm-up in epochs: mdistiller's CIFAR-100 share (20 of 240 epochs) of a 25-epoch schedule
+DKD_WARMUP = 2.0
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -105,6 +110,8 @@ class KDLoss(nn.Module):
 
     #: registered name (set by each subclass), used in error messages
     name = "kd"
+    #: True: ``forward`` also takes ``epoch`` (the 0-based training epoch, a Python int)
+    progress_aware = False
 
     def forward(self, student: dict, teachers: list[dict], answers: torch.Tensor):
         raise NotImplementedError
@@ -272,14 +279,21 @@ class SimilarityKD(KDLoss):
 
     name = "similarity"
 
-    def __init__(self, delta: float = 1.0, embedding: str = "joint"):
+    def __init__(self, delta: float = 1.0, matrix: str = "cross", embedding: str = "joint"):
         super().__init__()
-        self.delta, self.embedding_key = float(delta), embedding
+        self.delta, self.kind, self.embedding_key = float(delta), matrix, embedding
 
     def extra_repr(self) -> str:
-        return f"delta={self.delta}, embedding={self.embedding_key!r}"
+        extra = f", embedding={self.embedding_key!r}" if self.kind == "self" else ""
+        return f"delta={self.delta}, matrix={self.kind!r}{extra}"
 
     def matrix(self, out: dict, who: str) -> torch.Tensor:
+        """(B, B): ``cross``: cosine of question i and video j (TeachText's query x video
+        matrix); ``self``: cosine of sample i's and sample j's ``embedding``."""
+        if self.kind == "cross":
+            q = F.normalize(self.embedding(out, "question", who), dim=-1)
+            v = F.normalize(self.embedding(out, "video", who), dim=-1)
+            return q @ v.transpose(0, 1)
         e = F.normalize(self.embedding(out, self.embedding_key, who), dim=-1)
         return e @ e.transpose(0, 1)
 
@@ -293,28 +307,40 @@ class SimilarityKD(KDLoss):
         return F.huber_loss(s, target, delta=self.delta), {}
 
 
+#: the similarity matrices ``similarity`` can distil
+SIMILARITY_MATRICES = ("cross", "self")
+
+
 @LOSSES.register()
 @_factory
-def similarity(student_dim: int = 768, teacher_dim: int = 768, *, delta: float = 1.0,
-               embedding: str = "joint") -> KDLoss:
-    """TeachText: Huber loss between the student's batch similarity matrix and the teachers' mean matrix.
+def similarity(student_dim: int = 768, teacher_dim: int = 768, *, delta: float = 1.0, matrix: str = "cross",
+               embedding: str | None = None) -> KDLoss:
+    """TeachText: Huber loss between the student's batch question x video similarity matrix and the teachers' mean.
 
     Formula (TeachText, Croitoru et al., ICCV 2021; ``albanie/collaborative-experts``,
-    ``trainer/trainer.py``)::
+    ``trainer/trainer.py`` and ``model/model.py``)::
 
-        e = normalize(cat([video, question], -1))      (embedding="joint"; or video / question / ...)
-        S = e e^T                                        (B, B)
+        matrix="cross" (default, TeachText's):  S_ij = cos(question_i, video_j)        (B, B)
+        matrix="self"  (an adaptation):         S_ij = cos(e_i, e_j),  e = output[embedding]
         loss = mean_ij Huber_delta(S_s[i, j] - mean_k S_tk[i, j])
 
-    TeachText sums each teacher's per-modality similarity matrices, averages the matrices over
-    teachers, and adds ``SmoothL1Loss(reduction="elementwise_mean")`` (Huber with delta 1, mean
-    over all B*B entries) between the student's ``cross_view_conf_matrix`` and that mean; here
-    the matrices are cosine similarities of the joint video-question embeddings (one per sample,
-    so the matrix is symmetric). ``F.huber_loss`` equals SmoothL1 at delta 1 (and is
-    ``delta * SmoothL1(beta=delta)`` otherwise). Student and teacher dims may differ.
+    TeachText distils the retrieval model's ``cross_view_conf_matrix`` (text embedding i against
+    video embedding j of the batch): each teacher's query x video similarities, averaged over
+    teachers, are the target of ``SmoothL1Loss(reduction="elementwise_mean")`` (Huber with delta
+    1, mean over all B*B entries) on the student's matrix. In DualVGR the query is the question
+    embedding (``question``) and the video the question-guided video embedding (``video``), so
+    ``cross`` is that matrix of the batch (not symmetric). ``self`` keeps this harness's earlier
+    adaptation: the self-similarity of one embedding per sample (``embedding``: joint =
+    cat([video, question], -1), the default, or video, question, a clip feature), a symmetric
+    matrix; ``embedding`` applies to ``self`` only. ``F.huber_loss`` equals SmoothL1 at delta 1
+    (and is ``delta * SmoothL1(beta=delta)`` otherwise). Student and teacher dims may differ.
     """
     _positive("similarity", delta=delta)
-    return SimilarityKD(delta, _choice("similarity", "embedding", embedding, EMBEDDING_KEYS))
+    kind = _choice("similarity", "matrix", matrix, SIMILARITY_MATRICES)
+    if embedding is not None and kind != "self":
+        raise ValueError(f"distillation loss 'similarity': embedding={embedding!r} applies to matrix='self' only "
+                         f"(matrix={kind!r} compares question and video embeddings)")
+    return SimilarityKD(delta, kind, _choice("similarity", "embedding", embedding or "joint", EMBEDDING_KEYS))
 
 
 # ----------------------------------------------------------------------------- 4. hint (FitNets)
@@ -466,15 +492,24 @@ class DecoupledKD(KDLoss):
     """Decoupled KD (see :func:`dkd`)."""
 
     name = "dkd"
+    progress_aware = True
 
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0):
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0, warmup: float = DKD_WARMUP):
         super().__init__()
-        self.alpha, self.beta, self.T = float(alpha), float(beta), float(T)
+        self.alpha, self.beta, self.T, self.warmup = float(alpha), float(beta), float(T), float(warmup)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, T={self.T}"
+        return f"alpha={self.alpha}, beta={self.beta}, T={self.T}, warmup={self.warmup}"
 
-    def forward(self, student, teachers, answers):
+    def warmup_factor(self, epoch: int | None) -> float:
+        """mdistiller's ``min(epoch / warmup, 1)`` with its 1-based epoch, i.e. ``(epoch + 1) /
+        warmup`` for our 0-based one; 1 when ``warmup`` is 0 or no epoch is given (a direct call
+        outside training). A Python float: no host sync."""
+        if epoch is None or self.warmup <= 0:
+            return 1.0
+        return min((epoch + 1) / self.warmup, 1.0)
+
+    def forward(self, student, teachers, answers, epoch: int | None = None):
         s = self.student(student, "logits")
         B, T = s.shape[0], self.T
         gt = torch.zeros_like(s).scatter_(1, answers.reshape(-1, 1).long(), 1.0).bool()
@@ -494,14 +529,15 @@ class DecoupledKD(KDLoss):
             return {"dkd_tckd": tckd, "dkd_nckd": nckd}
 
         m = self.mean_over_teachers(teachers, one)
-        return self.alpha * m["dkd_tckd"] + self.beta * m["dkd_nckd"], {k: v.detach() for k, v in m.items()}
+        loss = self.warmup_factor(epoch) * (self.alpha * m["dkd_tckd"] + self.beta * m["dkd_nckd"])
+        return loss, {k: v.detach() for k, v in m.items()}
 
 
 @LOSSES.register()
 @_factory
 def dkd(student_dim: int = 768, teacher_dim: int = 768, *, alpha: float = 1.0, beta: float = 8.0,
-        T: float = 4.0) -> KDLoss:
-    """Decoupled KD: alpha * target-class KD + beta * non-target-class KD, T^2-scaled, with the answer as target.
+        T: float = 4.0, warmup: float = DKD_WARMUP) -> KDLoss:
+    """Decoupled KD: alpha * target-class KD + beta * non-target-class KD, T^2-scaled, answer as target, linear warm-up.
 
     Formula (Zhao et al., CVPR 2022; ``megvii-research/mdistiller``, ``distillers/DKD.py``
     ``dkd_loss``)::
@@ -509,17 +545,24 @@ def dkd(student_dim: int = 768, teacher_dim: int = 768, *, alpha: float = 1.0, b
         b = [p_gt, 1 - p_gt] of p = softmax(z / T)            (binary target / rest)
         TCKD = T^2 / B * sum_b KL(b_t || b_s)                 (log of the summed probabilities)
         NCKD = T^2 / B * sum_b KL(softmax(z_t / T - 1000 m) || softmax(z_s / T - 1000 m))
-        loss = alpha * TCKD + beta * NCKD
+        loss = min((epoch + 1) / warmup, 1) * (alpha * TCKD + beta * NCKD)     (epoch 0-based)
 
     with ``m`` the one-hot mask of the answer: as in mdistiller the target logit is pushed down by
     1000 (not removed), which gives it probability exp(-1000) = 0, i.e. the softmax over the
-    non-target classes. mdistiller's linear warm-up of the whole term (``min(epoch / 20, 1)``) is
-    not applied (the runner has no epoch-dependent weights). Defaults: alpha 1, beta 8, T 4
-    (mdistiller's CIFAR-100 setting). ``parts``: ``dkd_tckd``, ``dkd_nckd`` (unweighted).
+    non-target classes. The linear warm-up of the whole term is mdistiller's ``DKD.forward_train``
+    (``min(epoch / WARMUP, 1)``, epochs counted from 1 there); ``warmup=0`` turns it off.
+
+    Defaults: alpha 1, beta 8, T 4 (mdistiller's CIFAR-100 setting) and ``warmup`` 2 epochs
+    (:data:`DKD_WARMUP`). mdistiller warms up over 20 of its 240 CIFAR-100 epochs (1/12 of the
+    schedule, long before its first learning-rate step at 150) and uses 1 (no warm-up in effect)
+    with ImageNet's beta 0.5; with beta 8 the NCKD term dominates the student's first updates, which
+    the warm-up softens. The same share of DualVGR's 25-epoch schedule (lr halved every 10) is
+    2 epochs: half weight in epoch 0, full weight from epoch 1 on. ``parts``: ``dkd_tckd``,
+    ``dkd_nckd`` (unweighted, without the warm-up factor).
     """
     _positive("dkd", T=T)
-    _non_negative("dkd", alpha=alpha, beta=beta)
-    return DecoupledKD(alpha, beta, T)
+    _non_negative("dkd", alpha=alpha, beta=beta, warmup=warmup)
+    return DecoupledKD(alpha, beta, T, warmup)
 
 
 # ----------------------------------------------------------------------------- 7. sp (Similarity-Preserving)
@@ -627,5 +670,6 @@ def pkt(student_dim: int = 768, teacher_dim: int = 768, *, embedding: str = "vid
 
 
 __all__ = ["KDLoss", "FusedKD", "LogitKD", "SimilarityKD", "HintKD", "RelationalKD", "DecoupledKD",
-           "SimilarityPreservingKD", "ProbabilisticKT", "FEATURE_KEYS", "EMBEDDING_KEYS", "fused", "logits",
+           "SimilarityPreservingKD", "ProbabilisticKT", "FEATURE_KEYS", "EMBEDDING_KEYS", "SIMILARITY_MATRICES",
+           "DKD_WARMUP", "fused", "logits",
            "similarity", "hint", "relational", "dkd", "sp", "pkt"]

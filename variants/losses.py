@@ -10,8 +10,18 @@ over the graph layers l, with alpha = 1 and beta = 1e-8 by default. Both auxilia
 computed for the whole batch at once; the reference's HSIC loops over the batch in Python and
 copies every graph output to the CPU and back. ``tests/test_losses.py`` pins both against the
 direct (looped) formulas and against golden values on fixed tensors.
+
+Precision: :class:`Objective` computes every term (CE, the auxiliary terms, each distillation
+loss) in fp32 whatever the model ran in: autocast is disabled inside it and the model's and the
+teachers' floating-point outputs are cast with ``.float()`` first. Under bf16 autocast the model
+outputs are bf16; computing e.g. a batch similarity matrix, a KL or the HSIC trace in bf16 loses
+most of its digits when student and teacher are close. The autoencoder's reconstruction MSE is
+computed by the model (``recon_loss``) with ``F.mse_loss``, which autocast itself runs in fp32
+(on the CPU and on CUDA): the same value as the MSE of the ``.float()`` reconstruction.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -67,10 +77,34 @@ def dualvgr_loss(out: dict, answers: torch.Tensor, alpha: float = 1.0, beta: flo
     return ce + alpha * com + beta * dep, parts
 
 
+#: floating-point dtypes the objective casts up to fp32 (float64 stays float64)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def to_fp32(x):
+    """``x`` with every bf16 / fp16 tensor (also inside dicts, lists and tuples) cast to fp32;
+    other values unchanged. ``.float()`` is differentiable: gradients flow back to the bf16 graph."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.dtype in LOW_PRECISION else x
+    if isinstance(x, dict):
+        return {k: to_fp32(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_fp32(v) for v in x)
+    return x
+
+
+def no_autocast(device: torch.device):
+    """A context with autocast disabled on ``device``'s type (a no-op where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class Objective(torch.nn.Module):
     """A variant's whole training objective: DualVGR's loss plus ``weight * loss`` for each
     distillation loss (whose learnable parts, e.g. a hint regressor, are trained with the
-    student). ``forward(out, answers, teacher_outs) -> (total, parts)``."""
+    student). ``forward(out, answers, teacher_outs, epoch=...) -> (total, parts)``, computed in
+    fp32 outside autocast (see the module docstring)."""
 
     def __init__(self, loss_cfg: dict, distill: list[dict] | None = None, student_dim: int = 768,
                  teacher_dim: int = 768):
@@ -95,11 +129,18 @@ class Objective(torch.nn.Module):
             self.kd_weights.append(float(item.get("weight", 1.0)))
 
     def forward(self, out: dict, answers: torch.Tensor, teacher_outs: list[dict] | None = None, epoch: int = 0):
-        """``epoch``: the 0-based training epoch (a Python int, so no host sync), for losses whose
-        weight follows the schedule (mdistiller passes the epoch the same way)."""
+        """``epoch``: the 0-based training epoch (a Python int, so no host sync), passed to the
+        losses whose weight follows the schedule (``progress_aware``; mdistiller passes the epoch
+        the same way). Every term is computed in fp32 with autocast disabled, from fp32 copies of
+        the outputs, so a bf16 run's losses equal the fp32 computation on its (bf16) outputs."""
+        with no_autocast(answers.device):
+            return self._forward(to_fp32(out), answers, to_fp32(teacher_outs or []), epoch)
+
+    def _forward(self, out: dict, answers: torch.Tensor, teacher_outs: list[dict], epoch: int):
         total, parts = dualvgr_loss(out, answers, self.alpha, self.beta, self.ce_weight)
         for name, weight, module in zip(self.kd_names, self.kd_weights, self.kd):
-            value, kd_parts = module(out, teacher_outs or [], answers)
+            progress = {"epoch": epoch} if getattr(module, "progress_aware", False) else {}
+            value, kd_parts = module(out, teacher_outs, answers, **progress)
             total = total + weight * value
             parts[f"kd_{name}"] = value.detach()
             parts.update({f"kd_{k}": v for k, v in kd_parts.items() if f"kd_{k}" not in parts})

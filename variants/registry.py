@@ -16,7 +16,12 @@ class Entry:
     name: str
     fn: Callable[..., Any]
     description: str
+    #: labels given at registration; the first is the entry's family (``variants.zoo.FAMILIES``)
     tags: tuple[str, ...] = ()
+
+    @property
+    def family(self) -> str | None:
+        return self.tags[0] if self.tags else None
 
 
 class UnknownNameError(KeyError):
