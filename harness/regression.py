@@ -137,7 +137,7 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-app = typer.Typer(add_completion=False, help=__doc__)
+app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 
 
 @app.command()

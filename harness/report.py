@@ -37,13 +37,13 @@ from matplotlib.figure import Figure
 import variants
 from variants.zoo import FAMILIES
 
+from . import costs
 from . import stats as S
+from .evaluate import ABLATIONS
 from .stats import Bootstrap, Estimate
 from .store import ResultsStore, atomic_write_bytes
 
-#: evaluation-time ablations (harness.runner.ABLATIONS) and their column titles
-ABLATIONS = {"shuffle_video": "videos shuffled", "zero_appearance": "appearance zeroed",
-             "zero_motion": "motion zeroed"}
+#: evaluation-time ablations and their column titles: harness.evaluate.ABLATIONS
 #: optional ``record["cost"]`` fields shown in the main table: field -> (column, CSV column, scale)
 COST_COLUMNS = {"flops_per_sample": ("GFLOPs", "gflops", 1e-9),
                 "latency_ms_median": ("latency ms", "latency_ms", 1.0),
@@ -868,6 +868,7 @@ def write_report(store: ResultsStore, name: str, run_ids: list[str] | None = Non
         missing = [r for r in ids if not store.is_complete(r)]
         records = [store.read_record(r) for r in ids if store.is_complete(r)]
     records.sort(key=lambda r: r["run_id"])
+    records = costs.attach(store, records)  # latency / inference memory measured alone, never during training
     sections = group_runs(records, baseline, control)
     superseded = sorted(x for gs in sections.values() for g in gs for x in g.superseded)
     kept = sorted((r for gs in sections.values() for g in gs for r in g.runs), key=lambda r: r["run_id"])

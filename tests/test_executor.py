@@ -271,7 +271,7 @@ def test_killing_a_parallel_grid_leaves_no_process(tmp_path, data_cache):
             if not survivors:
                 break
             time.sleep(0.1)
-        assert not survivors, f"processes of the killed grid still run: " + "; ".join(
+        assert not survivors, "processes of the killed grid still run: " + "; ".join(
             Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120] for p in survivors)
     finally:
         if proc.poll() is None:

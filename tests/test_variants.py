@@ -4,12 +4,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import variants
+from harness.synthetic import PRESETS
 from harness import data as D
 from harness.runner import RunSpec, train
 from harness.store import ResultsStore
 
-TINY = {"question_vocab": 100, "answer_vocab": 50, "vision_dim": 128, "module_dim": 64, "word_dim": 32,
-        "num_clips": 4, "num_frames": 4}
+TINY = PRESETS["tiny"].model_config()
 
 
 def test_registry_lookup_and_wildcards():
