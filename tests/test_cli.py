@@ -99,3 +99,30 @@ def test_list_and_bench_name_a_pattern_that_matches_nothing():
     assert code == 1 and "no variant matches 'nosuch*'" in out
     code, out, _ = run("--variant", "dualvgr", "--variant", "teacher-g5", "--no-store", app=bench.app)
     assert code == 2 and "no variant matches 'teacher-g5'" in out
+
+
+def test_a_full_disk_is_named_not_a_traceback(tmp_path, tiny, monkeypatch):
+    import errno
+    import os
+
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: Full(real_fdopen(fd, mode, *a, **k))
+                        if "w" in mode else real_fdopen(fd, mode, *a, **k))
+    code, out, _ = run("run", "question-only", "--epochs", "1", "--batch-size", "512", "--results", tmp_path,
+                       "--device", "cpu")
+    assert code == 2 and "no space left on the device" in out and "Traceback" not in out, out
+    assert str(tmp_path) in out.replace("\n", "")
