@@ -171,9 +171,10 @@ def slurm_parameters(options: dict, device: str = "auto", jobs: int = 1, name: s
     if time_min is None:
         time_min = partition_time_limit(options.get("partition"))
     params["time"] = time_min
-    # submitit signals the job this long before its time limit to checkpoint and requeue it; slurmctld looks at
-    # time limits every 30 s, so at least 30 s (and at most half the limit, for tiny limits)
-    params["signal_delay_s"] = max(30, min(90, time_min * 30)) if time_min else 90
+    # SLURM signals the job signal_delay_s before its time limit (submitit then checkpoints and requeues it), or up
+    # to 60 s earlier: 90 s (submitit's default) from 3 minutes on, 30 s below, so that a 2-minute job is signalled
+    # between 30 and 90 s; a 1-minute job may be signalled as it starts (too short to be requeued reliably)
+    params["signal_delay_s"] = 90 if not time_min or time_min >= 3 else 30
     return {k: v for k, v in params.items() if v is not None}
 
 

@@ -47,7 +47,9 @@ def test_requests_are_sent_exactly_zero_included(tmp_path):
     f = flags(sbatch_lines(E.slurm_parameters(opts, device="cuda", jobs=1), tmp_path))
     assert f["partition"] == "debug" and f["gpus-per-node"] == "0" and f["cpus-per-task"] == "1"
     assert f["mem"] == "4G" and f["time"] == "1"
-    assert f["signal"] == "USR2@30"  # a tiny limit: signalled early enough for slurmctld's 30 s checks
+    assert f["signal"] == "USR2@30"  # short limits: SLURM may signal up to 60 s early, not before the job starts
+    assert E.slurm_parameters({"time_min": 2})["signal_delay_s"] == 30
+    assert E.slurm_parameters({"time_min": 3})["signal_delay_s"] == 90  # submitit's default
     assert E.slurm_parameters({**opts, "mem_gb": 2.5})["mem"] == "2560M"
     assert E.slurm_parameters({**opts, "mem_gb": 0})["mem"] == "0G"  # SLURM's --mem=0: all of the node's memory
     assert E.slurm_parameters(opts)["array_parallelism"] == 3
