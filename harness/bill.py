@@ -49,11 +49,13 @@ def _add(*xs):
 
 
 def run_compute(record: dict, teacher_records: list[dict], *, train_samples: int, teacher_step_samples: int,
-                cache_build_s: float, cache_info: list[dict] | None) -> dict:
+                cache_build_s: float, cache_info: list[dict] | None, built_by_this_run=()) -> dict:
     """A run's own training compute, for its record: measured seconds and device, counted FLOPs
     (see the module doc), the samples they were counted over, and, for a student, its teachers'
     forward FLOPs per sample, the cache builds it read (with their measured seconds) and the
-    teacher runs, whose own bills are in their records."""
+    teacher runs, whose own bills are in their records. ``cache_info``: the ``info`` of the
+    :class:`harness.teacher_cache.TeacherOutputs` it read (None: no cache); ``built_by_this_run``:
+    the ids of the builds among them this run made (in any of its processes)."""
     f = (record.get("cost") or {}).get("flops_per_sample")
     val_samples = int(record["data"]["sizes"].get("val", 0)) * int(record["epochs_run"])
     teachers = [{"run_id": t["run_id"], "variant": t["variant"],
@@ -69,7 +71,7 @@ def run_compute(record: dict, teacher_records: list[dict], *, train_samples: int
                 "split": info["split"], "build_s": fi["build_s"], "build_device": fi["build_device"],
                 "build_device_name": fi["build_device_name"], "built_at": fi["built_at"],
                 "forward_flops": _mul(t_fwd.get(info["teacher_run"]), info["rows"]),
-                "built_by_this_run": fi["built_by_this_run"]})
+                "built_by_this_run": fi["build_id"] in built_by_this_run})
             b["keys"].append(fi["key"])
         builds.extend(seen.values())
     return {

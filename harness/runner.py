@@ -9,9 +9,10 @@ completed epoch, and a complete run is not run twice. The id is computed from th
 without reading a feature.
 
 A run goes through named steps around one state object (:class:`_Run`): set up (model, the
-shared training step of :mod:`harness.step`, schedule, resume from ``state.pt``), one epoch at a
-time (train, validate, checkpoint), then evaluate (test at the last and the best-validation epoch,
-the evaluation-time ablations) and write the record. The training step has no host
+shared training step of :mod:`harness.step`, schedule, resume from ``state.pt``, a student's
+teacher outputs from :mod:`harness.teacher_cache`), one epoch at a time (train, validate,
+checkpoint), then evaluate (test at the last and the best-validation epoch, the evaluation-time
+ablations) and write the record, with its training compute (:mod:`harness.bill`). The training step has no host
 synchronisation: losses and accuracy are summed on the device and read once per epoch (and, for
 the progress display, every ``log_every`` steps).
 """
@@ -36,16 +37,16 @@ from rich.console import Console
 import variants
 
 from . import data as D
+from . import teacher_cache
+from .bill import run_compute
 from .console import progress_bar, say
 from .env import TRAIN_PRECISIONS, check_precision, device_name, git_commit, resolve_device, seed_everything
 from .errors import HarnessError
 from .evaluate import ABLATIONS, evaluate
 from .measure import param_counts
-from .bill import run_compute
 from .step import TrainStep, build_step
-from . import teacher_cache
-from .teacher_cache import TeacherOutputs
 from .store import ResultsStore, atomic_torch_save, atomic_write_bytes, locked
+from .teacher_cache import TeacherOutputs
 
 #: the reference's training recipe (anchors.md); data sets may suggest their own (synthetic presets)
 REFERENCE_TRAIN = {"epochs": 25, "batch_size": 256, "lr": 1e-4, "lr_decay_every": 10, "lr_decay": 0.5,
@@ -308,6 +309,7 @@ class _Progress:
     started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     teacher_step_samples: int = 0  # samples whose teachers ran forward inside the training step (no cache)
     cache_build_s: float = 0.0  # seconds of active_time spent building teacher-output caches
+    cache_builds: list[str] = field(default_factory=list)  # ids of the cache builds this run made
 
     def stale_epochs(self) -> int:
         return 0 if not self.history else len(self.history) - 1 - self.best["epoch"]
@@ -375,7 +377,10 @@ class _Run:
         cache = teacher_cache.prepare(self.store, self.teacher_records, self.teachers, keys, tr, self.features,
                                       self.data.data_id, self.dev, self.precision,
                                       on_build=lambda msg: say(self.console, f"{self.p.run_id}: {msg}", "dim"))
-        self.state.cache_build_s += sum(i["build_s_this_run"] for i in cache.info)
+        self.state.cache_build_s += sum(i["build_s_now"] for i in cache.info)
+        for f in (f for i in cache.info for f in i["files"] if f["built_now"]):
+            if f["build_id"] not in self.state.cache_builds:
+                self.state.cache_builds.append(f["build_id"])
         return cache
 
     def _resume(self) -> None:
@@ -388,8 +393,10 @@ class _Run:
         if self.dev.type == "cuda" and st.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(st["rng_cuda"], self.dev)
         self.state = _Progress(st["history"], st["best"], st["epoch"] + 1, st["train_time"], st["train_samples"],
-                               st.get("active_time", 0.0), st["started_at"], st.get("teacher_step_samples", 0),
-                               st.get("cache_build_s", 0.0))
+                               st.get("active_time", 0.0), st["started_at"],
+                               # a state from before the cache: its teachers ran in every step
+                               st.get("teacher_step_samples", st["train_samples"] if self.teachers else 0),
+                               st.get("cache_build_s", 0.0), st.get("cache_builds", []))
         say(self.console, f"{self.p.run_id}: resuming after epoch {self.state.next_epoch}", "dim")
 
     # -- one epoch
@@ -452,6 +459,7 @@ class _Run:
             "history": st.history, "best": st.best, "epoch": rec["epoch"], "train_time": st.train_time,
             "train_samples": st.train_samples, "active_time": st.active_time, "started_at": st.started,
             "teacher_step_samples": st.teacher_step_samples, "cache_build_s": st.cache_build_s,
+            "cache_builds": st.cache_builds,
             "run_id": self.p.run_id})
 
     @property
@@ -530,7 +538,7 @@ class _Run:
         }
         record["training_compute"] = run_compute(record, self.teacher_records, train_samples=st.train_samples,
                                                  teacher_step_samples=st.teacher_step_samples,
-                                                 cache_build_s=st.cache_build_s,
+                                                 cache_build_s=st.cache_build_s, built_by_this_run=st.cache_builds,
                                                  cache_info=self.tcache.info if self.tcache else None)
         self.store.write_record(record)
         return record

@@ -355,19 +355,21 @@ def prepare(store: ResultsStore, teacher_records: list[dict], teachers: list[nn.
         with locked(cache_dir(store, run_id) / ".lock"):
             for stale in cache_dir(store, run_id).glob(".*.tmp"):  # left by a build that was killed
                 stale.unlink(missing_ok=True)
-            todo = []
+            todo, damaged = [], []
             for k in tkeys:
                 npy, man = cache_paths(store, run_id, data_id, split_name, precision, device.type, k)
                 why, _ = _problem(npy, man, ident, k)
                 if why is not None:
                     if why != "not built":
                         warnings.warn(f"{npy}: {why}; rebuilding it", stacklevel=2)
+                        damaged.append(f"{k}: {why}")
                     todo.append(k)
             built_s = None
             if todo:
                 if on_build:
                     on_build(f"teacher {trec['variant']} (run {run_id}): computing its outputs "
-                             f"{', '.join(todo)} on the {split_name} split once ({len(split):,} questions)")
+                             f"{', '.join(todo)} on the {split_name} split once ({len(split):,} questions)"
+                             + (f"; rebuilt because {'; '.join(damaged)}" if damaged else ""))
                 built_s = _build(store, teacher, ident, todo, split, features, device, trec["variant"])
             tab, dts, files = {}, {}, []
             for k in tkeys:
@@ -377,11 +379,11 @@ def prepare(store: ResultsStore, teacher_records: list[dict], teachers: list[nn.
                 files.append({"key": k, "file": str(npy), "build_id": manifest["build_id"],
                               "build_s": manifest["build_s"], "build_device": manifest["device"],
                               "build_device_name": manifest["device_name"], "built_at": manifest["built_at"],
-                              "nbytes": manifest["nbytes"], "built_by_this_run": k in todo})
+                              "nbytes": manifest["nbytes"], "built_now": k in todo})
         tables.append(tab)
         dtypes.append(dts)
         info.append({"teacher_run": run_id, "teacher_variant": trec["variant"], "keys": list(tkeys),
-                     "rows": len(split), "split": split_name, "files": files, "build_s_this_run": built_s or 0.0})
+                     "rows": len(split), "split": split_name, "files": files, "build_s_now": built_s or 0.0})
     cache = TeacherOutputs(tables, dtypes, device, streaming=False, info=info)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

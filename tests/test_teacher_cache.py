@@ -147,8 +147,8 @@ def test_cache_files_manifest_and_values(tiny, tmp_path):
     assert all(torch.equal(streamed[k], got[k]) for k in got)
     # used as it is the second time: no build
     again = _prepare(store, trec, teacher, split, tiny)
-    assert again.info[0]["build_s_this_run"] == 0.0
-    assert not any(f["built_by_this_run"] for f in again.info[0]["files"])
+    assert again.info[0]["build_s_now"] == 0.0
+    assert not any(f["built_now"] for f in again.info[0]["files"])
 
 
 def _build_id(store, trec, tiny, key):
@@ -163,7 +163,7 @@ def _rebuilds(store, trec, teacher, split, tiny, match: str):
     before = {k: _build_id(store, trec, tiny, k) for k in ("logits", "video")}
     with pytest.warns(UserWarning, match=match):
         cache = _prepare(store, trec, teacher, split, tiny)
-    rebuilt = [f for f in cache.info[0]["files"] if f["built_by_this_run"]]
+    rebuilt = [f for f in cache.info[0]["files"] if f["built_now"]]
     assert rebuilt and all(f["build_id"] != before[f["key"]] for f in rebuilt)
     idx = torch.arange(len(split))
     for k, v in cache.gather(idx)[0].items():
@@ -221,7 +221,7 @@ def test_a_build_that_fails_midway_leaves_nothing_behind(tiny, tmp_path, monkeyp
     assert not list(d.glob("*.npy")) and not list(d.glob("*.json")) and not list(d.glob(".*.tmp"))
     monkeypatch.undo()
     cache = _prepare(store, trec, teacher, split, tiny)
-    assert all(f["built_by_this_run"] for f in cache.info[0]["files"])
+    assert all(f["built_now"] for f in cache.info[0]["files"])
 
 
 def test_an_output_that_is_not_a_row_per_question_is_refused(tiny, tmp_path):
@@ -238,8 +238,12 @@ def test_an_output_that_is_not_a_row_per_question_is_refused(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory):
-    """One store: teacher-g4 trained, student-logits trained from the cache (which it builds)."""
+    """One store: teacher-g4 trained, student-logits trained from the cache (which it builds),
+    stopped after its first epoch and resumed (a second process reading the same cache)."""
     store = ResultsStore(tmp_path_factory.mktemp("tc") / "results")
+    part = train(RunSpec("student-logits", **FAST), store, data=tiny, device="cpu", progress=False,
+                 stop_after_epochs=1)
+    assert part["status"] == "stopped"
     rec = train(RunSpec("student-logits", **FAST), store, data=tiny, device="cpu", progress=False)
     preds = pd.read_csv(store.run_dir(rec["run_id"]) / "predictions_test.csv")
     return store, rec, preds
@@ -298,3 +302,21 @@ def test_cli_run_no_teacher_cache_reaches_the_runner(monkeypatch, tmp_path, data
         r = CliRunner().invoke(ablate.app, ["run", "student-logits", "--results", str(tmp_path), *flag])
         assert r.exit_code == 2 and "stop here" in r.output
         assert seen["teacher_cache"] is want
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_cache_is_read_through_a_memory_map_not_copied(tiny, tmp_path):
+    """On the CPU the cache's tensors are the file's pages (held once, by the OS page cache),
+    so an MSVD-QA-sized key (0.76 GB) is never held twice: their data lies in a mapping of the
+    .npy file."""
+    store = ResultsStore(tmp_path)
+    split = _head(tiny.splits["train"], N_ROWS)
+    trec, teacher = _fake_teacher(store, tiny)
+    cache = _prepare(store, trec, teacher, split, tiny)
+    assert not cache.streaming
+    maps = open("/proc/self/maps").read().splitlines()
+    for k, t in cache.tables[0].items():
+        npy = TC.cache_paths(store, trec["run_id"], tiny.data_id, "train", "fp32", "cpu", k)[0]
+        ptr = t.untyped_storage().data_ptr()
+        spans = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in maps if line.endswith(str(npy))]
+        assert any(lo <= ptr < hi for lo, hi in spans), (k, npy)
