@@ -254,6 +254,9 @@ def run(
     force: bool = typer.Option(False, help="Retrain even if the run is complete in the store."),
     mode: str = typer.Option("auto", help="Feature loading: memory, stream, or auto (stream when the "
                              "features do not fit in half the free RAM)."),
+    no_teacher_cache: bool = typer.Option(False, "--no-teacher-cache", help="A distilled student runs its "
+                                          "teachers every step instead of reading their outputs, computed once, "
+                                          "from results/runs/<teacher run>/teacher_outputs/ (the same training)."),
 ):
     """Train and evaluate one variant; print its per-question-type accuracy table."""
     import variants
@@ -273,7 +276,7 @@ def run(
         ds = D.load(data, mode=feature_mode(spec, mode))
         run_id = plan(spec, ds).run_id
         reused = store.is_complete(run_id) and not force
-        record = train(spec, store, data=ds, device=device, force=force)
+        record = train(spec, store, data=ds, device=device, force=force, teacher_cache=not no_teacher_cache)
     except user_errors() as e:
         error(console, e)
         if run_id is not None and store.run_dir(run_id).exists():  # the run started: record why it failed

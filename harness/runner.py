@@ -9,16 +9,16 @@ completed epoch, and a complete run is not run twice. The id is computed from th
 without reading a feature.
 
 A run goes through named steps around one state object (:class:`_Run`): set up (model, the
-shared training step of :mod:`harness.step`, schedule, resume from ``state.pt``), one epoch at a
-time (train, validate, checkpoint), then evaluate (test at the last and the best-validation epoch,
-the evaluation-time ablations) and write the record. The training step has no host
+shared training step of :mod:`harness.step`, schedule, resume from ``state.pt``, a student's
+teacher outputs from :mod:`harness.teacher_cache`), one epoch at a time (train, validate,
+checkpoint), then evaluate (test at the last and the best-validation epoch, the evaluation-time
+ablations) and write the record, with its training compute (:mod:`harness.bill`). The training step has no host
 synchronisation: losses and accuracy are summed on the device and read once per epoch (and, for
 the progress display, every ``log_every`` steps).
 """
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import platform
@@ -37,13 +37,16 @@ from rich.console import Console
 import variants
 
 from . import data as D
+from . import teacher_cache
+from .bill import run_compute
 from .console import progress_bar, say
 from .env import TRAIN_PRECISIONS, check_precision, device_name, git_commit, resolve_device, seed_everything
 from .errors import HarnessError
 from .evaluate import ABLATIONS, evaluate
 from .measure import param_counts
 from .step import TrainStep, build_step
-from .store import ResultsStore, atomic_torch_save, atomic_write_bytes
+from .store import ResultsStore, atomic_torch_save, atomic_write_bytes, locked
+from .teacher_cache import TeacherOutputs
 
 #: the reference's training recipe (anchors.md); data sets may suggest their own (synthetic presets)
 REFERENCE_TRAIN = {"epochs": 25, "batch_size": 256, "lr": 1e-4, "lr_decay_every": 10, "lr_decay": 0.5,
@@ -211,12 +214,16 @@ def feature_mode(spec: RunSpec, mode: str = "auto") -> str:
 
 def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQAData | None = None,
           device: str | torch.device | None = "auto", force: bool = False, progress: bool = True,
-          console: Console | None = None, log_every: int = 25, stop_after_epochs: int | None = None) -> dict:
+          console: Console | None = None, log_every: int = 25, stop_after_epochs: int | None = None,
+          teacher_cache: bool = True) -> dict:
     """Train and evaluate one run; returns its record (also written to ``store``).
 
     A complete run already in the store is returned as is (unless ``force``). An incomplete one
     resumes from its last completed epoch. ``stop_after_epochs`` ends the process's work early
-    without writing a record (used to test resuming).
+    without writing a record (used to test resuming). ``teacher_cache``: a distilled student
+    reads its teachers' outputs from the cache of :mod:`harness.teacher_cache` (built on first
+    use) instead of running the teachers every step; the same training, so it is not part of
+    the run id.
     """
     store = store or ResultsStore()
     console = console or Console(stderr=True)
@@ -230,13 +237,14 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
         return store.read_record(p.run_id)
     teachers, teacher_records = [], []
     for tp in p.teachers:  # found in the store by their config, data set and seed, or trained now
-        trec = train(tp.spec, store, data=data, device=dev, progress=progress, console=console, log_every=log_every)
+        trec = train(tp.spec, store, data=data, device=dev, progress=progress, console=console, log_every=log_every,
+                     teacher_cache=teacher_cache)
         teachers.append(_frozen_teacher(store, trec, dev))
         teacher_records.append(trec)
     with run_lock(store.run_dir(p.run_id)):  # one process trains a given run; others wait, then read its record
         if store.is_complete(p.run_id) and not force:
             return store.read_record(p.run_id)
-        run = _Run(p, store, data, dev, teachers, teacher_records, console, progress, log_every)
+        run = _Run(p, store, data, dev, teachers, teacher_records, console, progress, log_every, teacher_cache)
         return run.execute(force, stop_after_epochs)
 
 
@@ -251,13 +259,8 @@ def _frozen_teacher(store: ResultsStore, trec: dict, dev: torch.device) -> torch
 @contextmanager
 def run_lock(run_dir: Path):
     """An exclusive lock on a run directory (POSIX advisory lock; held until training ends)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with locked(run_dir / ".lock"):
+        yield
 
 
 class _Display:
@@ -304,6 +307,9 @@ class _Progress:
     train_samples: int = 0
     active_time: float = 0.0  # seconds this run's processes spent on it (not the time a killed run lay dead)
     started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    teacher_step_samples: int = 0  # samples whose teachers ran forward inside the training step (no cache)
+    cache_build_s: float = 0.0  # seconds of active_time spent building teacher-output caches
+    cache_builds: list[str] = field(default_factory=list)  # ids of the cache builds this run made
 
     def stale_epochs(self) -> int:
         return 0 if not self.history else len(self.history) - 1 - self.best["epoch"]
@@ -315,13 +321,15 @@ class _Run:
 
     def __init__(self, p: Plan, store: ResultsStore, data: D.VideoQAData, dev: torch.device,
                  teachers: list[torch.nn.Module], teacher_records: list[dict], console: Console, progress: bool,
-                 log_every: int):
+                 log_every: int, teacher_cache: bool = True):
         self.p, self.store, self.data, self.dev = p, store, data, dev
         self.teachers, self.teacher_records = teachers, teacher_records
         self.console, self.show_progress, self.log_every = console, progress, log_every
         self.run_dir = store.run_dir(p.run_id)
         self.state_path, self.best_path = self.run_dir / "state.pt", self.run_dir / "best.pt"
         self.precision = p.train.get("precision", "fp32")
+        self.use_teacher_cache = teacher_cache and bool(teachers)
+        self.tcache: TeacherOutputs | None = None
         self.t_process = time.perf_counter()
 
     # -- set up
@@ -346,6 +354,8 @@ class _Run:
             self._resume()
         for stale_tmp in self.run_dir.glob(".*.tmp"):  # left by a process killed while writing
             stale_tmp.unlink(missing_ok=True)
+        if self.use_teacher_cache:
+            self.tcache = self._teacher_outputs()
         if self.dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.dev)
 
@@ -358,6 +368,21 @@ class _Run:
                 features = features.to(self.dev)
         return features
 
+    def _teacher_outputs(self) -> TeacherOutputs:
+        """The teachers' outputs on the training split, from their cache (built now if needed):
+        only the keys the objective reads (found by a dry run on a few training questions)."""
+        tr = self.splits["train"]
+        probe = next(D.iterate_batches(tr, self.features, min(4, len(tr)), device=self.dev))
+        keys = teacher_cache.keys_read(self.step.objective, self.model, self.teachers, probe, self.precision)
+        cache = teacher_cache.prepare(self.store, self.teacher_records, self.teachers, keys, tr, self.features,
+                                      self.data.data_id, self.dev, self.precision,
+                                      on_build=lambda msg: say(self.console, f"{self.p.run_id}: {msg}", "dim"))
+        self.state.cache_build_s += sum(i["build_s_now"] for i in cache.info)
+        for f in (f for i in cache.info for f in i["files"] if f["built_now"]):
+            if f["build_id"] not in self.state.cache_builds:
+                self.state.cache_builds.append(f["build_id"])
+        return cache
+
     def _resume(self) -> None:
         st = torch.load(self.state_path, map_location=self.dev, weights_only=False)
         self.model.load_state_dict(st["model"])
@@ -368,7 +393,10 @@ class _Run:
         if self.dev.type == "cuda" and st.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(st["rng_cuda"], self.dev)
         self.state = _Progress(st["history"], st["best"], st["epoch"] + 1, st["train_time"], st["train_samples"],
-                               st.get("active_time", 0.0), st["started_at"])
+                               st.get("active_time", 0.0), st["started_at"],
+                               # a state from before the cache: its teachers ran in every step
+                               st.get("teacher_step_samples", st["train_samples"] if self.teachers else 0),
+                               st.get("cache_build_s", 0.0), st.get("cache_builds", []))
         say(self.console, f"{self.p.run_id}: resuming after epoch {self.state.next_epoch}", "dim")
 
     # -- one epoch
@@ -384,7 +412,9 @@ class _Run:
         t0 = time.perf_counter()
         for i, b in enumerate(D.iterate_batches(tr, self.features, self.batch_size, shuffle=True, generator=gen,
                                                 drop_last=self.drop_last, device=self.dev)):
-            out = self.step(b.appearance, b.motion, b.questions, b.lengths, b.answers, epoch=epoch)
+            t_outs = self.tcache.gather(b.index) if self.tcache is not None else None
+            out = self.step(b.appearance, b.motion, b.questions, b.lengths, b.answers, epoch=epoch,
+                            teacher_outputs=t_outs)
             n = b.answers.shape[0]
             count += n
             sums += torch.stack([out.loss * n, (out.logits.argmax(1) == b.answers).sum().to(sums.dtype)])
@@ -400,6 +430,8 @@ class _Run:
             raise RunFailed(f"{self.p.run_id}: loss became {loss_sum} in epoch {epoch + 1}")
         self.state.train_time += dt
         self.state.train_samples += count
+        if self.teachers and self.tcache is None:
+            self.state.teacher_step_samples += count
         self.sched.step()
         return {"epoch": epoch, "loss": loss_sum / count, "train_acc": 100 * correct / count,
                 "lr": self.step.optimizer.param_groups[0]["lr"], "train_time_s": dt,
@@ -426,6 +458,8 @@ class _Run:
             "rng_cuda": torch.cuda.get_rng_state(self.dev) if self.dev.type == "cuda" else None,
             "history": st.history, "best": st.best, "epoch": rec["epoch"], "train_time": st.train_time,
             "train_samples": st.train_samples, "active_time": st.active_time, "started_at": st.started,
+            "teacher_step_samples": st.teacher_step_samples, "cache_build_s": st.cache_build_s,
+            "cache_builds": st.cache_builds,
             "run_id": self.p.run_id})
 
     @property
@@ -502,6 +536,10 @@ class _Run:
             # time this run's processes spent on it, resumed runs included; not the time a killed run lay dead
             "wall_time_s": st.active_time,
         }
+        record["training_compute"] = run_compute(record, self.teacher_records, train_samples=st.train_samples,
+                                                 teacher_step_samples=st.teacher_step_samples,
+                                                 cache_build_s=st.cache_build_s, built_by_this_run=st.cache_builds,
+                                                 cache_info=self.tcache.info if self.tcache else None)
         self.store.write_record(record)
         return record
 

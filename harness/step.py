@@ -3,9 +3,11 @@
 training does, a student's teacher forward included.
 
 One step: the model's forward in train mode (under autocast for bf16), the frozen teachers'
-forwards under ``no_grad``, the variant's objective (computed in fp32 by the objective itself),
-backward, grad-norm clip, the optimizer's step. Nothing waits for the device: the step returns
-the detached loss and the logits, and the caller sums on the device.
+forwards under ``no_grad`` (or, for a student trained from the teacher-output cache of
+:mod:`harness.teacher_cache`, the batch's precomputed teacher outputs instead: the same values,
+without running the teachers), the variant's objective (computed in fp32 by the objective
+itself), backward, grad-norm clip, the optimizer's step. Nothing waits for the device: the step
+returns the detached loss and the logits, and the caller sums on the device.
 """
 from __future__ import annotations
 
@@ -45,10 +47,13 @@ class StepOutput:
 
 @dataclass
 class TrainStep:
-    """``step(app, motion, questions, lengths, answers, epoch=0) -> StepOutput``.
+    """``step(app, motion, questions, lengths, answers, epoch=0, teacher_outputs=None) -> StepOutput``.
 
-    ``teachers`` are frozen (eval mode, no autograd); ``objective`` may learn (a hint regressor)
-    and is optimised with the model. fp16 (benchmarks only) uses a GradScaler on CUDA."""
+    ``teachers`` are frozen (eval mode, no autograd) and run forward every step, unless the
+    caller passes ``teacher_outputs``: one dict of output tensors per teacher, for this batch's
+    questions in this batch's order (:meth:`harness.teacher_cache.TeacherOutputs.gather`); the
+    teachers are then not run. ``objective`` may learn (a hint regressor) and is optimised with
+    the model. fp16 (benchmarks only) uses a GradScaler on CUDA."""
 
     model: nn.Module
     objective: nn.Module
@@ -65,13 +70,14 @@ class TrainStep:
         if self.scaler is None and self.precision == "fp16" and self.device.type == "cuda":
             self.scaler = torch.amp.GradScaler("cuda")
 
-    def __call__(self, app, motion, questions, lengths, answers, epoch: int = 0) -> StepOutput:
+    def __call__(self, app, motion, questions, lengths, answers, epoch: int = 0,
+                 teacher_outputs: list[dict[str, torch.Tensor]] | None = None) -> StepOutput:
         self.model.train()
         run = self.forward or self.model
         with autocast(self.device, self.precision):
             out = run(app, motion, questions, lengths)
-            t_outs = None
-            if self.teachers:
+            t_outs = teacher_outputs
+            if t_outs is None and self.teachers:
                 with torch.no_grad():
                     t_outs = [t(app, motion, questions, lengths) for t in self.teachers]
         loss, parts = self.objective(out, answers, t_outs, epoch=epoch)

@@ -2,7 +2,9 @@
 
 A run directory holds ``record.json`` (written once, atomically, when the run is complete),
 ``state.pt`` (the resumable training state, rewritten atomically after every epoch),
-``best.pt`` (the best-on-validation weights) and ``predictions_{val,test}.csv``.
+``best.pt`` (the best-on-validation weights) and ``predictions_{val,test}.csv``; a teacher run
+also holds ``teacher_outputs/``, its outputs on a data set's training split computed once for the
+students that distil from it (:mod:`harness.teacher_cache`).
 A run killed midway therefore never leaves a partial record: either ``record.json`` exists and
 is complete, or the run is resumed from ``state.pt`` when started again.
 """
@@ -13,10 +15,12 @@ import io
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import errno
+import fcntl
 import traceback
 import warnings
 from datetime import datetime, timezone
@@ -32,16 +36,29 @@ class StoreError(HarnessError, OSError):
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_output(path, nbytes=len(data)) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+@contextmanager
+def atomic_output(path: str | Path, nbytes: int | None = None) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write in any way (a numpy memory map, ...); when the
+    block ends without an exception the file is fsynced and renamed onto ``path`` (atomic on
+    POSIX: readers see the old file or the whole new one); otherwise it is removed. A full disk or
+    a read-only directory becomes a :class:`StoreError` naming ``path`` (``nbytes``: what was
+    being written, for the message). Temporaries are named ``.{name}.*.tmp``: a process killed
+    midway leaves one, which the owner of the directory may delete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     except OSError as e:
-        raise _store_error(path, len(data), e) from None
+        raise _store_error(path, nbytes, e) from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
@@ -50,17 +67,32 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
-            raise _store_error(path, len(data), e) from None
+            raise _store_error(path, nbytes, e) from None
         raise
 
 
-def _store_error(path: Path, nbytes: int, e: OSError) -> Exception:
+def _store_error(path: Path, nbytes: int | None, e: OSError) -> Exception:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreError(f"{path}: no space left on the device (writing {nbytes:,} bytes); free some space and "
+        size = f"writing {nbytes:,} bytes" if nbytes is not None else "while writing"
+        return StoreError(f"{path}: no space left on the device ({size}); free some space and "
                           f"run the same command again: completed epochs and runs are kept")
     if e.errno in (errno.EACCES, errno.EROFS):
         return StoreError(f"{path}: cannot write here ({e.strerror})")
     return e
+
+
+@contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """An exclusive POSIX advisory lock on the file ``path`` (created), held for the block: one
+    process at a time trains a run, builds a teacher's output cache..."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
