@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 import variants
 from variants.zoo import FAMILIES
 
-from . import costs
+from . import bill, costs
 from . import stats as S
 from .evaluate import ABLATIONS
 from .stats import Bootstrap, Estimate
@@ -48,7 +48,12 @@ from .store import ResultsStore, atomic_write_bytes
 COST_COLUMNS = {"flops_per_sample": ("GFLOPs", "gflops", 1e-9),
                 "latency_ms_median": ("latency ms", "latency_ms", 1.0),
                 "peak_mem_mib_train": ("train mem MiB", "peak_mem_train_mib", 1.0),
-                "peak_mem_mib_infer": ("infer mem MiB", "peak_mem_infer_mib", 1.0)}
+                "peak_mem_mib_infer": ("infer mem MiB", "peak_mem_infer_mib", 1.0),
+                # the training bill (harness.bill): the run's own, and the total to produce the model (a
+                # student's includes its teachers' training, once per teacher run, and the teacher caches)
+                "train_gflops_own": ("train GFLOPs own", "train_gflops_own", 1.0),
+                "train_gflops_total": ("train GFLOPs total", "train_gflops_total", 1.0),
+                "train_device_s_total": ("train device-s total", "train_device_s_total", 1.0)}
 #: row order: the baseline, the control, then the zoo's families (the baseline family's other members first)
 CATEGORIES = ("baseline", "control", *(f for f in FAMILIES if f != "baseline"), "other")
 ALPHA = 0.05
@@ -642,7 +647,7 @@ def _main_table(groups, rows, base, ctrl, baseline, control, cells) -> list[str]
         cells_ = [f"**{g.label}**" if g in (base, ctrl) else g.label,
                   f"{r['params']:,}" if r["params"] is not None else "-"]
         for _, col, _ in COST_COLUMNS.values():
-            cells_.append(_g(r[col]) if col == "gflops" else _f(r[col], 3 if col == "latency_ms" else 1))
+            cells_.append(_g(r[col]) if "gflops" in col else _f(r[col], 3 if col == "latency_ms" else 1))
         cells_ += [fmt_acc(r["test_acc_mean"], r["test_acc_std"]), fmt_ci(cells[g.label]["all"]), f"n={r['n_seeds']}",
                    "ref" if g is base else _f(r["delta_baseline"], sign=True),
                    "ref" if g is ctrl else _f(r["delta_control"], sign=True)]
@@ -657,12 +662,17 @@ def _main_notes(groups, rows, base, ctrl, baseline, control, stats: SectionStats
         notes.append(f"the baseline `{baseline}` has no run on this data set: no Δ {baseline}.")
     if ctrl is None:
         notes.append(f"the control `{control}` has no run on this data set: no Δ {control}.")
-    if all(r[c[1]] is None for r in rows for c in COST_COLUMNS.values()):
+    if all(r[c[1]] is None for r in rows for k, c in COST_COLUMNS.items() if not k.startswith("train_")):
         notes.append("no record has cost measurements (`cost`: FLOPs, latency, peak memory): shown as -.")
     else:
-        notes.append("GFLOPs: forward FLOPs per sample / 1e9; latency: median eval forward at batch 1; memory: "
-                     "peak during a training step / inference (from the records' `cost`, mean over seeds; "
-                     "- where not measured).")
+        notes.append("GFLOPs: forward FLOPs per sample / 1e9; latency: median eval forward at batch 1, measured "
+                     "once per architecture and device, alone, after training (harness.costs); memory: "
+                     "peak during a training step / inference (mean over seeds; - where not measured).")
+        notes.append("training cost (harness.bill): GFLOPs are counted (3 forwards per training sample: backward "
+                     "as 2 forwards; one forward per validation question per epoch; a student's teacher forwards "
+                     "or teacher-cache builds), device-seconds measured; 'total' is what it took to produce the "
+                     "model: a student's own training plus each distinct teacher run's training, once, and the "
+                     "cache builds.")
     few = [g.label for g in groups if len(g.runs) < S.MIN_SEEDS]
     if few:
         notes.append(f"n seeds < {S.MIN_SEEDS}: seed variance not estimated ({', '.join(few)}); their intervals "
@@ -752,9 +762,10 @@ def _significance(groups, refs: dict[str, Group | None], names: dict[str, str], 
 def _cost_section(groups, rows, colors, files_dir: Path, suffix: str, dname: str, written: dict) -> list[str]:
     lines = []
     for key, (_, col, _) in COST_COLUMNS.items():
-        if key not in ("flops_per_sample", "latency_ms_median"):
+        if key not in ("flops_per_sample", "latency_ms_median", "train_gflops_total"):
             continue
-        what = "GFLOPs per sample" if col == "gflops" else "latency (ms, batch 1)"
+        what = {"gflops": "GFLOPs per sample", "latency_ms": "latency (ms, batch 1)",
+                "train_gflops_total": "training GFLOPs to produce the model"}[col]
         have = [(g, r) for g, r in zip(groups, rows) if r[col] is not None and r["test_acc_mean"] is not None]
         if not have:
             lines += [f"Accuracy against {what}: not plotted, no record has `cost.{key}`.", ""]
@@ -869,6 +880,8 @@ def write_report(store: ResultsStore, name: str, run_ids: list[str] | None = Non
         records = [store.read_record(r) for r in ids if store.is_complete(r)]
     records.sort(key=lambda r: r["run_id"])
     records = costs.attach(store, records)  # latency / inference memory measured alone, never during training
+    for r in records:  # the training bill: the run's own, and the total with its teachers
+        r["cost"].update(bill.bill_row(bill.training_bill(store, r)))
     sections = group_runs(records, baseline, control)
     superseded = sorted(x for gs in sections.values() for g in gs for x in g.superseded)
     kept = sorted((r for gs in sections.values() for g in gs for r in g.runs), key=lambda r: r["run_id"])

@@ -114,7 +114,7 @@ def test_missing_teacher_mixed_devices_and_unknown_flops(store):
 
 
 def test_a_record_from_before_training_compute(store):
-    t = _record(store, "teacher-1", fwd=1e6, wall=100.0)
+    _record(store, "teacher-1", fwd=1e6, wall=100.0)
     old = {"run_id": "student-old", "variant": "student", "device": "cpu", "device_name": "cpu box",
            "wall_time_s": 30.0, "train_time_s": 20.0, "train_samples_per_s": 100.0,
            "cost": {"flops_per_sample": 5e5}, "data": {"sizes": {"val": 100}}, "epochs_run": 2,

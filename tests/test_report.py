@@ -335,7 +335,8 @@ def test_pareto_front_in_report_and_plots(store, tmp_path):
     assert "Not plotted (no `cost.flops_per_sample`): student-logits." in cost
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert {Path(x).name for x in links} == {"acc_vs_gflops.png", "acc_vs_latency_ms.png", "per_type.png",
-                                             "training_curves.png"}
+                                             "training_curves.png", "acc_vs_train_gflops_total.png"}
+    assert "Pareto front (training GFLOPs to produce the model; max accuracy, min cost)" in cost
     for link in links:
         assert link.startswith("g_files/")
         p = md_path.parent / link

@@ -4,9 +4,7 @@ losses read, is shared by the students of a teacher run, and a damaged, partial 
 is rebuilt, never used."""
 import dataclasses
 import json
-import warnings
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
