@@ -487,15 +487,20 @@ def _png(fig: Figure) -> bytes:
 
 def _label_layout(points: list[dict]) -> list[tuple[tuple[float, float], list[str], int]]:
     """One label per position (variants with the same cost and accuracy share it, joined by "="),
-    and labels of points at the same cost stacked downwards in order of accuracy so they do not overlap."""
+    and labels of points at the same cost and close accuracies (within 4% of the accuracy range)
+    stacked downwards in order of accuracy so they do not overlap; a point further down starts
+    its own stack."""
     merged: dict[tuple[float, float], list[str]] = {}
     for p in points:
         merged.setdefault((round(p["x"], 12), round(p["acc"], 6)), []).append(p["label"])
+    accs = [acc for _, acc in merged]
+    close = 0.04 * (max(accs) - min(accs)) if accs else 0.0
     out = []
-    by_x: dict[float, int] = {}
+    last: dict[float, tuple[float, int]] = {}  # x -> (accuracy of the previous label, its stack position)
     for (x, acc), labels in sorted(merged.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
-        k = by_x.get(x, 0)
-        by_x[x] = k + 1
+        prev = last.get(x)
+        k = prev[1] + 1 if prev is not None and prev[0] - acc <= close else 0
+        last[x] = (acc, k)
         out.append(((x, acc), labels, k))
     return out
 

@@ -452,6 +452,9 @@ def test_cost_plot_labels_merge_identical_points_and_stack_the_rest():
     layout = _label_layout(pts)
     assert [(labels, k) for _, labels, k in layout] == [
         (["question-only"], 0), (["student-logits"], 0), (["dualvgr", "student"], 1)]
+    # far apart at the same cost: each starts its own stack
+    far = [{"label": f"v{i}", "x": 1.0, "acc": a} for i, a in enumerate((78.0, 77.9, 62.0, 61.9, 56.0))]
+    assert [k for _, _, k in _label_layout(far)] == [0, 1, 0, 1, 0]
 
 
 def test_compare_pairs_runs_by_variant_and_seed(tmp_path):
