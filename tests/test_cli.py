@@ -105,23 +105,10 @@ def test_a_full_disk_is_named_not_a_traceback(tmp_path, tiny, monkeypatch):
     import errno
     import os
 
-    real_fdopen = os.fdopen
+    def full(fd):  # every atomic write of the store fsyncs before its rename: the disk fills there
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            self.f.close()
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: Full(real_fdopen(fd, mode, *a, **k))
-                        if "w" in mode else real_fdopen(fd, mode, *a, **k))
+    monkeypatch.setattr(os, "fsync", full)
     code, out, _ = run("run", "question-only", "--epochs", "1", "--batch-size", "512", "--results", tmp_path,
                        "--device", "cpu")
     assert code == 2 and "no space left on the device" in out and "Traceback" not in out, out

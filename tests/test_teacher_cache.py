@@ -63,7 +63,7 @@ def test_dry_run_finds_the_keys_a_loss_reads_and_changes_nothing(tiny, name, key
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     got = TC.keys_read(step.objective, model, teachers, _probe(tiny.splits["train"], tiny.features))
-    assert got == [keys]
+    assert [sorted(k) for k in got] == [sorted(keys)]  # the order of reading does not matter
     assert model.training and step.objective.training  # modes restored
     assert torch.equal(torch.get_rng_state(), rng)
     for k, v in model.state_dict().items():  # BatchNorm statistics untouched

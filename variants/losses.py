@@ -22,6 +22,7 @@ computed by the model (``recon_loss``) with ``F.mse_loss``, which autocast itsel
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -81,13 +82,36 @@ def dualvgr_loss(out: dict, answers: torch.Tensor, alpha: float = 1.0, beta: flo
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+class _Fp32View(Mapping):
+    """A read-only view of an output dict whose values are cast by :func:`to_fp32` when first
+    read. Lazy on purpose: only the outputs a loss reads are cast, and the dict underneath sees
+    exactly which keys were read (the teacher-output cache's dry run,
+    ``harness.teacher_cache.keys_read``, relies on that; an eager copy reads every key)."""
+
+    def __init__(self, d: dict):
+        self._d = d
+        self._cast: dict = {}
+
+    def __getitem__(self, key):
+        if key not in self._cast:
+            self._cast[key] = to_fp32(self._d[key])
+        return self._cast[key]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
 def to_fp32(x):
     """``x`` with every bf16 / fp16 tensor (also inside dicts, lists and tuples) cast to fp32;
-    other values unchanged. ``.float()`` is differentiable: gradients flow back to the bf16 graph."""
+    other values unchanged; a dict becomes a lazily casting read-only view (:class:`_Fp32View`).
+    ``.float()`` is differentiable: gradients flow back to the bf16 graph."""
     if isinstance(x, torch.Tensor):
         return x.float() if x.dtype in LOW_PRECISION else x
-    if isinstance(x, dict):
-        return {k: to_fp32(v) for k, v in x.items()}
+    if isinstance(x, Mapping):
+        return _Fp32View(x)
     if isinstance(x, (list, tuple)):
         return type(x)(to_fp32(v) for v in x)
     return x
