@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+import variants
+from harness.console import make_console, say
+from harness.store import atomic_write_json
 from harness.synthetic import PRESETS
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
-console = Console() if sys.stdout.isatty() else Console(width=200)
-err = Console(stderr=True)
+console = make_console()
+err = make_console(stderr=True)
 
 #: model sizes: those of the synthetic presets (msvd = the reference's MSVD-QA setting)
 CONFIGS = {name: p.model_config() for name, p in PRESETS.items()}
@@ -69,12 +70,36 @@ def main(
     """Cost of each variant and batch size."""
     import torch
 
-    import variants
     from ablate import parse_sets
-    from harness.env import PRECISIONS, git_commit, resolve_device
+
+    names, sizes, dev = _check_options(variant, config, fmt, precision, batch_size, device, threads)
+    sets = parse_sets(set_)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    _warn_if_loaded(dev)
+    data_rec = _data_layer(data, sizes, dev) if data else {}
+    records = []
+    for name in names:
+        recs = _measure(name, config, sets, sizes, dev, precision=precision, compile=compile_, reps=reps,
+                        warmup=warmup, train=not no_train, train_reps=train_reps, flops=not no_flops,
+                        question_len=question_len)
+        for r in recs:
+            r.update(data_rec.get(r["batch_size"], {}))
+        records.extend(recs)
+        if not no_store:
+            path = Path(results) / "bench" / f"{recs[0]['measured_at']}-{name}.json"
+            atomic_write_json(path, recs)
+            say(err, f"wrote {path}")
+    if out:
+        atomic_write_json(out, records)
+    _print(records, fmt, config, precision, compile_, with_data=bool(data))
+
+
+def _check_options(variant: list[str], config: str, fmt: str, precision: str, batch_size: str, device: str,
+                   threads: int | None):
+    """The variant names, batch sizes and device the options ask for; a bad option is named."""
+    from harness.env import PRECISIONS, resolve_device
     from harness.errors import HarnessError
-    from harness.measure import data_throughput, measure_variant
-    from harness.store import atomic_write_json
 
     if config not in CONFIGS:
         raise typer.BadParameter(f"unknown config {config!r} (known: {', '.join(CONFIGS)})", param_hint="--config")
@@ -82,11 +107,12 @@ def main(
         raise typer.BadParameter(f"unknown format {fmt!r} (table, json or markdown)", param_hint="--format")
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"unknown precision {precision!r} ({', '.join(PRECISIONS)})", param_hint="--precision")
+    if threads is not None and threads < 1:
+        raise typer.BadParameter(f"threads must be >= 1, got {threads}", param_hint="--threads")
     for pattern in variant:  # every pattern must match: a typo is an error, not a silent omission
         if not variants.list(pattern):
             raise typer.BadParameter(f"no variant matches {pattern!r} "
                                      f"(known: {', '.join(variants.list())})", param_hint="--variant")
-    names = variants.list(variant)
     try:
         sizes = [int(b) for b in batch_size.split(",") if b.strip()]
     except ValueError:
@@ -98,62 +124,65 @@ def main(
         dev = resolve_device(device)
     except HarnessError as e:
         raise typer.BadParameter(str(e), param_hint="--device") from None
-    sets = parse_sets(set_)
-    if threads is not None:
-        if threads < 1:
-            raise typer.BadParameter(f"threads must be >= 1, got {threads}", param_hint="--threads")
-        torch.set_num_threads(threads)
+    return variants.list(variant), sizes, dev
+
+
+def _warn_if_loaded(dev) -> None:
+    import torch
+
     if dev.type == "cpu" and hasattr(os, "getloadavg"):
         load = os.getloadavg()[0]
         if load > 1.0:
-            err.print(f"[yellow]CPU load average is {load:.1f} before measuring: other processes share the CPU, "
-                      f"timings will be noisy (with {torch.get_num_threads()} threads, possibly far slower; "
-                      f"see docs/benchmarks.md; --threads 1 helps)[/yellow]")
+            say(err, f"CPU load average is {load:.1f} before measuring: other processes share the CPU, timings will be "
+                     f"noisy (with {torch.get_num_threads()} threads, possibly far slower; see docs/benchmarks.md; "
+                     f"--threads 1 helps)", "yellow")
 
-    data_rec: dict[int, dict] = {}
-    if data:
-        from harness import data as D
 
-        for mode in ("memory", "stream"):
-            err.print(f"data layer: {data} ({mode})", highlight=False)
-            loaded = D.load(data, mode=mode)
-            for bs in sizes:
-                r = data_throughput(loaded, bs, dev)
-                data_rec.setdefault(bs, {})[f"data_samples_per_s_{mode}"] = r["data_samples_per_s"]
-        for bs in data_rec:
-            data_rec[bs]["data"] = data
+def _data_layer(data: str, sizes: list[int], dev) -> dict[int, dict]:
+    """Per batch size: the data layer's samples/s on ``data`` in memory and streaming."""
+    from harness import data as D
+    from harness.measure import data_throughput
 
+    rec: dict[int, dict] = {}
+    for mode in ("memory", "stream"):
+        say(err, f"data layer: {data} ({mode})")
+        loaded = D.load(data, mode=mode)
+        for bs in sizes:
+            r = data_throughput(loaded, bs, dev)
+            rec.setdefault(bs, {})[f"data_samples_per_s_{mode}"] = r["data_samples_per_s"]
+    for bs in rec:
+        rec[bs]["data"] = data
+    return rec
+
+
+def _measure(name: str, config: str, sets: dict, sizes: list[int], dev, **options) -> list[dict]:
+    """The records of one variant at the config's size, one per batch size."""
+    from harness.env import git_commit
+    from harness.measure import measure_variant
+
+    try:
+        cfg = variants.get_config(name, **{**CONFIGS[config], **sets})
+    except variants.ConfigError as e:
+        raise typer.BadParameter(str(e), param_hint="--set") from None
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    recs = measure_variant(cfg, sizes, dev, teacher_settings=dict(CONFIGS[config]),
+                           on_progress=lambda msg: say(err, msg), **options)
     commit = git_commit()
-    records = []
-    for name in names:
-        try:
-            cfg = variants.get_config(name, **{**CONFIGS[config], **sets})
-        except variants.ConfigError as e:
-            raise typer.BadParameter(str(e), param_hint="--set") from None
-        recs = measure_variant(cfg, sizes, dev, precision=precision, compile=compile_, reps=reps, warmup=warmup,
-                               train=not no_train, train_reps=train_reps, flops=not no_flops,
-                               question_len=question_len, teacher_settings=dict(CONFIGS[config]),
-                               on_progress=lambda msg: err.print(msg, highlight=False))
-        for r in recs:
-            r.update({"config": config, "sets": sets, "git_commit": commit, "measured_at": stamp,
-                      **data_rec.get(r["batch_size"], {})})
-            for e in r.get("errors", {}).values():
-                err.print(f"[yellow]{name} batch {r['batch_size']}: not measured: {e}[/yellow]")
-        records.extend(recs)
-        if not no_store:
-            path = Path(results) / "bench" / f"{stamp}-{name}.json"
-            atomic_write_json(path, recs)
-            err.print(f"wrote {path}", highlight=False)
-    if out:
-        atomic_write_json(out, records)
+    for r in recs:
+        r.update({"config": config, "sets": sets, "git_commit": commit, "measured_at": stamp})
+        for e in r.get("errors", {}).values():
+            say(err, f"{name} batch {r['batch_size']}: not measured: {e}", "yellow")
+    return recs
+
+
+def _print(records: list[dict], fmt: str, config: str, precision: str, compiled: bool, with_data: bool) -> None:
     if fmt == "json":
         print(json.dumps(records, indent=1, default=str))
         return
-    cols = list(TABLE_COLUMNS) + (["data_samples_per_s_memory", "data_samples_per_s_stream"] if data else [])
+    cols = list(TABLE_COLUMNS) + (["data_samples_per_s_memory", "data_samples_per_s_stream"] if with_data else [])
     r0 = records[0]
     note = (f"{config} config, {r0['device_name']}, torch {r0['torch_version']}, {precision}"
-            f"{', compiled' if compile_ else ''}; MACs per sample (FLOPs = 2 x MACs); "
+            f"{', compiled' if compiled else ''}; MACs per sample (FLOPs = 2 x MACs); "
             f"peak memory: {r0['peak_mem_kind'] or 'n/a'}")
     if fmt == "markdown":
         print("| " + " | ".join(cols) + " |")

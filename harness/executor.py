@@ -29,17 +29,10 @@ from pathlib import Path
 import submitit
 import torch
 from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 
 from . import data as D
+from .console import make_console, progress_bar, say
 from .errors import HarnessError
 from .grid import Grid, GridError
 from .runner import RunSpec, feature_mode, plan, train
@@ -234,9 +227,9 @@ class _SacctNoise(logging.Filter):
             return True
         self.seen += 1
         if self.seen == 1:
-            self.console.print(f"[dim]sacct does not answer (no job accounting on this cluster?); job states are read "
-                               f"from result files and squeue; further sacct errors are not shown. "
-                               f"({escape(record.getMessage())})[/dim]")
+            say(self.console, f"sacct does not answer (no job accounting on this cluster?); job states are read from "
+                              f"result files and squeue; further sacct errors are not shown. ({record.getMessage()})",
+                "dim")
         return False
 
 
@@ -261,120 +254,165 @@ def _ended_jobs(job_ids: list[str]) -> set[str] | None:
 @dataclasses.dataclass
 class GridResult:
     run_ids: list[str]  # every run of the grid and their teachers, teachers first
-    complete: list[str]
-    failed: list[dict]
-    skipped: int
+    complete: list[str]  # the grid's own runs that are complete (teacher runs: ``teachers_complete``)
+    failed: list[dict]  # failed runs, the teacher runs the grid trained for its students included
+    skipped: int  # the grid's own runs that were already complete
     interrupted: bool = False
+    teachers_complete: list[str] = dataclasses.field(default_factory=list)
 
 
 def _depends(p) -> set[str]:
     return set(p.all_run_ids()) - {p.run_id}
 
 
+def _failure(p, reason: str) -> dict:
+    return {"run_id": p.run_id, "variant": p.spec.variant, "seed": p.spec.seed, "status": "failed", "reason": reason}
+
+
+@dataclasses.dataclass
+class _Schedule:
+    """What a grid still has to train, in order (every teacher run before the students that need it,
+    the teachers the grid does not list included: each is scheduled once, so parallel students never
+    wait on one another's teacher), what is running, the result so far and the progress bar."""
+
+    name: str
+    todo: list  # plans still to run, teachers first
+    own: set  # the run ids the grid lists (the others in ``todo`` are teachers they need)
+    result: GridResult
+    console: Console
+    progress: Progress
+    running: dict = dataclasses.field(default_factory=dict)
+    task: int = 0
+
+    def __post_init__(self) -> None:
+        self.pending = list(self.todo)
+        self.ids = {p.run_id for p in self.todo}
+        self.specs = {p.run_id: dataclasses.asdict(p.spec) for p in self.todo}
+        self.failed_plans: dict = {}
+        self.task = self.progress.add_task(self.name, total=len(self.todo), info="")
+
+    def status(self) -> str:
+        done = len(self.todo) - len(self.pending) - len(self.running)
+        return (f"done {done - len(self.result.failed)}  running {len(self.running)}  failed {len(self.result.failed)}"
+                f"  left {len(self.pending)}")
+
+    def start(self, p) -> dict:
+        """Take ``p`` off the pending list; its spec, for :func:`run_one`."""
+        self.pending.remove(p)
+        self.running[p.run_id] = p
+        self.progress.update(self.task, info=self.status(), description=f"{self.name}: {p.spec.variant} seed "
+                                                                          f"{p.spec.seed}")
+        return self.specs[p.run_id]
+
+    def finished(self, p, out: dict) -> None:
+        """``p`` ended with ``out`` (:func:`run_one`'s answer)."""
+        self.running.pop(p.run_id, None)
+        if out["status"] == "complete":
+            (self.result.complete if p.run_id in self.own else self.result.teachers_complete).append(p.run_id)
+            say(self.console, f"done {out['variant']} seed {out['seed']}: test {out['test_acc']:.2f}% ({out['run_id']})",
+                "green")
+        else:
+            self.result.failed.append(out)
+            self.failed_plans[p.run_id] = p
+            say(self.console, f"failed {out['variant']} seed {out['seed']}: {out['reason']}", "red")
+        self.progress.update(self.task, advance=1, info=self.status())
+
+    def dependency_failed(self, p) -> str | None:
+        bad = [self.failed_plans[r] for r in _depends(p) if r in self.failed_plans]
+        return None if not bad else f"teacher run {bad[0].spec.variant} seed {bad[0].spec.seed} ({bad[0].run_id}) failed"
+
+    def ready(self) -> list:
+        """Pending runs whose teachers in this schedule are complete; a run whose teacher failed is
+        recorded as failed (with that reason) instead of being tried."""
+        out = []
+        for p in list(self.pending):
+            reason = self.dependency_failed(p)
+            if reason:
+                self.pending.remove(p)
+                self.finished(p, _failure(p, reason))
+            elif not (_depends(p) & self.ids) - set(self.result.complete) - set(self.result.teachers_complete):
+                out.append(p)
+        return out
+
+
 def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: int = 1, device: str = "auto",
              mode: str = "auto", console: Console | None = None, slurm: dict | None = None,
              poll_s: float = 2.0) -> GridResult:
-    console = console or Console(stderr=True)
+    """Run the grid's runs that are not complete, with the teacher runs they need that are not
+    (each once, before its students): in this process (``local``, ``jobs`` 1), in ``jobs`` worker
+    processes (``local``), or as submitit job arrays (``slurm``, ``submitit-local``)."""
+    console = console or make_console(stderr=True)
     info = D.describe(grid.data)  # run ids from the data set's info: no feature is read here
     store.write_data_info(info.to_dict())
     plans = [plan(s, info) for s in grid.runs]
-    all_ids = [*dict.fromkeys(r for p in plans for r in p.all_run_ids())]
-    todo = [p for p in plans if not store.is_complete(p.run_id)]
-    skipped = len(plans) - len(todo)
-    console.print(f"grid [bold]{grid.name}[/bold]: {len(plans)} runs on {grid.data} "
-                  f"({skipped} already complete, {len(todo)} to run) with {executor} x {jobs}")
-    result = GridResult(all_ids, [p.run_id for p in plans if store.is_complete(p.run_id)], [], skipped)
+    every = list({q.run_id: q for p in plans for q in p.all_plans()}.values())  # teachers first, each once
+    own = {p.run_id for p in plans}
+    todo = [p for p in every if not store.is_complete(p.run_id)]
+    todo_own = sum(p.run_id in own for p in todo)
+    teachers = [p for p in every if p.run_id not in own]
+    say(console, f"grid {grid.name}: {len(plans)} runs on {grid.data} ({len(plans) - todo_own} already complete, "
+                 f"{todo_own} to run)" + (f", and {len(teachers)} teacher runs they need ("
+                                          f"{len(todo) - todo_own} to train)" if teachers else "")
+        + f"; executor {executor} x {jobs}")
+    result = GridResult([p.run_id for p in every], [p.run_id for p in plans if p.run_id not in {q.run_id for q in todo}],
+                        [], len(plans) - todo_own)
     if not todo:
         return result
-
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=console, disable=not console.is_terminal)
-    task = progress.add_task(grid.name, total=len(todo), status="")
-    running: dict = {}
-
-    def status() -> str:
-        return (f"done {len(result.complete) - skipped}  running {len(running)}  failed {len(result.failed)}  "
-                f"left {len(todo) - len(result.complete) + skipped - len(result.failed) - len(running)}")
-
-    def finished(out: dict) -> None:
-        if out["status"] == "complete":
-            result.complete.append(out["run_id"])
-            console.print(f"[green]done[/green] {out['variant']} seed {out['seed']}: test {out['test_acc']:.2f}%"
-                          f" ({out['run_id']})")
-        else:
-            result.failed.append(out)
-            console.print(f"[red]failed[/red] {out['variant']} seed {out['seed']}: {escape(out['reason'])}")
-        progress.update(task, advance=1, status=status())
-
-    specs = {p.run_id: dataclasses.asdict(p.spec) for p in todo}
-    pending = list(todo)
-    grid_ids = {p.run_id for p in todo}
-
-    def ready(p) -> bool:  # teachers in this grid must be done (or failed) first
-        deps = _depends(p) & grid_ids
-        done = set(result.complete) | {f["run_id"] for f in result.failed}
-        return deps <= done
-
-    with progress:
+    with progress_bar(console) as progress:
+        sched = _Schedule(grid.name, todo, own, result, console, progress)
         try:
             if executor == "local" and jobs <= 1:
-                for p in pending:
-                    running[p.run_id] = p
-                    progress.update(task, status=status(), description=f"{grid.name}: {p.spec.variant} seed {p.spec.seed}")
-                    out = run_one(specs[p.run_id], str(store.root), device, mode)
-                    running.pop(p.run_id)
-                    finished(out)
+                _run_serial(sched, store, device, mode)
             elif executor == "local":
-                ngpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
-                free_slots = list(range(jobs))
-                with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                                         initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
-                    futures = {}
-                    try:
-                        while pending or futures:
-                            for p in [q for q in pending if ready(q)]:
-                                if not free_slots:
-                                    break
-                                slot = free_slots.pop(0)
-                                dev = f"cuda:{slot % ngpu}" if ngpu else ("cpu" if device == "auto" else device)
-                                futures[pool.submit(run_one, specs[p.run_id], str(store.root), dev, mode)] = (p, slot)
-                                running[p.run_id] = p
-                                pending.remove(p)
-                            progress.update(task, status=status())
-                            if not futures:  # nothing ready: a dependency failed outside the grid's order
-                                futures_left = pending[:]
-                                pending.clear()
-                                for p in futures_left:
-                                    finished({"run_id": p.run_id, "variant": p.spec.variant, "seed": p.spec.seed,
-                                              "status": "failed", "reason": "a teacher run failed"})
-                                break
-                            done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                            for f in done:
-                                p, slot = futures.pop(f)
-                                free_slots.append(slot)
-                                running.pop(p.run_id, None)
-                                finished(f.result())
-                    except KeyboardInterrupt:
-                        for f in futures:
-                            f.cancel()
-                        pool.shutdown(wait=False, cancel_futures=True)
-                        raise
+                _run_pool(sched, store, jobs, device, mode)
             else:
-                _run_submitit(grid, todo, specs, store, executor, jobs, device, mode, slurm or {}, finished,
-                              running, progress, task, status, poll_s, console)
+                _run_submitit(sched, grid, store, executor, jobs, device, mode, slurm or {}, poll_s)
         except KeyboardInterrupt:
             result.interrupted = True
-            console.print("[yellow]interrupted[/yellow]: finished runs are kept; run the same command again to "
-                          "resume (unfinished runs continue from their last completed epoch)")
+            say(console, "interrupted: finished runs are kept; run the same command again to resume (unfinished "
+                         "runs continue from their last completed epoch)", "yellow")
     return result
 
 
-def _run_submitit(grid, todo, specs, store, executor, jobs, device, mode, slurm, finished, running, progress, task,
-                  status, poll_s, console) -> None:
-    """Job arrays through submitit: one array per dependency wave (teachers, then students). Ctrl-C
-    cancels the jobs not finished (running the grid again resumes them)."""
-    root = Path(store.root).resolve()  # the jobs may start in another directory
+def _run_serial(sched: _Schedule, store: ResultsStore, device: str, mode: str) -> None:
+    """One run after another in this process, teachers first."""
+    while True:
+        ready = sched.ready()
+        if not ready:
+            return
+        p = ready[0]
+        sched.finished(p, run_one(sched.start(p), str(store.root), device, mode))
+
+
+def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mode: str) -> None:
+    """``jobs`` worker processes (spawned; they die with this process), each run on its own
+    device slot (GPUs round-robin when there are several), a run starting when its teachers are done."""
+    ngpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    free_slots = list(range(jobs))
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
+        futures: dict = {}
+        try:
+            while True:
+                for p in sched.ready()[:len(free_slots)]:
+                    slot = free_slots.pop(0)
+                    dev = f"cuda:{slot % ngpu}" if ngpu else ("cpu" if device == "auto" else device)
+                    futures[pool.submit(run_one, sched.start(p), str(store.root), dev, mode)] = (p, slot)
+                if not futures:
+                    return
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for f in done:
+                    p, slot = futures.pop(f)
+                    free_slots.append(slot)
+                    sched.finished(p, f.result())
+        except KeyboardInterrupt:
+            for f in futures:
+                f.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _submitit_executor(grid: Grid, root: Path, executor: str, jobs: int, device: str, slurm: dict):
     folder = root / "submitit" / grid.name
     if executor == "slurm":
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
@@ -382,46 +420,42 @@ def _run_submitit(grid, todo, specs, store, executor, jobs, device, mode, slurm,
     else:  # submitit's LocalExecutor: the same code path, on this machine (used in CI)
         ex = submitit.LocalExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
         ex.update_parameters(timeout_min=slurm.get("time_min", 60))
-    ids = {p.run_id for p in todo}
-    waves: list[list] = []
-    left = list(todo)
-    while left:
-        placed = {p.run_id for w in waves for p in w}
-        wave = [p for p in left if (_depends(p) & ids) <= placed]
-        if not wave:
-            wave = left[:]
-        waves.append(wave)
-        left = [p for p in left if p not in wave]
-    noise = _SacctNoise(console)
+    return ex
+
+
+def _run_submitit(sched: _Schedule, grid: Grid, store: ResultsStore, executor: str, jobs: int, device: str,
+                  mode: str, slurm: dict, poll_s: float) -> None:
+    """Job arrays through submitit: one array per wave of runs whose teachers are complete (teachers,
+    then their students). Ctrl-C cancels the jobs not finished (running the grid again resumes them)."""
+    root = Path(store.root).resolve()  # the jobs may start in another directory
+    ex = _submitit_executor(grid, root, executor, jobs, device, slurm)
+    noise = _SacctNoise(sched.console)
     logging.getLogger("submitit").addFilter(noise)
     pending: dict = {}
     try:
-        for wave in waves:
+        while wave := sched.ready():
+            specs = [sched.start(p) for p in wave]
             try:
-                jobs_ = ex.map_array(SubmititRun(), [specs[p.run_id] for p in wave], [str(root)] * len(wave),
-                                     [device] * len(wave), [mode] * len(wave))
+                jobs_ = ex.map_array(SubmititRun(), specs, [str(root)] * len(wave), [device] * len(wave),
+                                     [mode] * len(wave))
             except submitit.core.utils.FailedJobError as e:  # sbatch refused the jobs; its message says why
                 hint = (" (the partition has no GPUs? --gpus-per-run 0 asks for none)"
                         if "gres" in str(e).lower() else "")
                 raise ExecutorError(f"SLURM refused the grid's jobs: {e}{hint}") from None
             pending = dict(zip(jobs_, wave))
-            for p in wave:
-                running[p.run_id] = p
-            progress.update(task, status=status())
-            _follow(pending, executor, finished, running, poll_s)
+            _follow(pending, executor, sched.finished, poll_s)
     except KeyboardInterrupt:
         cancel = [j for j in pending if not j.paths.result_pickle.exists()]
         for job in cancel:
             job.cancel(check=False)
         if cancel:
-            console.print(f"cancelled {len(cancel)} submitit job(s): {', '.join(j.job_id for j in cancel)}",
-                          markup=False)
+            say(sched.console, f"cancelled {len(cancel)} submitit job(s): {', '.join(j.job_id for j in cancel)}")
         raise
     finally:
         logging.getLogger("submitit").removeFilter(noise)
 
 
-def _follow(pending: dict, executor: str, finished, running, poll_s: float, squeue_every_s: float = 30.0) -> None:
+def _follow(pending: dict, executor: str, finished, poll_s: float, squeue_every_s: float = 30.0) -> None:
     """Wait for a wave's jobs; report each as it ends. On SLURM a job is over when its result file
     exists, or when squeue has shown it ended twice in a row (a job killed before it could write one:
     cancelled, out of memory, node failure); submitit's own check needs sacct, which clusters without
@@ -439,19 +473,15 @@ def _follow(pending: dict, executor: str, finished, running, poll_s: float, sque
             gone_before = gone
         for job in over:
             p = pending.pop(job)
-            running.pop(p.run_id, None)
             try:
                 out = job.result()
             except Exception as e:  # noqa: BLE001 - the job itself died (node failure, time limit)
-                out = {"run_id": p.run_id, "variant": p.spec.variant, "seed": p.spec.seed, "status": "failed",
-                       "reason": f"submitit job {job.job_id} failed: {type(e).__name__}: {e}"}
-            finished(out)
+                out = _failure(p, f"submitit job {job.job_id} failed: {type(e).__name__}: {e}")
+            finished(p, out)
         for job in lost:
             p = pending.pop(job)
-            running.pop(p.run_id, None)
             log = (job.stderr() or "").strip().splitlines()[-5:]
-            finished({"run_id": p.run_id, "variant": p.spec.variant, "seed": p.spec.seed, "status": "failed",
-                      "reason": f"SLURM job {job.job_id} ended without a result (cancelled, killed, node failure?); "
-                                f"last lines of {job.paths.stderr}: " + " | ".join(log)})
+            finished(p, _failure(p, f"SLURM job {job.job_id} ended without a result (cancelled, killed, node "
+                                    f"failure?); last lines of {job.paths.stderr}: " + " | ".join(log)))
         if pending:
             time.sleep(poll_s)

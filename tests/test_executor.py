@@ -183,21 +183,21 @@ def test_a_job_that_ends_without_result_is_reported_failed(tmp_path, monkeypatch
     pending = {FakeJob("9_0", tmp_path): SimpleNamespace(run_id="r0", spec=spec),
                FakeJob("9_1", tmp_path): SimpleNamespace(run_id="r1", spec=spec)}
     done = []
-    running = {"r0": 1, "r1": 1}
     calls = []
     real = E._ended_jobs
     monkeypatch.setattr(E, "_ended_jobs", lambda ids: calls.append(list(ids)) or real(ids))
 
-    def finish(out):
+    def finish(p, out):
+        assert p.run_id == out["run_id"]
         done.append(out)
         if len(done) == 1:  # 9_1 then finishes with a result
             (tmp_path / "9_1_0_result.pkl").write_bytes(b"")
 
     monkeypatch.setattr(FakeJob, "result", lambda self: {"run_id": "r1", "status": "complete"}, raising=False)
-    E._follow(pending, "slurm", finish, running, poll_s=0, squeue_every_s=0)
+    E._follow(pending, "slurm", finish, poll_s=0, squeue_every_s=0)
     assert done[0]["run_id"] == "r0" and done[0]["status"] == "failed"
     assert "SLURM job 9_0 ended without a result" in done[0]["reason"] and "Killed" in done[0]["reason"]
-    assert done[1] == {"run_id": "r1", "status": "complete"} and not running
+    assert done[1] == {"run_id": "r1", "status": "complete"} and not pending
     assert calls[:2] == [["9_0", "9_1"], ["9_0", "9_1"]]  # seen ended twice before it counts
 
 

@@ -110,6 +110,37 @@ def test_parallel_jobs_and_teacher_order(tiny, tmp_path):
     teacher = store.records(variant="teacher-g4")[0]["run_id"]
     student = store.records(variant="student-logits")[0]["run_id"]
     assert len(res.run_ids) == 4 and res.run_ids.index(teacher) < res.run_ids.index(student)
+    assert res.teachers_complete == [teacher]  # scheduled as a run of its own
+
+
+def test_implicit_teachers_are_counted_and_scheduled_once_before_their_students(tiny, tmp_path, monkeypatch):
+    """A grid listing two students of one teacher (not listed) trains that teacher once, as its
+    own run before them (no student waits on another's teacher), and its header says so; a
+    student whose teacher failed is recorded as failed without being tried."""
+    import io
+
+    import harness.executor as E
+
+    g = G.load(write(tmp_path, 'data = "synthetic:tiny"\nvariants = ["student-logits", "student-hint"]\n'
+                     'seeds = [0]\n' + MICRO_TRAIN))
+    calls = []
+
+    def fake_run_one(spec, results, device="auto", mode="auto"):
+        calls.append(spec["variant"])
+        return {"run_id": "x", "variant": spec["variant"], "seed": spec["seed"], "status": "failed",
+                "reason": "RunFailed: loss became nan in epoch 1"}
+
+    monkeypatch.setattr(E, "run_one", fake_run_one)
+    out = io.StringIO()
+    res = run_grid(g, ResultsStore(tmp_path / "results"), console=Console(file=out, width=200))
+    header = out.getvalue().splitlines()[0]
+    assert "2 runs on synthetic:tiny (0 already complete, 2 to run), and 1 teacher runs they need (1 to train)" \
+        in header, header
+    assert calls == ["teacher-g4"]  # the students were not tried
+    assert [f["variant"] for f in res.failed] == ["teacher-g4", "student-logits", "student-hint"]
+    assert all(re.match(r"teacher run teacher-g4 seed 0 \(teacher-g4-\w+\) failed", f["reason"])
+               for f in res.failed[1:]), res.failed
+    assert not res.complete and not res.teachers_complete and len(res.run_ids) == 3
 
 
 def test_submitit_local_executor(tiny, tmp_path):
