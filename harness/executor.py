@@ -35,7 +35,7 @@ from . import data as D
 from .console import make_console, progress_bar, say
 from .errors import HarnessError
 from .grid import Grid, GridError
-from .runner import RunSpec, feature_mode, plan, train
+from .runner import RunSpec, check_plans, feature_mode, plan, train
 from .store import ResultsStore
 
 _DATA: dict[tuple[str, str], D.VideoQAData] = {}  # per process: each worker loads a data set once
@@ -345,6 +345,7 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     info = D.describe(grid.data)  # run ids from the data set's info: no feature is read here
     store.write_data_info(info.to_dict())
     plans = [plan(s, info) for s in grid.runs]
+    check_plans(plans)  # every student's losses read outputs its teachers produce: checked before anything trains
     every = list({q.run_id: q for p in plans for q in p.all_plans()}.values())  # teachers first, each once
     own = {p.run_id for p in plans}
     todo = [p for p in every if not store.is_complete(p.run_id)]

@@ -43,8 +43,8 @@ from .console import progress_bar, say
 from .env import TRAIN_PRECISIONS, check_precision, device_name, git_commit, resolve_device, seed_everything
 from .errors import HarnessError
 from .evaluate import ABLATIONS, evaluate
-from .measure import param_counts
-from .step import TrainStep, build_step
+from .measure import param_counts, random_answers, random_inputs
+from .step import TrainStep, build_step, make_objective
 from .store import ResultsStore, atomic_torch_save, atomic_write_bytes, locked
 from .teacher_cache import TeacherOutputs
 
@@ -195,6 +195,39 @@ def _check_objective(cfg: variants.VariantConfig, teachers: list["Plan"]) -> Non
         raise variants.ConfigError(f"variant {cfg.name!r}: {e}") from None
 
 
+def check_teacher_outputs(p: Plan) -> None:
+    """Fail, before anything trains, when a distillation loss of ``p`` (or of its teachers) reads
+    an output its teacher does not produce: the objective is applied once to untrained models of
+    the planned size on two random questions (CPU, no grad, the random state untouched)."""
+    for t in p.teachers:
+        check_teacher_outputs(t)
+    if not p.teachers:
+        return
+    cpu = torch.device("cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = variants.build(p.cfg)
+        teachers = [variants.build(t.cfg).eval() for t in p.teachers]
+        inputs = random_inputs(p.cfg.model, 2, cpu)
+        answers = random_answers(p.cfg.model, 2, cpu)
+        batch = D.Batch(*inputs, answers, torch.zeros(2, dtype=torch.long), torch.arange(2))
+        try:
+            teacher_cache.keys_read(make_objective(p.cfg, teachers, cpu), model, teachers, batch,
+                                    names=[f"{t.spec.variant} ({t.cfg.arch})" for t in p.teachers])
+        except (teacher_cache.MissingTeacherOutput, ValueError) as e:  # the losses name a missing output
+            raise variants.ConfigError(f"variant {p.cfg.name!r} (teachers: {', '.join(p.cfg.teachers)}): {e}") from None
+
+
+def check_plans(plans: list[Plan]) -> None:
+    """:func:`check_teacher_outputs` once per distinct student configuration of ``plans``."""
+    seen = set()
+    for p in plans:
+        key = json.dumps([p.cfg.to_dict(), [t.cfg.to_dict() for t in p.teachers]], sort_keys=True, default=str)
+        if p.teachers and key not in seen:
+            seen.add(key)
+            check_teacher_outputs(p)
+
+
 def recorded_info(spec: str, store: ResultsStore) -> D.DataInfo:
     """A data set's info as the results store last recorded it (no data read at all), else
     described from its files (vocab, questions, feature shapes; never generated)."""
@@ -235,6 +268,7 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
     store.write_data_info(data.info.to_dict())
     if store.is_complete(p.run_id) and not force:
         return store.read_record(p.run_id)
+    check_teacher_outputs(p)  # before its teachers train
     teachers, teacher_records = [], []
     for tp in p.teachers:  # found in the store by their config, data set and seed, or trained now
         trec = train(tp.spec, store, data=data, device=dev, progress=progress, console=console, log_every=log_every,

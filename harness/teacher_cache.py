@@ -78,13 +78,23 @@ class TeacherCacheError(HarnessError):
 # ----------------------------------------------------------------------------- which keys
 
 
+class MissingTeacherOutput(HarnessError):
+    """A student's distillation loss reads an output its teacher does not produce."""
+
+
 class _KeyRecorder(dict):
     """A teacher's output dict that notes which keys are read (``[]``, ``get``); iterating over
-    it (``items()``, ``sorted(out)``...) counts as reading every key."""
+    it (``items()``, ``sorted(out)``...) counts as reading every key. Reading a key the teacher
+    does not produce with ``[]`` raises :class:`MissingTeacherOutput` naming the teacher."""
 
-    def __init__(self, out: dict):
+    def __init__(self, out: dict, teacher: str = "the teacher"):
         super().__init__(out)
         self.read: list[str] = []
+        self.teacher = teacher
+
+    def __missing__(self, key):
+        raise MissingTeacherOutput(f"a distillation loss reads output {key!r} of {self.teacher}, which does not "
+                                   f"produce it (its outputs: {', '.join(map(str, dict.keys(self)))})")
 
     def _note(self, key) -> None:
         if key not in self.read and dict.__contains__(self, key):
@@ -120,7 +130,7 @@ class _KeyRecorder(dict):
 
 
 def keys_read(objective: nn.Module, model: nn.Module, teachers: list[nn.Module], batch: D.Batch,
-              precision: str = "fp32") -> list[list[str]]:
+              precision: str = "fp32", names: list[str] | None = None) -> list[list[str]]:
     """The output keys of each teacher that ``objective`` reads, found by applying it once to
     ``batch`` (a few questions): the student forward in eval mode, everything under ``no_grad``,
     the random number generators' state restored, the model's and objective's modes restored, so
@@ -135,7 +145,8 @@ def keys_read(objective: nn.Module, model: nn.Module, teachers: list[nn.Module],
         with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
             with autocast(dev, precision):
                 s_out = model(*inputs)
-                t_outs = [_KeyRecorder(t(*inputs)) for t in teachers]
+                t_outs = [_KeyRecorder(t(*inputs), f"teacher {n}") for t, n in
+                          zip(teachers, names or [f"{i + 1}" for i in range(len(teachers))])]
             objective(s_out, batch.answers, t_outs)
     finally:
         model.train(was[0])

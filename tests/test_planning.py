@@ -125,3 +125,32 @@ def test_resumed_wall_time_counts_running_time_only(tiny, tmp_path):
     torch.save(st, state)
     rec = train(s, store, data=tiny, device="cpu", progress=False)
     assert rec["wall_time_s"] < 600  # not the 26 years since started_at
+
+
+def test_a_teacher_without_the_output_a_loss_reads_fails_before_anything_trains(tiny, tmp_path, monkeypatch):
+    """A student whose hint loss reads ``clip_fused`` from a question-only teacher (which has no
+    video features) is refused when planned, naming the output and the teacher, before the
+    teacher trains; in a grid, before any run trains."""
+    import pytest
+
+    import variants
+    from harness import grid as G
+    from harness.executor import run_grid
+    from variants.registry import Entry
+
+    def student_qo_hint():
+        spec = variants.get_config("student-hint").to_dict()
+        return {k: spec[k] for k in ("arch", "model", "loss", "distill")} | {"teachers": ["question-only"]}
+
+    monkeypatch.setitem(variants.VARIANTS._entries, "student-qo-hint", Entry("student-qo-hint", student_qo_hint, "", ()))
+    store = ResultsStore(tmp_path / "results")
+    msg = r"variant 'student-qo-hint' \(teachers: question-only\): distillation loss 'hint': the teacher's outputs " \
+          r"have no 'clip_fused' \(keys: logits, question\)"
+    with pytest.raises(variants.ConfigError, match=msg):
+        train(RunSpec("student-qo-hint", epochs=1), store, data=tiny, device="cpu", progress=False)
+    grid = tmp_path / "g.toml"
+    grid.write_text('data = "synthetic:tiny"\nvariants = ["dualvgr", "student-qo-hint"]\nseeds = [0]\n')
+    with pytest.raises(variants.ConfigError, match=msg):
+        run_grid(G.load(grid), store)
+    assert not list((tmp_path / "results").glob("runs/*/record.json"))  # nothing trained
+    train(RunSpec("student-hint", epochs=1, batch_size=512), store, data=tiny, device="cpu", progress=False)

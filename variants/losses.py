@@ -97,6 +97,9 @@ class _Fp32View(Mapping):
             self._cast[key] = to_fp32(self._d[key])
         return self._cast[key]
 
+    def __contains__(self, key) -> bool:
+        return key in self._d
+
     def __iter__(self):
         return iter(self._d)
 
