@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 import variants
 from variants.zoo import FAMILIES
@@ -554,6 +555,11 @@ def plot_per_type(groups: list[Group], types: list[str], colors: dict, title: st
 
 
 def plot_curves(groups: list[Group], colors: dict, title: str) -> bytes:
+    return _png(curves_figure(groups, colors, title))
+
+
+def curves_figure(groups: list[Group], colors: dict, title: str) -> Figure:
+    """Validation accuracy per epoch, one line per group (mean over its seeds)."""
     fig = Figure(figsize=(7.5, 4.8))
     ax = fig.add_subplot()
     for g in groups:
@@ -568,11 +574,12 @@ def plot_curves(groups: list[Group], colors: dict, title: str) -> bytes:
         ax.plot([e + 1 for e in ep], [np.mean(per_epoch[e]) for e in ep], marker="." if len(ep) < 40 else None,
                 color=colors[g.label], label=g.label)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # ticks at whole epochs (1-based, as `run` prints them)
     ax.set_ylabel("validation accuracy (%), mean over seeds")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _png(fig)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -918,7 +925,7 @@ def _pairs(sides: dict, key) -> tuple[list[str], list[str], list]:
 def _compare_row(table: S.CorrectTable, variant: str, data: str, ids_a, ids_b, seeds, name_a, name_b) -> dict:
     d = table.compare(ids_b, ids_a)
     acc_a, acc_b = table.estimate(ids_a), table.estimate(ids_b)
-    return {"variant": variant, "data": data, "pairs": len(seeds), f"acc_{name_a}": acc_a.mean,
+    return {"variant": variant, "data": data, "pairs": len(seeds), "seeds": list(seeds), f"acc_{name_a}": acc_a.mean,
             f"acc_{name_b}": acc_b.mean, "delta_mean": d.mean, "delta_std": d.std, "ci_lo": d.lo, "ci_hi": d.hi,
             "ci_covers_seeds": d.seed_level, "p": d.p,
             "mcnemar": [(s, *t) for s, t in zip(seeds, table.mcnemar(ids_b, ids_a))]}
@@ -957,10 +964,18 @@ def compare_runs(store: ResultsStore, ids_a: list[str], ids_b: list[str], name_a
     return pd.DataFrame(rows), _compare_markdown(rows, name_a, name_b, devices, boot)
 
 
+def _paired_seeds(row: dict) -> str:
+    """The "paired seeds" cell: the seeds, as in the report's significance table; for the pooled
+    ``all`` row (its pairs are variant/seed units), how many pairs it takes."""
+    if all(isinstance(s, int) for s in row["seeds"]):
+        return ", ".join(map(str, row["seeds"]))
+    return f"{row['pairs']} pairs (the rows above)"
+
+
 def _compare_markdown(rows: list[dict], name_a: str, name_b: str, devices: set, boot: Bootstrap) -> list[str]:
     md = _md_table(["variant", "paired seeds", f"{name_a} acc", f"{name_b} acc", f"Δ ({name_b} - {name_a})",
                     "Δ std", "95% CI", "p", "p (Holm)", "McNemar per seed: b/c, p"],
-                   [[r["variant"], str(r["pairs"]), _f(r[f"acc_{name_a}"]), _f(r[f"acc_{name_b}"]),
+                   [[r["variant"], _paired_seeds(r), _f(r[f"acc_{name_a}"]), _f(r[f"acc_{name_b}"]),
                      _f(r["delta_mean"], sign=True), _f(r["delta_std"]),
                      fmt_ci(Estimate(r["delta_mean"], r["delta_std"], r["ci_lo"], r["ci_hi"], r["p"], r["pairs"],
                                      r["ci_covers_seeds"]), sign=True),

@@ -477,13 +477,30 @@ def test_compare_pairs_runs_by_variant_and_seed(tmp_path):
         assert seed == k and bb == int((pa[f"b{k}"] & ~pa[f"a{k}"]).sum()) and cc == int((~pa[f"b{k}"] & pa[f"a{k}"]).sum())
         assert p == pytest.approx(binomtest(min(bb, cc), bb + cc).pvalue)
     assert list(df["variant"]) == ["dualvgr"]  # one variant: no pooled row (it would repeat it)
-    assert any(line.startswith("| dualvgr | 2 | 71.00 | 70.00 | -1.00 |") for line in md)
+    # "paired seeds" lists the seeds, as the report's significance table does
+    assert any(line.startswith("| dualvgr | 1, 2 | 71.00 | 70.00 | -1.00 |") for line in md), md
     assert any("Holm-Bonferroni" in line for line in md)
     # a second variant: a row each, and `all` taking every pair as a unit; Holm across the rows
     a += [make_run(s, "student", seed, acc=75.0, run_id=f"sa{seed}")["run_id"] for seed in (1, 2, 3)]
     b += [make_run(s, "student", seed, acc=77.0, run_id=f"sb{seed}")["run_id"] for seed in (1, 2, 3)]
     df, md = compare_runs(s, a, b, "fp32", "bf16")
     assert list(df["variant"]) == ["dualvgr", "student", "all"] and list(df["pairs"]) == [2, 3, 5]
+    assert any(line.startswith("| all | 5 pairs (the rows above) |") for line in md), md
     assert df.iloc[-1]["delta_mean"] == pytest.approx((1 - 3 + 2 + 2 + 2) / 5)
     assert bool(df.iloc[1]["ci_covers_seeds"]) and bool(df.iloc[2]["ci_covers_seeds"])
     assert list(df["p_holm"]) == pytest.approx(S.holm(list(df["p"])))
+
+
+def test_training_curves_have_ticks_at_whole_epochs(tmp_path):
+    from harness.report import curves_figure
+
+    s = ResultsStore(tmp_path / "results")
+    runs = [make_run(s, "dualvgr", seed, acc=70.0 + seed, run_id=f"r{seed}") for seed in (1, 2)]
+    for r in runs:  # three epochs: matplotlib's default locator would put ticks at 1.0, 1.25, 1.5, ...
+        r["history"] = [{"epoch": e, "val_acc": 50.0 + 5 * e, "loss": 1.0} for e in range(3)]
+    (g,) = group_runs(runs)[runs[0]["data"]["id"]]
+    fig = curves_figure([g], {g.label: "C0"}, "t")
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
