@@ -113,3 +113,53 @@ def test_a_full_disk_is_named_not_a_traceback(tmp_path, tiny, monkeypatch):
                        "--device", "cpu")
     assert code == 2 and "no space left on the device" in out and "Traceback" not in out, out
     assert str(tmp_path) in out.replace("\n", "")
+
+
+def _apps() -> dict:
+    from harness.prepare import cli as prepare_cli
+
+    return {"ablate.py": ablate.app, "bench.py": bench.app, "prepare": prepare_cli.build_cli()}
+
+
+def _commands() -> list[tuple[str, list[str]]]:
+    """(app name, argv) of every command line: ablate.py and its subcommands, bench.py, prepare's."""
+    import typer.main
+
+    out = []
+    for name, app in _apps().items():
+        cmd = typer.main.get_command(app)
+        out += [(name, [])] * (not hasattr(cmd, "commands") or name == "ablate.py")
+        out += [(name, [sub]) for sub in getattr(cmd, "commands", {})]
+    return out
+
+
+@pytest.mark.parametrize("name, argv", _commands(), ids=lambda x: x if isinstance(x, str) else " ".join(x))
+def test_help_at_80_columns_shows_every_option_name_whole(name, argv):
+    import typer.main
+
+    app = _apps()[name]
+    cmd = typer.main.get_command(app)
+    for sub in argv:
+        cmd = cmd.commands[sub]
+    r = CliRunner().invoke(app, [*argv, "--help"], terminal_width=80,
+                           env={"COLUMNS": "80", "TERMINAL_WIDTH": "80", "FORCE_TERMINAL": "1"})  # as in a terminal
+    assert r.exit_code == 0, r.output
+    words = set(r.output.replace(",", " ").split())
+    for p in cmd.params:
+        for opt in p.opts + p.secondary_opts:
+            if opt.startswith("-"):
+                assert opt in words, f"{name} {argv} --help at 80 columns: {opt} not shown whole\n{r.output}"
+    assert max(len(line) for line in r.output.splitlines()) <= 80, r.output
+
+
+def test_requires_python_covers_the_standard_library_modules_used():
+    """tomllib (grid files) is Python 3.11+: the declared minimum must say so."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = tomllib.loads((root / "pyproject.toml").read_text())["project"]["requires-python"]
+    low = tuple(int(x) for x in re.match(r">=\s*(\d+)\.(\d+)", spec).groups())
+    uses_tomllib = any("import tomllib" in p.read_text() for p in [*root.glob("harness/**/*.py"), *root.glob("*.py")])
+    assert uses_tomllib and low >= (3, 11), spec
