@@ -93,6 +93,21 @@ class SubmititRun(submitit.helpers.Checkpointable):
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+def _worker_init(parent: int, threads: int | None) -> None:
+    """Initializer of the grid's worker processes: die with the grid; on the CPU, use ``threads``
+    (the cores shared out among the workers: N workers of all the cores each would oversubscribe
+    the CPU, and be slower together than one at a time)."""
+    _die_with_parent(parent)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def cpu_threads_per_worker(jobs: int) -> int:
+    """torch CPU threads for each of ``jobs`` workers: this process's cores shared out, at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // jobs)
+
+
 def _die_with_parent(parent: int) -> None:
     """Initializer of the grid's worker processes: end this worker when the grid's process ends, even
     by SIGKILL (which leaves no chance to clean up), instead of training on for nobody. Linux: the
@@ -390,8 +405,9 @@ def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mod
     device slot (GPUs round-robin when there are several), a run starting when its teachers are done."""
     ngpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
     free_slots = list(range(jobs))
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_die_with_parent,
-                             initargs=(os.getpid(),)) as pool:
+    threads = None if ngpu else cpu_threads_per_worker(jobs)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(os.getpid(), threads)) as pool:
         futures: dict = {}
         try:
             while True:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import submitit
+import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -282,3 +283,21 @@ def test_killing_a_parallel_grid_leaves_no_process(tmp_path, data_cache):
         for p, t in _descendants(proc.pid).items() | survivors.items():  # never leave them behind, even failing
             if _stat(p) == t:
                 os.kill(p, signal.SIGKILL)
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def test_cpu_workers_share_out_the_cores(monkeypatch):
+    """N CPU workers with every core each oversubscribe the CPU (a --jobs 2 grid on 2 cores ran
+    slower than --jobs 1): each gets its share of the cores."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert [E.cpu_threads_per_worker(j) for j in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=E._worker_init,
+                             initargs=(os.getpid(), 1)) as pool:
+        assert pool.submit(_threads).result(timeout=120) == 1
