@@ -660,12 +660,43 @@ def _main_table(groups, rows, base, ctrl, baseline, control, cells) -> list[str]
                   f"{r['params']:,}" if r["params"] is not None else "-"]
         for _, col, _ in COST_COLUMNS.values():
             cells_.append(_g(r[col]) if "gflops" in col else _f(r[col], 3 if col == "latency_ms" else 1))
+            if col == "latency_ms" and r[col] is not None and any(m["disturbed"] for m in _cost_measurements([g])):
+                cells_[-1] += f" {DISTURBED}"
         cells_ += [fmt_acc(r["test_acc_mean"], r["test_acc_std"]), fmt_ci(cells[g.label]["all"]), f"n={r['n_seeds']}",
                    "ref" if g is base else _f(r["delta_baseline"], sign=True),
                    "ref" if g is ctrl else _f(r["delta_control"], sign=True)]
         cells_ += [_g(r["recon_mse"])] if has_recon else []
         table.append(cells_ + [r["teachers"] or "-"])
     return _md_table(headers, table, right=set(range(1, len(headers) - 1))) + [""]
+
+
+#: marks a latency whose measurement was disturbed (p90 / median above harness.costs.SPREAD_FLAG)
+DISTURBED = "‡"
+
+
+def _cost_measurements(groups) -> list[dict]:
+    """When, where and how steadily the groups' latency and inference memory were measured
+    (``cost.measured`` of :func:`harness.costs.attach`), one entry per run that has one."""
+    return [m for g in groups for r in g.runs if (m := (r.get("cost") or {}).get("measured"))]
+
+
+def _cost_note(groups) -> list[str]:
+    ms = _cost_measurements(groups)
+    if not ms:
+        return []
+    at = sorted(m["at"] for m in ms)
+    where = sorted({f"{m['device_name']} on host {m['host']}" for m in ms})
+    spreads = [m["spread"] for m in ms if m["spread"] is not None]
+    note = (f"latency and inference memory measured {at[0]}" + (f" .. {at[-1]}" if at[-1] != at[0] else "")
+            + f" on {'; '.join(where)} ({max(m['reps'] for m in ms)} timed forwards each)")
+    if spreads:
+        note += f"; p90/median {min(spreads):.2f} .. {max(spreads):.2f}"
+    bad = sorted({g.label for g in groups if any(m["disturbed"] for m in _cost_measurements([g]))})
+    if bad:
+        note += (f"; {DISTURBED}: p90/median above {costs.SPREAD_FLAG} ({', '.join(bad)}): other work disturbed the "
+                 f"timing; to measure again on an idle machine, delete its file in results/costs/ and run the grid "
+                 f"again (complete runs are not retrained)")
+    return [note + "."]
 
 
 def _main_notes(groups, rows, base, ctrl, baseline, control, stats: SectionStats) -> list[str]:
@@ -680,6 +711,7 @@ def _main_notes(groups, rows, base, ctrl, baseline, control, stats: SectionStats
         notes.append("GFLOPs: forward FLOPs per sample / 1e9; latency: median eval forward at batch 1, measured "
                      "once per architecture and device, alone, after training (harness.costs); memory: "
                      "peak during a training step / inference (mean over seeds; - where not measured).")
+        notes += _cost_note(groups)
         notes.append("training cost (harness.bill): GFLOPs are counted (3 forwards per training sample: backward "
                      "as 2 forwards; one forward per validation question per epoch; a student's teacher forwards "
                      "or teacher-cache builds), device-seconds measured; 'total' is what it took to produce the "

@@ -49,3 +49,11 @@ def test_a_disturbed_timing_is_flagged(tiny, tmp_path):
     path.write_text(json.dumps(c))
     (shown,) = costs.attach(store, [rec])
     assert shown["cost"]["measured"]["disturbed"] is True
+    # the report says when and where, and marks the figure
+    from harness.report import write_report
+
+    md = write_report(store, "t", run_ids=[rec["run_id"]], out_dir=tmp_path / "reports").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| question-only |"))
+    assert "| 1.000 ‡ |" in row, row
+    assert f"latency and inference memory measured {c['measured_at']} on {c['device_name']} on host {c['host']}" in md
+    assert "‡: p90/median above 1.5 (question-only)" in md
