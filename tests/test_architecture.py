@@ -153,3 +153,11 @@ def test_bench_times_the_runners_own_training_step(tiny, tmp_path, monkeypatch):
     assert len(calls) > n_bench  # the runner trained through TrainStep too
     step = M.make_train_step(cfg, variants.build(cfg), M.build_teachers(cfg, "cpu"))
     assert isinstance(step.train_step, S.TrainStep) and len(step.train_step.teachers) == 1
+
+
+def test_readme_architecture_names_every_module():
+    """The README's architecture section names every harness module (by file name)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("- `harness/`"):text.index("- `ablate.py`")]
+    missing = [p.name for p in HARNESS.glob("*.py") if p.name != "__init__.py" and f"`{p.name}`" not in section]
+    assert not missing, f"README's architecture section does not name {missing}"
