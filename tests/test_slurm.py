@@ -151,4 +151,6 @@ def test_ctrl_c_cancels_the_jobs_then_a_time_limited_run_is_requeued_and_resumes
     assert resumed[0] == cancelled_after, logs[-3000:]  # after Ctrl-C: from the saved epoch, not from scratch
     assert "requeued, the run resumes from its last completed epoch" in logs, logs[-3000:]
     assert len(resumed) >= 2 and resumed == sorted(resumed) and resumed[-1] < epochs, logs[-3000:]  # after requeue
-    assert rec["wall_time_s"] > 120  # one record across attempts
+    # one record across attempts: its active time covers every epoch's training, those of each attempt included
+    # (not a fixed figure: how long ~100 s of calibrated training takes under SLURM varies with the machine)
+    assert rec["wall_time_s"] >= sum(h["train_time_s"] for h in rec["history"]), rec["wall_time_s"]
