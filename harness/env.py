@@ -51,6 +51,44 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what ``platform`` says)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (other work on the machine), None where the OS has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def environment(device: torch.device | str) -> dict:
+    """What a run id deliberately does not cover but can change the numbers: torch version, the
+    threads used, the CPU model and the instruction set torch's kernels use (AVX-512 and AVX2
+    kernels round differently), the device, determinism and matmul-precision flags; and the load
+    average (other work on the machine) when this is called."""
+    device = torch.device(device)
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(), "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": device_name(device),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "float32_matmul_precision": torch.get_float32_matmul_precision(), "load_average": load_average()}
+
+
+#: environment facts that can change the numbers (a report lists them when its runs differ); not the load
+NUMERIC_ENVIRONMENT = ("torch", "threads", "cpu", "cpu_capability", "device", "deterministic_algorithms",
+                       "cudnn_deterministic", "cudnn_benchmark", "float32_matmul_precision")
+
+
 def git_commit() -> str | None:
     """The repository's commit, ``+dirty`` when tracked files have uncommitted changes; None outside git."""
     here = Path(__file__).resolve().parent.parent

@@ -32,10 +32,11 @@ from rich.console import Console
 from rich.progress import Progress
 
 from . import data as D
+from . import identity
 from .console import make_console, progress_bar, say
 from .errors import HarnessError
 from .grid import Grid, GridError
-from .runner import RunSpec, check_plans, feature_mode, plan, train
+from .runner import RunSpec, check_plans, feature_mode, plan, stale, train
 from .store import ResultsStore
 
 _DATA: dict[tuple[str, str], D.VideoQAData] = {}  # per process: each worker loads a data set once
@@ -352,24 +353,33 @@ class _Schedule:
 
 def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: int = 1, device: str = "auto",
              mode: str = "auto", console: Console | None = None, slurm: dict | None = None,
-             poll_s: float = 2.0) -> GridResult:
+             poll_s: float = 2.0, reuse_other_code: bool = True) -> GridResult:
     """Run the grid's runs that are not complete, with the teacher runs they need that are not
     (each once, before its students): in this process (``local``, ``jobs`` 1), in ``jobs`` worker
-    processes (``local``), or as submitit job arrays (``slurm``, ``submitit-local``)."""
+    processes (``local``), or as submitit job arrays (``slurm``, ``submitit-local``).
+    ``reuse_other_code=False``: complete runs computed by other code than this checkout's (their
+    records' code fingerprint) are trained again; either way the header says how many there are."""
     console = console or make_console(stderr=True)
     info = D.describe(grid.data)  # run ids from the data set's info: no feature is read here
     store.write_data_info(info.to_dict())
-    plans = [plan(s, info) for s in grid.runs]
+    code = identity.code_fingerprint()
+    specs = grid.runs if reuse_other_code else [dataclasses.replace(s, require_code=code) for s in grid.runs]
+    plans = [plan(s, info) for s in specs]
     check_plans(plans)  # every student's losses read outputs its teachers produce: checked before anything trains
     every = list({q.run_id: q for p in plans for q in p.all_plans()}.values())  # teachers first, each once
     own = {p.run_id for p in plans}
-    todo = [p for p in every if not store.is_complete(p.run_id)]
+    other = [p.run_id for p in every if store.is_complete(p.run_id) and stale(store, p.run_id, code)]
+    todo = [p for p in every if not store.is_complete(p.run_id) or (not reuse_other_code and p.run_id in other)]
     todo_own = sum(p.run_id in own for p in todo)
     teachers = [p for p in every if p.run_id not in own]
     say(console, f"grid {grid.name}: {len(plans)} runs on {grid.data} ({len(plans) - todo_own} already complete, "
                  f"{todo_own} to run)" + (f", and {len(teachers)} teacher runs they need ("
                                           f"{len(todo) - todo_own} to train)" if teachers else "")
         + f"; executor {executor} x {jobs}")
+    if other:
+        say(console, f"{len(other)} complete run(s) were computed by other code than this checkout's (code "
+                     f"{code}): " + ("reused (--no-reuse-other-code trains them again)" if reuse_other_code
+                                     else "trained again"), "yellow")
     result = GridResult([p.run_id for p in every], [p.run_id for p in plans if p.run_id not in {q.run_id for q in todo}],
                         [], len(plans) - todo_own)
     if not todo:

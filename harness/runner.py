@@ -19,7 +19,6 @@ the progress display, every ``log_every`` steps).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import platform
 import sys
@@ -37,10 +36,11 @@ from rich.console import Console
 import variants
 
 from . import data as D
-from . import teacher_cache
+from . import identity, teacher_cache
 from .bill import run_compute
 from .console import progress_bar, say
-from .env import TRAIN_PRECISIONS, check_precision, device_name, git_commit, resolve_device, seed_everything
+from .env import (TRAIN_PRECISIONS, check_precision, device_name, environment, git_commit, resolve_device,
+                  seed_everything)
 from .errors import HarnessError
 from .evaluate import ABLATIONS, evaluate
 from .measure import param_counts, random_answers, random_inputs
@@ -69,6 +69,8 @@ class RunSpec:
     glove: bool = True
     precision: str = "fp32"  # fp32 (TF32 matmuls allowed on CUDA) or bf16 (autocast for training and evaluation)
     overrides: dict = field(default_factory=dict)  # variant settings (module_dim=..., alpha=...)
+    #: reuse a complete run only if this code fingerprint computed it (None: any); not part of the id
+    require_code: str | None = None
 
     def resolved_train(self, suggested: dict | None = None) -> dict:
         """Explicit settings > the data set's suggestions > the reference recipe."""
@@ -81,8 +83,7 @@ class RunSpec:
         out["early_stop"] = self.early_stop
         out["glove"] = self.glove
         check_train_settings({k: getattr(self, k) for k in TRAIN_CHECKS})
-        if self.precision != "fp32":  # fp32, the default, is left out so run ids from before the option stay valid
-            out["precision"] = self.precision
+        out["precision"] = self.precision
         return out
 
 
@@ -129,11 +130,8 @@ def check_train_settings(values: dict, where: str = "") -> None:
 
 def run_id_for(cfg: variants.VariantConfig, data_id: str, seed: int, train: dict,
                teacher_runs: list[str] | None = None) -> str:
-    key = {"variant": cfg.to_dict(), "data": data_id, "seed": seed, "train": train, "v": RECORD_VERSION}
-    if teacher_runs:
-        key["teachers"] = list(teacher_runs)
-    blob = json.dumps(key, sort_keys=True, default=str).encode()
-    return f"{cfg.name}-{hashlib.sha1(blob).hexdigest()[:12]}"
+    """The run id: the variant's name and a hash of the resolved computation (:mod:`harness.identity`)."""
+    return identity.run_id(cfg.name, identity.computation(cfg.to_dict(), data_id, seed, train, teacher_runs))
 
 
 # ----------------------------------------------------------------------------- planning
@@ -149,6 +147,8 @@ class Plan:
     train: dict
     run_id: str
     teachers: list["Plan"]
+    #: the resolved computation the id hashes (:func:`harness.identity.computation`)
+    computation: dict = field(default_factory=dict)
 
     def all_run_ids(self) -> list[str]:
         """This run's id and its teachers' (recursively), teachers first."""
@@ -178,8 +178,8 @@ def plan(spec: RunSpec, data: D.DataInfo | D.VideoQAData) -> Plan:
     teachers = [plan(dataclasses.replace(spec, variant=t, overrides=variants.teacher_settings(t, spec.overrides)), info)
                 for t in cfg.teachers]
     _check_objective(cfg, teachers)
-    run_id = run_id_for(cfg, info.data_id, spec.seed, train_cfg, [t.run_id for t in teachers])
-    return Plan(spec, cfg, train_cfg, run_id, teachers)
+    comp = identity.computation(cfg.to_dict(), info.data_id, spec.seed, train_cfg, [t.run_id for t in teachers])
+    return Plan(spec, cfg, train_cfg, identity.run_id(cfg.name, comp), teachers, comp)
 
 
 def _check_objective(cfg: variants.VariantConfig, teachers: list["Plan"]) -> None:
@@ -256,7 +256,9 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
     without writing a record (used to test resuming). ``teacher_cache``: a distilled student
     reads its teachers' outputs from the cache of :mod:`harness.teacher_cache` (built on first
     use) instead of running the teachers every step; the same training, so it is not part of
-    the run id.
+    the run id. ``spec.require_code``: a complete run (its teachers too) is reused only when its
+    record was computed by the code of this fingerprint (:func:`harness.identity.code_fingerprint`);
+    otherwise it is trained again from scratch.
     """
     store = store or ResultsStore()
     console = console or Console(stderr=True)
@@ -266,6 +268,7 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
     # before anything trains (teachers included): a precision this device cannot run fails now
     check_precision(dev, p.train.get("precision", "fp32"), train=True)
     store.write_data_info(data.info.to_dict())
+    force = force or stale(store, p.run_id, spec.require_code)
     if store.is_complete(p.run_id) and not force:
         return store.read_record(p.run_id)
     check_teacher_outputs(p)  # before its teachers train
@@ -280,6 +283,13 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
             return store.read_record(p.run_id)
         run = _Run(p, store, data, dev, teachers, teacher_records, console, progress, log_every, teacher_cache)
         return run.execute(force, stop_after_epochs)
+
+
+def stale(store: ResultsStore, run_id: str, require_code: str | None) -> bool:
+    """Whether the run is complete but was computed by other code than ``require_code`` (None: any code will do)."""
+    if require_code is None or not store.is_complete(run_id):
+        return False
+    return identity.code_of(store.read_record(run_id)) != require_code
 
 
 def _frozen_teacher(store: ResultsStore, trec: dict, dev: torch.device) -> torch.nn.Module:
@@ -563,6 +573,9 @@ class _Run:
             "teacher_runs": [r["run_id"] for r in self.teacher_records],
             "teachers": [{"variant": r["variant"], "run_id": r["run_id"], "params": r["params"]["total"],
                           "test_acc": r["metrics"]["test"]["overall"]} for r in self.teacher_records],
+            "identity": {"scheme": identity.SCHEME, "computation": p.computation},
+            "code": {"fingerprint": identity.code_fingerprint(), "files": list(identity.CODE_FILES)},
+            "environment": environment(dev),
             "params": param_counts(self.model), "git_commit": git_commit(), "torch_version": torch.__version__,
             "python_version": sys.version.split()[0], "device": str(dev), "device_name": device_name(dev),
             "started_at": st.started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -158,7 +158,7 @@ def test_bf16_autocast_trains_with_its_own_run_id(tiny, tmp_path):
     store = ResultsStore(tmp_path)
     fp32 = train(spec(epochs=1), store, data=tiny, device="cpu", progress=False)
     bf16 = train(spec(epochs=1, precision="bf16"), store, data=tiny, device="cpu", progress=False)
-    assert "precision" not in fp32["train_config"]  # fp32 keeps the run ids of before the option
+    assert "precision" not in fp32["identity"]["computation"]["train"]  # fp32 is neutral: ids of before the option
     assert bf16["train_config"]["precision"] == "bf16" and bf16["run_id"] != fp32["run_id"]
     assert bf16["status"] == "complete" and math.isfinite(bf16["history"][0]["loss"])
     # a different function (bf16 rounding) but the same model: close after one epoch, not identical

@@ -52,12 +52,7 @@ class VariantConfig:
     distill: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        # motion_dim=None (= vision_dim, the reference) is left out so that run ids from before the
-        # setting existed stay valid
-        if d["model"].get("motion_dim", 0) is None:
-            del d["model"]["motion_dim"]
-        return d
+        return dataclasses.asdict(self)
 
     def model_config(self) -> DualVGRConfig:
         return DualVGRConfig(**self.model)

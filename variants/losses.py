@@ -29,6 +29,9 @@ import torch.nn.functional as F
 
 from .registry import Registry
 
+#: the terms of a variant's own objective and their values when its ``loss`` section leaves them out
+LOSS_TERMS = {"alpha": 0.0, "beta": 0.0, "ce_weight": 1.0, "recon_weight": 0.0, "ae_pretrain_steps": 0}
+
 #: Distillation losses (filled by the distillation issue); one decorated function each.
 LOSSES = Registry("distillation loss")
 
@@ -136,11 +139,12 @@ class Objective(torch.nn.Module):
     def __init__(self, loss_cfg: dict, distill: list[dict] | None = None, student_dim: int = 768,
                  teacher_dim: int = 768):
         super().__init__()
-        self.alpha = float(loss_cfg.get("alpha", 0.0))
-        self.beta = float(loss_cfg.get("beta", 0.0))
-        self.ce_weight = float(loss_cfg.get("ce_weight", 1.0))
-        self.recon_weight = float(loss_cfg.get("recon_weight", 0.0))
-        self.pretrain_steps = int(loss_cfg.get("ae_pretrain_steps", 0))
+        terms = {**LOSS_TERMS, **loss_cfg}
+        self.alpha = float(terms["alpha"])
+        self.beta = float(terms["beta"])
+        self.ce_weight = float(terms["ce_weight"])
+        self.recon_weight = float(terms["recon_weight"])
+        self.pretrain_steps = int(terms["ae_pretrain_steps"])
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.kd = torch.nn.ModuleList()
         self.kd_names: list[str] = []
