@@ -5,6 +5,11 @@ expected-results file, each within its tolerance, and print a table of what move
     python -m harness.regression --grid ci                 # check (what tests/test_regression_grid.py does)
     python -m harness.regression --grid ci --update        # re-measure and rewrite the expected file
 
+The check measures the code of this checkout: by default in a store of its own per code
+fingerprint (``results/regression/<fingerprint>``, see :func:`harness.identity.code_fingerprint`),
+and with ``--results R`` it reuses only R's runs computed by this code (the others are trained
+again). A run computed by other code is never compared or blessed (:class:`RegressionError`).
+
 The expected file (``tests/golden/<grid>_expected.json``)::
 
     {"grid": "ci",
@@ -28,6 +33,7 @@ from typing import Optional
 import typer
 
 from . import grid as G
+from . import identity
 from .errors import HarnessError
 from .executor import run_grid
 from .store import ResultsStore, atomic_write_json
@@ -46,14 +52,18 @@ def expected_path(grid_name: str) -> Path:
 
 
 def measure(grid: G.Grid, store: ResultsStore, console=None) -> dict[str, dict]:
-    """Run the grid (complete runs are reused) and collect, per variant, the mean test accuracy
-    over seeds, the parameter count and MACs per sample."""
-    res = run_grid(grid, store, console=console)
+    """Run the grid (complete runs are reused only when this checkout's code computed them) and
+    collect, per variant, the mean test accuracy over seeds, the parameter count and MACs per sample."""
+    res = run_grid(grid, store, console=console, reuse_other_code=False)
     if res.failed:
         raise RegressionError("runs failed: " + "; ".join(f"{f['variant']}: {f['reason']}" for f in res.failed))
+    code = identity.code_fingerprint()
     by_variant: dict[str, list[dict]] = {}
     for rid in res.run_ids:
         rec = store.read_record(rid)
+        if identity.code_of(rec) != code:
+            raise RegressionError(f"run {rid} was computed by code {identity.code_of(rec)}, not this checkout's "
+                                  f"({code}): not compared")
         by_variant.setdefault(rec["variant"], []).append(rec)
     out = {}
     for v, recs in sorted(by_variant.items()):
@@ -142,13 +152,17 @@ app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 
 @app.command()
 def main(grid: str = typer.Option("ci", help="Grid name or file."),
-         results: str = typer.Option("results", help="Results store directory."),
+         results: Optional[str] = typer.Option(None, help="Results store directory; only its runs computed by "
+                                               "this checkout's code are reused [default: "
+                                               "results/regression/<code fingerprint>, a store of its own]."),
          update: bool = typer.Option(False, help="Rewrite the expected-results file from this run."),
          tolerance_acc: Optional[float] = typer.Option(None, "--tolerance", help="With --update: the file's "
                                                        "accuracy tolerance in points [the old file's, else 3.0].")):
     try:
         g = G.load(grid)
-        measured = measure(g, ResultsStore(results))
+        code = identity.code_fingerprint()
+        typer.echo(f"measuring the code of this checkout (fingerprint {code})")
+        measured = measure(g, ResultsStore(results or Path("results") / "regression" / code))
         path = expected_path(g.name)
         if update:
             old = json.loads(path.read_text()) if path.exists() else {}
@@ -162,7 +176,7 @@ def main(grid: str = typer.Option("ci", help="Grid name or file."),
     if rows:
         typer.echo("numbers moved outside tolerance:\n" + format_rows(rows))
         raise typer.Exit(1)
-    typer.echo(f"all {len(measured)} variants match {path}")
+    typer.echo(f"all {len(measured)} variants match {path} (code {identity.code_fingerprint()})")
 
 
 if __name__ == "__main__":
