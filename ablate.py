@@ -102,6 +102,9 @@ def main(
     array_parallelism: Optional[int] = typer.Option(None, min=1, help="SLURM jobs running at a time \\[default: the "
                                                     "grid's executor.array_parallelism, else --jobs]."),
     mode: str = typer.Option("auto", help="Feature loading: memory, stream or auto."),
+    reuse_other_code: bool = typer.Option(True, help="Reuse complete runs computed by other code than this "
+                                          "checkout's (their records' code fingerprint; the grid says how many); "
+                                          "--no-reuse-other-code trains them again."),
 ):
     """Run an ablation grid (--grid), or one of the commands below."""
     if ctx.invoked_subcommand is not None:
@@ -134,7 +137,7 @@ def main(
     store = ResultsStore(results)
     try:
         res = run_grid(g, store, executor=ex, jobs=jobs or int(g.executor.get("jobs", 1)), device=device, mode=mode,
-                       console=console, slurm=slurm)
+                       console=console, slurm=slurm, reuse_other_code=reuse_other_code)
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
@@ -200,8 +203,9 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
             results: str = typer.Option("results", help="Results store directory."),
             out: Optional[str] = typer.Option(None, help="Also write the table as Markdown to this file.")):
     """Compare two grids run by run (same variant, same seed): accuracy difference B - A per variant and
-    McNemar's test on per-question predictions. For fp32 against bf16, or before against after a change:
-    `python ablate.py compare --grid precision-fp32 --grid precision-bf16`."""
+    McNemar's test on per-question predictions. For fp32 against bf16, or before against after a change of
+    settings: `python ablate.py compare --grid precision-fp32 --grid precision-bf16`. Says which code (fingerprint)
+    computed each side's runs; refuses to compare a run with itself (two grids planning the same runs)."""
     from harness import grid as G
     from harness.report import compare_runs
     from harness.runner import plan, recorded_info
@@ -213,12 +217,22 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
     store = ResultsStore(results)
     try:
         gs = [G.load(x) for x in grid]
-        ids = [[*dict.fromkeys(r for s in g.runs for r in plan(s, recorded_info(g.data, store)).all_run_ids())]
-               for g in gs]
+        plans = [[plan(s, recorded_info(g.data, store)) for s in g.runs] for g in gs]
+        ids = [[*dict.fromkeys(r for p in ps for r in p.all_run_ids())] for ps in plans]
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
+    same = sorted({p.run_id for p in plans[0]} & {p.run_id for p in plans[1]})
+    if same:
+        error(console, f"grids {gs[0].name} and {gs[1].name} plan the same {len(same)} run(s) ({', '.join(same[:3])}"
+                       f"{', ...' if len(same) > 3 else ''}): that compares a run with itself (run ids cover "
+                       "settings, data and seed, not the code; a record names its code fingerprint)")
+        raise typer.Exit(2)
+    from harness import identity
+
+    code = [identity.describe_code(store.read_record(r) for r in i if store.is_complete(r)) for i in ids]
     df, md = compare_runs(store, ids[0], ids[1], gs[0].name, gs[1].name)
+    md += ["", f"Code: {gs[0].name} reads runs of {code[0]}; {gs[1].name} reads runs of {code[1]}."]
     if df.empty:
         console.print("[yellow]no variant has complete runs with the same seed in both grids[/yellow]")
         raise typer.Exit(1)
@@ -344,7 +358,9 @@ def results(results: str = typer.Option("results", help="Results store directory
         say(console, f"no complete runs in {results}")
         return
     df["best_epoch"] = df["best_epoch"] + 1
-    cols = [c for c in ("run_id", "variant", "teachers", "teacher_runs", "overrides", "data", "seed", "params",
+    df = _identity_columns(store, df)
+    cols = [c for c in ("run_id", "identity", "code", "variant", "teachers", "teacher_runs", "overrides", "data",
+                        "seed", "params",
                         "epochs_run", "best_epoch", "val_acc", "test_acc", "test_last_acc", "train_samples_per_s")
             if c in df]
     t = Table()
@@ -355,6 +371,43 @@ def results(results: str = typer.Option("results", help="Results store directory
     console.print(t)
     if csv:
         df.to_csv(csv, index=False)
+
+
+def _identity_columns(store, df):
+    """Which identity scheme made each record's id (harness.identity: 2 current, 1 the config as spelled, unknown:
+    not reproducible, never reused) and the fingerprint of the code that computed it."""
+    from harness import identity
+
+    recs = {r["run_id"]: r for r in store.iter_records()}
+    df["identity"] = [identity.scheme_of(recs[r]) if r in recs else "-" for r in df["run_id"]]
+    df["code"] = [identity.code_of(recs.get(r, {})) or "-" for r in df["run_id"]]
+    old = (df["identity"] != str(identity.SCHEME)).sum()
+    if old:
+        say(console, f"{old} record(s) have ids of an older identity scheme (1: the variant config as spelled; "
+                     "unknown: not reproducible): no grid or run finds them; `python ablate.py migrate` re-keys "
+                     "those whose computation is provably unchanged", "yellow")
+    return df
+
+
+@app.command()
+def migrate(results: str = typer.Option("results", help="Results store directory."),
+            dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be re-keyed.")):
+    """Re-key records made under an older run-id scheme whose resolved computation is provably unchanged (every
+    value their config left unspelled is a declared neutral default); list the others, which are never reused."""
+    from harness import identity
+    from harness.store import ResultsStore
+
+    store = ResultsStore(results)
+    if not store.runs.is_dir():
+        error(console, f"no results store at {results} (no {store.runs} directory)")
+        raise typer.Exit(1)
+    done, left = identity.migrate_store(store, apply=not dry_run)
+    for old, new in done:
+        console.print(f"{'would re-key' if dry_run else 're-keyed'} {old} -> {new}")
+    for rid, why in left:
+        console.print(f"left as is: {rid}: {why}")
+    say(console, f"{len(done)} record(s) {'to re-key' if dry_run else 're-keyed'}, {len(left)} left as is "
+                 f"(kept in the store, not reused: a grid trains their computation again)")
 
 
 def _list_unfinished(store, failed: bool) -> None:

@@ -157,6 +157,16 @@ def code_of(record: dict) -> str | None:
     return (record.get("code") or {}).get("fingerprint")
 
 
+def describe_code(records) -> str:
+    """Which code fingerprints computed ``records``: ``code abc (3 runs), unknown code (1 run)``."""
+    counts: dict[str, int] = {}
+    for r in records:
+        fp = code_of(r)
+        key = f"code {fp}" if fp else "unknown code (a record from before fingerprints)"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} ({n} run{'s' if n > 1 else ''})" for k, n in sorted(counts.items())) or "no runs"
+
+
 # ----------------------------------------------------------------------------- schemes of stored records
 
 

@@ -157,3 +157,27 @@ def test_code_fingerprint_covers_the_model_and_not_the_report(tmp_path, monkeypa
     model = root / "variants" / "dualvgr.py"
     model.write_text(model.read_text().replace("def forward(", "def forward(  ", 1))
     assert identity.code_fingerprint() != fp
+
+
+def test_cli_results_names_the_scheme_migrate_rekeys_and_compare_refuses_a_run_against_itself(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    import ablate
+
+    store = ResultsStore(tmp_path)
+    base = dict(_legacy_record("dualvgr"), metrics={"best_epoch": 0, "test": {"overall": 50.0, "per_type": {}}})
+    store.write_record(base)
+    cli = CliRunner()
+    out = cli.invoke(ablate.app, ["results", "--results", str(tmp_path)]).output
+    assert "older identity scheme" in out and "migrate" in out
+    dry = cli.invoke(ablate.app, ["migrate", "--results", str(tmp_path), "--dry-run"])
+    assert dry.exit_code == 0 and f"would re-key {base['run_id']} -> dualvgr-" in dry.output
+    assert store.is_complete(base["run_id"])
+    done = cli.invoke(ablate.app, ["migrate", "--results", str(tmp_path)])
+    assert done.exit_code == 0 and "1 record(s) re-keyed" in done.output and not store.is_complete(base["run_id"])
+    out = cli.invoke(ablate.app, ["results", "--results", str(tmp_path)]).output
+    assert "older identity scheme" not in out
+    grid = tmp_path / "g.toml"
+    grid.write_text('data = "synthetic:tiny"\nvariants = ["question-only"]\nseeds = [0]\n')
+    same = cli.invoke(ablate.app, ["compare", "--grid", str(grid), "--grid", str(grid), "--results", str(tmp_path)])
+    assert same.exit_code == 2 and "compares a run with itself" in same.output
