@@ -22,7 +22,7 @@ import torch
 
 import variants
 
-from .env import device_name, resolve_device
+from .env import device_name, load_average, resolve_device
 from .store import ResultsStore, atomic_write_json
 
 #: p90 / median above this: the timing was disturbed (other work on the machine); reports flag it
@@ -31,10 +31,13 @@ SPREAD_FLAG = 1.5
 REPS = {"cuda": 200, "cpu": 50}
 
 
-def cost_key(model_cfg: dict, arch: str, dev_name: str) -> str:
-    """The configuration's architecture and model settings (what inference cost depends on) and the device."""
+def cost_key(model_cfg: dict, arch: str, dev_name: str, threads: int | None = None) -> str:
+    """The configuration's architecture and model settings (what inference cost depends on), the
+    device and the threads used (``threads``: this process's torch threads when None): the same
+    model timed 1.4 ms on one thread and 5.9-12.6 ms on two contended ones."""
+    threads = torch.get_num_threads() if threads is None else threads
     blob = json.dumps({"arch": arch, "model": model_cfg, "device": dev_name}, sort_keys=True, default=str)
-    return f"{arch}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+    return f"{arch}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}-t{threads}"
 
 
 def _path(store: ResultsStore, key: str) -> Path:
@@ -42,7 +45,8 @@ def _path(store: ResultsStore, key: str) -> Path:
 
 
 def read(store: ResultsStore, record: dict) -> dict | None:
-    """The stored inference cost of a record's configuration on the record's device, or None."""
+    """The stored inference cost of a record's configuration on the record's device, measured with
+    this process's threads, or None."""
     cfg = record.get("variant_config") or {}
     key = cost_key(cfg.get("model", {}), cfg.get("arch", ""), record.get("device_name", ""))
     try:
@@ -94,7 +98,10 @@ def measure_missing(store: ResultsStore, run_ids: list[str], device: str | torch
             todo.setdefault(key, (cfg["model"], cfg["arch"]))
     for i, (key, (model_cfg, arch)) in enumerate(todo.items()):
         say(f"measuring inference cost {i + 1}/{len(todo)}: {key} on {name}")
+        load_before = load_average()
         rec = measure_one(model_cfg, arch, dev)
+        # other work on the machine while timing: the 1-minute load average before and after
+        rec.update(threads=torch.get_num_threads(), load_average=[load_before, load_average()])
         rec.update({"key": key, "arch": arch, "model": model_cfg, "device": str(dev), "device_name": name,
                     "host": platform.node(), "torch_version": torch.__version__,
                     "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
@@ -115,7 +122,8 @@ def attach(store: ResultsStore, records: list[dict]) -> list[dict]:
             cost[k] = c.get(k) if c else None
         cost["measured"] = None if c is None else {
             "at": c["measured_at"], "device_name": c["device_name"], "host": c["host"], "spread": c["spread"],
-            "disturbed": c["spread"] is not None and c["spread"] > SPREAD_FLAG, "reps": c["reps"]}
+            "disturbed": c["spread"] is not None and c["spread"] > SPREAD_FLAG, "reps": c["reps"],
+            "threads": c.get("threads"), "load_average": c.get("load_average")}
         r["cost"] = cost
         out.append(r)
     return out

@@ -689,6 +689,12 @@ def _cost_note(groups) -> list[str]:
     spreads = [m["spread"] for m in ms if m["spread"] is not None]
     note = (f"latency and inference memory measured {at[0]}" + (f" .. {at[-1]}" if at[-1] != at[0] else "")
             + f" on {'; '.join(where)} ({max(m['reps'] for m in ms)} timed forwards each)")
+    threads = sorted({m["threads"] for m in ms if m.get("threads") is not None})
+    loads = [x for m in ms for x in (m.get("load_average") or []) if x is not None]
+    if threads:
+        note += f" with {', '.join(map(str, threads))} thread(s)"
+    if loads:
+        note += f", load average {min(loads):.2f} .. {max(loads):.2f} (other work on the machine)"
     if spreads:
         note += f"; p90/median {min(spreads):.2f} .. {max(spreads):.2f}"
     bad = sorted({g.label for g in groups if any(m["disturbed"] for m in _cost_measurements([g]))})

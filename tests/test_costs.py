@@ -57,3 +57,29 @@ def test_a_disturbed_timing_is_flagged(tiny, tmp_path):
     assert "| 1.000 ‡ |" in row, row
     assert f"latency and inference memory measured {c['measured_at']} on {c['device_name']} on host {c['host']}" in md
     assert "‡: p90/median above 1.5 (question-only)" in md
+
+
+def test_costs_are_keyed_by_the_threads_used_and_record_the_load(tmp_path, monkeypatch):
+    import torch
+
+    import variants
+    from harness.env import device_name
+
+    cfg = variants.get_config("question-only", question_vocab=50, answer_vocab=10, module_dim=16, word_dim=8,
+                              vision_dim=8, num_clips=2, num_frames=2)
+    store = ResultsStore(tmp_path)
+    store.write_record({"run_id": "q-1", "variant": "question-only", "variant_config": cfg.to_dict(),
+                        "device_name": device_name("cpu")})
+    monkeypatch.setitem(costs.REPS, "cpu", 5)
+    threads = torch.get_num_threads()
+    try:
+        assert costs.measure_missing(store, ["q-1"], "cpu") == 1
+        assert costs.measure_missing(store, ["q-1"], "cpu") == 0
+        torch.set_num_threads(threads + 1)
+        assert costs.read(store, store.read_record("q-1")) is None  # another thread count: not that figure
+        assert costs.measure_missing(store, ["q-1"], "cpu") == 1
+    finally:
+        torch.set_num_threads(threads)
+    (shown,) = costs.attach(store, [store.read_record("q-1")])
+    m = shown["cost"]["measured"]
+    assert m["threads"] == threads and len(m["load_average"]) == 2
