@@ -38,8 +38,9 @@ from matplotlib.ticker import MaxNLocator
 import variants
 from variants.zoo import FAMILIES
 
-from . import bill, costs
+from . import bill, costs, identity
 from . import stats as S
+from .env import NUMERIC_ENVIRONMENT
 from .evaluate import ABLATIONS
 from .stats import Bootstrap, Estimate
 from .store import ResultsStore, atomic_write_bytes
@@ -632,6 +633,7 @@ def _header(name: str, records: list[dict], missing: list[str], grid_file, basel
         "- git commits: " + (", ".join(f"`{c}`" for c in _uniq(r.get("git_commit") for r in records)) or "-"),
         "- devices: " + (", ".join(_uniq(r.get("device_name") for r in records)) or "-"),
         "- torch: " + (", ".join(_uniq(r.get("torch_version") for r in records)) or "-"),
+        *_code_lines(records),
         f"- baseline: `{baseline}`; control (the un-distilled student): `{control}`",
         f"- statistics: two-level bootstrap over seeds and test questions (`harness/stats.py`), "
         f"{boot.resamples} resamples, generator seed {boot.seed}, {boot.confidence:.0%} intervals; "
@@ -647,6 +649,34 @@ def _header(name: str, records: list[dict], missing: list[str], grid_file, basel
         "The list of runs behind every number is at the end.",
         "",
     ]
+
+
+#: marks the runs of a report whose runs come from more than one code fingerprint
+OTHER_CODE = "§"
+
+
+def _several_codes(records: list[dict]) -> bool:
+    return len({identity.code_of(r) for r in records}) > 1
+
+
+def _code_lines(records: list[dict]) -> list[str]:
+    """The code that computed the runs (``harness.identity`` fingerprints), and the environment facts
+    that can change numbers (``harness.env.environment``) where the runs differ in them."""
+    code = "- code: " + identity.describe_code(records)
+    if _several_codes(records):
+        code += (f"; **runs from more than one code fingerprint** (each run's code in the runs table, marked "
+                 f"{OTHER_CODE}): differences between rows may come from the code")
+    envs = [r.get("environment") or {} for r in records]
+    differ = [k for k in NUMERIC_ENVIRONMENT if len({json.dumps(e.get(k), default=str) for e in envs}) > 1]
+    if not differ and envs and envs[0]:
+        env = "- environment: " + ", ".join(f"{k} {envs[0].get(k)}" for k in ("threads", "cpu", "cpu_capability")) \
+            + ", the same for every run"
+    elif not differ:
+        env = "- environment: not recorded"
+    else:
+        env = "- environment differs between runs (can change numbers): " + "; ".join(
+            f"{k}: " + ", ".join(_uniq(str(e.get(k, "not recorded")) for e in envs)) for k in differ)
+    return [code, env]
 
 
 def _main_table(groups, rows, base, ctrl, baseline, control, cells) -> list[str]:
@@ -874,11 +904,13 @@ def _section(preds, files_dir: Path, data_id: str, groups: list[Group], baseline
 
 def _runs_table(sections: dict[str, list[Group]]) -> list[str]:
     run_rows = []
+    several = _several_codes([r for gs in sections.values() for g in gs for r in g.runs])
     for gs in sections.values():
         for g in gs:
             for r in g.runs:
                 m = r["metrics"]
-                run_rows.append([f"`{r['run_id']}`", g.label, r["data"].get("name") or r["data"]["id"], str(r["seed"]),
+                mark = f" {OTHER_CODE} code `{identity.code_of(r) or 'unknown'}`" if several else ""
+                run_rows.append([f"`{r['run_id']}`{mark}", g.label, r["data"].get("name") or r["data"]["id"], str(r["seed"]),
                                  _f(m["test"]["overall"]), _f(m["val"]["overall"]),
                                  f"{m['best_epoch'] + 1}/{r.get('epochs_run', len(r.get('history', [])))}",
                                  ",".join(r.get("teacher_runs", [])) or "-", str(r.get("device_name") or "-"),

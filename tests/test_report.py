@@ -504,3 +504,21 @@ def test_training_curves_have_ticks_at_whole_epochs(tmp_path):
     lo, hi = ax.get_xlim()
     ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
     assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_header_names_the_code_and_marks_runs_of_several_fingerprints_and_environments(tmp_path):
+    s = ResultsStore(tmp_path / "results")
+    for seed, code, threads in ((0, "c0de00000001", 1), (1, "c0de00000002", 2)):
+        rec = make_run(s, "dualvgr", seed, acc=70.0)
+        rec.update(code={"fingerprint": code}, environment={"threads": threads, "cpu": "X", "cpu_capability": "AVX2"})
+        s.write_record(rec)
+    md = write_report(s, "g", out_dir=tmp_path / "r").read_text()
+    assert "- code: code c0de00000001 (1 run), code c0de00000002 (1 run); **runs from more than one code" in md
+    assert "- environment differs between runs (can change numbers): threads: 1, 2" in md
+    runs = [line for line in md.splitlines() if line.startswith("| `dualvgr-")]
+    assert len(runs) == 2 and all("§ code `c0de0000000" in line for line in runs)
+    rec = s.read_record(runs[0].split("`")[1])
+    rec["code"]["fingerprint"] = "c0de00000002"
+    s.write_record(rec)
+    md = write_report(s, "g", out_dir=tmp_path / "r").read_text()
+    assert "- code: code c0de00000002 (2 runs)" in md and "§" not in md
