@@ -166,8 +166,8 @@ def main(grid: str = typer.Option("ci", help="Grid name or file."),
         path = expected_path(g.name)
         if update:
             old = json.loads(path.read_text()) if path.exists() else {}
-            atomic_write_json(path, bless(measured, old, g.name, tolerance_acc))
-            typer.echo(f"wrote {path}")
+            atomic_write_json(path, {**bless(measured, old, g.name, tolerance_acc), "code": code})
+            typer.echo(f"wrote {path} from runs of code {code} (this checkout's)")
             return
     except HarnessError as e:
         typer.echo(f"error: {e}", err=True)
