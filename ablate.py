@@ -161,11 +161,10 @@ def _measure_costs(store, run_ids: list[str], device: str) -> None:
 def _write_report(store, g, reports: str, run_ids: list[str]) -> None:
     from harness.report import write_report
 
-    complete = [r for r in run_ids if store.is_complete(r)]
-    if not complete:
+    if not any(store.is_complete(r) for r in run_ids):
         say(console, "no complete run: no report written")
         return
-    path = write_report(store, g.name, run_ids=complete, out_dir=reports, grid_file=str(g.path))
+    path = write_report(store, g.name, run_ids=run_ids, out_dir=reports, grid_file=str(g.path))
     say(console, f"report: {path}")
 
 

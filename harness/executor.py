@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import connection as mp_connection
 from pathlib import Path
 
 import submitit
@@ -298,6 +298,7 @@ class _Schedule:
     progress: Progress
     running: dict = dataclasses.field(default_factory=dict)
     task: int = 0
+    store: ResultsStore | None = None  # where the failures the grid gives up on are recorded (failed.json)
 
     def __post_init__(self) -> None:
         self.pending = list(self.todo)
@@ -327,6 +328,8 @@ class _Schedule:
             say(self.console, f"done {out['variant']} seed {out['seed']}: test {out['test_acc']:.2f}% ({out['run_id']})",
                 "green")
         else:
+            if self.store is not None and "failed_at" not in out:  # given up here, not recorded by run_one
+                out = self.store.record_failure({**out, "run_id": p.run_id, "spec": self.specs[p.run_id]})
             self.result.failed.append(out)
             self.failed_plans[p.run_id] = p
             say(self.console, f"failed {out['variant']} seed {out['seed']}: {out['reason']}", "red")
@@ -375,7 +378,7 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     if not todo:
         return result
     with progress_bar(console) as progress:
-        sched = _Schedule(grid.name, todo, own, result, console, progress)
+        sched = _Schedule(grid.name, todo, own, result, console, progress, store=store)
         try:
             if executor == "local" and jobs <= 1:
                 _run_serial(sched, store, device, mode)
@@ -402,31 +405,104 @@ def _run_serial(sched: _Schedule, store: ResultsStore, device: str, mode: str) -
 
 def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mode: str) -> None:
     """``jobs`` worker processes (spawned; they die with this process), each run on its own
-    device slot (GPUs round-robin when there are several), a run starting when its teachers are done."""
+    device slot (GPUs round-robin when there are several), a run starting when its teachers are done.
+    A worker that dies (SIGKILL, the OOM killer, SIGBUS) costs only its run: it is recorded as
+    failed with the signal or exit code, a fresh worker takes the slot and the grid goes on."""
     ngpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
-    free_slots = list(range(jobs))
     threads = None if ngpu else cpu_threads_per_worker(jobs)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(os.getpid(), threads)) as pool:
-        futures: dict = {}
+    ctx = mp.get_context("spawn")
+    work = run_one  # looked up now: what the workers run (a test hands in one that dies)
+    workers = [_Worker(ctx, threads, work) for _ in range(jobs)]
+    try:
+        while True:
+            idle = [w for w in workers if w.job is None]
+            for w, p in zip(idle, sched.ready()):
+                slot = workers.index(w)
+                dev = f"cuda:{slot % ngpu}" if ngpu else ("cpu" if device == "auto" else device)
+                w.submit(p, (sched.start(p), str(store.root), dev, mode))
+            busy = [w for w in workers if w.job is not None]
+            if not busy:
+                return
+            ready = set(mp_connection.wait([x for w in busy for x in (w.conn, w.proc.sentinel)]))
+            for w in busy:
+                if w.conn in ready or w.proc.sentinel in ready:
+                    p, out = w.collect()
+                    if out is None:  # the worker died with the run
+                        out = _failure(p, w.death())
+                    if not w.proc.is_alive():  # a fresh worker takes its place
+                        w.stop()
+                        workers[workers.index(w)] = _Worker(ctx, threads, work)
+                    sched.finished(p, out)
+    finally:
+        for w in workers:
+            w.stop()
+
+
+class _Worker:
+    """One worker process of a local grid and the run it trains (``job``: its plan, or None)."""
+
+    def __init__(self, ctx, threads: int | None, work):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, os.getpid(), threads, work), daemon=True,
+                                name="ablate-worker")
+        self.proc.start()
+        child.close()
+        self.job = None
+
+    def submit(self, p, args: tuple) -> None:
+        self.job = p
+        self.conn.send(args)
+
+    def collect(self) -> tuple:
+        """The run that ended and run_one's answer, or None when the worker died without one."""
+        p, self.job = self.job, None
         try:
-            while True:
-                for p in sched.ready()[:len(free_slots)]:
-                    slot = free_slots.pop(0)
-                    dev = f"cuda:{slot % ngpu}" if ngpu else ("cpu" if device == "auto" else device)
-                    futures[pool.submit(run_one, sched.start(p), str(store.root), dev, mode)] = (p, slot)
-                if not futures:
-                    return
-                done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                for f in done:
-                    p, slot = futures.pop(f)
-                    free_slots.append(slot)
-                    sched.finished(p, f.result())
-        except KeyboardInterrupt:
-            for f in futures:
-                f.cancel()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+            if self.conn.poll():
+                return p, self.conn.recv()
+        except (EOFError, OSError):
+            pass
+        self.proc.join(5)
+        return p, None
+
+    def death(self) -> str:
+        """Why the worker died, as a failure reason: the signal, or the exit code."""
+        code = self.proc.exitcode
+        if code is not None and code < 0:
+            try:
+                how = f"killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+            hint = {signal.SIGKILL: " (the OOM killer, or kill -9)", signal.SIGBUS: " (a memory-mapped file "
+                    "truncated while in use? the rerun rebuilds a damaged teacher-output cache)"}.get(-code, "")
+            how += hint
+        else:
+            how = f"exited with code {code}"
+        return (f"worker process {self.proc.pid} died: {how}; the run resumes from its last completed epoch "
+                f"when the grid is run again")
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            if self.job is None:
+                try:
+                    self.conn.send(None)
+                except OSError:
+                    pass
+                self.proc.join(5)
+            if self.proc.is_alive():
+                self.proc.kill()
+        self.proc.join()
+        self.conn.close()
+
+
+def _worker_main(conn, parent: int, threads: int | None, work) -> None:
+    """A worker process: run the runs it is sent (``work``: :func:`run_one`), one at a time, until
+    it is sent None."""
+    _worker_init(parent, threads)
+    try:
+        while (args := conn.recv()) is not None:
+            conn.send(work(*args))
+    except (KeyboardInterrupt, EOFError):  # Ctrl-C reaches the workers too; the grid's process reports it
+        pass
 
 
 def _submitit_executor(grid: Grid, root: Path, executor: str, jobs: int, device: str, slurm: dict):

@@ -156,14 +156,30 @@ class ResultsStore:
         reason = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             reason = f"out of GPU memory: {exc}"
-        failure = {"run_id": run_id, **info, "status": "failed", "reason": reason,
-                   "traceback": "".join(traceback.format_exception(exc)),
+        return self.record_failure({"run_id": run_id, **info, "status": "failed", "reason": reason,
+                                    "traceback": "".join(traceback.format_exception(exc))})
+
+    def record_failure(self, failure: dict) -> dict:
+        """Write ``failure`` (``run_id``, ``reason``...: a run the grid gave up on, or one that raised)
+        as the run's ``failed.json``, with the time; return it, with ``failed_json``: the file's path,
+        or None when it could not be written (a full disk: the failure is still returned and reported,
+        with ``not_recorded``, why)."""
+        failure = {**failure, "status": "failed",
                    "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        path = self.run_dir(failure["run_id"]) / "failed.json"
         try:
-            atomic_write_json(self.run_dir(run_id) / "failed.json", failure)
-        except StoreError:
-            pass  # a full disk: the failure is still returned and reported
-        return failure
+            atomic_write_json(path, failure)
+        except (StoreError, OSError) as e:
+            return {**failure, "failed_json": None, "not_recorded": str(e)}
+        return {**failure, "failed_json": str(path)}
+
+    def read_failure(self, run_id: str) -> dict | None:
+        """The run's ``failed.json``, or None (none, or unreadable)."""
+        try:
+            rec = json.loads((self.run_dir(run_id) / "failed.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return rec if isinstance(rec, dict) else None
 
     def write_record(self, record: dict) -> Path:
         path = self.run_dir(record["run_id"]) / self.RECORD
