@@ -252,18 +252,27 @@ class _SacctNoise(logging.Filter):
 _ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT"}
 
 
-def _ended_jobs(job_ids: list[str]) -> set[str] | None:
-    """Which of these SLURM jobs (array tasks as ``123_4``) have ended, by squeue, which needs no
-    accounting: in an ended state or no longer listed. None when squeue cannot say."""
+def _job_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
+    """State and reason (why a pending job waits: ``Resources``, ``ReqNodeNotAvail``...) of these
+    SLURM jobs (array tasks as ``123_4``) by squeue, which needs no accounting; ``GONE`` for a job no
+    longer listed (ended). None when squeue cannot say."""
     try:
-        out = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i %T"], capture_output=True,
+        out = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%r"], capture_output=True,
                              text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode:
         return None
-    states = dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
-    return {j for j in job_ids if states.get(j, "GONE") in _ENDED | {"GONE"}}
+    rows = [line.split("|", 2) for line in out.stdout.splitlines()]
+    states = {r[0].strip(): (r[1].strip(), r[2].strip() if len(r) > 2 else "") for r in rows if len(r) >= 2}
+    return {j: states.get(j, ("GONE", "")) for j in job_ids}
+
+
+def _ended_jobs(job_ids: list[str]) -> set[str] | None:
+    """Which of these SLURM jobs have ended, by squeue: in an ended state or no longer listed. None
+    when squeue cannot say."""
+    states = _job_states(job_ids)
+    return None if states is None else {j for j, (st, _) in states.items() if st in _ENDED | {"GONE"}}
 
 
 @dataclasses.dataclass
@@ -536,7 +545,7 @@ def _run_submitit(sched: _Schedule, grid: Grid, store: ResultsStore, executor: s
                         if "gres" in str(e).lower() else "")
                 raise ExecutorError(f"SLURM refused the grid's jobs: {e}{hint}") from None
             pending = dict(zip(jobs_, wave))
-            _follow(pending, executor, sched.finished, poll_s)
+            _follow(pending, executor, sched.finished, poll_s, tell=lambda msg: say(sched.console, msg, "yellow"))
     except KeyboardInterrupt:
         cancel = [j for j in pending if not j.paths.result_pickle.exists()]
         for job in cancel:
@@ -548,22 +557,21 @@ def _run_submitit(sched: _Schedule, grid: Grid, store: ResultsStore, executor: s
         logging.getLogger("submitit").removeFilter(noise)
 
 
-def _follow(pending: dict, executor: str, finished, poll_s: float, squeue_every_s: float = 30.0) -> None:
+def _follow(pending: dict, executor: str, finished, poll_s: float, squeue_every_s: float = 30.0,
+            tell=None) -> None:
     """Wait for a wave's jobs; report each as it ends. On SLURM a job is over when its result file
     exists, or when squeue has shown it ended twice in a row (a job killed before it could write one:
     cancelled, out of memory, node failure); submitit's own check needs sacct, which clusters without
-    accounting do not have."""
-    last_squeue, gone_before = 0.0, set()
+    accounting do not have. Why jobs wait (SLURM's reason: a node down, resources) goes to ``tell``,
+    once, and again when it changes."""
+    watch, last_squeue = _Watch(tell or (lambda msg: None)), 0.0
     while pending:
         over = [j for j in pending if j.paths.result_pickle.exists()] if executor == "slurm" else \
             [j for j in pending if j.done()]
         lost = []
         if executor == "slurm" and time.time() - last_squeue >= squeue_every_s:
             last_squeue = time.time()
-            ended = _ended_jobs([j.job_id for j in pending if j not in over])
-            gone = ended or set()
-            lost = [j for j in pending if j.job_id in gone & gone_before and not j.paths.result_pickle.exists()]
-            gone_before = gone
+            lost = watch.poll([j for j in pending if j not in over])
         for job in over:
             p = pending.pop(job)
             try:
@@ -574,7 +582,52 @@ def _follow(pending: dict, executor: str, finished, poll_s: float, squeue_every_
         for job in lost:
             p = pending.pop(job)
             log = (job.stderr() or "").strip().splitlines()[-5:]
-            finished(p, _failure(p, f"SLURM job {job.job_id} ended without a result (cancelled, killed, node "
-                                    f"failure?); last lines of {job.paths.stderr}: " + " | ".join(log)))
+            finished(p, _failure(p, f"SLURM job {job.job_id} {watch.why_lost(job.job_id)}; last lines of "
+                                    f"{job.paths.stderr}: " + " | ".join(log)))
         if pending:
             time.sleep(poll_s)
+
+
+#: why a job ended without a result, by the last state squeue showed
+_LOST = {"CANCELLED": "was cancelled (scancel, or by an administrator)",
+         "TIMEOUT": "reached its time limit and was not requeued",
+         "DEADLINE": "reached its deadline", "OUT_OF_MEMORY": "ran out of memory (SLURM's memory limit)",
+         "NODE_FAIL": "lost its node (node failure)", "BOOT_FAIL": "could not boot its node",
+         "FAILED": "failed before the run could record a result"}
+
+
+class _Watch:
+    """What squeue says about a wave's jobs: which ended without a result (seen ended twice in a
+    row), the last state of each, and why pending jobs wait (told once, and when it changes)."""
+
+    def __init__(self, tell):
+        self.tell, self.gone_before, self.last, self.waiting = tell, set(), {}, {}
+
+    def poll(self, jobs: list) -> list:
+        """The jobs that ended without writing a result."""
+        states = _job_states([j.job_id for j in jobs])
+        if states is None:
+            self.gone_before = set()
+            return []
+        self._tell_waiting(states)
+        self.last.update({j: st for j, (st, _) in states.items() if st != "GONE"})
+        gone = {j for j, (st, _) in states.items() if st in _ENDED | {"GONE"}}
+        lost = [j for j in jobs if j.job_id in gone & self.gone_before and not j.paths.result_pickle.exists()]
+        self.gone_before = gone
+        return lost
+
+    def why_lost(self, job_id: str) -> str:
+        state = self.last.get(job_id)
+        return _LOST.get(state) or (f"ended without a result (last seen {state}, then no longer in squeue: "
+                                    f"cancelled, killed, node failure?)" if state else
+                                    "ended without a result (cancelled, killed, node failure?)")
+
+    def _tell_waiting(self, states: dict) -> None:
+        waiting = {j: reason for j, (st, reason) in states.items() if st == "PENDING" and reason}
+        changed: dict[str, list[str]] = {}
+        for j, reason in waiting.items():
+            if self.waiting.get(j) != reason:
+                changed.setdefault(reason, []).append(j)
+        self.waiting = waiting
+        for reason, ids in changed.items():
+            self.tell(f"SLURM: {len(ids)} job(s) wait ({reason}): {', '.join(ids)}")

@@ -64,3 +64,76 @@ def test_a_dead_worker_costs_only_its_run(tmp_path, data_cache, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "(1 already complete, 2 to run)" in r.output, r.output
     assert not list((tmp_path / "results").glob("runs/*/failed.json"))
+
+
+class FakeJob:
+    """A submitit job as _follow sees it: an id, its paths (no result file: killed before it wrote one)."""
+
+    def __init__(self, job_id, folder: Path):
+        import submitit
+
+        self.job_id = job_id
+        self.paths = submitit.core.utils.JobPaths(folder, job_id=job_id, task_id=0)
+
+    def stderr(self):
+        return "slurmstepd: error: *** JOB CANCELLED ***"
+
+
+def _fake_squeue(tmp_path, monkeypatch, lines: str) -> None:
+    from test_executor import fake_command
+
+    fake_command(tmp_path, monkeypatch, "squeue", f"cat {tmp_path / 'squeue.out'}\n")
+    (tmp_path / "squeue.out").write_text(lines)
+
+
+def test_a_cancelled_teacher_and_its_student_are_remembered(tmp_path, monkeypatch):
+    """scancel of a teacher's job: the teacher (cancelled) and its student (teacher failed) each get
+    a failed.json with the reason, which `results --failed` and the report show."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from harness.report import _missing
+    from harness.runner import RunSpec
+    from harness.store import ResultsStore
+
+    store = ResultsStore(tmp_path / "results")
+    teacher = SimpleNamespace(run_id="teacher-g4-aaa", spec=RunSpec("teacher-g4", seed=0),
+                              all_run_ids=lambda: ["teacher-g4-aaa"])
+    student = SimpleNamespace(run_id="student-bbb", spec=RunSpec("student-logits", seed=0),
+                              all_run_ids=lambda: ["teacher-g4-aaa", "student-bbb"])
+    result = E.GridResult([teacher.run_id, student.run_id], [], [], 0)
+    console = Console(file=open(os.devnull, "w"))
+    from harness.console import progress_bar
+
+    with progress_bar(console) as progress:
+        sched = E._Schedule("g", [teacher, student], {student.run_id}, result, console, progress, store=store)
+        assert sched.ready() == [teacher]
+        sched.start(teacher)
+        _fake_squeue(tmp_path, monkeypatch, "41_0|CANCELLED|None\n")
+        E._follow({FakeJob("41_0", tmp_path): teacher}, "slurm", sched.finished, poll_s=0, squeue_every_s=0)
+        assert sched.ready() == []  # the student is given up on: its teacher failed
+    t, s = store.read_failure(teacher.run_id), store.read_failure(student.run_id)
+    assert "SLURM job 41_0 was cancelled" in t["reason"] and "JOB CANCELLED" in t["reason"]
+    assert "teacher run teacher-g4 seed 0 (teacher-g4-aaa) failed" in s["reason"]
+    assert s["spec"]["variant"] == "student-logits" and s["failed_at"]
+    assert [f["run_id"] for f in result.failed] == [teacher.run_id, student.run_id]
+    listed = cli.invoke(ablate.app, ["results", "--results", str(store.root), "--failed"]).output
+    assert "was cancelled" in listed and "teacher run teacher-g4" in listed, listed
+    assert "(failed: teacher run teacher-g4 seed 0" in _missing(store, student.run_id)
+
+
+def test_why_slurm_jobs_wait_is_told_once_and_when_it_changes(tmp_path, monkeypatch):
+    told = []
+    watch = E._Watch(told.append)
+    jobs = [FakeJob("50_0", tmp_path), FakeJob("50_1", tmp_path)]
+    down = "Nodes required for job are DOWN, DRAINED or reserved for jobs in higher priority partitions"
+    _fake_squeue(tmp_path, monkeypatch, f"50_0|PENDING|{down}\n50_1|PENDING|{down}\n")
+    assert watch.poll(jobs) == [] and watch.poll(jobs) == []
+    assert told == [f"SLURM: 2 job(s) wait ({down}): 50_0, 50_1"]  # once, not at every poll
+    _fake_squeue(tmp_path, monkeypatch, "50_0|RUNNING|None\n50_1|PENDING|Resources\n")
+    watch.poll(jobs)
+    assert told[1:] == ["SLURM: 1 job(s) wait (Resources): 50_1"]
+    _fake_squeue(tmp_path, monkeypatch, "50_1|RUNNING|None\n")  # 50_0 gone (twice) without a result: lost
+    assert watch.poll(jobs) == [] and watch.poll(jobs) == [jobs[0]] and len(told) == 2
+    assert "last seen RUNNING" in watch.why_lost("50_0")
