@@ -45,7 +45,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_output(path: str | Path, nbytes: int | None = None) -> Iterator[Path]:
     """A temporary path beside ``path`` to write in any way (a numpy memory map, ...); when the
     block ends without an exception the file is fsynced and renamed onto ``path`` (atomic on
-    POSIX: readers see the old file or the whole new one); otherwise it is removed. A full disk or
+    POSIX: readers see the old file or the whole new one); otherwise it is removed. The file's mode
+    is what a plain ``open(path, "w")`` would give (0o666 less the umask). A full disk or
     a read-only directory becomes a :class:`StoreError` naming ``path`` (``nbytes``: what was
     being written, for the message). Temporaries are named ``.{name}.*.tmp``: a process killed
     midway leaves one, which the owner of the directory may delete."""
@@ -54,6 +55,7 @@ def atomic_output(path: str | Path, nbytes: int | None = None) -> Iterator[Path]
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it owner-only; a plain write honours the umask
     except OSError as e:
         raise _store_error(path, nbytes, e) from None
     try:
@@ -69,6 +71,19 @@ def atomic_output(path: str | Path, nbytes: int | None = None) -> Iterator[Path]
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
             raise _store_error(path, nbytes, e) from None
         raise
+
+
+def current_umask() -> int:
+    """This process's umask: from /proc (Linux; reading it changes nothing), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _store_error(path: Path, nbytes: int | None, e: OSError) -> Exception:

@@ -137,3 +137,24 @@ def test_why_slurm_jobs_wait_is_told_once_and_when_it_changes(tmp_path, monkeypa
     _fake_squeue(tmp_path, monkeypatch, "50_1|RUNNING|None\n")  # 50_0 gone (twice) without a result: lost
     assert watch.poll(jobs) == [] and watch.poll(jobs) == [jobs[0]] and len(told) == 2
     assert "last seen RUNNING" in watch.why_lost("50_0")
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    """Records, weights, reports... are written through atomic_output: group members of a shared
+    cluster read them when the umask lets them, as with a plain write (mkstemp alone gives 0600)."""
+    import stat
+
+    from harness.store import atomic_torch_save, atomic_write_json
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_json(tmp_path / "record.json", {"run_id": "x"})
+        atomic_torch_save(tmp_path / "best.pt", {"w": 1})
+        os.umask(0o002)
+        atomic_write_json(tmp_path / "g.json", {})
+        (tmp_path / "plain").write_text("")
+    finally:
+        os.umask(old)
+    mode = lambda name: stat.S_IMODE((tmp_path / name).stat().st_mode)  # noqa: E731
+    assert mode("record.json") == mode("best.pt") == 0o640
+    assert mode("g.json") == mode("plain") == 0o664
