@@ -89,8 +89,8 @@ def current_umask() -> int:
 def _store_error(path: Path, nbytes: int | None, e: OSError) -> Exception:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         size = f"writing {nbytes:,} bytes" if nbytes is not None else "while writing"
-        return StoreError(f"{path}: no space left on the device ({size}); free some space and "
-                          f"run the same command again: completed epochs and runs are kept")
+        return StoreError(f"{path}: no space left on the device ({size}); this file was not written (an earlier "
+                          f"version, if any, is unchanged)")
     if e.errno in (errno.EACCES, errno.EROFS):
         return StoreError(f"{path}: cannot write here ({e.strerror})")
     return e

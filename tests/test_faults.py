@@ -158,3 +158,55 @@ def test_atomic_writes_honour_the_umask(tmp_path):
     mode = lambda name: stat.S_IMODE((tmp_path / name).stat().st_mode)  # noqa: E731
     assert mode("record.json") == mode("best.pt") == 0o640
     assert mode("g.json") == mode("plain") == 0o664
+
+
+def _full_disk(monkeypatch, under: str = "") -> None:
+    """ENOSPC from every atomic write (they fsync before the rename) of a file whose path has ``under``."""
+    import errno
+
+    fsync = os.fsync
+
+    def full(fd):
+        if under not in os.readlink(f"/proc/self/fd/{fd}"):
+            return fsync(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+
+
+def test_a_grid_given_as_a_path_gets_hints_that_work_and_a_full_disk_one_error_line(tmp_path, data_cache,
+                                                                                    monkeypatch):
+    import shlex
+
+    grid = tmp_path / "my grid.toml"
+    grid.write_text('data = "synthetic:tiny"\nvariants = ["question-only"]\nseeds = [0]\n'
+                    '[train]\nepochs = 1\nbatch_size = 512\n')
+    results, reports = tmp_path / "res", tmp_path / "rep"
+    r = cli.invoke(ablate.app, ["--grid", str(grid), "--device", "cpu", "--results", str(results),
+                                "--reports", str(reports)])
+    assert r.exit_code == 0, r.output
+    header = (reports / "my grid.md").read_text().splitlines()[2]
+    command = shlex.split(header.split("`")[1])
+    assert command[:4] == ["python", "ablate.py", "report", "--grid"] and command[4] == str(grid), header
+    again = cli.invoke(ablate.app, command[2:])  # the header's command regenerates the report
+    assert again.exit_code == 0 and "report:" in again.output, again.output
+    r = cli.invoke(ablate.app, ["report", "--grid", str(grid), "--results", str(results), "--reports",
+                                str(reports), "--seeds", "0,1"])
+    hint = r.output.replace("\n", "").split("(run `")[1].split("`")[0]
+    assert shlex.split(hint) == ["python", "ablate.py", "--grid", str(grid), "--results", str(results),
+                                 "--seeds", "0,1"], r.output
+    _full_disk(monkeypatch)
+    r = cli.invoke(ablate.app, command[2:])
+    out = r.output.replace("\n", "")
+    assert r.exit_code == 2 and "Traceback" not in r.output and r.output.count("error:") == 1, r.output
+    assert "no space left on the device" in out and str(reports) in out and "report was not written" in out
+    assert "completed epochs" not in out
+
+
+def test_a_failure_that_cannot_be_recorded_is_not_claimed(tmp_path, tiny, monkeypatch):
+    _full_disk(monkeypatch, under=f"{tmp_path}/runs/")  # the data set's info is written; the run's files not
+    r = cli.invoke(ablate.app, ["run", "question-only", "--epochs", "1", "--batch-size", "512", "--results",
+                                str(tmp_path), "--device", "cpu"])
+    assert r.exit_code == 2 and "no space left on the device" in r.output, r.output
+    assert "failure recorded in" not in r.output and "the failure was not recorded either" in r.output
+    assert not list(tmp_path.glob("runs/*/failed.json"))
