@@ -102,6 +102,9 @@ def main(
     array_parallelism: Optional[int] = typer.Option(None, min=1, help="SLURM jobs running at a time \\[default: the "
                                                     "grid's executor.array_parallelism, else --jobs]."),
     mode: str = typer.Option("auto", help="Feature loading: memory, stream or auto."),
+    refuse_damaged: bool = typer.Option(False, "--refuse-damaged", help="Stop when a complete teacher run's "
+                                        "weights are damaged (size or SHA-1 unlike what was written) instead of "
+                                        "setting it aside and retraining it."),
 ):
     """Run an ablation grid (--grid), or one of the commands below."""
     if ctx.invoked_subcommand is not None:
@@ -134,7 +137,7 @@ def main(
     store = ResultsStore(results)
     try:
         res = run_grid(g, store, executor=ex, jobs=jobs or int(g.executor.get("jobs", 1)), device=device, mode=mode,
-                       console=console, slurm=slurm)
+                       console=console, slurm=slurm, refuse_damaged=refuse_damaged)
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
@@ -285,6 +288,8 @@ def run(
     no_teacher_cache: bool = typer.Option(False, "--no-teacher-cache", help="A distilled student runs its "
                                           "teachers every step instead of reading their outputs, computed once, "
                                           "from results/runs/<teacher run>/teacher_outputs/ (the same training)."),
+    refuse_damaged: bool = typer.Option(False, "--refuse-damaged", help="Stop when a complete run (the teachers "
+                                        "included) has damaged weights instead of setting it aside and retraining."),
 ):
     """Train and evaluate one variant; print its per-question-type accuracy table."""
     import variants
@@ -303,8 +308,9 @@ def run(
         variants.get_config(variant, **spec.overrides)
         ds = D.load(data, mode=feature_mode(spec, mode))
         run_id = plan(spec, ds).run_id
-        reused = store.is_complete(run_id) and not force
-        record = train(spec, store, data=ds, device=device, force=force, teacher_cache=not no_teacher_cache)
+        reused = not force and store.usable(run_id, refuse_damaged)  # damaged weights: set aside, retrained
+        record = train(spec, store, data=ds, device=device, force=force, teacher_cache=not no_teacher_cache,
+                       refuse_damaged=refuse_damaged)
     except user_errors() as e:
         error(console, e)
         if run_id is not None and store.run_dir(run_id).exists():  # the run started: record why it failed

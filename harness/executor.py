@@ -364,10 +364,12 @@ class _Schedule:
 
 def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: int = 1, device: str = "auto",
              mode: str = "auto", console: Console | None = None, slurm: dict | None = None,
-             poll_s: float = 2.0) -> GridResult:
+             poll_s: float = 2.0, refuse_damaged: bool = False) -> GridResult:
     """Run the grid's runs that are not complete, with the teacher runs they need that are not
     (each once, before its students): in this process (``local``, ``jobs`` 1), in ``jobs`` worker
-    processes (``local``), or as submitit job arrays (``slurm``, ``submitit-local``)."""
+    processes (``local``), or as submitit job arrays (``slurm``, ``submitit-local``). A complete
+    teacher run whose weights are damaged is set aside and retrained before its students (with
+    ``refuse_damaged``: DamagedRun, before anything trains)."""
     console = console or make_console(stderr=True)
     info = D.describe(grid.data)  # run ids from the data set's info: no feature is read here
     store.write_data_info(info.to_dict())
@@ -375,7 +377,9 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     check_plans(plans)  # every student's losses read outputs its teachers produce: checked before anything trains
     every = list({q.run_id: q for p in plans for q in p.all_plans()}.values())  # teachers first, each once
     own = {p.run_id for p in plans}
-    todo = [p for p in every if not store.is_complete(p.run_id)]
+    teacher_ids = {t.run_id for p in every for t in p.teachers}  # their weights are checked before reuse
+    todo = [p for p in every if not (store.usable(p.run_id, refuse_damaged) if p.run_id in teacher_ids
+                                     else store.is_complete(p.run_id))]
     todo_own = sum(p.run_id in own for p in todo)
     teachers = [p for p in every if p.run_id not in own]
     say(console, f"grid {grid.name}: {len(plans)} runs on {grid.data} ({len(plans) - todo_own} already complete, "

@@ -35,6 +35,14 @@ class StoreError(HarnessError, OSError):
     """The results store cannot be written (a full disk, no permission); the message names the path."""
 
 
+class DamagedRun(StoreError):
+    """A complete run's files are damaged (weights truncated or changed) and may not be reused."""
+
+
+#: a run's weights, as a student's teacher and for the final evaluation; their size and SHA-1 are in its record
+WEIGHTS = "best.pt"
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_output(path, nbytes=len(data)) as tmp:
         with open(tmp, "wb") as f:
@@ -114,10 +122,20 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n").encode())
 
 
-def atomic_torch_save(path: str | Path, obj: Any) -> None:
+def atomic_torch_save(path: str | Path, obj: Any) -> dict:
+    """Save ``obj`` with torch.save, atomically; returns the size and SHA-1 of what was written
+    (recorded with a run's weights, checked before they are used: :meth:`ResultsStore.usable`)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return {"nbytes": len(data), "sha1": hashlib.sha1(data).hexdigest()}
+
+
+def file_digest(path: str | Path) -> dict:
+    """Size and SHA-1 of a file, as :func:`atomic_torch_save` returns them for what it wrote."""
+    with open(path, "rb") as f:
+        return {"nbytes": os.fstat(f.fileno()).st_size, "sha1": hashlib.file_digest(f, "sha1").hexdigest()}
 
 
 def _json_default(o):
@@ -165,6 +183,55 @@ class ResultsStore:
             warnings.warn(f"{path}: damaged record ({e}); kept as {aside.name}, the run counts as incomplete "
                           f"and will be redone", stacklevel=3)
             return None
+
+    def weights_problem(self, run_id: str, record: dict | None = None) -> str | None:
+        """What is wrong with a complete run's weights (missing, or their size or SHA-1 differs from
+        what its record says was written), or None. A record from before checksums: only missing."""
+        rec = record or self.read_record(run_id)
+        path = self.run_dir(run_id) / WEIGHTS
+        if not path.is_file():
+            return f"{path} is missing"
+        want = (rec.get("weights") or {}).get(WEIGHTS)
+        if not want:
+            return None
+        have = file_digest(path)
+        if have["nbytes"] != want["nbytes"]:
+            return f"{path} has {have['nbytes']:,} bytes, {want['nbytes']:,} were written (truncated or replaced)"
+        if have["sha1"] != want["sha1"]:
+            return f"{path}: SHA-1 {have['sha1'][:12]} differs from the {want['sha1'][:12]} written (damaged)"
+        return None
+
+    def usable(self, run_id: str, refuse: bool = False) -> bool:
+        """Whether a run is complete with intact weights, checked before anything reuses it. A damaged
+        one is set aside (its record, weights and state renamed ``*.damaged-<time>``, with a warning
+        naming them) and counts as incomplete, so it is retrained; with ``refuse``, DamagedRun."""
+        rec = self._load(self.run_dir(run_id) / self.RECORD)
+        if rec is None:
+            return False
+        problem = self.weights_problem(run_id, rec)
+        if problem is None:
+            return True
+        if refuse:
+            raise DamagedRun(f"run {run_id} is complete but damaged: {problem}; refused (--refuse-damaged): "
+                             f"without the flag it is set aside and retrained")
+        self.set_aside(run_id, problem)
+        return False
+
+    def set_aside(self, run_id: str, problem: str) -> list[str]:
+        """Rename a damaged run's record, weights and training state ``NAME.damaged-<time>`` so that it
+        is retrained from scratch; warn naming them; returns the new names."""
+        stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}"
+        moved = []
+        for name in (self.RECORD, WEIGHTS, "state.pt"):
+            path = self.run_dir(run_id) / name
+            try:
+                os.replace(path, path.with_name(f"{name}.damaged-{stamp}"))
+                moved.append(f"{name}.damaged-{stamp}")
+            except FileNotFoundError:
+                pass
+        warnings.warn(f"run {run_id}: {problem}; set aside in {self.run_dir(run_id)} as {', '.join(moved) or '-'}: "
+                      f"the run counts as incomplete and is retrained", stacklevel=2)
+        return moved
 
     def write_failure(self, run_id: str, info: dict, exc: BaseException) -> dict:
         """Record why a run failed (``failed.json``: reason, traceback, time) and return it."""

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import torch
 from typer.testing import CliRunner
 
 import ablate
@@ -210,3 +211,43 @@ def test_a_failure_that_cannot_be_recorded_is_not_claimed(tmp_path, tiny, monkey
     assert r.exit_code == 2 and "no space left on the device" in r.output, r.output
     assert "failure recorded in" not in r.output and "the failure was not recorded either" in r.output
     assert not list(tmp_path.glob("runs/*/failed.json"))
+
+
+def test_a_damaged_teacher_is_set_aside_and_retrained_or_refused(tmp_path, tiny):
+    """A truncated teacher best.pt: its students' reruns do not die in torch.load forever; the grid
+    sets the teacher aside (named) and retrains it first, or, asked to, refuses naming the file."""
+    import pytest
+
+    from harness import grid as G
+    from harness.runner import RunSpec, _frozen_teacher, train
+    from harness.store import DamagedRun, ResultsStore, file_digest
+
+    store = ResultsStore(tmp_path / "results")
+    spec = RunSpec("student-logits", epochs=1, batch_size=512, seed=3)
+    rec = train(spec, store, data=tiny, device="cpu", progress=False)
+    tid = rec["teacher_runs"][0]
+    weights = store.run_dir(tid) / "best.pt"
+    assert store.read_record(tid)["weights"]["best.pt"] == file_digest(weights)  # recorded at write
+
+    def damage():
+        weights.write_bytes(weights.read_bytes()[:1000])
+        (store.run_dir(rec["run_id"]) / "record.json").unlink()  # the student is to be (re)trained
+
+    damage()
+    grid = tmp_path / "g.toml"
+    grid.write_text('data = "synthetic:tiny"\nvariants = ["student-logits"]\nseeds = [3]\n'
+                    '[train]\nepochs = 1\nbatch_size = 512\n')
+    with pytest.raises(DamagedRun, match=r"best.pt has 1,000 bytes, [\d,]+ were written"):
+        E.run_grid(G.load(str(grid)), store, device="cpu", refuse_damaged=True)
+    assert store.is_complete(tid)  # refused: nothing was touched
+    with pytest.warns(UserWarning, match=rf"run {tid}: .*best.pt has 1,000 bytes.*set aside"):
+        res = E.run_grid(G.load(str(grid)), store, device="cpu")
+    assert not res.failed and res.teachers_complete == [tid] and res.complete == [rec["run_id"]]
+    assert list(store.run_dir(tid).glob("best.pt.damaged-*")) and store.usable(tid)
+    old = store.read_record(tid)
+    old.pop("weights")  # a record from before checksums: the load itself names the file
+    weights.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DamagedRun, match=rf"{tid}.*best.pt cannot be read"), pytest.warns(UserWarning,
+                                                                                        match="set aside"):
+        _frozen_teacher(store, old, torch.device("cpu"))
+    assert not store.is_complete(tid)  # set aside: retrained by the next run
