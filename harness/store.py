@@ -6,7 +6,10 @@ A run directory holds ``record.json`` (written once, atomically, when the run is
 also holds ``teacher_outputs/``, its outputs on a data set's training split computed once for the
 students that distil from it (:mod:`harness.teacher_cache`).
 A run killed midway therefore never leaves a partial record: either ``record.json`` exists and
-is complete, or the run is resumed from ``state.pt`` when started again.
+is complete, or the run is resumed from ``state.pt`` when started again. The record holds the size
+and SHA-1 of ``best.pt`` as written; a run whose weights no longer match is set aside and retrained
+before anything reuses them (:meth:`ResultsStore.usable`). A run that failed, or that a grid gave up
+on, has ``failed.json`` (the reason). Files are written atomically, with the mode the umask gives.
 """
 from __future__ import annotations
 
