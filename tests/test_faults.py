@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -36,6 +37,37 @@ def _faulty_run_one(spec, results, device="auto", mode="auto"):
     return run_one(spec, results, device, mode)
 
 
+def _kill_seed_1(spec, results, device="auto", mode="auto"):
+    """A worker's run that does not train: seed 1 kills its worker (SIGKILL), the others complete."""
+    if spec["seed"] == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"run_id": f"r{spec['seed']}", "variant": spec["variant"], "seed": spec["seed"], "status": "complete",
+            "test_acc": 50.0}
+
+
+def test_a_worker_killed_by_a_signal_is_replaced_and_the_others_go_on(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from harness.console import progress_bar
+    from harness.runner import RunSpec
+    from harness.store import ResultsStore
+
+    monkeypatch.setattr(E, "run_one", _kill_seed_1)
+    store = ResultsStore(tmp_path / "results")
+    plans = [SimpleNamespace(run_id=f"r{s}", spec=RunSpec("question-only", seed=s), all_run_ids=(lambda s=s: [f"r{s}"]))
+             for s in range(4)]
+    result = E.GridResult([p.run_id for p in plans], [], [], 0)
+    console = Console(file=open(os.devnull, "w"))
+    with progress_bar(console) as progress:
+        sched = E._Schedule("g", plans, {p.run_id for p in plans}, result, console, progress, store=store)
+        E._run_pool(sched, store, 2, "cpu", "auto")
+    assert sorted(result.complete) == ["r0", "r2", "r3"] and [f["run_id"] for f in result.failed] == ["r1"]
+    assert "killed by signal SIGKILL" in store.read_failure("r1")["reason"]
+
+
+@pytest.mark.slow
 def test_a_dead_worker_costs_only_its_run(tmp_path, data_cache, monkeypatch):
     faults = tmp_path / "faults"
     faults.mkdir()
@@ -216,8 +248,6 @@ def test_a_failure_that_cannot_be_recorded_is_not_claimed(tmp_path, tiny, monkey
 def test_a_damaged_teacher_is_set_aside_and_retrained_or_refused(tmp_path, tiny):
     """A truncated teacher best.pt: its students' reruns do not die in torch.load forever; the grid
     sets the teacher aside (named) and retrains it first, or, asked to, refuses naming the file."""
-    import pytest
-
     from harness import grid as G
     from harness.runner import RunSpec, _frozen_teacher, train
     from harness.store import DamagedRun, ResultsStore, file_digest
