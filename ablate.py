@@ -412,7 +412,7 @@ def _list_unfinished(store, failed: bool) -> None:
             continue
         f = d / "failed.json"
         if failed and f.is_file():
-            t.add_row(d.name, json.loads(f.read_text()).get("reason", "?"))
+            t.add_row(d.name, str((store.read_failure(d.name) or {}).get("reason", "? (failed.json unreadable)")))
             n += 1
         elif not failed and not f.is_file():
             epochs = "-"
