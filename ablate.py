@@ -105,6 +105,9 @@ def main(
     reuse_other_code: bool = typer.Option(True, help="Reuse complete runs computed by other code than this "
                                           "checkout's (their records' code fingerprint; the grid says how many); "
                                           "--no-reuse-other-code trains them again."),
+    refuse_damaged: bool = typer.Option(False, "--refuse-damaged", help="Stop when a complete teacher run's "
+                                        "weights are damaged (size or SHA-1 unlike what was written) instead of "
+                                        "setting it aside and retraining it."),
 ):
     """Run an ablation grid (--grid), or one of the commands below."""
     if ctx.invoked_subcommand is not None:
@@ -137,18 +140,23 @@ def main(
     store = ResultsStore(results)
     try:
         res = run_grid(g, store, executor=ex, jobs=jobs or int(g.executor.get("jobs", 1)), device=device, mode=mode,
-                       console=console, slurm=slurm, reuse_other_code=reuse_other_code)
+                       console=console, slurm=slurm, reuse_other_code=reuse_other_code,
+                       refuse_damaged=refuse_damaged)
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
     if res.interrupted:
         raise typer.Exit(130)
     _measure_costs(store, res.run_ids, device)
-    _write_report(store, g, reports, res.run_ids)
+    reported = _write_report(store, g, reports, res.run_ids,
+                             regenerate=_command("report", grid=grid, results=results, reports=reports, data=data,
+                                                 seeds=seeds))
     if res.failed:
         say(console, f"{len(res.failed)} run(s) failed: " + "; ".join(
             f"{f['variant']} seed {f['seed']}: {f['reason']}" for f in res.failed), "red")
         raise typer.Exit(1)
+    if not reported:
+        raise typer.Exit(2)
 
 
 def _measure_costs(store, run_ids: list[str], device: str) -> None:
@@ -161,15 +169,36 @@ def _measure_costs(store, run_ids: list[str], device: str) -> None:
         say(console, f"inference cost measured for {n} configuration(s), one at a time")
 
 
-def _write_report(store, g, reports: str, run_ids: list[str]) -> None:
+def _command(sub: str | None = None, **options) -> str:
+    """The ablate.py command line that does ``sub`` with these options (those that differ from the
+    defaults), quoted for a shell: what a hint or a report header tells the user to run."""
+    import shlex
+
+    defaults = {"results": "results", "reports": "reports"}
+    words = ["python", "ablate.py", *([sub] if sub else [])]
+    for k, v in options.items():
+        if v is not None and v != defaults.get(k):
+            words += [f"--{k.replace('_', '-')}", str(v)]
+    return shlex.join(words)
+
+
+def _write_report(store, g, reports: str, run_ids: list[str], regenerate: str) -> bool:
+    """Write the grid's report (its header names ``regenerate``, the command that writes it again);
+    False (with one error line) when it cannot be written."""
     from harness.report import write_report
 
-    complete = [r for r in run_ids if store.is_complete(r)]
-    if not complete:
+    if not any(store.is_complete(r) for r in run_ids):
         say(console, "no complete run: no report written")
-        return
-    path = write_report(store, g.name, run_ids=complete, out_dir=reports, grid_file=str(g.path))
+        return True
+    try:
+        path = write_report(store, g.name, run_ids=run_ids, out_dir=reports, grid_file=str(g.path),
+                            command=regenerate)
+    except user_errors() as e:
+        error(console, f"{e}; the report was not written (the results store is unchanged: every complete run is "
+                       f"kept); free some space and run `{regenerate}`")
+        return False
     say(console, f"report: {path}")
+    return True
 
 
 @app.command()
@@ -194,8 +223,11 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
     missing = [r for r in ids if not store.is_complete(r)]
     if missing:
         say(console, f"{len(missing)} of {len(ids)} runs are not complete; the report covers the rest "
-                     f"(run `python ablate.py --grid {grid}` to finish them)", "yellow")
-    _write_report(store, g, reports, ids)
+                     f"(run `{_command(grid=grid, results=results, data=data, seeds=seeds)}` to finish them)",
+            "yellow")
+    if not _write_report(store, g, reports, ids, _command("report", grid=grid, results=results, reports=reports,
+                                                           data=data, seeds=seeds)):
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -271,6 +303,8 @@ def run(
     no_teacher_cache: bool = typer.Option(False, "--no-teacher-cache", help="A distilled student runs its "
                                           "teachers every step instead of reading their outputs, computed once, "
                                           "from results/runs/<teacher run>/teacher_outputs/ (the same training)."),
+    refuse_damaged: bool = typer.Option(False, "--refuse-damaged", help="Stop when a complete run (the teachers "
+                                        "included) has damaged weights instead of setting it aside and retraining."),
 ):
     """Train and evaluate one variant; print its per-question-type accuracy table."""
     import variants
@@ -289,13 +323,13 @@ def run(
         variants.get_config(variant, **spec.overrides)
         ds = D.load(data, mode=feature_mode(spec, mode))
         run_id = plan(spec, ds).run_id
-        reused = store.is_complete(run_id) and not force
-        record = train(spec, store, data=ds, device=device, force=force, teacher_cache=not no_teacher_cache)
+        reused = not force and store.usable(run_id, refuse_damaged)  # damaged weights: set aside, retrained
+        record = train(spec, store, data=ds, device=device, force=force, teacher_cache=not no_teacher_cache,
+                       refuse_damaged=refuse_damaged)
     except user_errors() as e:
         error(console, e)
         if run_id is not None and store.run_dir(run_id).exists():  # the run started: record why it failed
-            store.write_failure(run_id, {"variant": variant, "seed": seed}, e)
-            say(console, f"failure recorded in {store.run_dir(run_id) / 'failed.json'}")
+            _record_failure(store, run_id, {"variant": variant, "seed": seed}, e)
         raise typer.Exit(2)
     _measure_costs(store, [record["run_id"]], device)
     if reused:
@@ -309,6 +343,18 @@ def run(
     for t in record.get("teachers", []):
         say(console, f"teacher {t['variant']}: run {t['run_id']}, {t['params']:,} parameters, "
                      f"test accuracy {t['test_acc']:.2f}")
+
+
+def _record_failure(store, run_id: str, info: dict, e: Exception) -> None:
+    """Record why a run failed and say where, or that it could not be; say what was kept."""
+    failure = store.write_failure(run_id, info, e)
+    if failure.get("failed_json"):
+        say(console, f"failure recorded in {failure['failed_json']}")
+    else:
+        say(console, f"the failure was not recorded either: {failure.get('not_recorded')}", "red")
+    state = store.run_dir(run_id) / "state.pt"
+    if state.is_file():
+        say(console, f"the epochs completed so far are kept in {state}: the same command resumes from there")
 
 
 @app.command("list")
@@ -420,7 +466,7 @@ def _list_unfinished(store, failed: bool) -> None:
             continue
         f = d / "failed.json"
         if failed and f.is_file():
-            t.add_row(d.name, json.loads(f.read_text()).get("reason", "?"))
+            t.add_row(d.name, str((store.read_failure(d.name) or {}).get("reason", "? (failed.json unreadable)")))
             n += 1
         elif not failed and not f.is_file():
             epochs = "-"

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import connection as mp_connection
 from pathlib import Path
 
 import submitit
@@ -253,18 +253,27 @@ class _SacctNoise(logging.Filter):
 _ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT"}
 
 
-def _ended_jobs(job_ids: list[str]) -> set[str] | None:
-    """Which of these SLURM jobs (array tasks as ``123_4``) have ended, by squeue, which needs no
-    accounting: in an ended state or no longer listed. None when squeue cannot say."""
+def _job_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
+    """State and reason (why a pending job waits: ``Resources``, ``ReqNodeNotAvail``...) of these
+    SLURM jobs (array tasks as ``123_4``) by squeue, which needs no accounting; ``GONE`` for a job no
+    longer listed (ended). None when squeue cannot say."""
     try:
-        out = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i %T"], capture_output=True,
+        out = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%r"], capture_output=True,
                              text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode:
         return None
-    states = dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
-    return {j for j in job_ids if states.get(j, "GONE") in _ENDED | {"GONE"}}
+    rows = [line.split("|", 2) for line in out.stdout.splitlines()]
+    states = {r[0].strip(): (r[1].strip(), r[2].strip() if len(r) > 2 else "") for r in rows if len(r) >= 2}
+    return {j: states.get(j, ("GONE", "")) for j in job_ids}
+
+
+def _ended_jobs(job_ids: list[str]) -> set[str] | None:
+    """Which of these SLURM jobs have ended, by squeue: in an ended state or no longer listed. None
+    when squeue cannot say."""
+    states = _job_states(job_ids)
+    return None if states is None else {j for j, (st, _) in states.items() if st in _ENDED | {"GONE"}}
 
 
 @dataclasses.dataclass
@@ -299,6 +308,7 @@ class _Schedule:
     progress: Progress
     running: dict = dataclasses.field(default_factory=dict)
     task: int = 0
+    store: ResultsStore | None = None  # where the failures the grid gives up on are recorded (failed.json)
 
     def __post_init__(self) -> None:
         self.pending = list(self.todo)
@@ -328,6 +338,8 @@ class _Schedule:
             say(self.console, f"done {out['variant']} seed {out['seed']}: test {out['test_acc']:.2f}% ({out['run_id']})",
                 "green")
         else:
+            if self.store is not None and "failed_at" not in out:  # given up here, not recorded by run_one
+                out = self.store.record_failure({**out, "run_id": p.run_id, "spec": self.specs[p.run_id]})
             self.result.failed.append(out)
             self.failed_plans[p.run_id] = p
             say(self.console, f"failed {out['variant']} seed {out['seed']}: {out['reason']}", "red")
@@ -353,12 +365,14 @@ class _Schedule:
 
 def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: int = 1, device: str = "auto",
              mode: str = "auto", console: Console | None = None, slurm: dict | None = None,
-             poll_s: float = 2.0, reuse_other_code: bool = True) -> GridResult:
+             poll_s: float = 2.0, reuse_other_code: bool = True, refuse_damaged: bool = False) -> GridResult:
     """Run the grid's runs that are not complete, with the teacher runs they need that are not
     (each once, before its students): in this process (``local``, ``jobs`` 1), in ``jobs`` worker
     processes (``local``), or as submitit job arrays (``slurm``, ``submitit-local``).
     ``reuse_other_code=False``: complete runs computed by other code than this checkout's (their
-    records' code fingerprint) are trained again; either way the header says how many there are."""
+    records' code fingerprint) are trained again; either way the header says how many there are. A
+    complete teacher run whose weights are damaged is set aside and retrained before its students
+    (with ``refuse_damaged``: DamagedRun, before anything trains)."""
     console = console or make_console(stderr=True)
     info = D.describe(grid.data)  # run ids from the data set's info: no feature is read here
     store.write_data_info(info.to_dict())
@@ -368,8 +382,11 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     check_plans(plans)  # every student's losses read outputs its teachers produce: checked before anything trains
     every = list({q.run_id: q for p in plans for q in p.all_plans()}.values())  # teachers first, each once
     own = {p.run_id for p in plans}
-    other = [p.run_id for p in every if store.is_complete(p.run_id) and stale(store, p.run_id, code)]
-    todo = [p for p in every if not store.is_complete(p.run_id) or (not reuse_other_code and p.run_id in other)]
+    teacher_ids = {t.run_id for p in every for t in p.teachers}  # their weights are checked before reuse
+    done = {p.run_id for p in every if (store.usable(p.run_id, refuse_damaged) if p.run_id in teacher_ids
+                                        else store.is_complete(p.run_id))}
+    other = [r for r in done if stale(store, r, code)]
+    todo = [p for p in every if p.run_id not in done or (not reuse_other_code and p.run_id in other)]
     todo_own = sum(p.run_id in own for p in todo)
     teachers = [p for p in every if p.run_id not in own]
     say(console, f"grid {grid.name}: {len(plans)} runs on {grid.data} ({len(plans) - todo_own} already complete, "
@@ -385,7 +402,7 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     if not todo:
         return result
     with progress_bar(console) as progress:
-        sched = _Schedule(grid.name, todo, own, result, console, progress)
+        sched = _Schedule(grid.name, todo, own, result, console, progress, store=store)
         try:
             if executor == "local" and jobs <= 1:
                 _run_serial(sched, store, device, mode)
@@ -412,31 +429,104 @@ def _run_serial(sched: _Schedule, store: ResultsStore, device: str, mode: str) -
 
 def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mode: str) -> None:
     """``jobs`` worker processes (spawned; they die with this process), each run on its own
-    device slot (GPUs round-robin when there are several), a run starting when its teachers are done."""
+    device slot (GPUs round-robin when there are several), a run starting when its teachers are done.
+    A worker that dies (SIGKILL, the OOM killer, SIGBUS) costs only its run: it is recorded as
+    failed with the signal or exit code, a fresh worker takes the slot and the grid goes on."""
     ngpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
-    free_slots = list(range(jobs))
     threads = None if ngpu else cpu_threads_per_worker(jobs)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(os.getpid(), threads)) as pool:
-        futures: dict = {}
+    ctx = mp.get_context("spawn")
+    work = run_one  # looked up now: what the workers run (a test hands in one that dies)
+    workers = [_Worker(ctx, threads, work) for _ in range(jobs)]
+    try:
+        while True:
+            idle = [w for w in workers if w.job is None]
+            for w, p in zip(idle, sched.ready()):
+                slot = workers.index(w)
+                dev = f"cuda:{slot % ngpu}" if ngpu else ("cpu" if device == "auto" else device)
+                w.submit(p, (sched.start(p), str(store.root), dev, mode))
+            busy = [w for w in workers if w.job is not None]
+            if not busy:
+                return
+            ready = set(mp_connection.wait([x for w in busy for x in (w.conn, w.proc.sentinel)]))
+            for w in busy:
+                if w.conn in ready or w.proc.sentinel in ready:
+                    p, out = w.collect()
+                    if out is None:  # the worker died with the run
+                        out = _failure(p, w.death())
+                    if not w.proc.is_alive():  # a fresh worker takes its place
+                        w.stop()
+                        workers[workers.index(w)] = _Worker(ctx, threads, work)
+                    sched.finished(p, out)
+    finally:
+        for w in workers:
+            w.stop()
+
+
+class _Worker:
+    """One worker process of a local grid and the run it trains (``job``: its plan, or None)."""
+
+    def __init__(self, ctx, threads: int | None, work):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, os.getpid(), threads, work), daemon=True,
+                                name="ablate-worker")
+        self.proc.start()
+        child.close()
+        self.job = None
+
+    def submit(self, p, args: tuple) -> None:
+        self.job = p
+        self.conn.send(args)
+
+    def collect(self) -> tuple:
+        """The run that ended and run_one's answer, or None when the worker died without one."""
+        p, self.job = self.job, None
         try:
-            while True:
-                for p in sched.ready()[:len(free_slots)]:
-                    slot = free_slots.pop(0)
-                    dev = f"cuda:{slot % ngpu}" if ngpu else ("cpu" if device == "auto" else device)
-                    futures[pool.submit(run_one, sched.start(p), str(store.root), dev, mode)] = (p, slot)
-                if not futures:
-                    return
-                done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                for f in done:
-                    p, slot = futures.pop(f)
-                    free_slots.append(slot)
-                    sched.finished(p, f.result())
-        except KeyboardInterrupt:
-            for f in futures:
-                f.cancel()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+            if self.conn.poll():
+                return p, self.conn.recv()
+        except (EOFError, OSError):
+            pass
+        self.proc.join(5)
+        return p, None
+
+    def death(self) -> str:
+        """Why the worker died, as a failure reason: the signal, or the exit code."""
+        code = self.proc.exitcode
+        if code is not None and code < 0:
+            try:
+                how = f"killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+            hint = {signal.SIGKILL: " (the OOM killer, or kill -9)", signal.SIGBUS: " (a memory-mapped file "
+                    "truncated while in use? the rerun rebuilds a damaged teacher-output cache)"}.get(-code, "")
+            how += hint
+        else:
+            how = f"exited with code {code}"
+        return (f"worker process {self.proc.pid} died: {how}; the run resumes from its last completed epoch "
+                f"when the grid is run again")
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            if self.job is None:
+                try:
+                    self.conn.send(None)
+                except OSError:
+                    pass
+                self.proc.join(5)
+            if self.proc.is_alive():
+                self.proc.kill()
+        self.proc.join()
+        self.conn.close()
+
+
+def _worker_main(conn, parent: int, threads: int | None, work) -> None:
+    """A worker process: run the runs it is sent (``work``: :func:`run_one`), one at a time, until
+    it is sent None."""
+    _worker_init(parent, threads)
+    try:
+        while (args := conn.recv()) is not None:
+            conn.send(work(*args))
+    except (KeyboardInterrupt, EOFError):  # Ctrl-C reaches the workers too; the grid's process reports it
+        pass
 
 
 def _submitit_executor(grid: Grid, root: Path, executor: str, jobs: int, device: str, slurm: dict):
@@ -470,7 +560,7 @@ def _run_submitit(sched: _Schedule, grid: Grid, store: ResultsStore, executor: s
                         if "gres" in str(e).lower() else "")
                 raise ExecutorError(f"SLURM refused the grid's jobs: {e}{hint}") from None
             pending = dict(zip(jobs_, wave))
-            _follow(pending, executor, sched.finished, poll_s)
+            _follow(pending, executor, sched.finished, poll_s, tell=lambda msg: say(sched.console, msg, "yellow"))
     except KeyboardInterrupt:
         cancel = [j for j in pending if not j.paths.result_pickle.exists()]
         for job in cancel:
@@ -482,22 +572,21 @@ def _run_submitit(sched: _Schedule, grid: Grid, store: ResultsStore, executor: s
         logging.getLogger("submitit").removeFilter(noise)
 
 
-def _follow(pending: dict, executor: str, finished, poll_s: float, squeue_every_s: float = 30.0) -> None:
+def _follow(pending: dict, executor: str, finished, poll_s: float, squeue_every_s: float = 30.0,
+            tell=None) -> None:
     """Wait for a wave's jobs; report each as it ends. On SLURM a job is over when its result file
     exists, or when squeue has shown it ended twice in a row (a job killed before it could write one:
     cancelled, out of memory, node failure); submitit's own check needs sacct, which clusters without
-    accounting do not have."""
-    last_squeue, gone_before = 0.0, set()
+    accounting do not have. Why jobs wait (SLURM's reason: a node down, resources) goes to ``tell``,
+    once, and again when it changes."""
+    watch, last_squeue = _Watch(tell or (lambda msg: None)), 0.0
     while pending:
         over = [j for j in pending if j.paths.result_pickle.exists()] if executor == "slurm" else \
             [j for j in pending if j.done()]
         lost = []
         if executor == "slurm" and time.time() - last_squeue >= squeue_every_s:
             last_squeue = time.time()
-            ended = _ended_jobs([j.job_id for j in pending if j not in over])
-            gone = ended or set()
-            lost = [j for j in pending if j.job_id in gone & gone_before and not j.paths.result_pickle.exists()]
-            gone_before = gone
+            lost = watch.poll([j for j in pending if j not in over])
         for job in over:
             p = pending.pop(job)
             try:
@@ -508,7 +597,52 @@ def _follow(pending: dict, executor: str, finished, poll_s: float, squeue_every_
         for job in lost:
             p = pending.pop(job)
             log = (job.stderr() or "").strip().splitlines()[-5:]
-            finished(p, _failure(p, f"SLURM job {job.job_id} ended without a result (cancelled, killed, node "
-                                    f"failure?); last lines of {job.paths.stderr}: " + " | ".join(log)))
+            finished(p, _failure(p, f"SLURM job {job.job_id} {watch.why_lost(job.job_id)}; last lines of "
+                                    f"{job.paths.stderr}: " + " | ".join(log)))
         if pending:
             time.sleep(poll_s)
+
+
+#: why a job ended without a result, by the last state squeue showed
+_LOST = {"CANCELLED": "was cancelled (scancel, or by an administrator)",
+         "TIMEOUT": "reached its time limit and was not requeued",
+         "DEADLINE": "reached its deadline", "OUT_OF_MEMORY": "ran out of memory (SLURM's memory limit)",
+         "NODE_FAIL": "lost its node (node failure)", "BOOT_FAIL": "could not boot its node",
+         "FAILED": "failed before the run could record a result"}
+
+
+class _Watch:
+    """What squeue says about a wave's jobs: which ended without a result (seen ended twice in a
+    row), the last state of each, and why pending jobs wait (told once, and when it changes)."""
+
+    def __init__(self, tell):
+        self.tell, self.gone_before, self.last, self.waiting = tell, set(), {}, {}
+
+    def poll(self, jobs: list) -> list:
+        """The jobs that ended without writing a result."""
+        states = _job_states([j.job_id for j in jobs])
+        if states is None:
+            self.gone_before = set()
+            return []
+        self._tell_waiting(states)
+        self.last.update({j: st for j, (st, _) in states.items() if st != "GONE"})
+        gone = {j for j, (st, _) in states.items() if st in _ENDED | {"GONE"}}
+        lost = [j for j in jobs if j.job_id in gone & self.gone_before and not j.paths.result_pickle.exists()]
+        self.gone_before = gone
+        return lost
+
+    def why_lost(self, job_id: str) -> str:
+        state = self.last.get(job_id)
+        return _LOST.get(state) or (f"ended without a result (last seen {state}, then no longer in squeue: "
+                                    f"cancelled, killed, node failure?)" if state else
+                                    "ended without a result (cancelled, killed, node failure?)")
+
+    def _tell_waiting(self, states: dict) -> None:
+        waiting = {j: reason for j, (st, reason) in states.items() if st == "PENDING" and reason}
+        changed: dict[str, list[str]] = {}
+        for j, reason in waiting.items():
+            if self.waiting.get(j) != reason:
+                changed.setdefault(reason, []).append(j)
+        self.waiting = waiting
+        for reason, ids in changed.items():
+            self.tell(f"SLURM: {len(ids)} job(s) wait ({reason}): {', '.join(ids)}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import platform
 import sys
 import time
@@ -45,7 +46,7 @@ from .errors import HarnessError
 from .evaluate import ABLATIONS, evaluate
 from .measure import param_counts, random_answers, random_inputs
 from .step import TrainStep, build_step, make_objective
-from .store import ResultsStore, atomic_torch_save, atomic_write_bytes, locked
+from .store import WEIGHTS, DamagedRun, ResultsStore, atomic_torch_save, atomic_write_bytes, file_digest, locked
 from .teacher_cache import TeacherOutputs
 
 #: the reference's training recipe (anchors.md); data sets may suggest their own (synthetic presets)
@@ -248,7 +249,7 @@ def feature_mode(spec: RunSpec, mode: str = "auto") -> str:
 def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQAData | None = None,
           device: str | torch.device | None = "auto", force: bool = False, progress: bool = True,
           console: Console | None = None, log_every: int = 25, stop_after_epochs: int | None = None,
-          teacher_cache: bool = True) -> dict:
+          teacher_cache: bool = True, refuse_damaged: bool = False) -> dict:
     """Train and evaluate one run; returns its record (also written to ``store``).
 
     A complete run already in the store is returned as is (unless ``force``). An incomplete one
@@ -258,7 +259,9 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
     use) instead of running the teachers every step; the same training, so it is not part of
     the run id. ``spec.require_code``: a complete run (its teachers too) is reused only when its
     record was computed by the code of this fingerprint (:func:`harness.identity.code_fingerprint`);
-    otherwise it is trained again from scratch.
+    otherwise it is trained again from scratch. A complete run (this one, or a teacher) whose weights
+    are damaged is set aside and retrained (:meth:`ResultsStore.usable`), or, with ``refuse_damaged``,
+    refused (DamagedRun).
     """
     store = store or ResultsStore()
     console = console or Console(stderr=True)
@@ -269,17 +272,17 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
     check_precision(dev, p.train.get("precision", "fp32"), train=True)
     store.write_data_info(data.info.to_dict())
     force = force or stale(store, p.run_id, spec.require_code)
-    if store.is_complete(p.run_id) and not force:
+    if not force and store.usable(p.run_id, refuse_damaged):
         return store.read_record(p.run_id)
     check_teacher_outputs(p)  # before its teachers train
     teachers, teacher_records = [], []
     for tp in p.teachers:  # found in the store by their config, data set and seed, or trained now
         trec = train(tp.spec, store, data=data, device=dev, progress=progress, console=console, log_every=log_every,
-                     teacher_cache=teacher_cache)
+                     teacher_cache=teacher_cache, refuse_damaged=refuse_damaged)
         teachers.append(_frozen_teacher(store, trec, dev))
         teacher_records.append(trec)
     with run_lock(store.run_dir(p.run_id)):  # one process trains a given run; others wait, then read its record
-        if store.is_complete(p.run_id) and not force:
+        if not force and store.usable(p.run_id, refuse_damaged):
             return store.read_record(p.run_id)
         run = _Run(p, store, data, dev, teachers, teacher_records, console, progress, log_every, teacher_cache)
         return run.execute(force, stop_after_epochs)
@@ -293,10 +296,18 @@ def stale(store: ResultsStore, run_id: str, require_code: str | None) -> bool:
 
 
 def _frozen_teacher(store: ResultsStore, trec: dict, dev: torch.device) -> torch.nn.Module:
-    """A trained teacher's best weights, frozen: eval mode, no autograd."""
+    """A trained teacher's best weights, frozen: eval mode, no autograd. Weights that cannot be read
+    (damaged after their check) are set aside, the teacher retrained on the next run, and the error
+    names the file."""
     tmodel = variants.build(variants.VariantConfig(**trec["variant_config"]))
-    tmodel.load_state_dict(torch.load(store.run_dir(trec["run_id"]) / "best.pt", map_location="cpu",
-                                      weights_only=True))
+    path = store.run_dir(trec["run_id"]) / WEIGHTS
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        store.set_aside(trec["run_id"], f"{path} cannot be read ({e})")
+        raise DamagedRun(f"teacher {trec['variant']} ({trec['run_id']}): {path} cannot be read ({e}); set aside, "
+                         f"the teacher is retrained when the run is started again") from None
+    tmodel.load_state_dict(weights)
     return tmodel.to(dev).eval().requires_grad_(False)
 
 
@@ -370,7 +381,7 @@ class _Run:
         self.teachers, self.teacher_records = teachers, teacher_records
         self.console, self.show_progress, self.log_every = console, progress, log_every
         self.run_dir = store.run_dir(p.run_id)
-        self.state_path, self.best_path = self.run_dir / "state.pt", self.run_dir / "best.pt"
+        self.state_path, self.best_path = self.run_dir / "state.pt", self.run_dir / WEIGHTS
         self.precision = p.train.get("precision", "fp32")
         self.use_teacher_cache = teacher_cache and bool(teachers)
         self.tcache: TeacherOutputs | None = None
@@ -490,7 +501,7 @@ class _Run:
         st.history.append(rec)
         if val["overall"] > st.best["acc"]:
             st.best = {"acc": val["overall"], "epoch": rec["epoch"]}
-            atomic_torch_save(self.best_path, self.model.state_dict())
+            st.best["weights"] = atomic_torch_save(self.best_path, self.model.state_dict())  # size, SHA-1
         st.next_epoch = rec["epoch"] + 1
         now = time.perf_counter()
         st.active_time += now - self.t_process
@@ -571,6 +582,7 @@ class _Run:
             "train_time_s": st.train_time, "train_samples_per_s": speed,
             "cost": run_cost(self.model, p.cfg, dev, speed, peak_train_mib),
             "teacher_runs": [r["run_id"] for r in self.teacher_records],
+            "weights": {WEIGHTS: st.best.get("weights") or file_digest(self.best_path)},  # checked before reuse
             "teachers": [{"variant": r["variant"], "run_id": r["run_id"], "params": r["params"]["total"],
                           "test_acc": r["metrics"]["test"]["overall"]} for r in self.teacher_records],
             "identity": {"scheme": identity.SCHEME, "computation": p.computation},

@@ -6,7 +6,10 @@ A run directory holds ``record.json`` (written once, atomically, when the run is
 also holds ``teacher_outputs/``, its outputs on a data set's training split computed once for the
 students that distil from it (:mod:`harness.teacher_cache`).
 A run killed midway therefore never leaves a partial record: either ``record.json`` exists and
-is complete, or the run is resumed from ``state.pt`` when started again.
+is complete, or the run is resumed from ``state.pt`` when started again. The record holds the size
+and SHA-1 of ``best.pt`` as written; a run whose weights no longer match is set aside and retrained
+before anything reuses them (:meth:`ResultsStore.usable`). A run that failed, or that a grid gave up
+on, has ``failed.json`` (the reason). Files are written atomically, with the mode the umask gives.
 """
 from __future__ import annotations
 
@@ -35,6 +38,14 @@ class StoreError(HarnessError, OSError):
     """The results store cannot be written (a full disk, no permission); the message names the path."""
 
 
+class DamagedRun(StoreError):
+    """A complete run's files are damaged (weights truncated or changed) and may not be reused."""
+
+
+#: a run's weights, as a student's teacher and for the final evaluation; their size and SHA-1 are in its record
+WEIGHTS = "best.pt"
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_output(path, nbytes=len(data)) as tmp:
         with open(tmp, "wb") as f:
@@ -45,7 +56,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_output(path: str | Path, nbytes: int | None = None) -> Iterator[Path]:
     """A temporary path beside ``path`` to write in any way (a numpy memory map, ...); when the
     block ends without an exception the file is fsynced and renamed onto ``path`` (atomic on
-    POSIX: readers see the old file or the whole new one); otherwise it is removed. A full disk or
+    POSIX: readers see the old file or the whole new one); otherwise it is removed. The file's mode
+    is what a plain ``open(path, "w")`` would give (0o666 less the umask). A full disk or
     a read-only directory becomes a :class:`StoreError` naming ``path`` (``nbytes``: what was
     being written, for the message). Temporaries are named ``.{name}.*.tmp``: a process killed
     midway leaves one, which the owner of the directory may delete."""
@@ -54,6 +66,7 @@ def atomic_output(path: str | Path, nbytes: int | None = None) -> Iterator[Path]
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it owner-only; a plain write honours the umask
     except OSError as e:
         raise _store_error(path, nbytes, e) from None
     try:
@@ -71,11 +84,24 @@ def atomic_output(path: str | Path, nbytes: int | None = None) -> Iterator[Path]
         raise
 
 
+def current_umask() -> int:
+    """This process's umask: from /proc (Linux; reading it changes nothing), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _store_error(path: Path, nbytes: int | None, e: OSError) -> Exception:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         size = f"writing {nbytes:,} bytes" if nbytes is not None else "while writing"
-        return StoreError(f"{path}: no space left on the device ({size}); free some space and "
-                          f"run the same command again: completed epochs and runs are kept")
+        return StoreError(f"{path}: no space left on the device ({size}); this file was not written (an earlier "
+                          f"version, if any, is unchanged)")
     if e.errno in (errno.EACCES, errno.EROFS):
         return StoreError(f"{path}: cannot write here ({e.strerror})")
     return e
@@ -99,10 +125,20 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n").encode())
 
 
-def atomic_torch_save(path: str | Path, obj: Any) -> None:
+def atomic_torch_save(path: str | Path, obj: Any) -> dict:
+    """Save ``obj`` with torch.save, atomically; returns the size and SHA-1 of what was written
+    (recorded with a run's weights, checked before they are used: :meth:`ResultsStore.usable`)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return {"nbytes": len(data), "sha1": hashlib.sha1(data).hexdigest()}
+
+
+def file_digest(path: str | Path) -> dict:
+    """Size and SHA-1 of a file, as :func:`atomic_torch_save` returns them for what it wrote."""
+    with open(path, "rb") as f:
+        return {"nbytes": os.fstat(f.fileno()).st_size, "sha1": hashlib.file_digest(f, "sha1").hexdigest()}
 
 
 def _json_default(o):
@@ -151,19 +187,84 @@ class ResultsStore:
                           f"and will be redone", stacklevel=3)
             return None
 
+    def weights_problem(self, run_id: str, record: dict | None = None) -> str | None:
+        """What is wrong with a complete run's weights (missing, or their size or SHA-1 differs from
+        what its record says was written), or None. A record from before checksums: only missing."""
+        rec = record or self.read_record(run_id)
+        path = self.run_dir(run_id) / WEIGHTS
+        if not path.is_file():
+            return f"{path} is missing"
+        want = (rec.get("weights") or {}).get(WEIGHTS)
+        if not want:
+            return None
+        have = file_digest(path)
+        if have["nbytes"] != want["nbytes"]:
+            return f"{path} has {have['nbytes']:,} bytes, {want['nbytes']:,} were written (truncated or replaced)"
+        if have["sha1"] != want["sha1"]:
+            return f"{path}: SHA-1 {have['sha1'][:12]} differs from the {want['sha1'][:12]} written (damaged)"
+        return None
+
+    def usable(self, run_id: str, refuse: bool = False) -> bool:
+        """Whether a run is complete with intact weights, checked before anything reuses it. A damaged
+        one is set aside (its record, weights and state renamed ``*.damaged-<time>``, with a warning
+        naming them) and counts as incomplete, so it is retrained; with ``refuse``, DamagedRun."""
+        rec = self._load(self.run_dir(run_id) / self.RECORD)
+        if rec is None:
+            return False
+        problem = self.weights_problem(run_id, rec)
+        if problem is None:
+            return True
+        if refuse:
+            raise DamagedRun(f"run {run_id} is complete but damaged: {problem}; refused (--refuse-damaged): "
+                             f"without the flag it is set aside and retrained")
+        self.set_aside(run_id, problem)
+        return False
+
+    def set_aside(self, run_id: str, problem: str) -> list[str]:
+        """Rename a damaged run's record, weights and training state ``NAME.damaged-<time>`` so that it
+        is retrained from scratch; warn naming them; returns the new names."""
+        stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}"
+        moved = []
+        for name in (self.RECORD, WEIGHTS, "state.pt"):
+            path = self.run_dir(run_id) / name
+            try:
+                os.replace(path, path.with_name(f"{name}.damaged-{stamp}"))
+                moved.append(f"{name}.damaged-{stamp}")
+            except FileNotFoundError:
+                pass
+        warnings.warn(f"run {run_id}: {problem}; set aside in {self.run_dir(run_id)} as {', '.join(moved) or '-'}: "
+                      f"the run counts as incomplete and is retrained", stacklevel=2)
+        return moved
+
     def write_failure(self, run_id: str, info: dict, exc: BaseException) -> dict:
         """Record why a run failed (``failed.json``: reason, traceback, time) and return it."""
         reason = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             reason = f"out of GPU memory: {exc}"
-        failure = {"run_id": run_id, **info, "status": "failed", "reason": reason,
-                   "traceback": "".join(traceback.format_exception(exc)),
+        return self.record_failure({"run_id": run_id, **info, "status": "failed", "reason": reason,
+                                    "traceback": "".join(traceback.format_exception(exc))})
+
+    def record_failure(self, failure: dict) -> dict:
+        """Write ``failure`` (``run_id``, ``reason``...: a run the grid gave up on, or one that raised)
+        as the run's ``failed.json``, with the time; return it, with ``failed_json``: the file's path,
+        or None when it could not be written (a full disk: the failure is still returned and reported,
+        with ``not_recorded``, why)."""
+        failure = {**failure, "status": "failed",
                    "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        path = self.run_dir(failure["run_id"]) / "failed.json"
         try:
-            atomic_write_json(self.run_dir(run_id) / "failed.json", failure)
-        except StoreError:
-            pass  # a full disk: the failure is still returned and reported
-        return failure
+            atomic_write_json(path, failure)
+        except (StoreError, OSError) as e:
+            return {**failure, "failed_json": None, "not_recorded": str(e)}
+        return {**failure, "failed_json": str(path)}
+
+    def read_failure(self, run_id: str) -> dict | None:
+        """The run's ``failed.json``, or None (none, or unreadable)."""
+        try:
+            rec = json.loads((self.run_dir(run_id) / "failed.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return rec if isinstance(rec, dict) else None
 
     def write_record(self, record: dict) -> Path:
         path = self.run_dir(record["run_id"]) / self.RECORD

@@ -59,7 +59,7 @@ from torch import nn
 from . import data as D
 from .env import autocast, device_name
 from .errors import HarnessError
-from .store import ResultsStore, atomic_output, atomic_write_json, locked
+from .store import WEIGHTS, ResultsStore, atomic_output, atomic_write_json, locked
 
 #: batch size of the pass that builds a cache (larger batches are faster; see the module doc on rounding)
 BUILD_BATCH = 256
@@ -361,7 +361,7 @@ def prepare(store: ResultsStore, teacher_records: list[dict], teachers: list[nn.
     tables, dtypes, info = [], [], []
     for trec, teacher, tkeys in zip(teacher_records, teachers, keys):
         run_id = trec["run_id"]
-        ident = _Identity(run_id, file_sha1(store.run_dir(run_id) / "best.pt"), data_id, split_name, len(split),
+        ident = _Identity(run_id, file_sha1(store.run_dir(run_id) / WEIGHTS), data_id, split_name, len(split),
                           precision, device.type)
         with locked(cache_dir(store, run_id) / ".lock"):
             for stale in cache_dir(store, run_id).glob(".*.tmp"):  # left by a build that was killed

@@ -158,11 +158,14 @@ def test_sacct_errors_are_summarised_once():
 
 
 def test_job_states_from_squeue(tmp_path, monkeypatch):
-    fake_command(tmp_path, monkeypatch, "squeue", 'printf "7_0 RUNNING\\n7_1 COMPLETED\\n7_2 PENDING\\n'
-                                                  '7_3 CANCELLED\\n8 REQUEUED\\n"\n')
+    fake_command(tmp_path, monkeypatch, "squeue", 'printf "7_0|RUNNING|None\\n7_1|COMPLETED|None\\n'
+                 '7_2|PENDING|Nodes required for job are DOWN\\n7_3|CANCELLED|None\\n8|REQUEUED|None\\n"\n')
     assert E._ended_jobs(["7_0", "7_1", "7_2", "7_3", "7_4", "8"]) == {"7_1", "7_3", "7_4"}  # 7_4: not listed
+    assert E._job_states(["7_2", "7_4"]) == {"7_2": ("PENDING", "Nodes required for job are DOWN"),
+                                             "7_4": ("GONE", "")}
     fake_command(tmp_path, monkeypatch, "squeue", "exit 1\n")
     assert E._ended_jobs(["7_0"]) is None
+    assert E._job_states(["7_0"]) is None
 
 
 class FakeJob:
@@ -179,14 +182,14 @@ def test_a_job_that_ends_without_result_is_reported_failed(tmp_path, monkeypatch
     run once squeue has shown it ended twice, not a grid waiting forever for sacct."""
     from types import SimpleNamespace
 
-    fake_command(tmp_path, monkeypatch, "squeue", 'echo "9_1 RUNNING"\n')
+    fake_command(tmp_path, monkeypatch, "squeue", 'echo "9_1|RUNNING|None"\n')
     spec = SimpleNamespace(variant="dualvgr", seed=0)
     pending = {FakeJob("9_0", tmp_path): SimpleNamespace(run_id="r0", spec=spec),
                FakeJob("9_1", tmp_path): SimpleNamespace(run_id="r1", spec=spec)}
     done = []
     calls = []
-    real = E._ended_jobs
-    monkeypatch.setattr(E, "_ended_jobs", lambda ids: calls.append(list(ids)) or real(ids))
+    real = E._job_states
+    monkeypatch.setattr(E, "_job_states", lambda ids: calls.append(list(ids)) or real(ids))
 
     def finish(p, out):
         assert p.run_id == out["run_id"]
