@@ -158,14 +158,33 @@ def _measure_costs(store, run_ids: list[str], device: str) -> None:
         say(console, f"inference cost measured for {n} configuration(s), one at a time")
 
 
-def _write_report(store, g, reports: str, run_ids: list[str]) -> None:
+def _planned(store, g, plans=None) -> list[dict] | None:
+    """What each run of the grid (teachers included) is: id, variant, settings label, seed; so that
+    a partial report can say what it lacks. None when the data set is not recorded."""
+    from harness.runner import plan, recorded_info
+
+    if plans is None:
+        try:
+            info = recorded_info(g.data, store)
+            plans = [q for s in g.runs for q in plan(s, info).all_plans()]
+        except user_errors():
+            return None
+    out = {}
+    for q in plans:
+        ov = q.spec.overrides
+        label = q.spec.variant + (f" [{', '.join(f'{k}={v}' for k, v in sorted(ov.items()))}]" if ov else "")
+        out.setdefault(q.run_id, {"run_id": q.run_id, "variant": q.spec.variant, "label": label, "seed": q.spec.seed})
+    return list(out.values())
+
+
+def _write_report(store, g, reports: str, run_ids: list[str], plans=None) -> None:
     from harness.report import write_report
 
-    complete = [r for r in run_ids if store.is_complete(r)]
-    if not complete:
+    if not any(store.is_complete(r) for r in run_ids):
         say(console, "no complete run: no report written")
         return
-    path = write_report(store, g.name, run_ids=complete, out_dir=reports, grid_file=str(g.path))
+    path = write_report(store, g.name, run_ids=run_ids, out_dir=reports, grid_file=str(g.path),
+                        planned=_planned(store, g, plans))
     say(console, f"report: {path}")
 
 
@@ -184,15 +203,16 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
     try:
         g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None)
         info = recorded_info(g.data, store)  # from the store: no feature file is read
-        ids = [*dict.fromkeys(r for s in g.runs for r in plan(s, info).all_run_ids())]
+        plans = [q for s in g.runs for q in plan(s, info).all_plans()]
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
+    ids = [*dict.fromkeys(q.run_id for q in plans)]
     missing = [r for r in ids if not store.is_complete(r)]
     if missing:
-        say(console, f"{len(missing)} of {len(ids)} runs are not complete; the report covers the rest "
-                     f"(run `python ablate.py --grid {grid}` to finish them)", "yellow")
-    _write_report(store, g, reports, ids)
+        say(console, f"{len(missing)} of {len(ids)} runs are not complete; the report covers the rest and says "
+                     f"what is missing (run `python ablate.py --grid {grid}` to finish them)", "yellow")
+    _write_report(store, g, reports, ids, plans)
 
 
 @app.command()

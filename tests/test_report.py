@@ -380,7 +380,7 @@ def test_run_ids_subset_missing_runs_and_several_data_sets(store, tmp_path):
     md = write_report(store, "g", run_ids=ids + ["nope-000"], out_dir=tmp_path).read_text()
     secs = sections(md)
     assert "Data set: fake (`fake-abc123`)" in secs and "Data set: other (`other-999`)" in secs
-    assert "- runs: 5 complete; 1 requested but not complete, left out: `nope-000`" in md
+    assert "- runs: 5 of 6 complete; 1 requested but not complete, left out: `nope-000`" in md
     assert "the control `student` has no run on this data set" in md
     df = pd.read_csv(tmp_path / "g.csv")
     assert list(zip(df["data_id"], df["variant"])) == [("fake-abc123", "dualvgr"), ("fake-abc123", "student"),
@@ -504,3 +504,54 @@ def test_training_curves_have_ticks_at_whole_epochs(tmp_path):
     lo, hi = ax.get_xlim()
     ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
     assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_a_partial_report_says_what_is_missing_in_its_header_and_rows(store, tmp_path):
+    """Runs planned but not complete: the header says the report is partial, how many runs, which
+    configurations have no complete run and which seed has none; each row short of seeds says which."""
+    complete = [f"{v}-{DATA['id']}-s{s}" for v, s in ACC if v != "autoencoder"]
+    planned = [{"run_id": f"{v}-{DATA['id']}-s{s}", "variant": v, "label": v, "seed": s}
+               for v in ("dualvgr", "student", "student-logits", "teacher-g4", "student-dkd") for s in (1, 2, 3)]
+    ids = [p["run_id"] for p in planned]
+    md = write_report(store, "part", run_ids=ids, out_dir=tmp_path / "r", boot=S.Bootstrap(resamples=200),
+                      planned=planned).read_text()
+    head = md.split("### Main table")[0]
+    assert f"**Partial report: {len(ids) - len(complete)} of the {len(ids)} planned runs are not complete**" in head
+    assert "configurations with no complete run (1, not in any table): `student-dkd` (seeds 1, 2, 3)" in head
+    assert "seeds with no complete run at all: 3" in head
+    assert f"- runs: {len(complete)} of {len(ids)} complete" in head
+    main = table(sections(md)["Main table"])
+    assert "n=2 of 3 (seed 3 missing)" in main["dualvgr"]
+    assert "n=1 of 3 (seeds 2, 3 missing)" in main["teacher-g4"]
+    csv = pd.read_csv(tmp_path / "r" / "part.csv").set_index("label")
+    assert str(csv.loc["teacher-g4", "seeds_missing"]) == "2;3"
+    # nothing missing: no partial lines, plain n
+    md = write_report(store, "full", run_ids=complete, out_dir=tmp_path / "r", boot=S.Bootstrap(resamples=200),
+                      planned=[p for p in planned if p["run_id"] in complete]).read_text()
+    assert "Partial report" not in md and "n=2 of" not in md
+
+
+def test_ablate_report_of_a_partly_run_grid_names_the_missing_seed_and_variant(tiny, tmp_path):
+    """`ablate.py report --grid` with some of the grid's runs complete: the written report says so."""
+    from typer.testing import CliRunner
+
+    import ablate
+
+    grid = tmp_path / "g.toml"
+    grid.write_text('data = "synthetic:tiny"\nvariants = ["question-only"]\nseeds = [0, 1]\n'
+                    '[train]\nepochs = 1\nbatch_size = 512\n[axes]\nmodule_dim = [16, 24]\n')
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    runner = CliRunner()
+    r = runner.invoke(ablate.app, ["--grid", str(grid), "--results", str(results), "--reports", str(reports),
+                                   "--seeds", "0"])
+    assert r.exit_code == 0, r.output
+    store = ResultsStore(results)
+    store.run_dir(next(x["run_id"] for x in store.iter_records() if x["variant_config"]["model"]["module_dim"] == 24)
+                  ).joinpath("record.json").unlink()  # one configuration with no complete run
+    r = runner.invoke(ablate.app, ["report", "--grid", str(grid), "--results", str(results), "--reports", str(reports)])
+    assert r.exit_code == 0, r.output
+    md = (reports / "g.md").read_text()
+    assert "**Partial report: 3 of the 4 planned runs are not complete**" in md
+    assert "`question-only [module_dim=24]` (seeds 0, 1)" in md
+    assert "seeds with no complete run at all: 1" in md
+    assert "n=1 of 2 (seed 1 missing)" in md
