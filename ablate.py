@@ -111,7 +111,7 @@ def main(
         raise typer.Exit(0)
     from harness import grid as G
     from harness.executor import check_executor_options, run_grid
-    from harness.store import ResultsStore
+    from harness.store import ResultsStore, check_writable
 
     try:
         g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None)
@@ -133,6 +133,7 @@ def main(
     slurm = {**g.executor, **{k: v for k, v in given.items() if v is not None}}
     store = ResultsStore(results)
     try:
+        check_writable(store.root)
         res = run_grid(g, store, executor=ex, jobs=jobs or int(g.executor.get("jobs", 1)), device=device, mode=mode,
                        console=console, slurm=slurm)
     except user_errors() as e:
@@ -283,11 +284,12 @@ def run(
     from harness import data as D
     from harness.env import check_precision, resolve_device
     from harness.runner import RunSpec, feature_mode, plan, train
-    from harness.store import ResultsStore
+    from harness.store import ResultsStore, check_writable
 
     store = ResultsStore(results)
     run_id = None
     try:  # everything is checked before any data is loaded or anything trained
+        check_writable(store.root)
         check_precision(resolve_device(device), precision, train=True)
         spec = RunSpec(variant=variant, data=data, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
                        early_stop=early_stop, glove=not no_glove, precision=precision, overrides=parse_sets(set_))

@@ -50,8 +50,8 @@ def atomic_output(path: str | Path, nbytes: int | None = None) -> Iterator[Path]
     being written, for the message). Temporaries are named ``.{name}.*.tmp``: a process killed
     midway leaves one, which the owner of the directory may delete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as e:
@@ -76,7 +76,7 @@ def _store_error(path: Path, nbytes: int | None, e: OSError) -> Exception:
         size = f"writing {nbytes:,} bytes" if nbytes is not None else "while writing"
         return StoreError(f"{path}: no space left on the device ({size}); free some space and "
                           f"run the same command again: completed epochs and runs are kept")
-    if e.errno in (errno.EACCES, errno.EROFS):
+    if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOTDIR):
         return StoreError(f"{path}: cannot write here ({e.strerror})")
     return e
 
@@ -86,13 +86,31 @@ def locked(path: str | Path) -> Iterator[None]:
     """An exclusive POSIX advisory lock on the file ``path`` (created), held for the block: one
     process at a time trains a run, builds a teacher's output cache..."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "w")
+    except OSError as e:
+        raise StoreError(f"{path}: cannot write here ({e.strerror})") from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_writable(root: str | Path, what: str = "results directory") -> None:
+    """Fail at once, naming ``root``, when nothing can be written there (read-only, not a
+    directory, no permission), instead of a traceback from the first write midway."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StoreError(f"{what} {root}: cannot write here ({e.strerror or e}); give a writable one "
+                         f"(--results DIR)") from None
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

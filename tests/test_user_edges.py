@@ -1,0 +1,57 @@
+"""Rough edges a new user hit (issue 29): read-only results paths, prepare's file modes, bench.py's
+and ablate.py's messages. Each test fails on the behaviour before."""
+from __future__ import annotations
+
+import errno
+import tempfile
+
+import pytest
+from typer.testing import CliRunner
+
+import ablate
+from harness import store as St
+
+runner = CliRunner()
+
+
+def invoke(*args, app=ablate.app):
+    r = runner.invoke(app, [str(a) for a in args])
+    return r.exit_code, r.output, r.exception
+
+
+def _read_only_under(monkeypatch, root):
+    """Writes under ``root`` fail as on a read-only mount (the tests run as root, where chmod does not)."""
+    real_mkstemp, real_open = tempfile.mkstemp, open
+
+    def mkstemp(*a, dir=None, **k):
+        if dir is not None and str(dir).startswith(str(root)):
+            raise PermissionError(errno.EROFS, "Read-only file system")
+        return real_mkstemp(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+@pytest.mark.parametrize("argv", [["run", "question-only", "--epochs", "1"], ["--grid", "ci"]])
+def test_a_read_only_results_path_is_an_error_line_naming_it(tmp_path, monkeypatch, argv):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    _read_only_under(monkeypatch, ro)
+    code, out, exc = invoke(*argv, "--results", ro)
+    assert code == 2 and out.startswith("error: ") and f"results directory {ro}: cannot write here" in out, out
+    assert "Traceback" not in out and isinstance(exc, SystemExit)
+    assert not (ro / "runs").exists()
+
+
+def test_a_results_path_under_a_file_is_an_error_line(tmp_path):
+    (tmp_path / "f").write_text("")
+    code, out, _ = invoke("run", "question-only", "--epochs", "1", "--results", tmp_path / "f" / "results")
+    assert code == 2 and "error: results directory" in out and "cannot write here" in out, out
+
+
+def test_store_writes_and_locks_under_a_read_only_path_raise_store_errors(tmp_path, monkeypatch):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(St.StoreError, match=r"f/x/y.json: cannot write here"):
+        St.atomic_write_bytes(tmp_path / "f" / "x" / "y.json", b"{}")
+    with pytest.raises(St.StoreError, match=r"f/x/lock: cannot write here"):
+        with St.locked(tmp_path / "f" / "x" / "lock"):
+            pass
