@@ -37,6 +37,7 @@ from matplotlib.ticker import MaxNLocator
 
 import variants
 from variants.zoo import FAMILIES
+from variants.dualvgr import kept_clips
 
 from . import bill, costs
 from . import stats as S
@@ -191,6 +192,13 @@ def _keep_latest(runs: list[dict]) -> tuple[list[dict], list[str]]:
     return kept, sorted(r["run_id"] for rs in by_seed.values() for r in rs[:-1])
 
 
+def _clips_label(fp: dict) -> str:
+    """' (2 of 4 clips)' for a node-sparse configuration: keep_ratio is rounded to whole clips."""
+    model = fp["variant_config"].get("model", {})
+    ratio, n = model.get("keep_ratio", 1.0), model.get("num_clips")
+    return f" ({kept_clips(ratio, n)} of {n} clips)" if ratio < 1.0 and n else ""
+
+
 def group_runs(records: list[dict], baseline: str = "dualvgr", control: str = "student") -> dict[str, list[Group]]:
     """``{data_id: [Group, ...]}``, groups in report order (:data:`CATEGORIES`, alphabetically
     within each); data sets by name then id."""
@@ -207,8 +215,8 @@ def group_runs(records: list[dict], baseline: str = "dualvgr", control: str = "s
     for (d, v, fkey), runs in by_key.items():
         kept, superseded = _keep_latest(runs)
         cat = _category(v, fps[fkey]["variant_config"], baseline, control, used_as_teacher)
-        groups.setdefault(d, []).append(Group(d, v, labels[(d, v, fkey)], cat, kept, superseded,
-                                              _flat(fps[fkey])))
+        groups.setdefault(d, []).append(Group(d, v, labels[(d, v, fkey)] + _clips_label(fps[fkey]), cat, kept,
+                                              superseded, _flat(fps[fkey])))
     for d in groups:
         groups[d].sort(key=lambda g: (CATEGORIES.index(g.category), g.variant, g.label))
     names = {r["data"]["id"]: r["data"].get("name") or r["data"]["id"] for r in records}

@@ -35,6 +35,7 @@ import torch
 from rich.console import Console
 
 import variants
+from variants.dualvgr import kept_clips
 
 from . import data as D
 from . import teacher_cache
@@ -564,6 +565,8 @@ class _Run:
             "teachers": [{"variant": r["variant"], "run_id": r["run_id"], "params": r["params"]["total"],
                           "test_acc": r["metrics"]["test"]["overall"]} for r in self.teacher_records],
             "params": param_counts(self.model), "git_commit": git_commit(), "torch_version": torch.__version__,
+            "clips": {"total": p.cfg.model["num_clips"],
+                      "kept": kept_clips(p.cfg.model["keep_ratio"], p.cfg.model["num_clips"])},
             "python_version": sys.version.split()[0], "device": str(dev), "device_name": device_name(dev),
             "started_at": st.started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(),
