@@ -55,3 +55,39 @@ def test_store_writes_and_locks_under_a_read_only_path_raise_store_errors(tmp_pa
     with pytest.raises(St.StoreError, match=r"f/x/lock: cannot write here"):
         with St.locked(tmp_path / "f" / "x" / "lock"):
             pass
+
+
+def test_bench_measures_each_cpu_variant_in_a_fresh_process(tmp_path):
+    """CPU peak memory is the process's peak RSS: measured after another variant it would include
+    that one's leftovers, so every variant is measured in a process of its own."""
+    import json
+    import os
+
+    import bench
+
+    out = tmp_path / "out.json"
+    code, output, _ = invoke("--variant", "question-only", "--variant", "dualvgr", "--config", "tiny", "--device",
+                             "cpu", "--batch-size", "2", "--reps", "1", "--warmup", "0", "--no-train", "--no-flops",
+                             "--format", "json", "--no-store", "--out", out, app=bench.app)
+    assert code == 0, output
+    recs = json.loads(out.read_text())
+    assert sorted(r["variant"] for r in recs) == ["dualvgr", "question-only"]
+    pids = {r["pid"] for r in recs}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert all(r["measured_in"] == "a fresh process for this variant" and r["peak_mem_mib_infer"] > 0 for r in recs)
+
+
+@pytest.mark.parametrize("opt", ["--reps", "--train-reps"])
+def test_bench_rejects_zero_repetitions(opt):
+    import bench
+
+    code, out, _ = invoke("--variant", "dualvgr", "--config", "tiny", "--device", "cpu", opt, "0", "--no-store",
+                          app=bench.app)
+    assert code == 2 and f"Invalid value for '{opt}'" in out and "greater than or equal to 1" in out, out
+
+
+def test_bench_set_help_does_not_say_student_only():
+    import bench
+
+    code, out, _ = invoke("--help", app=bench.app)
+    assert code == 0 and "student only" not in out
