@@ -1,5 +1,6 @@
 """Train, evaluate and compare VideoQA variants.
 
+\b
     python ablate.py --grid tiny                            # run an ablation grid (grids/tiny.toml), then its report
     python ablate.py --grid kd-losses --jobs 4              # four runs at a time (one per GPU when there are GPUs)
     python ablate.py --grid msvd --executor slurm --partition gpu
@@ -370,13 +371,20 @@ def results(results: str = typer.Option("results", help="Results store directory
                         "epochs_run", "best_epoch", "val_acc", "test_acc", "test_last_acc", "train_samples_per_s")
             if c in df]
     t = Table()
-    for c in cols:
-        t.add_column(c)
+    for c in cols:  # run ids in full (wrapped, never cut short): they are what other commands take
+        t.add_column(c, overflow="fold", min_width=len(max(df["run_id"], key=len)) if c == "run_id" else None)
     for _, r in df[cols].iterrows():
-        t.add_row(*[f"{v:.2f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in r])
+        t.add_row(*[_cell(v) for v in r])
     console.print(t)
     if csv:
         df.to_csv(csv, index=False)
+
+
+def _cell(v) -> str:
+    """A results-table cell: '-' for an empty one (None or NaN), floats to 2 decimals."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
 def _list_unfinished(store, failed: bool) -> None:

@@ -91,3 +91,24 @@ def test_bench_set_help_does_not_say_student_only():
 
     code, out, _ = invoke("--help", app=bench.app)
     assert code == 0 and "student only" not in out
+
+
+def test_top_level_help_keeps_one_example_per_line():
+    code, out, _ = invoke("--help")
+    lines = [ln.strip() for ln in out.splitlines()]
+    assert code == 0
+    for example in ("python ablate.py --grid tiny ", "python ablate.py report --grid tiny ", "python ablate.py list "):
+        assert any(ln.startswith(example) for ln in lines), (example, out)
+
+
+def test_results_shows_whole_run_ids_and_dashes_for_empty_cells(tmp_path, monkeypatch, tiny):
+    from harness.runner import RunSpec, train
+
+    store = St.ResultsStore(tmp_path / "results")
+    rec = train(RunSpec("question-only", epochs=1, batch_size=512, seed=0), store, device="cpu", progress=False)
+    monkeypatch.setattr(ablate.console, "width", 90)
+    code, out, _ = invoke("results", "--results", store.root)
+    assert code == 0, out
+    assert rec["run_id"] in out.replace("│", " ").replace("\n", " ").replace(" ", "") or \
+        rec["run_id"] in "".join(ln.split("│")[1].strip() for ln in out.splitlines() if ln.count("│") > 2)
+    assert "…" not in out and "nan" not in out, out
