@@ -25,6 +25,16 @@ app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None,
 console = make_console()
 
 
+INTERRUPTED = "interrupted; rerun to resume (complete runs are kept, unfinished ones continue from their last " \
+              "completed epoch)"
+
+
+def interrupted() -> typer.Exit:
+    """Ctrl-C: one line saying how to go on, exit code 130 (the shell's for SIGINT)."""
+    say(console, INTERRUPTED, "yellow")
+    return typer.Exit(130)
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """The errors a user can cause and fix (printed as a message, exit 2); anything else is a bug
     and shows its traceback."""
@@ -137,13 +147,15 @@ def main(
         check_writable(store.root)
         res = run_grid(g, store, executor=ex, jobs=jobs or int(g.executor.get("jobs", 1)), device=device, mode=mode,
                        console=console, slurm=slurm)
+        if res.interrupted:
+            raise KeyboardInterrupt
+        _measure_costs(store, res.run_ids, device)
+        _write_report(store, g, reports, res.run_ids)
+    except KeyboardInterrupt:
+        raise interrupted() from None
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
-    if res.interrupted:
-        raise typer.Exit(130)
-    _measure_costs(store, res.run_ids, device)
-    _write_report(store, g, reports, res.run_ids)
     if res.failed:
         say(console, f"{len(res.failed)} run(s) failed: " + "; ".join(
             f"{f['variant']} seed {f['seed']}: {f['reason']}" for f in res.failed), "red")
@@ -300,13 +312,18 @@ def run(
         run_id = plan(spec, ds).run_id
         reused = store.is_complete(run_id) and not force
         record = train(spec, store, data=ds, device=device, force=force, teacher_cache=not no_teacher_cache)
+    except KeyboardInterrupt:
+        raise interrupted() from None
     except user_errors() as e:
         error(console, e)
         if run_id is not None and store.run_dir(run_id).exists():  # the run started: record why it failed
             store.write_failure(run_id, {"variant": variant, "seed": seed}, e)
             say(console, f"failure recorded in {store.run_dir(run_id) / 'failed.json'}")
         raise typer.Exit(2)
-    _measure_costs(store, [record["run_id"]], device)
+    try:
+        _measure_costs(store, [record["run_id"]], device)
+    except KeyboardInterrupt:
+        raise interrupted() from None
     if reused:
         say(console, f"already complete: {run_id}, not retrained (the record from {store.run_dir(run_id)}; "
                      f"--force retrains)", "yellow")

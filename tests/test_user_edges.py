@@ -112,3 +112,25 @@ def test_results_shows_whole_run_ids_and_dashes_for_empty_cells(tmp_path, monkey
     assert rec["run_id"] in out.replace("│", " ").replace("\n", " ").replace(" ", "") or \
         rec["run_id"] in "".join(ln.split("│")[1].strip() for ln in out.splitlines() if ln.count("│") > 2)
     assert "…" not in out and "nan" not in out, out
+
+
+def _interrupt(*a, **k):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["harness.runner.train", "ablate._measure_costs"])
+def test_ctrl_c_in_a_run_says_how_to_resume_and_exits_130(tmp_path, monkeypatch, where, tiny):
+    monkeypatch.setattr(where, _interrupt)
+    code, out, _ = invoke("run", "question-only", "--epochs", "1", "--batch-size", "512", "--results",
+                          tmp_path / "results")
+    assert code == 130 and out.strip().endswith(ablate.INTERRUPTED) and "error" not in out, out
+
+
+@pytest.mark.parametrize("where", ["harness.executor.run_one", "ablate._measure_costs", "ablate._write_report"])
+def test_ctrl_c_in_a_grid_says_how_to_resume_and_exits_130_without_an_error_line(tmp_path, monkeypatch, where, tiny):
+    grid = tmp_path / "g.toml"
+    grid.write_text('data = "synthetic:tiny"\nvariants = ["question-only"]\nseeds = [0]\n'
+                    '[train]\nepochs = 1\nbatch_size = 512\n')
+    monkeypatch.setattr(where, _interrupt)
+    code, out, _ = invoke("--grid", grid, "--results", tmp_path / "results", "--reports", tmp_path / "reports")
+    assert code == 130 and ablate.INTERRUPTED in out and "error:" not in out, out
