@@ -296,8 +296,8 @@ def run(
     import variants
     from harness import data as D
     from harness.env import check_precision, resolve_device
-    from harness.runner import RunSpec, feature_mode, plan, train
-    from harness.store import ResultsStore, check_writable
+    from harness.runner import RUN_LOCK, RunSpec, feature_mode, plan, train
+    from harness.store import ResultsStore, check_writable, held_elsewhere
 
     store = ResultsStore(results)
     run_id = None
@@ -311,6 +311,9 @@ def run(
         ds = D.load(data, mode=feature_mode(spec, mode))
         run_id = plan(spec, ds).run_id
         reused = store.is_complete(run_id) and not force
+        waited = not reused and held_elsewhere(store.run_dir(run_id) / RUN_LOCK)
+        if waited:
+            say(console, f"another process is training {run_id}: waiting for it, then showing its record", "yellow")
         record = train(spec, store, data=ds, device=device, force=force, teacher_cache=not no_teacher_cache)
     except KeyboardInterrupt:
         raise interrupted() from None
@@ -324,7 +327,10 @@ def run(
         _measure_costs(store, [record["run_id"]], device)
     except KeyboardInterrupt:
         raise interrupted() from None
-    if reused:
+    if waited and not force:
+        say(console, f"trained by another process: {run_id}, not retrained here (the record from "
+                     f"{store.run_dir(run_id)})", "yellow")
+    elif reused:
         say(console, f"already complete: {run_id}, not retrained (the record from {store.run_dir(run_id)}; "
                      f"--force retrains)", "yellow")
     console.print(accuracy_table(record))

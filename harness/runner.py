@@ -291,10 +291,14 @@ def _frozen_teacher(store: ResultsStore, trec: dict, dev: torch.device) -> torch
     return tmodel.to(dev).eval().requires_grad_(False)
 
 
+#: the lock file in a run's directory, held by the process training it
+RUN_LOCK = ".lock"
+
+
 @contextmanager
 def run_lock(run_dir: Path):
     """An exclusive lock on a run directory (POSIX advisory lock; held until training ends)."""
-    with locked(run_dir / ".lock"):
+    with locked(run_dir / RUN_LOCK):
         yield
 
 

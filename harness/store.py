@@ -99,6 +99,21 @@ def locked(path: str | Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def held_elsewhere(path: str | Path) -> bool:
+    """Whether another process holds the :func:`locked` lock on ``path`` now (False if no such file)."""
+    try:
+        f = open(path, "a")
+    except OSError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 def check_writable(root: str | Path, what: str = "results directory") -> None:
     """Fail at once, naming ``root``, when nothing can be written there (read-only, not a
     directory, no permission), instead of a traceback from the first write midway."""

@@ -134,3 +134,74 @@ def test_ctrl_c_in_a_grid_says_how_to_resume_and_exits_130_without_an_error_line
     monkeypatch.setattr(where, _interrupt)
     code, out, _ = invoke("--grid", grid, "--results", tmp_path / "results", "--reports", tmp_path / "reports")
     assert code == 130 and ablate.INTERRUPTED in out and "error:" not in out, out
+
+
+def _copy_run_later(src: St.ResultsStore, dst: St.ResultsStore, run_id: str, ready):
+    """Another process training ``run_id`` in ``dst``: holds its lock, and writes its files after a while."""
+    import shutil
+    import threading
+    import time
+
+    from harness.runner import RUN_LOCK
+
+    def work():
+        with St.locked(dst.run_dir(run_id) / RUN_LOCK):
+            ready.set()
+            time.sleep(1.5)
+            for f in src.run_dir(run_id).iterdir():
+                if f.name != RUN_LOCK and f.is_file():
+                    shutil.copy(f, dst.run_dir(run_id) / f.name)
+
+    t = threading.Thread(target=work)
+    t.start()
+    return t
+
+
+def test_a_run_that_waited_for_another_process_says_so(tmp_path, tiny):
+    import threading
+
+    from harness.runner import RunSpec, train
+
+    spec = RunSpec("question-only", epochs=1, batch_size=512, seed=0)
+    done = train(spec, St.ResultsStore(tmp_path / "a"), device="cpu", progress=False)
+    ready = threading.Event()
+    t = _copy_run_later(St.ResultsStore(tmp_path / "a"), St.ResultsStore(tmp_path / "b"), done["run_id"], ready)
+    ready.wait()
+    code, out, _ = invoke("run", "question-only", "--epochs", "1", "--batch-size", "512", "--seed", "0",
+                          "--device", "cpu", "--results", tmp_path / "b")
+    t.join()
+    assert code == 0, out
+    assert f"another process is training {done['run_id']}: waiting for it" in out
+    assert f"trained by another process: {done['run_id']}, not retrained here" in out
+
+
+def test_inference_costs_are_measured_one_at_a_time_and_not_twice(tmp_path, monkeypatch, tiny):
+    """Two processes that finish the same configuration together: the second waits for the first's
+    measurement instead of timing latency at the same time, then finds it done."""
+    import threading
+    import time
+
+    from harness import costs
+    from harness.runner import RunSpec, train
+
+    store = St.ResultsStore(tmp_path / "r")
+    rec = train(RunSpec("question-only", epochs=1, batch_size=512, seed=0), store, device="cpu", progress=False)
+    key = costs.cost_key(rec["variant_config"]["model"], rec["variant_config"]["arch"], rec["device_name"])
+    path = costs._path(store, key)
+    path.unlink(missing_ok=True)
+    ready = threading.Event()
+
+    def other_process():
+        with St.locked(path.parent / ".measuring.lock"):
+            ready.set()
+            time.sleep(1.0)
+            St.atomic_write_json(path, {"measured by": "the other process"})
+
+    t = threading.Thread(target=other_process)
+    t.start()
+    ready.wait()
+    calls = []
+    monkeypatch.setattr(costs, "measure_one", lambda *a, **k: calls.append(a) or {})
+    n = costs.measure_missing(store, [rec["run_id"]], "cpu")
+    t.join()
+    assert n == 0 and not calls
