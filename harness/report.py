@@ -127,7 +127,11 @@ def _flat(fp: dict) -> dict:
         out[k] = v
     for k, v in (vc.get("loss") or {}).items():
         out[f"loss.{k}"] = v
-    for k in sorted(set(vc) - {"model", "loss", "name"}):
+    for d in vc.get("distill") or []:  # one key per loss parameter, as --set names it: similarity.matrix
+        known = variants.loss_params(d["name"]) if d["name"] in variants.LOSSES else {}
+        out.update({f"{d['name']}.weight": d.get("weight", 1.0),
+                    **{f"{d['name']}.{k}": v for k, v in {**known, **(d.get("params") or {})}.items()}})
+    for k in sorted(set(vc) - {"model", "loss", "name", "distill"}):
         out[k] = json.dumps(vc[k], sort_keys=True)
     for k, v in train.items():
         out[f"train.{k}"] = v

@@ -555,3 +555,20 @@ def test_ablate_report_of_a_partly_run_grid_names_the_missing_seed_and_variant(t
     assert "`question-only [module_dim=24]` (seeds 0, 1)" in md
     assert "seeds with no complete run at all: 1" in md
     assert "n=1 of 2 (seed 1 missing)" in md
+
+
+def test_rows_of_a_loss_parameter_axis_are_labelled_with_that_parameter(store, tmp_path):
+    """A grid axis over similarity.matrix labels its rows 'student-similarity [similarity.matrix=self]',
+    not with the whole distill JSON (the default spelled out where a run leaves it implicit)."""
+    for seed in (1, 2):
+        for matrix in (None, "self"):
+            rec = make_run(store, "student-logits", seed, acc=70.0 + seed, teachers=("teacher-g4",),
+                           run_id=f"sim-{matrix}-{seed}")
+            rec["variant"] = rec["variant_config"]["name"] = "student-similarity"
+            rec["variant_config"]["distill"] = [{"name": "similarity", "weight": 1.0,
+                                                 "params": {"matrix": matrix} if matrix else {}}]
+            store.run_dir(rec["run_id"]).joinpath("record.json").unlink()
+            store.write_record(rec)
+    groups = group_runs([r for r in store.iter_records() if r["variant"] == "student-similarity"])
+    labels = sorted(g.label for gs in groups.values() for g in gs)
+    assert labels == ["student-similarity [similarity.matrix=cross]", "student-similarity [similarity.matrix=self]"]
