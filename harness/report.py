@@ -1037,6 +1037,7 @@ def compare_runs(store: ResultsStore, ids_a: list[str], ids_b: list[str], name_a
         devices |= {f"{r.get('device_name') or r.get('device') or '?'}, torch {r.get('torch_version', '?')}" for r in recs}
         sides[side] = {(d, g.label): g for d, gs in group_runs(recs).items() for g in gs}
     preds, rows = _Predictions(store), []
+    unpaired = _unpaired(sides, name_a, name_b)
     for data in dict.fromkeys(d for d, _ in sides["a"]):
         keys = [k for k in sides["a"] if k[0] == data and k in sides["b"]]
         paired = {k: _pairs(sides, k) for k in keys}
@@ -1045,6 +1046,8 @@ def compare_runs(store: ResultsStore, ids_a: list[str], ids_b: list[str], name_a
         first = len(rows)
         for (d, label), (a, b, seeds) in paired.items():
             keep = [(x, y, s) for x, y, s in zip(a, b, seeds) if x in table and y in table]
+            unpaired += [f"`{label}` seed {s}: predictions missing or on other questions"
+                         for x, y, s in zip(a, b, seeds) if x not in table or y not in table]
             if keep:
                 a, b, seeds = (list(v) for v in zip(*keep))
                 rows.append(_compare_row(table, label, d, a, b, seeds, name_a, name_b))
@@ -1054,7 +1057,24 @@ def compare_runs(store: ResultsStore, ids_a: list[str], ids_b: list[str], name_a
             rows.append(_compare_row(table, "all", data, *pooled, name_a, name_b))
     for r, p in zip(rows, S.holm([r["p"] for r in rows])):
         r["p_holm"] = p
-    return pd.DataFrame(rows), _compare_markdown(rows, name_a, name_b, devices, boot)
+    md = _compare_markdown(rows, name_a, name_b, devices, boot)
+    return pd.DataFrame(rows), md + (["", f"Not compared ({len(unpaired)}): " + "; ".join(unpaired) + "."]
+                                     if unpaired else [])
+
+
+def _unpaired(sides: dict, name_a: str, name_b: str) -> list[str]:
+    """What one set has and the other lacks (a variant, or some of a variant's seeds): left out of
+    the comparison, and said so."""
+    out = []
+    for side, other, name, other_name in (("a", "b", name_a, name_b), ("b", "a", name_b, name_a)):
+        for key, g in sides[side].items():
+            if key not in sides[other]:
+                out.append(f"`{g.label}` only in {name} (seeds {', '.join(map(str, g.seeds))})")
+                continue
+            lone = [s for s in g.seeds if s not in sides[other][key].seeds]
+            if lone:
+                out.append(f"`{g.label}` seed{'s' if len(lone) > 1 else ''} {', '.join(map(str, lone))} only in {name}")
+    return out
 
 
 def _paired_seeds(row: dict) -> str:

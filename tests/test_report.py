@@ -572,3 +572,15 @@ def test_rows_of_a_loss_parameter_axis_are_labelled_with_that_parameter(store, t
     groups = group_runs([r for r in store.iter_records() if r["variant"] == "student-similarity"])
     labels = sorted(g.label for gs in groups.values() for g in gs)
     assert labels == ["student-similarity [similarity.matrix=cross]", "student-similarity [similarity.matrix=self]"]
+
+
+def test_compare_says_which_variants_and_seeds_it_left_out(tmp_path):
+    from harness.report import compare_runs
+    s = ResultsStore(tmp_path / "results")
+    a = [make_run(s, "dualvgr", seed, acc=70.0 + seed, run_id=f"a{seed}")["run_id"] for seed in (1, 2)]
+    a.append(make_run(s, "student", 1, acc=75.0, run_id="sa1")["run_id"])  # student only in fp32
+    b = [make_run(s, "dualvgr", seed, acc=71.0 + seed, run_id=f"b{seed}")["run_id"] for seed in (1, 2, 3)]
+    df, md = compare_runs(s, a, b, "fp32", "bf16")
+    assert list(df["variant"]) == ["dualvgr"]
+    note = next(line for line in md if line.startswith("Not compared"))
+    assert note == "Not compared (2): `student` only in fp32 (seeds 1); `dualvgr` seed 3 only in bf16.", note
