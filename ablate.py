@@ -1,13 +1,13 @@
 """Train, evaluate and compare VideoQA variants.
 
 \b
-    python ablate.py --grid tiny                            # run an ablation grid (grids/tiny.toml), then its report
-    python ablate.py --grid kd-losses --jobs 4              # four runs at a time (one per GPU when there are GPUs)
-    python ablate.py --grid msvd --executor slurm --partition gpu
-    python ablate.py report --grid tiny                     # regenerate reports/tiny.md from the results store
-    python ablate.py run dualvgr --data synthetic:tiny      # one run, per-type accuracy table
-    python ablate.py list                                   # the variant registry
-    python ablate.py results                                # every complete run in the store
+  python ablate.py --grid tiny          # run grids/tiny.toml, then its report
+  python ablate.py --grid kd-losses --jobs 4     # four runs at a time
+  python ablate.py --grid msvd --executor slurm --partition gpu
+  python ablate.py report --grid tiny   # regenerate reports/tiny.md
+  python ablate.py run dualvgr          # one run, per-type accuracy
+  python ablate.py list                 # the variant registry
+  python ablate.py results              # every complete run in the store
 """
 from __future__ import annotations
 
