@@ -1,12 +1,13 @@
 """Train, evaluate and compare VideoQA variants.
 
-    python ablate.py --grid tiny                            # run an ablation grid (grids/tiny.toml), then its report
-    python ablate.py --grid kd-losses --jobs 4              # four runs at a time (one per GPU when there are GPUs)
-    python ablate.py --grid msvd --executor slurm --partition gpu
-    python ablate.py report --grid tiny                     # regenerate reports/tiny.md from the results store
-    python ablate.py run dualvgr --data synthetic:tiny      # one run, per-type accuracy table
-    python ablate.py list                                   # the variant registry
-    python ablate.py results                                # every complete run in the store
+\b
+  python ablate.py --grid tiny          # run grids/tiny.toml, then its report
+  python ablate.py --grid kd-losses --jobs 4     # four runs at a time
+  python ablate.py --grid msvd --executor slurm --partition gpu
+  python ablate.py report --grid tiny   # regenerate reports/tiny.md
+  python ablate.py run dualvgr          # one run, per-type accuracy
+  python ablate.py list                 # the variant registry
+  python ablate.py results              # every complete run in the store
 """
 from __future__ import annotations
 
@@ -22,6 +23,16 @@ from harness.console import error, make_console, say
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 console = make_console()
+
+
+INTERRUPTED = "interrupted; rerun to resume (complete runs are kept, unfinished ones continue from their last " \
+              "completed epoch)"
+
+
+def interrupted() -> typer.Exit:
+    """Ctrl-C: one line saying how to go on, exit code 130 (the shell's for SIGINT)."""
+    say(console, INTERRUPTED, "yellow")
+    return typer.Exit(130)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -117,7 +128,7 @@ def main(
         raise typer.Exit(0)
     from harness import grid as G
     from harness.executor import check_executor_options, run_grid
-    from harness.store import ResultsStore
+    from harness.store import ResultsStore, check_writable
 
     try:
         g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None)
@@ -139,18 +150,21 @@ def main(
     slurm = {**g.executor, **{k: v for k, v in given.items() if v is not None}}
     store = ResultsStore(results)
     try:
+        check_writable(store.root)
         res = run_grid(g, store, executor=ex, jobs=jobs or int(g.executor.get("jobs", 1)), device=device, mode=mode,
                        console=console, slurm=slurm, reuse_other_code=reuse_other_code,
                        refuse_damaged=refuse_damaged)
+        if res.interrupted:
+            raise KeyboardInterrupt
+        _measure_costs(store, res.run_ids, device)
+        reported = _write_report(store, g, reports, res.run_ids,
+                                 regenerate=_command("report", grid=grid, results=results, reports=reports,
+                                                     data=data, seeds=seeds))
+    except KeyboardInterrupt:
+        raise interrupted() from None
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
-    if res.interrupted:
-        raise typer.Exit(130)
-    _measure_costs(store, res.run_ids, device)
-    reported = _write_report(store, g, reports, res.run_ids,
-                             regenerate=_command("report", grid=grid, results=results, reports=reports, data=data,
-                                                 seeds=seeds))
     if res.failed:
         say(console, f"{len(res.failed)} run(s) failed: " + "; ".join(
             f"{f['variant']} seed {f['seed']}: {f['reason']}" for f in res.failed), "red")
@@ -182,7 +196,26 @@ def _command(sub: str | None = None, **options) -> str:
     return shlex.join(words)
 
 
-def _write_report(store, g, reports: str, run_ids: list[str], regenerate: str) -> bool:
+def _planned(store, g, plans=None) -> list[dict] | None:
+    """What each run of the grid (teachers included) is: id, variant, settings label, seed; so that
+    a partial report can say what it lacks. None when the data set is not recorded."""
+    from harness.runner import plan, recorded_info
+
+    if plans is None:
+        try:
+            info = recorded_info(g.data, store)
+            plans = [q for s in g.runs for q in plan(s, info).all_plans()]
+        except user_errors():
+            return None
+    out = {}
+    for q in plans:
+        ov = q.spec.overrides
+        label = q.spec.variant + (f" [{', '.join(f'{k}={v}' for k, v in sorted(ov.items()))}]" if ov else "")
+        out.setdefault(q.run_id, {"run_id": q.run_id, "variant": q.spec.variant, "label": label, "seed": q.spec.seed})
+    return list(out.values())
+
+
+def _write_report(store, g, reports: str, run_ids: list[str], regenerate: str, plans=None) -> bool:
     """Write the grid's report (its header names ``regenerate``, the command that writes it again);
     False (with one error line) when it cannot be written."""
     from harness.report import write_report
@@ -192,7 +225,7 @@ def _write_report(store, g, reports: str, run_ids: list[str], regenerate: str) -
         return True
     try:
         path = write_report(store, g.name, run_ids=run_ids, out_dir=reports, grid_file=str(g.path),
-                            command=regenerate)
+                            command=regenerate, planned=_planned(store, g, plans))
     except user_errors() as e:
         error(console, f"{e}; the report was not written (the results store is unchanged: every complete run is "
                        f"kept); free some space and run `{regenerate}`")
@@ -216,17 +249,18 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
     try:
         g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None)
         info = recorded_info(g.data, store)  # from the store: no feature file is read
-        ids = [*dict.fromkeys(r for s in g.runs for r in plan(s, info).all_run_ids())]
+        plans = [q for s in g.runs for q in plan(s, info).all_plans()]
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
+    ids = [*dict.fromkeys(q.run_id for q in plans)]
     missing = [r for r in ids if not store.is_complete(r)]
     if missing:
-        say(console, f"{len(missing)} of {len(ids)} runs are not complete; the report covers the rest "
-                     f"(run `{_command(grid=grid, results=results, data=data, seeds=seeds)}` to finish them)",
-            "yellow")
+        say(console, f"{len(missing)} of {len(ids)} runs are not complete; the report covers the rest and says "
+                     f"what is missing (run `{_command(grid=grid, results=results, data=data, seeds=seeds)}` to "
+                     "finish them)", "yellow")
     if not _write_report(store, g, reports, ids, _command("report", grid=grid, results=results, reports=reports,
-                                                           data=data, seeds=seeds)):
+                                                           data=data, seeds=seeds), plans):
         raise typer.Exit(2)
 
 
@@ -310,12 +344,13 @@ def run(
     import variants
     from harness import data as D
     from harness.env import check_precision, resolve_device
-    from harness.runner import RunSpec, feature_mode, plan, train
-    from harness.store import ResultsStore
+    from harness.runner import RUN_LOCK, RunSpec, feature_mode, plan, train
+    from harness.store import ResultsStore, check_writable, held_elsewhere
 
     store = ResultsStore(results)
     run_id = None
     try:  # everything is checked before any data is loaded or anything trained
+        check_writable(store.root)
         check_precision(resolve_device(device), precision, train=True)
         spec = RunSpec(variant=variant, data=data, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
                        early_stop=early_stop, glove=not no_glove, precision=precision, overrides=parse_sets(set_))
@@ -324,15 +359,26 @@ def run(
         ds = D.load(data, mode=feature_mode(spec, mode))
         run_id = plan(spec, ds).run_id
         reused = not force and store.usable(run_id, refuse_damaged)  # damaged weights: set aside, retrained
+        waited = not reused and held_elsewhere(store.run_dir(run_id) / RUN_LOCK)
+        if waited:
+            say(console, f"another process is training {run_id}: waiting for it, then showing its record", "yellow")
         record = train(spec, store, data=ds, device=device, force=force, teacher_cache=not no_teacher_cache,
                        refuse_damaged=refuse_damaged)
+    except KeyboardInterrupt:
+        raise interrupted() from None
     except user_errors() as e:
         error(console, e)
         if run_id is not None and store.run_dir(run_id).exists():  # the run started: record why it failed
             _record_failure(store, run_id, {"variant": variant, "seed": seed}, e)
         raise typer.Exit(2)
-    _measure_costs(store, [record["run_id"]], device)
-    if reused:
+    try:
+        _measure_costs(store, [record["run_id"]], device)
+    except KeyboardInterrupt:
+        raise interrupted() from None
+    if waited and not force:
+        say(console, f"trained by another process: {run_id}, not retrained here (the record from "
+                     f"{store.run_dir(run_id)})", "yellow")
+    elif reused:
         say(console, f"already complete: {run_id}, not retrained (the record from {store.run_dir(run_id)}; "
                      f"--force retrains)", "yellow")
     console.print(accuracy_table(record))
@@ -410,10 +456,10 @@ def results(results: str = typer.Option("results", help="Results store directory
                         "epochs_run", "best_epoch", "val_acc", "test_acc", "test_last_acc", "train_samples_per_s")
             if c in df]
     t = Table()
-    for c in cols:
-        t.add_column(c)
+    for c in cols:  # run ids in full (wrapped, never cut short): they are what other commands take
+        t.add_column(c, overflow="fold", min_width=len(max(df["run_id"], key=len)) if c == "run_id" else None)
     for _, r in df[cols].iterrows():
-        t.add_row(*[f"{v:.2f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in r])
+        t.add_row(*[_cell(v) for v in r])
     console.print(t)
     if csv:
         df.to_csv(csv, index=False)
@@ -454,6 +500,13 @@ def migrate(results: str = typer.Option("results", help="Results store directory
         console.print(f"left as is: {rid}: {why}")
     say(console, f"{len(done)} record(s) {'to re-key' if dry_run else 're-keyed'}, {len(left)} left as is "
                  f"(kept in the store, not reused: a grid trains their computation again)")
+
+
+def _cell(v) -> str:
+    """A results-table cell: '-' for an empty one (None or NaN), floats to 2 decimals."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
 def _list_unfinished(store, failed: bool) -> None:

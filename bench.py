@@ -47,14 +47,14 @@ TABLE_COLUMNS = ("variant", "batch_size", "params_total", "macs_per_sample", "la
 def main(
     variant: list[str] = typer.Option(["dualvgr"], help="Variant name or shell wildcard ('teacher-*'); repeatable."),
     config: str = typer.Option("msvd", help=f"Model size preset: {', '.join(CONFIGS)}."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Variant setting key=value (student only), repeatable."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Variant setting key=value, any variant's (module_dim=256, keep_ratio=0.5, logits.T=2), repeatable."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N [default: cuda when available]."),
     batch_size: str = typer.Option("1,32", help="Comma-separated batch sizes."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (compiled during warm-up)."),
-    reps: int = typer.Option(50, help="Timed eval forwards per batch size."),
+    reps: int = typer.Option(50, min=1, help="Timed eval forwards per batch size."),
     warmup: Optional[int] = typer.Option(None, help="Warm-up runs before timing [default: 10 on CUDA, 3 on CPU]."),
-    train_reps: Optional[int] = typer.Option(None, help="Timed training steps per batch size [default: max(5, reps/5)]."),
+    train_reps: Optional[int] = typer.Option(None, min=1, help="Timed training steps per batch size [default: max(5, reps/5)]."),
     no_train: bool = typer.Option(False, "--no-train", help="Skip the training-step measurements."),
     no_flops: bool = typer.Option(False, "--no-flops", help="Skip FLOP counting."),
     question_len: int = typer.Option(12, help="Padded question length of the random inputs."),
@@ -77,12 +77,14 @@ def main(
     if threads is not None:
         torch.set_num_threads(threads)
     _warn_if_loaded(dev)
+    for name in names:  # every variant's settings checked before anything is measured
+        _config(name, config, sets)
     data_rec = _data_layer(data, sizes, dev) if data else {}
     records = []
     for name in names:
-        recs = _measure(name, config, sets, sizes, dev, precision=precision, compile=compile_, reps=reps,
-                        warmup=warmup, train=not no_train, train_reps=train_reps, flops=not no_flops,
-                        question_len=question_len)
+        recs = _measure_alone(name, config, sets, sizes, dev, precision=precision, compile=compile_, reps=reps,
+                              warmup=warmup, train=not no_train, train_reps=train_reps, flops=not no_flops,
+                              question_len=question_len)
         for r in recs:
             r.update(data_rec.get(r["batch_size"], {}))
         records.extend(recs)
@@ -155,15 +157,47 @@ def _data_layer(data: str, sizes: list[int], dev) -> dict[int, dict]:
     return rec
 
 
+def _config(name: str, config: str, sets: dict):
+    try:
+        return variants.get_config(name, **{**CONFIGS[config], **sets})
+    except variants.ConfigError as e:
+        raise typer.BadParameter(str(e), param_hint="--set") from None
+
+
+def _measure_alone(name: str, config: str, sets: dict, sizes: list[int], dev, **options) -> list[dict]:
+    """:func:`_measure` on CPU in a fresh process per variant: the CPU peak memory is the process's
+    peak RSS, which after another variant would include what that one left allocated (the same
+    architecture read 592 MiB measured first, about 770 MiB after another variant), so each
+    variant gets a process of its own and rows compare. On CUDA the peak is reset exactly: in-process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    if dev.type != "cpu":
+        return _measure(name, config, sets, sizes, dev, **options)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure_in_child, torch.get_num_threads(), name, config, sets, sizes, str(dev),
+                           options).result()
+
+
+def _measure_in_child(threads: int, name: str, config: str, sets: dict, sizes: list[int], dev: str,
+                      options: dict) -> list[dict]:
+    import torch
+
+    torch.set_num_threads(threads)
+    recs = _measure(name, config, sets, sizes, torch.device(dev), **options)
+    for r in recs:
+        r.update(measured_in="a fresh process for this variant", pid=os.getpid())
+    return recs
+
+
 def _measure(name: str, config: str, sets: dict, sizes: list[int], dev, **options) -> list[dict]:
     """The records of one variant at the config's size, one per batch size."""
     from harness.env import git_commit
     from harness.measure import measure_variant
 
-    try:
-        cfg = variants.get_config(name, **{**CONFIGS[config], **sets})
-    except variants.ConfigError as e:
-        raise typer.BadParameter(str(e), param_hint="--set") from None
+    cfg = _config(name, config, sets)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     recs = measure_variant(cfg, sizes, dev, teacher_settings=dict(CONFIGS[config]),
                            on_progress=lambda msg: say(err, msg), **options)

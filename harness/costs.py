@@ -23,7 +23,7 @@ import torch
 import variants
 
 from .env import device_name, load_average, resolve_device
-from .store import ResultsStore, atomic_write_json
+from .store import ResultsStore, atomic_write_json, locked
 
 #: p90 / median above this: the timing was disturbed (other work on the machine); reports flag it
 SPREAD_FLAG = 1.5
@@ -96,17 +96,24 @@ def measure_missing(store: ResultsStore, run_ids: list[str], device: str | torch
         key = cost_key(cfg["model"], cfg["arch"], name)
         if force or not _path(store, key).exists():
             todo.setdefault(key, (cfg["model"], cfg["arch"]))
+    measured = 0
     for i, (key, (model_cfg, arch)) in enumerate(todo.items()):
-        say(f"measuring inference cost {i + 1}/{len(todo)}: {key} on {name}")
-        load_before = load_average()
-        rec = measure_one(model_cfg, arch, dev)
-        # other work on the machine while timing: the 1-minute load average before and after
-        rec.update(threads=torch.get_num_threads(), load_average=[load_before, load_average()])
-        rec.update({"key": key, "arch": arch, "model": model_cfg, "device": str(dev), "device_name": name,
-                    "host": platform.node(), "torch_version": torch.__version__,
-                    "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        atomic_write_json(_path(store, key), rec)
-    return len(todo)
+        # one measurement at a time among the processes sharing the store (two `ablate.py run` of one
+        # config finish together: they must not time latency at once); one that waited finds it done
+        with locked(_path(store, key).parent / ".measuring.lock"):
+            if not force and _path(store, key).exists():
+                continue
+            say(f"measuring inference cost {i + 1}/{len(todo)}: {key} on {name}")
+            load_before = load_average()
+            rec = measure_one(model_cfg, arch, dev)
+            # other work on the machine while timing: the 1-minute load average before and after
+            rec.update(threads=torch.get_num_threads(), load_average=[load_before, load_average()])
+            rec.update({"key": key, "arch": arch, "model": model_cfg, "device": str(dev), "device_name": name,
+                        "host": platform.node(), "torch_version": torch.__version__,
+                        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            atomic_write_json(_path(store, key), rec)
+            measured += 1
+    return measured
 
 
 def attach(store: ResultsStore, records: list[dict]) -> list[dict]:

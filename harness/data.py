@@ -9,7 +9,9 @@ A data set is a directory holding (``{name}`` is the data set name, e.g. ``msvd-
                                 video_ids, question_id, answers, glove (vocab, word_dim),
                                 optional question_category (SVQA)
 
-Everything is validated when loaded, and every error names the file and what is wrong. The
+Everything is validated when loaded, and every error names the file and what is wrong. Question
+pickles come from third-party releases: they are read by a restricted unpickler that admits only
+numpy arrays, scalars and dtypes besides plain containers, so loading never runs code. The
 motion dim equals the appearance dim in files from HCRN's / DualVGR's scripts (ResNeXt-101 and
 ResNet-101, both 2048); a motion file written by :mod:`harness.prepare` names its backbone in the
 ``model`` attribute of ``resnext_features`` and may have its own dim (512 for torchvision's video
@@ -154,6 +156,35 @@ class SplitData:
                          question_ids=self.question_ids, video_ids=self.video_ids)
 
 
+# What a question pickle of the format may name: numpy arrays, scalars and dtypes (as numpy 1 and 2
+# write them), and the codec protocol-2 pickles use for bytes. Dicts, lists, tuples, strings and numbers
+# need no global. Anything else (os.system, builtins.eval, torch classes, ...) is refused unrun.
+PICKLE_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+    ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode"),
+})
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _FormatUnpickler(pickle.Unpickler):
+    """Reads question pickles without running their code: a global outside :data:`PICKLE_GLOBALS`
+    is refused (by name) before it is imported or called. Downloaded question files come from third
+    parties, and a plain ``pickle.load`` runs whatever a crafted file's ``__reduce__`` names."""
+
+    def find_class(self, module: str, name: str):
+        canonical = module.replace("numpy.core.", "numpy._core.", 1) if module.startswith("numpy.core.") else module
+        if (canonical, name) not in PICKLE_GLOBALS:
+            raise _RefusedGlobal(f"refused to unpickle global {module}.{name}: a question file holds only dicts, "
+                                 f"lists, numbers, strings and numpy arrays, and loading never runs code")
+        if canonical.startswith("numpy._core.") and not hasattr(np, "_core"):  # numpy 1 spells it numpy.core
+            canonical = canonical.replace("numpy._core.", "numpy.core.", 1)
+        return super().find_class(canonical, name)
+
+
 def _load_questions(path: Path, split: str) -> dict:
     _require(path, f"{split} questions")
     with open(path, "rb") as f:
@@ -163,7 +194,11 @@ def _load_questions(path: Path, split: str) -> dict:
                         f"load it with torch.load and write the dict with pickle.dump")
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f)
+            obj = _FormatUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        if isinstance(e, _RefusedGlobal):
+            raise DataError(f"{path}: {e}") from None
+        raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure is bad input
         raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):

@@ -411,9 +411,7 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
             else:
                 _run_submitit(sched, grid, store, executor, jobs, device, mode, slurm or {}, poll_s)
         except KeyboardInterrupt:
-            result.interrupted = True
-            say(console, "interrupted: finished runs are kept; run the same command again to resume (unfinished "
-                         "runs continue from their last completed epoch)", "yellow")
+            result.interrupted = True  # the caller says so (ablate.py: "interrupted; rerun to resume")
     return result
 
 

@@ -28,12 +28,18 @@ Grid file (``grids/NAME.toml``)::
     partition = "gpu"                  # slurm only: partition, gpus_per_run, time_min, array_parallelism
 
 Every key is checked before anything runs; an error names the file and the key (TOML syntax
-errors name the line).
+errors name the line). ``[set]``, ``[axes]``, ``[[include]]`` and ``[[exclude]]`` accept exactly
+what ``--set`` accepts (:func:`variants.settings`): model and loss settings, ``teacher`` /
+``teachers``, and ``LOSS.weight`` and every parameter of each distillation loss the variant uses,
+whether or not the variant's ``params`` spell it out. An ``[[exclude]]`` entry's variant pattern
+must match a variant of the grid, its values must fit their settings, and it must drop at least one
+run (a setting a run leaves at its default matches that default).
 """
 from __future__ import annotations
 
 import fnmatch
 import itertools
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,13 +86,7 @@ def resolve_path(name_or_path: str | Path) -> Path:
 
 
 def _settings_of(name: str) -> set[str]:
-    cfg = variants.get_config(name)
-    keys = set(cfg.model) | set(cfg.loss)
-    for d in cfg.distill:
-        keys |= {f"{d['name']}.weight"} | {f"{d['name']}.{k}" for k in d["params"]}
-    if cfg.teachers:
-        keys.add("teacher")
-    return keys
+    return set(variants.settings(name))  # exactly what --set accepts
 
 
 def _read(path: Path) -> dict:
@@ -162,15 +162,34 @@ def _combos(where: str, doc: dict, names: list[str], seeds: list[int], seeds_giv
     return combos
 
 
-def _excluder(where: str, doc: dict):
+def _excluder(where: str, doc: dict, names: list[str]):
+    """The ``[[exclude]]`` entries, each checked as ``--set`` would check it (its variant pattern
+    matches a variant of the grid, every key is a setting of a matching variant, every value fits
+    its type and range); returns ``excluded(variant, settings) -> index of the entry or None``."""
     excludes = [dict(e) for e in doc.get("exclude", [])]
+    grid_variants = names + [i["variant"] for i in doc.get("include", []) if isinstance(i.get("variant"), str)]
     for i, ex in enumerate(excludes):
-        if "variant" in ex and not variants.list(ex["variant"]):
-            raise GridError(f"{where}: [[exclude]] #{i + 1}: variant {ex['variant']!r} matches nothing")
+        pattern = ex.get("variant", "*")
+        matching = [n for n in grid_variants if isinstance(pattern, str) and fnmatch.fnmatchcase(n, pattern)]
+        if not matching:
+            raise GridError(f"{where}: [[exclude]] #{i + 1}: variant {pattern!r} matches none of the grid's variants "
+                            f"({', '.join(dict.fromkeys(grid_variants))})")
+        keys = {k: v for k, v in ex.items() if k != "variant"}
+        for k in keys:
+            if not any(k in _settings_of(n) for n in matching):
+                raise GridError(f"{where}: [[exclude]] #{i + 1}: {k!r} is a setting of none of its variants "
+                                f"({', '.join(dict.fromkeys(matching))})")
+        for n in (n for n in matching if set(keys) <= _settings_of(n)):
+            try:
+                variants.get_config(n, **keys)
+            except variants.ConfigError as e:
+                raise GridError(f"{where}: [[exclude]] #{i + 1}: {e}") from None
 
-    def excluded(variant: str, ov: dict) -> bool:
-        return any(all((fnmatch.fnmatchcase(variant, v) if k == "variant" else ov.get(k) == v) for k, v in ex.items())
-                   for ex in excludes)
+    def excluded(variant: str, ov: dict) -> int | None:
+        own = {**variants.settings(variant), **ov}  # a setting the run leaves at its default matches the default
+        return next((i for i, ex in enumerate(excludes)
+                     if all((fnmatch.fnmatchcase(variant, v) if k == "variant" else k in own and own[k] == v)
+                            for k, v in ex.items())), None)
 
     return excluded
 
@@ -186,18 +205,23 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
     if not seeds or not all(_is_int(s) for s in seeds):
         raise GridError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
     data = data or doc.get("data", "synthetic:tiny")
-    excluded = _excluder(where, doc)
+    excluded = _excluder(where, doc, names)
     train = doc.get("train", {})
     runs: list[RunSpec] = []
-    seen = set()
+    seen, used = set(), set()
     for variant, ov, run_seeds in _combos(where, doc, names, seeds, seeds_given):
-        if excluded(variant, ov):
+        if (hit := excluded(variant, ov)) is not None:
+            used.add(hit)
             continue
         for seed in run_seeds:
-            key = (variant, tuple(sorted(ov.items())), seed)
+            key = (variant, json.dumps(ov, sort_keys=True), seed)
             if key not in seen:
                 seen.add(key)
                 runs.append(RunSpec(variant=variant, data=data, seed=seed, overrides=dict(ov), **train))
+    unused = [str(i + 1) for i in range(len(doc.get("exclude", []))) if i not in used]
+    if unused:
+        raise GridError(f"{where}: [[exclude]] #{', #'.join(unused)} match(es) no run of the grid (each key must "
+                        f"equal the run's setting, given in [set], [axes] or [[include]])")
     if not runs:
         raise GridError(f"{where}: the grid expands to no runs")
     return Grid(name=path.stem, path=path, description=doc.get("description", ""), data=data, seeds=seeds,

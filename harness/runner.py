@@ -35,6 +35,7 @@ import torch
 from rich.console import Console
 
 import variants
+from variants.dualvgr import kept_clips
 
 from . import data as D
 from . import identity, teacher_cache
@@ -311,10 +312,14 @@ def _frozen_teacher(store: ResultsStore, trec: dict, dev: torch.device) -> torch
     return tmodel.to(dev).eval().requires_grad_(False)
 
 
+#: the lock file in a run's directory, held by the process training it
+RUN_LOCK = ".lock"
+
+
 @contextmanager
 def run_lock(run_dir: Path):
     """An exclusive lock on a run directory (POSIX advisory lock; held until training ends)."""
-    with locked(run_dir / ".lock"):
+    with locked(run_dir / RUN_LOCK):
         yield
 
 
@@ -589,6 +594,8 @@ class _Run:
             "code": {"fingerprint": identity.code_fingerprint(), "files": list(identity.CODE_FILES)},
             "environment": environment(dev),
             "params": param_counts(self.model), "git_commit": git_commit(), "torch_version": torch.__version__,
+            "clips": {"total": p.cfg.model["num_clips"],
+                      "kept": kept_clips(p.cfg.model["keep_ratio"], p.cfg.model["num_clips"])},
             "python_version": sys.version.split()[0], "device": str(dev), "device_name": device_name(dev),
             "started_at": st.started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(),

@@ -62,8 +62,8 @@ def atomic_output(path: str | Path, nbytes: int | None = None) -> Iterator[Path]
     being written, for the message). Temporaries are named ``.{name}.*.tmp``: a process killed
     midway leaves one, which the owner of the directory may delete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it owner-only; a plain write honours the umask
@@ -102,7 +102,7 @@ def _store_error(path: Path, nbytes: int | None, e: OSError) -> Exception:
         size = f"writing {nbytes:,} bytes" if nbytes is not None else "while writing"
         return StoreError(f"{path}: no space left on the device ({size}); this file was not written (an earlier "
                           f"version, if any, is unchanged)")
-    if e.errno in (errno.EACCES, errno.EROFS):
+    if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOTDIR):
         return StoreError(f"{path}: cannot write here ({e.strerror})")
     return e
 
@@ -112,13 +112,46 @@ def locked(path: str | Path) -> Iterator[None]:
     """An exclusive POSIX advisory lock on the file ``path`` (created), held for the block: one
     process at a time trains a run, builds a teacher's output cache..."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "w")
+    except OSError as e:
+        raise StoreError(f"{path}: cannot write here ({e.strerror})") from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def held_elsewhere(path: str | Path) -> bool:
+    """Whether another process holds the :func:`locked` lock on ``path`` now (False if no such file)."""
+    try:
+        f = open(path, "a")
+    except OSError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def check_writable(root: str | Path, what: str = "results directory") -> None:
+    """Fail at once, naming ``root``, when nothing can be written there (read-only, not a
+    directory, no permission), instead of a traceback from the first write midway."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StoreError(f"{what} {root}: cannot write here ({e.strerror or e}); give a writable one "
+                         f"(--results DIR)") from None
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -308,3 +308,50 @@ def test_torch_zip_questions_and_bad_glove_and_meta_are_named(tmp_path):
     (root / "toy_meta.json").write_text("{broken")
     with pytest.raises(D.DataError, match=r"toy_meta.json: not valid JSON"):
         D.load(root)
+
+
+class _RunsACommand:
+    """A pickle whose loading would run a shell command (what a crafted question file can do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_question_pickle_that_would_run_code_is_refused(tmp_path, protocol):
+    root = write_dataset(tmp_path / "evil")
+    marker = tmp_path / "ran"
+    obj = pickle.load(open(root / "toy_train_questions.pt", "rb"))
+    obj["glove"] = _RunsACommand(marker)
+    (root / "toy_train_questions.pt").write_bytes(pickle.dumps(obj, protocol=protocol))
+    with pytest.raises(D.DataError, match=r"toy_train_questions.pt: refused to unpickle global (posix|os|nt)\.system"):
+        D.load(root)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_question_pickles_of_every_protocol_with_numpy_scalars_and_strings_load(tmp_path, protocol):
+    def edit(split, obj):
+        obj["video_names"] = np.array([f"v{i}" for i in range(8)])
+        obj["names"] = np.array(["a", 1], dtype=object)
+        obj["count"] = np.int64(8)
+        obj["dtype"] = np.dtype("float32")
+        obj["extra"] = {"list": [1, 2.5, "x", (1, 2)], "bytes": b"\x00\xff"}
+
+    root = write_dataset(tmp_path / "p", split_edit=edit)
+    for split in D.SPLITS:
+        f = root / f"toy_{split}_questions.pt"
+        f.write_bytes(pickle.dumps(pickle.loads(f.read_bytes()), protocol=protocol))
+    d = D.load(root)
+    assert len(d.splits["train"]) == 8
+
+
+def test_numpy1_spelling_of_array_globals_is_accepted():
+    from harness.data import _FormatUnpickler
+    import io
+    raw = pickle.dumps(np.arange(4), protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert np.array_equal(_FormatUnpickler(io.BytesIO(raw)).load(), np.arange(4))

@@ -197,3 +197,55 @@ def test_include_seeds_are_kept_and_unknown_variants_named(tmp_path):
         G.load(write(tmp_path, base + '[[include]]\nvariant = "teacher-g9"\n'))
     with pytest.raises(G.GridError, match=r"\[\[include\]\] #1: seeds must be a non-empty list of integers"):
         G.load(write(tmp_path, base + '[[include]]\nvariant = "dualvgr"\nseeds = "x"\n'))
+
+
+@pytest.mark.parametrize("variant,key,values", [
+    ("student-similarity", "similarity.matrix", ["cross", "self"]),
+    ("student-relational", "relational.embedding", ["video", "joint"]),
+    ("student-dkd", "dkd.beta", [4.0, 8.0]),
+    ("student-sp", "sp.feature", ["clip_fused", "video"]),
+    ("student-pkt", "pkt.embedding", ["video", "joint"]),
+])
+def test_any_loss_parameter_that_set_accepts_is_a_grid_axis(tmp_path, variant, key, values):
+    """A loss parameter the variant's default params do not spell out (what --set accepts) works on
+    [axes], [set], [[include]] and [[exclude]] alike."""
+    import variants
+    assert key not in {f"{d['name']}.{k}" for d in variants.get_config(variant).distill for k in d["params"]}
+    g = G.load(write(tmp_path, f'variants = ["{variant}"]\nseeds = [0]\n[axes]\n"{key}" = {json.dumps(values)}\n'))
+    assert sorted(r.overrides[key] for r in g.runs) == sorted(values)
+    g = G.load(write(tmp_path, f'variants = ["{variant}"]\nseeds = [0]\n[set]\n"{key}" = {json.dumps(values[1])}\n'
+                     f'[[include]]\nvariant = "{variant}"\n"{key}" = {json.dumps(values[0])}\n'
+                     f'[[exclude]]\n"{key}" = {json.dumps(values[1])}\n'))
+    assert [r.overrides[key] for r in g.runs] == [values[0]]
+
+
+def test_exclude_keys_and_values_are_checked_and_an_exclude_must_drop_a_run(tmp_path):
+    base = 'variants = ["student-logits"]\nseeds = [0]\n[axes]\n"logits.T" = [2.0, 4.0]\n[[exclude]]\n'
+    cases = [
+        ('"logits.TT" = 2.0\n', r"g.toml: \[\[exclude\]\] #1: 'logits.TT' is a setting of none of its variants"),
+        ('variant = "dualvgr"\n', r"\[\[exclude\]\] #1: variant 'dualvgr' matches none of the grid's variants"),
+        ('"logits.T" = "2"\n', r"\[\[exclude\]\] #1: variant 'student-logits': setting logits.T = '2' must be float"),
+        ('"logits.T" = 3.0\n', r"\[\[exclude\]\] #1 match\(es\) no run of the grid"),
+        ('"similarity.matrix" = "self"\n', r"'similarity.matrix' is a setting of none of its variants"),
+    ]
+    for text, pattern in cases:
+        with pytest.raises(G.GridError, match=pattern):
+            G.load(write(tmp_path, base + text))
+    # a setting left at its default matches its default
+    g = G.load(write(tmp_path, 'variants = ["student-logits", "student-hint"]\nseeds = [0]\n'
+                     '[[exclude]]\n"logits.T" = 4.0\n'))
+    assert [r.variant for r in g.runs] == ["student-hint"]
+
+
+def test_set_and_grid_reject_an_unknown_loss_parameter_alike(tmp_path):
+    import variants
+    with pytest.raises(variants.ConfigError, match=r"distillation loss 'similarity' has no parameter 'matrx'"):
+        variants.get_config("student-similarity", **{"similarity.matrx": "self"})
+    with pytest.raises(G.GridError, match=r"\[axes\] key 'similarity.matrx' is a setting of none"):
+        G.load(write(tmp_path, 'variants = ["student-similarity"]\n[axes]\n"similarity.matrx" = ["self"]\n'))
+
+
+def test_list_valued_settings_on_a_grid(tmp_path):
+    g = G.load(write(tmp_path, 'variants = ["student-similarity-ens"]\nseeds = [0]\n[axes]\n'
+                     'teachers = [["teacher-g4"], ["teacher-g3", "teacher-g4"]]\n'))
+    assert [r.overrides["teachers"] for r in g.runs] == [["teacher-g4"], ["teacher-g3", "teacher-g4"]]

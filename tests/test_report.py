@@ -380,7 +380,7 @@ def test_run_ids_subset_missing_runs_and_several_data_sets(store, tmp_path):
     md = write_report(store, "g", run_ids=ids + ["nope-000"], out_dir=tmp_path).read_text()
     secs = sections(md)
     assert "Data set: fake (`fake-abc123`)" in secs and "Data set: other (`other-999`)" in secs
-    assert "- runs: 5 complete; 1 requested but not complete, left out: `nope-000`" in md
+    assert "- runs: 5 of 6 complete; 1 requested but not complete, left out: `nope-000`" in md
     assert "the control `student` has no run on this data set" in md
     df = pd.read_csv(tmp_path / "g.csv")
     assert list(zip(df["data_id"], df["variant"])) == [("fake-abc123", "dualvgr"), ("fake-abc123", "student"),
@@ -522,3 +522,83 @@ def test_header_names_the_code_and_marks_runs_of_several_fingerprints_and_enviro
     s.write_record(rec)
     md = write_report(s, "g", out_dir=tmp_path / "r").read_text()
     assert "- code: code c0de00000002 (2 runs)" in md and "§" not in md
+
+
+def test_a_partial_report_says_what_is_missing_in_its_header_and_rows(store, tmp_path):
+    """Runs planned but not complete: the header says the report is partial, how many runs, which
+    configurations have no complete run and which seed has none; each row short of seeds says which."""
+    complete = [f"{v}-{DATA['id']}-s{s}" for v, s in ACC if v != "autoencoder"]
+    planned = [{"run_id": f"{v}-{DATA['id']}-s{s}", "variant": v, "label": v, "seed": s}
+               for v in ("dualvgr", "student", "student-logits", "teacher-g4", "student-dkd") for s in (1, 2, 3)]
+    ids = [p["run_id"] for p in planned]
+    md = write_report(store, "part", run_ids=ids, out_dir=tmp_path / "r", boot=S.Bootstrap(resamples=200),
+                      planned=planned).read_text()
+    head = md.split("### Main table")[0]
+    assert f"**Partial report: {len(ids) - len(complete)} of the {len(ids)} planned runs are not complete**" in head
+    assert "configurations with no complete run (1, not in any table): `student-dkd` (seeds 1, 2, 3)" in head
+    assert "seeds with no complete run at all: 3" in head
+    assert f"- runs: {len(complete)} of {len(ids)} complete" in head
+    main = table(sections(md)["Main table"])
+    assert "n=2 of 3 (seed 3 missing)" in main["dualvgr"]
+    assert "n=1 of 3 (seeds 2, 3 missing)" in main["teacher-g4"]
+    csv = pd.read_csv(tmp_path / "r" / "part.csv").set_index("label")
+    assert str(csv.loc["teacher-g4", "seeds_missing"]) == "2;3"
+    # nothing missing: no partial lines, plain n
+    md = write_report(store, "full", run_ids=complete, out_dir=tmp_path / "r", boot=S.Bootstrap(resamples=200),
+                      planned=[p for p in planned if p["run_id"] in complete]).read_text()
+    assert "Partial report" not in md and "n=2 of" not in md
+
+
+def test_ablate_report_of_a_partly_run_grid_names_the_missing_seed_and_variant(tiny, tmp_path):
+    """`ablate.py report --grid` with some of the grid's runs complete: the written report says so."""
+    from typer.testing import CliRunner
+
+    import ablate
+
+    grid = tmp_path / "g.toml"
+    grid.write_text('data = "synthetic:tiny"\nvariants = ["question-only"]\nseeds = [0, 1]\n'
+                    '[train]\nepochs = 1\nbatch_size = 512\n[axes]\nmodule_dim = [16, 24]\n')
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    runner = CliRunner()
+    r = runner.invoke(ablate.app, ["--grid", str(grid), "--results", str(results), "--reports", str(reports),
+                                   "--seeds", "0"])
+    assert r.exit_code == 0, r.output
+    store = ResultsStore(results)
+    store.run_dir(next(x["run_id"] for x in store.iter_records() if x["variant_config"]["model"]["module_dim"] == 24)
+                  ).joinpath("record.json").unlink()  # one configuration with no complete run
+    r = runner.invoke(ablate.app, ["report", "--grid", str(grid), "--results", str(results), "--reports", str(reports)])
+    assert r.exit_code == 0, r.output
+    md = (reports / "g.md").read_text()
+    assert "**Partial report: 3 of the 4 planned runs are not complete**" in md
+    assert "`question-only [module_dim=24]` (seeds 0, 1)" in md
+    assert "seeds with no complete run at all: 1" in md
+    assert "n=1 of 2 (seed 1 missing)" in md
+
+
+def test_rows_of_a_loss_parameter_axis_are_labelled_with_that_parameter(store, tmp_path):
+    """A grid axis over similarity.matrix labels its rows 'student-similarity [similarity.matrix=self]',
+    not with the whole distill JSON (the default spelled out where a run leaves it implicit)."""
+    for seed in (1, 2):
+        for matrix in (None, "self"):
+            rec = make_run(store, "student-logits", seed, acc=70.0 + seed, teachers=("teacher-g4",),
+                           run_id=f"sim-{matrix}-{seed}")
+            rec["variant"] = rec["variant_config"]["name"] = "student-similarity"
+            rec["variant_config"]["distill"] = [{"name": "similarity", "weight": 1.0,
+                                                 "params": {"matrix": matrix} if matrix else {}}]
+            store.run_dir(rec["run_id"]).joinpath("record.json").unlink()
+            store.write_record(rec)
+    groups = group_runs([r for r in store.iter_records() if r["variant"] == "student-similarity"])
+    labels = sorted(g.label for gs in groups.values() for g in gs)
+    assert labels == ["student-similarity [similarity.matrix=cross]", "student-similarity [similarity.matrix=self]"]
+
+
+def test_compare_says_which_variants_and_seeds_it_left_out(tmp_path):
+    from harness.report import compare_runs
+    s = ResultsStore(tmp_path / "results")
+    a = [make_run(s, "dualvgr", seed, acc=70.0 + seed, run_id=f"a{seed}")["run_id"] for seed in (1, 2)]
+    a.append(make_run(s, "student", 1, acc=75.0, run_id="sa1")["run_id"])  # student only in fp32
+    b = [make_run(s, "dualvgr", seed, acc=71.0 + seed, run_id=f"b{seed}")["run_id"] for seed in (1, 2, 3)]
+    df, md = compare_runs(s, a, b, "fp32", "bf16")
+    assert list(df["variant"]) == ["dualvgr"]
+    note = next(line for line in md if line.startswith("Not compared"))
+    assert note == "Not compared (2): `student` only in fp32 (seeds 1); `dualvgr` seed 3 only in bf16.", note

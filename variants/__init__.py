@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 import copy
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -83,6 +84,7 @@ def get_config(name: str, **overrides) -> VariantConfig:
     if spec:
         raise ConfigError(f"variant {name!r}: unknown config sections {sorted(spec)}")
     defaults = {**model, **loss, **{f"{d['name']}.weight": d.get("weight", 1.0) for d in distill},
+                **{f"{d['name']}.{k}": v for d in distill for k, v in loss_params(d["name"]).items()},
                 **{f"{d['name']}.{k}": v for d in distill for k, v in d["params"].items()}}
     for key, value in overrides.items():
         loss_name, _, param = key.partition(".")
@@ -96,8 +98,12 @@ def get_config(name: str, **overrides) -> VariantConfig:
             d = next(d for d in distill if d["name"] == loss_name)
             if param == "weight":
                 d["weight"] = value
-            else:
+            elif param in loss_params(loss_name) or param in d["params"]:
                 d["params"][param] = value
+            else:
+                known = ", ".join(["weight", *loss_params(loss_name)])
+                raise ConfigError(f"variant {name!r}: distillation loss {loss_name!r} has no parameter "
+                                  f"{param!r} (known: {known})")
         else:
             kd = [f"{d['name']}.<param>" for d in distill] + (["teacher"] if teachers else [])
             raise ConfigError(
@@ -113,6 +119,31 @@ def get_config(name: str, **overrides) -> VariantConfig:
         raise ConfigError(f"variant {name!r}: {e}") from None
     return VariantConfig(name=name, arch=arch, description=entry.description, model=model, loss=loss,
                          teachers=teachers, distill=distill)
+
+
+def loss_params(loss: str) -> dict:
+    """The parameters a registered distillation loss's factory accepts, with their defaults (None
+    where the factory has none): every one can be set as ``LOSS.PARAM`` on a variant that uses the
+    loss, by ``--set`` and in a grid, whether or not the variant's ``params`` spell it out."""
+    sig = inspect.signature(LOSSES.get(loss).fn)  # follows functools.wraps, so _factory is optional
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: (None if p.default is inspect.Parameter.empty else p.default)
+            for p in sig.parameters.values() if p.kind in kinds and p.name not in ("student_dim", "teacher_dim")}
+
+
+def settings(name: str) -> dict:
+    """Every setting :func:`get_config` accepts for variant ``name`` (what ``--set`` and a grid's
+    ``[set]``, ``[axes]``, ``[[include]]`` and ``[[exclude]]`` may name), with its default: model and
+    loss settings, ``teacher`` / ``teachers`` for students, and per distillation loss ``LOSS.weight``
+    and every parameter of the loss (:func:`loss_params`)."""
+    cfg = get_config(name)
+    out = {**cfg.model, **cfg.loss}
+    for d in cfg.distill:
+        out[f"{d['name']}.weight"] = d.get("weight", 1.0)
+        out.update({f"{d['name']}.{k}": v for k, v in {**loss_params(d["name"]), **d["params"]}.items()})
+    if cfg.teachers:
+        out.update(teacher=cfg.teachers[0], teachers=builtins.list(cfg.teachers))
+    return out
 
 
 def _type_ok(default, value) -> bool:
@@ -178,4 +209,4 @@ from . import kd_losses  # noqa: E402,F401  (registers the distillation losses)
 from . import zoo  # noqa: E402,F401  (registers the variants)
 
 __all__ = ["VARIANTS", "LOSSES", "ARCHS", "VariantConfig", "register_variant", "list", "describe",
-           "get_config", "build", "create", "objective", "loss_fn", "uses_video", "teacher_settings", "ConfigError", "UnknownNameError", "DATA_KEYS"]
+           "get_config", "settings", "loss_params", "build", "create", "objective", "loss_fn", "uses_video", "teacher_settings", "ConfigError", "UnknownNameError", "DATA_KEYS"]

@@ -373,6 +373,12 @@ def init_reference(model: nn.Module) -> None:
 # ----------------------------------------------------------------------------- models
 
 
+def kept_clips(keep_ratio: float, num_clips: int) -> int:
+    """Clips node sparsity keeps: ``keep_ratio * num_clips`` rounded to a whole clip (at least 1),
+    e.g. 2 of 4 and 5 of 8 at 0.6. Records and report labels state this count."""
+    return max(1, int(round(keep_ratio * int(num_clips))))
+
+
 @dataclass
 class DualVGRConfig:
     question_vocab: int = 4000
@@ -415,6 +421,11 @@ class DualVGRConfig:
             raise ValueError(f"DualVGR config: edge_by must be 'time' or 'feature', got {self.edge_by!r}")
         if not isinstance(self.decoder_hidden, int) or self.decoder_hidden < 0:
             raise ValueError(f"DualVGR config: decoder_hidden must be a non-negative integer, got {self.decoder_hidden!r}")
+        if self.keep_ratio < 1.0 and kept_clips(self.keep_ratio, self.num_clips) >= self.num_clips:
+            raise ValueError(f"DualVGR config: keep_ratio {self.keep_ratio!r} keeps all {self.num_clips} clips "
+                             f"(round({self.keep_ratio!r} x {self.num_clips}) = {self.num_clips}): node sparsity "
+                             f"would drop nothing and cost more than the dense model; use a keep_ratio below "
+                             f"{(self.num_clips - 0.5) / self.num_clips:g}, or 1.0")
         if self.decoder_hidden and self.keep_ratio < 1.0:
             raise ValueError("DualVGR config: the autoencoder (decoder_hidden > 0) reconstructs every clip; "
                              "it cannot be combined with node sparsity (keep_ratio < 1)")
@@ -458,7 +469,7 @@ class DualVGR(nn.Module):
         return self.linguistic_input_unit.encoder_embed
 
     def kept_clips(self, num_clips: int) -> int:
-        return max(1, int(round(self.cfg.keep_ratio * int(num_clips))))
+        return kept_clips(self.cfg.keep_ratio, num_clips)
 
     def select_clips(self, appearance, motion, mot, words, dynamic, lengths):
         """Node sparsity: keep the k most question-relevant clips (relevance = unit 1's query

@@ -174,7 +174,7 @@ def autoencoder_2stage():
 
 @register_variant(tags=("sparse",))
 def sparse_node():
-    """Node sparsity: keep the 60% most question-relevant clips before encoding and graph reasoning."""
+    """Node sparsity: keep the most question-relevant 60% of clips, rounded (2 of 4 at tiny, 5 of 8 at small and msvd), before encoding and graph reasoning."""
     spec = _teacher(graph_layers=1)
     spec["model"]["keep_ratio"] = 0.6
     return spec
@@ -198,7 +198,7 @@ def sparse_edge_feature():
 
 @register_variant(tags=("sparse",))
 def sparse_node_edge():
-    """Node + edge sparsity: keep 60% of clips, each attending to its 2 nearest in time."""
+    """Node + edge sparsity: keep 60% of clips, rounded (2 of 4 at tiny, 5 of 8 at small and msvd), each attending to its 2 nearest in time."""
     spec = _teacher(graph_layers=1)
     spec["model"].update(keep_ratio=0.6, edge_k=2, edge_by="time")
     return spec
