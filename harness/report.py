@@ -634,7 +634,7 @@ def _header(name: str, records: list[dict], missing: list[str], grid_file, basel
     runs = f"{len(records)} complete"
     if missing:
         runs = f"{len(records)} of {len(records) + len(missing)} complete"
-        runs += f"; {len(missing)} requested but not complete, left out: " + ", ".join(f"`{m}`" for m in missing)
+        runs += f"; {len(missing)} requested but not complete, left out: " + ", ".join(missing)
     if superseded:
         runs += (f"; {len(superseded)} superseded by a later run of the same variant, settings and seed, "
                  "left out: " + ", ".join(f"`{m}`" for m in superseded))
@@ -1030,7 +1030,7 @@ def write_report(store: ResultsStore, name: str, run_ids: list[str] | None = Non
         missing: list[str] = []
     else:
         ids = list(dict.fromkeys(run_ids))
-        missing = [_missing(store, r) for r in ids if not store.is_complete(r)]
+        missing = [r for r in ids if not store.is_complete(r)]
         records = [store.read_record(r) for r in ids if store.is_complete(r)]
     records.sort(key=lambda r: r["run_id"])
     records = costs.attach(store, records)  # latency / inference memory measured alone, never during training
@@ -1041,7 +1041,8 @@ def write_report(store: ResultsStore, name: str, run_ids: list[str] | None = Non
     kept = sorted((r for gs in sections.values() for g in gs for r in g.runs), key=lambda r: r["run_id"])
     files_dir = out_dir / f"{name}_files"
     partial = mark_missing(sections, planned or [], missing)
-    lines = _header(name, kept, missing, grid_file, baseline, control, superseded, boot, command, partial)
+    lines = _header(name, kept, [_missing(store, r) for r in missing], grid_file, baseline, control, superseded,
+                    boot, command, partial)
     preds, written, all_rows = _Predictions(store), {}, []
     if not sections:
         lines += ["No complete run.", ""]
