@@ -7,6 +7,9 @@
     python ablate.py run dualvgr --data synthetic:tiny      # one run, per-type accuracy table
     python ablate.py list                                   # the variant registry
     python ablate.py results                                # every complete run in the store
+    python ablate.py run dualvgr --log tensorboard          # watch it live: tensorboard --logdir results/runs
+    python ablate.py export RUN_ID -o teacher.tar           # share a trained run (a teacher) ...
+    python ablate.py import teacher.tar                     # ... and use it in another results store
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from harness.console import error, make_console, say
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 console = make_console()
+LOG_HELP = ("Live logging sink, repeatable: tensorboard (event files under results/runs/<run>/tensorboard) or wandb "
+            "(offline unless W&B is configured)")
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -102,6 +107,7 @@ def main(
     array_parallelism: Optional[int] = typer.Option(None, min=1, help="SLURM jobs running at a time \\[default: the "
                                                     "grid's executor.array_parallelism, else --jobs]."),
     mode: str = typer.Option("auto", help="Feature loading: memory, stream or auto."),
+    log: Optional[list[str]] = typer.Option(None, "--log", help=LOG_HELP + " \\[default: the grid's [log]]."),
 ):
     """Run an ablation grid (--grid), or one of the commands below."""
     if ctx.invoked_subcommand is not None:
@@ -134,7 +140,7 @@ def main(
     store = ResultsStore(results)
     try:
         res = run_grid(g, store, executor=ex, jobs=jobs or int(g.executor.get("jobs", 1)), device=device, mode=mode,
-                       console=console, slurm=slurm)
+                       console=console, slurm=slurm, log=log)
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
@@ -257,12 +263,14 @@ def run(
     no_teacher_cache: bool = typer.Option(False, "--no-teacher-cache", help="A distilled student runs its "
                                           "teachers every step instead of reading their outputs, computed once, "
                                           "from results/runs/<teacher run>/teacher_outputs/ (the same training)."),
+    log: Optional[list[str]] = typer.Option(None, "--log", help=LOG_HELP + "."),
 ):
     """Train and evaluate one variant; print its per-question-type accuracy table."""
     import variants
     from harness import data as D
     from harness.env import check_precision, resolve_device
     from harness.runner import RunSpec, feature_mode, plan, train
+    from harness.sinks import check_sinks
     from harness.store import ResultsStore
 
     store = ResultsStore(results)
@@ -276,7 +284,8 @@ def run(
         ds = D.load(data, mode=feature_mode(spec, mode))
         run_id = plan(spec, ds).run_id
         reused = store.is_complete(run_id) and not force
-        record = train(spec, store, data=ds, device=device, force=force, teacher_cache=not no_teacher_cache)
+        record = train(spec, store, data=ds, device=device, force=force, teacher_cache=not no_teacher_cache,
+                       log=check_sinks(log))
     except user_errors() as e:
         error(console, e)
         if run_id is not None and store.run_dir(run_id).exists():  # the run started: record why it failed
@@ -295,6 +304,43 @@ def run(
     for t in record.get("teachers", []):
         say(console, f"teacher {t['variant']}: run {t['run_id']}, {t['params']:,} parameters, "
                      f"test accuracy {t['test_acc']:.2f}")
+
+
+@app.command("export")
+def export_(run_id: str = typer.Argument(..., help="The run to export (see `ablate.py results`)."),
+            out: str = typer.Option(..., "-o", "--out", help="The bundle to write (a tar file; .tar.gz compresses)."),
+            results: str = typer.Option("results", help="Results store directory.")):
+    """Pack a complete run (record, best weights, config, data id, commit, checksums) into one file to share it."""
+    from harness.bundle import export_run
+    from harness.store import ResultsStore
+
+    try:
+        m = export_run(ResultsStore(results), run_id, out)
+    except user_errors() as e:
+        error(console, e)
+        raise typer.Exit(2)
+    say(console, f"{out}: run {run_id} ({m['variant']}, data {m['data_id']}, commit {m['git_commit']}); "
+                 f"`python ablate.py import {out}` adds it to another results store")
+
+
+@app.command("import")
+def import_(bundle: str = typer.Argument(..., help="A bundle written by `ablate.py export`."),
+            results: str = typer.Option("results", help="Results store directory."),
+            data: Optional[str] = typer.Option(None, help="Where the run's data set is on this machine "
+                                               "\\[default: the data spec its record names].")):
+    """Verify a run bundle (checksums, data id, identity, plain-tensor weights) and add its run to the store,
+    where students find it as a teacher as if it had been trained here."""
+    from harness.bundle import import_bundle
+    from harness.store import ResultsStore
+
+    try:
+        rec, added = import_bundle(bundle, ResultsStore(results), data=data)
+    except user_errors() as e:
+        error(console, e)
+        raise typer.Exit(2)
+    what = "imported" if added else "already in the store, unchanged:"
+    say(console, f"{what} run {rec['run_id']} ({rec['variant']}, seed {rec['seed']}, test accuracy "
+                 f"{rec['metrics']['test']['overall']:.2f}) in {ResultsStore(results).run_dir(rec['run_id'])}")
 
 
 @app.command("list")
