@@ -277,6 +277,7 @@ def run(
     run_id = None
     try:  # everything is checked before any data is loaded or anything trained
         check_precision(resolve_device(device), precision, train=True)
+        sinks = check_sinks(log)
         spec = RunSpec(variant=variant, data=data, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
                        early_stop=early_stop, glove=not no_glove, precision=precision, overrides=parse_sets(set_))
         spec.resolved_train()
@@ -285,7 +286,7 @@ def run(
         run_id = plan(spec, ds).run_id
         reused = store.is_complete(run_id) and not force
         record = train(spec, store, data=ds, device=device, force=force, teacher_cache=not no_teacher_cache,
-                       log=check_sinks(log))
+                       log=sinks)
     except user_errors() as e:
         error(console, e)
         if run_id is not None and store.run_dir(run_id).exists():  # the run started: record why it failed
