@@ -59,6 +59,7 @@ def files_under(root) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
 
 
+@pytest.mark.slow
 def test_imported_teacher_is_used_by_its_student_without_retraining(tiny, exported, tmp_path, monkeypatch):
     trec, bundle = exported
     store = ResultsStore(tmp_path / "empty")

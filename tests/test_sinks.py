@@ -56,6 +56,7 @@ def test_unknown_sink_is_refused_naming_it(data_cache, tmp_path):
     assert G.load(grid).log == ("wandb",)
 
 
+@pytest.mark.slow
 def test_cli_run_log_tensorboard_writes_the_record_values(data_cache, tmp_path):
     pytest.importorskip("tensorboard")
     res = CliRunner().invoke(ablate.app, ["run", "dualvgr", "--epochs", "2", "--batch-size", "128", "--seed", "5",
@@ -86,6 +87,7 @@ def hparams_of(run_dir) -> dict:
     raise AssertionError(f"no session start info among {list(content)}")
 
 
+@pytest.mark.slow
 def test_grid_log_tensorboard_hparams_compare_its_runs(data_cache, tmp_path):
     pytest.importorskip("tensorboard")
     grid = tmp_path / "watched.toml"
@@ -144,6 +146,7 @@ def no_network(monkeypatch, tmp_path):
     monkeypatch.setattr(socket.socket, "connect", local_only)
 
 
+@pytest.mark.slow
 def test_wandb_logs_offline_without_network(tiny, tmp_path, no_network):
     pytest.importorskip("wandb")
     assert S.wandb_mode()[0] == "offline"
