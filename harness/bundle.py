@@ -212,6 +212,19 @@ def verify_identity(where: str, manifest: dict, record: dict, info: D.DataInfo) 
         raise BundleError(f"{where}: identity mismatch: the bundle claims run {rid!r}, but its record's settings "
                           f"(variant, config, seed, training, teachers) on data {claimed!r} are run "
                           f"{planned.run_id!r} here; refused")
+    # what the record and the manifest say of the run is what planning gives (the model is built from it)
+    planned_facts = {"variant_config": planned.cfg.to_dict(), "train_config": planned.train,
+                     "seed": planned.spec.seed, "teacher_runs": [t.run_id for t in planned.teachers]}
+    for key, want in planned_facts.items():
+        for name, said in ((RECORD, record.get(key)), (MANIFEST, (manifest.get("config") or {}).get(key))):
+            if _normal(said) != _normal(want):
+                raise BundleError(f"{where}: identity mismatch: {name} says {key} = {said!r}, but run {rid!r} "
+                                  f"is planned here with {want!r}; refused")
+
+
+def _normal(obj):
+    """``obj`` as JSON reads it back (tuples as lists...), to compare a record with a plan."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
 def load_weights(where: str, record: dict, data: bytes) -> None:

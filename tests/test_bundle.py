@@ -121,6 +121,13 @@ def test_record_whose_identity_is_not_what_it_claims_is_refused(exported, tmp_pa
     m[B.RECORD] = json.dumps(rec).encode()
     refused(write_bundle(tmp_path / "t.tar", m, fix_manifest=True), tmp_path, "identity mismatch")
 
+    m = members_of(bundle)
+    rec = json.loads(m[B.RECORD])
+    rec["variant_config"]["model"]["module_dim"] += 1  # the model built from the record would not be the run's
+    m[B.RECORD] = json.dumps(rec).encode()
+    refused(write_bundle(tmp_path / "t2.tar", m, fix_manifest=True), tmp_path, "identity mismatch: record.json says "
+                                                                               "variant_config")
+
 
 def test_other_data_is_refused(exported, tmp_path, data_cache):
     _, bundle = exported
