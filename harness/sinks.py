@@ -10,8 +10,8 @@ end the record's test and validation accuracy. Nothing is computed twice.
   are written as hyper-parameters, so ``tensorboard --logdir results/runs`` compares a grid's runs
   in its HParams view.
 - ``wandb``: a W&B run named by the run id, in offline mode (files under the run's directory,
-  ``wandb sync`` uploads them later) unless the user has configured W&B (``WANDB_MODE``, or an API
-  key in ``WANDB_API_KEY`` or ``~/.netrc``): never a login prompt.
+  ``wandb sync`` uploads them later) unless the user has configured W&B with an API key
+  (``WANDB_API_KEY`` or ``~/.netrc``; ``WANDB_MODE=offline`` or ``disabled`` is obeyed): never a login prompt.
 
 A tracker that is not installed, cannot start or fails while logging never fails the run: it is
 dropped with a one-line warning naming it and the reason.
@@ -102,10 +102,12 @@ class _TensorBoard:
 
 
 def wandb_mode() -> tuple[str, str]:
-    """(mode, why): the user's ``WANDB_MODE``; online when an API key is configured (``WANDB_API_KEY``,
-    or ``~/.netrc`` for the W&B host); offline otherwise, so that W&B never asks to log in."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"], "WANDB_MODE"
+    """(mode, why): offline or disabled when ``WANDB_MODE`` says so; online when an API key is
+    configured (``WANDB_API_KEY``, or ``~/.netrc`` for the W&B host); offline otherwise, even when
+    ``WANDB_MODE`` asks for online, so that W&B never asks to log in."""
+    asked = os.environ.get("WANDB_MODE", "")
+    if asked in ("offline", "disabled", "dryrun"):
+        return asked, f"WANDB_MODE={asked}"
     if os.environ.get("WANDB_API_KEY"):
         return "online", "WANDB_API_KEY"
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
@@ -160,8 +162,7 @@ class Sinks:
                 getattr(sink, what)(*args)
             except Exception as e:  # noqa: BLE001 - a tracker that fails never fails the run
                 self.open.pop(name)
-                warn = f"{name}: logging failed ({type(e).__name__}: {e}); the run goes on without it"
-                self.warn(warn)
+                self.warn(f"{name}: logging failed ({type(e).__name__}: {e}); the run goes on without it")
 
     def epoch(self, entry: dict) -> None:
         self._each("epoch", entry)

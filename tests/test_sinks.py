@@ -150,6 +150,12 @@ def no_network(monkeypatch, tmp_path):
 def test_wandb_logs_offline_without_network(tiny, tmp_path, no_network):
     pytest.importorskip("wandb")
     assert S.wandb_mode()[0] == "offline"
+    with pytest.MonkeyPatch.context() as mp:  # online asked for, but no key: offline, never a login prompt
+        mp.setenv("WANDB_MODE", "online")
+        assert S.wandb_mode()[0] == "offline"
+        (tmp_path / "netrc").write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
+        mp.setenv("NETRC", str(tmp_path / "netrc"))
+        assert S.wandb_mode()[0] == "online"
     out = io.StringIO()
     store = ResultsStore(tmp_path / "results")
     rec = train(RunSpec(variant="dualvgr", data="synthetic:tiny", seed=7, **FAST), store, data=tiny, device="cpu",
