@@ -8,6 +8,9 @@
   python ablate.py run dualvgr          # one run, per-type accuracy
   python ablate.py list                 # the variant registry
   python ablate.py results              # every complete run in the store
+  python ablate.py run dualvgr --log tensorboard  # watch it live
+  python ablate.py export RUN_ID -o teacher.tar   # share a run ...
+  python ablate.py import teacher.tar   # ... and use it elsewhere
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from harness.console import error, make_console, say
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 console = make_console()
+LOG_HELP = ("Live logging sink, repeatable: tensorboard (event files under results/runs/<run>/tensorboard) or wandb "
+            "(offline unless W&B is configured)")
 
 
 INTERRUPTED = "interrupted; rerun to resume (complete runs are kept, unfinished ones continue from their last " \
@@ -119,6 +124,7 @@ def main(
     refuse_damaged: bool = typer.Option(False, "--refuse-damaged", help="Stop when a complete teacher run's "
                                         "weights are damaged (size or SHA-1 unlike what was written) instead of "
                                         "setting it aside and retraining it."),
+    log: Optional[list[str]] = typer.Option(None, "--log", help=LOG_HELP + " \\[default: the grid's [log]]."),
 ):
     """Run an ablation grid (--grid), or one of the commands below."""
     if ctx.invoked_subcommand is not None:
@@ -153,7 +159,7 @@ def main(
         check_writable(store.root)
         res = run_grid(g, store, executor=ex, jobs=jobs or int(g.executor.get("jobs", 1)), device=device, mode=mode,
                        console=console, slurm=slurm, reuse_other_code=reuse_other_code,
-                       refuse_damaged=refuse_damaged)
+                       refuse_damaged=refuse_damaged, log=log)
         if res.interrupted:
             raise KeyboardInterrupt
         _measure_costs(store, res.run_ids, device)
@@ -339,12 +345,14 @@ def run(
                                           "from results/runs/<teacher run>/teacher_outputs/ (the same training)."),
     refuse_damaged: bool = typer.Option(False, "--refuse-damaged", help="Stop when a complete run (the teachers "
                                         "included) has damaged weights instead of setting it aside and retraining."),
+    log: Optional[list[str]] = typer.Option(None, "--log", help=LOG_HELP + "."),
 ):
     """Train and evaluate one variant; print its per-question-type accuracy table."""
     import variants
     from harness import data as D
     from harness.env import check_precision, resolve_device
     from harness.runner import RUN_LOCK, RunSpec, feature_mode, plan, train
+    from harness.sinks import check_sinks
     from harness.store import ResultsStore, check_writable, held_elsewhere
 
     store = ResultsStore(results)
@@ -352,6 +360,7 @@ def run(
     try:  # everything is checked before any data is loaded or anything trained
         check_writable(store.root)
         check_precision(resolve_device(device), precision, train=True)
+        sinks = check_sinks(log)
         spec = RunSpec(variant=variant, data=data, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
                        early_stop=early_stop, glove=not no_glove, precision=precision, overrides=parse_sets(set_))
         spec.resolved_train()
@@ -363,7 +372,7 @@ def run(
         if waited:
             say(console, f"another process is training {run_id}: waiting for it, then showing its record", "yellow")
         record = train(spec, store, data=ds, device=device, force=force, teacher_cache=not no_teacher_cache,
-                       refuse_damaged=refuse_damaged)
+                       refuse_damaged=refuse_damaged, log=sinks)
     except KeyboardInterrupt:
         raise interrupted() from None
     except user_errors() as e:
@@ -401,6 +410,43 @@ def _record_failure(store, run_id: str, info: dict, e: Exception) -> None:
     state = store.run_dir(run_id) / "state.pt"
     if state.is_file():
         say(console, f"the epochs completed so far are kept in {state}: the same command resumes from there")
+
+
+@app.command("export")
+def export_(run_id: str = typer.Argument(..., help="The run to export (see `ablate.py results`)."),
+            out: str = typer.Option(..., "-o", "--out", help="The bundle to write (a tar file; .tar.gz compresses)."),
+            results: str = typer.Option("results", help="Results store directory.")):
+    """Pack a complete run (record, best weights, config, data id, commit, checksums) into one file to share it."""
+    from harness.bundle import export_run
+    from harness.store import ResultsStore
+
+    try:
+        m = export_run(ResultsStore(results), run_id, out)
+    except user_errors() as e:
+        error(console, e)
+        raise typer.Exit(2)
+    say(console, f"{out}: run {run_id} ({m['variant']}, data {m['data_id']}, commit {m['git_commit']}); "
+                 f"`python ablate.py import {out}` adds it to another results store")
+
+
+@app.command("import")
+def import_(bundle: str = typer.Argument(..., help="A bundle written by `ablate.py export`."),
+            results: str = typer.Option("results", help="Results store directory."),
+            data: Optional[str] = typer.Option(None, help="Where the run's data set is on this machine "
+                                               "\\[default: the data spec its record names].")):
+    """Verify a run bundle (checksums, data id, identity, plain-tensor weights) and add its run to the store,
+    where students find it as a teacher as if it had been trained here."""
+    from harness.bundle import import_bundle
+    from harness.store import ResultsStore
+
+    try:
+        rec, added = import_bundle(bundle, ResultsStore(results), data=data)
+    except user_errors() as e:
+        error(console, e)
+        raise typer.Exit(2)
+    what = "imported" if added else "already in the store, unchanged:"
+    say(console, f"{what} run {rec['run_id']} ({rec['variant']}, seed {rec['seed']}, test accuracy "
+                 f"{rec['metrics']['test']['overall']:.2f}) in {ResultsStore(results).run_dir(rec['run_id'])}")
 
 
 @app.command("list")

@@ -37,6 +37,7 @@ from .console import make_console, progress_bar, say
 from .errors import HarnessError
 from .grid import Grid, GridError
 from .runner import RunSpec, check_plans, feature_mode, plan, stale, train
+from .sinks import check_sinks
 from .store import ResultsStore
 
 _DATA: dict[tuple[str, str], D.VideoQAData] = {}  # per process: each worker loads a data set once
@@ -48,7 +49,7 @@ def _data(spec: str, mode: str) -> D.VideoQAData:
     return _DATA[(spec, mode)]
 
 
-def run_one(spec: dict, results: str, device: str = "auto", mode: str = "auto") -> dict:
+def run_one(spec: dict, results: str, device: str = "auto", mode: str = "auto", log: tuple[str, ...] = ()) -> dict:
     """Train one run of a grid; never raises for a failing run: it is recorded as failed
     (``failed.json`` with reason and traceback in its run directory) and reported."""
     s = RunSpec(**spec)
@@ -58,7 +59,7 @@ def run_one(spec: dict, results: str, device: str = "auto", mode: str = "auto") 
         data = _data(s.data, feature_mode(s, mode))
         run_id = plan(s, data).run_id
         # per-epoch lines named by variant and seed in logs (SLURM, CI); no live bar beside the grid's own
-        rec = train(s, store, data=data, device=device, progress=not sys.stderr.isatty())
+        rec = train(s, store, data=data, device=device, progress=not sys.stderr.isatty(), log=tuple(log))
         (store.run_dir(run_id) / "failed.json").unlink(missing_ok=True)
         return {"run_id": rec["run_id"], "variant": s.variant, "seed": s.seed, "status": "complete",
                 "test_acc": rec["metrics"]["test"]["overall"]}
@@ -77,16 +78,16 @@ class SubmititRun(submitit.helpers.Checkpointable):
     submitit calls :meth:`checkpoint` from its signal handler and requeues the job with the call it
     returns: the same run, which the runner resumes from ``state.pt`` (its last completed epoch)."""
 
-    def __call__(self, spec: dict, results: str, device: str = "auto", mode: str = "auto") -> dict:
+    def __call__(self, spec: dict, results: str, device: str = "auto", mode: str = "auto", log=()) -> dict:
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus:  # as many threads as the job was given CPUs (torch would otherwise use every core of the node)
             torch.set_num_threads(int(cpus))
-        return run_one(spec, results, device, mode)
+        return run_one(spec, results, device, mode, log)
 
-    def checkpoint(self, spec: dict, results: str, device: str = "auto", mode: str = "auto"):
+    def checkpoint(self, spec: dict, results: str, device: str = "auto", mode: str = "auto", log=()):
         print(f"{spec['variant']} seed {spec['seed']}: job time limit or preemption: requeued, the run resumes "
               f"from its last completed epoch", file=sys.stderr, flush=True)
-        return submitit.helpers.DelayedSubmission(self, spec, results, device, mode)
+        return submitit.helpers.DelayedSubmission(self, spec, results, device, mode, log)
 
 
 # --- local worker processes die with the grid's process ----------------------------------------------------
@@ -309,6 +310,7 @@ class _Schedule:
     running: dict = dataclasses.field(default_factory=dict)
     task: int = 0
     store: ResultsStore | None = None  # where the failures the grid gives up on are recorded (failed.json)
+    log: tuple = ()  # logging sinks (harness.sinks) of every run
 
     def __post_init__(self) -> None:
         self.pending = list(self.todo)
@@ -365,14 +367,17 @@ class _Schedule:
 
 def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: int = 1, device: str = "auto",
              mode: str = "auto", console: Console | None = None, slurm: dict | None = None,
-             poll_s: float = 2.0, reuse_other_code: bool = True, refuse_damaged: bool = False) -> GridResult:
+             poll_s: float = 2.0, reuse_other_code: bool = True, refuse_damaged: bool = False,
+             log: tuple[str, ...] | None = None) -> GridResult:
     """Run the grid's runs that are not complete, with the teacher runs they need that are not
     (each once, before its students): in this process (``local``, ``jobs`` 1), in ``jobs`` worker
     processes (``local``), or as submitit job arrays (``slurm``, ``submitit-local``).
     ``reuse_other_code=False``: complete runs computed by other code than this checkout's (their
     records' code fingerprint) are trained again; either way the header says how many there are. A
     complete teacher run whose weights are damaged is set aside and retrained before its students
-    (with ``refuse_damaged``: DamagedRun, before anything trains)."""
+    (with ``refuse_damaged``: DamagedRun, before anything trains). ``log``: the runs' logging sinks
+    (:mod:`harness.sinks`) [default: the grid's ``[log]``]."""
+    log = check_sinks(grid.log if log is None else log)
     console = console or make_console(stderr=True)
     info = D.describe(grid.data)  # run ids from the data set's info: no feature is read here
     store.write_data_info(info.to_dict())
@@ -402,7 +407,7 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     if not todo:
         return result
     with progress_bar(console) as progress:
-        sched = _Schedule(grid.name, todo, own, result, console, progress, store=store)
+        sched = _Schedule(grid.name, todo, own, result, console, progress, store=store, log=log)
         try:
             if executor == "local" and jobs <= 1:
                 _run_serial(sched, store, device, mode)
@@ -422,7 +427,7 @@ def _run_serial(sched: _Schedule, store: ResultsStore, device: str, mode: str) -
         if not ready:
             return
         p = ready[0]
-        sched.finished(p, run_one(sched.start(p), str(store.root), device, mode))
+        sched.finished(p, run_one(sched.start(p), str(store.root), device, mode, sched.log))
 
 
 def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mode: str) -> None:
@@ -441,7 +446,7 @@ def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mod
             for w, p in zip(idle, sched.ready()):
                 slot = workers.index(w)
                 dev = f"cuda:{slot % ngpu}" if ngpu else ("cpu" if device == "auto" else device)
-                w.submit(p, (sched.start(p), str(store.root), dev, mode))
+                w.submit(p, (sched.start(p), str(store.root), dev, mode, sched.log))
             busy = [w for w in workers if w.job is not None]
             if not busy:
                 return
@@ -552,7 +557,7 @@ def _run_submitit(sched: _Schedule, grid: Grid, store: ResultsStore, executor: s
             specs = [sched.start(p) for p in wave]
             try:
                 jobs_ = ex.map_array(SubmititRun(), specs, [str(root)] * len(wave), [device] * len(wave),
-                                     [mode] * len(wave))
+                                     [mode] * len(wave), [sched.log] * len(wave))
             except submitit.core.utils.FailedJobError as e:  # sbatch refused the jobs; its message says why
                 hint = (" (the partition has no GPUs? --gpus-per-run 0 asks for none)"
                         if "gres" in str(e).lower() else "")

@@ -26,6 +26,9 @@ Grid file (``grids/NAME.toml``)::
     kind = "local"                     # local | slurm | submitit-local
     jobs = 1
     partition = "gpu"                  # slurm only: partition, gpus_per_run, time_min, array_parallelism
+    [log]                              # live logging sinks (harness.sinks), off by default
+    tensorboard = true                 # event files under each run's directory
+    wandb = false                      # W&B, offline unless W&B is configured
 
 Every key is checked before anything runs; an error names the file and the key (TOML syntax
 errors name the line). ``[set]``, ``[axes]``, ``[[include]]`` and ``[[exclude]]`` accept exactly
@@ -47,10 +50,12 @@ from pathlib import Path
 import variants
 
 from .errors import HarnessError
+from .sinks import SINKS
 from .runner import TRAIN_CHECKS, RunSpec, SettingError, _is_int, check_train_settings
 
 GRID_DIR = Path(__file__).resolve().parent.parent / "grids"
-TOP_KEYS = {"description", "data", "seeds", "variants", "train", "set", "axes", "include", "exclude", "executor"}
+TOP_KEYS = {"description", "data", "seeds", "variants", "train", "set", "axes", "include", "exclude", "executor",
+            "log"}
 TRAIN_KEYS = set(TRAIN_CHECKS)
 EXECUTOR_KEYS = {"kind", "jobs", "partition", "gpus_per_run", "time_min", "array_parallelism", "cpus_per_run",
                  "mem_gb", "device"}
@@ -70,6 +75,7 @@ class Grid:
     seeds: list[int]
     runs: list[RunSpec]
     executor: dict = field(default_factory=dict)
+    log: tuple[str, ...] = ()  # logging sinks of harness.sinks
 
 
 def resolve_path(name_or_path: str | Path) -> Path:
@@ -100,7 +106,7 @@ def _read(path: Path) -> dict:
         raise GridError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(TOP_KEYS))})")
     if "variants" not in doc:
         raise GridError(f"{where}: missing key 'variants'")
-    for section in ("train", "set", "axes", "executor"):
+    for section in ("train", "set", "axes", "executor", "log"):
         if not isinstance(doc.get(section, {}), dict):
             raise GridError(f"{where}: [{section}] must be a table")
     train = doc.get("train", {})
@@ -225,7 +231,17 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
     if not runs:
         raise GridError(f"{where}: the grid expands to no runs")
     return Grid(name=path.stem, path=path, description=doc.get("description", ""), data=data, seeds=seeds,
-                runs=order_runs(runs), executor=doc.get("executor", {}))
+                runs=order_runs(runs), executor=doc.get("executor", {}), log=_log_sinks(where, doc.get("log", {})))
+
+
+def _log_sinks(where: str, table: dict) -> tuple[str, ...]:
+    """The sinks a grid's ``[log]`` table turns on (``tensorboard = true``...)."""
+    for k, v in table.items():
+        if k not in SINKS:
+            raise GridError(f"{where}: [log] has unknown key {k!r} (known: {', '.join(SINKS)})")
+        if not isinstance(v, bool):
+            raise GridError(f"{where}: [log] {k} = {v!r} is not true or false")
+    return tuple(k for k in SINKS if table.get(k))
 
 
 def _include(where: str, i: int, inc: dict, fixed: dict, seeds: list[int], seeds_given: bool

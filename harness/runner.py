@@ -46,6 +46,7 @@ from .env import (TRAIN_PRECISIONS, check_precision, device_name, environment, g
 from .errors import HarnessError
 from .evaluate import ABLATIONS, evaluate
 from .measure import param_counts, random_answers, random_inputs
+from .sinks import Sinks, check_sinks, run_hparams
 from .step import TrainStep, build_step, make_objective
 from .store import WEIGHTS, DamagedRun, ResultsStore, atomic_torch_save, atomic_write_bytes, file_digest, locked
 from .teacher_cache import TeacherOutputs
@@ -250,7 +251,7 @@ def feature_mode(spec: RunSpec, mode: str = "auto") -> str:
 def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQAData | None = None,
           device: str | torch.device | None = "auto", force: bool = False, progress: bool = True,
           console: Console | None = None, log_every: int = 25, stop_after_epochs: int | None = None,
-          teacher_cache: bool = True, refuse_damaged: bool = False) -> dict:
+          teacher_cache: bool = True, refuse_damaged: bool = False, log: tuple[str, ...] = ()) -> dict:
     """Train and evaluate one run; returns its record (also written to ``store``).
 
     A complete run already in the store is returned as is (unless ``force``). An incomplete one
@@ -262,8 +263,10 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
     record was computed by the code of this fingerprint (:func:`harness.identity.code_fingerprint`);
     otherwise it is trained again from scratch. A complete run (this one, or a teacher) whose weights
     are damaged is set aside and retrained (:meth:`ResultsStore.usable`), or, with ``refuse_damaged``,
-    refused (DamagedRun).
+    refused (DamagedRun). ``log``: live logging sinks (:mod:`harness.sinks`) for the runs trained now,
+    teachers included; not part of the run id either.
     """
+    log = check_sinks(log)
     store = store or ResultsStore()
     console = console or Console(stderr=True)
     dev = resolve_device(device)
@@ -279,13 +282,13 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
     teachers, teacher_records = [], []
     for tp in p.teachers:  # found in the store by their config, data set and seed, or trained now
         trec = train(tp.spec, store, data=data, device=dev, progress=progress, console=console, log_every=log_every,
-                     teacher_cache=teacher_cache, refuse_damaged=refuse_damaged)
+                     teacher_cache=teacher_cache, refuse_damaged=refuse_damaged, log=log)
         teachers.append(_frozen_teacher(store, trec, dev))
         teacher_records.append(trec)
     with run_lock(store.run_dir(p.run_id)):  # one process trains a given run; others wait, then read its record
         if not force and store.usable(p.run_id, refuse_damaged):
             return store.read_record(p.run_id)
-        run = _Run(p, store, data, dev, teachers, teacher_records, console, progress, log_every, teacher_cache)
+        run = _Run(p, store, data, dev, teachers, teacher_records, console, progress, log_every, teacher_cache, log)
         return run.execute(force, stop_after_epochs)
 
 
@@ -381,7 +384,7 @@ class _Run:
 
     def __init__(self, p: Plan, store: ResultsStore, data: D.VideoQAData, dev: torch.device,
                  teachers: list[torch.nn.Module], teacher_records: list[dict], console: Console, progress: bool,
-                 log_every: int, teacher_cache: bool = True):
+                 log_every: int, teacher_cache: bool = True, log: tuple[str, ...] = ()):
         self.p, self.store, self.data, self.dev = p, store, data, dev
         self.teachers, self.teacher_records = teachers, teacher_records
         self.console, self.show_progress, self.log_every = console, progress, log_every
@@ -390,6 +393,7 @@ class _Run:
         self.precision = p.train.get("precision", "fp32")
         self.use_teacher_cache = teacher_cache and bool(teachers)
         self.tcache: TeacherOutputs | None = None
+        self.log = log
         self.t_process = time.perf_counter()
 
     # -- set up
@@ -494,7 +498,7 @@ class _Run:
             self.state.teacher_step_samples += count
         self.sched.step()
         return {"epoch": epoch, "loss": loss_sum / count, "train_acc": 100 * correct / count,
-                "lr": self.step.optimizer.param_groups[0]["lr"], "train_time_s": dt,
+                "lr": self.step.optimizer.param_groups[0]["lr"], "train_time_s": dt, "train_samples_per_s": count / dt,
                 **{f"loss_{k}": float(v) / count for k, v in part_sums.items()}}
 
     def end_epoch(self, rec: dict) -> None:
@@ -502,6 +506,7 @@ class _Run:
         val, _ = evaluate(self.model, self.splits["val"], self.features, self.data.type_names, self.eval_batch,
                           self.dev, precision=self.precision)
         rec["val_acc"] = val["overall"]
+        rec["val_acc_per_type"] = val["per_type"]
         st = self.state
         st.history.append(rec)
         if val["overall"] > st.best["acc"]:
@@ -530,6 +535,17 @@ class _Run:
 
     def execute(self, force: bool, stop_after_epochs: int | None) -> dict:
         self.setup(force)
+        p = self.p
+        sinks = Sinks(self.log, self.run_dir, run_hparams(
+            p.run_id, p.spec.variant, p.spec.seed, self.data.data_id, list(p.cfg.teachers),
+            [t.run_id for t in p.teachers], p.train, p.spec.overrides),
+            warn=lambda msg: say(self.console, f"{p.run_id}: {msg}", "yellow"))
+        try:
+            return self._epochs_then_record(stop_after_epochs, sinks)
+        finally:
+            sinks.close()
+
+    def _epochs_then_record(self, stop_after_epochs: int | None, sinks: Sinks) -> dict:
         tc, st = self.p.train, self.state
         epochs, first = tc["epochs"], st.next_epoch
         steps = D.num_batches(len(self.splits["train"]), self.batch_size, self.drop_last)
@@ -541,6 +557,7 @@ class _Run:
                 display.epoch_start(epoch)
                 rec = self.train_epoch(epoch, display)
                 self.end_epoch(rec)
+                sinks.epoch(rec)  # the values the record's history now holds
                 display.epoch_end(f"epoch {epoch + 1}/{epochs} loss {rec['loss']:.3f} train {rec['train_acc']:.1f}% "
                                   f"val {rec['val_acc']:.1f}%", epoch + 1)
                 if stop_after_epochs is not None and epoch + 1 - first >= stop_after_epochs and epoch + 1 < epochs:
@@ -551,7 +568,9 @@ class _Run:
             raise RunFailed(f"{self.p.run_id}: no epoch was trained (epochs={epochs})")
         peak = torch.cuda.max_memory_allocated(self.dev) / 2 ** 20 if self.dev.type == "cuda" and first < epochs else None
         metrics = self.final_eval()
-        return self.record(metrics, peak)
+        record = self.record(metrics, peak)
+        sinks.final(record)
+        return record
 
     def final_eval(self) -> dict:
         """Test at the last epoch and at the best-validation epoch (and the ablations there);

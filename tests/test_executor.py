@@ -209,9 +209,9 @@ def test_checkpoint_requeues_the_same_run():
     run = E.SubmititRun()
     assert isinstance(run, submitit.helpers.Checkpointable)
     spec = {"variant": "dualvgr", "seed": 0}
-    d = run.checkpoint(spec, "/r", "cpu", "memory")
+    d = run.checkpoint(spec, "/r", "cpu", "memory", ("tensorboard",))
     assert isinstance(d, submitit.helpers.DelayedSubmission)
-    assert d.function is run and d.args == (spec, "/r", "cpu", "memory")
+    assert d.function is run and d.args == (spec, "/r", "cpu", "memory", ("tensorboard",))  # its logging sinks too
 
 
 def _children() -> dict[int, set[int]]:

@@ -125,7 +125,7 @@ def test_implicit_teachers_are_counted_and_scheduled_once_before_their_students(
                      'seeds = [0]\n' + MICRO_TRAIN))
     calls = []
 
-    def fake_run_one(spec, results, device="auto", mode="auto"):
+    def fake_run_one(spec, results, device="auto", mode="auto", log=()):
         calls.append(spec["variant"])
         return {"run_id": "x", "variant": spec["variant"], "seed": spec["seed"], "status": "failed",
                 "reason": "RunFailed: loss became nan in epoch 1"}
