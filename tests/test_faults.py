@@ -20,7 +20,7 @@ cli = CliRunner()
 run_one = E.run_one  # the real one (tests replace E.run_one)
 
 
-def _faulty_run_one(spec, results, device="auto", mode="auto"):
+def _faulty_run_one(spec, results, device="auto", mode="auto", log=()):
     """run_one in a worker, except for the seeds named in $FAULTS_DIR: seed 1 is SIGKILLed (kill -9,
     the OOM killer), seed 2 dies of SIGBUS reading a memory-mapped file truncated under it (a teacher
     output cache truncated by another process). Each fault fires once (its marker file is removed)."""
@@ -34,10 +34,10 @@ def _faulty_run_one(spec, results, device="auto", mode="auto"):
         arr = np.load(path, mmap_mode="r")
         os.truncate(path, 0)
         float(arr.sum())  # SIGBUS: the pages behind the map are gone
-    return run_one(spec, results, device, mode)
+    return run_one(spec, results, device, mode, log)
 
 
-def _kill_seed_1(spec, results, device="auto", mode="auto"):
+def _kill_seed_1(spec, results, device="auto", mode="auto", log=()):
     """A worker's run that does not train: seed 1 kills its worker (SIGKILL), the others complete."""
     if spec["seed"] == 1:
         os.kill(os.getpid(), signal.SIGKILL)
