@@ -92,30 +92,30 @@ def main(
     ctx: typer.Context,
     grid: Optional[str] = typer.Option(None, "--grid", help="Run the grid grids/NAME.toml (or a path to a grid "
                                        "file): complete runs are skipped, teachers run first, then the report is written."),
-    jobs: Optional[int] = typer.Option(None, min=1, help="Runs at a time \\[default: the grid's executor.jobs, else 1]."),
+    jobs: Optional[int] = typer.Option(None, min=1, help="Runs at a time [default: the grid's executor.jobs, else 1]."),
     executor: Optional[str] = typer.Option(None, help="local (processes on this machine), slurm (a submitit job "
-                                           "array), or submitit-local \\[default: the grid's, else local]."),
+                                           "array), or submitit-local [default: the grid's, else local]."),
     data: Optional[str] = typer.Option(None, help="Override the grid's data set."),
     seeds: Optional[str] = typer.Option(None, help="Override the grid's seeds, comma-separated."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:N \\[default: cuda when available; with --jobs, "
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N [default: cuda when available; with --jobs, "
                                "runs are spread over the GPUs]."),
     results: str = typer.Option("results", help="Results store directory."),
     reports: str = typer.Option("reports", help="Where the report goes."),
-    partition: Optional[str] = typer.Option(None, help="SLURM partition \\[default: the grid's executor.partition, "
+    partition: Optional[str] = typer.Option(None, help="SLURM partition [default: the grid's executor.partition, "
                                             "else the cluster's default partition]."),
     gpus_per_run: Optional[int] = typer.Option(None, min=0, help="GPUs per SLURM job (--gpus-per-node); 0 for a "
-                                               "CPU-only partition \\[default: the grid's executor.gpus_per_run, else 1 "
+                                               "CPU-only partition [default: the grid's executor.gpus_per_run, else 1 "
                                                "when --device is cuda, else none requested]."),
     cpus_per_run: Optional[int] = typer.Option(None, min=1, help="CPUs per SLURM job (--cpus-per-task); torch uses "
-                                               "as many threads \\[default: the grid's executor.cpus_per_run, else "
+                                               "as many threads [default: the grid's executor.cpus_per_run, else "
                                                "the cluster's default]."),
     mem_gb: Optional[float] = typer.Option(None, min=0, help="Memory per SLURM job, GB (--mem; 0 is SLURM's 'all of "
-                                           "the node's memory') \\[default: the grid's executor.mem_gb, else the "
+                                           "the node's memory') [default: the grid's executor.mem_gb, else the "
                                            "cluster's default]."),
     time_min: Optional[int] = typer.Option(None, min=1, help="SLURM time limit per job, minutes; a run that reaches "
-                                           "it is requeued and resumes from its last completed epoch \\[default: the "
+                                           "it is requeued and resumes from its last completed epoch [default: the "
                                            "grid's executor.time_min, else the partition's default time limit]."),
-    array_parallelism: Optional[int] = typer.Option(None, min=1, help="SLURM jobs running at a time \\[default: the "
+    array_parallelism: Optional[int] = typer.Option(None, min=1, help="SLURM jobs running at a time [default: the "
                                                     "grid's executor.array_parallelism, else --jobs]."),
     mode: str = typer.Option("auto", help="Feature loading: memory, stream or auto."),
     reuse_other_code: bool = typer.Option(True, help="Reuse complete runs computed by other code than this "
@@ -124,7 +124,7 @@ def main(
     refuse_damaged: bool = typer.Option(False, "--refuse-damaged", help="Stop when a complete teacher run's "
                                         "weights are damaged (size or SHA-1 unlike what was written) instead of "
                                         "setting it aside and retraining it."),
-    log: Optional[list[str]] = typer.Option(None, "--log", help=LOG_HELP + " \\[default: the grid's [log]]."),
+    log: Optional[list[str]] = typer.Option(None, "--log", help=LOG_HELP + " [default: the grid's [log]]."),
 ):
     """Run an ablation grid (--grid), or one of the commands below."""
     if ctx.invoked_subcommand is not None:
@@ -433,7 +433,7 @@ def export_(run_id: str = typer.Argument(..., help="The run to export (see `abla
 def import_(bundle: str = typer.Argument(..., help="A bundle written by `ablate.py export`."),
             results: str = typer.Option("results", help="Results store directory."),
             data: Optional[str] = typer.Option(None, help="Where the run's data set is on this machine "
-                                               "\\[default: the data spec its record names].")):
+                                               "[default: the data spec its record names].")):
     """Verify a run bundle (checksums, data id, identity, plain-tensor weights) and add its run to the store,
     where students find it as a teacher as if it had been trained here."""
     from harness.bundle import import_bundle

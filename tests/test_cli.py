@@ -150,6 +150,7 @@ def test_help_at_80_columns_shows_every_option_name_whole(name, argv):
             if opt.startswith("-"):
                 assert opt in words, f"{name} {argv} --help at 80 columns: {opt} not shown whole\n{r.output}"
     assert max(len(line) for line in r.output.splitlines()) <= 80, r.output
+    assert "\\[" not in r.output, f"{name} {argv} --help shows a markup escape (rich markup is off): {r.output}"
 
 
 def test_requires_python_covers_the_standard_library_modules_used():
