@@ -188,12 +188,9 @@ def plan(spec: RunSpec, data: D.DataInfo | D.VideoQAData) -> Plan:
 def _check_objective(cfg: variants.VariantConfig, teachers: list["Plan"]) -> None:
     """Build the variant's objective once, so that a bad loss setting (``--set logits.T=-1``) fails
     when the run is planned, before its teachers train, not hours later."""
-    dims = sorted({t.cfg.model["module_dim"] for t in teachers})
-    if len(dims) > 1:
-        raise variants.ConfigError(f"{cfg.name}: teachers {cfg.teachers} have different module_dim {dims}; "
-                                   f"distillation losses take one teacher width")
+    width = variants.teacher_width(cfg, [t.cfg.model["module_dim"] for t in teachers])
     try:
-        variants.objective(cfg, teacher_dim=dims[0] if dims else None)
+        variants.objective(cfg, teacher_dim=width)
     except (ValueError, TypeError) as e:
         raise variants.ConfigError(f"variant {cfg.name!r}: {e}") from None
 
@@ -614,7 +611,7 @@ class _Run:
             "environment": environment(dev),
             "params": param_counts(self.model), "git_commit": git_commit(), "torch_version": torch.__version__,
             "clips": {"total": p.cfg.model["num_clips"],
-                      "kept": kept_clips(p.cfg.model["keep_ratio"], p.cfg.model["num_clips"])},
+                      "kept": kept_clips(p.cfg.model.get("keep_ratio", 1.0), p.cfg.model["num_clips"])},
             "python_version": sys.version.split()[0], "device": str(dev), "device_name": device_name(dev),
             "started_at": st.started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(),
