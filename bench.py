@@ -22,16 +22,16 @@ from rich.table import Table
 
 import variants
 from harness.console import make_console, say
+from harness.sizes import SIZES
 from harness.store import atomic_write_json
-from harness.synthetic import PRESETS
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 console = make_console()
 err = make_console(stderr=True)
 
-#: model sizes: those of the synthetic presets (msvd = the reference's MSVD-QA setting)
-CONFIGS = {name: p.model_config() for name, p in PRESETS.items()}
+#: model sizes (harness.sizes; msvd = the reference's MSVD-QA setting), which the synthetic presets share
+CONFIGS = {name: size.model_config() for name, size in SIZES.items()}
 
 #: fields every record has (null where a field cannot be measured on the device)
 REQUIRED_FIELDS = ("variant", "config", "device", "gpu_name", "torch_version", "batch_size", "precision",

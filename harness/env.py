@@ -44,6 +44,13 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op elsewhere. Only around timed regions:
+    never inside a training step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":

@@ -51,7 +51,8 @@ import variants
 
 from .errors import HarnessError
 from .sinks import SINKS
-from .runner import TRAIN_CHECKS, RunSpec, SettingError, _is_int, check_train_settings
+from .runner import RunSpec
+from .settings import TRAIN_CHECKS, SettingError, check_train_settings, is_int
 
 GRID_DIR = Path(__file__).resolve().parent.parent / "grids"
 TOP_KEYS = {"description", "data", "seeds", "variants", "train", "set", "axes", "include", "exclude", "executor",
@@ -208,7 +209,7 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
     names = _variant_names(where, doc["variants"])
     seeds_given = seeds is not None  # the command line's seeds replace every seed list of the file
     seeds = list(seeds if seeds is not None else doc.get("seeds", [666]))
-    if not seeds or not all(_is_int(s) for s in seeds):
+    if not seeds or not all(is_int(s) for s in seeds):
         raise GridError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
     data = data or doc.get("data", "synthetic:tiny")
     excluded = _excluder(where, doc, names)

@@ -44,6 +44,8 @@ from pathlib import Path
 import variants
 from variants.losses import LOSS_TERMS
 
+from .settings import TRAIN_DEFAULTS
+
 #: the identity scheme of run ids made now (see the module docstring)
 SCHEME = 2
 #: settings that did not always exist, and the value that reproduces what the code did before them:
@@ -115,15 +117,12 @@ def model_defaults(arch: str) -> dict:
 def computation(cfg_dict: dict, data_id: str, seed: int, train: dict, teacher_runs: list | None = None) -> dict:
     """The resolved computation of a run (see the module docstring) from a variant config as
     ``VariantConfig.to_dict`` gives it (or a record's ``variant_config``)."""
-    from .runner import REFERENCE_TRAIN  # the training settings' defaults (runner imports this module)
-
     defaults = model_defaults(cfg_dict["arch"])
     model = {**defaults, **cfg_dict.get("model", {})}
     loss = {**LOSS_TERMS, **cfg_dict.get("loss", {})}
-    train_defaults = {**REFERENCE_TRAIN, "early_stop": None, "glove": True, "precision": "fp32"}
     return {"scheme": SCHEME, "arch": cfg_dict["arch"], "model": _section("model", model, defaults),
             "loss": _section("loss", loss, LOSS_TERMS), "distill": _distill(cfg_dict.get("distill", [])),
-            "teachers": builtins.list(teacher_runs or []), "train": _section("train", train, train_defaults),
+            "teachers": builtins.list(teacher_runs or []), "train": _section("train", train, TRAIN_DEFAULTS),
             "data": data_id, "seed": seed}
 
 
@@ -232,10 +231,7 @@ def migration(record: dict, new_teacher_ids: dict[str, str]) -> tuple[str | None
 
 
 def _train_unspelled(train: dict) -> list[str]:
-    from .runner import REFERENCE_TRAIN
-
-    keys = [*REFERENCE_TRAIN, "early_stop", "glove", "precision"]
-    return [f"train.{k}" for k in keys if k not in train and f"train.{k}" not in NEUTRAL]
+    return [f"train.{k}" for k in TRAIN_DEFAULTS if k not in train and f"train.{k}" not in NEUTRAL]
 
 
 def _rekeyed(record: dict, new_id: str, mapping: dict[str, str]) -> dict:

@@ -41,19 +41,18 @@ from . import data as D
 from . import identity, teacher_cache
 from .bill import run_compute
 from .console import progress_bar, say
-from .env import (TRAIN_PRECISIONS, check_precision, device_name, environment, git_commit, resolve_device,
+from .env import (check_precision, device_name, environment, git_commit, resolve_device,
                   seed_everything)
+from .env import sync as _sync
 from .errors import HarnessError
 from .evaluate import ABLATIONS, evaluate
-from .measure import param_counts, random_answers, random_inputs
+from .inputs import param_counts, random_answers, random_inputs
+from .settings import REFERENCE_TRAIN, TRAIN_CHECKS, TRAIN_DEFAULTS, check_train_settings
 from .sinks import Sinks, check_sinks, run_hparams
 from .step import TrainStep, build_step, make_objective
 from .store import WEIGHTS, DamagedRun, ResultsStore, atomic_torch_save, atomic_write_bytes, file_digest, locked
 from .teacher_cache import TeacherOutputs
 
-#: the reference's training recipe (anchors.md); data sets may suggest their own (synthetic presets)
-REFERENCE_TRAIN = {"epochs": 25, "batch_size": 256, "lr": 1e-4, "lr_decay_every": 10, "lr_decay": 0.5,
-                   "grad_clip": 12.0}
 RECORD_VERSION = 1
 
 
@@ -68,9 +67,10 @@ class RunSpec:
     lr_decay_every: int | None = None
     lr_decay: float | None = None
     grad_clip: float | None = None
-    early_stop: int | None = None  # patience in epochs without a better val accuracy; None = off
-    glove: bool = True
-    precision: str = "fp32"  # fp32 (TF32 matmuls allowed on CUDA) or bf16 (autocast for training and evaluation)
+    early_stop: int | None = TRAIN_DEFAULTS["early_stop"]  # patience (epochs without a better val accuracy); None: off
+    glove: bool = TRAIN_DEFAULTS["glove"]
+    precision: str = TRAIN_DEFAULTS["precision"]  # fp32 (TF32 matmuls allowed on CUDA) or bf16 (autocast for
+    # training and evaluation)
     overrides: dict = field(default_factory=dict)  # variant settings (module_dim=..., alpha=...)
     #: reuse a complete run only if this code fingerprint computed it (None: any); not part of the id
     require_code: str | None = None
@@ -92,43 +92,6 @@ class RunSpec:
 
 class RunFailed(HarnessError, RuntimeError):
     """A run could not finish (NaN loss, bad config...); the message says why."""
-
-
-class SettingError(HarnessError, ValueError):
-    """A training setting of the wrong type or out of range; the message names it."""
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-#: training settings: key -> (check, what it must be)
-TRAIN_CHECKS = {
-    "epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (BatchNorm trains on batches of 2 or more)"),
-    "lr": (lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "lr_decay_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "lr_decay": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "grad_clip": (lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "early_stop": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 (epochs without improvement)"),
-    "glove": (lambda v: isinstance(v, bool), "true or false"),
-    "precision": (lambda v: v in TRAIN_PRECISIONS, f"one of {', '.join(TRAIN_PRECISIONS)}"),
-}
-
-
-def check_train_settings(values: dict, where: str = "") -> None:
-    """Fail naming the first training setting that is unknown, of the wrong type or out of range
-    (``None`` means "the default" for every setting)."""
-    for k, v in values.items():
-        if k not in TRAIN_CHECKS:
-            raise SettingError(f"{where}unknown training setting {k!r} (known: {', '.join(TRAIN_CHECKS)})")
-        ok, what = TRAIN_CHECKS[k]
-        if v is not None and not ok(v):
-            raise SettingError(f"{where}{k} = {v!r} is not {what}")
 
 
 def run_id_for(cfg: variants.VariantConfig, data_id: str, seed: int, train: dict,
@@ -624,11 +587,6 @@ class _Run:
                                                  cache_info=self.tcache.info if self.tcache else None)
         self.store.write_record(record)
         return record
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def run_cost(model: torch.nn.Module, cfg: variants.VariantConfig, dev: torch.device,

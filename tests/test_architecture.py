@@ -125,6 +125,8 @@ def test_harness_imports_form_no_cycle():
             visit(m, [m])
     assert graph["harness.env"] <= {"harness.errors"}  # the bottom layer imports nothing else of the harness
     assert "harness.runner" not in graph["harness.measure"]
+    assert "harness.measure" not in graph["harness.runner"]  # its input helpers are harness.inputs
+    assert not graph["harness.settings"] - {"harness.env", "harness.errors"}  # the schema sits low
 
 
 def test_bench_times_the_runners_own_training_step(tiny, tmp_path, monkeypatch):

@@ -73,15 +73,7 @@ def get_config(name: str, **overrides) -> VariantConfig:
     entry = VARIANTS.get(name)
     spec = copy.deepcopy(entry.fn())
     arch = spec.pop("arch")
-    if arch not in MODEL_FAMILIES:
-        raise ConfigError(f"variant {name!r}: unknown model family (arch) {arch!r} "
-                          f"(known: {', '.join(MODEL_FAMILIES.list())})")
-    fam = family(arch)
-    model = fam.defaults()
-    unknown = sorted(set(spec.get("model", {})) - set(model))
-    if unknown:
-        raise ConfigError(f"variant {name!r}: model family {arch!r} has no settings {unknown}")
-    model.update(spec.pop("model", {}))
+    fam, model = _model_settings(name, arch, spec.pop("model", {}))
     loss = dict(spec.pop("loss", {}))
     teachers = spec.pop("teachers", [])
     teachers = [teachers] if isinstance(teachers, str) else builtins.list(teachers)
@@ -124,6 +116,20 @@ def get_config(name: str, **overrides) -> VariantConfig:
         raise ConfigError(f"variant {name!r}: {e}") from None
     return VariantConfig(name=name, arch=arch, description=entry.description, model=model, loss=loss,
                          teachers=teachers, distill=distill)
+
+
+def _model_settings(name: str, arch: str, given: dict) -> tuple[ModelFamily, dict]:
+    """The variant's model family and its model settings: the family's defaults, updated by the
+    variant's registration (``given``), each of which must be a setting of the family."""
+    if arch not in MODEL_FAMILIES:
+        raise ConfigError(f"variant {name!r}: unknown model family (arch) {arch!r} "
+                          f"(known: {', '.join(MODEL_FAMILIES.list())})")
+    fam = family(arch)
+    model = fam.defaults()
+    unknown = sorted(set(given) - set(model))
+    if unknown:
+        raise ConfigError(f"variant {name!r}: model family {arch!r} has no settings {unknown}")
+    return fam, {**model, **given}
 
 
 def loss_params(loss: str) -> dict:
