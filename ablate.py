@@ -94,7 +94,11 @@ def main(
                                        "file): complete runs are skipped, teachers run first, then the report is written."),
     jobs: Optional[int] = typer.Option(None, min=1, help="Runs at a time [default: the grid's executor.jobs, else 1]."),
     executor: Optional[str] = typer.Option(None, help="local (processes on this machine), slurm (a submitit job "
-                                           "array), or submitit-local [default: the grid's, else local]."),
+                                           "array), submitit-local, or another kind registered in "
+                                           "harness.executor [default: the grid's, else local]."),
+    executor_option: Optional[list[str]] = typer.Option(None, "--executor-option", help="KEY=VALUE, repeatable: "
+                                                        "an option of the executor (a key of its grid [executor] "
+                                                        "table); the SLURM options below are shorthands."),
     data: Optional[str] = typer.Option(None, help="Override the grid's data set."),
     seeds: Optional[str] = typer.Option(None, help="Override the grid's seeds, comma-separated."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N [default: cuda when available; with --jobs, "
@@ -133,7 +137,7 @@ def main(
         console.print(ctx.get_help())
         raise typer.Exit(0)
     from harness import grid as G
-    from harness.executor import check_executor_options, run_grid
+    from harness.executor import run_grid
     from harness.store import ResultsStore, check_writable
 
     try:
@@ -142,23 +146,21 @@ def main(
         error(console, e)
         raise typer.Exit(2)
     ex = executor or g.executor.get("kind", "local")
-    if ex not in G.EXECUTOR_KINDS:
-        error(console, f"--executor must be one of {', '.join(G.EXECUTOR_KINDS)}, got {ex!r}")
-        raise typer.Exit(2)
-    try:  # a SLURM request given in the grid is checked before anything runs; the command line's by typer
-        check_executor_options(g.executor, f"{g.path}: [executor]")
-    except G.GridError as e:
-        error(console, e)
-        raise typer.Exit(2)
-    # the command line overrides the grid's [executor] table; a value given is sent as is, 0 included
+    # the command line overrides the grid's [executor] table (checked when it was loaded); a value given is sent
+    # as is, 0 included
     given = {"partition": partition, "gpus_per_run": gpus_per_run, "cpus_per_run": cpus_per_run, "mem_gb": mem_gb,
              "time_min": time_min, "array_parallelism": array_parallelism}
-    slurm = {**g.executor, **{k: v for k, v in given.items() if v is not None}}
+    try:
+        options = {**g.executor, **_executor_options(ex, executor_option),
+                   **{k: v for k, v in given.items() if v is not None}}
+    except user_errors() as e:
+        error(console, e)
+        raise typer.Exit(2)
     store = ResultsStore(results)
     try:
         check_writable(store.root)
         res = run_grid(g, store, executor=ex, jobs=jobs or int(g.executor.get("jobs", 1)), device=device, mode=mode,
-                       console=console, slurm=slurm, reuse_other_code=reuse_other_code,
+                       console=console, options=options, reuse_other_code=reuse_other_code,
                        refuse_damaged=refuse_damaged, log=log)
         if res.interrupted:
             raise KeyboardInterrupt
@@ -177,6 +179,22 @@ def main(
         raise typer.Exit(1)
     if not reported:
         raise typer.Exit(2)
+
+
+def _executor_options(kind: str, items: list[str] | None) -> dict:
+    """``--executor-option KEY=VALUE`` pairs for the executor ``kind``: each key one it reads, each
+    value checked by it (harness.executor's registry)."""
+    from harness.executor import EXECUTORS, check_options, executor_kind
+
+    if kind not in EXECUTORS:
+        raise typer.BadParameter(f"--executor must be one of {', '.join(EXECUTORS.list())}, got {kind!r}")
+    options = parse_sets(items)
+    unknown = sorted(set(options) - set(executor_kind(kind).options))
+    if unknown:
+        raise typer.BadParameter(f"--executor-option: executor {kind!r} has no option(s) {', '.join(unknown)} "
+                                 f"(its options: {', '.join(executor_kind(kind).options) or 'none'})")
+    check_options(options, "--executor-option")
+    return options
 
 
 def _measure_costs(store, run_ids: list[str], device: str) -> None:

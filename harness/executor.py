@@ -25,11 +25,14 @@ import time
 import traceback
 from multiprocessing import connection as mp_connection
 from pathlib import Path
+from typing import Protocol
 
 import submitit
 import torch
 from rich.console import Console
 from rich.progress import Progress
+
+from variants.registry import Registry
 
 from . import data as D
 from . import identity
@@ -365,19 +368,87 @@ class _Schedule:
         return out
 
 
+# --- executors: one registered implementation per kind -----------------------------------------------------
+
+
+@dataclasses.dataclass
+class Launch:
+    """What an executor is given besides the schedule: the grid, the results store, runs at a time,
+    the device, the feature loading mode, its options (the grid's ``[executor]`` table with the
+    command line's values over it) and how often to look at submitted jobs."""
+
+    grid: Grid
+    store: ResultsStore
+    jobs: int = 1
+    device: str = "auto"
+    mode: str = "auto"
+    options: dict = dataclasses.field(default_factory=dict)
+    poll_s: float = 2.0
+
+
+class Executor(Protocol):
+    """One kind of executor (``[executor] kind`` in a grid, ``--executor`` on the command line).
+
+    ``run(sched, launch)`` trains the schedule's runs and returns when none is left: it takes the
+    runs whose teachers are done (``sched.ready()``), starts each (``spec = sched.start(p)``), has
+    :func:`run_one` train it somewhere (``run_one(spec, str(launch.store.root), device, launch.mode,
+    sched.log)``), and reports each answer with ``sched.finished(p, out)`` (a run lost without one:
+    ``_failure(p, reason)``); Ctrl-C (KeyboardInterrupt) goes through. ``options`` names the
+    ``[executor]`` keys (and ``--executor-option`` keys) it reads besides ``kind``, ``jobs`` and
+    ``device``; ``check(options, where)`` raises GridError naming ``where`` and the key of a bad value
+    (it sees only the keys it declares)."""
+
+    name: str
+    options: tuple[str, ...]
+
+    def check(self, options: dict, where: str) -> None: ...
+
+    def run(self, sched: "_Schedule", launch: Launch) -> None: ...
+
+
+EXECUTORS = Registry("executor")
+#: [executor] keys every kind reads
+COMMON_OPTIONS = ("kind", "jobs", "device")
+
+
+def register_executor(executor: Executor, description: str = "") -> Executor:
+    """Register an implementation of :class:`Executor` under its ``name``: grid files and
+    ``ablate.py --executor`` accept it, and its options, at once."""
+    EXECUTORS.add(executor.name, executor, description or (type(executor).__doc__ or "").strip().split("\n")[0])
+    return executor
+
+
+def executor_kind(name: str) -> Executor:
+    """The registered executor ``name`` (UnknownNameError lists the known ones)."""
+    return EXECUTORS.get(name).fn
+
+
+def executor_options() -> set[str]:
+    """Every ``[executor]`` key some registered kind reads."""
+    return {*COMMON_OPTIONS, *(k for e in EXECUTORS for k in e.fn.options)}
+
+
+def check_options(options: dict, where: str = "executor options") -> None:
+    """Each registered kind checks the keys of ``options`` it declares (GridError names ``where``)."""
+    for e in EXECUTORS:
+        e.fn.check({k: v for k, v in options.items() if k in e.fn.options}, where)
+
+
 def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: int = 1, device: str = "auto",
-             mode: str = "auto", console: Console | None = None, slurm: dict | None = None,
+             mode: str = "auto", console: Console | None = None, options: dict | None = None,
              poll_s: float = 2.0, reuse_other_code: bool = True, refuse_damaged: bool = False,
              log: tuple[str, ...] | None = None) -> GridResult:
     """Run the grid's runs that are not complete, with the teacher runs they need that are not
     (each once, before its students): in this process (``local``, ``jobs`` 1), in ``jobs`` worker
-    processes (``local``), or as submitit job arrays (``slurm``, ``submitit-local``).
+    processes (``local``), as submitit job arrays (``slurm``, ``submitit-local``), or by any kind
+    registered with :func:`register_executor`; ``options``: the kind's (e.g. SLURM requests).
     ``reuse_other_code=False``: complete runs computed by other code than this checkout's (their
     records' code fingerprint) are trained again; either way the header says how many there are. A
     complete teacher run whose weights are damaged is set aside and retrained before its students
     (with ``refuse_damaged``: DamagedRun, before anything trains). ``log``: the runs' logging sinks
     (:mod:`harness.sinks`) [default: the grid's ``[log]``]."""
     log = check_sinks(grid.log if log is None else log)
+    kind = executor_kind(executor)
     console = console or make_console(stderr=True)
     info = D.describe(grid.data)  # run ids from the data set's info: no feature is read here
     store.write_data_info(info.to_dict())
@@ -409,12 +480,7 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     with progress_bar(console) as progress:
         sched = _Schedule(grid.name, todo, own, result, console, progress, store=store, log=log)
         try:
-            if executor == "local" and jobs <= 1:
-                _run_serial(sched, store, device, mode)
-            elif executor == "local":
-                _run_pool(sched, store, jobs, device, mode)
-            else:
-                _run_submitit(sched, grid, store, executor, jobs, device, mode, slurm or {}, poll_s)
+            kind.run(sched, Launch(grid, store, jobs, device, mode, dict(options or {}), poll_s))
         except KeyboardInterrupt:
             result.interrupted = True  # the caller says so (ablate.py: "interrupted; rerun to resume")
     return result
@@ -649,3 +715,43 @@ class _Watch:
         self.waiting = waiting
         for reason, ids in changed.items():
             self.tell(f"SLURM: {len(ids)} job(s) wait ({reason}): {', '.join(ids)}")
+
+
+# --- the built-in kinds -------------------------------------------------------------------------------------
+
+
+class LocalExecutor:
+    """Processes on this machine: one run after another in this process (jobs 1), else jobs worker
+    processes, GPUs round-robin."""
+
+    name, options = "local", ()
+
+    def check(self, options: dict, where: str) -> None:
+        pass
+
+    def run(self, sched: _Schedule, launch: Launch) -> None:
+        if launch.jobs <= 1:
+            _run_serial(sched, launch.store, launch.device, launch.mode)
+        else:
+            _run_pool(sched, launch.store, launch.jobs, launch.device, launch.mode)
+
+
+class SubmititExecutor:
+    """A submitit job array per wave of runs: on SLURM (``slurm``), or on this machine through the
+    same code path (``submitit-local``, used in CI)."""
+
+    def __init__(self, name: str, options: tuple[str, ...]):
+        self.name, self.options = name, options
+
+    def check(self, options: dict, where: str) -> None:
+        check_executor_options(options, where)
+
+    def run(self, sched: _Schedule, launch: Launch) -> None:
+        _run_submitit(sched, launch.grid, launch.store, self.name, launch.jobs, launch.device, launch.mode,
+                      launch.options, launch.poll_s)
+
+
+register_executor(LocalExecutor())
+register_executor(SubmititExecutor("slurm", tuple(SLURM_REQUESTS)), "a submitit job array on SLURM")
+register_executor(SubmititExecutor("submitit-local", ("time_min",)),
+                  "submitit's local executor: the SLURM code path on this machine (CI)")

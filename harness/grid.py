@@ -23,7 +23,7 @@ Grid file (``grids/NAME.toml``)::
     variant = "student-logits"
     "logits.T" = 2.0
     [executor]                         # defaults for ablate.py options
-    kind = "local"                     # local | slurm | submitit-local
+    kind = "local"                     # local | slurm | submitit-local (harness.executor.EXECUTORS)
     jobs = 1
     partition = "gpu"                  # slurm only: partition, gpus_per_run, time_min, array_parallelism
     [log]                              # live logging sinks (harness.sinks), off by default
@@ -58,9 +58,6 @@ GRID_DIR = Path(__file__).resolve().parent.parent / "grids"
 TOP_KEYS = {"description", "data", "seeds", "variants", "train", "set", "axes", "include", "exclude", "executor",
             "log"}
 TRAIN_KEYS = set(TRAIN_CHECKS)
-EXECUTOR_KEYS = {"kind", "jobs", "partition", "gpus_per_run", "time_min", "array_parallelism", "cpus_per_run",
-                 "mem_gb", "device"}
-EXECUTOR_KINDS = ("local", "slurm", "submitit-local")
 
 
 class GridError(HarnessError, ValueError):
@@ -118,13 +115,23 @@ def _read(path: Path) -> dict:
         check_train_settings(train, f"{where}: [train] ")
     except SettingError as e:
         raise GridError(str(e)) from None
-    executor = doc.get("executor", {})
-    if set(executor) - EXECUTOR_KEYS:
-        raise GridError(f"{where}: [executor] has unknown key(s) {', '.join(sorted(set(executor) - EXECUTOR_KEYS))} "
-                        f"(known: {', '.join(sorted(EXECUTOR_KEYS))})")
-    if executor.get("kind", "local") not in EXECUTOR_KINDS:
-        raise GridError(f"{where}: [executor] kind {executor['kind']!r} is not one of {', '.join(EXECUTOR_KINDS)}")
+    _check_executor(where, doc.get("executor", {}))
     return doc
+
+
+def _check_executor(where: str, table: dict) -> None:
+    """The ``[executor]`` table against the registered executors (:mod:`harness.executor`): a known
+    kind, keys some kind reads, each value checked by the kinds that read it."""
+    from .executor import EXECUTORS, check_options, executor_options  # the executors import this module
+
+    keys = executor_options()
+    if set(table) - keys:
+        raise GridError(f"{where}: [executor] has unknown key(s) {', '.join(sorted(set(table) - keys))} "
+                        f"(known: {', '.join(sorted(keys))})")
+    kind = table.get("kind", "local")
+    if kind not in EXECUTORS:
+        raise GridError(f"{where}: [executor] kind {kind!r} is not one of {', '.join(EXECUTORS.list())}")
+    check_options(table, f"{where}: [executor]")
 
 
 def _variant_names(where: str, patterns) -> list[str]:

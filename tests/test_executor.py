@@ -127,7 +127,7 @@ def test_command_line_requests_override_the_grid_and_keep_zero(tmp_path, monkeyp
                                         "--partition", "debug"])
     assert r.exit_code == 130, r.output
     assert seen["executor"] == "slurm"
-    assert {k: seen["slurm"][k] for k in ("partition", "gpus_per_run", "cpus_per_run", "mem_gb")} == \
+    assert {k: seen["options"][k] for k in ("partition", "gpus_per_run", "cpus_per_run", "mem_gb")} == \
         {"partition": "debug", "gpus_per_run": 0, "cpus_per_run": 1, "mem_gb": 32}
     r = CliRunner().invoke(ablate.app, ["--grid", str(grid), "--gpus-per-run", "-1"])
     assert r.exit_code == 2 and "Invalid value for '--gpus-per-run'" in r.output
