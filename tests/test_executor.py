@@ -18,6 +18,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from harness import executor as E
+from harness import slurm as S
 from harness.grid import GridError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def flags(lines: list[str]) -> dict:
 
 
 def test_nothing_is_requested_that_was_not_asked(tmp_path):
-    f = flags(sbatch_lines(E.slurm_parameters({"time_min": 30}, device="auto"), tmp_path))
+    f = flags(sbatch_lines(S.slurm_parameters({"time_min": 30}, device="auto"), tmp_path))
     for key in ("gpus-per-node", "cpus-per-task", "mem", "partition"):
         assert key not in f, f
     assert f["time"] == "30" and f["signal"] == "USR2@90"
@@ -45,22 +46,22 @@ def test_nothing_is_requested_that_was_not_asked(tmp_path):
 def test_requests_are_sent_exactly_zero_included(tmp_path):
     opts = {"partition": "debug", "gpus_per_run": 0, "cpus_per_run": 1, "mem_gb": 4, "time_min": 1,
             "array_parallelism": 3}
-    f = flags(sbatch_lines(E.slurm_parameters(opts, device="cuda", jobs=1), tmp_path))
+    f = flags(sbatch_lines(S.slurm_parameters(opts, device="cuda", jobs=1), tmp_path))
     assert f["partition"] == "debug" and f["gpus-per-node"] == "0" and f["cpus-per-task"] == "1"
     assert f["mem"] == "4G" and f["time"] == "1"
     assert f["signal"] == "USR2@30"  # short limits: SLURM may signal up to 60 s early, not before the job starts
-    assert E.slurm_parameters({"time_min": 2})["signal_delay_s"] == 30
-    assert E.slurm_parameters({"time_min": 3})["signal_delay_s"] == 90  # submitit's default
-    assert E.slurm_parameters({**opts, "mem_gb": 2.5})["mem"] == "2560M"
-    assert E.slurm_parameters({**opts, "mem_gb": 0})["mem"] == "0G"  # SLURM's --mem=0: all of the node's memory
-    assert E.slurm_parameters(opts)["array_parallelism"] == 3
-    assert E.slurm_parameters({"time_min": 5}, jobs=4)["array_parallelism"] == 4  # default: --jobs
+    assert S.slurm_parameters({"time_min": 2})["signal_delay_s"] == 30
+    assert S.slurm_parameters({"time_min": 3})["signal_delay_s"] == 90  # submitit's default
+    assert S.slurm_parameters({**opts, "mem_gb": 2.5})["mem"] == "2560M"
+    assert S.slurm_parameters({**opts, "mem_gb": 0})["mem"] == "0G"  # SLURM's --mem=0: all of the node's memory
+    assert S.slurm_parameters(opts)["array_parallelism"] == 3
+    assert S.slurm_parameters({"time_min": 5}, jobs=4)["array_parallelism"] == 4  # default: --jobs
 
 
 @pytest.mark.parametrize("device, gpus", [("auto", None), ("cpu", None), ("cuda", 1), ("cuda:1", 1)])
 def test_gpus_unasked_only_for_cuda(device, gpus):
-    assert E.slurm_parameters({"time_min": 5}, device=device).get("gpus_per_node") == gpus
-    assert E.slurm_parameters({"time_min": 5, "gpus_per_run": 2}, device=device)["gpus_per_node"] == 2
+    assert S.slurm_parameters({"time_min": 5}, device=device).get("gpus_per_node") == gpus
+    assert S.slurm_parameters({"time_min": 5, "gpus_per_run": 2}, device=device)["gpus_per_node"] == 2
 
 
 @pytest.mark.parametrize("options, match", [
@@ -74,11 +75,11 @@ def test_gpus_unasked_only_for_cuda(device, gpus):
 ])
 def test_bad_requests_name_the_key(options, match):
     with pytest.raises(GridError, match=match):
-        E.check_executor_options(options, "where")
+        S.check_executor_options(options, "where")
 
 
 def test_minutes():
-    assert [E._minutes(x) for x in ("infinite", "1-00:00:00", "2:00:00", "30:00", "45", "1-2", "n/a")] == \
+    assert [S._minutes(x) for x in ("infinite", "1-00:00:00", "2:00:00", "30:00", "45", "1-2", "n/a")] == \
         [0, 1440, 120, 30, 45, 1442, None]
 
 
@@ -97,16 +98,16 @@ def test_time_limit_from_the_partition_when_not_set(tmp_path, monkeypatch):
                  '  *"-p gpu"*) echo "gpu n/a 2-00:00:00" ;;\n'
                  '  *"%P %L %l"*) printf "debug* 30:00 infinite\\ngpu n/a 2-00:00:00\\n" ;;\n'
                  '  *) printf "debug*\\ngpu\\n" ;;\nesac\n')
-    assert E.slurm_parameters({})["time"] == 30  # the default partition's DefaultTime
-    assert E.slurm_parameters({"partition": "gpu"})["time"] == 2880  # no DefaultTime: its MaxTime
+    assert S.slurm_parameters({})["time"] == 30  # the default partition's DefaultTime
+    assert S.slurm_parameters({"partition": "gpu"})["time"] == 2880  # no DefaultTime: its MaxTime
     fake_command(tmp_path, monkeypatch, "sinfo", 'case "$*" in\n  *"-p nope"*) ;;\n  *) printf "debug*\\ngpu\\n" ;;\n'
                  'esac\n')
-    with pytest.raises(E.ExecutorError, match=r"no partition 'nope' \(partitions: debug, gpu\)"):
-        E.slurm_parameters({"partition": "nope"})
+    with pytest.raises(S.ExecutorError, match=r"no partition 'nope' \(partitions: debug, gpu\)"):
+        S.slurm_parameters({"partition": "nope"})
     fake_command(tmp_path, monkeypatch, "sinfo", 'echo "slurm_load_partitions: Unable to contact slurm controller" >&2\n'
                  'exit 1\n')
-    with pytest.raises(E.ExecutorError, match="Unable to contact slurm controller"):
-        E.slurm_parameters({"partition": "debug"})
+    with pytest.raises(S.ExecutorError, match="Unable to contact slurm controller"):
+        S.slurm_parameters({"partition": "debug"})
 
 
 def test_command_line_requests_override_the_grid_and_keep_zero(tmp_path, monkeypatch):
@@ -138,7 +139,7 @@ def test_command_line_requests_override_the_grid_and_keep_zero(tmp_path, monkeyp
 
 def test_sacct_errors_are_summarised_once():
     out = io.StringIO()
-    noise = E._SacctNoise(Console(file=out, width=300))
+    noise = S._SacctNoise(Console(file=out, width=300))
     logger = logging.getLogger("submitit")
     caught = []
     handler = logging.Handler()
@@ -160,12 +161,12 @@ def test_sacct_errors_are_summarised_once():
 def test_job_states_from_squeue(tmp_path, monkeypatch):
     fake_command(tmp_path, monkeypatch, "squeue", 'printf "7_0|RUNNING|None\\n7_1|COMPLETED|None\\n'
                  '7_2|PENDING|Nodes required for job are DOWN\\n7_3|CANCELLED|None\\n8|REQUEUED|None\\n"\n')
-    assert E._ended_jobs(["7_0", "7_1", "7_2", "7_3", "7_4", "8"]) == {"7_1", "7_3", "7_4"}  # 7_4: not listed
-    assert E._job_states(["7_2", "7_4"]) == {"7_2": ("PENDING", "Nodes required for job are DOWN"),
+    assert S._ended_jobs(["7_0", "7_1", "7_2", "7_3", "7_4", "8"]) == {"7_1", "7_3", "7_4"}  # 7_4: not listed
+    assert S._job_states(["7_2", "7_4"]) == {"7_2": ("PENDING", "Nodes required for job are DOWN"),
                                              "7_4": ("GONE", "")}
     fake_command(tmp_path, monkeypatch, "squeue", "exit 1\n")
-    assert E._ended_jobs(["7_0"]) is None
-    assert E._job_states(["7_0"]) is None
+    assert S._ended_jobs(["7_0"]) is None
+    assert S._job_states(["7_0"]) is None
 
 
 class FakeJob:
@@ -188,8 +189,8 @@ def test_a_job_that_ends_without_result_is_reported_failed(tmp_path, monkeypatch
                FakeJob("9_1", tmp_path): SimpleNamespace(run_id="r1", spec=spec)}
     done = []
     calls = []
-    real = E._job_states
-    monkeypatch.setattr(E, "_job_states", lambda ids: calls.append(list(ids)) or real(ids))
+    real = S._job_states
+    monkeypatch.setattr(S, "_job_states", lambda ids: calls.append(list(ids)) or real(ids))
 
     def finish(p, out):
         assert p.run_id == out["run_id"]
