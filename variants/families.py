@@ -12,7 +12,8 @@ Adding a family (a transformer student, an HCRN-style model) is one call::
   value out of range (checked when a variant is configured, before anything runs). It has the
   data-dictated settings :data:`DATA_KEYS` (the runner fills them in from the feature set) and
   ``module_dim``, the width distillation losses see (:data:`REQUIRED_SETTINGS`).
-* ``MyModel(config)`` is an ``nn.Module`` whose ``forward(appearance, motion, questions, lengths)``
+* ``MyModel(config)`` is an ``nn.Module`` that keeps its config as ``self.cfg`` (a student reads
+  its teachers' ``module_dim`` there) and whose ``forward(appearance, motion, questions, lengths)``
   returns a dict with at least ``logits``; distillation losses read the other keys they name (a
   student whose teacher lacks one fails when planned). ``uses_video = False`` on the class lets
   the runner read no features; ``word_embedding`` (an ``nn.Embedding``) receives GloVe.
