@@ -60,10 +60,11 @@ NEUTRAL: dict[str, object] = {
     "loss.ae_pretrain_steps": 0,    # no reconstruction-only stage
     "train.precision": "fp32",
 }
-#: the files whose contents make up the code fingerprint: the model, the losses, the data path and
-#: the training step (relative to the repository root)
-CODE_FILES = ("variants/dualvgr.py", "variants/losses.py", "variants/kd_losses.py", "harness/data.py",
-              "harness/step.py", "harness/runner.py", "harness/evaluate.py", "harness/teacher_cache.py")
+#: the files whose contents make up the code fingerprint: the model (and which class each model family
+#: builds), the losses, the data path and the training step (relative to the repository root)
+CODE_FILES = ("variants/dualvgr.py", "variants/families.py", "variants/losses.py", "variants/kd_losses.py",
+              "harness/data.py", "harness/step.py", "harness/runner.py", "harness/evaluate.py",
+              "harness/teacher_cache.py")
 ROOT = Path(__file__).resolve().parent.parent
 
 
