@@ -469,7 +469,7 @@ def import_(bundle: str = typer.Argument(..., help="A bundle written by `ablate.
 
 @app.command("list")
 def list_(pattern: str = typer.Argument("*", help="Shell wildcard, e.g. 'teacher-*'.")):
-    """List registered variants (and distillation losses) with their descriptions."""
+    """List registered variants (and model families and distillation losses) with their descriptions."""
     import variants
 
     names = variants.list(pattern)
@@ -478,12 +478,18 @@ def list_(pattern: str = typer.Argument("*", help="Shell wildcard, e.g. 'teacher
         raise typer.Exit(1)
     t = Table(title="variants")
     t.add_column("name", style="bold")
-    t.add_column("arch")
+    t.add_column("model family")
     t.add_column("description")
     for name in names:
         cfg = variants.get_config(name)
         t.add_row(name, cfg.arch, cfg.description)
     console.print(t)
+    ft = Table(title="model families")
+    ft.add_column("name", style="bold")
+    ft.add_column("description")
+    for e in variants.MODEL_FAMILIES:
+        ft.add_row(e.name, e.description)
+    console.print(ft)
     if len(variants.LOSSES):
         lt = Table(title="distillation losses")
         lt.add_column("name", style="bold")

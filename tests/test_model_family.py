@@ -92,6 +92,12 @@ def test_a_registered_family_is_configured_built_and_identified_by_its_own_confi
                                          RunSpec("toy-mean").resolved_train()))
     # a DualVGR student's teacher may be of another family: model settings reach it where it has them
     assert variants.teacher_settings("toy-mean", {"module_dim": 32, "graph_layers": 2}) == {"module_dim": 32}
+    from typer.testing import CliRunner
+
+    import ablate
+
+    listed = CliRunner().invoke(ablate.app, ["list", "toy-*"], env={"COLUMNS": "200"}).output
+    assert "toy-mean-pool" in listed and "Toy: mean-pooled question words" in listed
     golden = json.loads(GOLDEN.read_text())["run_ids"]
     assert {k: v for k, v in identity.golden_run_ids()["run_ids"].items() if k != "toy-mean"} == golden
 

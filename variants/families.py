@@ -74,10 +74,10 @@ def _default(f: dataclasses.Field) -> Any:
 MODEL_FAMILIES = Registry("model family")
 
 
-def register_family(name: str, model: type[nn.Module], config: type) -> ModelFamily:
-    """Register a model family (see the module docstring); the model class's docstring's first
-    line is its description. Fails, naming it, for a config that is not a dataclass, has a field
-    without a default or lacks a required setting."""
+def register_family(name: str, model: type[nn.Module], config: type, description: str = "") -> ModelFamily:
+    """Register a model family (see the module docstring); ``description`` (default: the first line
+    of the model class's docstring) is what ``ablate.py list`` shows. Fails, naming it, for a
+    config that is not a dataclass, has a field without a default or lacks a required setting."""
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"model family {name!r}: config {config.__name__} must be a dataclass")
     fields = {f.name: f for f in dataclasses.fields(config)}
@@ -89,7 +89,7 @@ def register_family(name: str, model: type[nn.Module], config: type) -> ModelFam
         _default(f)
     fam = ModelFamily(name, model, config)
     doc = (model.__doc__ or "").strip().splitlines()
-    MODEL_FAMILIES.add(name, fam, doc[0] if doc else "")
+    MODEL_FAMILIES.add(name, fam, description or (doc[0] if doc else ""))
     return fam
 
 
@@ -98,5 +98,6 @@ def family(name: str) -> ModelFamily:
     return MODEL_FAMILIES.get(name).fn
 
 
-register_family("dualvgr", DualVGR, DualVGRConfig)
+register_family("dualvgr", DualVGR, DualVGRConfig, "DualVGR (NJUPT-MCC/DualVGR-VideoQA): question-guided graph "
+                "reasoning (GAT) over appearance and motion clips; sparse and autoencoder variants are its settings.")
 register_family("question-only", QuestionOnly, DualVGRConfig)
