@@ -448,7 +448,9 @@ class _Run:
         return cache
 
     def _resume(self) -> None:
-        st = torch.load(self.state_path, map_location=self.dev, weights_only=False)
+        # loaded on the CPU whatever the device: the RNG states must stay CPU ByteTensors (set_rng_state and
+        # cuda.set_rng_state take nothing else); load_state_dict moves the model's and optimizer's tensors
+        st = torch.load(self.state_path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(st["model"])
         self.step.objective.load_state_dict(st["objective"])
         self.step.optimizer.load_state_dict(st["optimizer"])
