@@ -178,14 +178,15 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- precision
 
 
-def autocast(device: torch.device | str, precision: str = "fp32"):
-    """The autocast context for ``precision`` on ``device`` (fp32: a no-op)."""
+def autocast(device: torch.device | str, precision: str = "fp32", cache: bool = True):
+    """The autocast context for ``precision`` on ``device`` (fp32, tf32: a no-op). ``cache=False``
+    for a forward captured in a CUDA graph (autocast's weight-cast cache must not outlive it)."""
     if precision not in PRECISIONS:
         raise PrecisionError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=cache)
 
 
 @functools.lru_cache(maxsize=None)

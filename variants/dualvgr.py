@@ -260,9 +260,12 @@ class MFB(nn.Module):
         return F.elu(self.linear_out(z))
 
 
-def full_graph_adjacency(num_nodes: int) -> torch.Tensor:
-    """The reference's adjacency: all-ones plus self loops, row-normalised (every entry > 0)."""
-    adj = torch.ones(num_nodes, num_nodes) + torch.eye(num_nodes)
+def full_graph_adjacency(num_nodes: int, device: torch.device | None = None,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The reference's adjacency: all-ones plus self loops, row-normalised (every entry > 0).
+    Built where it is used (``device``): no host-to-device copy, which would block every forward."""
+    adj = torch.ones(num_nodes, num_nodes, device=device, dtype=dtype) + torch.eye(num_nodes, device=device,
+                                                                                    dtype=dtype)
     return adj / adj.sum(1, keepdim=True)
 
 
@@ -500,7 +503,7 @@ class DualVGR(nn.Module):
         B, N, _ = app.shape
         k = self.cfg.edge_k
         if not k or k >= N - 1:
-            return None if N == self.cfg.num_clips else full_graph_adjacency(N).to(app.device, app.dtype)
+            return None if N == self.cfg.num_clips else full_graph_adjacency(N, app.device, app.dtype)
         if self.cfg.edge_by == "time":
             t = torch.arange(N, device=app.device, dtype=app.dtype)
             score = -(t.view(-1, 1) - t.view(1, -1)).abs() - 1e-3 * t.view(1, -1)  # nearest, earlier first
