@@ -396,3 +396,26 @@ def test_cuda_graph_latency():
     inputs = random_inputs(cfg.model, 4, "cuda")
     rec = M.latency(model, inputs, warmup=2, reps=5, path="cuda-graph")
     assert rec["infer_path"] == "cuda-graph" and rec["latency_ms_median"] > 0
+
+
+@pytest.mark.slow
+def test_teachers_are_dropped_once_the_cache_replaces_them(tiny, tmp_path, monkeypatch):
+    """A student trained from the teacher-output cache no longer holds its teachers' weights (on a GPU they
+    were resident through the whole run, and counted in its training memory)."""
+    from harness.runner import RunSpec, train
+    from harness.store import ResultsStore
+
+    seen = {}
+    real = R._Run._epochs_then_record
+
+    def after_setup(self, stop_after_epochs, sinks):
+        if not self.teacher_records:  # the teacher itself trains as usual
+            return real(self, stop_after_epochs, sinks)
+        seen.update(teachers=list(self.teachers), step_teachers=list(self.step.teachers), cache=self.tcache)
+        return {"status": "inspected"}
+
+    monkeypatch.setattr(R._Run, "_epochs_then_record", after_setup)
+    s = RunSpec(variant="student-logits", data="synthetic:tiny", seed=1, epochs=1, batch_size=128,
+                overrides={"module_dim": 32})
+    train(s, ResultsStore(tmp_path / "results"), data=tiny, device="cpu", progress=False)
+    assert seen["cache"] is not None and seen["teachers"] == [] and seen["step_teachers"] == []
