@@ -323,7 +323,7 @@ def test_worker_environment_names_the_sharing(monkeypatch):
     from harness.env import SHARING_ENV, runs_sharing_device
 
     monkeypatch.setattr(E, "_die_with_parent", lambda parent: None)
-    monkeypatch.delenv(SHARING_ENV, raising=False)
+    monkeypatch.setenv(SHARING_ENV, "1")  # recorded, so that what _worker_init sets is undone after the test
     assert runs_sharing_device() == 1
     E._worker_init(0, None, 3)
     assert runs_sharing_device() == 3
