@@ -353,8 +353,10 @@ def run(
     results: str = typer.Option("results", help="Results store directory."),
     no_glove: bool = typer.Option(False, "--no-glove", help="Do not initialise word embeddings from the "
                                   "questions file's GloVe matrix."),
-    precision: str = typer.Option("fp32", help="fp32, or bf16: autocast for the forward passes and losses in "
-                                  "training and evaluation (weights and optimizer state stay fp32)."),
+    precision: str = typer.Option("fp32", help="fp32 (strict: no TF32 on CUDA), tf32 (CUDA: TF32 matmuls and cuDNN), "
+                                  "or bf16: autocast for the forward passes in training and evaluation (losses, "
+                                  "weights and optimizer state stay fp32; on CUDA the LSTMs run in fp32/TF32, "
+                                  "recorded as lstm_precision)."),
     force: bool = typer.Option(False, help="Retrain even if the run is complete in the store."),
     mode: str = typer.Option("auto", help="Feature loading: memory, stream, or auto (stream when the "
                              "features do not fit in half the free RAM)."),

@@ -39,6 +39,7 @@ from variants.registry import Registry
 from . import data as D
 from . import identity
 from .console import make_console, progress_bar, say
+from .env import SHARING_ENV
 from .grid import Grid
 from .runner import RunSpec, check_plans, feature_mode, plan, stale, train
 from .sinks import check_sinks
@@ -101,13 +102,25 @@ class SubmititRun(submitit.helpers.Checkpointable):
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _worker_init(parent: int, threads: int | None) -> None:
+def _worker_init(parent: int, threads: int | None, sharing: int = 1) -> None:
     """Initializer of the grid's worker processes: die with the grid; on the CPU, use ``threads``
     (the cores shared out among the workers: N workers of all the cores each would oversubscribe
-    the CPU, and be slower together than one at a time)."""
+    the CPU, and be slower together than one at a time); ``sharing``: how many workers share this
+    one's device (each run records it as ``runs_sharing_device``)."""
     _die_with_parent(parent)
+    os.environ[SHARING_ENV] = str(sharing)
     if threads:
         torch.set_num_threads(threads)
+
+
+def device_slots(jobs: int, device: str, ngpu: int) -> list[tuple[str, int]]:
+    """Each of ``jobs`` workers' device and how many workers share it: GPUs round-robin when the
+    device is auto or cuda and there are GPUs, else the CPU (or the device named)."""
+    if ngpu and (device == "auto" or device == "cuda"):
+        devs = [f"cuda:{i % ngpu}" for i in range(jobs)]
+    else:
+        devs = ["cpu" if device == "auto" else device] * jobs
+    return [(d, devs.count(d)) for d in devs]
 
 
 def cpu_threads_per_worker(jobs: int) -> int:
@@ -361,16 +374,20 @@ def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mod
     A worker that dies (SIGKILL, the OOM killer, SIGBUS) costs only its run: it is recorded as
     failed with the signal or exit code, a fresh worker takes the slot and the grid goes on."""
     ngpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    slots = device_slots(jobs, device, ngpu)
+    if any(n > 1 and d.startswith("cuda") for d, n in slots):
+        say(sched.console, f"{jobs} jobs on {ngpu} GPU(s): up to {max(n for _, n in slots)} runs share a GPU; their "
+                           f"throughput, wall time and device-seconds are shared (recorded as runs_sharing_device)",
+            "yellow")
     threads = None if ngpu else cpu_threads_per_worker(jobs)
     ctx = mp.get_context("spawn")
     work = run_one  # looked up now: what the workers run (a test hands in one that dies)
-    workers = [_Worker(ctx, threads, work) for _ in range(jobs)]
+    workers = [_Worker(ctx, threads, work, slots[i][1]) for i in range(jobs)]
     try:
         while True:
             idle = [w for w in workers if w.job is None]
             for w, p in zip(idle, sched.ready()):
-                slot = workers.index(w)
-                dev = f"cuda:{slot % ngpu}" if ngpu else ("cpu" if device == "auto" else device)
+                dev = slots[workers.index(w)][0]
                 w.submit(p, (sched.start(p), str(store.root), dev, mode, sched.log))
             busy = [w for w in workers if w.job is not None]
             if not busy:
@@ -383,7 +400,8 @@ def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mod
                         out = _failure(p, w.death())
                     if not w.proc.is_alive():  # a fresh worker takes its place
                         w.stop()
-                        workers[workers.index(w)] = _Worker(ctx, threads, work)
+                        i = workers.index(w)
+                        workers[i] = _Worker(ctx, threads, work, slots[i][1])
                     sched.finished(p, out)
     finally:
         for w in workers:
@@ -393,9 +411,9 @@ def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mod
 class _Worker:
     """One worker process of a local grid and the run it trains (``job``: its plan, or None)."""
 
-    def __init__(self, ctx, threads: int | None, work):
+    def __init__(self, ctx, threads: int | None, work, sharing: int = 1):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, os.getpid(), threads, work), daemon=True,
+        self.proc = ctx.Process(target=_worker_main, args=(child, os.getpid(), threads, work, sharing), daemon=True,
                                 name="ablate-worker")
         self.proc.start()
         child.close()
@@ -446,10 +464,10 @@ class _Worker:
         self.conn.close()
 
 
-def _worker_main(conn, parent: int, threads: int | None, work) -> None:
+def _worker_main(conn, parent: int, threads: int | None, work, sharing: int = 1) -> None:
     """A worker process: run the runs it is sent (``work``: :func:`run_one`), one at a time, until
     it is sent None."""
-    _worker_init(parent, threads)
+    _worker_init(parent, threads, sharing)
     try:
         while (args := conn.recv()) is not None:
             conn.send(work(*args))
@@ -464,8 +482,18 @@ def _submitit_executor(grid: Grid, root: Path, executor: str, jobs: int, device:
         ex.update_parameters(**slurm_parameters(slurm, device, jobs, name=f"ablate-{grid.name}"))
     else:  # submitit's LocalExecutor: the same code path, on this machine (used in CI)
         ex = submitit.LocalExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
-        ex.update_parameters(timeout_min=slurm.get("time_min", 60))
+        ex.update_parameters(timeout_min=slurm.get("time_min", 60), **local_gpus(slurm, device))
     return ex
+
+
+def local_gpus(options: dict, device: str) -> dict:
+    """submitit's LocalExecutor hides every GPU (``CUDA_VISIBLE_DEVICES=""``) unless asked for
+    some: ``gpus_per_node`` from ``gpus_per_run``, else, when the device is auto or cuda and this
+    machine has a GPU, one (GPU 0; for ``cuda:N``, GPUs 0..N so that device N exists in the job)."""
+    n = options.get("gpus_per_run")
+    if n is None and device != "cpu" and torch.cuda.device_count():
+        n = int(device.split(":", 1)[1]) + 1 if device.startswith("cuda:") else 1
+    return {"gpus_per_node": n} if n else {}
 
 
 def _run_submitit(sched: _Schedule, grid: Grid, store: ResultsStore, executor: str, jobs: int, device: str,

@@ -11,7 +11,7 @@ Grid file (``grids/NAME.toml``)::
     variants = ["dualvgr", "student", "student-*"]   # names or shell wildcards
 
     [train]                            # RunSpec settings: epochs, batch_size, lr, lr_decay_every,
-    epochs = 15                        # lr_decay, grad_clip, early_stop, glove, precision (fp32|bf16)
+    epochs = 15                        # lr_decay, grad_clip, early_stop, glove, precision (fp32|tf32|bf16)
     [set]                              # fixed variant settings, applied where the variant has them
     module_dim = 64
     [axes]                             # cartesian product over variant settings (where they apply)

@@ -19,6 +19,7 @@ the progress display, every ``log_every`` steps).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import pickle
 import platform
@@ -41,8 +42,8 @@ from . import data as D
 from . import identity, teacher_cache
 from .bill import run_compute
 from .console import progress_bar, say
-from .env import (check_precision, device_name, environment, git_commit, resolve_device,
-                  seed_everything)
+from .env import (TRAIN_PRECISIONS, apply_math_flags, check_precision, device_name, environment, git_commit,
+                  lstm_precision, resolve_device, runs_sharing_device, seed_everything)
 from .env import sync as _sync
 from .errors import HarnessError
 from .evaluate import ABLATIONS, evaluate
@@ -234,6 +235,7 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
     p = plan(spec, data)
     # before anything trains (teachers included): a precision this device cannot run fails now
     check_precision(dev, p.train.get("precision", "fp32"), train=True)
+    apply_math_flags(dev, p.train.get("precision", "fp32"))  # TF32 chosen, not inherited (recorded in environment)
     store.write_data_info(data.info.to_dict())
     force = force or stale(store, p.run_id, spec.require_code)
     if not force and store.usable(p.run_id, refuse_damaged):
@@ -380,8 +382,9 @@ class _Run:
             stale_tmp.unlink(missing_ok=True)
         if self.use_teacher_cache:
             self.tcache = self._teacher_outputs()
-        if self.dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.dev)
+            self.step.teachers = []  # the cache replaces them: their weights leave the device
+            self.teachers.clear()  # (the caller's list too)
+        self.resident_mib = _reset_peak(self.dev)
 
     def _device_features(self) -> D.Features:
         """Features and questions on the device once (GPU-resident when they fit; streaming otherwise)."""
@@ -408,7 +411,9 @@ class _Run:
         return cache
 
     def _resume(self) -> None:
-        st = torch.load(self.state_path, map_location=self.dev, weights_only=False)
+        # loaded on the CPU whatever the device: the RNG states must stay CPU ByteTensors (set_rng_state and
+        # cuda.set_rng_state take nothing else); load_state_dict moves the model's and optimizer's tensors
+        st = torch.load(self.state_path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(st["model"])
         self.step.objective.load_state_dict(st["objective"])
         self.step.optimizer.load_state_dict(st["optimizer"])
@@ -526,7 +531,7 @@ class _Run:
             display.close()
         if not st.history:
             raise RunFailed(f"{self.p.run_id}: no epoch was trained (epochs={epochs})")
-        peak = torch.cuda.max_memory_allocated(self.dev) / 2 ** 20 if self.dev.type == "cuda" and first < epochs else None
+        peak = _peak_since_reset(self.dev, self.resident_mib) if first < epochs else None
         metrics = self.final_eval()
         record = self.record(metrics, peak)
         sinks.final(record)
@@ -551,7 +556,7 @@ class _Run:
                 "best_epoch": self.state.best["epoch"], "val": val_best, "test": test_best, "test_last": test_last,
                 "ablations": ablations}
 
-    def record(self, metrics: dict, peak_train_mib: float | None) -> dict:
+    def record(self, metrics: dict, peak_train_mib: dict | None) -> dict:
         p, st, dev, data = self.p, self.state, self.dev, self.data
         st.active_time += time.perf_counter() - self.t_process
         self.t_process = time.perf_counter()
@@ -572,6 +577,9 @@ class _Run:
             "identity": {"scheme": identity.SCHEME, "computation": p.computation},
             "code": {"fingerprint": identity.code_fingerprint(), "files": list(identity.CODE_FILES)},
             "environment": environment(dev),
+            # what the LSTMs computed in (bf16 on CUDA runs them in fp32/TF32: harness.env.lstm_precision)
+            "lstm_precision": lstm_precision(dev, self.precision),
+            "runs_sharing_device": runs_sharing_device(),
             "params": param_counts(self.model), "git_commit": git_commit(), "torch_version": torch.__version__,
             "clips": {"total": p.cfg.model["num_clips"],
                       "kept": kept_clips(p.cfg.model.get("keep_ratio", 1.0), p.cfg.model["num_clips"])},
@@ -589,8 +597,28 @@ class _Run:
         return record
 
 
+def _reset_peak(dev: torch.device) -> float | None:
+    """Reset the device's peak memory once everything resident (features, model, teacher cache)
+    is loaded; returns what is resident then (MiB; CUDA only, None elsewhere)."""
+    if dev.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    return torch.cuda.memory_allocated(dev) / 2 ** 20
+
+
+def _peak_since_reset(dev: torch.device, resident_mib: float | None) -> dict | None:
+    """The training epochs' peak (steps and validation, optimizer state included) apart from what
+    was resident before them: ``step`` = peak - resident, and the total, as before."""
+    if dev.type != "cuda" or resident_mib is None:
+        return None
+    peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+    return {"total": peak, "step": peak - resident_mib, "resident": resident_mib}
+
+
 def run_cost(model: torch.nn.Module, cfg: variants.VariantConfig, dev: torch.device,
-             train_samples_per_s: float | None, peak_train_mib: float | None) -> dict:
+             train_samples_per_s: float | None, peak_train_mib: dict | None) -> dict:
     """What a training run can say of its variant's cost: FLOPs per sample (fvcore, LSTMs
     included; counted, so load does not change them), the measured training throughput and peak
     training memory (CUDA only; None elsewhere, never invented). Latency and inference memory are
@@ -598,7 +626,9 @@ def run_cost(model: torch.nn.Module, cfg: variants.VariantConfig, dev: torch.dev
     configuration and device, serially, after training."""
     from . import measure
 
-    out = {"macs_per_sample": None, "flops_per_sample": None, "peak_mem_mib_train": peak_train_mib,
+    peak = peak_train_mib or {}
+    out = {"macs_per_sample": None, "flops_per_sample": None, "peak_mem_mib_train": peak.get("total"),
+           "peak_mem_mib_train_step": peak.get("step"), "resident_mib_train": peak.get("resident"),
            "train_samples_per_s": train_samples_per_s, "device": str(dev), "errors": {}}
     try:
         fl = measure.count_flops(model, measure.random_inputs(cfg.model, 2, dev))

@@ -47,12 +47,14 @@ def check_executor_options(options: dict, where: str = "executor options") -> No
 def slurm_parameters(options: dict, device: str = "auto", jobs: int = 1, name: str = "ablate") -> dict:
     """submitit SlurmExecutor parameters for a grid's jobs: exactly the requests that were set (0
     included: ``gpus_per_run = 0`` sends ``--gpus-per-node=0``), nothing else, so the cluster's
-    defaults apply to the rest. GPUs are requested unasked only when the device is cuda (one per
-    run). ``mem_gb = 0`` is SLURM's ``--mem=0`` (all of the node's memory). Without ``time_min``
+    defaults apply to the rest. GPUs are requested unasked when the device is cuda or auto (one per
+    run: with auto and no GPU asked for, a job would silently train on a CPU node); ``gpus_per_run =
+    0`` or ``--device cpu`` asks for none. ``mem_gb = 0`` is SLURM's ``--mem=0`` (all of the node's
+    memory). Without ``time_min``
     the partition's default time limit is looked up (submitit always sends one)."""
     check_executor_options(options)
     gpus = options.get("gpus_per_run")
-    if gpus is None and device.startswith("cuda"):
+    if gpus is None and (device == "auto" or device.startswith("cuda")):
         gpus = 1
     params = {"job_name": name, "partition": options.get("partition"), "gpus_per_node": gpus,
               "cpus_per_task": options.get("cpus_per_run"), "array_parallelism": options.get("array_parallelism", jobs)}

@@ -37,10 +37,13 @@ def flags(lines: list[str]) -> dict:
 
 
 def test_nothing_is_requested_that_was_not_asked(tmp_path):
-    f = flags(sbatch_lines(S.slurm_parameters({"time_min": 30}, device="auto"), tmp_path))
+    f = flags(sbatch_lines(S.slurm_parameters({"time_min": 30}, device="cpu"), tmp_path))
     for key in ("gpus-per-node", "cpus-per-task", "mem", "partition"):
         assert key not in f, f
     assert f["time"] == "30" and f["signal"] == "USR2@90"
+    # device auto (the default) asks for one GPU per run: without it the jobs would land on CPU nodes
+    f = flags(sbatch_lines(S.slurm_parameters({"time_min": 30}, device="auto"), tmp_path))
+    assert f["gpus-per-node"] == "1" and "cpus-per-task" not in f and "mem" not in f
 
 
 def test_requests_are_sent_exactly_zero_included(tmp_path):
@@ -58,8 +61,9 @@ def test_requests_are_sent_exactly_zero_included(tmp_path):
     assert S.slurm_parameters({"time_min": 5}, jobs=4)["array_parallelism"] == 4  # default: --jobs
 
 
-@pytest.mark.parametrize("device, gpus", [("auto", None), ("cpu", None), ("cuda", 1), ("cuda:1", 1)])
-def test_gpus_unasked_only_for_cuda(device, gpus):
+@pytest.mark.parametrize("device, gpus", [("auto", 1), ("cpu", None), ("cuda", 1), ("cuda:1", 1)])
+def test_gpus_unasked_for_cuda_and_auto(device, gpus):
+    """With auto and no GPU asked for, a SLURM job would train on a CPU node without a word."""
     assert S.slurm_parameters({"time_min": 5}, device=device).get("gpus_per_node") == gpus
     assert S.slurm_parameters({"time_min": 5, "gpus_per_run": 2}, device=device)["gpus_per_node"] == 2
 
@@ -305,3 +309,32 @@ def test_cpu_workers_share_out_the_cores(monkeypatch):
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=E._worker_init,
                              initargs=(os.getpid(), 1)) as pool:
         assert pool.submit(_threads).result(timeout=120) == 1
+
+
+def test_local_workers_share_gpus_and_say_how_many():
+    """--jobs 2 on one GPU: both workers on cuda:0, each told it shares the device with one other run."""
+    assert E.device_slots(2, "auto", 1) == [("cuda:0", 2), ("cuda:0", 2)]
+    assert E.device_slots(3, "cuda", 2) == [("cuda:0", 2), ("cuda:1", 1), ("cuda:0", 2)]
+    assert E.device_slots(2, "auto", 0) == [("cpu", 2), ("cpu", 2)]
+    assert E.device_slots(2, "cuda:1", 2) == [("cuda:1", 2), ("cuda:1", 2)]
+
+
+def test_worker_environment_names_the_sharing(monkeypatch):
+    from harness.env import SHARING_ENV, runs_sharing_device
+
+    monkeypatch.setattr(E, "_die_with_parent", lambda parent: None)
+    monkeypatch.setenv(SHARING_ENV, "1")  # recorded, so that what _worker_init sets is undone after the test
+    assert runs_sharing_device() == 1
+    E._worker_init(0, None, 3)
+    assert runs_sharing_device() == 3
+
+
+@pytest.mark.parametrize("device, options, ngpu, expected", [
+    ("auto", {}, 1, {"gpus_per_node": 1}), ("cuda", {}, 2, {"gpus_per_node": 1}),
+    ("cuda:1", {}, 2, {"gpus_per_node": 2}), ("auto", {}, 0, {}), ("cpu", {}, 1, {}),
+    ("auto", {"gpus_per_run": 0}, 1, {}), ("cuda", {"gpus_per_run": 2}, 2, {"gpus_per_node": 2})])
+def test_submitit_local_is_given_the_gpus(monkeypatch, device, options, ngpu, expected):
+    """submitit's LocalExecutor sets CUDA_VISIBLE_DEVICES="" unless gpus_per_node is given: a GPU
+    machine's local grid then trained on the CPU."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: ngpu)
+    assert E.local_gpus(options, device) == expected
