@@ -41,10 +41,12 @@ class Evaluated:
 
     @property
     def correct(self) -> np.ndarray:
+        """(N,) bools: whether each question was answered correctly."""
         return np.asarray(self.pred) == np.asarray(self.answers)
 
 
 def _always(record: dict) -> bool:
+    """Every run should have the metric."""
     return True
 
 
@@ -77,6 +79,7 @@ class Metric:
     per_type: str | None = None
 
     def __post_init__(self):
+        """Reject statistics that do not exist or do not apply."""
         unknown = set(self.statistics) - {BOOTSTRAP, MCNEMAR}
         if unknown:
             raise ValueError(f"metric {self.name!r}: unknown statistics {sorted(unknown)} "
@@ -105,6 +108,7 @@ def unregister(name: str) -> None:
 
 
 def primary() -> Metric:
+    """The primary metric (accuracy): the one with intervals, deltas and significance tests."""
     return METRICS[PRIMARY]
 
 
@@ -159,6 +163,7 @@ def accuracy_by_type(correct, qtypes, type_names: list[str]) -> dict:
 
 
 def _recon(ev: Evaluated) -> dict:
+    """The reconstruction error, for a model that gives one."""
     return {"recon_mse": ev.outputs["recon_loss"]} if "recon_loss" in ev.outputs else {}
 
 

@@ -121,6 +121,7 @@ def best_epoch(rec: Record) -> int | None:
 
 
 def data_id(rec: Record) -> str | None:
+    """The id of the data set the run trained on."""
     return (rec.get("data") or {}).get("id")
 
 
@@ -131,6 +132,7 @@ def data_name(rec: Record) -> str | None:
 
 
 def params_total(rec: Record) -> int | None:
+    """The model's parameter count."""
     return (rec.get("params") or {}).get("total")
 
 

@@ -20,6 +20,7 @@ def _pairs(sides: dict, key) -> tuple[list[str], list[str], list]:
 
 
 def _compare_row(table: S.CorrectTable, variant: str, data: str, ids_a, ids_b, seeds, name_a, name_b) -> dict:
+    """One row of the comparison: both sides' accuracy, the paired difference B - A, McNemar per seed."""
     d = table.compare(ids_b, ids_a)
     acc_a, acc_b = table.estimate(ids_a), table.estimate(ids_b)
     return {"variant": variant, "data": data, "pairs": len(seeds), "seeds": list(seeds), f"acc_{name_a}": acc_a.mean,
@@ -90,6 +91,7 @@ def _paired_seeds(row: dict) -> str:
 
 
 def _compare_markdown(rows: list[dict], name_a: str, name_b: str, devices: set, boot: Bootstrap) -> list[str]:
+    """The comparison table in Markdown, with what its columns mean and the devices."""
     md = _md_table(["variant", "paired seeds", f"{name_a} acc", f"{name_b} acc", f"Δ ({name_b} - {name_a})",
                     "Δ std", "95% CI", "p", "p (Holm)", "McNemar per seed: b/c, p"],
                    [[r["variant"], _paired_seeds(r), _f(r[f"acc_{name_a}"]), _f(r[f"acc_{name_b}"]),

@@ -36,9 +36,11 @@ class Group:
 
     @property
     def seeds(self) -> list:
+        """The seeds of the group's runs, in order."""
         return [r["seed"] for r in self.runs]
 
     def values(self, get) -> list[float]:
+        """``get(record)`` of each run, where it is a number (missing and NaN values left out)."""
         out = []
         for r in self.runs:
             try:
@@ -50,6 +52,7 @@ class Group:
         return out
 
     def acc(self, split: str = "test") -> list[float]:
+        """The runs' accuracy on a split (the primary metric)."""
         return self.metric(M.PRIMARY, split)
 
     def metric(self, name: str, split: str = "test") -> list[float]:
@@ -67,6 +70,7 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def _mean(values: list[float]) -> float | None:
+    """The mean, None for no values."""
     return float(np.mean(values)) if values else None
 
 
@@ -78,6 +82,7 @@ def _fingerprint(r: dict) -> dict:
 
 
 def _flat(fp: dict) -> dict:
+    """A configuration's settings as ``--set`` names them (model, ``loss.*``, ``LOSS.PARAM``, ``train.*``)."""
     out = {}
     vc, train = fp["variant_config"], fp["train"]
     for k, v in (vc.get("model") or {}).items():
@@ -96,6 +101,7 @@ def _flat(fp: dict) -> dict:
 
 
 def _same(a, b) -> bool:
+    """Whether two setting values are equal as JSON."""
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
@@ -106,10 +112,12 @@ def _differing(flats: list[dict]) -> list[str]:
 
 
 def _family(variant: str) -> str | None:
+    """The variant's family (its first tag in the zoo), None when it is no longer registered."""
     return variants.VARIANTS.get(variant).family if variant in variants.VARIANTS else None
 
 
 def _category(variant: str, cfg: dict, baseline: str, control: str, used_as_teacher: set) -> str:
+    """A group's row category: baseline, control, teacher, the zoo's family, else student/other."""
     if variant == baseline:
         return "baseline"
     if variant == control:

@@ -19,6 +19,7 @@ from .grouping import Group
 from .statistics import CORRECTION
 
 def _grid_file(grid_file) -> str:
+    """The grid file as the header names it: relative to the working directory, with its SHA-256."""
     if not grid_file:
         return "-"
     p = Path(grid_file)
@@ -30,6 +31,7 @@ def _grid_file(grid_file) -> str:
 
 
 def _date_span(records: list[dict]) -> str:
+    """The runs' earliest start .. latest finish (compared as UTC instants)."""
     def key(s: str):
         try:
             return datetime.fromisoformat(s).astimezone(timezone.utc).isoformat()
@@ -111,6 +113,7 @@ OTHER_CODE = "§"
 
 
 def _several_codes(records: list[dict]) -> bool:
+    """Whether the runs come from more than one code fingerprint."""
     return len({identity.code_of(r) for r in records}) > 1
 
 

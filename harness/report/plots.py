@@ -18,6 +18,7 @@ _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 def _png(fig: Figure) -> bytes:
+    """A figure as PNG bytes (no software metadata: the bytes depend on the figure only)."""
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
@@ -70,6 +71,7 @@ def plot_cost(points: list[dict], xlabel: str, title: str) -> bytes:
 
 
 def plot_per_type(groups: list[Group], types: list[str], colors: dict, title: str) -> bytes:
+    """Per-type test accuracy bars, one per group, with the std over seeds."""
     cols = types + ["all"]
     fig = Figure(figsize=(min(13.0, max(7.0, 1.0 + 0.2 * len(cols) * max(1, len(groups)))), 4.8))
     ax = fig.add_subplot()
@@ -93,6 +95,7 @@ def plot_per_type(groups: list[Group], types: list[str], colors: dict, title: st
 
 
 def plot_curves(groups: list[Group], colors: dict, title: str) -> bytes:
+    """The training curves (:func:`curves_figure`) as PNG bytes."""
     return _png(curves_figure(groups, colors, title))
 
 

@@ -46,10 +46,12 @@ class Context:
 
     @property
     def base(self) -> Group | None:
+        """The baseline's group, None without a run on this data set."""
         return self.refs["baseline"]
 
     @property
     def ctrl(self) -> Group | None:
+        """The control's group, None without a run on this data set."""
         return self.refs["control"]
 
     def pairs(self):
@@ -89,6 +91,7 @@ def _main_table(ctx: Context) -> list[str]:
 
 
 def _fmt_n(g: Group) -> str:
+    """The ``n seeds`` cell, naming the seeds a partial report lacks."""
     if not g.missing_seeds:
         return f"n={len(g.runs)}"
     return (f"n={len(g.runs)} of {len(g.runs) + len(g.missing_seeds)} (seed{'s' if len(g.missing_seeds) > 1 else ''} "
@@ -107,6 +110,7 @@ def _cost_measurements(groups) -> list[dict]:
 
 
 def _cost_note(groups) -> list[str]:
+    """When, where, with how many threads and how steadily latency and inference memory were measured."""
     ms = _cost_measurements(groups)
     if not ms:
         return []
@@ -202,6 +206,7 @@ def _ablation_table(ctx: Context) -> list[str]:
 
 
 def _significance_table(comps: list[Comparison]) -> list[str]:
+    """One reference's comparisons as a table, with why pairing was impossible or partial."""
     rows, notes = [], []
     for c in comps:
         if c.delta is None:
@@ -275,14 +280,16 @@ def _cost_section(ctx: Context) -> list[str]:
 def _per_type_plot(ctx: Context) -> list[str]:
     """Per-type accuracy bars."""
     fname = f"per_type{ctx.suffix}.png"
-    ctx.written[fname] = plot_per_type(ctx.groups, ctx.types, ctx.colors, f"{ctx.dname}: test accuracy per question type")
+    title = f"{ctx.dname}: test accuracy per question type"
+    ctx.written[fname] = plot_per_type(ctx.groups, ctx.types, ctx.colors, title)
     return [f"![accuracy per question type]({ctx.link(fname)})", ""]
 
 
 def _curves_plot(ctx: Context) -> list[str]:
     """Validation accuracy per epoch."""
     fname = f"training_curves{ctx.suffix}.png"
-    ctx.written[fname] = plot_curves(ctx.groups, ctx.colors, f"{ctx.dname}: validation accuracy per epoch (mean over seeds)")
+    title = f"{ctx.dname}: validation accuracy per epoch (mean over seeds)"
+    ctx.written[fname] = plot_curves(ctx.groups, ctx.colors, title)
     return [f"![training curves]({ctx.link(fname)})", ""]
 
 

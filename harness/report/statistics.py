@@ -98,6 +98,7 @@ def correct_table(preds, run_ids: list[str], types: list[str], boot: Bootstrap) 
 
 
 def _compare(table: S.CorrectTable, g: Group, ref: Group) -> Comparison:
+    """A group against a reference, its runs paired by seed (those with usable predictions)."""
     ref_by_seed = {r["seed"]: r for r in ref.runs}
     pairs = [(r, ref_by_seed[r["seed"]]) for r in g.runs if r["seed"] in ref_by_seed]
     if not pairs:
