@@ -4,7 +4,7 @@ sinks) returning its lines; :data:`SECTIONS` lists them in report order with the
 :func:`data_section` iterates it. A new section is one function and one entry there."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
@@ -305,18 +305,30 @@ SECTIONS: list[tuple[str, Callable[[Context], list[str]]]] = [
 ]
 
 
-def context(preds, files_dir: Path, data_id: str, groups: list[Group], names: dict[str, str], multi: bool,
-            written: dict[str, bytes], boot: S.Bootstrap) -> Context:
+@dataclass
+class Shared:
+    """What the data sets of one report share: the runs' predictions (:class:`_Predictions`), the
+    bootstrap, the references' variant names, where the plots go and the plots written so far."""
+
+    preds: Callable
+    boot: S.Bootstrap
+    names: dict[str, str]
+    files_dir: Path
+    multi: bool  # several data sets: one set of plots each, named by data set
+    written: dict[str, bytes] = field(default_factory=dict)
+
+
+def context(shared: Shared, data_id: str, groups: list[Group]) -> Context:
     """A data set's :class:`Context`: its references, statistics and main-table rows."""
     types = type_names(groups)
-    refs = {key: reference(groups, name) for key, name in names.items()}
-    stats = section_stats(preds, groups, types, refs, boot)
+    refs = {key: reference(groups, name) for key, name in shared.names.items()}
+    stats = section_stats(shared.preds, groups, types, refs, shared.boot)
     rows = [summarize(g, refs["baseline"], refs["control"], types, stats.cells[g.label]) for g in groups]
     for g, row in zip(groups, rows):
         _comparison_columns(row, stats, g.label)
-    return Context(data_id, R.data_name(groups[0].runs[0]) or data_id, groups, rows, types, refs, names, stats,
-                   {g.label: _COLORS[i % len(_COLORS)] for i, g in enumerate(groups)}, files_dir,
-                   f"-{_slug(data_id)}" if multi else "", written)  # one set of plots per data set
+    return Context(data_id, R.data_name(groups[0].runs[0]) or data_id, groups, rows, types, refs, shared.names,
+                   stats, {g.label: _COLORS[i % len(_COLORS)] for i, g in enumerate(groups)}, shared.files_dir,
+                   f"-{_slug(data_id)}" if shared.multi else "", shared.written)
 
 
 def data_section(ctx: Context) -> list[str]:

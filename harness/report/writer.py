@@ -15,7 +15,7 @@ from ..store import ResultsStore, atomic_write_bytes
 from .fmt import _f, _md_table
 from .grouping import Group, group_runs
 from .header import OTHER_CODE, ReportInfo, _missing, _several_codes, header, mark_missing
-from .sections import context, data_section
+from .sections import Shared, context, data_section
 from .statistics import COST_COLUMNS, _Predictions
 
 def _run_row(g: Group, r: dict, several: bool) -> list[str]:
@@ -90,16 +90,16 @@ def write_report(store: ResultsStore, name: str, run_ids: list[str] | None = Non
     info = ReportInfo(name, kept, [_missing(store, r) for r in missing], grid_file, names,
                       sorted(x for gs in sections.values() for g in gs for x in g.superseded), boot, command,
                       mark_missing(sections, planned or [], missing))
-    files_dir = out_dir / f"{name}_files"
-    lines, preds, written, all_rows = header(info), _Predictions(store), {}, []
+    shared = Shared(_Predictions(store), boot, names, out_dir / f"{name}_files", len(sections) > 1)
+    lines, all_rows = header(info), []
     if not sections:
         lines += ["No complete run.", ""]
     for data_id, groups in sections.items():
-        ctx = context(preds, files_dir, data_id, groups, names, len(sections) > 1, written, boot)
+        ctx = context(shared, data_id, groups)
         lines += data_section(ctx)
         all_rows += ctx.rows
     lines += _runs_table(sections)
-    return _write_outputs(out_dir, name, files_dir, written, all_rows, lines)
+    return _write_outputs(out_dir, name, shared.files_dir, shared.written, all_rows, lines)
 
 
 def _records(store: ResultsStore, run_ids: list[str] | None) -> tuple[list[dict], list[str]]:
