@@ -131,6 +131,26 @@ def data_name(rec: Record) -> str | None:
     return d.get("name") or d.get("id")
 
 
+def data_field(rec: Record, key: str):
+    """A field of the record's data set (``name``, ``spec``...), None when not recorded."""
+    return (rec.get("data") or {}).get(key)
+
+
+def type_names(rec: Record) -> list[str]:
+    """The data set's question types, in its order."""
+    return list((rec.get("data") or {}).get("type_names") or [])
+
+
+def data_spec(rec: Record) -> str | None:
+    """The data spec the run was given (a path, or ``synthetic:NAME``)."""
+    return (rec.get("data") or {}).get("spec")
+
+
+def split_sizes(rec: Record) -> dict[str, int]:
+    """Questions per split of the run's data set ({} when not recorded)."""
+    return dict((rec.get("data") or {}).get("sizes") or {})
+
+
 def params_total(rec: Record) -> int | None:
     """The model's parameter count."""
     return (rec.get("params") or {}).get("total")

@@ -211,7 +211,7 @@ def type_names(groups: list[Group]) -> list[str]:
     names: list[str] = []
     for g in groups:
         for r in g.runs:
-            for t in (r.get("data") or {}).get("type_names", []):
+            for t in R.type_names(r):
                 if t not in names:
                     names.append(t)
     present = {t for g in groups for r in g.runs for t in R.per_type(r)}

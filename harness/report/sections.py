@@ -106,7 +106,7 @@ DISTURBED = "‡"
 def _cost_measurements(groups) -> list[dict]:
     """When, where and how steadily the groups' latency and inference memory were measured
     (``cost.measured`` of :func:`harness.costs.attach`), one entry per run that has one."""
-    return [m for g in groups for r in g.runs if (m := (r.get("cost") or {}).get("measured"))]
+    return [m for g in groups for r in g.runs if (m := R.cost(r, "measured"))]
 
 
 def _cost_note(groups) -> list[str]:
@@ -333,7 +333,7 @@ def context(shared: Shared, data_id: str, groups: list[Group]) -> Context:
 
 def data_section(ctx: Context) -> list[str]:
     """One data set's part of the report: its heading, then every section of :data:`SECTIONS`."""
-    sizes = (ctx.groups[0].runs[0].get("data") or {}).get("sizes") or {}
+    sizes = R.split_sizes(ctx.groups[0].runs[0])
     lines = [f"## Data set: {ctx.dname} (`{ctx.data_id}`)", ""]
     lines += ["Questions: " + ", ".join(f"{k} {v:,}" for k, v in sorted(sizes.items())) + ".", ""] if sizes else []
     for title, section in SECTIONS:

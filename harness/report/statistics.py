@@ -144,7 +144,7 @@ def summarize(g: Group, base: Group | None, ctrl: Group | None, types: list[str]
     estimates from :func:`section_stats` (intervals), if computed. The primary metric (accuracy)
     with its spread, interval and deltas; every other registered metric as its mean over seeds."""
     m, s = mean_std(g.acc())
-    row = {"data_name": (g.runs[0].get("data") or {}).get("name"), "data_id": g.data_id, "variant": g.variant,
+    row = {"data_name": R.data_field(g.runs[0], "name"), "data_id": g.data_id, "variant": g.variant,
            "label": g.label, "category": g.category}
     params = g.values(R.params_total)
     row["params"] = int(round(float(np.mean(params)))) if params else None
