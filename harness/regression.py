@@ -104,14 +104,24 @@ def tolerance(expected: dict, variant: str, metric: str) -> float:
     return float(own.get(metric, file_wide.get(metric, default_tolerance()[metric])))
 
 
+def _direction(metric: str, m: float, e: float) -> str:
+    """Whether a registered metric that moved got ``better`` or ``worse`` (its ``higher_is_better``);
+    ``changed`` for the counts (parameters, MACs), which have no better side."""
+    reg = next((x for x in M.METRICS.values() if f"test_{x.name}" == metric), None)
+    if reg is None:
+        return "changed"
+    return "better" if (m > e) == reg.higher_is_better else "worse"
+
+
 def _check(variant: str, metric: str, m, e, tol: float) -> dict | None:
+    """The row for one number of one variant when it moved or is not finite, else None."""
     row = {"variant": variant, "expected": e, "measured": m}
     if not _finite(m):
         return {**row, "what": f"{metric} (measured value not finite)"}
     if not _finite(e):
         return {**row, "what": f"{metric} (expected value not finite)"}
     if abs(m - e) > tol:
-        return {**row, "what": f"{metric} (tolerance {tol})"}
+        return {**row, "what": f"{metric} (tolerance {tol})", "moved": _direction(metric, m, e)}
     return None
 
 
@@ -160,8 +170,10 @@ def bless(measured: dict, old: dict, grid_name: str, acc_tolerance: float | None
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| variant | what | expected | measured |", "|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['what']} | {r['expected']} | {r['measured']} |" for r in rows]
+    """The rows of :func:`compare` as a Markdown table (``moved``: better or worse, by the metric's direction)."""
+    lines = ["| variant | what | expected | measured | moved |", "|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['what']} | {r['expected']} | {r['measured']} | {r.get('moved', '-')} |"
+              for r in rows]
     return "\n".join(lines)
 
 

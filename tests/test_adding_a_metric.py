@@ -86,7 +86,9 @@ def test_a_toy_metric_reaches_record_results_report_and_regression(measured, tmp
     expected = regression.bless(got, {}, "toy")
     assert expected["tolerance"]["test_toy_wrong"] == 0.5 and regression.compare(got, expected) == []
     moved = {"dualvgr": {**got["dualvgr"], "test_toy_wrong": got["dualvgr"]["test_toy_wrong"] + 1.0}}
-    assert [r["what"] for r in regression.compare(moved, expected)] == ["test_toy_wrong (tolerance 0.5)"]
+    (row,) = regression.compare(moved, expected)
+    assert row["what"] == "test_toy_wrong (tolerance 0.5)" and row["moved"] == "worse"  # lower is better
+    assert "| test_toy_wrong (tolerance 0.5) |" in regression.format_rows([row])
     lacking = {**expected, "variants": {"dualvgr": {k: v for k, v in expected["variants"]["dualvgr"].items()
                                                     if k != "test_toy_wrong"}}}
     assert [r["what"] for r in regression.compare(got, lacking)] == ["test_toy_wrong (expected value not finite)"]
