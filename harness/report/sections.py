@@ -153,9 +153,9 @@ def _cost_notes(ctx: Context) -> list[str]:
 def _metric_notes(ctx: Context) -> list[str]:
     """Each other registered metric's note where it is shown; else, where runs it applies to
     (``Metric.applies``: their variant config) lack it, its absent note naming them."""
-    notes = []
+    notes, shown = [], _shown_metrics(ctx)
     for m in M.secondary():
-        if any(r.get(m.name) is not None for r in ctx.rows):
+        if m in shown:
             notes += [m.note] if m.note else []
         elif m.absent_note and (lack := [g.label for g in ctx.groups if m.applies(g.runs[0])]):
             notes.append(m.absent_note.format(labels=", ".join(lack)))
@@ -165,7 +165,7 @@ def _metric_notes(ctx: Context) -> list[str]:
 def _main_notes(ctx: Context) -> list[str]:
     """The notes under the main table: references missing, costs, few seeds, metrics, labels."""
     notes = [f"the {what} `{ctx.names[key]}` has no run on this data set: no Δ {ctx.names[key]}."
-             for key, what in (("baseline", "baseline"), ("control", "control")) if ctx.refs[key] is None]
+             for key, what in REFERENCES.items() if ctx.refs[key] is None]
     notes += _cost_notes(ctx)
     few = [g.label for g in ctx.groups if len(g.runs) < S.MIN_SEEDS]
     if few:
