@@ -27,6 +27,8 @@ import numpy as np
 BOOTSTRAP, MCNEMAR = "bootstrap", "mcnemar"
 #: the splits a record's ``metrics`` holds a value of every metric for (``test`` at the best-validation epoch)
 SPLITS = ("val", "test", "test_last")
+#: the primary metric: the report's intervals, deltas and significance tests are of it
+PRIMARY = "acc"
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,9 @@ class Metric:
         if unknown:
             raise ValueError(f"metric {self.name!r}: unknown statistics {sorted(unknown)} "
                              f"(known: {BOOTSTRAP}, {MCNEMAR})")
-        if MCNEMAR in self.statistics and self.name != "acc":
-            raise ValueError(f"metric {self.name!r}: McNemar's test is for a per-question right/wrong metric (acc)")
+        if MCNEMAR in self.statistics and self.name != PRIMARY:
+            raise ValueError(f"metric {self.name!r}: McNemar's test runs on per-question right/wrong answers, which "
+                             f"a run keeps (predictions_test.csv) for the primary metric {PRIMARY!r} only")
 
 
 #: name -> metric, in registration order (the first is the primary metric)
@@ -172,7 +175,6 @@ def _reconstructs(record: dict) -> bool:
     return (((record.get("variant_config") or {}).get("model") or {}).get("decoder_hidden") or 0) > 0
 
 
-PRIMARY = "acc"
 register(Metric(
     name=PRIMARY, key="overall", title="test acc", higher_is_better=True, fmt=fixed(2), per_type="per_type",
     compute=lambda ev: accuracy_by_type(ev.correct, ev.qtypes, ev.type_names),
