@@ -524,8 +524,7 @@ def results(results: str = typer.Option("results", help="Results store directory
     df["best_epoch"] = df["best_epoch"] + 1
     df = _identity_columns(store, df)
     cols = [c for c in ("run_id", "identity", "code", "variant", "teachers", "teacher_runs", "overrides", "data",
-                        "seed", "params",
-                        "epochs_run", "best_epoch", "val_acc", "test_acc", "test_last_acc", "train_samples_per_s")
+                        "seed", "params", "epochs_run", "best_epoch", *_metric_columns(), "train_samples_per_s")
             if c in df]
     t = Table()
     for c in cols:  # run ids in full (wrapped, never cut short): they are what other commands take
@@ -535,6 +534,14 @@ def results(results: str = typer.Option("results", help="Results store directory
     console.print(t)
     if csv:
         df.to_csv(csv, index=False)
+
+
+def _metric_columns() -> list[str]:
+    """The registered metrics' columns of the store's table (harness.metrics): the primary metric on
+    every split, the others on the test split."""
+    from harness import metrics as M
+
+    return [*(f"{s}_{M.PRIMARY}" for s in M.SPLITS), *(f"test_{m.name}" for m in M.secondary())]
 
 
 def _identity_columns(store, df):

@@ -61,9 +61,10 @@ NEUTRAL: dict[str, object] = {
     "train.precision": "fp32",
 }
 #: the files whose contents make up the code fingerprint: the model (and which class each model family
-#: builds), the losses, the data path and the training step (relative to the repository root)
+#: builds), the losses, the data path and the training step, the metrics computed from the predictions
+#: (relative to the repository root)
 CODE_FILES = ("variants/dualvgr.py", "variants/families.py", "variants/losses.py", "variants/kd_losses.py",
-              "harness/data.py", "harness/step.py", "harness/runner.py", "harness/evaluate.py",
+              "harness/data.py", "harness/step.py", "harness/runner.py", "harness/evaluate.py", "harness/metrics.py",
               "harness/teacher_cache.py")
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -48,13 +48,13 @@ from .env import sync as _sync
 from .errors import HarnessError
 from .evaluate import ABLATIONS, evaluate
 from .inputs import param_counts, random_answers, random_inputs
+from .record import RECORD_VERSION, Record, teacher_ref
 from .settings import REFERENCE_TRAIN, TRAIN_CHECKS, TRAIN_DEFAULTS, check_train_settings
 from .sinks import Sinks, check_sinks, run_hparams
 from .step import TrainStep, build_step, make_objective
 from .store import WEIGHTS, DamagedRun, ResultsStore, atomic_torch_save, atomic_write_bytes, file_digest, locked
 from .teacher_cache import TeacherOutputs
 
-RECORD_VERSION = 1
 
 
 @dataclass
@@ -561,7 +561,7 @@ class _Run:
         st.active_time += time.perf_counter() - self.t_process
         self.t_process = time.perf_counter()
         speed = st.train_samples / st.train_time if st.train_time else None
-        record = {
+        record: Record = {
             "run_id": p.run_id, "status": "complete", "record_version": RECORD_VERSION,
             "variant": p.spec.variant, "variant_config": p.cfg.to_dict(), "train_config": p.train,
             "seed": p.spec.seed, "spec": dataclasses.asdict(p.spec),
@@ -572,8 +572,7 @@ class _Run:
             "cost": run_cost(self.model, p.cfg, dev, speed, peak_train_mib),
             "teacher_runs": [r["run_id"] for r in self.teacher_records],
             "weights": {WEIGHTS: st.best.get("weights") or file_digest(self.best_path)},  # checked before reuse
-            "teachers": [{"variant": r["variant"], "run_id": r["run_id"], "params": r["params"]["total"],
-                          "test_acc": r["metrics"]["test"]["overall"]} for r in self.teacher_records],
+            "teachers": [teacher_ref(r) for r in self.teacher_records],
             "identity": {"scheme": identity.SCHEME, "computation": p.computation},
             "code": {"fingerprint": identity.code_fingerprint(), "files": list(identity.CODE_FILES)},
             "environment": environment(dev),

@@ -156,7 +156,8 @@ def test_code_fingerprint_covers_the_model_and_not_the_report(tmp_path, monkeypa
     for rel in identity.CODE_FILES:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes((identity.ROOT / rel).read_bytes())
-    (root / "harness" / "report.py").write_text("# not the computation\n")
+    (root / "harness" / "report").mkdir()
+    (root / "harness" / "report" / "writer.py").write_text("# not the computation\n")
     monkeypatch.setattr(identity, "ROOT", root)
     assert identity.code_fingerprint() == fp
     model = root / "variants" / "dualvgr.py"
