@@ -94,7 +94,11 @@ def main(
                                        "file): complete runs are skipped, teachers run first, then the report is written."),
     jobs: Optional[int] = typer.Option(None, min=1, help="Runs at a time [default: the grid's executor.jobs, else 1]."),
     executor: Optional[str] = typer.Option(None, help="local (processes on this machine), slurm (a submitit job "
-                                           "array), or submitit-local [default: the grid's, else local]."),
+                                           "array), submitit-local, or another kind registered in "
+                                           "harness.executor [default: the grid's, else local]."),
+    executor_option: Optional[list[str]] = typer.Option(None, "--executor-option", help="KEY=VALUE, repeatable: "
+                                                        "an option of the executor (a key of its grid [executor] "
+                                                        "table); the SLURM options below are shorthands."),
     data: Optional[str] = typer.Option(None, help="Override the grid's data set."),
     seeds: Optional[str] = typer.Option(None, help="Override the grid's seeds, comma-separated."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N [default: cuda when available; with --jobs, "
@@ -133,7 +137,7 @@ def main(
         console.print(ctx.get_help())
         raise typer.Exit(0)
     from harness import grid as G
-    from harness.executor import check_executor_options, run_grid
+    from harness.executor import run_grid
     from harness.store import ResultsStore, check_writable
 
     try:
@@ -142,23 +146,21 @@ def main(
         error(console, e)
         raise typer.Exit(2)
     ex = executor or g.executor.get("kind", "local")
-    if ex not in G.EXECUTOR_KINDS:
-        error(console, f"--executor must be one of {', '.join(G.EXECUTOR_KINDS)}, got {ex!r}")
-        raise typer.Exit(2)
-    try:  # a SLURM request given in the grid is checked before anything runs; the command line's by typer
-        check_executor_options(g.executor, f"{g.path}: [executor]")
-    except G.GridError as e:
-        error(console, e)
-        raise typer.Exit(2)
-    # the command line overrides the grid's [executor] table; a value given is sent as is, 0 included
+    # the command line overrides the grid's [executor] table (checked when it was loaded); a value given is sent
+    # as is, 0 included
     given = {"partition": partition, "gpus_per_run": gpus_per_run, "cpus_per_run": cpus_per_run, "mem_gb": mem_gb,
              "time_min": time_min, "array_parallelism": array_parallelism}
-    slurm = {**g.executor, **{k: v for k, v in given.items() if v is not None}}
+    try:
+        options = {**g.executor, **_executor_options(ex, executor_option),
+                   **{k: v for k, v in given.items() if v is not None}}
+    except user_errors() as e:
+        error(console, e)
+        raise typer.Exit(2)
     store = ResultsStore(results)
     try:
         check_writable(store.root)
         res = run_grid(g, store, executor=ex, jobs=jobs or int(g.executor.get("jobs", 1)), device=device, mode=mode,
-                       console=console, slurm=slurm, reuse_other_code=reuse_other_code,
+                       console=console, options=options, reuse_other_code=reuse_other_code,
                        refuse_damaged=refuse_damaged, log=log)
         if res.interrupted:
             raise KeyboardInterrupt
@@ -177,6 +179,22 @@ def main(
         raise typer.Exit(1)
     if not reported:
         raise typer.Exit(2)
+
+
+def _executor_options(kind: str, items: list[str] | None) -> dict:
+    """``--executor-option KEY=VALUE`` pairs for the executor ``kind``: each key one it reads, each
+    value checked by it (harness.executor's registry)."""
+    from harness.executor import EXECUTORS, check_options, executor_kind
+
+    if kind not in EXECUTORS:
+        raise typer.BadParameter(f"--executor must be one of {', '.join(EXECUTORS.list())}, got {kind!r}")
+    options = parse_sets(items)
+    unknown = sorted(set(options) - set(executor_kind(kind).options))
+    if unknown:
+        raise typer.BadParameter(f"--executor-option: executor {kind!r} has no option(s) {', '.join(unknown)} "
+                                 f"(its options: {', '.join(executor_kind(kind).options) or 'none'})")
+    check_options(options, "--executor-option")
+    return options
 
 
 def _measure_costs(store, run_ids: list[str], device: str) -> None:
@@ -335,8 +353,10 @@ def run(
     results: str = typer.Option("results", help="Results store directory."),
     no_glove: bool = typer.Option(False, "--no-glove", help="Do not initialise word embeddings from the "
                                   "questions file's GloVe matrix."),
-    precision: str = typer.Option("fp32", help="fp32, or bf16: autocast for the forward passes and losses in "
-                                  "training and evaluation (weights and optimizer state stay fp32)."),
+    precision: str = typer.Option("fp32", help="fp32 (strict: no TF32 on CUDA), tf32 (CUDA: TF32 matmuls and cuDNN), "
+                                  "or bf16: autocast for the forward passes in training and evaluation (losses, "
+                                  "weights and optimizer state stay fp32; on CUDA the LSTMs run in fp32/TF32, "
+                                  "recorded as lstm_precision)."),
     force: bool = typer.Option(False, help="Retrain even if the run is complete in the store."),
     mode: str = typer.Option("auto", help="Feature loading: memory, stream, or auto (stream when the "
                              "features do not fit in half the free RAM)."),
@@ -451,7 +471,7 @@ def import_(bundle: str = typer.Argument(..., help="A bundle written by `ablate.
 
 @app.command("list")
 def list_(pattern: str = typer.Argument("*", help="Shell wildcard, e.g. 'teacher-*'.")):
-    """List registered variants (and distillation losses) with their descriptions."""
+    """List registered variants (and model families and distillation losses) with their descriptions."""
     import variants
 
     names = variants.list(pattern)
@@ -460,12 +480,18 @@ def list_(pattern: str = typer.Argument("*", help="Shell wildcard, e.g. 'teacher
         raise typer.Exit(1)
     t = Table(title="variants")
     t.add_column("name", style="bold")
-    t.add_column("arch")
+    t.add_column("model family")
     t.add_column("description")
     for name in names:
         cfg = variants.get_config(name)
         t.add_row(name, cfg.arch, cfg.description)
     console.print(t)
+    ft = Table(title="model families")
+    ft.add_column("name", style="bold")
+    ft.add_column("description")
+    for e in variants.MODEL_FAMILIES:
+        ft.add_row(e.name, e.description)
+    console.print(ft)
     if len(variants.LOSSES):
         lt = Table(title="distillation losses")
         lt.add_column("name", style="bold")
@@ -498,8 +524,7 @@ def results(results: str = typer.Option("results", help="Results store directory
     df["best_epoch"] = df["best_epoch"] + 1
     df = _identity_columns(store, df)
     cols = [c for c in ("run_id", "identity", "code", "variant", "teachers", "teacher_runs", "overrides", "data",
-                        "seed", "params",
-                        "epochs_run", "best_epoch", "val_acc", "test_acc", "test_last_acc", "train_samples_per_s")
+                        "seed", "params", "epochs_run", "best_epoch", *_metric_columns(), "train_samples_per_s")
             if c in df]
     t = Table()
     for c in cols:  # run ids in full (wrapped, never cut short): they are what other commands take
@@ -509,6 +534,14 @@ def results(results: str = typer.Option("results", help="Results store directory
     console.print(t)
     if csv:
         df.to_csv(csv, index=False)
+
+
+def _metric_columns() -> list[str]:
+    """The registered metrics' columns of the store's table (harness.metrics): the primary metric on
+    every split, the others on the test split."""
+    from harness import metrics as M
+
+    return [*(f"{s}_{M.PRIMARY}" for s in M.SPLITS), *(f"test_{m.name}" for m in M.secondary())]
 
 
 def _identity_columns(store, df):

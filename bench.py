@@ -22,25 +22,28 @@ from rich.table import Table
 
 import variants
 from harness.console import make_console, say
+from harness.sizes import SIZES
 from harness.store import atomic_write_json
-from harness.synthetic import PRESETS
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 console = make_console()
 err = make_console(stderr=True)
 
-#: model sizes: those of the synthetic presets (msvd = the reference's MSVD-QA setting)
-CONFIGS = {name: p.model_config() for name, p in PRESETS.items()}
+#: model sizes (harness.sizes; msvd = the reference's MSVD-QA setting), which the synthetic presets share
+CONFIGS = {name: size.model_config() for name, size in SIZES.items()}
 
 #: fields every record has (null where a field cannot be measured on the device)
 REQUIRED_FIELDS = ("variant", "config", "device", "gpu_name", "torch_version", "batch_size", "precision",
                    "params_total", "params_trainable", "macs_per_sample", "flops_per_sample", "unsupported_ops",
                    "latency_ms_median", "latency_ms_p90", "latency_ms_p99", "infer_samples_per_s",
-                   "train_samples_per_s", "peak_mem_mib_infer", "peak_mem_mib_train")
+                   "train_samples_per_s", "peak_mem_mib_infer", "peak_mem_mib_train", "peak_mem_mib_train_step",
+                   "resident_mib_train", "infer_path", "lstm_precision", "tf32_matmul", "tf32_cudnn", "cuda_version",
+                   "cudnn_version", "runs_sharing_device")
 
 TABLE_COLUMNS = ("variant", "batch_size", "params_total", "macs_per_sample", "latency_ms_median", "latency_ms_p90",
-                 "infer_samples_per_s", "train_samples_per_s", "peak_mem_mib_infer", "peak_mem_mib_train")
+                 "infer_samples_per_s", "train_samples_per_s", "peak_mem_mib_infer", "peak_mem_mib_train",
+                 "peak_mem_mib_train_step")
 
 
 @app.command()
@@ -50,8 +53,10 @@ def main(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Variant setting key=value, any variant's (module_dim=256, keep_ratio=0.5, logits.T=2), repeatable."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N [default: cuda when available]."),
     batch_size: str = typer.Option("1,32", help="Comma-separated batch sizes."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast)."),
+    precision: str = typer.Option("fp32", help="fp32 (strict: no TF32 on CUDA), tf32 (CUDA), bf16 or fp16 (autocast)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (compiled during warm-up)."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Latency from the eval forward captured once per "
+                                                               "batch size in a CUDA graph and replayed (CUDA only)."),
     reps: int = typer.Option(50, min=1, help="Timed eval forwards per batch size."),
     warmup: Optional[int] = typer.Option(None, help="Warm-up runs before timing [default: 10 on CUDA, 3 on CPU]."),
     train_reps: Optional[int] = typer.Option(None, min=1, help="Timed training steps per batch size [default: max(5, reps/5)]."),
@@ -73,6 +78,9 @@ def main(
     from ablate import parse_sets
 
     names, sizes, dev = _check_options(variant, config, fmt, precision, batch_size, device, threads)
+    if cuda_graph and (dev.type != "cuda" or compile_):
+        raise typer.BadParameter("--cuda-graph needs a CUDA device (--device cuda) and no --compile: a graph replays "
+                                 f"captured CUDA kernels (device here: {dev})", param_hint="--cuda-graph")
     sets = parse_sets(set_)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -84,7 +92,7 @@ def main(
     for name in names:
         recs = _measure_alone(name, config, sets, sizes, dev, precision=precision, compile=compile_, reps=reps,
                               warmup=warmup, train=not no_train, train_reps=train_reps, flops=not no_flops,
-                              question_len=question_len)
+                              question_len=question_len, cuda_graph=cuda_graph)
         for r in recs:
             r.update(data_rec.get(r["batch_size"], {}))
         records.extend(recs)
@@ -215,8 +223,8 @@ def _print(records: list[dict], fmt: str, config: str, precision: str, compiled:
         return
     cols = list(TABLE_COLUMNS) + (["data_samples_per_s_memory", "data_samples_per_s_stream"] if with_data else [])
     r0 = records[0]
-    note = (f"{config} config, {r0['device_name']}, torch {r0['torch_version']}, {precision}"
-            f"{', compiled' if compiled else ''}; MACs per sample (FLOPs = 2 x MACs); "
+    note = (f"{config} config, {r0['device_name']}, torch {r0['torch_version']}, {precision} (LSTMs in "
+            f"{r0.get('lstm_precision')}), inference path {r0.get('infer_path')}; MACs per sample (FLOPs = 2 x MACs); "
             f"peak memory: {r0['peak_mem_kind'] or 'n/a'}")
     if fmt == "markdown":
         print("| " + " | ".join(cols) + " |")

@@ -26,6 +26,7 @@ What is measured and what is counted:
 """
 from __future__ import annotations
 
+from . import record as R
 from .store import ResultsStore, StoreError
 
 #: backward FLOPs per forward FLOP (the usual convention)
@@ -56,10 +57,10 @@ def run_compute(record: dict, teacher_records: list[dict], *, train_samples: int
     teacher runs, whose own bills are in their records. ``cache_info``: the ``info`` of the
     :class:`harness.teacher_cache.TeacherOutputs` it read (None: no cache); ``built_by_this_run``:
     the ids of the builds among them this run made (in any of its processes)."""
-    f = (record.get("cost") or {}).get("flops_per_sample")
-    val_samples = int(record["data"]["sizes"].get("val", 0)) * int(record["epochs_run"])
+    f = R.cost(record, "flops_per_sample")
+    val_samples = int(R.split_sizes(record).get("val", 0)) * int(record["epochs_run"])
     teachers = [{"run_id": t["run_id"], "variant": t["variant"],
-                 "forward_flops_per_sample": (t.get("cost") or {}).get("flops_per_sample")} for t in teacher_records]
+                 "forward_flops_per_sample": R.cost(t, "flops_per_sample")} for t in teacher_records]
     t_fwd = {t["run_id"]: t["forward_flops_per_sample"] for t in teachers}
     step_fwd = _add(*t_fwd.values()) if teachers else 0
     builds = []
@@ -97,9 +98,9 @@ def record_compute(record: dict) -> dict:
         return {**tc, "derived": False}
     speed, step_s = record.get("train_samples_per_s"), record.get("train_time_s")
     n = int(round(speed * step_s)) if speed and step_s else 0
-    f = (record.get("cost") or {}).get("flops_per_sample")
+    f = R.cost(record, "flops_per_sample")
     teachers = [{"run_id": r, "variant": None, "forward_flops_per_sample": None} for r in record.get("teacher_runs", [])]
-    val_samples = int(record.get("data", {}).get("sizes", {}).get("val", 0)) * int(record.get("epochs_run", 0))
+    val_samples = int(R.split_sizes(record).get("val", 0)) * int(record.get("epochs_run", 0))
     return {"device": record.get("device"), "device_name": record.get("device_name"),
             "wall_time_s": record.get("wall_time_s"), "train_time_s": step_s, "cache_build_s": 0.0,
             "train_samples": n, "val_samples": val_samples, "forward_flops_per_sample": f,

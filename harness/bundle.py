@@ -39,6 +39,7 @@ import torch
 import variants
 
 from . import data as D
+from . import record as R
 from .errors import HarnessError
 from .runner import RunSpec, plan, run_lock
 from .store import ResultsStore, atomic_output, atomic_write_bytes, atomic_write_json
@@ -80,7 +81,7 @@ def export_run(store: ResultsStore, run_id: str, out: str | Path) -> dict:
     record = json.loads(files[RECORD])
     manifest = {
         "format": FORMAT, "version": VERSION, "run_id": run_id, "variant": record["variant"],
-        "data_id": record["data"]["id"], "data_spec": record["data"]["spec"], "git_commit": record.get("git_commit"),
+        "data_id": R.data_id(record), "data_spec": R.data_spec(record), "git_commit": record.get("git_commit"),
         "config": {k: record.get(k) for k in ("variant_config", "train_config", "seed", "teacher_runs")},
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "files": {n: {"sha256": sha256(b), "bytes": len(b)} for n, b in files.items()},
@@ -181,7 +182,7 @@ def verify_checksums(where: str, members: dict[str, bytes]) -> dict:
 
 
 def _local_data(where: str, record: dict, data: str | None) -> D.DataInfo:
-    spec = data or record["data"]["spec"]
+    spec = data or R.data_spec(record)
     try:
         return D.describe(spec)
     except HarnessError as e:
@@ -197,8 +198,8 @@ def verify_identity(where: str, manifest: dict, record: dict, info: D.DataInfo) 
         raise BundleError(f"{where}: {RECORD} is run {record.get('run_id')!r} ({record.get('status')}); "
                           f"{MANIFEST} says {rid!r}; refused")
     claimed = manifest.get("data_id")
-    if (record.get("data") or {}).get("id") != claimed:
-        raise BundleError(f"{where}: {RECORD} says data id {(record.get('data') or {}).get('id')!r}, "
+    if R.data_id(record) != claimed:
+        raise BundleError(f"{where}: {RECORD} says data id {R.data_id(record)!r}, "
                           f"{MANIFEST} says {claimed!r}; refused")
     if info.data_id != claimed:
         raise BundleError(f"{where}: data id mismatch: the run was trained on data {claimed!r}; the data set "

@@ -46,8 +46,8 @@ from . import layout as L
 from .errors import HarnessError
 
 SPLITS = L.SPLITS
-QUESTION_WORDS = ("what", "who", "how", "when", "where")
-OTHER = "other"
+QUESTION_WORDS = L.QUESTION_WORDS
+OTHER = L.OTHER_TYPE
 
 
 class DataError(HarnessError, ValueError):

@@ -18,10 +18,17 @@ import torch
 
 from .errors import HarnessError
 
-#: autocast dtype per precision name (fp32: no autocast; TF32 matmuls are allowed on CUDA)
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: autocast dtype per precision name (fp32 and tf32: no autocast; they differ in the TF32 flags below)
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "tf32": None, "bf16": torch.bfloat16,
+                                             "fp16": torch.float16}
 #: the precisions a training run can use (fp16 needs loss scaling, which only benchmarks do)
-TRAIN_PRECISIONS = ("fp32", "bf16")
+TRAIN_PRECISIONS = ("fp32", "tf32", "bf16")
+#: whether TF32 math is allowed on CUDA, for cuBLAS matmuls and cuDNN (the LSTMs), per precision: set
+#: deliberately by :func:`apply_math_flags`, never left to PyTorch's defaults (matmul off, cuDNN on), so that
+#: "fp32" is fp32 everywhere; bf16 runs its LSTMs in fp32 (:func:`lstm_precision`) with TF32 allowed
+TF32: dict[str, bool] = {"fp32": False, "tf32": True, "bf16": True, "fp16": True}
+#: set to 1 for deterministic CUDA kernels (cuBLAS workspace, deterministic algorithms where they exist)
+DETERMINISTIC_ENV = "VQAKD_DETERMINISTIC"
 
 
 class PrecisionError(HarnessError, ValueError):
@@ -42,6 +49,13 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise HarnessError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op elsewhere. Only around timed regions:
+    never inside a training step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def device_name(device: torch.device | str) -> str:
@@ -73,20 +87,80 @@ def load_average() -> float | None:
 def environment(device: torch.device | str) -> dict:
     """What a run id deliberately does not cover but can change the numbers: torch version, the
     threads used, the CPU model and the instruction set torch's kernels use (AVX-512 and AVX2
-    kernels round differently), the device, determinism and matmul-precision flags; and the load
-    average (other work on the machine) when this is called."""
+    kernels round differently), the device, determinism and matmul-precision flags; on CUDA the
+    TF32 flags in force and the CUDA and cuDNN versions (None on the CPU, where they do not apply);
+    and the load average (other work on the machine) when this is called."""
     device = torch.device(device)
     return {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "interop_threads": torch.get_num_interop_threads(), "cpu": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": device_name(device),
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "cudnn_deterministic": torch.backends.cudnn.deterministic, "cudnn_benchmark": torch.backends.cudnn.benchmark,
-            "float32_matmul_precision": torch.get_float32_matmul_precision(), "load_average": load_average()}
+            "float32_matmul_precision": torch.get_float32_matmul_precision(), **cuda_facts(device),
+            "load_average": load_average()}
+
+
+def cuda_facts(device: torch.device | str) -> dict:
+    """TF32 flags (cuBLAS matmul, cuDNN) and CUDA / cuDNN versions on a CUDA device; all None elsewhere."""
+    cuda = torch.device(device).type == "cuda"
+    return {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if cuda else None,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32 if cuda else None,
+            "cuda_version": torch.version.cuda if cuda else None,
+            "cudnn_version": torch.backends.cudnn.version() if cuda else None}
 
 
 #: environment facts that can change the numbers (a report lists them when its runs differ); not the load
 NUMERIC_ENVIRONMENT = ("torch", "threads", "cpu", "cpu_capability", "device", "deterministic_algorithms",
-                       "cudnn_deterministic", "cudnn_benchmark", "float32_matmul_precision")
+                       "cudnn_deterministic", "cudnn_benchmark", "float32_matmul_precision", "tf32_matmul",
+                       "tf32_cudnn", "cudnn_version")
+
+
+def apply_math_flags(device: torch.device | str, precision: str = "fp32") -> dict:
+    """Choose the numerics of this process for ``precision`` on ``device``, deliberately: on CUDA
+    the TF32 flags of :data:`TF32`; everywhere, with ``VQAKD_DETERMINISTIC=1``, deterministic
+    algorithms (``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless set, ``cudnn.deterministic``, no
+    ``cudnn.benchmark``; ``warn_only``: an op without a deterministic kernel warns instead of
+    failing). Returns what it set. The flags are process-wide: the runner and bench.py call this
+    before each run or measurement."""
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    out = {}
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = TF32[precision]
+        out["tf32"] = TF32[precision]
+    if os.environ.get(DETERMINISTIC_ENV, "") == "1":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        out["deterministic"] = True
+    return out
+
+
+def lstm_precision(device: torch.device | str, precision: str) -> str:
+    """The precision the recurrent layers (LSTMs: 88.5% of DualVGR's MACs) actually compute in.
+    CUDA: autocast's cuDNN RNN wrapper casts to fp16 whatever the autocast dtype (ATen
+    ``cudnn/AutocastRNN.cpp``), so under bf16 the model runs its LSTMs outside autocast, in fp32
+    with TF32 (``variants.dualvgr.run_lstm``): ``tf32``; fp16 (with a GradScaler) stays ``fp16``;
+    fp32 is ``fp32`` or ``tf32`` as the flags of :data:`TF32` say. CPU: oneDNN's LSTM in the
+    autocast dtype (bf16, fp16), else fp32."""
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if torch.device(device).type == "cuda":
+        return "fp16" if precision == "fp16" else ("tf32" if TF32[precision] else "fp32")
+    return {"bf16": "bf16", "fp16": "fp16"}.get(precision, "fp32")
+
+
+#: set by a local grid's worker processes: how many runs share this process's device at once
+SHARING_ENV = "VQAKD_RUNS_SHARING_DEVICE"
+
+
+def runs_sharing_device() -> int:
+    """How many runs train on this process's device at the same time (1 unless a local grid put
+    several workers on one GPU: their throughput, wall time and device-seconds are then shared)."""
+    try:
+        return max(1, int(os.environ.get(SHARING_ENV, "1")))
+    except ValueError:
+        return 1
 
 
 def git_commit() -> str | None:
@@ -111,14 +185,15 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- precision
 
 
-def autocast(device: torch.device | str, precision: str = "fp32"):
-    """The autocast context for ``precision`` on ``device`` (fp32: a no-op)."""
+def autocast(device: torch.device | str, precision: str = "fp32", cache: bool = True):
+    """The autocast context for ``precision`` on ``device`` (fp32, tf32: a no-op). ``cache=False``
+    for a forward captured in a CUDA graph (autocast's weight-cast cache must not outlive it)."""
     if precision not in PRECISIONS:
         raise PrecisionError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=cache)
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,9 +221,11 @@ def precision_problem(device: torch.device | str, precision: str) -> str | None:
     on the CPU (cached per process); on CUDA, bf16 needs a GPU that supports it."""
     if precision not in PRECISIONS:
         return f"precision {precision!r} is not one of {', '.join(PRECISIONS)}"
+    dev = torch.device(device)
+    if precision == "tf32" and dev.type != "cuda":
+        return f"precision tf32 is CUDA's TF32 math (Ampere and later); {dev.type} has none: use fp32"
     if PRECISIONS[precision] is None:
         return None
-    dev = torch.device(device)
     if dev.type == "cuda":
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
             return f"{device_name(dev)} does not support bf16"

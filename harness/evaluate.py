@@ -9,7 +9,7 @@ import torch
 
 from . import data as D
 from .env import autocast
-from .metrics import accuracy_by_type
+from . import metrics as M
 
 #: evaluation-time ablations and their labels (runner, report and CLI use these)
 ABLATIONS: dict[str, str] = {"shuffle_video": "videos shuffled", "zero_appearance": "appearance zeroed",
@@ -18,20 +18,22 @@ ABLATIONS: dict[str, str] = {"shuffle_video": "videos shuffled", "zero_appearanc
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, split: D.SplitData, features: D.Features, batch_size: int,
-            device: torch.device, feature_transform=None, precision: str = "fp32") -> tuple[torch.Tensor, float | None]:
+            device: torch.device, feature_transform=None, precision: str = "fp32") -> tuple[torch.Tensor, dict]:
     """Argmax predictions for a split, kept on the device until the end (one transfer), and the
-    mean reconstruction error for models that reconstruct their input (else None)."""
+    split's mean of each scalar model output a registered metric needs (``harness.metrics``; e.g.
+    the reconstruction error of models that reconstruct their input), for the outputs the model gives."""
     model.eval()
-    preds, recon = [], []
+    preds, sums = [], {}
+    wanted = M.needed_outputs()
     for b in D.iterate_batches(split, features, batch_size, device=device):
         app, mot = (b.appearance, b.motion) if feature_transform is None else feature_transform(b)
         with autocast(device, precision):
             out = model(app, mot, b.questions, b.lengths)
         preds.append(out["logits"].argmax(1))
-        if "recon_loss" in out:
-            recon.append(out["recon_loss"].float() * b.answers.shape[0])
-    recon_mse = float(torch.stack(recon).sum()) / len(split) if recon else None
-    return torch.cat(preds).cpu(), recon_mse
+        for k in wanted & out.keys():
+            sums.setdefault(k, []).append(out[k].float() * b.answers.shape[0])
+    means = {k: float(torch.stack(v).sum()) / len(split) for k, v in sums.items()}
+    return torch.cat(preds).cpu(), means
 
 
 def ablated(split: D.SplitData, name: str, seed: int = 0):
@@ -50,14 +52,12 @@ def ablated(split: D.SplitData, name: str, seed: int = 0):
 
 def evaluate(model, split: D.SplitData, features: D.Features, type_names: list[str], batch_size: int,
              device: torch.device, ablation: str | None = None, precision: str = "fp32") -> tuple[dict, np.ndarray]:
-    """Per-type accuracy (and reconstruction error) of ``model`` on ``split``, and its predictions."""
+    """Every registered metric of ``model`` on ``split`` (``harness.metrics``: per-type accuracy, the
+    reconstruction error...), as a record stores them, and its predictions."""
     transform = None
     if ablation is not None:
         split, transform = ablated(split, ablation)
-    pred, recon_mse = predict(model, split, features, batch_size, device, transform, precision)
+    pred, outputs = predict(model, split, features, batch_size, device, transform, precision)
     pred = pred.numpy()
-    correct = pred == split.answers.cpu().numpy()
-    metrics = accuracy_by_type(correct, split.qtypes.cpu().numpy(), type_names)
-    if recon_mse is not None:
-        metrics["recon_mse"] = recon_mse
-    return metrics, pred
+    ev = M.Evaluated(pred, split.answers.cpu().numpy(), split.qtypes.cpu().numpy(), type_names, outputs)
+    return M.compute_all(ev), pred

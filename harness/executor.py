@@ -4,40 +4,47 @@ and the grid going on, Ctrl-C stopping cleanly (running again resumes).
 
 Worker processes (``--jobs N``) die with the grid's process, even when it is killed with SIGKILL.
 On SLURM, resources are requested exactly as the grid's ``[executor]`` table or the command line
-asks (see :func:`slurm_parameters`), a run that reaches the job's time limit is requeued and resumes
-from its last completed epoch (:class:`SubmititRun`), job states are read from result files and
-``squeue`` (clusters without accounting have no ``sacct``), and Ctrl-C cancels the grid's jobs.
+asks (see :func:`harness.slurm.slurm_parameters`), a run that reaches the job's time limit is
+requeued and resumes from its last completed epoch (:class:`SubmititRun`), job states are read from
+result files and ``squeue`` (clusters without accounting have no ``sacct``; :mod:`harness.slurm`),
+and Ctrl-C cancels the grid's jobs.
+
+Each kind of executor is one registered implementation of :class:`Executor` (``local``, ``slurm``,
+``submitit-local``; :func:`register_executor` adds one): grid files and ``ablate.py --executor`` read
+the registry.
 """
 from __future__ import annotations
 
 import ctypes
 import dataclasses
-import getpass
 import logging
-import math
 import multiprocessing as mp
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 import traceback
 from multiprocessing import connection as mp_connection
 from pathlib import Path
+from typing import Protocol
 
 import submitit
 import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from variants.registry import Registry
+
 from . import data as D
 from . import identity
 from .console import make_console, progress_bar, say
-from .errors import HarnessError
-from .grid import Grid, GridError
+from .env import SHARING_ENV
+from .grid import Grid
 from .runner import RunSpec, check_plans, feature_mode, plan, stale, train
 from .sinks import check_sinks
+from .slurm import (MAX_REQUEUES, SLURM_REQUESTS, ExecutorError, _SacctNoise, _Watch, check_executor_options,
+                    slurm_parameters)
 from .store import ResultsStore
 
 _DATA: dict[tuple[str, str], D.VideoQAData] = {}  # per process: each worker loads a data set once
@@ -95,13 +102,25 @@ class SubmititRun(submitit.helpers.Checkpointable):
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _worker_init(parent: int, threads: int | None) -> None:
+def _worker_init(parent: int, threads: int | None, sharing: int = 1) -> None:
     """Initializer of the grid's worker processes: die with the grid; on the CPU, use ``threads``
     (the cores shared out among the workers: N workers of all the cores each would oversubscribe
-    the CPU, and be slower together than one at a time)."""
+    the CPU, and be slower together than one at a time); ``sharing``: how many workers share this
+    one's device (each run records it as ``runs_sharing_device``)."""
     _die_with_parent(parent)
+    os.environ[SHARING_ENV] = str(sharing)
     if threads:
         torch.set_num_threads(threads)
+
+
+def device_slots(jobs: int, device: str, ngpu: int) -> list[tuple[str, int]]:
+    """Each of ``jobs`` workers' device and how many workers share it: GPUs round-robin when the
+    device is auto or cuda and there are GPUs, else the CPU (or the device named)."""
+    if ngpu and (device == "auto" or device == "cuda"):
+        devs = [f"cuda:{i % ngpu}" for i in range(jobs)]
+    else:
+        devs = ["cpu" if device == "auto" else device] * jobs
+    return [(d, devs.count(d)) for d in devs]
 
 
 def cpu_threads_per_worker(jobs: int) -> int:
@@ -131,150 +150,6 @@ def _die_with_parent(parent: int) -> None:
                 os._exit(1)
 
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
-
-
-# --- SLURM ------------------------------------------------------------------------------------------------
-
-class ExecutorError(HarnessError, RuntimeError):
-    """The grid cannot be submitted or followed (SLURM refused the jobs, squeue or sinfo failed...)."""
-
-
-#: grid [executor] keys (= ablate.py options) that are SLURM requests, with the sbatch option each becomes
-SLURM_REQUESTS = {"partition": "--partition", "gpus_per_run": "--gpus-per-node", "cpus_per_run": "--cpus-per-task",
-                  "mem_gb": "--mem", "time_min": "--time", "array_parallelism": "--array=...%N"}
-_MINIMUM = {"gpus_per_run": 0, "cpus_per_run": 1, "mem_gb": 0, "time_min": 1, "array_parallelism": 1}
-#: times a run may be requeued at its time limit before it is recorded as failed (each requeue resumes)
-MAX_REQUEUES = 20
-
-
-def check_executor_options(options: dict, where: str = "executor options") -> None:
-    """Raise GridError naming ``where`` and the key for a SLURM request that is not a valid value."""
-    for key, low in _MINIMUM.items():
-        v = options.get(key)
-        if v is None:
-            continue
-        kind = (int, float) if key == "mem_gb" else int
-        if isinstance(v, bool) or not isinstance(v, kind) or v < low:
-            raise GridError(f"{where}: {key} = {v!r} must be {'a number' if key == 'mem_gb' else 'an integer'} "
-                            f">= {low}")
-    part = options.get("partition")
-    if part is not None and (not isinstance(part, str) or not part):
-        raise GridError(f"{where}: partition = {part!r} must be a partition name")
-
-
-def slurm_parameters(options: dict, device: str = "auto", jobs: int = 1, name: str = "ablate") -> dict:
-    """submitit SlurmExecutor parameters for a grid's jobs: exactly the requests that were set (0
-    included: ``gpus_per_run = 0`` sends ``--gpus-per-node=0``), nothing else, so the cluster's
-    defaults apply to the rest. GPUs are requested unasked only when the device is cuda (one per
-    run). ``mem_gb = 0`` is SLURM's ``--mem=0`` (all of the node's memory). Without ``time_min``
-    the partition's default time limit is looked up (submitit always sends one)."""
-    check_executor_options(options)
-    gpus = options.get("gpus_per_run")
-    if gpus is None and device.startswith("cuda"):
-        gpus = 1
-    params = {"job_name": name, "partition": options.get("partition"), "gpus_per_node": gpus,
-              "cpus_per_task": options.get("cpus_per_run"), "array_parallelism": options.get("array_parallelism", jobs)}
-    mem = options.get("mem_gb")
-    if mem is not None:
-        params["mem"] = f"{mem}G" if float(mem).is_integer() else f"{math.ceil(mem * 1024)}M"
-    time_min = options.get("time_min")
-    if time_min is None:
-        time_min = partition_time_limit(options.get("partition"))
-    params["time"] = time_min
-    # SLURM signals the job signal_delay_s before its time limit (submitit then checkpoints and requeues it), or up
-    # to 60 s earlier: 90 s (submitit's default) from 3 minutes on, 30 s below, so that a 2-minute job is signalled
-    # between 30 and 90 s; a 1-minute job may be signalled as it starts (too short to be requeued reliably)
-    params["signal_delay_s"] = 90 if not time_min or time_min >= 3 else 30
-    return {k: v for k, v in params.items() if v is not None}
-
-
-def _minutes(text: str) -> int | None:
-    """A SLURM time ([D-]HH:MM:SS, MM:SS, MM, infinite) in minutes, rounded up; 0 for no limit."""
-    text = text.strip()
-    if text in ("infinite", "UNLIMITED"):
-        return 0
-    days, _, clock = text.rpartition("-")
-    try:
-        parts = [int(x) for x in clock.split(":")]
-        d = int(days) if days else 0
-    except ValueError:
-        return None
-    seconds = {1: lambda p: p[0] * 60, 2: lambda p: p[0] * 60 + p[1],
-               3: lambda p: p[0] * 3600 + p[1] * 60 + p[2]}.get(len(parts))
-    return None if seconds is None else d * 1440 + math.ceil(seconds(parts) / 60)
-
-
-def partition_time_limit(partition: str | None) -> int:
-    """The time limit, in minutes (0: none), that a job asking for none gets on this partition (the
-    cluster's default one when None): its DefaultTime, else its MaxTime. Raises ExecutorError when
-    sinfo fails or the partition does not exist."""
-    cmd = ["sinfo", "-h", "-o", "%P %L %l"] + (["-p", partition] if partition else [])
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise ExecutorError(f"cannot ask SLURM about its partitions ({' '.join(cmd)}): {e}") from None
-    if out.returncode:
-        raise ExecutorError(f"{' '.join(cmd)} failed: {out.stderr.strip() or out.stdout.strip()}")
-    rows = [line.split() for line in out.stdout.splitlines() if len(line.split()) == 3]
-    if partition is None:
-        rows = [r for r in rows if r[0].endswith("*")]
-    if not rows:
-        known = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60).stdout.split()
-        what = f"no partition {partition!r}" if partition else "no default partition"
-        raise ExecutorError(f"SLURM has {what} (partitions: {', '.join(k.rstrip('*') for k in known) or 'none'}); "
-                            f"pass --partition")
-    _, default, maximum = rows[0]
-    for text in (default, maximum):
-        minutes = _minutes(text)
-        if minutes is not None:
-            return minutes
-    return 0
-
-
-class _SacctNoise(logging.Filter):
-    """On clusters without accounting every sacct call fails and submitit logs a warning each time:
-    the first is shown once, as one line that says what it means; the rest are dropped."""
-
-    def __init__(self, console: Console):
-        super().__init__()
-        self.console, self.seen = console, 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "Bypassing sacct error" not in record.getMessage():
-            return True
-        self.seen += 1
-        if self.seen == 1:
-            say(self.console, f"sacct does not answer (no job accounting on this cluster?); job states are read from "
-                              f"result files and squeue; further sacct errors are not shown. ({record.getMessage()})",
-                "dim")
-        return False
-
-
-#: squeue states of a job that has ended (a requeued job is PENDING or REQUEUED again)
-_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT"}
-
-
-def _job_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
-    """State and reason (why a pending job waits: ``Resources``, ``ReqNodeNotAvail``...) of these
-    SLURM jobs (array tasks as ``123_4``) by squeue, which needs no accounting; ``GONE`` for a job no
-    longer listed (ended). None when squeue cannot say."""
-    try:
-        out = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%r"], capture_output=True,
-                             text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode:
-        return None
-    rows = [line.split("|", 2) for line in out.stdout.splitlines()]
-    states = {r[0].strip(): (r[1].strip(), r[2].strip() if len(r) > 2 else "") for r in rows if len(r) >= 2}
-    return {j: states.get(j, ("GONE", "")) for j in job_ids}
-
-
-def _ended_jobs(job_ids: list[str]) -> set[str] | None:
-    """Which of these SLURM jobs have ended, by squeue: in an ended state or no longer listed. None
-    when squeue cannot say."""
-    states = _job_states(job_ids)
-    return None if states is None else {j for j, (st, _) in states.items() if st in _ENDED | {"GONE"}}
 
 
 @dataclasses.dataclass
@@ -365,19 +240,87 @@ class _Schedule:
         return out
 
 
+# --- executors: one registered implementation per kind -----------------------------------------------------
+
+
+@dataclasses.dataclass
+class Launch:
+    """What an executor is given besides the schedule: the grid, the results store, runs at a time,
+    the device, the feature loading mode, its options (the grid's ``[executor]`` table with the
+    command line's values over it) and how often to look at submitted jobs."""
+
+    grid: Grid
+    store: ResultsStore
+    jobs: int = 1
+    device: str = "auto"
+    mode: str = "auto"
+    options: dict = dataclasses.field(default_factory=dict)
+    poll_s: float = 2.0
+
+
+class Executor(Protocol):
+    """One kind of executor (``[executor] kind`` in a grid, ``--executor`` on the command line).
+
+    ``run(sched, launch)`` trains the schedule's runs and returns when none is left: it takes the
+    runs whose teachers are done (``sched.ready()``), starts each (``spec = sched.start(p)``), has
+    :func:`run_one` train it somewhere (``run_one(spec, str(launch.store.root), device, launch.mode,
+    sched.log)``), and reports each answer with ``sched.finished(p, out)`` (a run lost without one:
+    ``_failure(p, reason)``); Ctrl-C (KeyboardInterrupt) goes through. ``options`` names the
+    ``[executor]`` keys (and ``--executor-option`` keys) it reads besides ``kind``, ``jobs`` and
+    ``device``; ``check(options, where)`` raises GridError naming ``where`` and the key of a bad value
+    (it sees only the keys it declares)."""
+
+    name: str
+    options: tuple[str, ...]
+
+    def check(self, options: dict, where: str) -> None: ...
+
+    def run(self, sched: "_Schedule", launch: Launch) -> None: ...
+
+
+EXECUTORS = Registry("executor")
+#: [executor] keys every kind reads
+COMMON_OPTIONS = ("kind", "jobs", "device")
+
+
+def register_executor(executor: Executor, description: str = "") -> Executor:
+    """Register an implementation of :class:`Executor` under its ``name``: grid files and
+    ``ablate.py --executor`` accept it, and its options, at once."""
+    EXECUTORS.add(executor.name, executor, description or (type(executor).__doc__ or "").strip().split("\n")[0])
+    return executor
+
+
+def executor_kind(name: str) -> Executor:
+    """The registered executor ``name`` (UnknownNameError lists the known ones)."""
+    return EXECUTORS.get(name).fn
+
+
+def executor_options() -> set[str]:
+    """Every ``[executor]`` key some registered kind reads."""
+    return {*COMMON_OPTIONS, *(k for e in EXECUTORS for k in e.fn.options)}
+
+
+def check_options(options: dict, where: str = "executor options") -> None:
+    """Each registered kind checks the keys of ``options`` it declares (GridError names ``where``)."""
+    for e in EXECUTORS:
+        e.fn.check({k: v for k, v in options.items() if k in e.fn.options}, where)
+
+
 def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: int = 1, device: str = "auto",
-             mode: str = "auto", console: Console | None = None, slurm: dict | None = None,
+             mode: str = "auto", console: Console | None = None, options: dict | None = None,
              poll_s: float = 2.0, reuse_other_code: bool = True, refuse_damaged: bool = False,
              log: tuple[str, ...] | None = None) -> GridResult:
     """Run the grid's runs that are not complete, with the teacher runs they need that are not
     (each once, before its students): in this process (``local``, ``jobs`` 1), in ``jobs`` worker
-    processes (``local``), or as submitit job arrays (``slurm``, ``submitit-local``).
+    processes (``local``), as submitit job arrays (``slurm``, ``submitit-local``), or by any kind
+    registered with :func:`register_executor`; ``options``: the kind's (e.g. SLURM requests).
     ``reuse_other_code=False``: complete runs computed by other code than this checkout's (their
     records' code fingerprint) are trained again; either way the header says how many there are. A
     complete teacher run whose weights are damaged is set aside and retrained before its students
     (with ``refuse_damaged``: DamagedRun, before anything trains). ``log``: the runs' logging sinks
     (:mod:`harness.sinks`) [default: the grid's ``[log]``]."""
     log = check_sinks(grid.log if log is None else log)
+    kind = executor_kind(executor)
     console = console or make_console(stderr=True)
     info = D.describe(grid.data)  # run ids from the data set's info: no feature is read here
     store.write_data_info(info.to_dict())
@@ -409,12 +352,7 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     with progress_bar(console) as progress:
         sched = _Schedule(grid.name, todo, own, result, console, progress, store=store, log=log)
         try:
-            if executor == "local" and jobs <= 1:
-                _run_serial(sched, store, device, mode)
-            elif executor == "local":
-                _run_pool(sched, store, jobs, device, mode)
-            else:
-                _run_submitit(sched, grid, store, executor, jobs, device, mode, slurm or {}, poll_s)
+            kind.run(sched, Launch(grid, store, jobs, device, mode, dict(options or {}), poll_s))
         except KeyboardInterrupt:
             result.interrupted = True  # the caller says so (ablate.py: "interrupted; rerun to resume")
     return result
@@ -436,16 +374,20 @@ def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mod
     A worker that dies (SIGKILL, the OOM killer, SIGBUS) costs only its run: it is recorded as
     failed with the signal or exit code, a fresh worker takes the slot and the grid goes on."""
     ngpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    slots = device_slots(jobs, device, ngpu)
+    if any(n > 1 and d.startswith("cuda") for d, n in slots):
+        say(sched.console, f"{jobs} jobs on {ngpu} GPU(s): up to {max(n for _, n in slots)} runs share a GPU; their "
+                           f"throughput, wall time and device-seconds are shared (recorded as runs_sharing_device)",
+            "yellow")
     threads = None if ngpu else cpu_threads_per_worker(jobs)
     ctx = mp.get_context("spawn")
     work = run_one  # looked up now: what the workers run (a test hands in one that dies)
-    workers = [_Worker(ctx, threads, work) for _ in range(jobs)]
+    workers = [_Worker(ctx, threads, work, slots[i][1]) for i in range(jobs)]
     try:
         while True:
             idle = [w for w in workers if w.job is None]
             for w, p in zip(idle, sched.ready()):
-                slot = workers.index(w)
-                dev = f"cuda:{slot % ngpu}" if ngpu else ("cpu" if device == "auto" else device)
+                dev = slots[workers.index(w)][0]
                 w.submit(p, (sched.start(p), str(store.root), dev, mode, sched.log))
             busy = [w for w in workers if w.job is not None]
             if not busy:
@@ -458,7 +400,8 @@ def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mod
                         out = _failure(p, w.death())
                     if not w.proc.is_alive():  # a fresh worker takes its place
                         w.stop()
-                        workers[workers.index(w)] = _Worker(ctx, threads, work)
+                        i = workers.index(w)
+                        workers[i] = _Worker(ctx, threads, work, slots[i][1])
                     sched.finished(p, out)
     finally:
         for w in workers:
@@ -468,9 +411,9 @@ def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mod
 class _Worker:
     """One worker process of a local grid and the run it trains (``job``: its plan, or None)."""
 
-    def __init__(self, ctx, threads: int | None, work):
+    def __init__(self, ctx, threads: int | None, work, sharing: int = 1):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, os.getpid(), threads, work), daemon=True,
+        self.proc = ctx.Process(target=_worker_main, args=(child, os.getpid(), threads, work, sharing), daemon=True,
                                 name="ablate-worker")
         self.proc.start()
         child.close()
@@ -521,10 +464,10 @@ class _Worker:
         self.conn.close()
 
 
-def _worker_main(conn, parent: int, threads: int | None, work) -> None:
+def _worker_main(conn, parent: int, threads: int | None, work, sharing: int = 1) -> None:
     """A worker process: run the runs it is sent (``work``: :func:`run_one`), one at a time, until
     it is sent None."""
-    _worker_init(parent, threads)
+    _worker_init(parent, threads, sharing)
     try:
         while (args := conn.recv()) is not None:
             conn.send(work(*args))
@@ -539,8 +482,18 @@ def _submitit_executor(grid: Grid, root: Path, executor: str, jobs: int, device:
         ex.update_parameters(**slurm_parameters(slurm, device, jobs, name=f"ablate-{grid.name}"))
     else:  # submitit's LocalExecutor: the same code path, on this machine (used in CI)
         ex = submitit.LocalExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
-        ex.update_parameters(timeout_min=slurm.get("time_min", 60))
+        ex.update_parameters(timeout_min=slurm.get("time_min", 60), **local_gpus(slurm, device))
     return ex
+
+
+def local_gpus(options: dict, device: str) -> dict:
+    """submitit's LocalExecutor hides every GPU (``CUDA_VISIBLE_DEVICES=""``) unless asked for
+    some: ``gpus_per_node`` from ``gpus_per_run``, else, when the device is auto or cuda and this
+    machine has a GPU, one (GPU 0; for ``cuda:N``, GPUs 0..N so that device N exists in the job)."""
+    n = options.get("gpus_per_run")
+    if n is None and device != "cpu" and torch.cuda.device_count():
+        n = int(device.split(":", 1)[1]) + 1 if device.startswith("cuda:") else 1
+    return {"gpus_per_node": n} if n else {}
 
 
 def _run_submitit(sched: _Schedule, grid: Grid, store: ResultsStore, executor: str, jobs: int, device: str,
@@ -606,46 +559,41 @@ def _follow(pending: dict, executor: str, finished, poll_s: float, squeue_every_
             time.sleep(poll_s)
 
 
-#: why a job ended without a result, by the last state squeue showed
-_LOST = {"CANCELLED": "was cancelled (scancel, or by an administrator)",
-         "TIMEOUT": "reached its time limit and was not requeued",
-         "DEADLINE": "reached its deadline", "OUT_OF_MEMORY": "ran out of memory (SLURM's memory limit)",
-         "NODE_FAIL": "lost its node (node failure)", "BOOT_FAIL": "could not boot its node",
-         "FAILED": "failed before the run could record a result"}
+# --- the built-in kinds -------------------------------------------------------------------------------------
 
 
-class _Watch:
-    """What squeue says about a wave's jobs: which ended without a result (seen ended twice in a
-    row), the last state of each, and why pending jobs wait (told once, and when it changes)."""
+class LocalExecutor:
+    """Processes on this machine: one run after another in this process (jobs 1), else jobs worker
+    processes, GPUs round-robin."""
 
-    def __init__(self, tell):
-        self.tell, self.gone_before, self.last, self.waiting = tell, set(), {}, {}
+    name, options = "local", ()
 
-    def poll(self, jobs: list) -> list:
-        """The jobs that ended without writing a result."""
-        states = _job_states([j.job_id for j in jobs])
-        if states is None:
-            self.gone_before = set()
-            return []
-        self._tell_waiting(states)
-        self.last.update({j: st for j, (st, _) in states.items() if st != "GONE"})
-        gone = {j for j, (st, _) in states.items() if st in _ENDED | {"GONE"}}
-        lost = [j for j in jobs if j.job_id in gone & self.gone_before and not j.paths.result_pickle.exists()]
-        self.gone_before = gone
-        return lost
+    def check(self, options: dict, where: str) -> None:
+        pass
 
-    def why_lost(self, job_id: str) -> str:
-        state = self.last.get(job_id)
-        return _LOST.get(state) or (f"ended without a result (last seen {state}, then no longer in squeue: "
-                                    f"cancelled, killed, node failure?)" if state else
-                                    "ended without a result (cancelled, killed, node failure?)")
+    def run(self, sched: _Schedule, launch: Launch) -> None:
+        if launch.jobs <= 1:
+            _run_serial(sched, launch.store, launch.device, launch.mode)
+        else:
+            _run_pool(sched, launch.store, launch.jobs, launch.device, launch.mode)
 
-    def _tell_waiting(self, states: dict) -> None:
-        waiting = {j: reason for j, (st, reason) in states.items() if st == "PENDING" and reason}
-        changed: dict[str, list[str]] = {}
-        for j, reason in waiting.items():
-            if self.waiting.get(j) != reason:
-                changed.setdefault(reason, []).append(j)
-        self.waiting = waiting
-        for reason, ids in changed.items():
-            self.tell(f"SLURM: {len(ids)} job(s) wait ({reason}): {', '.join(ids)}")
+
+class SubmititExecutor:
+    """A submitit job array per wave of runs: on SLURM (``slurm``), or on this machine through the
+    same code path (``submitit-local``, used in CI)."""
+
+    def __init__(self, name: str, options: tuple[str, ...]):
+        self.name, self.options = name, options
+
+    def check(self, options: dict, where: str) -> None:
+        check_executor_options(options, where)
+
+    def run(self, sched: _Schedule, launch: Launch) -> None:
+        _run_submitit(sched, launch.grid, launch.store, self.name, launch.jobs, launch.device, launch.mode,
+                      launch.options, launch.poll_s)
+
+
+register_executor(LocalExecutor())
+register_executor(SubmititExecutor("slurm", tuple(SLURM_REQUESTS)), "a submitit job array on SLURM")
+register_executor(SubmititExecutor("submitit-local", ("time_min",)),
+                  "submitit's local executor: the SLURM code path on this machine (CI)")

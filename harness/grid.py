@@ -11,7 +11,7 @@ Grid file (``grids/NAME.toml``)::
     variants = ["dualvgr", "student", "student-*"]   # names or shell wildcards
 
     [train]                            # RunSpec settings: epochs, batch_size, lr, lr_decay_every,
-    epochs = 15                        # lr_decay, grad_clip, early_stop, glove, precision (fp32|bf16)
+    epochs = 15                        # lr_decay, grad_clip, early_stop, glove, precision (fp32|tf32|bf16)
     [set]                              # fixed variant settings, applied where the variant has them
     module_dim = 64
     [axes]                             # cartesian product over variant settings (where they apply)
@@ -23,7 +23,7 @@ Grid file (``grids/NAME.toml``)::
     variant = "student-logits"
     "logits.T" = 2.0
     [executor]                         # defaults for ablate.py options
-    kind = "local"                     # local | slurm | submitit-local
+    kind = "local"                     # local | slurm | submitit-local (harness.executor.EXECUTORS)
     jobs = 1
     partition = "gpu"                  # slurm only: partition, gpus_per_run, time_min, array_parallelism
     [log]                              # live logging sinks (harness.sinks), off by default
@@ -51,15 +51,13 @@ import variants
 
 from .errors import HarnessError
 from .sinks import SINKS
-from .runner import TRAIN_CHECKS, RunSpec, SettingError, _is_int, check_train_settings
+from .runner import RunSpec
+from .settings import TRAIN_CHECKS, SettingError, check_train_settings, is_int
 
 GRID_DIR = Path(__file__).resolve().parent.parent / "grids"
 TOP_KEYS = {"description", "data", "seeds", "variants", "train", "set", "axes", "include", "exclude", "executor",
             "log"}
 TRAIN_KEYS = set(TRAIN_CHECKS)
-EXECUTOR_KEYS = {"kind", "jobs", "partition", "gpus_per_run", "time_min", "array_parallelism", "cpus_per_run",
-                 "mem_gb", "device"}
-EXECUTOR_KINDS = ("local", "slurm", "submitit-local")
 
 
 class GridError(HarnessError, ValueError):
@@ -117,13 +115,23 @@ def _read(path: Path) -> dict:
         check_train_settings(train, f"{where}: [train] ")
     except SettingError as e:
         raise GridError(str(e)) from None
-    executor = doc.get("executor", {})
-    if set(executor) - EXECUTOR_KEYS:
-        raise GridError(f"{where}: [executor] has unknown key(s) {', '.join(sorted(set(executor) - EXECUTOR_KEYS))} "
-                        f"(known: {', '.join(sorted(EXECUTOR_KEYS))})")
-    if executor.get("kind", "local") not in EXECUTOR_KINDS:
-        raise GridError(f"{where}: [executor] kind {executor['kind']!r} is not one of {', '.join(EXECUTOR_KINDS)}")
+    _check_executor(where, doc.get("executor", {}))
     return doc
+
+
+def _check_executor(where: str, table: dict) -> None:
+    """The ``[executor]`` table against the registered executors (:mod:`harness.executor`): a known
+    kind, keys some kind reads, each value checked by the kinds that read it."""
+    from .executor import EXECUTORS, check_options, executor_options  # the executors import this module
+
+    keys = executor_options()
+    if set(table) - keys:
+        raise GridError(f"{where}: [executor] has unknown key(s) {', '.join(sorted(set(table) - keys))} "
+                        f"(known: {', '.join(sorted(keys))})")
+    kind = table.get("kind", "local")
+    if kind not in EXECUTORS:
+        raise GridError(f"{where}: [executor] kind {kind!r} is not one of {', '.join(EXECUTORS.list())}")
+    check_options(table, f"{where}: [executor]")
 
 
 def _variant_names(where: str, patterns) -> list[str]:
@@ -208,7 +216,7 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
     names = _variant_names(where, doc["variants"])
     seeds_given = seeds is not None  # the command line's seeds replace every seed list of the file
     seeds = list(seeds if seeds is not None else doc.get("seeds", [666]))
-    if not seeds or not all(_is_int(s) for s in seeds):
+    if not seeds or not all(is_int(s) for s in seeds):
         raise GridError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
     data = data or doc.get("data", "synthetic:tiny")
     excluded = _excluder(where, doc, names)

@@ -5,7 +5,8 @@ A run id is ``<variant>-<hash of the resolved computation>``. The resolved compu
 (:func:`computation`) is every setting the code acts on, with the values the code resolves them
 to, not the settings a variant happens to spell out:
 
-* ``model``: every model setting (``variants.dualvgr.DualVGRConfig``, data dimensions included);
+* ``arch`` and ``model``: the model family and every model setting of its config class
+  (:mod:`variants.families`; for DualVGR ``variants.dualvgr.DualVGRConfig``), data dimensions included;
 * ``loss``: every term of the variant's own objective (``variants.losses.LOSS_TERMS``);
 * ``distill``: each distillation loss with its weight and *every* parameter of its factory,
   defaults included (changing a loss's default changes the ids of the runs that use it);
@@ -34,7 +35,6 @@ one it ran (every value its config left unspelled is a declared neutral value).
 from __future__ import annotations
 
 import builtins
-import dataclasses
 import functools
 import hashlib
 import inspect
@@ -42,8 +42,9 @@ import json
 from pathlib import Path
 
 import variants
-from variants.dualvgr import DualVGRConfig
 from variants.losses import LOSS_TERMS
+
+from .settings import TRAIN_DEFAULTS
 
 #: the identity scheme of run ids made now (see the module docstring)
 SCHEME = 2
@@ -59,10 +60,12 @@ NEUTRAL: dict[str, object] = {
     "loss.ae_pretrain_steps": 0,    # no reconstruction-only stage
     "train.precision": "fp32",
 }
-#: the files whose contents make up the code fingerprint: the model, the losses, the data path and
-#: the training step (relative to the repository root)
-CODE_FILES = ("variants/dualvgr.py", "variants/losses.py", "variants/kd_losses.py", "harness/data.py",
-              "harness/step.py", "harness/runner.py", "harness/evaluate.py", "harness/teacher_cache.py")
+#: the files whose contents make up the code fingerprint: the model (and which class each model family
+#: builds), the losses, the data path and the training step, the metrics computed from the predictions
+#: (relative to the repository root)
+CODE_FILES = ("variants/dualvgr.py", "variants/families.py", "variants/losses.py", "variants/kd_losses.py",
+              "harness/data.py", "harness/step.py", "harness/runner.py", "harness/evaluate.py", "harness/metrics.py",
+              "harness/teacher_cache.py")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -108,20 +111,20 @@ def _distill(items: list) -> list:
     return out
 
 
-MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DualVGRConfig)}
+def model_defaults(arch: str) -> dict:
+    """Every model setting of the model family ``arch`` with its default (its config class's)."""
+    return variants.family(arch).defaults()
 
 
 def computation(cfg_dict: dict, data_id: str, seed: int, train: dict, teacher_runs: list | None = None) -> dict:
     """The resolved computation of a run (see the module docstring) from a variant config as
     ``VariantConfig.to_dict`` gives it (or a record's ``variant_config``)."""
-    from .runner import REFERENCE_TRAIN  # the training settings' defaults (runner imports this module)
-
-    model = {**MODEL_DEFAULTS, **cfg_dict.get("model", {})}
+    defaults = model_defaults(cfg_dict["arch"])
+    model = {**defaults, **cfg_dict.get("model", {})}
     loss = {**LOSS_TERMS, **cfg_dict.get("loss", {})}
-    train_defaults = {**REFERENCE_TRAIN, "early_stop": None, "glove": True, "precision": "fp32"}
-    return {"scheme": SCHEME, "arch": cfg_dict["arch"], "model": _section("model", model, MODEL_DEFAULTS),
+    return {"scheme": SCHEME, "arch": cfg_dict["arch"], "model": _section("model", model, defaults),
             "loss": _section("loss", loss, LOSS_TERMS), "distill": _distill(cfg_dict.get("distill", [])),
-            "teachers": builtins.list(teacher_runs or []), "train": _section("train", train, train_defaults),
+            "teachers": builtins.list(teacher_runs or []), "train": _section("train", train, TRAIN_DEFAULTS),
             "data": data_id, "seed": seed}
 
 
@@ -200,8 +203,9 @@ def _unspelled(record: dict) -> list[str]:
     """Settings the resolution of a scheme-1 record fills in from today's code without the record
     spelling them out, other than declared neutral values: what cannot be proved unchanged."""
     cfg = record["variant_config"]
-    out = [f"model.{k}" for k in MODEL_DEFAULTS if k not in cfg.get("model", {})
-           and NEUTRAL.get(f"model.{k}", object()) != MODEL_DEFAULTS[k]]
+    defaults = model_defaults(cfg["arch"])
+    out = [f"model.{k}" for k in defaults if k not in cfg.get("model", {})
+           and NEUTRAL.get(f"model.{k}", object()) != defaults[k]]
     out += [f"loss.{k}" for k in LOSS_TERMS if k not in cfg.get("loss", {})
             and NEUTRAL.get(f"loss.{k}", object()) != LOSS_TERMS[k]]
     for d in cfg.get("distill", []):
@@ -229,10 +233,7 @@ def migration(record: dict, new_teacher_ids: dict[str, str]) -> tuple[str | None
 
 
 def _train_unspelled(train: dict) -> list[str]:
-    from .runner import REFERENCE_TRAIN
-
-    keys = [*REFERENCE_TRAIN, "early_stop", "glove", "precision"]
-    return [f"train.{k}" for k in keys if k not in train and f"train.{k}" not in NEUTRAL]
+    return [f"train.{k}" for k in TRAIN_DEFAULTS if k not in train and f"train.{k}" not in NEUTRAL]
 
 
 def _rekeyed(record: dict, new_id: str, mapping: dict[str, str]) -> dict:

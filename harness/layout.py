@@ -38,6 +38,11 @@ QUESTION_KEYS: tuple[str, ...] = (QUESTIONS_KEY, QUESTIONS_LEN_KEY, VIDEO_IDS_KE
                                   GLOVE_KEY)
 #: the reference's copy of VIDEO_IDS_KEY; written by harness.prepare, not read
 VIDEO_NAMES_KEY = "video_names"
+
+#: question types: a question's first word, as the reference evaluation reads it (anything else is
+#: OTHER_TYPE) unless the questions file has QUESTION_CATEGORY_KEY; the synthetic sets ask these
+QUESTION_WORDS: tuple[str, ...] = ("what", "who", "how", "when", "where")
+OTHER_TYPE = "other"
 #: SVQA-style question types; without it the type is the question's first word
 QUESTION_CATEGORY_KEY = "question_category"
 

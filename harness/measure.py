@@ -41,35 +41,10 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .env import autocast, device_name, precision_problem
-
-# ----------------------------------------------------------------------------- parameters & inputs
-
-
-def param_counts(model: nn.Module) -> dict:
-    """Total, trainable and per top-level module parameter counts."""
-    return {"total": sum(p.numel() for p in model.parameters()),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "by_module": {n: sum(p.numel() for p in m.parameters()) for n, m in model.named_children()}}
-
-
-def random_inputs(cfg: dict, batch_size: int, device, question_len: int = 12, seed: int = 0):
-    """Inputs shaped like the data for a model config (lengths ragged, padded with 0)."""
-    g = torch.Generator().manual_seed(seed)
-    frames = cfg.get("num_frames") or 16
-    app = torch.randn(batch_size, cfg["num_clips"], frames, cfg["vision_dim"], generator=g)
-    mot = torch.randn(batch_size, cfg["num_clips"], cfg.get("motion_dim") or cfg["vision_dim"], generator=g)
-    lengths = torch.randint(1, question_len + 1, (batch_size,), generator=g)
-    q = torch.randint(1, cfg["question_vocab"], (batch_size, question_len), generator=g)
-    q = q * (torch.arange(question_len) < lengths.unsqueeze(1))
-    return tuple(t.to(device) for t in (app, mot, q, lengths))
-
-
-def random_answers(cfg: dict, batch_size: int, device, seed: int = 0) -> torch.Tensor:
-    """Answer class ids for a training step."""
-    g = torch.Generator().manual_seed(seed + 1)
-    return torch.randint(0, cfg["answer_vocab"], (batch_size,), generator=g).to(device)
-
+from .env import (apply_math_flags, autocast, cuda_facts, device_name, lstm_precision, precision_problem,
+                  runs_sharing_device)
+from .env import sync as _sync
+from .inputs import param_counts, random_answers, random_inputs
 
 # ----------------------------------------------------------------------------- FLOPs
 
@@ -336,24 +311,23 @@ def flops_crosscheck(model: nn.Module, inputs: tuple) -> dict:
 # ----------------------------------------------------------------------------- timing helpers
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn: Callable[[], object], device: torch.device, reps: int) -> tuple[list[float], float]:
     """Per-call times in ms and the total wall time in s of ``reps`` back-to-back calls.
     CUDA: one pair of CUDA events per call, no synchronisation between calls; the total is the
     time from the first start event to the last end event. CPU: ``perf_counter``."""
     if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        torch.cuda.synchronize(device)
-        for s, e in events:
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) for s, e in events], events[0][0].elapsed_time(events[-1][1]) / 1000
+        # events record on the current device's stream: made the measured device's (cuda:1 must not time cuda:0)
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device)
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(reps)]
+            torch.cuda.synchronize(device)
+            for s, e in events:
+                s.record(stream)
+                fn()
+                e.record(stream)
+            torch.cuda.synchronize(device)
+            return [s.elapsed_time(e) for s, e in events], events[0][0].elapsed_time(events[-1][1]) / 1000
     times = []
     t_all = time.perf_counter()
     for _ in range(reps):
@@ -381,28 +355,60 @@ def maybe_compile(model: nn.Module, compile: bool) -> nn.Module:  # noqa: A002 -
     return torch.compile(model) if compile else model
 
 
+#: how an inference figure was produced (bench rows' ``infer_path``)
+INFER_PATHS = ("eager", "compile", "cuda-graph")
+
+
+class CudaGraphError(ValueError):
+    """A CUDA graph asked for where there is none (not a CUDA device)."""
+
+
+def cuda_graph(fn: Callable[[], object], device: torch.device, warmup: int = 3) -> Callable[[], None]:
+    """``fn`` (fixed shapes, fixed input tensors, no host sync) captured once in a CUDA graph;
+    returns its replay. Warmed up on a side stream first, as capture requires."""
+    if device.type != "cuda":
+        raise CudaGraphError(f"a CUDA graph needs a CUDA device, not {device}")
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    return graph.replay
+
+
 @torch.no_grad()
 def latency(model: nn.Module, inputs: tuple, *, warmup: int | None = None, reps: int = 50,
-            precision: str = "fp32", compile: bool = False) -> dict:  # noqa: A002
+            precision: str = "fp32", compile: bool = False, path: str | None = None) -> dict:  # noqa: A002
     """Eval-forward latency in ms: median, p90, p99 over ``reps`` runs after ``warmup``, and the
-    inference throughput ``infer_samples_per_s`` = reps x batch / total time of those runs."""
+    inference throughput ``infer_samples_per_s`` = reps x batch / total time of those runs.
+    ``path``: ``eager``, ``compile`` (torch.compile; also ``compile=True``) or ``cuda-graph``
+    (the forward captured once for these inputs' shape and replayed; CUDA only)."""
     dev = inputs[0].device
+    path = path or ("compile" if compile else "eager")
+    if path not in INFER_PATHS:
+        raise ValueError(f"inference path {path!r} is not one of {', '.join(INFER_PATHS)}")
     warmup = default_warmup(dev) if warmup is None else warmup
     model.eval()
-    run_model = maybe_compile(model, compile)
+    run_model = maybe_compile(model, path == "compile")
 
-    def fn():
-        with autocast(dev, precision):
+    def fn():  # no autocast weight cache under a graph: its casts must be captured, not cached outside it
+        with autocast(dev, precision, cache=path != "cuda-graph"):
             run_model(*inputs)
 
+    run = cuda_graph(fn, dev) if path == "cuda-graph" else fn
     for _ in range(warmup):
-        fn()
-    times, total = _timed(fn, dev, reps)
+        run()
+    times, total = _timed(run, dev, reps)
     med, p90, p99 = _quantiles(times)
     batch = int(inputs[0].shape[0])
     return {"latency_ms_median": med, "latency_ms_p90": p90, "latency_ms_p99": p99, "reps": reps,
             "warmup": warmup, "infer_samples_per_s": reps * batch / total if total > 0 else None,
-            "timer": "cuda_events" if dev.type == "cuda" else "perf_counter"}
+            "timer": "cuda_events" if dev.type == "cuda" else "perf_counter", "infer_path": path}
 
 
 # ----------------------------------------------------------------------------- training step
@@ -482,25 +488,48 @@ def _peak_rss_mib() -> float:
     return ru / 2 ** 20 if sys.platform == "darwin" else ru / 1024
 
 
-def peak_memory_mib(fn: Callable[[], object], device: torch.device | str) -> tuple[float, str]:
-    """Run ``fn`` once and return (peak memory in MiB, what was measured).
+def _rss_mib() -> float | None:
+    """The process's current resident set size in MiB (``VmRSS``), None where /proc has none."""
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(r"^VmRSS:\s+(\d+)\s+kB", f.read(), re.M)
+        return int(m.group(1)) / 1024 if m else None
+    except OSError:
+        return None
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str) -> dict:
+    """Run ``fn`` once: ``peak`` (MiB), ``resident`` (what was allocated when the peak was reset,
+    MiB: weights, optimizer state, inputs...), ``own`` = peak - resident (what ``fn`` itself added
+    at its peak), and ``kind`` (what was measured).
 
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (PyTorch tensors
-    on that device, including the weights). CPU: the process-wide peak RSS, reset first when
-    the OS allows (kind ``cpu_process_peak_rss``), else since process start
-    (``cpu_process_peak_rss_since_start``: an upper bound that includes everything before)."""
+    on that device, including the weights); resident: ``memory_allocated`` then. CPU: the
+    process-wide peak RSS, reset first when the OS allows (kind ``cpu_process_peak_rss``;
+    resident: the RSS then), else since process start (``cpu_process_peak_rss_since_start``: an
+    upper bound that includes everything before; resident and own are then None)."""
     dev = torch.device(device)
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
+        resident = torch.cuda.memory_allocated(dev) / 2 ** 20
         fn()
         torch.cuda.synchronize(dev)
-        return torch.cuda.max_memory_allocated(dev) / 2 ** 20, "cuda_max_memory_allocated"
-    reset = _reset_peak_rss()
-    fn()
-    return _peak_rss_mib(), "cpu_process_peak_rss" if reset else "cpu_process_peak_rss_since_start"
+        peak, kind = torch.cuda.max_memory_allocated(dev) / 2 ** 20, "cuda_max_memory_allocated"
+    else:
+        reset = _reset_peak_rss()
+        resident = _rss_mib() if reset else None
+        fn()
+        peak, kind = _peak_rss_mib(), "cpu_process_peak_rss" if reset else "cpu_process_peak_rss_since_start"
+    return {"peak": peak, "resident": resident, "own": None if resident is None else peak - resident, "kind": kind}
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device | str) -> tuple[float, str]:
+    """(peak memory in MiB, what was measured) of :func:`peak_memory`."""
+    m = peak_memory(fn, device)
+    return m["peak"], m["kind"]
 
 
 # ----------------------------------------------------------------------------- data layer
@@ -561,24 +590,31 @@ class _Bench:
     precision: str
     compile: bool
     question_len: int
+    infer_path: str = "eager"  # eager, compile or cuda-graph (INFER_PATHS)
 
 
 def _base_record(b: _Bench, bs: int, params: dict, fl: dict, train: bool) -> dict:
     dev = b.device
     return {"variant": b.cfg.name, "model": dict(b.cfg.model), "device": str(dev), "device_name": device_name(dev),
             "gpu_name": gpu_name(dev), "torch_version": torch.__version__, "batch_size": bs,
-            "precision": b.precision, "compile": b.compile, "question_len": b.question_len,
+            "precision": b.precision, "compile": b.compile, "infer_path": b.infer_path,
+            "lstm_precision": lstm_precision(dev, b.precision), **cuda_facts(dev),
+            "runs_sharing_device": runs_sharing_device(), "question_len": b.question_len,
             "params_total": params["total"], "params_trainable": params["trainable"],
             "params_by_module": params["by_module"], **fl,
             "latency_ms_median": None, "latency_ms_p90": None, "latency_ms_p99": None,
             "infer_samples_per_s": None, "train_samples_per_s": None, "train_ms_median": None,
-            "peak_mem_mib_infer": None, "peak_mem_mib_train": None, "peak_mem_kind": None,
+            "peak_mem_mib_infer": None, "peak_mem_mib_train": None, "peak_mem_mib_train_step": None,
+            "resident_mib_train": None, "peak_mem_kind": None,
             "teachers": list(b.cfg.teachers) if train else [],
             "threads": torch.get_num_threads() if dev.type == "cpu" else None}
 
 
 def _measure_inference(b: _Bench, rec: dict, inputs: tuple, warmup: int | None, reps: int) -> None:
-    rec.update(latency(b.forward, inputs, warmup=warmup, reps=reps, precision=b.precision))
+    """Latency on ``b.infer_path``; the peak memory of one eager forward (no teacher is built yet)."""
+    rec.update(latency(b.forward, inputs, warmup=warmup, reps=reps, precision=b.precision,
+                       path=b.infer_path if b.infer_path != "compile" else "eager"))
+    rec["infer_path"] = b.infer_path
 
     def infer():
         with torch.no_grad(), autocast(b.device, b.precision):
@@ -588,14 +624,17 @@ def _measure_inference(b: _Bench, rec: dict, inputs: tuple, warmup: int | None, 
 
 
 def _measure_training(b: _Bench, rec: dict, inputs: tuple, warmup: int | None, reps: int) -> None:
+    """Training-step throughput, and its peak memory: total, resident at the reset (weights, the
+    teachers, optimizer state after the warm-up) and the step's own (``peak_mem_mib_train_step``)."""
     bs = int(inputs[0].shape[0])
     if bs < 2:  # BatchNorm1d in train mode needs more than one sample per batch
         raise ValueError("a training step needs batch size >= 2 (BatchNorm in train mode)")
     step = make_train_step(b.cfg, b.model, b.teachers, precision=b.precision, compile=b.compile)
     answers = random_answers(b.cfg.model, bs, b.device)
     rec.update(train_throughput(step, inputs, answers, warmup=warmup, reps=reps))
-    rec["peak_mem_mib_train"], kind = peak_memory_mib(lambda: step(inputs, answers), b.device)
-    rec["peak_mem_kind"] = rec["peak_mem_kind"] or kind
+    m = peak_memory(lambda: step(inputs, answers), b.device)
+    rec.update(peak_mem_mib_train=m["peak"], peak_mem_mib_train_step=m["own"], resident_mib_train=m["resident"])
+    rec["peak_mem_kind"] = rec["peak_mem_kind"] or m["kind"]
 
 
 def _flops_or_error(cfg, model, dev, flops_batch_size: int, question_len: int, errors: dict) -> dict:
@@ -611,20 +650,36 @@ _NO_FLOPS = {"macs_per_sample": None, "flops_per_sample": None, "unsupported_ops
              "macs_per_sample_by_module": None, "flops_batch_size": None}
 
 
+def _run_part(b: _Bench, rec: dict, errors: dict, name: str, fn: Callable[[], None], problem: str | None,
+              say: Callable[[str], None]) -> None:
+    """One measurement of one record; one that cannot run or fails is recorded under ``errors``."""
+    if problem:
+        errors[name] = problem
+        return
+    say(f"{b.cfg.name} batch {rec['batch_size']}: {'latency' if name == 'latency' else 'training step'}")
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - a measurement that fails is recorded as missing
+        errors[name] = f"{type(e).__name__}: {e}"
+
+
 def measure_variant(cfg, batch_sizes: Iterable[int], device: torch.device | str, *, precision: str = "fp32",
                     compile: bool = False, reps: int = 50, warmup: int | None = None,  # noqa: A002
                     train: bool = True, train_reps: int | None = None, flops: bool = True,
                     flops_batch_size: int = 2, question_len: int = 12,
-                    teacher_settings: dict | None = None, on_progress: Callable[[str], None] | None = None
-                    ) -> list[dict]:
+                    teacher_settings: dict | None = None, on_progress: Callable[[str], None] | None = None,
+                    cuda_graph: bool = False) -> list[dict]:
     """Every cost measurement of one variant config (``variants.get_config(...)``), one record
     per batch size (fields: docs/benchmarks.md). Parameters and FLOPs do not depend on the
     batch size or precision: counted once, in fp32, FLOPs at ``flops_batch_size`` and divided by
-    it. The model is randomly initialised (costs only). Teachers of distilled students are
-    built with ``teacher_settings`` (default: :func:`variants.teacher_settings` of the student's)."""
+    it. The model is randomly initialised (costs only). Inference is measured at every batch size
+    before a distilled student's teachers are built (with ``teacher_settings``, default
+    :func:`variants.teacher_settings` of the student's), so its inference memory never holds
+    them; then the training steps. ``cuda_graph``: latency from a CUDA graph captured per batch size."""
     import variants
 
     dev = torch.device(device)
+    apply_math_flags(dev, precision)  # TF32 chosen for the precision (recorded in every row)
     say = on_progress or (lambda msg: None)
     torch.manual_seed(0)
     model = variants.build(cfg).to(dev)
@@ -632,29 +687,21 @@ def measure_variant(cfg, batch_sizes: Iterable[int], device: torch.device | str,
     if flops:
         say(f"{cfg.name}: counting FLOPs")
     fl = _flops_or_error(cfg, model, dev, flops_batch_size, question_len, errors) if flops else dict(_NO_FLOPS)
-    teachers = build_teachers(cfg, dev, **(teacher_settings or {})) if train and cfg.teachers else []
-    b = _Bench(cfg, model, maybe_compile(model, compile), teachers, dev, precision, compile, question_len)
+    path = "cuda-graph" if cuda_graph else ("compile" if compile else "eager")
+    b = _Bench(cfg, model, maybe_compile(model, compile), [], dev, precision, compile, question_len, path)
     problem = precision_problem(dev, precision)  # e.g. no bf16 LSTM on this CPU: say so, never time it
-    records = []
-    for bs in batch_sizes:
-        rec, rec_err = _base_record(b, bs, params, fl, train), dict(errors)
-        inputs = random_inputs(cfg.model, bs, dev, question_len)
-        parts = [("latency", lambda: _measure_inference(b, rec, inputs, warmup, reps))]
-        if train:
-            parts.append(("train", lambda: _measure_training(b, rec, inputs, warmup, train_reps or max(5, reps // 5))))
-        for name, fn in parts:
-            if problem:
-                rec_err[name] = problem
-                continue
-            say(f"{cfg.name} batch {bs}: {'latency' if name == 'latency' else 'training step'}")
-            try:
-                fn()
-            except Exception as e:  # noqa: BLE001 - a measurement that fails is recorded as missing
-                rec_err[name] = f"{type(e).__name__}: {e}"
-        if train:
+    rows = [(_base_record(b, bs, params, fl, train), dict(errors), random_inputs(cfg.model, bs, dev, question_len))
+            for bs in batch_sizes]
+    for rec, rec_err, inputs in rows:
+        _run_part(b, rec, rec_err, "latency", lambda: _measure_inference(b, rec, inputs, warmup, reps), problem, say)
+    if train:
+        b.teachers = build_teachers(cfg, dev, **(teacher_settings or {})) if cfg.teachers else []
+        for rec, rec_err, inputs in rows:
+            _run_part(b, rec, rec_err, "train", lambda: _measure_training(
+                b, rec, inputs, warmup, train_reps or max(5, reps // 5)), problem, say)
             model.zero_grad(set_to_none=True)
             _release(dev)
+    for rec, rec_err, _ in rows:
         if rec_err:
             rec["errors"] = rec_err
-        records.append(rec)
-    return records
+    return [rec for rec, _, _ in rows]

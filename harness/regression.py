@@ -34,13 +34,23 @@ import typer
 
 from . import grid as G
 from . import identity
+from . import metrics as M
+from . import record as R
 from .errors import HarnessError
 from .executor import run_grid
 from .store import ResultsStore, atomic_write_json
 
 EXPECTED_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
-#: the metrics checked, and their tolerance when the expected file gives none
-DEFAULT_TOLERANCE = {"test_acc": 3.0, "params": 0, "macs_per_sample": 0}
+#: what is checked besides the registered metrics (exact by default: counted, not measured)
+COUNTS_TOLERANCE = {"params": 0, "macs_per_sample": 0}
+
+
+def default_tolerance() -> dict[str, float]:
+    """The numbers checked and their tolerance when the expected file gives none: every registered
+    metric with a tolerance (:mod:`harness.metrics`; ``test_acc``: 3 points), as ``test_<name>``,
+    then the parameter count and MACs per sample."""
+    return {**{f"test_{m.name}": m.tolerance for m in M.METRICS.values() if m.tolerance is not None},
+            **COUNTS_TOLERANCE}
 
 
 class RegressionError(HarnessError):
@@ -53,7 +63,7 @@ def expected_path(grid_name: str) -> Path:
 
 def measure(grid: G.Grid, store: ResultsStore, console=None) -> dict[str, dict]:
     """Run the grid (complete runs are reused only when this checkout's code computed them) and
-    collect, per variant, the mean test accuracy over seeds, the parameter count and MACs per sample."""
+    collect, per variant, :func:`summarize` of its runs."""
     res = run_grid(grid, store, console=console, reuse_other_code=False)
     if res.failed:
         raise RegressionError("runs failed: " + "; ".join(f"{f['variant']}: {f['reason']}" for f in res.failed))
@@ -65,12 +75,20 @@ def measure(grid: G.Grid, store: ResultsStore, console=None) -> dict[str, dict]:
             raise RegressionError(f"run {rid} was computed by code {identity.code_of(rec)}, not this checkout's "
                                   f"({code}): not compared")
         by_variant.setdefault(rec["variant"], []).append(rec)
+    return {v: summarize(recs) for v, recs in sorted(by_variant.items())}
+
+
+def summarize(recs: list[dict]) -> dict:
+    """One variant's numbers from its runs' records: each checked metric's test mean over the seeds
+    (rounded to the metric's digits; None when a run lacks it), the parameter count, MACs per sample."""
     out = {}
-    for v, recs in sorted(by_variant.items()):
-        accs = [r["metrics"]["test"]["overall"] for r in recs]
-        out[v] = {"test_acc": round(sum(accs) / len(accs), 2), "params": recs[0]["params"]["total"],
-                  "macs_per_sample": recs[0].get("cost", {}).get("macs_per_sample")}
-    return out
+    for m in M.METRICS.values():
+        if m.tolerance is None:
+            continue
+        vals = [R.metric(r, "test", m.name) for r in recs]
+        mean = sum(vals) / len(vals) if vals and None not in vals else None
+        out[f"test_{m.name}"] = round(mean, m.digits) if mean is not None and m.digits is not None else mean
+    return {**out, "params": R.params_total(recs[0]), "macs_per_sample": R.cost(recs[0], "macs_per_sample")}
 
 
 def _finite(x) -> bool:
@@ -78,22 +96,32 @@ def _finite(x) -> bool:
 
 
 def tolerance(expected: dict, variant: str, metric: str) -> float:
-    """The variant's own tolerance for the metric, else the file's, else :data:`DEFAULT_TOLERANCE`."""
+    """The variant's own tolerance for the metric, else the file's, else :func:`default_tolerance`."""
     own = (expected["variants"].get(variant) or {}).get("tolerance") or {}
     file_wide = dict(expected.get("tolerance") or {})
     if "tolerance_acc" in expected:
         file_wide.setdefault("test_acc", expected["tolerance_acc"])
-    return float(own.get(metric, file_wide.get(metric, DEFAULT_TOLERANCE[metric])))
+    return float(own.get(metric, file_wide.get(metric, default_tolerance()[metric])))
+
+
+def _direction(metric: str, m: float, e: float) -> str:
+    """Whether a registered metric that moved got ``better`` or ``worse`` (its ``higher_is_better``);
+    ``changed`` for the counts (parameters, MACs), which have no better side."""
+    reg = next((x for x in M.METRICS.values() if f"test_{x.name}" == metric), None)
+    if reg is None:
+        return "changed"
+    return "better" if (m > e) == reg.higher_is_better else "worse"
 
 
 def _check(variant: str, metric: str, m, e, tol: float) -> dict | None:
+    """The row for one number of one variant when it moved or is not finite, else None."""
     row = {"variant": variant, "expected": e, "measured": m}
     if not _finite(m):
         return {**row, "what": f"{metric} (measured value not finite)"}
     if not _finite(e):
         return {**row, "what": f"{metric} (expected value not finite)"}
     if abs(m - e) > tol:
-        return {**row, "what": f"{metric} (tolerance {tol})"}
+        return {**row, "what": f"{metric} (tolerance {tol})", "moved": _direction(metric, m, e)}
     return None
 
 
@@ -106,7 +134,7 @@ def compare(measured: dict, expected: dict) -> list[dict]:
         if m is None or e is None:
             rows.append({"variant": v, "what": "variant", "expected": e and "present", "measured": m and "present"})
             continue
-        for metric in DEFAULT_TOLERANCE:
+        for metric in default_tolerance():
             if metric not in e and m.get(metric) is None:
                 continue  # neither side has it (e.g. MACs not measured in either)
             row = _check(v, metric, m.get(metric), e.get(metric), tolerance(expected, v, metric))
@@ -119,12 +147,12 @@ def bless(measured: dict, old: dict, grid_name: str, acc_tolerance: float | None
     """The new expected file from a measurement, keeping the old file's tolerances; refuses
     (:class:`RegressionError`) a measurement with a metric that is not a finite number."""
     bad = [f"{v}: {k}={x!r}" for v, ms in sorted(measured.items()) for k, x in ms.items()
-           if k in DEFAULT_TOLERANCE and x is not None and not _finite(x)]
+           if k in default_tolerance() and x is not None and not _finite(x)]
     bad += [f"{v}: test_acc={ms.get('test_acc')!r}" for v, ms in sorted(measured.items()) if ms.get("test_acc") is None]
     if bad:
         raise RegressionError(f"not writing {expected_path(grid_name)}: metrics are not finite numbers ("
                               + "; ".join(bad) + ")")
-    tol = {**DEFAULT_TOLERANCE, **(old.get("tolerance") or {})}
+    tol = {**default_tolerance(), **(old.get("tolerance") or {})}
     if "tolerance_acc" in old and "test_acc" not in (old.get("tolerance") or {}):
         tol["test_acc"] = old["tolerance_acc"]
     if acc_tolerance is not None:
@@ -142,8 +170,10 @@ def bless(measured: dict, old: dict, grid_name: str, acc_tolerance: float | None
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| variant | what | expected | measured |", "|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['what']} | {r['expected']} | {r['measured']} |" for r in rows]
+    """The rows of :func:`compare` as a Markdown table (``moved``: better or worse, by the metric's direction)."""
+    lines = ["| variant | what | expected | measured | moved |", "|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['what']} | {r['expected']} | {r['measured']} | {r.get('moved', '-')} |"
+              for r in rows]
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ the progress display, every ``log_every`` steps).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import pickle
 import platform
@@ -41,20 +42,19 @@ from . import data as D
 from . import identity, teacher_cache
 from .bill import run_compute
 from .console import progress_bar, say
-from .env import (TRAIN_PRECISIONS, check_precision, device_name, environment, git_commit, resolve_device,
-                  seed_everything)
+from .env import (TRAIN_PRECISIONS, apply_math_flags, check_precision, device_name, environment, git_commit,
+                  lstm_precision, resolve_device, runs_sharing_device, seed_everything)
+from .env import sync as _sync
 from .errors import HarnessError
 from .evaluate import ABLATIONS, evaluate
-from .measure import param_counts, random_answers, random_inputs
+from .inputs import param_counts, random_answers, random_inputs
+from .record import RECORD_VERSION, Record, teacher_ref
+from .settings import REFERENCE_TRAIN, TRAIN_CHECKS, TRAIN_DEFAULTS, check_train_settings
 from .sinks import Sinks, check_sinks, run_hparams
 from .step import TrainStep, build_step, make_objective
 from .store import WEIGHTS, DamagedRun, ResultsStore, atomic_torch_save, atomic_write_bytes, file_digest, locked
 from .teacher_cache import TeacherOutputs
 
-#: the reference's training recipe (anchors.md); data sets may suggest their own (synthetic presets)
-REFERENCE_TRAIN = {"epochs": 25, "batch_size": 256, "lr": 1e-4, "lr_decay_every": 10, "lr_decay": 0.5,
-                   "grad_clip": 12.0}
-RECORD_VERSION = 1
 
 
 @dataclass
@@ -68,9 +68,10 @@ class RunSpec:
     lr_decay_every: int | None = None
     lr_decay: float | None = None
     grad_clip: float | None = None
-    early_stop: int | None = None  # patience in epochs without a better val accuracy; None = off
-    glove: bool = True
-    precision: str = "fp32"  # fp32 (TF32 matmuls allowed on CUDA) or bf16 (autocast for training and evaluation)
+    early_stop: int | None = TRAIN_DEFAULTS["early_stop"]  # patience (epochs without a better val accuracy); None: off
+    glove: bool = TRAIN_DEFAULTS["glove"]
+    precision: str = TRAIN_DEFAULTS["precision"]  # fp32 (TF32 matmuls allowed on CUDA) or bf16 (autocast for
+    # training and evaluation)
     overrides: dict = field(default_factory=dict)  # variant settings (module_dim=..., alpha=...)
     #: reuse a complete run only if this code fingerprint computed it (None: any); not part of the id
     require_code: str | None = None
@@ -92,43 +93,6 @@ class RunSpec:
 
 class RunFailed(HarnessError, RuntimeError):
     """A run could not finish (NaN loss, bad config...); the message says why."""
-
-
-class SettingError(HarnessError, ValueError):
-    """A training setting of the wrong type or out of range; the message names it."""
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-#: training settings: key -> (check, what it must be)
-TRAIN_CHECKS = {
-    "epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (BatchNorm trains on batches of 2 or more)"),
-    "lr": (lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "lr_decay_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "lr_decay": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "grad_clip": (lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "early_stop": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 (epochs without improvement)"),
-    "glove": (lambda v: isinstance(v, bool), "true or false"),
-    "precision": (lambda v: v in TRAIN_PRECISIONS, f"one of {', '.join(TRAIN_PRECISIONS)}"),
-}
-
-
-def check_train_settings(values: dict, where: str = "") -> None:
-    """Fail naming the first training setting that is unknown, of the wrong type or out of range
-    (``None`` means "the default" for every setting)."""
-    for k, v in values.items():
-        if k not in TRAIN_CHECKS:
-            raise SettingError(f"{where}unknown training setting {k!r} (known: {', '.join(TRAIN_CHECKS)})")
-        ok, what = TRAIN_CHECKS[k]
-        if v is not None and not ok(v):
-            raise SettingError(f"{where}{k} = {v!r} is not {what}")
 
 
 def run_id_for(cfg: variants.VariantConfig, data_id: str, seed: int, train: dict,
@@ -188,12 +152,9 @@ def plan(spec: RunSpec, data: D.DataInfo | D.VideoQAData) -> Plan:
 def _check_objective(cfg: variants.VariantConfig, teachers: list["Plan"]) -> None:
     """Build the variant's objective once, so that a bad loss setting (``--set logits.T=-1``) fails
     when the run is planned, before its teachers train, not hours later."""
-    dims = sorted({t.cfg.model["module_dim"] for t in teachers})
-    if len(dims) > 1:
-        raise variants.ConfigError(f"{cfg.name}: teachers {cfg.teachers} have different module_dim {dims}; "
-                                   f"distillation losses take one teacher width")
+    width = variants.teacher_width(cfg, [t.cfg.model["module_dim"] for t in teachers])
     try:
-        variants.objective(cfg, teacher_dim=dims[0] if dims else None)
+        variants.objective(cfg, teacher_dim=width)
     except (ValueError, TypeError) as e:
         raise variants.ConfigError(f"variant {cfg.name!r}: {e}") from None
 
@@ -274,6 +235,7 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
     p = plan(spec, data)
     # before anything trains (teachers included): a precision this device cannot run fails now
     check_precision(dev, p.train.get("precision", "fp32"), train=True)
+    apply_math_flags(dev, p.train.get("precision", "fp32"))  # TF32 chosen, not inherited (recorded in environment)
     store.write_data_info(data.info.to_dict())
     force = force or stale(store, p.run_id, spec.require_code)
     if not force and store.usable(p.run_id, refuse_damaged):
@@ -420,8 +382,9 @@ class _Run:
             stale_tmp.unlink(missing_ok=True)
         if self.use_teacher_cache:
             self.tcache = self._teacher_outputs()
-        if self.dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.dev)
+            self.step.teachers = []  # the cache replaces them: their weights leave the device
+            self.teachers.clear()  # (the caller's list too)
+        self.resident_mib = _reset_peak(self.dev)
 
     def _device_features(self) -> D.Features:
         """Features and questions on the device once (GPU-resident when they fit; streaming otherwise)."""
@@ -448,7 +411,9 @@ class _Run:
         return cache
 
     def _resume(self) -> None:
-        st = torch.load(self.state_path, map_location=self.dev, weights_only=False)
+        # loaded on the CPU whatever the device: the RNG states must stay CPU ByteTensors (set_rng_state and
+        # cuda.set_rng_state take nothing else); load_state_dict moves the model's and optimizer's tensors
+        st = torch.load(self.state_path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(st["model"])
         self.step.objective.load_state_dict(st["objective"])
         self.step.optimizer.load_state_dict(st["optimizer"])
@@ -566,7 +531,7 @@ class _Run:
             display.close()
         if not st.history:
             raise RunFailed(f"{self.p.run_id}: no epoch was trained (epochs={epochs})")
-        peak = torch.cuda.max_memory_allocated(self.dev) / 2 ** 20 if self.dev.type == "cuda" and first < epochs else None
+        peak = _peak_since_reset(self.dev, self.resident_mib) if first < epochs else None
         metrics = self.final_eval()
         record = self.record(metrics, peak)
         sinks.final(record)
@@ -591,12 +556,12 @@ class _Run:
                 "best_epoch": self.state.best["epoch"], "val": val_best, "test": test_best, "test_last": test_last,
                 "ablations": ablations}
 
-    def record(self, metrics: dict, peak_train_mib: float | None) -> dict:
+    def record(self, metrics: dict, peak_train_mib: dict | None) -> dict:
         p, st, dev, data = self.p, self.state, self.dev, self.data
         st.active_time += time.perf_counter() - self.t_process
         self.t_process = time.perf_counter()
         speed = st.train_samples / st.train_time if st.train_time else None
-        record = {
+        record: Record = {
             "run_id": p.run_id, "status": "complete", "record_version": RECORD_VERSION,
             "variant": p.spec.variant, "variant_config": p.cfg.to_dict(), "train_config": p.train,
             "seed": p.spec.seed, "spec": dataclasses.asdict(p.spec),
@@ -607,14 +572,16 @@ class _Run:
             "cost": run_cost(self.model, p.cfg, dev, speed, peak_train_mib),
             "teacher_runs": [r["run_id"] for r in self.teacher_records],
             "weights": {WEIGHTS: st.best.get("weights") or file_digest(self.best_path)},  # checked before reuse
-            "teachers": [{"variant": r["variant"], "run_id": r["run_id"], "params": r["params"]["total"],
-                          "test_acc": r["metrics"]["test"]["overall"]} for r in self.teacher_records],
+            "teachers": [teacher_ref(r) for r in self.teacher_records],
             "identity": {"scheme": identity.SCHEME, "computation": p.computation},
             "code": {"fingerprint": identity.code_fingerprint(), "files": list(identity.CODE_FILES)},
             "environment": environment(dev),
+            # what the LSTMs computed in (bf16 on CUDA runs them in fp32/TF32: harness.env.lstm_precision)
+            "lstm_precision": lstm_precision(dev, self.precision),
+            "runs_sharing_device": runs_sharing_device(),
             "params": param_counts(self.model), "git_commit": git_commit(), "torch_version": torch.__version__,
             "clips": {"total": p.cfg.model["num_clips"],
-                      "kept": kept_clips(p.cfg.model["keep_ratio"], p.cfg.model["num_clips"])},
+                      "kept": kept_clips(p.cfg.model.get("keep_ratio", 1.0), p.cfg.model["num_clips"])},
             "python_version": sys.version.split()[0], "device": str(dev), "device_name": device_name(dev),
             "started_at": st.started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(),
@@ -629,13 +596,28 @@ class _Run:
         return record
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+def _reset_peak(dev: torch.device) -> float | None:
+    """Reset the device's peak memory once everything resident (features, model, teacher cache)
+    is loaded; returns what is resident then (MiB; CUDA only, None elsewhere)."""
+    if dev.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    return torch.cuda.memory_allocated(dev) / 2 ** 20
+
+
+def _peak_since_reset(dev: torch.device, resident_mib: float | None) -> dict | None:
+    """The training epochs' peak (steps and validation, optimizer state included) apart from what
+    was resident before them: ``step`` = peak - resident, and the total, as before."""
+    if dev.type != "cuda" or resident_mib is None:
+        return None
+    peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+    return {"total": peak, "step": peak - resident_mib, "resident": resident_mib}
 
 
 def run_cost(model: torch.nn.Module, cfg: variants.VariantConfig, dev: torch.device,
-             train_samples_per_s: float | None, peak_train_mib: float | None) -> dict:
+             train_samples_per_s: float | None, peak_train_mib: dict | None) -> dict:
     """What a training run can say of its variant's cost: FLOPs per sample (fvcore, LSTMs
     included; counted, so load does not change them), the measured training throughput and peak
     training memory (CUDA only; None elsewhere, never invented). Latency and inference memory are
@@ -643,7 +625,9 @@ def run_cost(model: torch.nn.Module, cfg: variants.VariantConfig, dev: torch.dev
     configuration and device, serially, after training."""
     from . import measure
 
-    out = {"macs_per_sample": None, "flops_per_sample": None, "peak_mem_mib_train": peak_train_mib,
+    peak = peak_train_mib or {}
+    out = {"macs_per_sample": None, "flops_per_sample": None, "peak_mem_mib_train": peak.get("total"),
+           "peak_mem_mib_train_step": peak.get("step"), "resident_mib_train": peak.get("resident"),
            "train_samples_per_s": train_samples_per_s, "device": str(dev), "errors": {}}
     try:
         fl = measure.count_flops(model, measure.random_inputs(cfg.model, 2, dev))

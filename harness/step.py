@@ -29,13 +29,8 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.de
 def make_objective(cfg: variants.VariantConfig, teachers: list[nn.Module], device: torch.device) -> nn.Module:
     """The variant's objective on ``device``; distillation losses need the teachers' width, and
     every teacher of a student must have the same one."""
-    dims = sorted({t.cfg.module_dim for t in teachers})
-    if len(dims) > 1:
-        from .errors import HarnessError
-
-        raise HarnessError(f"{cfg.name}: teachers {cfg.teachers} have different module_dim {dims}; "
-                           f"distillation losses take one teacher width")
-    return variants.objective(cfg, teacher_dim=dims[0] if dims else None).to(device)
+    width = variants.teacher_width(cfg, [t.cfg.module_dim for t in teachers])
+    return variants.objective(cfg, teacher_dim=width).to(device)
 
 
 @dataclass

@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 import pandas as pd
 import torch
 
+from . import metrics as M
+from . import record as R
 from .errors import HarnessError
 
 
@@ -343,24 +345,26 @@ class ResultsStore:
         return [r for r in self.iter_records() if all(r.get(k) == v for k, v in match.items())]
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per complete run: identity columns plus flattened metrics
-        (``test_acc``, ``test_acc_<type>``, ``val_acc``, ``test_last_acc``...)."""
+        """One row per complete run: identity columns plus each registered metric
+        (:mod:`harness.metrics`) of each split, flattened: ``<split>_<metric>`` and, for a metric with
+        a per-type breakdown, ``<split>_<metric>_<type>`` (``test_acc``, ``test_acc_what``,
+        ``val_acc``, ``test_last_acc``, ``test_recon_mse``...)."""
         rows = []
         for r in self.iter_records():
             row = {k: r.get(k) for k in ("run_id", "variant", "seed", "epochs_run", "wall_time_s",
                                          "train_samples_per_s", "device_name", "git_commit", "finished_at")}
-            row["data"] = r.get("data", {}).get("id")
+            row["data"] = R.data_id(r)
             row["teachers"] = ",".join(t["variant"] for t in r.get("teachers", [])) or None
             row["teacher_runs"] = ",".join(r.get("teacher_runs", [])) or None
             ov = r.get("spec", {}).get("overrides") or {}
             row["overrides"] = ", ".join(f"{k}={v}" for k, v in sorted(ov.items())) or None
-            row["params"] = r.get("params", {}).get("total")
-            m = r.get("metrics", {})
-            row["best_epoch"] = m.get("best_epoch")
-            for split in ("val", "test", "test_last"):
-                if split in m:
-                    row[f"{split}_acc"] = m[split]["overall"]
-                    for t, a in m[split]["per_type"].items():
-                        row[f"{split}_acc_{t}"] = a
+            row["params"] = R.params_total(r)
+            row["best_epoch"] = R.best_epoch(r)
+            for split in M.SPLITS:
+                for metric in M.METRICS.values():
+                    if (v := R.metric(r, split, metric.name)) is not None:
+                        row[f"{split}_{metric.name}"] = v
+                    for t, a in R.per_type(r, split, metric.name).items():
+                        row[f"{split}_{metric.name}_{t}"] = a
             rows.append(row)
         return pd.DataFrame(rows)

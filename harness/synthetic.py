@@ -101,6 +101,7 @@ from typing import Any
 import numpy as np
 
 from . import layout
+from .sizes import SIZES
 from .store import atomic_write_bytes
 
 __all__ = [
@@ -123,7 +124,7 @@ SUGGESTED_TRAIN: dict[str, dict[str, Any]] = {
     "small": {"epochs": 15, "batch_size": 128, "lr": 5e-4},
     "msvd": {},
 }
-QUESTION_WORDS: tuple[str, ...] = ("what", "who", "how", "when", "where")
+QUESTION_WORDS = layout.QUESTION_WORDS
 TIME_BUCKETS: tuple[str, ...] = ("start", "middle", "end")
 _ORDINALS = (
     "first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth",
@@ -135,7 +136,8 @@ SPLITS = layout.SPLITS
 
 @dataclass(frozen=True)
 class Preset:
-    """Sizes of a synthetic data set (and of the model config that matches it)."""
+    """Sizes of a synthetic data set (and of the model config that matches it: the shipped
+    presets take theirs from :data:`harness.sizes.SIZES`)."""
 
     name: str
     n_videos: int
@@ -158,25 +160,22 @@ class Preset:
                 "num_clips": self.n_clips, "num_frames": self.n_frames}
 
 
+def _preset(name: str, **data_sizes: int) -> Preset:
+    """A preset of the model size ``name`` (:data:`harness.sizes.SIZES`) with these numbers of
+    videos and questions."""
+    m = SIZES[name]
+    return Preset(name=name, n_clips=m.num_clips, n_frames=m.num_frames, vision_dim=m.vision_dim,
+                  question_vocab=m.question_vocab, answer_vocab=m.answer_vocab, word_dim=m.word_dim,
+                  suggested_module_dim=m.module_dim, **data_sizes)
+
+
 PRESETS: dict[str, Preset] = {
     # ~3.3 MB of appearance features; matches the harness's tiny model config.
-    "tiny": Preset(
-        name="tiny", n_videos=400, n_clips=4, n_frames=4, vision_dim=128,
-        n_train=3000, n_val=600, n_test=1000,
-        question_vocab=100, answer_vocab=50, word_dim=32, suggested_module_dim=64,
-    ),
+    "tiny": _preset("tiny", n_videos=400, n_train=3000, n_val=600, n_test=1000),
     # ~131 MB of appearance features (~150 MB in all).
-    "small": Preset(
-        name="small", n_videos=1000, n_clips=8, n_frames=8, vision_dim=512,
-        n_train=12000, n_val=3000, n_test=5000,
-        question_vocab=1000, answer_vocab=200, word_dim=64, suggested_module_dim=128,
-    ),
+    "small": _preset("small", n_videos=1000, n_train=12000, n_val=3000, n_test=5000),
     # MSVD-QA's sizes (as HCRN / DualVGR preprocess it): ~2.1 GB of appearance features.
-    "msvd": Preset(
-        name="msvd", n_videos=1970, n_clips=8, n_frames=16, vision_dim=2048,
-        n_train=30933, n_val=6415, n_test=13157,
-        question_vocab=4000, answer_vocab=1000, word_dim=300, suggested_module_dim=768,
-    ),
+    "msvd": _preset("msvd", n_videos=1970, n_train=30933, n_val=6415, n_test=13157),
 }
 
 

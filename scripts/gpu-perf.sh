@@ -1,39 +1,23 @@
 #!/usr/bin/env bash
-# The whole measurement behind docs/performance.md, in one call:
-#   bash scripts/gpu-perf.sh [OUT_DIR]        (DEVICE=cuda CONFIG=msvd DATA=synthetic:msvd by default)
-# On a CPU-only machine, for a dry run: DEVICE=cpu CONFIG=tiny DATA=synthetic:tiny BATCHES=1,32 bash scripts/gpu-perf.sh
-# Writes JSON records (bench.py) and Markdown tables to OUT_DIR (default results/perf-<UTC time>), and the epoch
-# timings of real training runs (the runner's records: train samples/s, peak memory, wall time) to OUT_DIR/epochs.json.
+# The whole GPU measurement and check, in one call (docs/performance.md, README "Cost"):
+#   bash scripts/gpu-perf.sh [OUT_DIR]            DEVICE=cuda by default; msvd sizes (synthetic:msvd, generated once)
+#   DEVICE=cpu bash scripts/gpu-perf.sh /tmp/dry  the CPU dry run (micro sizes, under a minute; tests/test_gpu_check.py)
+# Installs the wheels carried in .whl/ (scripts/gpu-wheels.sh downloads them) when the python lacks what the
+# harness imports, then runs scripts/gpu_check.py, which writes gpu_check.json, gpu_check.md, bench.json and
+# bench.md to OUT_DIR (default results/gpu-check-<UTC time>) and exits non-zero if any part failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-results/perf-$(date -u +%Y%m%dT%H%M%SZ)}"
-DEVICE="${DEVICE:-cuda}"
-CONFIG="${CONFIG:-msvd}"
-DATA="${DATA:-synthetic:msvd}"
-BATCHES="${BATCHES:-1,32,256}"
-PY="${PYTHON:-python}"
-mkdir -p "$OUT"
-"$PY" -c "import torch, platform; print('torch', torch.__version__, '| device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or 'cpu')" | tee "$OUT/device.txt"
-for prec in fp32 bf16; do
-  "$PY" bench.py --variant dualvgr --variant teacher-g4 --config "$CONFIG" --device "$DEVICE" --batch-size "$BATCHES" \
-      --precision "$prec" --format json --out "$OUT/bench-$prec.json" --results "$OUT" > /dev/null
-  "$PY" bench.py --variant dualvgr --variant teacher-g4 --config "$CONFIG" --device "$DEVICE" --batch-size "$BATCHES" \
-      --precision "$prec" --format markdown --no-flops --no-store > "$OUT/bench-$prec.md"
-done
-# one training epoch, data loading included (features resident on the device), as the runner does it
-for prec in fp32 bf16; do
-  "$PY" ablate.py run dualvgr --data "$DATA" --epochs 1 --batch-size 256 --precision "$prec" --device "$DEVICE" \
-      --results "$OUT/runs" --force > "$OUT/epoch-$prec.log" 2>&1
-done
-"$PY" - "$OUT" <<'PYEOF'
-import json, sys
-from harness.store import ResultsStore
-out = sys.argv[1]
-rows = [{k: r.get(k) for k in ("run_id", "train_time_s", "train_samples_per_s", "wall_time_s", "device_name")}
-        | {"precision": r["train_config"].get("precision", "fp32"), "peak_mem_mib_train": r["cost"].get("peak_mem_mib_train")}
-        for r in ResultsStore(f"{out}/runs").iter_records()]
-json.dump(rows, open(f"{out}/epochs.json", "w"), indent=1)
-for r in rows:
-    print(r)
-PYEOF
-echo "written: $OUT"
+PY="${PYTHON:-python3}"
+OUT="${1:-results/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}"
+if ! "$PY" -c "import fvcore, iopath, submitit" 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    SITE="${VQAKD_SITE:-/tmp/vqakd-site}"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    echo "error: $PY lacks fvcore/iopath/submitit and .whl/ holds no wheels (run scripts/gpu-wheels.sh where pip works)" >&2
+    exit 2
+  fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+exec "$PY" scripts/gpu_check.py --out "$OUT"

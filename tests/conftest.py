@@ -21,6 +21,16 @@ def cpu_bf16_problem() -> str | None:
 needs_cpu_bf16 = pytest.mark.skipif(cpu_bf16_problem() is not None, reason=f"bf16 on this CPU: {cpu_bf16_problem()}")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip, with the reason, where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (scripts/gpu_check.py runs these on a lent GPU)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
     """Synthetic data sets are generated once per test session, in a temp dir."""

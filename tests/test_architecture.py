@@ -125,6 +125,8 @@ def test_harness_imports_form_no_cycle():
             visit(m, [m])
     assert graph["harness.env"] <= {"harness.errors"}  # the bottom layer imports nothing else of the harness
     assert "harness.runner" not in graph["harness.measure"]
+    assert "harness.measure" not in graph["harness.runner"]  # its input helpers are harness.inputs
+    assert not graph["harness.settings"] - {"harness.env", "harness.errors"}  # the schema sits low
 
 
 def test_bench_times_the_runners_own_training_step(tiny, tmp_path, monkeypatch):
@@ -156,8 +158,10 @@ def test_bench_times_the_runners_own_training_step(tiny, tmp_path, monkeypatch):
 
 
 def test_readme_architecture_names_every_module():
-    """The README's architecture section names every harness module (by file name)."""
+    """The README's architecture section names every harness module (by file name), the report
+    package's included."""
     text = (ROOT / "README.md").read_text()
     section = text[text.index("- `harness/`"):text.index("- `ablate.py`")]
-    missing = [p.name for p in HARNESS.glob("*.py") if p.name != "__init__.py" and f"`{p.name}`" not in section]
+    missing = [p.name for p in [*HARNESS.glob("*.py"), *(HARNESS / "report").glob("*.py")]
+               if p.name != "__init__.py" and f"`{p.name}`" not in section]
     assert not missing, f"README's architecture section does not name {missing}"

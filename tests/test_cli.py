@@ -26,7 +26,7 @@ def run(*args, app=ablate.app):
     (["--batch-size", "1"], "batch_size = 1 is not an integer >= 2"),
     (["--set", "alpha=abc"], "setting alpha = 'abc' must be float"),
     (["--set", "graph_layer=2"], "has no setting 'graph_layer'"),
-    (["--precision", "fp8"], "precision 'fp8' is not one of fp32, bf16"),
+    (["--precision", "fp8"], "precision 'fp8' is not one of fp32, tf32, bf16"),
 ])
 def test_run_rejects_bad_settings_before_anything_runs(tmp_path, args, message, tiny):
     code, out, exc = run("run", "dualvgr", "--results", tmp_path, "--device", "cpu", *args)

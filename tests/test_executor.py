@@ -18,6 +18,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from harness import executor as E
+from harness import slurm as S
 from harness.grid import GridError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,31 +37,35 @@ def flags(lines: list[str]) -> dict:
 
 
 def test_nothing_is_requested_that_was_not_asked(tmp_path):
-    f = flags(sbatch_lines(E.slurm_parameters({"time_min": 30}, device="auto"), tmp_path))
+    f = flags(sbatch_lines(S.slurm_parameters({"time_min": 30}, device="cpu"), tmp_path))
     for key in ("gpus-per-node", "cpus-per-task", "mem", "partition"):
         assert key not in f, f
     assert f["time"] == "30" and f["signal"] == "USR2@90"
+    # device auto (the default) asks for one GPU per run: without it the jobs would land on CPU nodes
+    f = flags(sbatch_lines(S.slurm_parameters({"time_min": 30}, device="auto"), tmp_path))
+    assert f["gpus-per-node"] == "1" and "cpus-per-task" not in f and "mem" not in f
 
 
 def test_requests_are_sent_exactly_zero_included(tmp_path):
     opts = {"partition": "debug", "gpus_per_run": 0, "cpus_per_run": 1, "mem_gb": 4, "time_min": 1,
             "array_parallelism": 3}
-    f = flags(sbatch_lines(E.slurm_parameters(opts, device="cuda", jobs=1), tmp_path))
+    f = flags(sbatch_lines(S.slurm_parameters(opts, device="cuda", jobs=1), tmp_path))
     assert f["partition"] == "debug" and f["gpus-per-node"] == "0" and f["cpus-per-task"] == "1"
     assert f["mem"] == "4G" and f["time"] == "1"
     assert f["signal"] == "USR2@30"  # short limits: SLURM may signal up to 60 s early, not before the job starts
-    assert E.slurm_parameters({"time_min": 2})["signal_delay_s"] == 30
-    assert E.slurm_parameters({"time_min": 3})["signal_delay_s"] == 90  # submitit's default
-    assert E.slurm_parameters({**opts, "mem_gb": 2.5})["mem"] == "2560M"
-    assert E.slurm_parameters({**opts, "mem_gb": 0})["mem"] == "0G"  # SLURM's --mem=0: all of the node's memory
-    assert E.slurm_parameters(opts)["array_parallelism"] == 3
-    assert E.slurm_parameters({"time_min": 5}, jobs=4)["array_parallelism"] == 4  # default: --jobs
+    assert S.slurm_parameters({"time_min": 2})["signal_delay_s"] == 30
+    assert S.slurm_parameters({"time_min": 3})["signal_delay_s"] == 90  # submitit's default
+    assert S.slurm_parameters({**opts, "mem_gb": 2.5})["mem"] == "2560M"
+    assert S.slurm_parameters({**opts, "mem_gb": 0})["mem"] == "0G"  # SLURM's --mem=0: all of the node's memory
+    assert S.slurm_parameters(opts)["array_parallelism"] == 3
+    assert S.slurm_parameters({"time_min": 5}, jobs=4)["array_parallelism"] == 4  # default: --jobs
 
 
-@pytest.mark.parametrize("device, gpus", [("auto", None), ("cpu", None), ("cuda", 1), ("cuda:1", 1)])
-def test_gpus_unasked_only_for_cuda(device, gpus):
-    assert E.slurm_parameters({"time_min": 5}, device=device).get("gpus_per_node") == gpus
-    assert E.slurm_parameters({"time_min": 5, "gpus_per_run": 2}, device=device)["gpus_per_node"] == 2
+@pytest.mark.parametrize("device, gpus", [("auto", 1), ("cpu", None), ("cuda", 1), ("cuda:1", 1)])
+def test_gpus_unasked_for_cuda_and_auto(device, gpus):
+    """With auto and no GPU asked for, a SLURM job would train on a CPU node without a word."""
+    assert S.slurm_parameters({"time_min": 5}, device=device).get("gpus_per_node") == gpus
+    assert S.slurm_parameters({"time_min": 5, "gpus_per_run": 2}, device=device)["gpus_per_node"] == 2
 
 
 @pytest.mark.parametrize("options, match", [
@@ -74,11 +79,11 @@ def test_gpus_unasked_only_for_cuda(device, gpus):
 ])
 def test_bad_requests_name_the_key(options, match):
     with pytest.raises(GridError, match=match):
-        E.check_executor_options(options, "where")
+        S.check_executor_options(options, "where")
 
 
 def test_minutes():
-    assert [E._minutes(x) for x in ("infinite", "1-00:00:00", "2:00:00", "30:00", "45", "1-2", "n/a")] == \
+    assert [S._minutes(x) for x in ("infinite", "1-00:00:00", "2:00:00", "30:00", "45", "1-2", "n/a")] == \
         [0, 1440, 120, 30, 45, 1442, None]
 
 
@@ -97,16 +102,16 @@ def test_time_limit_from_the_partition_when_not_set(tmp_path, monkeypatch):
                  '  *"-p gpu"*) echo "gpu n/a 2-00:00:00" ;;\n'
                  '  *"%P %L %l"*) printf "debug* 30:00 infinite\\ngpu n/a 2-00:00:00\\n" ;;\n'
                  '  *) printf "debug*\\ngpu\\n" ;;\nesac\n')
-    assert E.slurm_parameters({})["time"] == 30  # the default partition's DefaultTime
-    assert E.slurm_parameters({"partition": "gpu"})["time"] == 2880  # no DefaultTime: its MaxTime
+    assert S.slurm_parameters({})["time"] == 30  # the default partition's DefaultTime
+    assert S.slurm_parameters({"partition": "gpu"})["time"] == 2880  # no DefaultTime: its MaxTime
     fake_command(tmp_path, monkeypatch, "sinfo", 'case "$*" in\n  *"-p nope"*) ;;\n  *) printf "debug*\\ngpu\\n" ;;\n'
                  'esac\n')
-    with pytest.raises(E.ExecutorError, match=r"no partition 'nope' \(partitions: debug, gpu\)"):
-        E.slurm_parameters({"partition": "nope"})
+    with pytest.raises(S.ExecutorError, match=r"no partition 'nope' \(partitions: debug, gpu\)"):
+        S.slurm_parameters({"partition": "nope"})
     fake_command(tmp_path, monkeypatch, "sinfo", 'echo "slurm_load_partitions: Unable to contact slurm controller" >&2\n'
                  'exit 1\n')
-    with pytest.raises(E.ExecutorError, match="Unable to contact slurm controller"):
-        E.slurm_parameters({"partition": "debug"})
+    with pytest.raises(S.ExecutorError, match="Unable to contact slurm controller"):
+        S.slurm_parameters({"partition": "debug"})
 
 
 def test_command_line_requests_override_the_grid_and_keep_zero(tmp_path, monkeypatch):
@@ -127,7 +132,7 @@ def test_command_line_requests_override_the_grid_and_keep_zero(tmp_path, monkeyp
                                         "--partition", "debug"])
     assert r.exit_code == 130, r.output
     assert seen["executor"] == "slurm"
-    assert {k: seen["slurm"][k] for k in ("partition", "gpus_per_run", "cpus_per_run", "mem_gb")} == \
+    assert {k: seen["options"][k] for k in ("partition", "gpus_per_run", "cpus_per_run", "mem_gb")} == \
         {"partition": "debug", "gpus_per_run": 0, "cpus_per_run": 1, "mem_gb": 32}
     r = CliRunner().invoke(ablate.app, ["--grid", str(grid), "--gpus-per-run", "-1"])
     assert r.exit_code == 2 and "Invalid value for '--gpus-per-run'" in r.output
@@ -138,7 +143,7 @@ def test_command_line_requests_override_the_grid_and_keep_zero(tmp_path, monkeyp
 
 def test_sacct_errors_are_summarised_once():
     out = io.StringIO()
-    noise = E._SacctNoise(Console(file=out, width=300))
+    noise = S._SacctNoise(Console(file=out, width=300))
     logger = logging.getLogger("submitit")
     caught = []
     handler = logging.Handler()
@@ -160,12 +165,12 @@ def test_sacct_errors_are_summarised_once():
 def test_job_states_from_squeue(tmp_path, monkeypatch):
     fake_command(tmp_path, monkeypatch, "squeue", 'printf "7_0|RUNNING|None\\n7_1|COMPLETED|None\\n'
                  '7_2|PENDING|Nodes required for job are DOWN\\n7_3|CANCELLED|None\\n8|REQUEUED|None\\n"\n')
-    assert E._ended_jobs(["7_0", "7_1", "7_2", "7_3", "7_4", "8"]) == {"7_1", "7_3", "7_4"}  # 7_4: not listed
-    assert E._job_states(["7_2", "7_4"]) == {"7_2": ("PENDING", "Nodes required for job are DOWN"),
+    assert S._ended_jobs(["7_0", "7_1", "7_2", "7_3", "7_4", "8"]) == {"7_1", "7_3", "7_4"}  # 7_4: not listed
+    assert S._job_states(["7_2", "7_4"]) == {"7_2": ("PENDING", "Nodes required for job are DOWN"),
                                              "7_4": ("GONE", "")}
     fake_command(tmp_path, monkeypatch, "squeue", "exit 1\n")
-    assert E._ended_jobs(["7_0"]) is None
-    assert E._job_states(["7_0"]) is None
+    assert S._ended_jobs(["7_0"]) is None
+    assert S._job_states(["7_0"]) is None
 
 
 class FakeJob:
@@ -188,8 +193,8 @@ def test_a_job_that_ends_without_result_is_reported_failed(tmp_path, monkeypatch
                FakeJob("9_1", tmp_path): SimpleNamespace(run_id="r1", spec=spec)}
     done = []
     calls = []
-    real = E._job_states
-    monkeypatch.setattr(E, "_job_states", lambda ids: calls.append(list(ids)) or real(ids))
+    real = S._job_states
+    monkeypatch.setattr(S, "_job_states", lambda ids: calls.append(list(ids)) or real(ids))
 
     def finish(p, out):
         assert p.run_id == out["run_id"]
@@ -304,3 +309,32 @@ def test_cpu_workers_share_out_the_cores(monkeypatch):
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=E._worker_init,
                              initargs=(os.getpid(), 1)) as pool:
         assert pool.submit(_threads).result(timeout=120) == 1
+
+
+def test_local_workers_share_gpus_and_say_how_many():
+    """--jobs 2 on one GPU: both workers on cuda:0, each told it shares the device with one other run."""
+    assert E.device_slots(2, "auto", 1) == [("cuda:0", 2), ("cuda:0", 2)]
+    assert E.device_slots(3, "cuda", 2) == [("cuda:0", 2), ("cuda:1", 1), ("cuda:0", 2)]
+    assert E.device_slots(2, "auto", 0) == [("cpu", 2), ("cpu", 2)]
+    assert E.device_slots(2, "cuda:1", 2) == [("cuda:1", 2), ("cuda:1", 2)]
+
+
+def test_worker_environment_names_the_sharing(monkeypatch):
+    from harness.env import SHARING_ENV, runs_sharing_device
+
+    monkeypatch.setattr(E, "_die_with_parent", lambda parent: None)
+    monkeypatch.setenv(SHARING_ENV, "1")  # recorded, so that what _worker_init sets is undone after the test
+    assert runs_sharing_device() == 1
+    E._worker_init(0, None, 3)
+    assert runs_sharing_device() == 3
+
+
+@pytest.mark.parametrize("device, options, ngpu, expected", [
+    ("auto", {}, 1, {"gpus_per_node": 1}), ("cuda", {}, 2, {"gpus_per_node": 1}),
+    ("cuda:1", {}, 2, {"gpus_per_node": 2}), ("auto", {}, 0, {}), ("cpu", {}, 1, {}),
+    ("auto", {"gpus_per_run": 0}, 1, {}), ("cuda", {"gpus_per_run": 2}, 2, {"gpus_per_node": 2})])
+def test_submitit_local_is_given_the_gpus(monkeypatch, device, options, ngpu, expected):
+    """submitit's LocalExecutor sets CUDA_VISIBLE_DEVICES="" unless gpus_per_node is given: a GPU
+    machine's local grid then trained on the CPU."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: ngpu)
+    assert E.local_gpus(options, device) == expected

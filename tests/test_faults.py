@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 import ablate
 from harness import executor as E
+from harness import slurm as S
 
 cli = CliRunner()
 run_one = E.run_one  # the real one (tests replace E.run_one)
@@ -158,7 +159,7 @@ def test_a_cancelled_teacher_and_its_student_are_remembered(tmp_path, monkeypatc
 
 def test_why_slurm_jobs_wait_is_told_once_and_when_it_changes(tmp_path, monkeypatch):
     told = []
-    watch = E._Watch(told.append)
+    watch = S._Watch(told.append)
     jobs = [FakeJob("50_0", tmp_path), FakeJob("50_1", tmp_path)]
     down = "Nodes required for job are DOWN, DRAINED or reserved for jobs in higher priority partitions"
     _fake_squeue(tmp_path, monkeypatch, f"50_0|PENDING|{down}\n50_1|PENDING|{down}\n")

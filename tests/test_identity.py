@@ -80,8 +80,13 @@ def test_a_changed_loss_default_changes_the_id(monkeypatch):
 
 def test_a_setting_added_with_a_neutral_default_keeps_every_id(monkeypatch):
     before = json.loads(GOLDEN.read_text())["run_ids"]
-    # a new model setting and a new distillation parameter whose defaults reproduce today's behaviour
-    monkeypatch.setitem(identity.MODEL_DEFAULTS, "dropout", 0.0)
+    # a new model setting (a field added to DualVGR's config class) and a new distillation parameter
+    # whose defaults reproduce today's behaviour
+    dualvgr = variants.family("dualvgr")
+    widened = dataclasses.make_dataclass("DualVGRConfig", [("dropout", float, 0.0)], bases=(dualvgr.config,))
+    monkeypatch.setitem(variants.MODEL_FAMILIES._entries, "dualvgr", dataclasses.replace(
+        variants.MODEL_FAMILIES.get("dualvgr"), fn=dataclasses.replace(dualvgr, config=widened)))
+    assert variants.get_config("dualvgr").model["dropout"] == 0.0
     _planted(monkeypatch, "logits", T=4.0)
     entry = variants.LOSSES.get("logits")
     sig = inspect.signature(entry.fn)
@@ -151,7 +156,8 @@ def test_code_fingerprint_covers_the_model_and_not_the_report(tmp_path, monkeypa
     for rel in identity.CODE_FILES:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes((identity.ROOT / rel).read_bytes())
-    (root / "harness" / "report.py").write_text("# not the computation\n")
+    (root / "harness" / "report").mkdir()
+    (root / "harness" / "report" / "writer.py").write_text("# not the computation\n")
     monkeypatch.setattr(identity, "ROOT", root)
     assert identity.code_fingerprint() == fp
     model = root / "variants" / "dualvgr.py"

@@ -568,7 +568,7 @@ def test_smoke_with_tiny_dualvgr_models():
         assert all(p.grad is None for p in teacher.parameters())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_no_host_sync_on_cuda():
     dev = torch.device("cuda")
     s = {k: v.to(dev).float().requires_grad_() for k, v in outputs(27).items()}

@@ -237,7 +237,7 @@ def test_batch_one_training_is_null_not_invented():
     assert "BatchNorm" in rec["errors"]["train"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_timing_and_memory():
     cfg = variants.get_config("dualvgr", **SMALL)
     (rec,) = M.measure_variant(cfg, [4], "cuda", reps=5, warmup=2, train_reps=3)

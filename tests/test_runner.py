@@ -169,7 +169,7 @@ def test_bf16_autocast_trains_with_its_own_run_id(tiny, tmp_path):
 def test_a_precision_training_does_not_offer_is_named():
     """Runs on every CPU (it was inside the bf16 test, which AVX2-only CPUs skip, so its stale message went
     unnoticed until CI landed on a CPU with bf16)."""
-    with pytest.raises(ValueError, match="precision = 'fp16' is not one of fp32, bf16"):
+    with pytest.raises(ValueError, match="precision = 'fp16' is not one of fp32, tf32, bf16"):
         spec(precision="fp16").resolved_train()
 
 

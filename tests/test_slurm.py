@@ -82,7 +82,7 @@ def test_ci_grid_on_slurm_matches_expected_results(partition, tiny, tmp_path):
     g = G.load("ci")
     store = ResultsStore(tmp_path / "results")
     res = run_grid(g, store, executor="slurm", jobs=2, device="cpu", console=quiet(), poll_s=0.5,
-                   slurm={"partition": partition, "gpus_per_run": 0, "cpus_per_run": 1, "time_min": 30})
+                   options={"partition": partition, "gpus_per_run": 0, "cpus_per_run": 1, "time_min": 30})
     assert not res.failed and not res.interrupted, res.failed
     assert res.skipped == 0 and sorted(res.complete) == sorted(res.run_ids)
     folder = tmp_path / "results" / "submitit" / "ci"

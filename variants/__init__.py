@@ -4,8 +4,9 @@
     >>> variants.list("teacher-*")
     >>> model = variants.create("dualvgr", question_vocab=100, answer_vocab=50, module_dim=64)
 
-A variant is one decorated function in ``variants/zoo.py`` that returns its config: the
-architecture (``arch``), model settings (``model``) and loss settings (``loss``). Overrides
+A variant is one decorated function in ``variants/zoo.py`` that returns its config: its model
+family (``arch``: a name in :data:`MODEL_FAMILIES`, see :mod:`variants.families`), model settings
+(``model``: fields of the family's config class) and loss settings (``loss``). Overrides
 given to :func:`create` / :func:`get_config` go to whichever section defines the key; an
 unknown key is an error that names it.
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .dualvgr import DualVGR, DualVGRConfig, QuestionOnly
+from .families import DATA_KEYS, MODEL_FAMILIES, ModelFamily, family, register_family
 from .losses import LOSSES, Objective
 from .registry import Registry, UnknownNameError
 
@@ -33,16 +34,10 @@ class ConfigError(KeyError):
 VARIANTS = Registry("variant")
 register_variant = VARIANTS.register
 
-#: architecture name -> model class taking a DualVGRConfig
-ARCHS: dict[str, type[nn.Module]] = {"dualvgr": DualVGR, "question-only": QuestionOnly}
-MODEL_KEYS = tuple(f.name for f in dataclasses.fields(DualVGRConfig))
-#: data-dependent model settings the runner fills in from the feature set
-DATA_KEYS = ("question_vocab", "answer_vocab", "vision_dim", "motion_dim", "word_dim", "num_clips", "num_frames")
-
-
 @dataclass
 class VariantConfig:
     name: str
+    #: the model family's name (a key of MODEL_FAMILIES; ``arch`` in records and run ids)
     arch: str
     description: str
     model: dict = field(default_factory=dict)
@@ -55,8 +50,13 @@ class VariantConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def model_config(self) -> DualVGRConfig:
-        return DualVGRConfig(**self.model)
+    @property
+    def model_family(self) -> ModelFamily:
+        return family(self.arch)
+
+    def model_config(self):
+        """The model settings as the family's config object."""
+        return self.model_family.make_config(self.model)
 
 
 def list(pattern: str | list[str] = "*") -> list[str]:  # noqa: A001 - timm-style name
@@ -73,10 +73,7 @@ def get_config(name: str, **overrides) -> VariantConfig:
     entry = VARIANTS.get(name)
     spec = copy.deepcopy(entry.fn())
     arch = spec.pop("arch")
-    if arch not in ARCHS:
-        raise ConfigError(f"variant {name!r}: unknown arch {arch!r} (known: {', '.join(ARCHS)})")
-    model = {k: getattr(DualVGRConfig(), k) for k in MODEL_KEYS}
-    model.update(spec.pop("model", {}))
+    fam, model = _model_settings(name, arch, spec.pop("model", {}))
     loss = dict(spec.pop("loss", {}))
     teachers = spec.pop("teachers", [])
     teachers = [teachers] if isinstance(teachers, str) else builtins.list(teachers)
@@ -114,11 +111,25 @@ def get_config(name: str, **overrides) -> VariantConfig:
         VARIANTS.get(t)  # unknown teacher: fail now, naming it
     _check_types(name, overrides, model, loss, distill, defaults)
     try:
-        DualVGRConfig(**model)  # ranges (positive dims, keep_ratio in (0, 1]...), checked before anything runs
+        fam.make_config(model)  # ranges (positive dims, keep_ratio in (0, 1]...), checked before anything runs
     except ValueError as e:
         raise ConfigError(f"variant {name!r}: {e}") from None
     return VariantConfig(name=name, arch=arch, description=entry.description, model=model, loss=loss,
                          teachers=teachers, distill=distill)
+
+
+def _model_settings(name: str, arch: str, given: dict) -> tuple[ModelFamily, dict]:
+    """The variant's model family and its model settings: the family's defaults, updated by the
+    variant's registration (``given``), each of which must be a setting of the family."""
+    if arch not in MODEL_FAMILIES:
+        raise ConfigError(f"variant {name!r}: unknown model family (arch) {arch!r} "
+                          f"(known: {', '.join(MODEL_FAMILIES.list())})")
+    fam = family(arch)
+    model = fam.defaults()
+    unknown = sorted(set(given) - set(model))
+    if unknown:
+        raise ConfigError(f"variant {name!r}: model family {arch!r} has no settings {unknown}")
+    return fam, {**model, **given}
 
 
 def loss_params(loss: str) -> dict:
@@ -170,7 +181,8 @@ def _check_types(name: str, overrides: dict, model: dict, loss: dict, distill: l
 
 
 def build(cfg: VariantConfig) -> nn.Module:
-    return ARCHS[cfg.arch](cfg.model_config())
+    """The untrained model of a variant config, built by its model family."""
+    return cfg.model_family.build(cfg.model)
 
 
 def create(name: str, **overrides) -> nn.Module:
@@ -185,9 +197,20 @@ def objective(cfg: VariantConfig, teacher_dim: int | None = None) -> Objective:
                      teacher_dim=teacher_dim or cfg.model["module_dim"])
 
 
+def teacher_width(cfg: VariantConfig, widths) -> int | None:
+    """The one ``module_dim`` of a student's teachers (``widths``: theirs, from planned configs or
+    built models), what its distillation losses take; None without teachers. Teachers of different
+    widths are a ConfigError naming them."""
+    dims = sorted(set(widths))
+    if len(dims) > 1:
+        raise ConfigError(f"{cfg.name}: teachers {cfg.teachers} have different module_dim {dims}; "
+                          f"distillation losses take one teacher width")
+    return dims[0] if dims else None
+
+
 def uses_video(cfg: VariantConfig) -> bool:
     """Whether the variant's model reads the video features (the question-only sanity model does not)."""
-    return getattr(ARCHS[cfg.arch], "uses_video", True)
+    return cfg.model_family.uses_video
 
 
 def teacher_settings(teacher: str, settings: dict) -> dict:
@@ -195,8 +218,10 @@ def teacher_settings(teacher: str, settings: dict) -> dict:
     ``--set``) that reach its teacher ``teacher``: every model setting that the teacher's own
     registration does not fix. ``module_dim = 32`` reaches teacher-g4; ``graph_layers`` does not
     (it is what makes teacher-g4 a teacher)."""
-    fixed = set(VARIANTS.get(teacher).fn().get("model", {}))
-    return {k: v for k, v in settings.items() if k in MODEL_KEYS and k not in fixed}
+    spec = VARIANTS.get(teacher).fn()
+    fixed = set(spec.get("model", {}))
+    keys = family(spec["arch"]).defaults()
+    return {k: v for k, v in settings.items() if k in keys and k not in fixed}
 
 
 def loss_fn(cfg: VariantConfig):
@@ -208,5 +233,5 @@ def loss_fn(cfg: VariantConfig):
 from . import kd_losses  # noqa: E402,F401  (registers the distillation losses)
 from . import zoo  # noqa: E402,F401  (registers the variants)
 
-__all__ = ["VARIANTS", "LOSSES", "ARCHS", "VariantConfig", "register_variant", "list", "describe",
-           "get_config", "settings", "loss_params", "build", "create", "objective", "loss_fn", "uses_video", "teacher_settings", "ConfigError", "UnknownNameError", "DATA_KEYS"]
+__all__ = ["VARIANTS", "LOSSES", "MODEL_FAMILIES", "ModelFamily", "register_family", "family", "VariantConfig", "register_variant", "list", "describe",
+           "get_config", "settings", "loss_params", "build", "create", "objective", "loss_fn", "uses_video", "teacher_width", "teacher_settings", "ConfigError", "UnknownNameError", "DATA_KEYS"]

@@ -50,6 +50,18 @@ def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.unsqueeze(-1).expand_as(x))
 
 
+def run_lstm(lstm: nn.LSTM, x: torch.Tensor):
+    """``lstm(x)``, except on CUDA under bf16 autocast: there PyTorch's autocast wrapper for cuDNN
+    RNNs (ATen ``cudnn/AutocastRNN.cpp``) casts to fp16 whatever the autocast dtype, so "bf16"
+    would train the LSTMs in fp16 without loss scaling. They run outside autocast instead, in
+    fp32 (TF32 as ``harness.env.TF32`` sets it; ``harness.env.lstm_precision`` names it in every
+    record). CPU autocast (oneDNN's bf16 LSTM) and fp16 autocast are left as they are."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16:
+        with torch.autocast("cuda", enabled=False):
+            return lstm(x.float())
+    return lstm(x)
+
+
 class MaskedBiLSTM(nn.Module):
     """A one-layer bidirectional LSTM over right-padded, batch-first sequences.
 
@@ -69,8 +81,8 @@ class MaskedBiLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, L = x.shape[:2]
-        out_f, _ = self.fwd(x)
-        out_b_rev, _ = self.bwd(reverse_padded(x, lengths))
+        out_f, _ = run_lstm(self.fwd, x)
+        out_b_rev, _ = run_lstm(self.bwd, reverse_padded(x, lengths))
         last = (lengths - 1).clamp(min=0).view(B, 1, 1)
         h_f = out_f.gather(1, last.expand(B, 1, out_f.size(-1))).squeeze(1)
         h_b = out_b_rev.gather(1, last.expand(B, 1, out_b_rev.size(-1))).squeeze(1)
@@ -119,7 +131,7 @@ class VisualAppearanceEncoder(nn.Module):
     def forward(self, appearance: torch.Tensor) -> torch.Tensor:
         B, N, T, D = appearance.shape
         x = torch.tanh(self.embedding_dropout(appearance)).reshape(B * N, T, D)
-        _, (h, _) = self.encoder(x)
+        _, (h, _) = run_lstm(self.encoder, x)
         h = torch.cat([h[0], h[1]], dim=-1)
         return self.finalvisual_dropout(h).view(B, N, self.module_dim)
 
@@ -248,9 +260,12 @@ class MFB(nn.Module):
         return F.elu(self.linear_out(z))
 
 
-def full_graph_adjacency(num_nodes: int) -> torch.Tensor:
-    """The reference's adjacency: all-ones plus self loops, row-normalised (every entry > 0)."""
-    adj = torch.ones(num_nodes, num_nodes) + torch.eye(num_nodes)
+def full_graph_adjacency(num_nodes: int, device: torch.device | None = None,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The reference's adjacency: all-ones plus self loops, row-normalised (every entry > 0).
+    Built where it is used (``device``): no host-to-device copy, which would block every forward."""
+    adj = torch.ones(num_nodes, num_nodes, device=device, dtype=dtype) + torch.eye(num_nodes, device=device,
+                                                                                    dtype=dtype)
     return adj / adj.sum(1, keepdim=True)
 
 
@@ -488,7 +503,7 @@ class DualVGR(nn.Module):
         B, N, _ = app.shape
         k = self.cfg.edge_k
         if not k or k >= N - 1:
-            return None if N == self.cfg.num_clips else full_graph_adjacency(N).to(app.device, app.dtype)
+            return None if N == self.cfg.num_clips else full_graph_adjacency(N, app.device, app.dtype)
         if self.cfg.edge_by == "time":
             t = torch.arange(N, device=app.device, dtype=app.dtype)
             score = -(t.view(-1, 1) - t.view(1, -1)).abs() - 1e-3 * t.view(1, -1)  # nearest, earlier first

@@ -1,5 +1,5 @@
-"""Registries: one per kind of component (variants, distillation losses), in the style of
-timm's ``register_model`` / ``list_models`` and fvcore's ``Registry``.
+"""Registries: one per kind of component (variants, distillation losses, model families), in the
+style of timm's ``register_model`` / ``list_models`` and fvcore's ``Registry``.
 
 A registry maps a name to a function plus a one-line description taken from the function's
 docstring. Names are matched with shell-style wildcards by :meth:`Registry.list`.
@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterator
 @dataclass(frozen=True)
 class Entry:
     name: str
-    fn: Callable[..., Any]
+    #: the registered function (variants, losses) or object (model families, executors)
+    fn: Any
     description: str
     #: labels given at registration; the first is the entry's family (``variants.zoo.FAMILIES``)
     tags: tuple[str, ...] = ()
@@ -40,14 +41,17 @@ class Registry:
         """Decorator: ``@REG.register()`` (name = function name with '_' -> '-') or ``@REG.register("x")``."""
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-            key = name or fn.__name__.replace("_", "-")
-            if key in self._entries:
-                raise ValueError(f"{self.kind} {key!r} is registered twice")
             doc = (fn.__doc__ or "").strip().splitlines()
-            self._entries[key] = Entry(key, fn, doc[0] if doc else "", tuple(tags))
+            self.add(name or fn.__name__.replace("_", "-"), fn, doc[0] if doc else "", tags)
             return fn
 
         return deco
+
+    def add(self, name: str, obj: Any, description: str = "", tags: tuple[str, ...] = ()) -> None:
+        """Register ``obj`` (a function, or any object the registry's kind holds) under ``name``."""
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._entries[name] = Entry(name, obj, description, tuple(tags))
 
     def get(self, name: str) -> Entry:
         try:

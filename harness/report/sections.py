@@ -1,0 +1,341 @@
+"""The Markdown sections of a data set's part of the report. Each section is a function of one
+:class:`Context` (the data set's groups, their main-table rows, references, statistics and plot
+sinks) returning its lines; :data:`SECTIONS` lists them in report order with their titles, and
+:func:`data_section` iterates it. A new section is one function and one entry there."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import quote
+
+from .. import costs
+from .. import metrics as M
+from .. import record as R
+from .. import stats as S
+from ..evaluate import ABLATIONS
+from .fmt import QUESTIONS_ONLY, _f, _fmt_mcnemar, _g, _md_table, _slug, fmt_acc, fmt_cell, fmt_ci, fmt_p
+from .grouping import Group, _mean, reference, type_names
+from .plots import _COLORS, plot_cost, plot_curves, plot_per_type
+from .statistics import (ALPHA, COST_COLUMNS, CORRECTION, Comparison, SectionStats, _comparison_columns,
+                         pareto_front, section_stats, summarize)
+
+#: the references every variant is compared with: key -> what the report calls it
+REFERENCES = {"baseline": "baseline", "control": "control"}
+
+
+@dataclass
+class Context:
+    """One data set's part of the report: what every section reads. ``rows``: the main table's rows
+    (:func:`summarize`, one per group, also the CSV's); ``refs`` / ``names``: per reference key
+    (``baseline``, ``control``) its group (None: no run on this data set) and its variant name;
+    ``written``: plot file name -> PNG bytes, written with the report."""
+
+    data_id: str
+    dname: str
+    groups: list[Group]
+    rows: list[dict]
+    types: list[str]
+    refs: dict[str, Group | None]
+    names: dict[str, str]
+    stats: SectionStats
+    colors: dict[str, str]
+    files_dir: Path
+    suffix: str
+    written: dict[str, bytes]
+
+    @property
+    def base(self) -> Group | None:
+        """The baseline's group, None without a run on this data set."""
+        return self.refs["baseline"]
+
+    @property
+    def ctrl(self) -> Group | None:
+        """The control's group, None without a run on this data set."""
+        return self.refs["control"]
+
+    def pairs(self):
+        """(group, row) of every group, in report order."""
+        return zip(self.groups, self.rows)
+
+    def link(self, fname: str) -> str:
+        """The Markdown path of a plot file."""
+        return f"{quote(self.files_dir.name)}/{quote(fname)}"
+
+
+def _shown_metrics(ctx: Context) -> list[M.Metric]:
+    """The registered metrics besides accuracy that some row of the data set has."""
+    return [m for m in M.secondary() if any(r.get(m.name) is not None for r in ctx.rows)]
+
+
+def _main_table(ctx: Context) -> list[str]:
+    """Params, costs, test accuracy with its interval and deltas, the other metrics, teachers."""
+    shown = _shown_metrics(ctx)
+    headers = (["variant", "params"] + [c[0] for c in COST_COLUMNS.values()]
+               + ["test acc", "95% CI", "n seeds", f"Δ {ctx.names['baseline']}", f"Δ {ctx.names['control']}"]
+               + [m.title for m in shown] + ["teachers"])
+    table = []
+    for g, r in ctx.pairs():
+        cells = [f"**{g.label}**" if g in (ctx.base, ctx.ctrl) else g.label,
+                 f"{r['params']:,}" if r["params"] is not None else "-"]
+        for _, col, _ in COST_COLUMNS.values():
+            cells.append(_g(r[col]) if "gflops" in col else _f(r[col], 3 if col == "latency_ms" else 1))
+            if col == "latency_ms" and r[col] is not None and any(m["disturbed"] for m in _cost_measurements([g])):
+                cells[-1] += f" {DISTURBED}"
+        cells += [fmt_acc(r["test_acc_mean"], r["test_acc_std"]), fmt_ci(ctx.stats.cells[g.label]["all"]), _fmt_n(g),
+                  "ref" if g is ctx.base else _f(r["delta_baseline"], sign=True),
+                  "ref" if g is ctx.ctrl else _f(r["delta_control"], sign=True)]
+        cells += [m.fmt(r[m.name]) for m in shown]
+        table.append(cells + [r["teachers"] or "-"])
+    return _md_table(headers, table, right=set(range(1, len(headers) - 1))) + [""] + _main_notes(ctx)
+
+
+def _fmt_n(g: Group) -> str:
+    """The ``n seeds`` cell, naming the seeds a partial report lacks."""
+    if not g.missing_seeds:
+        return f"n={len(g.runs)}"
+    return (f"n={len(g.runs)} of {len(g.runs) + len(g.missing_seeds)} (seed{'s' if len(g.missing_seeds) > 1 else ''} "
+            f"{', '.join(map(str, g.missing_seeds))} missing)")
+
+
+
+#: marks a latency whose measurement was disturbed (p90 / median above harness.costs.SPREAD_FLAG)
+DISTURBED = "‡"
+
+
+def _cost_measurements(groups) -> list[dict]:
+    """When, where and how steadily the groups' latency and inference memory were measured
+    (``cost.measured`` of :func:`harness.costs.attach`), one entry per run that has one."""
+    return [m for g in groups for r in g.runs if (m := R.cost(r, "measured"))]
+
+
+def _cost_note(groups) -> list[str]:
+    """When, where, with how many threads and how steadily latency and inference memory were measured."""
+    ms = _cost_measurements(groups)
+    if not ms:
+        return []
+    at = sorted(m["at"] for m in ms)
+    where = sorted({f"{m['device_name']} on host {m['host']}" for m in ms})
+    spreads = [m["spread"] for m in ms if m["spread"] is not None]
+    note = (f"latency and inference memory measured {at[0]}" + (f" .. {at[-1]}" if at[-1] != at[0] else "")
+            + f" on {'; '.join(where)} ({max(m['reps'] for m in ms)} timed forwards each)")
+    threads = sorted({m["threads"] for m in ms if m.get("threads") is not None})
+    loads = [x for m in ms for x in (m.get("load_average") or []) if x is not None]
+    if threads:
+        note += f" with {', '.join(map(str, threads))} thread(s)"
+    if loads:
+        note += f", load average {min(loads):.2f} .. {max(loads):.2f} (other work on the machine)"
+    if spreads:
+        note += f"; p90/median {min(spreads):.2f} .. {max(spreads):.2f}"
+    bad = sorted({g.label for g in groups if any(m["disturbed"] for m in _cost_measurements([g]))})
+    if bad:
+        note += (f"; {DISTURBED}: p90/median above {costs.SPREAD_FLAG} ({', '.join(bad)}): other work disturbed the "
+                 f"timing; to measure again on an idle machine, delete its file in results/costs/ and run the grid "
+                 f"again (complete runs are not retrained)")
+    return [note + "."]
+
+
+def _cost_notes(ctx: Context) -> list[str]:
+    """What the cost columns are, or that no record has them."""
+    if all(r[c[1]] is None for r in ctx.rows for k, c in COST_COLUMNS.items() if not k.startswith("train_")):
+        return ["no record has cost measurements (`cost`: FLOPs, latency, peak memory): shown as -."]
+    return ["GFLOPs: forward FLOPs per sample / 1e9; latency: median eval forward at batch 1, measured "
+            "once per architecture and device, alone, after training (harness.costs); memory: "
+            "peak during a training step / inference (mean over seeds; - where not measured).",
+            *_cost_note(ctx.groups),
+            "training cost (harness.bill): GFLOPs are counted (3 forwards per training sample: backward "
+            "as 2 forwards; one forward per validation question per epoch; a student's teacher forwards "
+            "or teacher-cache builds), device-seconds measured; 'total' is what it took to produce the "
+            "model: a student's own training plus each distinct teacher run's training, once, and the "
+            "cache builds."]
+
+
+def _metric_notes(ctx: Context) -> list[str]:
+    """Each other registered metric's note where it is shown; else, where runs it applies to
+    (``Metric.applies``: their variant config) lack it, its absent note naming them."""
+    notes, shown = [], _shown_metrics(ctx)
+    for m in M.secondary():
+        if m in shown:
+            notes += [m.note] if m.note else []
+        elif m.absent_note and (lack := [g.label for g in ctx.groups if m.applies(g.runs[0])]):
+            notes.append(m.absent_note.format(labels=", ".join(lack)))
+    return notes
+
+
+def _main_notes(ctx: Context) -> list[str]:
+    """The notes under the main table: references missing, costs, few seeds, metrics, labels."""
+    notes = [f"the {what} `{ctx.names[key]}` has no run on this data set: no Δ {ctx.names[key]}."
+             for key, what in REFERENCES.items() if ctx.refs[key] is None]
+    notes += _cost_notes(ctx)
+    few = [g.label for g in ctx.groups if len(g.runs) < S.MIN_SEEDS]
+    if few:
+        notes.append(f"n seeds < {S.MIN_SEEDS}: seed variance not estimated ({', '.join(few)}); their intervals "
+                     f"({QUESTIONS_ONLY}) cover the test questions only.")
+    if ctx.stats.missing:
+        notes.append("runs without usable test predictions, left out of the intervals and tests: "
+                     + ", ".join(f"`{m}`" for m in ctx.stats.missing) + ".")
+    notes += _metric_notes(ctx)
+    if any(g.label != g.variant for g in ctx.groups):
+        notes.append("a variant run with several settings has one row per setting, labelled with the settings "
+                     "that differ; the baseline and the control are the rows with the variant's registered settings.")
+    return [f"Notes: {' '.join(notes)}", ""] if notes else []
+
+
+def _per_type_table(ctx: Context) -> list[str]:
+    """Accuracy per question type, each cell with its std and interval; the question counts."""
+    lines = ["Test accuracy (%) per question type: mean ± std over seeds [95% interval]; the last row is the "
+             "number of test questions.", ""]
+    cells = ctx.stats.cells
+    pt_rows = [[g.label] + [fmt_cell(cells[g.label].get(t), r[f"test_acc_{t}"]) for t in ctx.types]
+               + [fmt_cell(cells[g.label].get("all"), r["test_acc_mean"])] for g, r in ctx.pairs()]
+    counts = R.split_metrics(ctx.groups[0].runs[0], "test")
+    pt_rows.append(["questions"] + [str(counts.get("counts", {}).get(t, "-")) for t in ctx.types]
+                   + [str(counts.get("n", "-"))])
+    return lines + _md_table(["variant"] + ctx.types + ["all"], pt_rows) + [""]
+
+
+def _ablation_table(ctx: Context) -> list[str]:
+    """Test accuracy under each evaluation-time ablation (harness.evaluate.ABLATIONS)."""
+    lines = ["Test accuracy (%) when the model is evaluated with the videos shuffled across questions, the "
+             "appearance features zeroed, or the motion features zeroed (mean over seeds).", ""]
+    ab_rows = []
+    for g, r in ctx.pairs():
+        ab_rows.append([g.label, _f(r["test_acc_mean"])]
+                       + [_f(_mean(g.values(lambda x, key=key: R.metric(x, key)))) for key in ABLATIONS])
+    return lines + _md_table(["variant", "test"] + list(ABLATIONS.values()), ab_rows) + [""]
+
+
+def _significance_table(comps: list[Comparison]) -> list[str]:
+    """One reference's comparisons as a table, with why pairing was impossible or partial."""
+    rows, notes = [], []
+    for c in comps:
+        if c.delta is None:
+            rows.append([c.label, "-", "-", "-", "-", "-", "not paired"])
+            notes.append(f"{c.label}: {c.why}")
+            continue
+        star = " *" if c.p_holm is not None and c.p_holm < ALPHA else ""
+        mark = "" if c.delta.seed_level else QUESTIONS_ONLY
+        rows.append([c.label, ", ".join(map(str, c.seeds)), _f(c.delta.mean, sign=True), fmt_ci(c.delta, sign=True),
+                     fmt_p(c.delta.p) + mark, fmt_p(c.p_holm) + mark + star, _fmt_mcnemar(c.mcnemar)])
+        if c.why:
+            notes.append(f"{c.label}: {c.why}")
+    lines = _md_table(["variant", "paired seeds", "Δ", "95% CI", "p", "p (Holm)", "McNemar per seed: b/c, p"],
+                      rows, right={1, 2, 3, 4, 5}) + [""]
+    return lines + (["Pairing impossible or partial: " + "; ".join(notes) + ".", ""] if notes else [])
+
+
+def _significance(ctx: Context) -> list[str]:
+    """Every variant against each reference: paired differences, intervals, Holm and McNemar."""
+    b = ctx.stats.boot
+    lines = [f"Each variant against the reference, runs paired seed by seed (the seeds both have) and questions by "
+             f"question_id. Δ: mean over the paired seeds of the test-accuracy difference (points, variant - "
+             f"reference). 95% CI and p: the two-level bootstrap ({b.resamples} resamples, seed {b.seed}) of the "
+             f"paired difference; p is two-sided for Δ = 0 and never below {fmt_p(b.p_floor)}. p (Holm): "
+             f"{CORRECTION} correction across all comparisons of the table (* below {ALPHA}). McNemar per seed: "
+             "McNemar's exact two-sided test of each paired seed on its own (b: questions only the variant answers "
+             "correctly, c: only the reference), not pooled over seeds and not corrected.", ""]
+    for key, refname in ctx.names.items():
+        ref = ctx.refs[key]
+        shown = f" (runs of `{ref.label}`)" if ref is not None and ref.label != refname else ""
+        lines += [f"Against `{refname}`{shown}:", ""]
+        if ref is None:
+            lines += [f"`{refname}` has no run on this data set: no comparison.", ""]
+        elif len(ctx.groups) < 2:
+            lines += ["no other variant.", ""]
+        else:
+            lines += _significance_table(ctx.stats.comparisons[key])
+    return lines
+
+
+#: the costs accuracy is plotted against: record cost field -> what the axis says
+COST_PLOTS = {"flops_per_sample": "GFLOPs per sample", "latency_ms_median": "latency (ms, batch 1)",
+              "train_gflops_total": "training GFLOPs to produce the model"}
+
+
+def _cost_plot(ctx: Context, key: str, what: str) -> list[str]:
+    """Accuracy against one cost, with the Pareto front."""
+    col = COST_COLUMNS[key][1]
+    have = [(g, r) for g, r in ctx.pairs() if r[col] is not None and r["test_acc_mean"] is not None]
+    if not have:
+        return [f"Accuracy against {what}: not plotted, no record has `cost.{key}`.", ""]
+    front = pareto_front([r[col] for _, r in have], [r["test_acc_mean"] for _, r in have])
+    pts = [{"label": g.label, "x": r[col], "acc": r["test_acc_mean"], "std": r["test_acc_std"], "front": f,
+            "color": ctx.colors[g.label]} for (g, r), f in zip(have, front)]
+    fname = f"acc_vs_{col}{ctx.suffix}.png"
+    ctx.written[fname] = plot_cost(pts, what, f"{ctx.dname}: test accuracy against {what}")
+    lines = [f"![accuracy against {what}]({ctx.link(fname)})", "",
+             f"Pareto front ({what}; max accuracy, min cost): "
+             + ", ".join(p["label"] for p in sorted(pts, key=lambda p: p["x"]) if p["front"]) + "."]
+    left = [g.label for g, r in ctx.pairs() if r[col] is None]
+    if left:
+        lines.append(f"Not plotted (no `cost.{key}`): " + ", ".join(left) + ".")
+    return lines + [""]
+
+
+def _cost_section(ctx: Context) -> list[str]:
+    """Accuracy against each cost of :data:`COST_PLOTS`."""
+    return [line for key, what in COST_PLOTS.items() for line in _cost_plot(ctx, key, what)]
+
+
+def _per_type_plot(ctx: Context) -> list[str]:
+    """Per-type accuracy bars."""
+    fname = f"per_type{ctx.suffix}.png"
+    title = f"{ctx.dname}: test accuracy per question type"
+    ctx.written[fname] = plot_per_type(ctx.groups, ctx.types, ctx.colors, title)
+    return [f"![accuracy per question type]({ctx.link(fname)})", ""]
+
+
+def _curves_plot(ctx: Context) -> list[str]:
+    """Validation accuracy per epoch."""
+    fname = f"training_curves{ctx.suffix}.png"
+    title = f"{ctx.dname}: validation accuracy per epoch (mean over seeds)"
+    ctx.written[fname] = plot_curves(ctx.groups, ctx.colors, title)
+    return [f"![training curves]({ctx.link(fname)})", ""]
+
+
+#: a data set's sections in report order: (title, function of the Context returning its lines)
+SECTIONS: list[tuple[str, Callable[[Context], list[str]]]] = [
+    ("Main table", _main_table),
+    ("Accuracy per question type", _per_type_table),
+    ("Evaluation-time ablations", _ablation_table),
+    ("Significance", _significance),
+    ("Accuracy against cost", _cost_section),
+    ("Per-type accuracy (plot)", _per_type_plot),
+    ("Training curves", _curves_plot),
+]
+
+
+@dataclass
+class Shared:
+    """What the data sets of one report share: the runs' predictions (:class:`_Predictions`), the
+    bootstrap, the references' variant names, where the plots go and the plots written so far."""
+
+    preds: Callable
+    boot: S.Bootstrap
+    names: dict[str, str]
+    files_dir: Path
+    multi: bool  # several data sets: one set of plots each, named by data set
+    written: dict[str, bytes] = field(default_factory=dict)
+
+
+def context(shared: Shared, data_id: str, groups: list[Group]) -> Context:
+    """A data set's :class:`Context`: its references, statistics and main-table rows."""
+    types = type_names(groups)
+    refs = {key: reference(groups, name) for key, name in shared.names.items()}
+    stats = section_stats(shared.preds, groups, types, refs, shared.boot)
+    rows = [summarize(g, refs["baseline"], refs["control"], types, stats.cells[g.label]) for g in groups]
+    for g, row in zip(groups, rows):
+        _comparison_columns(row, stats, g.label)
+    return Context(data_id, R.data_name(groups[0].runs[0]) or data_id, groups, rows, types, refs, shared.names,
+                   stats, {g.label: _COLORS[i % len(_COLORS)] for i, g in enumerate(groups)}, shared.files_dir,
+                   f"-{_slug(data_id)}" if shared.multi else "", shared.written)
+
+
+def data_section(ctx: Context) -> list[str]:
+    """One data set's part of the report: its heading, then every section of :data:`SECTIONS`."""
+    sizes = R.split_sizes(ctx.groups[0].runs[0])
+    lines = [f"## Data set: {ctx.dname} (`{ctx.data_id}`)", ""]
+    lines += ["Questions: " + ", ".join(f"{k} {v:,}" for k, v in sorted(sizes.items())) + ".", ""] if sizes else []
+    for title, section in SECTIONS:
+        lines += [f"### {title}", ""] + section(ctx)
+    return lines
