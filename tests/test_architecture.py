@@ -52,6 +52,7 @@ sys.exit(1 if failed else 0)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.slow
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     mods = [*_modules(), "variants", "ablate", "bench"]
     out = subprocess.run([sys.executable, "-c", _IMPORT_EACH, *mods], cwd=ROOT, capture_output=True, text=True,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from harness import costs
 from harness.runner import RunSpec, train
 from harness.store import ResultsStore
@@ -11,6 +13,7 @@ from harness.store import ResultsStore
 FAST = dict(epochs=1, batch_size=512)
 
 
+@pytest.mark.slow
 def test_one_measurement_per_configuration_shared_by_its_runs(tiny, tmp_path):
     store = ResultsStore(tmp_path)
     recs = [train(RunSpec(v, seed=s, **FAST), store, data=tiny, device="cpu", progress=False)

@@ -254,6 +254,7 @@ def _stat(pid: int) -> str | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+@pytest.mark.slow
 def test_killing_a_parallel_grid_leaves_no_process(tmp_path, data_cache):
     """SIGKILL the parent of a --jobs 2 grid while its workers train: the workers and
     multiprocessing's resource tracker must not survive it."""

@@ -46,6 +46,7 @@ def _kill_seed_1(spec, results, device="auto", mode="auto", log=()):
             "test_acc": 50.0}
 
 
+@pytest.mark.slow
 def test_a_worker_killed_by_a_signal_is_replaced_and_the_others_go_on(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
@@ -246,6 +247,7 @@ def test_a_failure_that_cannot_be_recorded_is_not_claimed(tmp_path, tiny, monkey
     assert not list(tmp_path.glob("runs/*/failed.json"))
 
 
+@pytest.mark.slow
 def test_a_damaged_teacher_is_set_aside_and_retrained_or_refused(tmp_path, tiny):
     """A truncated teacher best.pt: its students' reruns do not die in torch.load forever; the grid
     sets the teacher aside (named) and retrains it first, or, asked to, refuses naming the file."""

@@ -84,6 +84,7 @@ variant = "student-*"
     assert len(runs) == 8
 
 
+@pytest.mark.slow
 def test_run_resume_and_failures(tiny, tmp_path):
     p = write(tmp_path, 'data = "synthetic:tiny"\nvariants = ["question-only", "dualvgr"]\nseeds = [0]\n' + MICRO_TRAIN
               + '[[include]]\nvariant = "dualvgr"\nbeta = 1e38\n')  # an HSIC weight that overflows: a failing run
@@ -100,6 +101,7 @@ def test_run_resume_and_failures(tiny, tmp_path):
     assert {r["run_id"]: r["finished_at"] for r in store.records()} == finished  # complete runs not redone
 
 
+@pytest.mark.slow
 def test_parallel_jobs_and_teacher_order(tiny, tmp_path):
     g = G.load(write(tmp_path, 'data = "synthetic:tiny"\nvariants = ["student-logits", "student-hint", "question-only"]\n'
                      'seeds = [0]\n' + MICRO_TRAIN))
@@ -143,6 +145,7 @@ def test_implicit_teachers_are_counted_and_scheduled_once_before_their_students(
     assert not res.complete and not res.teachers_complete and len(res.run_ids) == 3
 
 
+@pytest.mark.slow
 def test_submitit_local_executor(tiny, tmp_path):
     g = G.load(write(tmp_path, 'data = "synthetic:tiny"\nvariants = ["question-only", "student"]\nseeds = [0]\n'
                      + MICRO_TRAIN))
@@ -152,6 +155,7 @@ def test_submitit_local_executor(tiny, tmp_path):
     assert (tmp_path / "results" / "submitit" / "g").is_dir()
 
 
+@pytest.mark.slow
 def test_sigkill_halfway_loses_and_duplicates_nothing(tmp_path, data_cache):
     p = write(tmp_path, 'data = "synthetic:tiny"\nvariants = ["question-only", "dualvgr"]\nseeds = [0, 1, 2]\n'
               + MICRO_TRAIN)

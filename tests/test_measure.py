@@ -273,6 +273,7 @@ def _bench(args):
     return res
 
 
+@pytest.mark.slow
 def test_bench_json_has_every_field(tmp_path):
     import bench
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 import ablate
@@ -127,6 +128,7 @@ def test_resumed_wall_time_counts_running_time_only(tiny, tmp_path):
     assert rec["wall_time_s"] < 600  # not the 26 years since started_at
 
 
+@pytest.mark.slow
 def test_a_teacher_without_the_output_a_loss_reads_fails_before_anything_trains(tiny, tmp_path, monkeypatch):
     """A student whose hint loss reads ``clip_fused`` from a question-only teacher (which has no
     video features) is refused when planned, naming the output and the teacher, before the

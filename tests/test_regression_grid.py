@@ -12,6 +12,7 @@ from harness import regression as R
 from harness.store import ResultsStore
 
 
+@pytest.mark.slow
 def test_ci_grid_matches_expected_results(tiny, tmp_path):
     g = G.load("ci")
     measured = R.measure(g, ResultsStore(tmp_path / "results"))

@@ -8,6 +8,7 @@ from harness.store import ResultsStore
 
 # test accuracy (%) at the best-validation epoch, as printed by `python ablate.py run VARIANT`
 EXPECTED = {"dualvgr": 78.0, "question-only": 27.4}
+pytestmark = pytest.mark.slow  # trains both models for 15 epochs (about 35 s)
 TOLERANCE = 6.0  # points; covers BLAS differences between machines, not a real regression
 
 

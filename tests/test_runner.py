@@ -56,6 +56,7 @@ def test_record_fields_and_predictions(tiny, tmp_path):
     assert again == rec
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny, tmp_path):
     full = train(spec(epochs=3), ResultsStore(tmp_path / "a"), data=tiny, device="cpu", progress=False)
     store = ResultsStore(tmp_path / "b")
@@ -67,6 +68,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny, tmp_path):
     assert resumed["metrics"]["test"] == full["metrics"]["test"]
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_the_store_readable_and_rerun_finishes(tiny, tmp_path, data_cache):
     results = tmp_path / "results"
     env = {**os.environ, "VQAKD_DATA_DIR": str(data_cache), "PYTHONPATH": str(ROOT)}
@@ -134,6 +136,7 @@ def test_cli_list_and_help():
     assert r.exit_code == 0 and "synthetic:PRESET" in r.output
 
 
+@pytest.mark.slow
 def test_word_embeddings_start_from_glove(tiny, tmp_path, monkeypatch):
     """The embedding the optimiser starts from (captured when the runner builds the step)."""
     import harness.runner as R

@@ -298,6 +298,7 @@ def _logreg(x_tr, y_tr, x_te, n_classes, steps=300):
         return lin(xe).argmax(1).numpy()
 
 
+@pytest.mark.slow
 def test_learnability_video_beats_question_only(tiny):
     n_ans = len(tiny["vocab"]["answer_token_to_idx"])
     q_vocab = tiny["vocab"]["question_token_to_idx"]

@@ -57,6 +57,7 @@ def test_store_writes_and_locks_under_a_read_only_path_raise_store_errors(tmp_pa
             pass
 
 
+@pytest.mark.slow
 def test_bench_measures_each_cpu_variant_in_a_fresh_process(tmp_path):
     """CPU peak memory is the process's peak RSS: measured after another variant it would include
     that one's leftovers, so every variant is measured in a process of its own."""

@@ -122,6 +122,7 @@ def test_autoencoder_two_stage_trains_only_reconstruction_first():
             assert cls_grad > 0 and loss > parts["recon"]
 
 
+@pytest.mark.slow
 def test_teacher_and_every_student_complete_through_the_runner(tiny, tmp_path):
     """teacher-g4, the plain student and each distilled student run through the runner; each
     teacher is trained once and reused; the store shows which teacher each student used."""
