@@ -316,3 +316,19 @@ def test_train_on_prepared_data(prepared, tmp_path):
     assert rec["status"] == "complete"
     assert rec["variant_config"]["model"]["motion_dim"] == 512 and rec["variant_config"]["model"]["vision_dim"] == 2048
     assert rec["metrics"]["test"]["n"] == 4 and not rec["cost"]["errors"]
+
+
+def test_prepared_files_honour_the_umask(prepared):
+    """Group members on a shared cluster read prepared data as they would any file: the outputs
+    are written with the process's umask (the fixtures run under pytest's, typically 022), not
+    mkstemp's owner-only 0600."""
+    import os
+    import stat
+
+    out, _ = prepared
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, (p, oct(p.stat().st_mode))
