@@ -40,7 +40,7 @@ def test_flops_agree_with_flopcountermode(name):
     assert r["torch_flops"] > 0, msg
     assert r["fvcore_flops"] == r["torch_flops"], msg  # the two counters agree exactly
     # every op the counter met is either counted or deliberately zero (ZERO_FLOP_OPS)
-    assert r["unsupported_ops"] == {}, f"{msg}; decide the FLOPs of {r['unsupported_ops']} in harness/measure.py"
+    assert r["unsupported_ops"] == {}, f"{msg}; decide the FLOPs of {r['unsupported_ops']} in harness/flops.py"
 
 
 def test_sparse_node_is_cheaper_than_dualvgr():
