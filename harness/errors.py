@@ -6,3 +6,7 @@ from __future__ import annotations
 class HarnessError(Exception):
     """Something the user can fix (bad input, a setting this machine cannot run); the message says
     what is wrong and where."""
+
+
+class DataError(HarnessError, ValueError):
+    """Bad input data: the message names the file and what is wrong."""

@@ -15,7 +15,10 @@ A data set ``{name}`` (e.g. ``msvd-qa``) is a directory holding::
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import DataError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -92,3 +95,49 @@ def dataset_files(root: str | Path, name: str) -> dict[str, Path]:
     files.update({s: questions_file(root, name, s) for s in SPLITS})
     files["meta"] = meta_file(root, name)
     return files
+
+
+# ----------------------------------------------------------------------------- a data set's paths
+
+
+@dataclass
+class DataPaths:
+    name: str
+    appearance: Path
+    motion: Path
+    vocab: Path
+    questions: dict[str, Path]
+    meta: Path | None = None
+
+    @classmethod
+    def from_dir(cls, data_dir: str | Path, name: str | None = None, *,
+                 appearance: str | Path | None = None, motion: str | Path | None = None,
+                 vocab: str | Path | None = None, questions: dict[str, str | Path] | None = None
+                 ) -> "DataPaths":
+        """Reference file names under ``data_dir``; any file can be given explicitly instead."""
+        d = Path(data_dir)
+        if not d.is_dir():
+            raise DataError(f"data directory {d} does not exist")
+        if name is None:
+            if vocab is not None:
+                name = name_from_vocab_file(vocab)
+            else:
+                found = sorted(name_from_vocab_file(p) for p in d.glob(VOCAB_GLOB))
+                if len(found) != 1:
+                    raise DataError(
+                        f"{d}: cannot tell the data set name: expected exactly one {VOCAB_GLOB}, "
+                        f"found {found or 'none'}; pass the name explicitly")
+                name = found[0]
+        q = {s: Path(questions[s]) if questions and s in questions else questions_file(d, name, s)
+             for s in SPLITS}
+        meta = meta_file(d, name)
+        return cls(name=name,
+                   appearance=Path(appearance) if appearance else appearance_file(d, name),
+                   motion=Path(motion) if motion else motion_file(d, name),
+                   vocab=Path(vocab) if vocab else vocab_file(d, name),
+                   questions=q, meta=meta if meta.exists() else None)
+
+
+def _require(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise DataError(f"{what} file {path} does not exist")

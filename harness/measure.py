@@ -3,14 +3,14 @@ throughput of the data layer. Used by ``bench.py`` (and by the runner).
 
 Conventions (also in ``docs/benchmarks.md``):
 
-* **MACs / FLOPs** (counted in :mod:`harness.flops`, re-exported here). ``macs_per_sample`` = multiply-accumulates of the matrix products of one eval
-  forward (``mm``, ``addmm``, ``bmm``, ``matmul``, ``linear``, ``einsum`` and the gate matrix
-  products of the recurrent layers), per sample; ``flops_per_sample`` = 2 x MACs. This is what
-  ``torch.utils.flop_counter.FlopCounterMode`` counts, and :func:`flops_crosscheck` checks the
-  two counters agree. Elementwise, reduction and indexing ops (activations, gate
-  nonlinearities, softmax, norms, BatchNorm, embedding look-ups, top-k...) are counted as zero
-  on purpose (:data:`ZERO_FLOP_OPS` says why, op by op); any other op the counter meets and has
-  no rule for is reported in ``unsupported_ops``, never silently dropped.
+* **MACs / FLOPs** (counted in :mod:`harness.flops`, re-exported here). ``macs_per_sample`` =
+  multiply-accumulates of the matrix products of one eval forward (``mm``, ``addmm``, ``bmm``,
+  ``matmul``, ``linear``, ``einsum`` and the gate matrix products of the recurrent layers), per
+  sample; ``flops_per_sample`` = 2 x MACs. This is what ``torch.utils.flop_counter.FlopCounterMode``
+  counts, and :func:`flops_crosscheck` checks the two counters agree. Elementwise, reduction and
+  indexing ops (activations, gate nonlinearities, softmax, norms, BatchNorm, embedding look-ups,
+  top-k...) are counted as zero on purpose (:data:`ZERO_FLOP_OPS` says why, op by op); any other op
+  the counter meets and has no rule for is reported in ``unsupported_ops``, never silently dropped.
 * **Timing.** CUDA: CUDA events after a warm-up, synchronising only around the timed region.
   CPU: ``time.perf_counter``. Latency is median / p90 / p99 over ``reps`` runs; throughput is
   ``reps x batch / total time`` of the same back-to-back runs.

@@ -96,6 +96,7 @@ import pickle
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
