@@ -323,7 +323,9 @@ def test_local_workers_share_gpus_and_say_how_many():
 def test_worker_environment_names_the_sharing(monkeypatch):
     from harness.env import SHARING_ENV, runs_sharing_device
 
-    monkeypatch.setattr(E, "_die_with_parent", lambda parent: None)
+    from harness import schedule
+
+    monkeypatch.setattr(schedule, "_die_with_parent", lambda parent: None)  # where _worker_init looks it up
     monkeypatch.setenv(SHARING_ENV, "1")  # recorded, so that what _worker_init sets is undone after the test
     assert runs_sharing_device() == 1
     E._worker_init(0, None, 3)
