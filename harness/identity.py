@@ -64,8 +64,8 @@ NEUTRAL: dict[str, object] = {
 #: builds), the losses, the data path and the training step, the metrics computed from the predictions
 #: (relative to the repository root)
 CODE_FILES = ("variants/dualvgr.py", "variants/families.py", "variants/losses.py", "variants/kd_losses.py",
-              "harness/data.py", "harness/features.py", "harness/step.py", "harness/runner.py", "harness/evaluate.py",
-              "harness/metrics.py", "harness/teacher_cache.py")
+              "harness/data.py", "harness/features.py", "harness/step.py", "harness/planning.py", "harness/runner.py",
+              "harness/evaluate.py", "harness/metrics.py", "harness/teacher_cache.py")
 ROOT = Path(__file__).resolve().parent.parent
 
 
