@@ -10,7 +10,8 @@ A data set ``{name}`` (e.g. ``msvd-qa``) is a directory holding::
                                 optional attribute MOTION_MODEL_ATTR on MOTION_KEY names the backbone
     {name}_vocab.json           VOCAB_KEYS (+ question_answer_token_to_idx in the reference's files)
     {name}_{split}_questions.pt pickle of a dict with QUESTION_KEYS (+ optional QUESTION_CATEGORY_KEY)
-    {name}_meta.json            optional: how the set was made (synthetic presets write it last)
+    {name}_meta.json            optional: how the set was made (synthetic presets write it last);
+                                its TASK_META_KEY names the task (see harness.tasks)
     {name}_{questions,features}_report.json  optional: what harness.prepare found (not read by harness.data)
 """
 from __future__ import annotations
@@ -41,6 +42,20 @@ QUESTION_KEYS: tuple[str, ...] = (QUESTIONS_KEY, QUESTIONS_LEN_KEY, VIDEO_IDS_KE
                                   GLOVE_KEY)
 #: the reference's copy of VIDEO_IDS_KEY; written by harness.prepare, not read
 VIDEO_NAMES_KEY = "video_names"
+
+#: multiple choice (HCRN's TGIF-QA Action / Transition files, NExT-QA): per question K candidate answers,
+#: tokens in the question vocabulary padded with 0, (N, K, La) int, and their lengths (N, K); ``answers`` is
+#: then the index of the right candidate, 0..K-1
+CANDIDATES_KEY, CANDIDATES_LEN_KEY = "ans_candidates", "ans_candidates_len"
+#: count (HCRN's TGIF-QA Count files): ``answers`` holds the count itself, an integer in COUNT_RANGE; the
+#: answer vocabulary is HCRN's single ``{"<UNK>": 0}``
+COUNT_RANGE: tuple[int, int] = (1, 10)
+#: the key of ``{name}_meta.json`` naming a data set's task (open-ended, multiple-choice, count); without
+#: it the task is inferred from the files (harness.tasks.detect)
+TASK_META_KEY = "task"
+#: NExT-QA's question types and the three groups its papers report
+TYPE_GROUPS: dict[str, tuple[str, ...]] = {"causal": ("CW", "CH"), "temporal": ("TN", "TC", "TP"),
+                                           "descriptive": ("DC", "DL", "DO")}
 
 #: question types: a question's first word, as the reference evaluation reads it (anything else is
 #: OTHER_TYPE) unless the questions file has QUESTION_CATEGORY_KEY; the synthetic sets ask these
