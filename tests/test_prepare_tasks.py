@@ -463,3 +463,64 @@ def test_nextqa_feature_errors(tmp_path):
     (feats / "app_mot_test.h5").unlink()
     code, output = run_cli("next-qa-features", "--features", feats, "--out", tmp_path / "o")
     assert code == 2 and "app_mot_test.h5 does not exist" in output
+
+
+def write_mp4(path, n_frames, seed, size=32):
+    base = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p"
+        for i in range(n_frames):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.roll(base, 2 * i, axis=0), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_nextqa_videos_to_features(nextqa_release, tmp_path):
+    """Extraction from NExT-QA's raw videos (NExTVideo/<folder>/<video id>.mp4) instead of its features."""
+    root, _ = nextqa_release
+    videos = tmp_path / "NExTVideo"
+    for folder, vid, n in (("0101", 2574374895, 24), ("1124", 4010069381, 18)):
+        (videos / folder).mkdir(parents=True)
+        write_mp4(videos / folder / f"{vid}.mp4", n, seed=n)
+    (videos / "0101" / "notes.mp4").write_bytes(b"")  # not named by a video id: ignored
+    found = P.find_videos("next-qa", videos)
+    assert {k: p.name for k, p in found.items()} == {2574374895: "2574374895.mp4", 4010069381: "4010069381.mp4"}
+    code, output = run_cli("features", "--dataset", "next-qa", "--videos", videos, "--annotations", root / "nextqa",
+                           "--out", tmp_path / "o", *FEATURE_ARGS)
+    assert code == 2 and "3 video(s) referenced by the QA files" in output and "2925959064" in output
+    code, output = run_cli("features", "--dataset", "next-qa", "--videos", videos, "--out", tmp_path / "o",
+                           *FEATURE_ARGS)
+    assert code == 0, output
+    with h5py.File(L.appearance_file(tmp_path / "o", "next-qa")) as fa:
+        assert sorted(fa[L.IDS_KEY][()].tolist()) == [2574374895, 4010069381]
+        assert dict(zip(fa[L.IDS_KEY][()].tolist(), fa[L.NUM_FRAMES_KEY][()].tolist())) == {2574374895: 24,
+                                                                                             4010069381: 18}
+
+
+def test_nextqa_features_a_video_in_two_files_once(tmp_path):
+    feats = tmp_path / "vid_feat"
+    feats.mkdir()
+    rng = np.random.default_rng(0)
+    data = {s: rng.normal(size=(2, 3, 10)).astype(np.float32) for s in L.SPLITS}
+    for s, ids in (("train", [1, 2]), ("val", [3, 1]), ("test", [4, 5])):
+        with h5py.File(feats / f"app_mot_{s}.h5", "w") as f:
+            f["ids"], f["feat"] = np.asarray(ids), data[s]
+    N.adapt_nextqa_features(feats, tmp_path / "o", app_dim=4, log=lambda m: None)
+    with h5py.File(L.appearance_file(tmp_path / "o", "next-qa")) as fa, \
+            h5py.File(L.motion_file(tmp_path / "o", "next-qa")) as fm:
+        assert fa[L.IDS_KEY][()].tolist() == [1, 2, 3, 4, 5]
+        assert np.array_equal(fa[L.APPEARANCE_KEY][:, :, 0], np.concatenate([data["train"], data["val"][:1],
+                                                                             data["test"]])[:, :, :4])
+        assert fm[L.MOTION_KEY].shape == (5, 3, 6)
+    with h5py.File(feats / "app_mot_test.h5", "w") as f:  # other clips than the train file
+        f["ids"], f["feat"] = np.asarray([4]), np.zeros((1, 2, 10), np.float32)
+    with pytest.raises(P.PrepareError, match=r"app_mot_test.h5: 'feat' rows are \(2, 10\), .*app_mot_train.h5's "
+                                             r"\(3, 10\)"):
+        N.adapt_nextqa_features(feats, tmp_path / "o", app_dim=4)
+    with h5py.File(feats / "app_mot_test.h5", "w") as f:
+        f["ids"], f["feat"] = np.asarray([4, 4]), np.zeros((2, 3, 10), np.float32)
+    with pytest.raises(P.PrepareError, match=r"app_mot_test.h5: 'ids' repeats a video id"):
+        N.adapt_nextqa_features(feats, tmp_path / "o", app_dim=4)
