@@ -297,17 +297,41 @@ def test_tgif_gifs_to_features_that_load(tgif_features):
     assert d.type_names == ["color", "location", "number", "object"]
 
 
-def test_train_on_prepared_frameqa(tgif_features, tmp_path):
+def train_one_epoch(out, name, tmp_path):
+    """The runner's record of one epoch of DualVGR on the data set ``name`` prepared under ``out``."""
     from harness.runner import RunSpec, train
     from harness.store import ResultsStore
 
-    out, _ = tgif_features
-    single = tmp_path / "frameqa"  # the loader finds a data set by its one vocab file
+    single = tmp_path / name  # the loader finds a data set by its one vocab file
     single.mkdir()
-    for p in out.glob("tgif-qa-frameqa_*"):
+    for p in out.glob(f"{name}_*"):
         (single / p.name).symlink_to(p)
-    rec = train(RunSpec(variant="dualvgr", data=str(single), epochs=1, batch_size=2, seed=0,
-                        overrides={"module_dim": 16}), ResultsStore(tmp_path / "results"), device="cpu", progress=False)
+    return train(RunSpec(variant="dualvgr", data=str(single), epochs=1, batch_size=2, seed=0,
+                         overrides={"module_dim": 16}), ResultsStore(tmp_path / "results"), device="cpu",
+                 progress=False)
+
+
+def test_train_on_prepared_frameqa(tgif_features, tmp_path):
+    out, _ = tgif_features
+    rec = train_one_epoch(out, "tgif-qa-frameqa", tmp_path)
+    assert rec["status"] == "complete" and rec["metrics"]["test"]["n"] == 2
+
+
+#: the loader of this branch reads open-ended data sets only: its answer check refuses a candidate index or a
+#: count beyond the answer vocabulary. Strict: once harness.data reads the task format, these pass and the
+#: marker must go.
+NEEDS_TASK_LOADER = pytest.mark.xfail(raises=D.DataError, strict=True,
+                                      reason="harness.data reads multiple-choice and count data sets (issue 26)")
+
+
+@NEEDS_TASK_LOADER
+def test_train_on_prepared_count(tgif_release, tgif_out, tmp_path):
+    code, output = run_cli("features", "--dataset", "tgif-qa-count", "--videos", tgif_release / "gifs",
+                           "--annotations", tgif_release / "dataset", "--out", tmp_path / "f", *FEATURE_ARGS)
+    assert code == 0, output
+    for p in tgif_out.glob("tgif-qa-count_*"):
+        (tmp_path / "f" / p.name).symlink_to(p)
+    rec = train_one_epoch(tmp_path / "f", "tgif-qa-count", tmp_path)
     assert rec["status"] == "complete" and rec["metrics"]["test"]["n"] == 2
 
 
@@ -421,6 +445,12 @@ def test_nextqa_released_features_adapted(nextqa_release, nextqa_out):
     assert report["videos"] == 5 and report["motion_dim"] == 2048
     info = D.describe(nextqa_out)  # the feature files pass the loader's checks (ids, shapes)
     assert info.dims["num_clips"] == 16 and info.dims["num_frames"] == 1 and info.dims["vision_dim"] == 2048
+
+
+@NEEDS_TASK_LOADER
+def test_train_on_prepared_nextqa(nextqa_out, tmp_path):
+    rec = train_one_epoch(nextqa_out, "next-qa", tmp_path)
+    assert rec["status"] == "complete" and rec["metrics"]["test"]["n"] == 2
 
 
 def test_nextqa_errors(nextqa_release, tmp_path):

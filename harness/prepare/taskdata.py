@@ -62,7 +62,7 @@ def read_table(path: Path, required: tuple[str, ...], *, delimiter: str = ",", q
     if not path.is_file():
         raise PrepareError(f"question file {path} does not exist")
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # a BOM is not part of the header
             reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
             header = next(reader, None)
             if header is None:
