@@ -180,7 +180,9 @@ def encode_task_split(records: list[TaskRecord], vocab: dict, task: str, split: 
             kept.append(r)
             answers.append(a)
     if not kept:
-        raise PrepareError(f"no question left in the {split} split (every answer is outside the answer vocabulary)")
+        source = records[0].where.rsplit(": line", 1)[0] if records else "no question file"
+        raise PrepareError(f"{source}: no question left in the {split} split (every answer is outside the answer "
+                           f"vocabulary)")
     questions, lens = _padded([_ids(r.tokens, q_vocab, stats) for r in kept])
     obj = {L.QUESTIONS_KEY: questions, L.QUESTIONS_LEN_KEY: lens,
            L.QUESTION_ID_KEY: np.asarray([r.question_id for r in kept], dtype=np.int64),
