@@ -267,6 +267,9 @@ def test_tgif_malformed_files(tgif_release, tmp_path):
         T.prepare_tgif("frameqa", ann, glove, tmp_path / "o")
     code, output = run_cli("tgif-qa", "--task", "action", "--annotations", ann, "--glove", glove, "--out", tmp_path)
     assert code == 2 and "Train_action_question.csv does not exist" in output
+    code, output = run_cli("tgif-qa", "--task", "count", "--annotations", ann, "--glove", glove, "--out", tmp_path,
+                           "--answer-top", "5")
+    assert code == 2 and "--answer-top is for FrameQA's answer vocabulary; count has none" in output
 
 
 FEATURE_ARGS = ["--appearance", "resnet101", "--motion", "r2plus1d_18", "--clips", "2", "--frames", "4",

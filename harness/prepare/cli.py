@@ -26,8 +26,6 @@ class Dataset(str, Enum):
     msrvtt = "msrvtt-qa"
 
 
-#: every data set whose videos ``features`` extracts
-VideoDataset = Enum("VideoDataset", {d.replace("-", "_"): d for d in VIDEO_DATASETS}, type=str)
 TgifTask = Enum("TgifTask", {t: t for t in TGIF_TASKS}, type=str)
 
 
@@ -108,7 +106,8 @@ def features(
                                 "YouTubeClips/*.avi, MSRVTT's TrainValVideo/ and TestVideo/ video<N>.mp4, TGIF's "
                                 "<gif_name>.gif, NExT-QA's NExTVideo/<folder>/<video id>.mp4."),
     out: Path = typer.Option(..., help="Output directory (created if needed)."),
-    dataset: VideoDataset = typer.Option(..., help="Which release: names the files and how video files map to ids."),
+    dataset: str = typer.Option(..., metavar="NAME", help="Which release: names the files and how video files map "
+                                f"to ids: {', '.join(VIDEO_DATASETS)}."),
     annotations: Path | None = typer.Option(None, help="The question files' directory (QA json, TGIF-QA tsv, "
                                            "NExT-QA csv): only the videos its questions refer to, and a missing "
                                            "one is an error [default: every video found; TGIF-QA needs it]."),
@@ -140,7 +139,7 @@ def features(
     settings = FeatureSettings(appearance, motion, clips, frames, image_size, motion_size, batch_size,
                                appearance_weights, motion_weights, random_weights, device, workers, allow_missing)
     try:
-        summary = extract_features(dataset.value, videos, out, settings, annotations=annotations, mapping=mapping,
+        summary = extract_features(dataset, videos, out, settings, annotations=annotations, mapping=mapping,
                                    console=console, progress=progress)
     except PrepareError as e:
         _fail(e)

@@ -121,6 +121,8 @@ def prepare_tgif(task: str, annotations: Path, glove: Path, out: Path, *, answer
     """Write the ``tgif-qa-{task}`` data set's vocabulary, question pickles, report and meta file
     under ``out``; returns the summary (also in the questions report)."""
     files = tgif_files(annotations, task)
+    if answer_top is not None and TASK_OF[task] != OPEN_ENDED:
+        raise PrepareError(f"--answer-top is for FrameQA's answer vocabulary; {task} has none")
     full_train, test = read_tgif(files["Train"], task), read_tgif(files["Test"], task)
     _names(full_train + test)  # one GIF per key, or an error naming the line
     train, val = split_train(full_train, files["Train"])
