@@ -2,6 +2,8 @@
 the task names a prepared data set's meta file records."""
 from __future__ import annotations
 
+from variants.tasks import COUNT, MULTIPLE_CHOICE, OPEN_ENDED  # noqa: F401 - the task names meta files record
+
 from ..data import DataError
 
 #: the QA-json releases (``questions`` command)
@@ -13,9 +15,6 @@ NEXTQA = "next-qa"
 #: every data set whose videos the ``features`` command can extract
 VIDEO_DATASETS: tuple[str, ...] = (*DATASETS, *TGIF_DATASETS, NEXTQA)
 
-#: the task names of ``{name}_meta.json`` (layout.TASK_META_KEY); the same strings as variants.tasks'
-#: OPEN_ENDED, MULTIPLE_CHOICE, COUNT
-OPEN_ENDED, MULTIPLE_CHOICE, COUNT = "open-ended", "multiple-choice", "count"
 
 
 class PrepareError(DataError):
