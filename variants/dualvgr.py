@@ -605,8 +605,8 @@ class DualVGR(nn.Module):
         return scores.view(-1, K)
 
     def forward(self, appearance: torch.Tensor, motion: torch.Tensor, questions: torch.Tensor,
-                lengths: torch.Tensor, adj: torch.Tensor | None = None, candidates: torch.Tensor | None = None,
-                candidate_lengths: torch.Tensor | None = None) -> dict:
+                lengths: torch.Tensor, candidates: torch.Tensor | None = None,
+                candidate_lengths: torch.Tensor | None = None, adj: torch.Tensor | None = None) -> dict:
         question, words, dynamic = self.linguistic_input_unit(questions, lengths)
         mot = self.visual_motion_input_unit(motion)
         extra = {}
@@ -645,8 +645,8 @@ class QuestionOnly(nn.Module):
         return self.linguistic_input_unit.encoder_embed
 
     def forward(self, appearance: torch.Tensor, motion: torch.Tensor, questions: torch.Tensor,
-                lengths: torch.Tensor, adj: torch.Tensor | None = None, candidates: torch.Tensor | None = None,
-                candidate_lengths: torch.Tensor | None = None) -> dict:
+                lengths: torch.Tensor, candidates: torch.Tensor | None = None,
+                candidate_lengths: torch.Tensor | None = None, adj: torch.Tensor | None = None) -> dict:
         question, _, _ = self.linguistic_input_unit(questions, lengths)
         if self.cfg.task != MULTIPLE_CHOICE:
             return {"logits": self.output_unit(question), "question": question}
