@@ -227,8 +227,8 @@ def _planned(store, g, plans=None) -> list[dict] | None:
 
     if plans is None:
         try:
-            info = recorded_info(g.data, store)
-            plans = [q for s in g.runs for q in plan(s, info).all_plans()]
+            infos = {d: recorded_info(d, store) for d in g.datasets}
+            plans = [q for s in g.runs for q in plan(s, infos[s.data]).all_plans()]
         except user_errors():
             return None
     out = {}
@@ -272,8 +272,8 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
     store = ResultsStore(results)
     try:
         g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None)
-        info = recorded_info(g.data, store)  # from the store: no feature file is read
-        plans = [q for s in g.runs for q in plan(s, info).all_plans()]
+        infos = {d: recorded_info(d, store) for d in g.datasets}  # from the store: no feature file is read
+        plans = [q for s in g.runs for q in plan(s, infos[s.data]).all_plans()]
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
@@ -307,7 +307,8 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
     store = ResultsStore(results)
     try:
         gs = [G.load(x) for x in grid]
-        plans = [[plan(s, recorded_info(g.data, store)) for s in g.runs] for g in gs]
+        infos = {d: recorded_info(d, store) for g in gs for d in g.datasets}
+        plans = [[plan(s, infos[s.data]) for s in g.runs] for g in gs]
         ids = [[*dict.fromkeys(r for p in ps for r in p.all_run_ids())] for ps in plans]
     except user_errors() as e:
         error(console, e)

@@ -154,3 +154,34 @@ def test_dkd_on_a_count_set_is_refused_before_training(task_sets, tmp_path):
     info = D.describe(task_sets[COUNT])
     with pytest.raises(variants.ConfigError, match="'dkd' has no meaning for the count task"):
         plan(RunSpec(variant="student-dkd", data=str(task_sets[COUNT]), seed=0), info)
+
+
+@pytest.mark.slow
+def test_a_grid_over_three_tasks_reports_a_table_per_task(tiny, task_sets, tmp_path):
+    from harness import grid as G
+    from harness.executor import run_grid
+    from harness.report import write_report
+
+    sets = [str(tiny.paths.vocab.parent), str(task_sets[MULTIPLE_CHOICE]), str(task_sets[COUNT])]
+    f = tmp_path / "tasks.toml"
+    f.write_text(f'data = {json.dumps(sets)}\nseeds = [0, 1]\nvariants = ["dualvgr", "question-only"]\n'
+                 '[train]\nepochs = 1\nbatch_size = 64\n[set]\nmodule_dim = 16\n')
+    g = G.load(f)
+    assert g.datasets == sets and len(g.runs) == 12 and {r.data for r in g.runs} == set(sets)
+    store = ResultsStore(tmp_path / "results")
+    res = run_grid(g, store, device="cpu")
+    assert not res.failed and len(res.run_ids) == 12
+    md = write_report(store, "tasks", res.run_ids, out_dir=tmp_path / "reports").read_text()
+    assert md.count("## Data set:") == 3
+    assert md.count("### Main table (count: MSE)") == 1 and md.count("### Main table\n") == 2
+    count_part = md.split("### Main table (count: MSE)")[1]
+    assert "test MSE" in count_part and "McNemar's test does not apply" in count_part
+    assert "Against `dualvgr`" in count_part and "question-only" in count_part
+
+
+def test_grid_data_must_be_specs(tmp_path):
+    from harness import grid as G
+    f = tmp_path / "bad.toml"
+    f.write_text('data = ["synthetic:tiny", "synthetic:tiny"]\nvariants = ["dualvgr"]\n')
+    with pytest.raises(G.GridError, match=r"bad\.toml: data must be a data spec or a non-empty list of distinct"):
+        G.load(f)

@@ -10,7 +10,7 @@ from .. import metrics as M
 from .. import record as R
 from ..evaluate import ABLATIONS
 from ..stats import Estimate
-from .fmt import QUESTIONS_ONLY, _f, _md_table, fmt_p
+from .fmt import QUESTIONS_ONLY, _f, _g, _md_table, fmt_p
 from .grouping import Group, _mean, mean_std
 from .sections import TASK_SECTIONS, Context, _fmt_n, _significance_table
 from .statistics import ALPHA, COST_COLUMNS, CORRECTION
@@ -55,7 +55,7 @@ def _main_table(ctx: Context) -> list[str]:
         m, s = mean_std(g.metric(METRIC))
         table.append([f"**{g.label}**" if g in (ctx.base, ctx.ctrl) else g.label,
                       f"{r['params']:,}" if r["params"] is not None else "-",
-                      _f(r[COST_COLUMNS["flops_per_sample"][1]], 3), _f(r[COST_COLUMNS["latency_ms_median"][1]], 3),
+                      _g(r[COST_COLUMNS["flops_per_sample"][1]]), _f(r[COST_COLUMNS["latency_ms_median"][1]], 3),
                       _mse(m) if s is None else f"{_mse(m)} ± {_mse(s)}", _interval(ctx.stats.cells[g.label]["all"]),
                       _fmt_n(g), _delta(g, ctx.base), _delta(g, ctx.ctrl), r["teachers"] or "-"])
     notes = ("Notes: test MSE: the mean squared error of the count (HCRN's: the output rounded and clamped to "
@@ -85,8 +85,8 @@ def _per_type_table(ctx: Context) -> list[str]:
 def _ablation_table(ctx: Context) -> list[str]:
     """Test MSE under each evaluation-time ablation."""
     lines = ["Test MSE when the model is evaluated with the videos shuffled across questions, the appearance "
-             "features zeroed, or the motion features zeroed (mean over seeds; higher than the test MSE: the "
-             "evidence was used).", ""]
+             "features zeroed, or the motion features zeroed (mean over seeds; an MSE that rises when a stream is "
+             "removed shows that the model used it).", ""]
     rows = [[g.label, _mse(_mean(g.metric(METRIC)))]
             + [_mse(_mean(g.values(lambda x, key=key: R.metric(x, key, METRIC)))) for key in ABLATIONS]
             for g in ctx.groups]
