@@ -42,6 +42,8 @@ def _rewrite(src, dst, task: str, named: bool = True, edit=None):
             cand[np.arange(len(ans)), right, 0] = 2 + ans % (qv - 2)
             obj[L.CANDIDATES_KEY], obj[L.CANDIDATES_LEN_KEY] = cand, np.full((len(ans), K), 2)
             obj["answers"] = right
+            nextqa = ["CW", "CH", "TN", "TC", "DC", "DL", "DO"]  # NExT-QA's types
+            obj[L.QUESTION_CATEGORY_KEY] = np.array([nextqa[i % 7] for i in range(len(ans))])
         else:
             obj["answers"] = 1 + ans % 10
         if edit:
@@ -177,6 +179,9 @@ def test_a_grid_over_three_tasks_reports_a_table_per_task(tiny, task_sets, tmp_p
     count_part = md.split("### Main table (count: MSE)")[1]
     assert "test MSE" in count_part and "McNemar's test does not apply" in count_part
     assert "Against `dualvgr`" in count_part and "question-only" in count_part
+    import re
+    assert re.search(r"\| variant( \| (CW|CH|TN|TC|DC|DL|DO)){7} \| causal \| temporal \| descriptive \| all \|", md)
+    assert re.search(r"causal: (CW|CH) \+ (CW|CH); temporal: (TC|TN) \+ (TC|TN); descriptive: D. \+ D. \+ D.\.", md)
 
 
 def test_grid_data_must_be_specs(tmp_path):

@@ -15,7 +15,7 @@ from .. import record as R
 from .. import stats as S
 from ..evaluate import ABLATIONS
 from .fmt import QUESTIONS_ONLY, _f, _fmt_mcnemar, _g, _md_table, _slug, fmt_acc, fmt_cell, fmt_ci, fmt_p
-from .grouping import Group, _mean, reference, type_names
+from .grouping import Group, _mean, reference, type_groups, type_names
 from .plots import _COLORS, plot_cost, plot_curves, plot_per_type
 from .statistics import (ALPHA, COST_COLUMNS, CORRECTION, Comparison, SectionStats, _comparison_columns,
                          pareto_front, section_stats, summarize)
@@ -187,13 +187,17 @@ def _per_type_table(ctx: Context) -> list[str]:
     """Accuracy per question type, each cell with its std and interval; the question counts."""
     lines = ["Test accuracy (%) per question type: mean ± std over seeds [95% interval]; the last row is the "
              "number of test questions.", ""]
-    cells = ctx.stats.cells
+    cells, tg = ctx.stats.cells, type_groups(ctx.types)
     pt_rows = [[g.label] + [fmt_cell(cells[g.label].get(t), r[f"test_acc_{t}"]) for t in ctx.types]
+               + [fmt_cell(cells[g.label].get(k), None) for k in tg]
                + [fmt_cell(cells[g.label].get("all"), r["test_acc_mean"])] for g, r in ctx.pairs()]
-    counts = R.split_metrics(ctx.groups[0].runs[0], "test")
-    pt_rows.append(["questions"] + [str(counts.get("counts", {}).get(t, "-")) for t in ctx.types]
-                   + [str(counts.get("n", "-"))])
-    return lines + _md_table(["variant"] + ctx.types + ["all"], pt_rows) + [""]
+    counts = R.split_metrics(ctx.groups[0].runs[0], "test").get("counts", {})
+    pt_rows.append(["questions"] + [str(counts.get(t, "-")) for t in ctx.types]
+                   + [str(sum(counts.get(t, 0) for t in members)) for members in tg.values()]
+                   + [str(R.split_metrics(ctx.groups[0].runs[0], "test").get("n", "-"))])
+    if tg:  # NExT-QA's groups, from the per-question predictions
+        lines[0] += " " + "; ".join(f"{k}: {' + '.join(v)}" for k, v in tg.items()) + "."
+    return lines + _md_table(["variant"] + ctx.types + list(tg) + ["all"], pt_rows) + [""]
 
 
 def _ablation_table(ctx: Context) -> list[str]:

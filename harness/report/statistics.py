@@ -14,7 +14,7 @@ from .. import record as R
 from .. import stats as S
 from ..stats import Bootstrap, Estimate
 from ..store import ResultsStore
-from .grouping import Group, _mean, mean_std
+from .grouping import Group, _mean, mean_std, type_groups
 
 #: optional ``record["cost"]`` fields shown in the main table: field -> (column, CSV column, scale)
 COST_COLUMNS = {"flops_per_sample": ("GFLOPs", "gflops", 1e-9),
@@ -101,6 +101,7 @@ def correct_table(preds, run_ids: list[str], types: list[str], boot: Bootstrap,
     cells = {"all": np.ones(0 if ref is None else len(ref), bool)}
     if ref is not None:
         cells.update({t: m for t in types if (m := (ref["qtype"] == t).to_numpy()).any()})
+        cells.update({g: ref["qtype"].isin(members).to_numpy() for g, members in type_groups(types).items()})
     column, table = VALUES[metric]
     return table({r: f[column].to_numpy() for r, f in usable.items()}, cells, boot), missing
 
@@ -133,7 +134,8 @@ def section_stats(preds, groups: list[Group], types: list[str], refs: dict[str, 
     for g in groups:
         ids = [r["run_id"] for r in g.runs]
         ok = bool(ids) and all(i in table for i in ids)
-        cells[g.label] = {c: table.estimate(ids, c) if ok and c in table.cells else None for c in ["all", *types]}
+        cells[g.label] = {c: table.estimate(ids, c) if ok and c in table.cells else None
+                          for c in ["all", *types, *type_groups(types)]}
     comparisons: dict[str, list[Comparison]] = {}
     for name, ref in refs.items():
         if ref is None:
