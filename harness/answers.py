@@ -73,7 +73,7 @@ def answer_range(task: str, a_vocab: int, extra: dict) -> tuple[int, int, str]:
         return 0, extra["candidates"].shape[1] - 1, "candidate index"
     if task == COUNT:
         return L.COUNT_RANGE[0], L.COUNT_RANGE[1], "count"
-    return 0, a_vocab - 1, "answer id (answer vocabulary)"
+    return 0, a_vocab - 1, "answer id"
 
 
 def check_answers(task: str, answers: np.ndarray, qid: np.ndarray, path: Path, a_vocab: int, extra: dict,
@@ -83,9 +83,9 @@ def check_answers(task: str, answers: np.ndarray, qid: np.ndarray, path: Path, a
     bad = (answers < lo) | (answers > hi)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        where = f" of the answer vocabulary of {a_vocab} answers in {vocab_path}" if task == OPEN_ENDED else ""
-        raise DataError(f"{path}: {what} {answers[i]} of question {i} (question_id {qid[i]}) is outside "
-                        f"{lo}..{hi}{where} (task {task})")
+        where = (f"the answer vocabulary of {a_vocab} answers in {vocab_path}" if task == OPEN_ENDED
+                 else f"{lo}..{hi} (task {task})")
+        raise DataError(f"{path}: {what} {answers[i]} of question {i} (question_id {qid[i]}) is outside {where}")
 
 
 def task_arrays(task: str, obj: dict, path: Path, arrays: dict, q_vocab: int, a_vocab: int,

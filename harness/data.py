@@ -455,7 +455,7 @@ def synthetic_dir(spec: str, generate: bool = True) -> Path:
 # ----------------------------------------------------------------------------- batching
 
 
-class Batch(NamedTuple):
+class _BatchFields(NamedTuple):
     appearance: torch.Tensor  # (B, clips, frames, dim)
     motion: torch.Tensor  # (B, clips, dim)
     questions: torch.Tensor  # (B, L)
@@ -463,7 +463,16 @@ class Batch(NamedTuple):
     answers: torch.Tensor  # (B,)
     qtypes: torch.Tensor  # (B,)
     index: torch.Tensor  # (B,) positions in the split
-    extra: dict = {}  # the task's model inputs (SplitData.extra), e.g. candidates; never mutated
+
+
+class Batch(_BatchFields):
+    """A batch: its tensors (iterating it gives them), and ``extra``, the task's model inputs
+    (SplitData.extra, e.g. multiple choice's candidates), an attribute outside the tuple."""
+
+    def __new__(cls, *fields, extra: dict | None = None):
+        self = super().__new__(cls, *fields[:7])
+        self.extra = dict(fields[7]) if len(fields) > 7 else dict(extra or {})
+        return self
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:

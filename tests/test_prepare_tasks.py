@@ -323,11 +323,9 @@ def test_train_on_prepared_frameqa(tgif_features, tmp_path):
 #: the loader of this branch reads open-ended data sets only: its answer check refuses a candidate index or a
 #: count beyond the answer vocabulary. Strict: once harness.data reads the task format, these pass and the
 #: marker must go.
-NEEDS_TASK_LOADER = pytest.mark.xfail(raises=D.DataError, strict=True,
-                                      reason="harness.data reads multiple-choice and count data sets (issue 26)")
 
 
-@NEEDS_TASK_LOADER
+
 def test_train_on_prepared_count(tgif_release, tgif_out, tmp_path):
     code, output = run_cli("features", "--dataset", "tgif-qa-count", "--videos", tgif_release / "gifs",
                            "--annotations", tgif_release / "dataset", "--out", tmp_path / "f", *FEATURE_ARGS)
@@ -450,7 +448,7 @@ def test_nextqa_released_features_adapted(nextqa_release, nextqa_out):
     assert info.dims["num_clips"] == 16 and info.dims["num_frames"] == 1 and info.dims["vision_dim"] == 2048
 
 
-@NEEDS_TASK_LOADER
+
 def test_train_on_prepared_nextqa(nextqa_out, tmp_path):
     rec = train_one_epoch(nextqa_out, "next-qa", tmp_path)
     assert rec["status"] == "complete" and rec["metrics"]["test"]["n"] == 2
