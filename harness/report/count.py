@@ -10,7 +10,7 @@ from .. import metrics as M
 from .. import record as R
 from ..evaluate import ABLATIONS
 from ..stats import Estimate
-from .fmt import QUESTIONS_ONLY, _f, _g, _md_table, fmt_p
+from .fmt import QUESTIONS_ONLY, _f, _g, _md_table, fmt_ci, fmt_p
 from .grouping import Group, _mean, mean_std
 from .sections import TASK_SECTIONS, Context, _fmt_n, _significance_table
 from .statistics import ALPHA, COST_COLUMNS, CORRECTION
@@ -25,9 +25,7 @@ def _mse(x: float | None, sign: bool = False) -> str:
 
 
 def _interval(e: Estimate | None, sign: bool = False) -> str:
-    if e is None or e.lo is None:
-        return "-"
-    return f"[{_mse(e.lo, sign)}, {_mse(e.hi, sign)}]" + ("" if e.seed_level else QUESTIONS_ONLY)
+    return fmt_ci(e, sign, ND)
 
 
 def _cell(e: Estimate | None, mean: float | None) -> str:
@@ -110,7 +108,7 @@ def _significance(ctx: Context) -> list[str]:
         elif len(ctx.groups) < 2:
             lines += ["no other variant.", ""]
         else:
-            lines += _significance_table(ctx.stats.comparisons[key], mcnemar=False, nd=ND)
+            lines += _significance_table(ctx.stats.comparisons[key], mcnemar=False, nd=ND, ci_nd=ND)
     return lines
 
 

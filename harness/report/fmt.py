@@ -39,11 +39,11 @@ def fmt_acc(mean: float | None, std: float | None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
-def fmt_ci(e: Estimate | None, sign: bool = False) -> str:
-    """``[lo, hi]``, marked † when the interval covers the test questions only (few seeds)."""
+def fmt_ci(e: Estimate | None, sign: bool = False, nd: int = 1) -> str:
+    """``[lo, hi]`` (``nd`` decimals), marked † when the interval covers the test questions only (few seeds)."""
     if e is None or e.lo is None:
         return "-"
-    return f"[{_f(e.lo, 1, sign)}, {_f(e.hi, 1, sign)}]" + ("" if e.seed_level else QUESTIONS_ONLY)
+    return f"[{_f(e.lo, nd, sign)}, {_f(e.hi, nd, sign)}]" + ("" if e.seed_level else QUESTIONS_ONLY)
 
 
 def fmt_cell(e: Estimate | None, mean: float | None) -> str:

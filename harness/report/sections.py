@@ -211,9 +211,9 @@ def _ablation_table(ctx: Context) -> list[str]:
     return lines + _md_table(["variant", "test"] + list(ABLATIONS.values()), ab_rows) + [""]
 
 
-def _significance_table(comps: list[Comparison], mcnemar: bool = True, nd: int = 2) -> list[str]:
+def _significance_table(comps: list[Comparison], mcnemar: bool = True, nd: int = 2, ci_nd: int = 1) -> list[str]:
     """One reference's comparisons as a table, with why pairing was impossible or partial
-    (``mcnemar``: with the per-seed McNemar column; ``nd``: decimals of Δ and its interval)."""
+    (``mcnemar``: with the per-seed McNemar column; ``nd`` / ``ci_nd``: decimals of Δ / its interval)."""
     rows, notes = [], []
     for c in comps:
         if c.delta is None:
@@ -222,9 +222,8 @@ def _significance_table(comps: list[Comparison], mcnemar: bool = True, nd: int =
             continue
         star = " *" if c.p_holm is not None and c.p_holm < ALPHA else ""
         mark = "" if c.delta.seed_level else QUESTIONS_ONLY
-        ci = fmt_ci(c.delta, sign=True) if nd == 2 else (
-            f"[{_f(c.delta.lo, nd, True)}, {_f(c.delta.hi, nd, True)}]{mark}" if c.delta.lo is not None else "-")
-        rows.append([c.label, ", ".join(map(str, c.seeds)), _f(c.delta.mean, nd, sign=True), ci,
+        rows.append([c.label, ", ".join(map(str, c.seeds)), _f(c.delta.mean, nd, sign=True),
+                     fmt_ci(c.delta, sign=True, nd=ci_nd),
                      fmt_p(c.delta.p) + mark, fmt_p(c.p_holm) + mark + star]
                     + ([_fmt_mcnemar(c.mcnemar)] if mcnemar else []))
         if c.why:
