@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from . import layout
-from .synthetic_world import (_S_EVENTS, _S_TASK_QUESTIONS, _STORY, _STORY_TEXT, COUNT, COUNT_WORDS,
+from .synthetic_world import (_S_EVENTS, _S_TASK_QUESTIONS, _STORY, _WORLD_TEXT, COUNT, COUNT_WORDS,
                               MULTIPLE_CHOICE, N_EVENTS, QUESTION_WORDS, SPLITS, Preset, _features_for_video,
                               _Layout, _QTokens, _rng, _task_vocab, _Videos, _vocab, _World)
 
@@ -84,7 +84,7 @@ def make(p: Preset, lay: _Layout, world: _World, vids: _Videos, split_rows: dict
     q = _QTokens.make(p, lay, _vocab(p, lay))  # the story's question token ids: the same in ``vocab``
     r = _rng(seed, _S_TASK_QUESTIONS)
     counts = {"train": p.n_train, "val": p.n_val, "test": p.n_test}
-    meta = {"story": _STORY_TEXT + _TASK_TEXT[p.task], layout.TASK_META_KEY: p.task}
+    meta = {"story": _WORLD_TEXT + _TASK_TEXT[p.task], layout.TASK_META_KEY: p.task}
     if p.task == MULTIPLE_CHOICE:
         cands = [_word_ids(vocab, MC_GROUPS[t], lay) for t in MC_TYPES]
         qs = {s: _mc_split(r, q, _mc_options(q, vids, split_rows[s]), cands, counts[s], lay.max_len)

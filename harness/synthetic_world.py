@@ -132,11 +132,15 @@ _S_TASK_QUESTIONS, _S_EVENTS = 6, 7
 N_EVENTS = 8
 COUNT_WORDS: tuple[str, ...] = ("many", "times")
 
-_STORY_TEXT = (
+#: the world and videos (every preset's), then tiny's open-ended questions
+_WORLD_TEXT = (
     "Each video has a scene (seen in every frame), a dominant object (in most clips) "
     "and a dominant action (in most but not all clips; the other clips each do a "
     "distinct action). Appearance = scene + clip object + time drift + noise; motion = "
-    "clip action + time drift + noise. what <ordinal> -> object of that clip; who -> "
+    "clip action + time drift + noise."
+)
+_STORY_TEXT = _WORLD_TEXT + (
+    " what <ordinal> -> object of that clip; who -> "
     "dominant object; how -> dominant action; when <act> -> start/middle/end of the "
     "clip doing that action; where -> scene (half of these questions name the dominant "
     "action, which predicts the scene 70% of the time)."
