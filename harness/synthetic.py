@@ -84,7 +84,10 @@ Everything is a pure function of (preset, seed): every random draw comes from a
 per purpose (and per video for the features), so the contents do not depend on the
 chunk size used to write the features.
 
-Use: ``python -m harness.synthetic --out DIR [--preset tiny|small|msvd] [--seed N]
+The presets ``tiny-mc`` and ``tiny-count`` ask multiple-choice and count questions about tiny's videos
+instead (:mod:`harness.synthetic_tasks` tells how); their meta json names the task.
+
+Use: ``python -m harness.synthetic --out DIR [--preset tiny|small|msvd|tiny-mc|tiny-count] [--seed N]
 [--name NAME]`` or :func:`generate`.
 """
 
