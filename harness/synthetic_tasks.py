@@ -46,7 +46,7 @@ class _TaskStory:
     n_candidates: int = 5  # K, as TGIF-QA's and NExT-QA's
     max_candidate_len: int = 3  # the answer word and up to 2 filler words
     events_per_video: int = 2
-    w_event: float = 1.0  # weight of an event's prototype in a frame (the other parts sum to unit variance)
+    w_event: float = 2.0  # weight of an event's prototype in a frame (the other parts sum to unit variance)
 
 
 _TASK = _TaskStory()
