@@ -84,7 +84,10 @@ Everything is a pure function of (preset, seed): every random draw comes from a
 per purpose (and per video for the features), so the contents do not depend on the
 chunk size used to write the features.
 
-Use: ``python -m harness.synthetic --out DIR [--preset tiny|small|msvd] [--seed N]
+The presets ``tiny-mc`` and ``tiny-count`` ask multiple-choice and count questions about tiny's videos
+instead (:mod:`harness.synthetic_tasks` tells how); their meta json names the task.
+
+Use: ``python -m harness.synthetic --out DIR [--preset tiny|small|msvd|tiny-mc|tiny-count] [--seed N]
 [--name NAME]`` or :func:`generate`.
 """
 
@@ -100,11 +103,13 @@ from typing import Any
 
 import numpy as np
 
-from . import layout
+from . import layout, synthetic_tasks
 from .store import atomic_write_bytes
-from .synthetic_world import (_S_GLOVE, _STORY_TEXT, PRESETS, QUESTION_WORDS, SPLITS,  # noqa: F401 - re-exported
-                              SUGGESTED_TRAIN, TIME_BUCKETS, Preset, _features_for_video, _get_preset, _Layout,
-                              _layout, _questions, _rng, _video_split, _videos, _vocab, _World, _Videos, _world)
+from .synthetic_tasks import Features
+from .synthetic_world import (_S_GLOVE, _STORY_TEXT, COUNT, MULTIPLE_CHOICE, OPEN_ENDED,  # noqa: F401 - re-exported
+                              PRESET_TASKS, PRESETS, QUESTION_WORDS, SPLITS, SUGGESTED_TRAIN, TIME_BUCKETS, Preset,
+                              _features_for_video, _get_preset, _Layout, _layout, _questions, _rng, _video_split,
+                              _videos, _vocab, _world)
 
 __all__ = [
     "Preset",
@@ -155,8 +160,9 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def _write_features(p: Preset, world: _World, vids: _Videos, seed: int, app_path: Path,
-                    mot_path: Path, progress: bool) -> None:
+def _write_features(p: Preset, features: Features, ids: np.ndarray, app_path: Path, mot_path: Path,
+                    progress: bool) -> None:
+    """Each video row's ``features(row)`` into the two h5 files, in blocks of rows, atomically."""
     import h5py
 
     C, F, D, V = p.n_clips, p.n_frames, p.vision_dim, p.n_videos
@@ -170,8 +176,8 @@ def _write_features(p: Preset, world: _World, vids: _Videos, seed: int, app_path
             # workers of a --jobs N grid share one copy through the page cache
             da = fa.create_dataset(layout.APPEARANCE_KEY, shape=(V, C, F, D), dtype=np.float32)
             dm = fm.create_dataset(layout.MOTION_KEY, shape=(V, C, D), dtype=np.float32)
-            fa.create_dataset(layout.IDS_KEY, data=vids.ids)
-            fm.create_dataset(layout.IDS_KEY, data=vids.ids)
+            fa.create_dataset(layout.IDS_KEY, data=ids)
+            fm.create_dataset(layout.IDS_KEY, data=ids)
             if progress:
                 from rich.console import Console
 
@@ -185,7 +191,7 @@ def _write_features(p: Preset, world: _World, vids: _Videos, seed: int, app_path
                 a_buf = np.empty((b1 - b0, C, F, D), dtype=np.float32)
                 m_buf = np.empty((b1 - b0, C, D), dtype=np.float32)
                 for j, row in enumerate(range(b0, b1)):
-                    a_buf[j], m_buf[j] = _features_for_video(p, world, vids, row, seed)
+                    a_buf[j], m_buf[j] = features(row)
                 da[b0:b1] = a_buf
                 dm[b0:b1] = m_buf
                 if bar is not None:
@@ -200,11 +206,13 @@ def _write_features(p: Preset, world: _World, vids: _Videos, seed: int, app_path
 
 
 def _meta(p: Preset, seed: int, name: str, lay: _Layout, vocab: dict, qs: dict, split_rows: dict,
-          files: dict[str, Path]) -> dict[str, Any]:
-    """The data set's ``{name}_meta.json``: how it was made, the sizes, the model and training it suggests."""
+          files: dict[str, Path], task_meta: dict) -> dict[str, Any]:
+    """The data set's ``{name}_meta.json``: how it was made, the sizes, the model and training it suggests;
+    ``task_meta`` (a multiple-choice or count set's: its task, its question types, ...) updates it."""
+    words = task_meta.get("question_types", QUESTION_WORDS)
     type_counts = {
         split: {w: int((qs[split]["questions"][:, 0] == vocab[layout.QUESTION_TOKENS_KEY][w]).sum())
-                for w in QUESTION_WORDS}
+                for w in words}
         for split in SPLITS
     }
     return {
@@ -214,7 +222,7 @@ def _meta(p: Preset, seed: int, name: str, lay: _Layout, vocab: dict, qs: dict, 
         "story": _STORY_TEXT, "preset_config": asdict(p),
         "answer_groups": {"object": lay.n_obj, "action": lay.n_act, "scene": lay.n_scene, "time": len(TIME_BUCKETS)},
         "max_question_len": lay.max_len, "split_videos": {s: int(len(split_rows[s])) for s in SPLITS},
-        "question_type_counts": type_counts, "files": {k: v.name for k, v in files.items()},
+        "question_type_counts": type_counts, "files": {k: v.name for k, v in files.items()}, **task_meta,
     }
 
 
@@ -239,22 +247,28 @@ def generate(out: str | Path, preset: str = "tiny", seed: int = 0, name: str = "
     files["meta"].unlink(missing_ok=True)  # the directory no longer looks complete
 
     lay = _layout(p)
-    vocab = _vocab(p, lay)
     world = _world(p, lay, seed)
     vids = _videos(p, lay, world, seed)
     split_rows = _video_split(p, seed)
-    qs = _questions(p, lay, vocab, vids, split_rows, seed)
-    glove = _rng(seed, _S_GLOVE).standard_normal((p.question_vocab, p.word_dim),
+    if p.task == OPEN_ENDED:
+        vocab = _vocab(p, lay)
+        qs = _questions(p, lay, vocab, vids, split_rows, seed)
+        features: Features = lambda row: _features_for_video(p, world, vids, row, seed)  # noqa: E731
+        task_meta: dict = {}
+    else:
+        made = synthetic_tasks.make(p, lay, world, vids, split_rows, seed)
+        vocab, qs, features, task_meta = made.vocab, made.questions, made.features, made.meta
+    glove = _rng(seed, _S_GLOVE).standard_normal((len(vocab[layout.QUESTION_TOKENS_KEY]), p.word_dim),
                                                  dtype=np.float32)
 
-    _write_features(p, world, vids, seed, files["appearance"], files["motion"], progress)
+    _write_features(p, features, vids.ids, files["appearance"], files["motion"], progress)
     atomic_write_bytes(files["vocab"], json.dumps(vocab, indent=1).encode())
     for split in SPLITS:
         obj = dict(qs[split])
         obj["glove"] = glove
         atomic_write_bytes(files[split], pickle.dumps(obj, protocol=4))
 
-    meta = _meta(p, seed, name, lay, vocab, qs, split_rows, files)
+    meta = _meta(p, seed, name, lay, vocab, qs, split_rows, files, task_meta)
     atomic_write_bytes(files["meta"], json.dumps(meta, indent=1).encode())
     return out
 
@@ -265,10 +279,12 @@ def generate(out: str | Path, preset: str = "tiny", seed: int = 0, name: str = "
 def _preset_help() -> str:
     lines = []
     for p in PRESETS.values():
+        cfg = p.model_config()
+        task = "" if p.task == OPEN_ENDED else f"{p.task} questions, "
         lines.append(
-            f"{p.name}: {p.n_videos} videos x {p.n_clips} clips x {p.n_frames} frames x "
+            f"{p.name}: {task}{p.n_videos} videos x {p.n_clips} clips x {p.n_frames} frames x "
             f"{p.vision_dim} dims, {p.n_train}/{p.n_val}/{p.n_test} train/val/test "
-            f"questions, question vocab {p.question_vocab}, answer vocab {p.answer_vocab}, "
+            f"questions, question vocab {cfg['question_vocab']}, answer vocab {cfg['answer_vocab']}, "
             f"glove dim {p.word_dim}, suggested module_dim {p.suggested_module_dim}."
         )
     return " ".join(lines)
@@ -276,6 +292,8 @@ def _preset_help() -> str:
 
 class PresetName(str, Enum):
     tiny = "tiny"
+    tiny_mc = "tiny-mc"
+    tiny_count = "tiny-count"
     small = "small"
     msvd = "msvd"
 
@@ -291,9 +309,10 @@ def _make_app():
         "NAME_{train,val,test}_questions.pt and NAME_meta.json (written last: its presence "
         "means complete; a complete --out for the same preset and seed is left as it is). "
         "Presets: tiny (CPU smoke tests and unit tests, ~5 MB), small (in between, ~150 MB), "
-        "msvd (MSVD-QA's sizes, ~2.2 GB, written in chunks of videos). Answers depend on "
-        "the video features, differently per question type (what/who/how/when/where); see "
-        "the module docstring of harness.synthetic for the generative story."
+        "msvd (MSVD-QA's sizes, ~2.2 GB, written in chunks of videos); tiny-mc and tiny-count: "
+        "tiny's videos with multiple-choice (5 candidates) or count (1..10) questions. Answers depend "
+        "on the video features, differently per question type (what/who/how/when/where); see "
+        "the module docstrings of harness.synthetic and harness.synthetic_tasks for the generative story."
     ))
     def main(
         out: Path = typer.Option(..., "--out", help="Output directory (created if needed)."),

@@ -1,13 +1,18 @@
 """The generative story of the synthetic data sets (:mod:`harness.synthetic` writes them; its
 docstring tells the story): the presets and their sizes, the world (objects, actions, scenes),
 the videos, the questions and each video's features, all drawn from seeded random streams.
+The multiple-choice and count presets (``tiny-mc``, ``tiny-count``) share this world and these
+videos; their questions (and the count set's per-frame events) are :mod:`harness.synthetic_tasks`'.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+import variants.tasks
 
 from . import layout
 from .sizes import SIZES
@@ -16,6 +21,8 @@ from .sizes import SIZES
 #: lr 1e-4, is sized for MSVD-QA's 30k questions); the runner uses them unless told otherwise
 SUGGESTED_TRAIN: dict[str, dict[str, Any]] = {
     "tiny": {"epochs": 15, "batch_size": 64, "lr": 1e-3},
+    "tiny-mc": {"epochs": 15, "batch_size": 64, "lr": 1e-3},
+    "tiny-count": {"epochs": 15, "batch_size": 64, "lr": 1e-3},
     "small": {"epochs": 15, "batch_size": 128, "lr": 5e-4},
     "msvd": {},
 }
@@ -28,13 +35,18 @@ _ORDINALS = (
 )
 SPLITS = layout.SPLITS
 
+#: a data set's task, as its meta json names it under layout.TASK_META_KEY: the task registry's names
+OPEN_ENDED, MULTIPLE_CHOICE, COUNT = variants.tasks.OPEN_ENDED, variants.tasks.MULTIPLE_CHOICE, variants.tasks.COUNT
+#: the presets whose questions are not open-ended, by name (every other preset is open-ended)
+PRESET_TASKS: dict[str, str] = {"tiny-mc": MULTIPLE_CHOICE, "tiny-count": COUNT}
+
 
 @dataclass(frozen=True)
 class Preset:
     """Sizes of a synthetic data set (and of the model config that matches it: the shipped
     presets take theirs from :data:`harness.sizes.SIZES`)."""
 
-    name: str
+    name: str  # also names the task (PRESET_TASKS)
     n_videos: int
     n_clips: int
     n_frames: int
@@ -42,17 +54,29 @@ class Preset:
     n_train: int
     n_val: int
     n_test: int
+    # the open-ended story's vocabularies (the world's numbers of objects, actions and scenes follow from
+    # them); a multiple-choice or count preset writes other vocabularies, which model_config() gives
     question_vocab: int  # total size of question_token_to_idx, incl. <NULL>=0 and <UNK>=1
     answer_vocab: int  # total size of answer_token_to_idx
     word_dim: int  # width of the glove matrix
     suggested_module_dim: int
 
+    @property
+    def task(self) -> str:
+        """The task of the questions: :data:`PRESET_TASKS` by name, open-ended otherwise."""
+        return PRESET_TASKS.get(self.name, OPEN_ENDED)
+
     def model_config(self) -> dict:
         """The model settings of this size (the data's dims and the suggested module_dim): what
-        ``bench.py --config NAME`` and the tests build."""
-        return {"question_vocab": self.question_vocab, "answer_vocab": self.answer_vocab,
-                "vision_dim": self.vision_dim, "module_dim": self.suggested_module_dim, "word_dim": self.word_dim,
-                "num_clips": self.n_clips, "num_frames": self.n_frames}
+        ``bench.py --config NAME`` and the tests build; the vocabularies are those the files hold."""
+        cfg = {"question_vocab": self.question_vocab, "answer_vocab": self.answer_vocab,
+               "vision_dim": self.vision_dim, "module_dim": self.suggested_module_dim, "word_dim": self.word_dim,
+               "num_clips": self.n_clips, "num_frames": self.n_frames}
+        if self.task != OPEN_ENDED:
+            v = _task_vocab(self, _layout(self))
+            cfg.update(question_vocab=len(v[layout.QUESTION_TOKENS_KEY]),
+                       answer_vocab=len(v[layout.ANSWER_TOKENS_KEY]), task=self.task)
+        return cfg
 
 
 def _preset(name: str, **data_sizes: int) -> Preset:
@@ -72,6 +96,9 @@ PRESETS: dict[str, Preset] = {
     # MSVD-QA's sizes (as HCRN / DualVGR preprocess it): ~2.1 GB of appearance features.
     "msvd": _preset("msvd", n_videos=1970, n_train=30933, n_val=6415, n_test=13157),
 }
+# tiny's world, videos and sizes with multiple-choice / count questions (harness.synthetic_tasks)
+PRESETS["tiny-mc"] = dataclasses.replace(PRESETS["tiny"], name="tiny-mc")
+PRESETS["tiny-count"] = dataclasses.replace(PRESETS["tiny"], name="tiny-count")
 
 
 @dataclass(frozen=True)
@@ -97,16 +124,25 @@ class _Story:
 
 
 _STORY = _Story()
-_MAX_QUESTION_LEN = {"tiny": 10, "small": 12, "msvd": 16}
+_MAX_QUESTION_LEN = {"tiny": 10, "tiny-mc": 10, "tiny-count": 10, "small": 12, "msvd": 16}
 
 # Random streams (spawn keys) -- one per purpose so that they never interfere.
 _S_WORLD, _S_VIDEOS, _S_SPLIT, _S_QUESTIONS, _S_GLOVE, _S_FEATURES = range(6)
+# the multiple-choice / count questions, the count set's events (harness.synthetic_tasks)
+_S_TASK_QUESTIONS, _S_EVENTS = 6, 7
+#: the count set's event kinds (question tokens ev_0 ..); the words a count question adds
+N_EVENTS = 8
+COUNT_WORDS: tuple[str, ...] = ("many", "times")
 
-_STORY_TEXT = (
+#: the world and videos (every preset's), then tiny's open-ended questions
+_WORLD_TEXT = (
     "Each video has a scene (seen in every frame), a dominant object (in most clips) "
     "and a dominant action (in most but not all clips; the other clips each do a "
     "distinct action). Appearance = scene + clip object + time drift + noise; motion = "
-    "clip action + time drift + noise. what <ordinal> -> object of that clip; who -> "
+    "clip action + time drift + noise."
+)
+_STORY_TEXT = _WORLD_TEXT + (
+    " what <ordinal> -> object of that clip; who -> "
     "dominant object; how -> dominant action; when <act> -> start/middle/end of the "
     "clip doing that action; where -> scene (half of these questions name the dominant "
     "action, which predicts the scene 70% of the time)."
@@ -188,6 +224,21 @@ def _vocab(p: Preset, lay: _Layout) -> dict[str, dict[str, int]]:
         layout.ANSWER_TOKENS_KEY: a,
         "question_answer_token_to_idx": qa,
     }
+
+
+def _task_vocab(p: Preset, lay: _Layout) -> dict[str, dict[str, int]]:
+    """The vocabularies a multiple-choice or count preset writes: the story's question words plus the
+    candidates' words (objects and scenes; actions already are question words) or the count questions'
+    words and events, in a question vocabulary that question_answer_token_to_idx repeats (as HCRN's
+    TGIF-QA files); the answer vocabulary is HCRN's placeholder for the task."""
+    extra = {MULTIPLE_CHOICE: [f"obj_{i}" for i in range(lay.n_obj)] + [f"scene_{i}" for i in range(lay.n_scene)],
+             COUNT: list(COUNT_WORDS) + [f"ev_{i}" for i in range(N_EVENTS)]}[p.task]
+    q = dict(_vocab(p, lay)[layout.QUESTION_TOKENS_KEY])
+    for t in extra:
+        q[t] = len(q)
+    answers = {"<UNK0>": 0, "<UNK1>": 1} if p.task == MULTIPLE_CHOICE else {"<UNK>": 0}
+    return {layout.QUESTION_TOKENS_KEY: q, layout.ANSWER_TOKENS_KEY: answers,
+            layout.QUESTION_ANSWER_TOKENS_KEY: dict(q)}
 
 
 def _time_bucket(n_clips: int) -> np.ndarray:

@@ -69,7 +69,7 @@ def test_presets():
     t = syn.PRESETS["tiny"]
     assert (t.question_vocab, t.answer_vocab, t.vision_dim, t.word_dim) == (100, 50, 128, 32)
     assert (t.n_clips, t.n_frames, t.suggested_module_dim) == (4, 4, 64)
-    assert set(syn.PRESETS) == {"tiny", "small", "msvd"}
+    assert set(syn.PRESETS) == {"tiny", "small", "msvd", "tiny-mc", "tiny-count"}
     for key, p in syn.PRESETS.items():
         assert p.name == key
         # vocabularies of every preset (cheap, no features) have the exact sizes
