@@ -349,7 +349,7 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
 def run(
     variant: str = typer.Argument(..., help="Registered variant name (see `ablate.py list`)."),
     data: str = typer.Option("synthetic:tiny", help="A feature directory in the HCRN/DualVGR format, or "
-                             "synthetic:PRESET[:SEED] (tiny, small, msvd), generated on first use."),
+                             "synthetic:PRESET[:SEED] (tiny, small, msvd, tiny-mc, tiny-count), generated on first use."),
     seed: int = typer.Option(666, help="Random seed (the reference uses 666)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs [default: the data set's suggestion, else 25]."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size [default: suggestion, else 256]."),
