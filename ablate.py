@@ -190,14 +190,14 @@ def _grid_run_ids(store, g, run_ids: list[str]) -> list[str]:
     return [r for r in run_ids if store.is_complete(r) and store.read_record(r)["variant"] in listed]
 
 
-def _compress(store, run_ids: list[str], methods: tuple[str, ...]) -> list[dict]:
+def _compress(store, run_ids: list[str], methods: tuple[str, ...], force: bool = False) -> list[dict]:
     """Each run evaluated compressed by each method (harness.compress), on the CPU, one at a time,
     after the training and the cost measurements; complete ones are skipped. Returns the failures, each said."""
     from harness import compress
 
     if not methods or not run_ids:
         return []
-    failures = compress.compress_runs(store, run_ids, methods, say=lambda m: say(console, m, "dim"))
+    failures = compress.compress_runs(store, run_ids, methods, force=force, say=lambda m: say(console, m, "dim"))
     for f in failures:
         say(console, f"compressed evaluation failed: {f['variant']} ({f['run_id']}), {f['method']}: {f['reason']}",
             "red")
@@ -316,7 +316,8 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
              grid: Optional[str] = typer.Option(None, "--grid", help="Compress the complete runs of this grid."),
              method: Optional[list[str]] = typer.Option(None, "--method", help="dynamic-int8 or onnx, repeatable "
                                                         "[default: the grid's [evaluate] compress, else both]."),
-             results: str = typer.Option("results", help="Results store directory.")):
+             results: str = typer.Option("results", help="Results store directory."),
+             force: bool = typer.Option(False, help="Evaluate and time again those already complete.")):
     """Evaluate complete runs compressed (int8, ONNX Runtime) on the CPU, without retraining: each is recorded in
     results/runs/<run>/compressed/<method>/ beside the run (whose own files are only read); complete ones are
     skipped. `ablate.py report --grid NAME` then shows them beside their fp32 runs."""
@@ -339,7 +340,7 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
                                   "--method")
         if not ids:
             raise C.CompressError("no run to compress: name run ids or a grid with complete runs")
-        failed = _compress(store, ids, methods)
+        failed = _compress(store, ids, methods, force=force)
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)

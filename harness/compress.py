@@ -386,7 +386,7 @@ def _provenance(seconds: float) -> dict:
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def compress_runs(store: ResultsStore, run_ids: list[str], methods: tuple[str, ...], *,
+def compress_runs(store: ResultsStore, run_ids: list[str], methods: tuple[str, ...], *, force: bool = False,
                   say: Callable[[str], None] = lambda msg: None) -> list[dict]:
     """Every method on every complete run among ``run_ids``, one at a time (the CPU latency is
     timed alone), each data set loaded once; returns the failures (``run_id``, ``method``,
@@ -396,10 +396,10 @@ def compress_runs(store: ResultsStore, run_ids: list[str], methods: tuple[str, .
         record = store.read_record(rid)
         for method in methods:
             try:
-                if read(store, rid, method, record) is None:
+                if force or read(store, rid, method, record) is None:
                     spec = record["data"]["spec"]
                     loaded[spec] = loaded.get(spec) or _load_data(record, None)
-                    compress_run(store, rid, method, loaded[spec], say=say)
+                    compress_run(store, rid, method, loaded[spec], force=force, say=say)
             except CompressError as e:
                 failures.append({"run_id": rid, "variant": record["variant"], "method": method, "reason": str(e)})
                 say(f"{rid}: {method}: {e}")
