@@ -161,7 +161,8 @@ class OrtModule(nn.Module):
         self.names = [i.name for i in self.session.get_inputs()]
 
     def forward(self, appearance, motion, questions, lengths):
-        feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.names, (appearance, motion, questions, lengths))}
+        given = zip(_INPUTS, (appearance, motion, questions, lengths))  # the exporter drops inputs a model ignores
+        feeds = {n: t.detach().cpu().numpy() for n, t in given if n in self.names}
         return {"logits": torch.from_numpy(self.session.run(None, feeds)[0])}
 
 
