@@ -178,10 +178,8 @@ def main(
         say(console, f"{len(res.failed)} run(s) failed: " + "; ".join(
             f"{f['variant']} seed {f['seed']}: {f['reason']}" for f in res.failed), "red")
         raise typer.Exit(1)
-    if not reported:
-        raise typer.Exit(2)
-    if compress_failed:
-        raise typer.Exit(1)
+    if not reported or compress_failed:  # a compressed evaluation that failed was said in red above
+        raise typer.Exit(2 if not reported else 1)
 
 
 def _grid_run_ids(store, g, run_ids: list[str]) -> list[str]:

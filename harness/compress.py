@@ -147,14 +147,24 @@ class _Logits(nn.Module):
         return self.model(appearance, motion, questions, lengths)["logits"]
 
 
+def _ort():
+    """onnxruntime, or an ExportError saying how to install it."""
+    try:
+        import onnx  # noqa: F401 - torch.onnx.export writes through it
+        import onnxruntime
+    except ImportError as e:
+        raise ExportError(f"the onnx method needs the onnx and onnxruntime packages ({e}): "
+                          "pip install -e '.[compress]'") from None
+    return onnxruntime
+
+
 class OrtModule(nn.Module):
     """An exported model run by ONNX Runtime's CPU provider, called like the model (CPU tensors in,
     ``{"logits": ...}`` out) so that :mod:`harness.evaluate` and :mod:`harness.measure` use it as is."""
 
     def __init__(self, path: Path, threads: int | None = None):
         super().__init__()
-        import onnxruntime as ort
-
+        ort = _ort()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -186,8 +196,7 @@ def export_onnx(model: nn.Module, variant: str, path: Path, cfg_model: dict) -> 
 
 
 def _onnx(model: nn.Module, cfg: variants.VariantConfig, out_dir: Path) -> Compressed:
-    import onnxruntime as ort
-
+    ort = _ort()
     path, variant = out_dir / "model.onnx", cfg.name
     export_onnx(model, variant, path, cfg.model)
     probe = random_inputs(cfg.model, 3, "cpu", question_len=7, seed=1)  # another batch size and question length
