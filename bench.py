@@ -77,7 +77,8 @@ def main(
                                                  "(dynamic-int8, onnx; repeatable), each beside its bound from "
                                                  "the GEMM rates and copy bandwidth measured in the same run "
                                                  "(harness.compress; --device cpu)."),
-    compress_reps: int = typer.Option(15, min=1, help="With --compress: timed forwards per path and batch size."),
+    compress_reps: int = typer.Option(15, min=1, help="With --compress: timed forwards per path and batch size, in "
+                                                      "3 rounds that time the paths in turn."),
 ):
     """Cost of each variant and batch size."""
     import torch
@@ -154,7 +155,6 @@ def _compress_rows(cfg, config: str, sizes: list[int], methods: list[str], reps:
     from harness import compress as C
     from harness.env import device_name, git_commit, load_average
     from harness.inputs import random_inputs
-    from harness.measure import latency
 
     torch.manual_seed(0)
     model = variants.build(cfg).eval()
@@ -174,16 +174,15 @@ def _compress_rows(cfg, config: str, sizes: list[int], methods: list[str], reps:
         rows = []
         for bs in sizes:
             inputs = random_inputs(cfg.model, bs, "cpu")
+            say(err, f"{cfg.name} batch {bs}: {', '.join(paths)}, timed in turn")
+            lats = C.interleaved_latency({p: m for p, (m, _, _) in paths.items()}, inputs, reps, warmup=warmup)
             with torch.no_grad():
                 ref = model(*inputs)["logits"].argmax(1)
+                agree = {p: float((m(*inputs)["logits"].argmax(1) == ref).float().mean()) for p, (m, _, _) in paths.items()}
             for path, (module, wbytes, kind) in paths.items():
-                say(err, f"{cfg.name} batch {bs}: {path}")
-                lat = latency(module, inputs, reps=reps, warmup=warmup)
-                with torch.no_grad():
-                    agree = float((module(*inputs)["logits"].argmax(1) == ref).float().mean())
                 rows.append({**base, "path": path, "batch_size": bs, "weight_bytes": wbytes, "bound_path": kind,
-                             **{k: lat[k] for k in ("latency_ms_median", "latency_ms_p90", "reps", "warmup")},
-                             **C.bound_ms(kind, bs, macs, wbytes, rates), "argmax_agrees_fp32": agree})
+                             **lats[path], **C.bound_ms(kind, bs, macs, wbytes, rates),
+                             "argmax_agrees_fp32": agree[path]})
     for r in rows:
         fp32 = next(x for x in rows if x["batch_size"] == r["batch_size"] and x["path"] == "fp32 eager")
         r["speedup_vs_fp32"] = fp32["latency_ms_median"] / r["latency_ms_median"]

@@ -294,18 +294,36 @@ def _evaluations(module: nn.Module, data: D.VideoQAData, batch_size: int) -> tup
     return {"test": test, "val": val, "ablations": ablations}, {"test": pred_test, "val": pred_val}
 
 
+#: timing rounds: the paths compared are timed in turn, a share of the repetitions each round, so that
+#: load that comes and goes on a shared machine falls on all of them alike
+ROUNDS = 3
+
+
+def interleaved_latency(modules: dict[str, nn.Module], inputs: tuple, reps: int, rounds: int = ROUNDS,
+                        warmup: int | None = None) -> dict[str, dict]:
+    """Eval latency (ms) of each module on the same inputs, timed in turn over ``rounds`` rounds of
+    ``ceil(reps / rounds)`` forwards (:func:`harness.measure.latency`; warm-up in the first round
+    only): per module the median and p90 of its round medians and p90s, and the reps in all."""
+    per = -(-reps // rounds)
+    times: dict[str, list[dict]] = {name: [] for name in modules}
+    for r in range(rounds):
+        for name, m in modules.items():
+            times[name].append(latency(m, inputs, reps=per, warmup=warmup if r == 0 else 0))
+    return {name: {"latency_ms_median": float(np.median([t["latency_ms_median"] for t in ts])),
+                   "latency_ms_p90": float(np.median([t["latency_ms_p90"] for t in ts])),
+                   "reps": per * rounds, "rounds": rounds, "warmup": ts[0]["warmup"]} for name, ts in times.items()}
+
+
 def cpu_costs(ref: nn.Module, other: nn.Module, cfg_model: dict,
               batches: tuple[int, ...] = LATENCY_BATCHES, reps: dict[int, int] | None = None) -> dict:
-    """CPU latency of ``ref`` (fp32 eager) and ``other`` at each batch size, one right after the
-    other on the same inputs, and the memory of one forward at the largest batch (process RSS: its
-    peak, and what the forward added to what was resident; 0 when it fitted in pages already held)."""
+    """CPU latency of ``ref`` (fp32 eager) and ``other`` at each batch size, timed in turn on the same
+    inputs (:func:`interleaved_latency`), and the memory of one forward at the largest batch (process
+    RSS: its peak, and what the forward added to what was resident; 0 when it fitted in pages already held)."""
     reps = reps or LATENCY_REPS
     out: dict = {"threads": torch.get_num_threads(), "load_average": [load_average()], "latency": {}}
     for bs in batches:
-        inputs = random_inputs(cfg_model, bs, "cpu")
-        n = reps.get(bs, 10)
-        out["latency"][str(bs)] = {"fp32": _lat(latency(ref, inputs, reps=n)),
-                                   "compressed": _lat(latency(other, inputs, reps=n))}
+        out["latency"][str(bs)] = interleaved_latency({"fp32": ref, "compressed": other},
+                                                      random_inputs(cfg_model, bs, "cpu"), reps.get(bs, 10))
     inputs = random_inputs(cfg_model, max(batches), "cpu")
     out["memory_mib"] = {"batch_size": max(batches)}
     for name, m in (("fp32", ref), ("compressed", other)):
@@ -314,10 +332,6 @@ def cpu_costs(ref: nn.Module, other: nn.Module, cfg_model: dict,
         out["memory_mib"].update({name: {"own": mem["own"], "peak": mem["peak"]}, "kind": mem["kind"]})
     out["load_average"].append(load_average())
     return out
-
-
-def _lat(r: dict) -> dict:
-    return {k: r[k] for k in ("latency_ms_median", "latency_ms_p90", "reps", "warmup")}
 
 
 def _load_data(record: dict, data: D.VideoQAData | None) -> D.VideoQAData:

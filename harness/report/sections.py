@@ -349,8 +349,8 @@ def _compressed_intro(ctx: Context, crows: list[CompressedRow]) -> list[str]:
             "questions only the compressed model answers correctly, c: only fp32). argmax agrees / max |Δ logit|: "
             "the compressed model against the fp32 model on every test question. Size: the file on disk (fp32: the "
             "run's best.pt state dict; int8: its quantised state dict; onnx: the .onnx file). CPU ms: median "
-            "latency at batch 1 and 32 on random inputs shaped like the data, fp32 eager timed right before each "
-            "compressed model in the same process (speed-up: their ratio at batch 1, median over runs); "
+            "latency at batch 1 and 32 on random inputs shaped like the data, fp32 eager and each compressed model "
+            "timed in turn in the same process, 3 rounds (speed-up: their ratio at batch 1, median over runs); "
             f"{'/'.join(map(str, threads))} thread(s), load average {_f(min(loads), 1) if loads else '-'}.."
             f"{_f(max(loads), 1) if loads else '-'}, measured {at[0]} .. {at[-1]}: latencies of a shared machine "
             "are noisy, medians are shown.", ""]
