@@ -315,7 +315,9 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
              method: Optional[list[str]] = typer.Option(None, "--method", help="dynamic-int8 or onnx, repeatable "
                                                         "[default: the grid's [evaluate] compress, else both]."),
              results: str = typer.Option("results", help="Results store directory."),
-             force: bool = typer.Option(False, help="Evaluate and time again those already complete.")):
+             force: bool = typer.Option(False, help="Evaluate and time again those already complete."),
+             threads: Optional[int] = typer.Option(None, min=1, help="torch and ONNX Runtime CPU threads [default: "
+                                                   "torch's]; on a CPU shared with other work, 1 times more steadily.")):
     """Evaluate complete runs compressed (int8, ONNX Runtime) on the CPU, without retraining: each is recorded in
     results/runs/<run>/compressed/<method>/ beside the run (whose own files are only read); complete ones are
     skipped. `ablate.py report --grid NAME` then shows them beside their fp32 runs."""
@@ -325,6 +327,10 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
     from harness.store import ResultsStore
 
     store = ResultsStore(results)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         ids = list(run_id or [])
         for rid in ids:
