@@ -265,3 +265,27 @@ def test_bench_compress_prints_the_latency_table_with_bounds(tmp_path):
     assert list((tmp_path / "bench").glob("*-dualvgr-compress.json"))
     bad = subprocess.run(cmd[:-2] + ["--compress", "int4", "--no-store"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "unknown compression method(s) 'int4'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_grid_with_evaluate_compress_trains_then_compresses_and_resumes(data_cache, tmp_path):
+    """End to end through ablate.py (about 2 minutes on 2 shared cores): train, compress, report; again: skipped."""
+    grid = tmp_path / "g.toml"
+    grid.write_text('data = "synthetic:tiny"\nseeds = [0]\nvariants = ["dualvgr"]\n[train]\nepochs = 1\n'
+                    'batch_size = 512\n[evaluate]\ncompress = ["dynamic-int8"]\n')
+    cmd = [sys.executable, str(ROOT / "ablate.py"), "--grid", str(grid), "--results", str(tmp_path / "results"),
+           "--reports", str(tmp_path / "reports"), "--device", "cpu"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert first.returncode == 0, first.stderr
+    store = ResultsStore(tmp_path / "results")
+    (rec,) = list(store.iter_records())
+    path = C.directory(store, rec["run_id"], "dynamic-int8") / "record.json"
+    written = path.stat().st_mtime_ns
+    assert C.read(store, rec["run_id"], "dynamic-int8")["metrics"]["test"]["n"] == rec["data"]["sizes"]["test"]
+    assert "### Compressed: int8 and ONNX Runtime beside fp32" in (tmp_path / "reports" / "g.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stderr
+    assert path.stat().st_mtime_ns == written  # complete: not evaluated again
+    out = subprocess.run([sys.executable, str(ROOT / "ablate.py"), "compress", rec["run_id"], "--method", "int4",
+                          "--results", str(tmp_path / "results")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "unknown compression method(s) 'int4'" in out.stderr + out.stdout
