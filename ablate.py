@@ -248,8 +248,8 @@ def _planned(store, g, plans=None) -> list[dict] | None:
 
     if plans is None:
         try:
-            info = recorded_info(g.data, store)
-            plans = [q for s in g.runs for q in plan(s, info).all_plans()]
+            infos = {d: recorded_info(d, store) for d in g.datasets}
+            plans = [q for s in g.runs for q in plan(s, infos[s.data]).all_plans()]
         except user_errors():
             return None
     out = {}
@@ -293,8 +293,8 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
     store = ResultsStore(results)
     try:
         g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None)
-        info = recorded_info(g.data, store)  # from the store: no feature file is read
-        plans = [q for s in g.runs for q in plan(s, info).all_plans()]
+        infos = {d: recorded_info(d, store) for d in g.datasets}  # from the store: no feature file is read
+        plans = [q for s in g.runs for q in plan(s, infos[s.data]).all_plans()]
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
@@ -352,7 +352,7 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
         for m, rec in C.read_all(store, store.read_record(rid)).items():
             a, cpu = rec["agreement"], rec["cpu"]["latency"]
             say(console, f"{rec['variant']} seed {rec['seed']} {m}: test {rec['metrics']['test']['overall']:.2f} "
-                         f"(fp32 {rec['fp32_test_recorded']:.2f}), argmax agreement {100 * a['argmax_agreement']:.1f}%, "
+                         f"(fp32 {rec['fp32_test_recorded']:.2f}), predictions agree {100 * a['prediction_agreement']:.1f}%, "
                          f"max |logit diff| {a['max_abs_logit_diff']:.2g}, {rec['size']['bytes']:,} bytes, "
                          f"batch 1 {cpu['1']['compressed']['latency_ms_median']:.2f} ms "
                          f"(fp32 {cpu['1']['fp32']['latency_ms_median']:.2f} ms)")
@@ -379,7 +379,8 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
     store = ResultsStore(results)
     try:
         gs = [G.load(x) for x in grid]
-        plans = [[plan(s, recorded_info(g.data, store)) for s in g.runs] for g in gs]
+        infos = {d: recorded_info(d, store) for g in gs for d in g.datasets}
+        plans = [[plan(s, infos[s.data]) for s in g.runs] for g in gs]
         ids = [[*dict.fromkeys(r for p in ps for r in p.all_run_ids())] for ps in plans]
     except user_errors() as e:
         error(console, e)

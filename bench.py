@@ -176,9 +176,10 @@ def _compress_rows(cfg, config: str, sizes: list[int], methods: list[str], reps:
             inputs = random_inputs(cfg.model, bs, "cpu")
             say(err, f"{cfg.name} batch {bs}: {', '.join(paths)}, timed in turn")
             lats = C.interleaved_latency({p: m for p, (m, _, _) in paths.items()}, inputs, reps, warmup=warmup)
+            read = variants.task(variants.task_of(cfg)).predict
             with torch.no_grad():
-                ref = model(*inputs)["logits"].argmax(1)
-                agree = {p: float((m(*inputs)["logits"].argmax(1) == ref).float().mean()) for p, (m, _, _) in paths.items()}
+                ref = read(model(*inputs)["logits"])
+                agree = {p: float((read(m(*inputs)["logits"]) == ref).float().mean()) for p, (m, _, _) in paths.items()}
             for path, (module, wbytes, kind) in paths.items():
                 rows.append({**base, "path": path, "batch_size": bs, "weight_bytes": wbytes, "bound_path": kind,
                              **lats[path], **C.bound_ms(kind, bs, macs, wbytes, rates),

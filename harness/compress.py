@@ -19,7 +19,7 @@ evaluation is complete when it exists, so a killed one is redone and a complete 
 ``predictions_{test,val}.csv`` (the runner's format) and the compressed model (``model.onnx``,
 ``model-int8.pt``). Its record links the run (``run_id``, the SHA-1 of the ``best.pt`` it
 compressed) and holds the per-type metrics of test and val, the evaluation-time ablations, the
-agreement with the fp32 model on the test split (argmax agreement, max |logit difference|), the
+agreement with the fp32 model on the test split (the share of predictions that agree, max |logit difference|), the
 sizes on disk, and the CPU latency (batch 1 and 32) and memory of fp32 and the compressed model
 measured one after the other in the same process (ratios of the same run, same machine).
 
@@ -48,8 +48,11 @@ from . import data as D
 from . import identity
 from .env import environment, git_commit, load_average
 from .errors import HarnessError
+from variants.tasks import OPEN_ENDED
+
 from .evaluate import ABLATIONS, evaluate
 from .inputs import random_inputs
+from .record import task as record_task
 from .measure import latency, peak_memory
 from .store import WEIGHTS, ResultsStore, atomic_output, atomic_torch_save, atomic_write_json, file_digest, locked
 
@@ -143,8 +146,8 @@ class _Logits(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, appearance, motion, questions, lengths):
-        return self.model(appearance, motion, questions, lengths)["logits"]
+    def forward(self, *inputs):  # appearance, motion, questions, lengths, then the task's inputs
+        return self.model(*inputs)["logits"]
 
 
 def _ort():
@@ -162,31 +165,40 @@ class OrtModule(nn.Module):
     """An exported model run by ONNX Runtime's CPU provider, called like the model (CPU tensors in,
     ``{"logits": ...}`` out) so that :mod:`harness.evaluate` and :mod:`harness.measure` use it as is."""
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, names: tuple[str, ...] = _INPUTS, threads: int | None = None):
         super().__init__()
         ort = _ort()
+        self.order = names  # the model's positional inputs, by name
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
 
-    def forward(self, appearance, motion, questions, lengths):
-        given = zip(_INPUTS, (appearance, motion, questions, lengths))  # the exporter drops inputs a model ignores
-        feeds = {n: t.detach().cpu().numpy() for n, t in given if n in self.names}
+    def forward(self, *inputs):
+        # by name: the exporter drops the inputs a model ignores (question-only: the video)
+        feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.order, inputs) if n in self.names}
         return {"logits": torch.from_numpy(self.session.run(None, feeds)[0])}
+
+
+def input_names(cfg_model: dict) -> tuple[str, ...]:
+    """The model's positional inputs by name: the video, the question, then its task's inputs (:mod:`variants.tasks`)."""
+    return _INPUTS + tuple(variants.task(cfg_model.get("task", OPEN_ENDED)).inputs)
 
 
 def export_onnx(model: nn.Module, variant: str, path: Path, cfg_model: dict) -> None:
     """Export ``model``'s logits to ``path`` (atomically), batch axis dynamic; ExportError names
     the variant and the exporter's reason when it cannot."""
     example = random_inputs(cfg_model, 2, "cpu")
-    axes = {k: {0: "batch"} for k in (*_INPUTS, "logits")}
-    axes["questions"] = {0: "batch", 1: "words"}
+    axes = {k: {0: "batch"} for k in (*input_names(cfg_model), "logits")}
+    axes.update(questions={0: "batch", 1: "words"}, candidates={0: "batch", 1: "candidates", 2: "candidate_words"},
+                candidate_lengths={0: "batch", 1: "candidates"})
+    axes = {k: v for k, v in axes.items() if k in (*input_names(cfg_model), "logits")}
     try:
         with atomic_output(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's notes on LSTM batch sizes: the agreement checks it
             torch.onnx.export(_Logits(copy.deepcopy(model).cpu().eval()), example, str(tmp), opset_version=OPSET,
-                              dynamo=False, input_names=list(_INPUTS), output_names=["logits"], dynamic_axes=axes)
+                              dynamo=False, input_names=list(input_names(cfg_model)), output_names=["logits"],
+                              dynamic_axes=axes)
     except HarnessError:
         raise
     except Exception as e:  # noqa: BLE001 - any exporter failure becomes one message naming the variant
@@ -201,7 +213,7 @@ def _onnx(model: nn.Module, cfg: variants.VariantConfig, out_dir: Path) -> Compr
     export_onnx(model, variant, path, cfg.model)
     probe = random_inputs(cfg.model, 3, "cpu", question_len=7, seed=1)  # another batch size and question length
     try:
-        module = OrtModule(path)
+        module = OrtModule(path, input_names(cfg.model))
         module(*probe)
     except Exception as e:  # noqa: BLE001 - onnxruntime's own error types, named in the message
         raise ExportError(f"{variant}: ONNX Runtime cannot run the exported {path}: {type(e).__name__}: "
@@ -265,29 +277,32 @@ def fp32_model(store: ResultsStore, record: dict) -> nn.Module:
 
 @torch.no_grad()
 def agreement(ref: nn.Module, other: nn.Module, split: D.SplitData, features: D.Features,
-              batch_size: int) -> tuple[dict, np.ndarray]:
-    """How far ``other`` is from ``ref`` on a split: the share of questions whose argmax agrees and
-    the largest |logit difference| (fp32), and ``ref``'s argmax predictions."""
+              batch_size: int, task: str = OPEN_ENDED) -> tuple[dict, np.ndarray]:
+    """How far ``other`` is from ``ref`` on a split: the share of questions whose prediction (the
+    task's: argmax over answers or candidates, a rounded count) agrees and the largest |logit
+    difference| (fp32), and ``ref``'s predictions."""
+    read = variants.task(task).predict
+    names = variants.task(task).inputs
     same = torch.zeros((), dtype=torch.long)
     worst = torch.zeros(())
     preds = []
     for b in D.iterate_batches(split, features, batch_size, device="cpu"):
-        inputs = (b.appearance, b.motion, b.questions, b.lengths)
+        inputs = (b.appearance, b.motion, b.questions, b.lengths, *(b.extra[k] for k in names))
         a, o = ref(*inputs)["logits"].float(), other(*inputs)["logits"].float()
-        same += (a.argmax(1) == o.argmax(1)).sum()
+        same += (read(a) == read(o)).sum()
         worst = torch.maximum(worst, (a - o).abs().max())
-        preds.append(a.argmax(1))
-    return {"n": len(split), "argmax_agreement": int(same) / len(split),
+        preds.append(read(a))
+    return {"n": len(split), "prediction_agreement": int(same) / len(split),
             "max_abs_logit_diff": float(worst)}, torch.cat(preds).numpy()
 
 
-def _evaluations(module: nn.Module, data: D.VideoQAData, batch_size: int) -> tuple[dict, dict]:
+def _evaluations(module: nn.Module, data: D.VideoQAData, batch_size: int, task: str) -> tuple[dict, dict]:
     """Test and val metrics, the test ablations (:mod:`harness.evaluate`, as the runner does) and
     the predictions of test and val."""
     cpu = torch.device("cpu")
 
     def ev(split, **kw):
-        return evaluate(module, data.splits[split], data.features, data.type_names, batch_size, cpu, **kw)
+        return evaluate(module, data.splits[split], data.features, data.type_names, batch_size, cpu, task=task, **kw)
 
     (test, pred_test), (val, pred_val) = ev("test"), ev("val")
     ablations = {a: ev("test", ablation=a)[0] for a in ABLATIONS}
@@ -372,8 +387,9 @@ def _compress_locked(store: ResultsStore, record: dict, method: str, data: D.Vid
     model = fp32_model(store, record)
     comp = METHODS[method].build(model, cfg, out_dir)
     batch = max(int(record.get("train_config", {}).get("batch_size", 64)), 256)  # the runner's eval batch
-    metrics, preds = _evaluations(comp.module, data, batch)
-    agree, ref_pred = agreement(model, comp.module, data.splits["test"], data.features, batch)
+    task = record_task(record)
+    metrics, preds = _evaluations(comp.module, data, batch, task)
+    agree, ref_pred = agreement(model, comp.module, data.splits["test"], data.features, batch, task)
     for split in ("test", "val"):
         _write_predictions(out_dir / f"predictions_{split}.csv", data, split, {"pred_best": preds[split]})
     rec = {"kind": "compressed-evaluation", "version": VERSION, "status": "complete", "run_id": record["run_id"],
@@ -392,7 +408,7 @@ def _compress_locked(store: ResultsStore, record: dict, method: str, data: D.Vid
 
 
 def _reproduced(store: ResultsStore, record: dict, ref_pred: np.ndarray) -> float | None:
-    """The share of test questions where the fp32 model's argmax now equals the run's recorded
+    """The share of test questions where the fp32 model's prediction now equals the run's recorded
     prediction (1.0 on the machine that trained it; less elsewhere: other kernels), None without it."""
     import pandas as pd
 

@@ -83,7 +83,7 @@ def summarize(recs: list[dict]) -> dict:
     (rounded to the metric's digits; None when a run lacks it), the parameter count, MACs per sample."""
     out = {}
     for m in M.METRICS.values():
-        if m.tolerance is None:
+        if m.tolerance is None or not m.applies(recs[0]):
             continue
         vals = [R.metric(r, "test", m.name) for r in recs]
         mean = sum(vals) / len(vals) if vals and None not in vals else None
