@@ -8,8 +8,8 @@ evaluates it exactly as the runner evaluates the fp32 model):
 * ``dynamic-int8``: ``torch.ao.quantization.quantize_dynamic(model, {nn.LSTM, nn.Linear},
   dtype=torch.qint8)``: the LSTMs' and Linears' weights int8 (per tensor), activations quantised on
   the fly per batch; everything else (attention, graph matrix products, norms) stays fp32. CPU only.
-* ``onnx``: ``torch.onnx.export`` (TorchScript exporter, opset :data:`OPSET`, the batch axis
-  dynamic) of a wrapper returning the logits, run by ONNX Runtime's ``CPUExecutionProvider`` with
+* ``onnx``: ``torch.onnx.export`` (TorchScript exporter, opset :data:`OPSET`, batch, question
+  length and candidates dynamic) of a wrapper returning the logits, run by ONNX Runtime's ``CPUExecutionProvider`` with
   this process's torch threads. A model that cannot be exported raises :class:`ExportError`
   naming the variant and the exporter's reason.
 
@@ -19,11 +19,11 @@ evaluation is complete when it exists, so a killed one is redone and a complete 
 ``predictions_{test,val}.csv`` (the runner's format) and the compressed model (``model.onnx``,
 ``model-int8.pt``). Its record links the run (``run_id``, the SHA-1 of the ``best.pt`` it
 compressed) and holds the per-type metrics of test and val, the evaluation-time ablations, the
-agreement with the fp32 model on the test split (the share of predictions that agree, max |logit difference|), the
-sizes on disk, and the CPU latency (batch 1 and 32) and memory of fp32 and the compressed model
-measured one after the other in the same process (ratios of the same run, same machine).
+agreement with the fp32 model on the test split (the share of predictions that agree, max |logit
+difference|), the sizes on disk, and the CPU latency (batch 1 and 32) and memory of fp32 and the
+compressed model, timed in turn in the same process (ratios of the same run, same machine).
 
-Bounds (:func:`machine_rates`, :func:`bounds`): the fp32 and int8 GEMM rates and the copy bandwidth
+Bounds (:func:`machine_rates`, :func:`bound_ms`): the fp32 and int8 GEMM rates and the copy bandwidth
 this CPU reaches, measured in the same run, turn a model's MACs and weight bytes into the least time
 a forward can take on each path, so a latency can be read against what the machine allows.
 """
@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import time
+import timeit
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -100,9 +100,8 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(method: Method) -> Method:
+def register(method: Method) -> None:
     METHODS[method.name] = method
-    return method
 
 
 def check_methods(names, where: str) -> tuple[str, ...]:
@@ -238,7 +237,7 @@ def key(run_id: str, method: str) -> str:
 
 
 def directory(store: ResultsStore, run_id: str, method: str) -> Path:
-    return store.run_dir(key(run_id, method))
+    return store.run_dir(key(run_id, method))  # runs/<run_id>/compressed/<method>
 
 
 def read(store: ResultsStore, run_id: str, method: str, run_record: dict | None = None) -> dict | None:
@@ -451,12 +450,7 @@ def compress_runs(store: ResultsStore, run_ids: list[str], methods: tuple[str, .
 
 def _fastest_s(fn: Callable[[], object], reps: int) -> float:
     fn()  # first-call allocations
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return min(timeit.repeat(fn, number=1, repeat=reps))
 
 
 def machine_rates(n: int = 2048, reps: int = 5, copy_mib: int = 256) -> dict:
