@@ -64,11 +64,20 @@ def parse_sets(items: list[str] | None) -> dict:
 
 
 def accuracy_table(record: dict, title: str | None = None) -> Table:
-    """Per-question-type accuracy of one run: val and test (best-val epoch), test (last epoch), and
-    the evaluation-time ablations (which evidence each question type uses)."""
-    m = record["metrics"]
+    """Per-question-type accuracy (a count's MSE: the run's task metric) of one run: val and test
+    (best-val epoch), test (last epoch), and the evaluation-time ablations (which evidence each
+    question type uses)."""
+    from harness import metrics as M
+    from harness import record as R
+
+    metric = M.task_metric(R.task(record))
+    m = {k: {"overall": v.get(metric.key), "per_type": v.get(metric.per_type) or {}, "counts": v.get("counts", {}),
+             "n": v.get("n")} for k, v in record["metrics"].items() if isinstance(v, dict) and k != "ablations"}
+    m["ablations"] = {k: {"overall": v.get(metric.key), "per_type": v.get(metric.per_type) or {}}
+                      for k, v in record["metrics"].get("ablations", {}).items()}
     types = [t for t in record["data"]["type_names"] if t in m["test"]["per_type"] or t in m["val"]["per_type"]]
-    t = Table(title=title or f"{record['variant']} on {record['data']['name']} (seed {record['seed']})")
+    what = "" if metric.name == M.PRIMARY else f": {metric.title}, {'higher' if metric.higher_is_better else 'lower'} is better"
+    t = Table(title=title or f"{record['variant']} on {record['data']['name']} (seed {record['seed']}){what}")
     t.add_column("split")
     for name in types:
         t.add_column(name, justify="right")

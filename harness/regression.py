@@ -63,7 +63,8 @@ def expected_path(grid_name: str) -> Path:
 
 def measure(grid: G.Grid, store: ResultsStore, console=None) -> dict[str, dict]:
     """Run the grid (complete runs are reused only when this checkout's code computed them) and
-    collect, per variant, :func:`summarize` of its runs."""
+    collect, per variant (per variant and data set, ``VARIANT on DATA``, for a grid of several data
+    sets, e.g. one per task), :func:`summarize` of its runs."""
     res = run_grid(grid, store, console=console, reuse_other_code=False)
     if res.failed:
         raise RegressionError("runs failed: " + "; ".join(f"{f['variant']}: {f['reason']}" for f in res.failed))
@@ -74,7 +75,8 @@ def measure(grid: G.Grid, store: ResultsStore, console=None) -> dict[str, dict]:
         if identity.code_of(rec) != code:
             raise RegressionError(f"run {rid} was computed by code {identity.code_of(rec)}, not this checkout's "
                                   f"({code}): not compared")
-        by_variant.setdefault(rec["variant"], []).append(rec)
+        key = rec["variant"] if len(grid.datasets) == 1 else f"{rec['variant']} on {rec['data']['spec']}"
+        by_variant.setdefault(key, []).append(rec)
     return {v: summarize(recs) for v, recs in sorted(by_variant.items())}
 
 
