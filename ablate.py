@@ -11,7 +11,7 @@
   python ablate.py run dualvgr --log tensorboard  # watch it live
   python ablate.py export RUN_ID -o teacher.tar   # share a run ...
   python ablate.py import teacher.tar   # ... and use it elsewhere
-  python ablate.py compress --grid tiny-compress   # int8 / ONNX Runtime of complete runs
+  python ablate.py compress --grid tiny-compress  # int8, ONNX
 """
 from __future__ import annotations
 
