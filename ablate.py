@@ -11,6 +11,7 @@
   python ablate.py run dualvgr --log tensorboard  # watch it live
   python ablate.py export RUN_ID -o teacher.tar   # share a run ...
   python ablate.py import teacher.tar   # ... and use it elsewhere
+  python ablate.py compress --grid tiny-compress  # int8, ONNX
 """
 from __future__ import annotations
 
@@ -174,6 +175,7 @@ def main(
         if res.interrupted:
             raise KeyboardInterrupt
         _measure_costs(store, res.run_ids, device)
+        compress_failed = _compress(store, _grid_run_ids(store, g, res.run_ids), g.compress)
         reported = _write_report(store, g, reports, res.run_ids,
                                  regenerate=_command("report", grid=grid, results=results, reports=reports,
                                                      data=data, seeds=seeds))
@@ -186,8 +188,28 @@ def main(
         say(console, f"{len(res.failed)} run(s) failed: " + "; ".join(
             f"{f['variant']} seed {f['seed']}: {f['reason']}" for f in res.failed), "red")
         raise typer.Exit(1)
-    if not reported:
-        raise typer.Exit(2)
+    if not reported or compress_failed:  # a compressed evaluation that failed was said in red above
+        raise typer.Exit(2 if not reported else 1)
+
+
+def _grid_run_ids(store, g, run_ids: list[str]) -> list[str]:
+    """The complete runs among ``run_ids`` of the variants the grid lists (not the teachers it trains for them)."""
+    listed = {s.variant for s in g.runs}
+    return [r for r in run_ids if store.is_complete(r) and store.read_record(r)["variant"] in listed]
+
+
+def _compress(store, run_ids: list[str], methods: tuple[str, ...], force: bool = False) -> list[dict]:
+    """Each run evaluated compressed by each method (harness.compress), on the CPU, one at a time,
+    after the training and the cost measurements; complete ones are skipped. Returns the failures, each said."""
+    from harness import compress
+
+    if not methods or not run_ids:
+        return []
+    failures = compress.compress_runs(store, run_ids, methods, force=force, say=lambda m: say(console, m, "dim"))
+    for f in failures:
+        say(console, f"compressed evaluation failed: {f['variant']} ({f['run_id']}), {f['method']}: {f['reason']}",
+            "red")
+    return failures
 
 
 def _executor_options(kind: str, items: list[str] | None) -> dict:
@@ -295,6 +317,57 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
     if not _write_report(store, g, reports, ids, _command("report", grid=grid, results=results, reports=reports,
                                                            data=data, seeds=seeds), plans):
         raise typer.Exit(2)
+
+
+@app.command()
+def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to compress (see `ablate.py results`)."),
+             grid: Optional[str] = typer.Option(None, "--grid", help="Compress the complete runs of this grid."),
+             method: Optional[list[str]] = typer.Option(None, "--method", help="dynamic-int8 or onnx, repeatable "
+                                                        "[default: the grid's [evaluate] compress, else both]."),
+             results: str = typer.Option("results", help="Results store directory."),
+             force: bool = typer.Option(False, help="Evaluate and time again those already complete."),
+             threads: Optional[int] = typer.Option(None, min=1, help="torch and ONNX Runtime CPU threads [default: "
+                                                   "torch's]; on a CPU shared with other work, 1 times more steadily.")):
+    """Evaluate complete runs compressed (int8, ONNX Runtime) on the CPU, without retraining: each is recorded in
+    results/runs/<run>/compressed/<method>/ beside the run (whose own files are only read); complete ones are
+    skipped. `ablate.py report --grid NAME` then shows them beside their fp32 runs."""
+    from harness import compress as C
+    from harness import grid as G
+    from harness.runner import plan, recorded_info
+    from harness.store import ResultsStore
+
+    store = ResultsStore(results)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        ids = list(run_id or [])
+        for rid in ids:
+            if not store.is_complete(rid):
+                raise C.CompressError(f"{rid}: not a complete run in {store.root} (see `ablate.py results`)")
+        g = G.load(grid) if grid else None
+        if g is not None:
+            info = recorded_info(g.data, store)
+            ids += _grid_run_ids(store, g, [plan(s, info).run_id for s in g.runs])
+        methods = C.check_methods(method or (g.compress if g is not None and g.compress else list(C.METHODS)),
+                                  "--method")
+        if not ids:
+            raise C.CompressError("no run to compress: name run ids or a grid with complete runs")
+        failed = _compress(store, ids, methods, force=force)
+    except user_errors() as e:
+        error(console, e)
+        raise typer.Exit(2)
+    for rid in ids:
+        for m, rec in C.read_all(store, store.read_record(rid)).items():
+            a, cpu = rec["agreement"], rec["cpu"]["latency"]
+            say(console, f"{rec['variant']} seed {rec['seed']} {m}: test {rec['metrics']['test']['overall']:.2f} "
+                         f"(fp32 {rec['fp32_test_recorded']:.2f}), predictions agree {100 * a['prediction_agreement']:.1f}%, "
+                         f"max |logit diff| {a['max_abs_logit_diff']:.2g}, {rec['size']['bytes']:,} bytes, "
+                         f"batch 1 {cpu['1']['compressed']['latency_ms_median']:.2f} ms "
+                         f"(fp32 {cpu['1']['fp32']['latency_ms_median']:.2f} ms)")
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -4,6 +4,7 @@ throughput, peak memory (and, with --data, the data layer's throughput), per bat
     python bench.py --variant dualvgr --config msvd --device cpu --batch-size 1 --format json
     python bench.py --variant 'teacher-*' --variant dualvgr --batch-size 1,32,256 --format markdown
     python bench.py --variant 'student-*' --device cuda --precision bf16 --compile --out bench.json
+    python bench.py --variant dualvgr --config msvd --device cpu --compress dynamic-int8 --compress onnx
 
 Every invocation also writes results/bench/<timestamp>-<variant>.json (one file per variant,
 a list of records; --results DIR to put them elsewhere, --no-store to skip). Field meanings,
@@ -71,6 +72,13 @@ def main(
     out: Optional[str] = typer.Option(None, help="Also write the JSON records to this file."),
     results: str = typer.Option("results", help="Results directory; records go to <results>/bench/."),
     no_store: bool = typer.Option(False, "--no-store", help="Do not write records under <results>/bench/."),
+    compress: Optional[list[str]] = typer.Option(None, "--compress", help="Instead of the measurements above: CPU "
+                                                 "latency of fp32 eager and of each compressed path named "
+                                                 "(dynamic-int8, onnx; repeatable), each beside its bound from "
+                                                 "the GEMM rates and copy bandwidth measured in the same run "
+                                                 "(harness.compress; --device cpu)."),
+    compress_reps: int = typer.Option(15, min=1, help="With --compress: timed forwards per path and batch size, in "
+                                                      "3 rounds that time the paths in turn."),
 ):
     """Cost of each variant and batch size."""
     import torch
@@ -78,6 +86,9 @@ def main(
     from ablate import parse_sets
 
     names, sizes, dev = _check_options(variant, config, fmt, precision, batch_size, device, threads)
+    if compress:
+        return _compress_main(names, config, parse_sets(set_), sizes, dev, compress, compress_reps, warmup, threads,
+                              fmt, out, None if no_store else results)
     if cuda_graph and (dev.type != "cuda" or compile_):
         raise typer.BadParameter("--cuda-graph needs a CUDA device (--device cuda) and no --compile: a graph replays "
                                  f"captured CUDA kernels (device here: {dev})", param_hint="--cuda-graph")
@@ -103,6 +114,113 @@ def main(
     if out:
         atomic_write_json(out, records)
     _print(records, fmt, config, precision, compile_, with_data=bool(data))
+
+
+def _compress_main(names: list[str], config: str, sets: dict, sizes: list[int], dev, methods: list[str], reps: int,
+                   warmup: int | None, threads: int | None, fmt: str, out: str | None, results: str | None) -> None:
+    """``--compress``: fp32 eager and each compressed path of each variant, latency beside its bound."""
+    import torch
+
+    from harness.compress import CompressError, check_methods
+
+    if dev.type != "cpu":
+        raise typer.BadParameter(f"--compress measures CPU paths (int8 kernels, ONNX Runtime's CPU provider): use "
+                                 f"--device cpu, not {dev}", param_hint="--device")
+    try:
+        methods = list(check_methods(methods, "--compress"))
+    except CompressError as e:
+        raise typer.BadParameter(str(e), param_hint="--compress") from None
+    if threads is not None:
+        torch.set_num_threads(threads)
+    _warn_if_loaded(dev)
+    records = []
+    for name in names:
+        recs = _compress_rows(_config(name, config, sets), config, sizes, methods, reps, warmup)
+        records.extend(recs)
+        if results:
+            path = Path(results) / "bench" / f"{recs[0]['measured_at']}-{name}-compress.json"
+            atomic_write_json(path, recs)
+            say(err, f"wrote {path}")
+    if out:
+        atomic_write_json(out, records)
+    _print_compress(records, fmt)
+
+
+def _compress_rows(cfg, config: str, sizes: list[int], methods: list[str], reps: int, warmup: int | None) -> list[dict]:
+    """One record per (path, batch size): latency (median, p90), bound, speed-up against fp32 eager."""
+    import tempfile
+
+    import torch
+
+    from harness import compress as C
+    from harness.env import device_name, git_commit, load_average
+    from harness.inputs import random_inputs
+
+    torch.manual_seed(0)
+    model = variants.build(cfg).eval()
+    say(err, f"{cfg.name}: counting MACs, measuring the GEMM rates and the copy bandwidth")
+    macs, rates = C.quantized_macs(model, cfg.model), C.machine_rates()
+    fp32_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    paths = {"fp32 eager": (model, fp32_bytes, "fp32")}
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    base = {"variant": cfg.name, "config": config, "device_name": device_name("cpu"), "threads": torch.get_num_threads(),
+            "torch_version": torch.__version__, "macs_per_sample": macs[0], "macs_int8_per_sample": macs[1], **rates,
+            "git_commit": git_commit(), "measured_at": stamp, "load_average_before": load_average()}
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in methods:
+            say(err, f"{cfg.name}: {m}")
+            comp = C.METHODS[m].build(model, cfg, Path(tmp) / m)
+            paths[m] = (comp.module, comp.size_bytes, "int8" if m == "dynamic-int8" else "fp32")
+        rows = []
+        for bs in sizes:
+            inputs = random_inputs(cfg.model, bs, "cpu")
+            say(err, f"{cfg.name} batch {bs}: {', '.join(paths)}, timed in turn")
+            lats = C.interleaved_latency({p: m for p, (m, _, _) in paths.items()}, inputs, reps, warmup=warmup)
+            read = variants.task(variants.task_of(cfg)).predict
+            with torch.no_grad():
+                ref = read(model(*inputs)["logits"])
+                agree = {p: float((read(m(*inputs)["logits"]) == ref).float().mean()) for p, (m, _, _) in paths.items()}
+            for path, (module, wbytes, kind) in paths.items():
+                rows.append({**base, "path": path, "batch_size": bs, "weight_bytes": wbytes, "bound_path": kind,
+                             **lats[path], **C.bound_ms(kind, bs, macs, wbytes, rates),
+                             "argmax_agrees_fp32": agree[path]})
+    for r in rows:
+        fp32 = next(x for x in rows if x["batch_size"] == r["batch_size"] and x["path"] == "fp32 eager")
+        r["speedup_vs_fp32"] = fp32["latency_ms_median"] / r["latency_ms_median"]
+        r["x_bound"] = r["latency_ms_median"] / r["bound_ms"]
+        r["load_average_after"] = load_average()
+    return rows
+
+
+COMPRESS_COLUMNS = ("variant", "path", "batch_size", "latency_ms_median", "latency_ms_p90", "bound_ms", "compute_ms",
+                    "memory_ms", "x_bound", "speedup_vs_fp32", "weight_bytes", "argmax_agrees_fp32")
+
+
+def _print_compress(records: list[dict], fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(records, indent=1, default=str))
+        return
+    r0 = records[0]
+    note = (f"{r0['config']} config, {r0['device_name']}, {r0['threads']} thread(s), torch {r0['torch_version']}; "
+            f"{r0['macs_per_sample'] / 1e9:.3f} G MACs per sample, {r0['macs_int8_per_sample'] / 1e9:.3f} G of them in "
+            f"nn.LSTM / nn.Linear (int8 under dynamic-int8); measured in this run: fp32 GEMM "
+            f"{r0['fp32_gemm_flops'] / 1e9:.0f} GFLOP/s, int8 GEMM {r0['int8_gemm_flops'] / 1e9:.0f} GOP/s "
+            f"({r0['gemm_n']}^3, dynamically quantised Linear), copy {r0['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + "
+            f"written); bound = max(MACs at the path's GEMM rates, its weight bytes at the copy bandwidth); load "
+            f"average {r0['load_average_before']}")
+    if fmt == "markdown":
+        print("| " + " | ".join(COMPRESS_COLUMNS) + " |")
+        print("|" + "|".join("---" if c in ("variant", "path") else "---:" for c in COMPRESS_COLUMNS) + "|")
+        for r in records:
+            print("| " + " | ".join(_fmt(r.get(c)) for c in COMPRESS_COLUMNS) + " |")
+        print(f"\n{note}")
+        return
+    t = Table(title=note)
+    for c in COMPRESS_COLUMNS:
+        t.add_column(c, justify="left" if c in ("variant", "path") else "right")
+    for r in records:
+        t.add_row(*[_fmt(r.get(c)) for c in COMPRESS_COLUMNS])
+    console.print(t)
 
 
 def _check_options(variant: list[str], config: str, fmt: str, precision: str, batch_size: str, device: str,

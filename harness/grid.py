@@ -29,6 +29,8 @@ Grid file (``grids/NAME.toml``)::
     [log]                              # live logging sinks (harness.sinks), off by default
     tensorboard = true                 # event files under each run's directory
     wandb = false                      # W&B, offline unless W&B is configured
+    [evaluate]                         # after training: each complete run evaluated compressed
+    compress = ["dynamic-int8", "onnx"]  # harness.compress.METHODS; recorded beside the run, not retrained
 
 Every key is checked before anything runs; an error names the file and the key (TOML syntax
 errors name the line). ``[set]``, ``[axes]``, ``[[include]]`` and ``[[exclude]]`` accept exactly
@@ -56,7 +58,9 @@ from .settings import TRAIN_CHECKS, SettingError, check_train_settings, is_int
 
 GRID_DIR = Path(__file__).resolve().parent.parent / "grids"
 TOP_KEYS = {"description", "data", "seeds", "variants", "train", "set", "axes", "include", "exclude", "executor",
-            "log"}
+            "log", "evaluate"}
+#: the keys of a grid's ``[evaluate]`` table
+EVALUATE_KEYS = {"compress"}
 TRAIN_KEYS = set(TRAIN_CHECKS)
 
 
@@ -74,6 +78,7 @@ class Grid:
     runs: list[RunSpec]
     executor: dict = field(default_factory=dict)
     log: tuple[str, ...] = ()  # logging sinks of harness.sinks
+    compress: tuple[str, ...] = ()  # compressed evaluations after training (harness.compress.METHODS)
     datasets: list[str] = field(default_factory=list)  # every data set, in the file's order
 
     def __post_init__(self):
@@ -108,7 +113,7 @@ def _read(path: Path) -> dict:
         raise GridError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(TOP_KEYS))})")
     if "variants" not in doc:
         raise GridError(f"{where}: missing key 'variants'")
-    for section in ("train", "set", "axes", "executor", "log"):
+    for section in ("train", "set", "axes", "executor", "log", "evaluate"):
         if not isinstance(doc.get(section, {}), dict):
             raise GridError(f"{where}: [{section}] must be a table")
     train = doc.get("train", {})
@@ -120,7 +125,21 @@ def _read(path: Path) -> dict:
     except SettingError as e:
         raise GridError(str(e)) from None
     _check_executor(where, doc.get("executor", {}))
+    _compress_methods(where, doc.get("evaluate", {}))
     return doc
+
+
+def _compress_methods(where: str, table: dict) -> tuple[str, ...]:
+    """The compression methods a grid's ``[evaluate]`` table asks for (``compress = [...]``), checked."""
+    from .compress import CompressError, check_methods
+
+    if set(table) - EVALUATE_KEYS:
+        raise GridError(f"{where}: [evaluate] has unknown key(s) {', '.join(sorted(set(table) - EVALUATE_KEYS))} "
+                        f"(known: {', '.join(sorted(EVALUATE_KEYS))})")
+    try:
+        return check_methods(table.get("compress", []), f"{where}: [evaluate] compress")
+    except CompressError as e:
+        raise GridError(str(e)) from None
 
 
 def _check_executor(where: str, table: dict) -> None:
@@ -244,7 +263,7 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
         raise GridError(f"{where}: the grid expands to no runs")
     return Grid(name=path.stem, path=path, description=doc.get("description", ""), data=datasets[0], seeds=seeds,
                 runs=order_runs(runs), executor=doc.get("executor", {}), log=_log_sinks(where, doc.get("log", {})),
-                datasets=datasets)
+                datasets=datasets, compress=_compress_methods(where, doc.get("evaluate", {})))
 
 
 def _datasets(where: str, value) -> list[str]:

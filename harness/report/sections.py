@@ -15,10 +15,10 @@ from .. import record as R
 from .. import stats as S
 from ..evaluate import ABLATIONS
 from .fmt import QUESTIONS_ONLY, _f, _fmt_mcnemar, _g, _md_table, _slug, fmt_acc, fmt_cell, fmt_ci, fmt_p
-from .grouping import Group, _mean, reference, type_groups, type_names
+from .grouping import Group, _mean, mean_std, reference, type_groups, type_names
 from .plots import _COLORS, plot_cost, plot_curves, plot_per_type
-from .statistics import (ALPHA, COST_COLUMNS, CORRECTION, Comparison, SectionStats, _comparison_columns,
-                         pareto_front, section_stats, summarize)
+from .statistics import (ALPHA, COST_COLUMNS, CORRECTION, Comparison, CompressedRow, SectionStats,
+                         _comparison_columns, compressed_rows, pareto_front, section_stats, summarize)
 
 #: the references every variant is compared with: key -> what the report calls it
 REFERENCES = {"baseline": "baseline", "control": "control"}
@@ -45,6 +45,7 @@ class Context:
     written: dict[str, bytes]
     #: the metric that ranks this data set's runs (its task's, harness.metrics): which sections it gets
     metric: str = M.PRIMARY
+    preds: Callable | None = None  # run id (or compressed evaluation key) -> its test predictions
 
     @property
     def base(self) -> Group | None:
@@ -302,6 +303,125 @@ def _curves_plot(ctx: Context) -> list[str]:
     return [f"![training curves]({ctx.link(fname)})", ""]
 
 
+def _median(values) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    return None if not values else (values[(len(values) - 1) // 2] + values[len(values) // 2]) / 2
+
+
+def _cpu_ms(recs: list[dict], batch: str, path: str) -> float | None:
+    """Median over compressed evaluations of one path's CPU latency at a batch size."""
+    return _median([(c.get("cpu", {}).get("latency", {}).get(batch, {}).get(path) or {}).get("latency_ms_median")
+                    for c in recs])
+
+
+def _fp32_row(g: Group, r: dict, ctx: Context, crows: list[CompressedRow]) -> list[str]:
+    """A group's fp32 row: its accuracy cell, its size, and the fp32 latency timed beside its compressed models."""
+    comp = [c for row in crows if row.group is g for _, c in row.pairs]
+    size = _median([c["size"]["fp32_bytes"] for c in comp])
+    return [g.label, "fp32 (eager)", _fmt_n(g), fmt_acc(r["test_acc_mean"], r["test_acc_std"]),
+            fmt_ci(ctx.stats.cells[g.label]["all"]), "ref", "-", "-", "-", "-", "-",
+            _f(size / 1e6, 3) if size else "-", _f(_cpu_ms(comp, "1", "fp32")), _f(_cpu_ms(comp, "32", "fp32")), "1.00"]
+
+
+def _compressed_row(row: CompressedRow) -> list[str]:
+    c, comp = row.cmp, [x for _, x in row.pairs]
+    accs = [x["metrics"]["test"]["overall"] for x in comp]
+    d = c.delta
+    mark = "" if d is None or d.seed_level else QUESTIONS_ONLY
+    star = " *" if c.p_holm is not None and c.p_holm < ALPHA else ""
+    speed = [x["cpu"]["latency"]["1"]["fp32"]["latency_ms_median"] / x["cpu"]["latency"]["1"]["compressed"]
+             ["latency_ms_median"] for x in comp]
+    return ["", row.method, f"n={len(comp)}", fmt_acc(*mean_std(accs)), fmt_ci(row.acc),
+            _f(d.mean, sign=True) if d else "-", fmt_ci(d, sign=True) if d else "-",
+            (fmt_p(c.p_holm) + mark + star) if d else "-", _fmt_mcnemar(c.mcnemar) if d else "-",
+            _f(100 * _mean([x["agreement"]["prediction_agreement"] for x in comp])),
+            _g(max(x["agreement"]["max_abs_logit_diff"] for x in comp), 2),
+            _f(_median([x["size"]["bytes"] for x in comp]) / 1e6, 3),
+            _f(_cpu_ms(comp, "1", "compressed")), _f(_cpu_ms(comp, "32", "compressed")), _f(_median(speed))]
+
+
+def _compressed_intro(ctx: Context, crows: list[CompressedRow]) -> list[str]:
+    """What the compressed rows are, how they were compared and timed, and when and where."""
+    from ..compress import METHODS
+
+    comp = [c for row in crows for _, c in row.pairs]
+    methods = "; ".join(f"`{m}`: {METHODS[m].description}" if m in METHODS else f"`{m}`"
+                        for m in dict.fromkeys(row.method for row in crows))
+    threads = sorted({c["cpu"]["threads"] for c in comp})
+    loads = [x for c in comp for x in c["cpu"].get("load_average", []) if x is not None]
+    at = sorted(c["finished_at"] for c in comp)
+    b = ctx.stats.boot
+    return [f"Each run evaluated after training, without retraining (`harness.compress`; {methods}), on the CPU "
+            f"with the same evaluation code as the run. Δ fp32: the paired difference (points) against the same "
+            f"runs in fp32 (same seeds, same test questions; two-level bootstrap, {b.resamples} resamples), p "
+            f"{CORRECTION}-corrected across this table (* below {ALPHA}), McNemar's exact test per seed (b: "
+            "questions only the compressed model answers correctly, c: only fp32). agrees % / max |Δ logit|: "
+            "the compressed model's predictions (argmax) and scores against the fp32 model's on every test question. Size: the file on disk (fp32: the "
+            "run's best.pt state dict; int8: its quantised state dict; onnx: the .onnx file). CPU ms: median "
+            "latency at batch 1 and 32 on random inputs shaped like the data, fp32 eager and each compressed model "
+            "timed in turn in the same process, 3 rounds (speed-up: their ratio at batch 1, median over runs); "
+            f"{'/'.join(map(str, threads))} thread(s), load average {_f(min(loads), 1) if loads else '-'}.."
+            f"{_f(max(loads), 1) if loads else '-'}, measured {at[0]} .. {at[-1]}: latencies of a shared machine "
+            "are noisy, medians are shown.", ""]
+
+
+def _compressed_notes(crows: list[CompressedRow]) -> list[str]:
+    """Rows that lose more than a point, and fp32 models that no longer reproduce their recorded predictions."""
+    notes = []
+    for row in crows:
+        d = row.cmp.delta if row.cmp else None
+        if d is not None and d.mean < -1.0:
+            notes.append(f"{row.group.label} loses {-d.mean:.2f} points under {row.method} (95% CI "
+                         f"{fmt_ci(d, sign=True)}).")
+        if row.cmp and row.cmp.why:
+            notes.append(f"{row.group.label} {row.method}: {row.cmp.why}.")
+        for r, c in row.pairs:
+            rep = c["agreement"].get("fp32_reproduced")
+            if rep is not None and rep < 1.0:
+                notes.append(f"{r['run_id']}: the fp32 model evaluated now agrees with its recorded test predictions "
+                             f"on {100 * rep:.1f}% of questions (other CPU kernels or threads than its training's).")
+    return ([f"Notes: {' '.join(dict.fromkeys(notes))}", ""] if notes
+            else ["No compressed model loses more than 1 point against its fp32 run.", ""])
+
+
+def _compressed_per_type(ctx: Context, crows: list[CompressedRow]) -> list[str]:
+    """Per-type test accuracy and the evaluation-time ablations of each path (means over seeds)."""
+    rows = []
+    for g, r in ctx.pairs():
+        mine = [row for row in crows if row.group is g]
+        if not mine:
+            continue
+        rows.append([g.label, "fp32"] + [_f(r[f"test_acc_{t}"]) for t in ctx.types] + [_f(r["test_acc_mean"])]
+                    + [_f(_mean(g.values(lambda x, key=key: R.metric(x, key)))) for key in ABLATIONS])
+        for row in mine:
+            ms = [c["metrics"] for _, c in row.pairs]
+            rows.append(["", row.method] + [_f(_mean([m["test"]["per_type"][t] for m in ms
+                                                      if t in m["test"]["per_type"]])) for t in ctx.types]
+                        + [_f(_mean([m["test"]["overall"] for m in ms]))]
+                        + [_f(_mean([m["ablations"][a]["overall"] for m in ms if a in m["ablations"]]))
+                           for a in ABLATIONS])
+    return (["Test accuracy (%) per question type and under the evaluation-time ablations, fp32 and compressed "
+             "(means over seeds):", ""]
+            + _md_table(["variant", "path"] + ctx.types + ["all"] + list(ABLATIONS.values()), rows,
+                        right=set(range(2, 3 + len(ctx.types) + len(ABLATIONS)))) + [""])
+
+
+def _compressed(ctx: Context) -> list[str]:
+    """Each variant's runs evaluated compressed (harness.compress) beside the same runs in fp32."""
+    crows = compressed_rows(ctx.preds, ctx.groups, ctx.types, ctx.stats.boot) if ctx.preds else []
+    if not crows:
+        return []
+    rows = []
+    for g, r in ctx.pairs():
+        mine = [row for row in crows if row.group is g]
+        rows += [_fp32_row(g, r, ctx, crows)] + [_compressed_row(row) for row in mine] if mine else []
+    headers = ["variant", "path", "n seeds", "test acc", "95% CI", "Δ fp32", "95% CI", "p (Holm)",
+               "McNemar per seed: b/c, p", "agrees %", "max |Δ logit|", "size MB", "CPU ms b1", "CPU ms b32",
+               "speed-up b1"]
+    return (_compressed_intro(ctx, crows) + _md_table(headers, rows, right=set(range(2, len(headers)))) + [""]
+            + _compressed_notes(crows) + _compressed_per_type(ctx, crows))
+
+
 #: a data set's sections in report order: (title, function of the Context returning its lines)
 SECTIONS: list[tuple[str, Callable[[Context], list[str]]]] = [
     ("Main table", _main_table),
@@ -309,6 +429,7 @@ SECTIONS: list[tuple[str, Callable[[Context], list[str]]]] = [
     ("Evaluation-time ablations", _ablation_table),
     ("Significance", _significance),
     ("Accuracy against cost", _cost_section),
+    ("Compressed: int8 and ONNX Runtime beside fp32", _compressed),
     ("Per-type accuracy (plot)", _per_type_plot),
     ("Training curves", _curves_plot),
 ]
@@ -341,7 +462,7 @@ def context(shared: Shared, data_id: str, groups: list[Group]) -> Context:
         _comparison_columns(row, stats, g.label)
     return Context(data_id, R.data_name(groups[0].runs[0]) or data_id, groups, rows, types, refs, shared.names,
                    stats, {g.label: _COLORS[i % len(_COLORS)] for i, g in enumerate(groups)}, shared.files_dir,
-                   f"-{_slug(data_id)}" if shared.multi else "", shared.written, metric)
+                   f"-{_slug(data_id)}" if shared.multi else "", shared.written, metric, shared.preds)
 
 
 def data_section(ctx: Context) -> list[str]:
@@ -350,5 +471,6 @@ def data_section(ctx: Context) -> list[str]:
     lines = [f"## Data set: {ctx.dname} (`{ctx.data_id}`)", ""]
     lines += ["Questions: " + ", ".join(f"{k} {v:,}" for k, v in sorted(sizes.items())) + ".", ""] if sizes else []
     for title, section in TASK_SECTIONS.get(ctx.metric, SECTIONS):
-        lines += [f"### {title}", ""] + section(ctx)
+        body = section(ctx)
+        lines += [f"### {title}", ""] + body if body else []  # a section with nothing to show is left out
     return lines

@@ -148,6 +148,45 @@ def section_stats(preds, groups: list[Group], types: list[str], refs: dict[str, 
     return SectionStats(boot, cells, comparisons, missing)
 
 
+@dataclass
+class CompressedRow:
+    """One group's runs evaluated by one compression method (:mod:`harness.compress`), each paired
+    with the same run in fp32: ``pairs`` (fp32 record, compressed record) by seed, the compressed
+    accuracy (``acc``) and the paired comparison with fp32 (``cmp``: same questions, same seeds)."""
+
+    group: Group
+    method: str
+    pairs: list[tuple[dict, dict]]
+    acc: Estimate | None = None
+    cmp: Comparison | None = None
+
+
+def compressed_rows(preds, groups: list[Group], types: list[str], boot: Bootstrap) -> list[CompressedRow]:
+    """Every (group, method) with compressed evaluations (``record["compressed"]``, attached by the
+    writer), its accuracy estimate and its comparison with fp32 (Holm across the rows)."""
+    from ..compress import key
+
+    rows = [CompressedRow(g, m, [(r, r["compressed"][m]) for r in g.runs if m in r.get("compressed", {})])
+            for g in groups for m in dict.fromkeys(m for r in g.runs for m in r.get("compressed", {}))]
+    ids = [i for row in rows for r, _ in row.pairs for i in (r["run_id"], key(r["run_id"], row.method))]
+    table, _ = correct_table(preds, list(dict.fromkeys(ids)), types, boot)
+    for row in rows:
+        ok = [(r["run_id"], key(r["run_id"], row.method), r["seed"]) for r, _ in row.pairs
+              if r["run_id"] in table and key(r["run_id"], row.method) in table]
+        label = f"{row.group.label} {row.method}"
+        if not ok:
+            row.cmp = Comparison(label, [], why="predictions missing or on other questions")
+            continue
+        fp32, comp, seeds = (list(x) for x in zip(*ok))
+        row.acc = table.estimate(comp)
+        row.cmp = Comparison(label, seeds, table.compare(comp, fp32),
+                             mcnemar=[(s, *t) for s, t in zip(seeds, table.mcnemar(comp, fp32))],
+                             why=None if len(ok) == len(row.pairs) else "some seeds without predictions left out")
+    for row, p in zip(rows, S.holm([r.cmp.delta.p if r.cmp.delta else None for r in rows])):
+        row.cmp.p_holm = p
+    return rows
+
+
 def summarize(g: Group, base: Group | None, ctrl: Group | None, types: list[str],
               cells: dict[str, Estimate | None] | None = None) -> dict:
     """One main-table row (numbers, not strings): also the CSV row. ``cells``: the group's

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import bill, costs, identity
+from .. import bill, compress, costs, identity
 from .. import metrics as M
 from .. import record as R
 from ..stats import Bootstrap
@@ -115,4 +115,5 @@ def _records(store: ResultsStore, run_ids: list[str] | None) -> tuple[list[dict]
     records = costs.attach(store, records)  # latency / inference memory measured alone, never during training
     for r in records:  # the training bill: the run's own, and the total with its teachers
         r["cost"].update(bill.bill_row(bill.training_bill(store, r)))
+        r["compressed"] = compress.read_all(store, r)  # its compressed evaluations, beside it (harness.compress)
     return records, missing
