@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -46,7 +47,7 @@ from .env import (apply_math_flags, check_precision, device_name, environment, g
 from .env import sync as _sync
 from .evaluate import ABLATIONS, evaluate
 from .inputs import param_counts
-from .planning import (Plan, RunFailed, RunSpec, check_plans, check_teacher_outputs,  # noqa: F401 - re-exported
+from .planning import (Plan, RunFailed, RunPruned, RunSpec, check_plans, check_teacher_outputs,  # noqa: F401 - re-exported
                        feature_mode, plan, recorded_info, run_id_for)
 from .record import RECORD_VERSION, Record, teacher_ref
 from .sinks import Sinks, check_sinks, run_hparams
@@ -60,7 +61,8 @@ from .teacher_cache import TeacherOutputs
 def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQAData | None = None,
           device: str | torch.device | None = "auto", force: bool = False, progress: bool = True,
           console: Console | None = None, log_every: int = 25, stop_after_epochs: int | None = None,
-          teacher_cache: bool = True, refuse_damaged: bool = False, log: tuple[str, ...] = ()) -> dict:
+          teacher_cache: bool = True, refuse_damaged: bool = False, log: tuple[str, ...] = (),
+          on_epoch: EpochCallback | None = None) -> dict:
     """Train and evaluate one run; returns its record (also written to ``store``).
 
     A complete run already in the store is returned as is (unless ``force``). An incomplete one
@@ -73,7 +75,11 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
     otherwise it is trained again from scratch. A complete run (this one, or a teacher) whose weights
     are damaged is set aside and retrained (:meth:`ResultsStore.usable`), or, with ``refuse_damaged``,
     refused (DamagedRun). ``log``: live logging sinks (:mod:`harness.sinks`) for the runs trained now,
-    teachers included; not part of the run id either.
+    teachers included; not part of the run id either. ``on_epoch(epoch, val_acc)``: called after each
+    validated epoch of this run (not its teachers'), the epochs of a resumed run's history first; when it
+    returns True the run stops there, is recorded as pruned (``pruned.json``, no record) and RunPruned
+    is raised (:mod:`harness.search`'s pruner); not part of the run id, and a run it never stops
+    writes the same record as without it.
     """
     log = check_sinks(log)
     store = store or ResultsStore()
@@ -99,6 +105,7 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
         if not force and store.usable(p.run_id, refuse_damaged):
             return store.read_record(p.run_id)
         run = _Run(p, store, data, dev, teachers, teacher_records, console, progress, log_every, teacher_cache, log)
+        run.on_epoch = on_epoch
         return run.execute(force, stop_after_epochs)
 
 
@@ -124,6 +131,9 @@ def _frozen_teacher(store: ResultsStore, trec: dict, dev: torch.device) -> torch
     tmodel.load_state_dict(weights)
     return tmodel.to(dev).eval().requires_grad_(False)
 
+
+#: ``on_epoch(epoch, val_acc) -> stop?`` of :func:`train` (epoch 0-based, accuracy in %)
+EpochCallback = Callable[[int, float], bool]
 
 #: the lock file in a run's directory, held by the process training it
 RUN_LOCK = ".lock"
@@ -204,6 +214,7 @@ class _Run:
         self.use_teacher_cache = teacher_cache and bool(teachers)
         self.tcache: TeacherOutputs | None = None
         self.log = log
+        self.on_epoch: EpochCallback | None = None
         self.t_process = time.perf_counter()
 
     # -- set up
@@ -340,6 +351,22 @@ class _Run:
             "cache_builds": st.cache_builds,
             "run_id": self.p.run_id})
 
+    def _ask_to_stop(self, recs: list[dict]) -> None:
+        """Hand each epoch's validation accuracy to ``on_epoch``; when it answers True the run stops
+        there: ``pruned.json`` (epoch, accuracies, the compute spent so far), no record, RunPruned."""
+        if self.on_epoch is None:
+            return
+        for rec in recs:
+            if self.on_epoch(rec["epoch"], rec["val_acc"]):
+                st = self.state
+                self.store.write_pruned(self.p.run_id, {
+                    "variant": self.p.spec.variant, "seed": self.p.spec.seed, "spec": dataclasses.asdict(self.p.spec),
+                    "epoch": rec["epoch"], "val_acc": rec["val_acc"], "best_val_acc": st.best["acc"],
+                    "epochs_run": len(st.history), "train_time_s": st.train_time, "train_samples": st.train_samples,
+                    "active_time_s": st.active_time, "device_name": device_name(self.dev)})
+                raise RunPruned(f"{self.p.run_id}: pruned after epoch {rec['epoch'] + 1} "
+                                f"(val {rec['val_acc']:.2f}%)")
+
     @property
     def eval_batch(self) -> int:
         return max(self.batch_size, 256)
@@ -364,6 +391,7 @@ class _Run:
         steps = D.num_batches(len(self.splits["train"]), self.batch_size, self.drop_last)
         display = _Display(self.console, self.show_progress, f"{self.p.spec.variant} seed {self.p.spec.seed}", epochs, steps)
         try:
+            self._ask_to_stop(st.history)  # a resumed run's epochs first
             for epoch in range(first, epochs):
                 if tc["early_stop"] is not None and st.stale_epochs() >= tc["early_stop"]:
                     break
@@ -373,6 +401,7 @@ class _Run:
                 sinks.epoch(rec)  # the values the record's history now holds
                 display.epoch_end(f"epoch {epoch + 1}/{epochs} loss {rec['loss']:.3f} train {rec['train_acc']:.1f}% "
                                   f"val {rec['val_acc']:.1f}%", epoch + 1)
+                self._ask_to_stop([rec])
                 if stop_after_epochs is not None and epoch + 1 - first >= stop_after_epochs and epoch + 1 < epochs:
                     return {"run_id": self.p.run_id, "status": "stopped", "epoch": epoch}
         finally:
