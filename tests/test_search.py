@@ -177,7 +177,8 @@ def test_test_metrics_are_never_read_while_searching(tiny, tmp_path, data_cache,
         return real(rec, split)
 
     monkeypatch.setattr(R, "split_metrics", spy)
-    study, store = S.load_study(_study(tmp_path, variant="student-logits", n_trials=2)), ResultsStore(tmp_path / "r")
+    study, store = (S.load_study(_study(tmp_path, variant="student-logits", n_trials=2, extra='pruner = "none"')),
+                    ResultsStore(tmp_path / "r"))
     o = S.search_phase(study, store, device="cpu")
     assert [t.state for t in _finished(o)] == [TrialState.COMPLETE] * 2 and set(reads) == {"val"}
     assert all(store.read_record(t.user_attrs["run_id"])["teachers"][0]["test_acc"] is not None for t in o.trials)
