@@ -41,7 +41,7 @@ def _trial_rows(o: optuna.Study) -> list[list[str]]:
     rows = []
     for t in o.get_trials(deepcopy=False):
         if t.user_attrs.get("abandoned"):
-            state = f"abandoned (asked again)"
+            state = "abandoned (asked again)"
         else:
             state = t.state.name.lower() + (f": {t.user_attrs['failure']}" if "failure" in t.user_attrs else "")
         pruned = str(t.user_attrs.get("pruned_epoch", t.last_step)) if t.state == TrialState.PRUNED else "-"
@@ -63,7 +63,8 @@ def _importances(o: optuna.Study, seed: int) -> tuple[list[str], str]:
         import sklearn  # noqa: F401
         ev = optuna.importance.FanovaImportanceEvaluator(seed=seed)
     except ImportError:
-        ev = optuna.importance.PedAnovaImportanceEvaluator()
+        ped = getattr(optuna.importance, "PedAnovaImportanceEvaluator", None)  # Optuna >= 3.6
+        ev = ped() if ped is not None else optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=seed)
     name = type(ev).__name__
     try:
         with warnings.catch_warnings():
@@ -136,9 +137,10 @@ def _final(final_report: Path | None, ids: dict[str, list[str]] | None) -> list[
     rows = []
     for _, r in df.iterrows():
         roles = sorted({role.get(x, "?") for x in str(r["run_ids"]).split(";")})
+        ref = r["category"] == "control"
         rows.append([r["label"], "/".join(roles), str(r["n_seeds"]),
                      f"{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}", f"[{r['test_acc_ci_lo']:.1f}, "
-                     f"{r['test_acc_ci_hi']:.1f}]", _f(r["delta_control"], sign=True),
+                     f"{r['test_acc_ci_hi']:.1f}]", "ref" if ref else _f(r["delta_control"], sign=True),
                      "-" if pd.isna(r["delta_control_ci_lo"]) else
                      f"[{r['delta_control_ci_lo']:+.1f}, {r['delta_control_ci_hi']:+.1f}]", _f(r["p_control_holm"], 3)])
     return _md_table(["configuration", "role", "seeds", "test acc", "95% CI", "Δ control", "Δ 95% CI",
@@ -198,7 +200,7 @@ def write_study_report(study: Study, store: ResultsStore, o: optuna.Study, stora
     lines += ["## Training bill of the study", "", "Each distinct run once (a trial that reused a complete run "
               "adds nothing new; teachers and caches once); the fresh-seed runs below are billed in their own "
               "report.", ""] + bill_lines
-    lines += [f"## Test comparison with fresh seeds", "", f"The best settings, the control `{study.search['control']}`"
+    lines += ["## Test comparison with fresh seeds", "", f"The best settings, the control `{study.search['control']}`"
               + (" and the variant at its default settings" if study.search["compare_default"] else "")
               + f", each trained with seeds {', '.join(map(str, study.search['final_seeds']))}; test accuracy at "
               "the best-validation epoch, differences against the control with the two-level bootstrap's 95% "
