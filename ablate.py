@@ -651,6 +651,8 @@ def _list_unfinished(store, failed: bool) -> None:
             if (d / "state.pt").is_file():
                 import torch
                 epochs = str(torch.load(d / "state.pt", map_location="cpu", weights_only=False)["epoch"] + 1)
+            if (pruned := store.read_pruned(d.name)) is not None:
+                epochs += f" (pruned by a search after epoch {pruned['epoch'] + 1})"
             t.add_row(d.name, epochs)
             n += 1
     if n:

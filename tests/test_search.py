@@ -109,6 +109,8 @@ def test_a_pruned_run_is_recorded_as_pruned_and_never_as_finished(tiny, tmp_path
     import ablate
     out = CliRunner().invoke(ablate.app, ["results", "--results", str(store.root)])
     assert run_id not in out.output and "no complete runs" in out.output
+    out = CliRunner().invoke(ablate.app, ["results", "--results", str(store.root), "--incomplete"])
+    assert "pruned by a search after epoch 2" in " ".join(out.output.split())
     # a later run resumes it: the callback sees the epochs already trained first; then it completes
     replay = []
     rec = train(spec, store, data=tiny, device="cpu", progress=False, on_epoch=lambda e, v: replay.append(e) or False)
