@@ -362,10 +362,23 @@ class _Run:
                 self.store.write_pruned(self.p.run_id, {
                     "variant": self.p.spec.variant, "seed": self.p.spec.seed, "spec": dataclasses.asdict(self.p.spec),
                     "epoch": rec["epoch"], "val_acc": rec["val_acc"], "best_val_acc": st.best["acc"],
-                    "epochs_run": len(st.history), "train_time_s": st.train_time, "train_samples": st.train_samples,
-                    "active_time_s": st.active_time, "device_name": device_name(self.dev)})
+                    "epochs_run": len(st.history), "training_compute": self._compute_so_far()})
                 raise RunPruned(f"{self.p.run_id}: pruned after epoch {rec['epoch'] + 1} "
                                 f"(val {rec['val_acc']:.2f}%)")
+
+    def _compute_so_far(self) -> dict:
+        """The training compute of a run stopped before its record (a pruned run), counted and measured as a
+        record's ``training_compute`` is (:func:`harness.bill.run_compute`)."""
+        st = self.state
+        st.active_time += time.perf_counter() - self.t_process
+        self.t_process = time.perf_counter()
+        so_far = {"device": str(self.dev), "device_name": device_name(self.dev), "wall_time_s": st.active_time,
+                  "train_time_s": st.train_time, "epochs_run": len(st.history),
+                  "cost": run_cost(self.model, self.p.cfg, self.dev, None, None),
+                  "data": {"sizes": {k: len(v) for k, v in self.data.splits.items()}}}
+        return run_compute(so_far, self.teacher_records, train_samples=st.train_samples,
+                           teacher_step_samples=st.teacher_step_samples, cache_build_s=st.cache_build_s,
+                           built_by_this_run=st.cache_builds, cache_info=self.tcache.info if self.tcache else None)
 
     @property
     def eval_batch(self) -> int:

@@ -144,9 +144,14 @@ def test_pruned_trials_are_pruned_runs_and_the_report_says_so(tiny, tmp_path, da
             assert store.is_complete(rid) and store.read_pruned(rid) is None
     listed = set(store.to_frame()["run_id"])
     assert listed == {t.user_attrs["run_id"] for t in trials if t.state == TrialState.COMPLETE}
-    from harness.report.study import _trial_rows
+    from harness.report.study import _bill, _trial_rows
     rows = {int(r[0]): r for r in _trial_rows(o)}
     assert rows[1][2] == "pruned" and rows[1][3] == "1" and rows[0][2] == "complete" and rows[0][3] == "-"
+    # the study's bill counts the pruned runs' training up to their pruning, as a record counts a run's
+    lines, total = _bill(store, o)
+    pruned_row = next(ln for ln in lines if ln.startswith("| pruned trial runs"))
+    cells = [c.strip() for c in pruned_row.strip("|").split("|")]
+    assert cells[1] == "2" and float(cells[2]) > 0 and float(cells[3]) > 0 and total > float(cells[3])
 
 
 # --- reuse, honesty, resuming --------------------------------------------------------------------------------------

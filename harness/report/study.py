@@ -101,7 +101,8 @@ def _plots(o: optuna.Study, name: str, files: Path) -> list[str]:
 
 def _bill(store: ResultsStore, o: optuna.Study) -> tuple[list[str], float]:
     """The study's training bill: each distinct run once; returns its lines and the device-seconds."""
-    own_s, own_g, pruned_s, teachers, caches, runs, n_pruned = 0.0, 0.0, 0.0, {}, {}, set(), 0
+    own_s, own_g, pruned_s, pruned_g, teachers, caches, runs, n_pruned = 0.0, 0.0, 0.0, 0.0, {}, {}, set(), 0
+    uncounted = 0
     for t in o.get_trials(deepcopy=False):
         rid = t.user_attrs.get("run_id")
         if rid is None or rid in runs:
@@ -113,18 +114,31 @@ def _bill(store: ResultsStore, o: optuna.Study) -> tuple[list[str], float]:
             own_g += b["own"]["gflops"] or 0.0
             teachers.update({x["run_id"]: x for x in b["teachers"]})
             caches.update({c["build_id"]: c for c in b["caches"]})
-        elif (p := store.read_pruned(rid)) is not None:
-            pruned_s += p.get("active_time_s") or 0.0
+        elif (p := store.read_pruned(rid)) is not None and "training_compute" in p:  # counted as a record's
+            b = bill.training_bill(store, {"run_id": rid, "variant": p.get("variant"),
+                                           "training_compute": p["training_compute"]})
+            pruned_s += b["own"]["device_s"] or 0.0
+            pruned_g += b["own"]["gflops"] or 0.0
+            teachers.update({x["run_id"]: x for x in b["teachers"]})
+            caches.update({c["build_id"]: c for c in b["caches"]})
             n_pruned += 1
+        elif p is not None:  # pruned by a harness that measured its seconds only
+            pruned_s += p.get("active_time_s") or 0.0
+            n_pruned, uncounted = n_pruned + 1, uncounted + 1
     t_s = sum(x["device_s"] or 0.0 for x in [*teachers.values(), *caches.values()])
     t_g = sum(x["gflops"] or 0.0 for x in [*teachers.values(), *caches.values()])
-    rows = [["complete trial runs (own training)", str(len(runs) - n_pruned), _f(own_g), _f(own_s, 1)],
-            ["pruned trial runs (until pruned)", str(n_pruned), "- (no record: not counted)", _f(pruned_s, 1)],
+    other = len(runs) - n_pruned - sum(store.is_complete(r) for r in runs)  # failed runs
+    rows = [["complete trial runs (own training)", str(len(runs) - n_pruned - other), _f(own_g), _f(own_s, 1)],
+            ["pruned trial runs (until pruned)", str(n_pruned), _f(pruned_g), _f(pruned_s, 1)],
             ["teachers and teacher-output caches", str(len(teachers) + len(caches)), _f(t_g), _f(t_s, 1)]]
     total = own_s + pruned_s + t_s
-    rows.append(["**total**", str(len(runs)), _f(own_g + t_g), f"**{_f(total, 1)}**"])
+    rows.append(["**total**", str(len(runs)), _f(own_g + pruned_g + t_g), f"**{_f(total, 1)}**"])
+    note = [f"Not billed: {other} trial run(s) with neither a record nor a pruning recorded (failed runs).", ""]
+    if uncounted:
+        note += [f"{uncounted} pruned run(s) were pruned by a harness that measured their seconds but did not yet "
+                 f"count their FLOPs: the GFLOPs are a lower bound.", ""]
     return _md_table(["part", "runs", "GFLOPs (counted)", "device-seconds (measured)"], rows,
-                     right={1, 2, 3}) + [""], total
+                     right={1, 2, 3}) + [""] + note[0 if other else 2:], total
 
 
 def _final(final_report: Path | None, ids: dict[str, list[str]] | None) -> list[str]:
