@@ -15,7 +15,7 @@ Study file (``grids/NAME.toml``; the grid file's keys where they mean the same t
     kind = "local"
     [search]
     n_trials = 20                          # trials finished (complete, pruned or failed) the study spends
-    sampler = "tpe"                        # tpe | random, seeded with ``seed``
+    sampler = "tpe"                        # tpe (its first min(10, n_trials / 2) trials random) | random
     seed = 0                               # the trials' training seed (and the sampler's)
     pruner = "median"                      # median | successive-halving | none
     startup_trials = 5                     # trials before the pruner prunes anything
