@@ -91,6 +91,9 @@ def test_study_file_checks_values_and_variants(tmp_path):
     s = S.load_study(_study(tmp_path, params='"edge_by" = {choices = ["time", "feature"]}'))
     assert s.variant == "student" and set(s.params) == {"alpha", "edge_by"} and s.search["n_trials"] == 3
     assert S.load_study(ROOT / "grids" / "search-logits.toml").search["n_trials"] == 20  # the shipped study loads
+    from harness import grid as G
+    with pytest.raises(G.GridError, match=r"a \[search\] table makes this a study file.*ablate.py search"):
+        G.load(ROOT / "grids" / "search-logits.toml")
 
 
 # --- pruned runs -------------------------------------------------------------------------------------------------
