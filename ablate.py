@@ -5,7 +5,7 @@
   python ablate.py --grid kd-losses --jobs 4     # four runs at a time
   python ablate.py --grid msvd --executor slurm --partition gpu
   python ablate.py report --grid tiny   # regenerate reports/tiny.md
-  python ablate.py search grids/search-logits.toml   # an Optuna study, then a fresh-seed test
+  python ablate.py search grids/search-logits.toml  # Optuna study
   python ablate.py run dualvgr          # one run, per-type accuracy
   python ablate.py list                 # the variant registry
   python ablate.py results              # every complete run in the store

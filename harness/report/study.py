@@ -77,6 +77,9 @@ def _importances(o: optuna.Study, seed: int) -> tuple[list[str], str]:
 
 def _png(ax) -> bytes:
     fig = (ax if hasattr(ax, "figure") else np.ravel(ax)[0]).figure
+    for a in fig.axes:
+        if a.get_ylabel() == "Objective Value":
+            a.set_ylabel("validation accuracy (%)")
     fig.set_size_inches(max(6.0, fig.get_size_inches()[0]), 4.0)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
