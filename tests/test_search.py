@@ -280,3 +280,21 @@ def test_a_changed_study_definition_is_refused(tmp_path):
     p.write_text(p.read_text().replace("high = 100.0", "high = 10.0"))
     with pytest.raises(S.StudyError, match="was defined otherwise"):
         S.open_study(S.load_study(p), store)
+
+
+@pytest.mark.parametrize("rdb", [False, True])
+def test_a_trial_left_running_is_asked_again_once(tmp_path, rdb):
+    """Journal file or RDB URL: a trial a killed process left RUNNING becomes abandoned (not spent) and its
+    settings are asked again, first, by the next worker; the budget counts finished trials only."""
+    study, store = S.load_study(_study(tmp_path, n_trials=2)), ResultsStore(tmp_path / "results")
+    url = f"sqlite:///{tmp_path / 'study.db'}" if rdb else None
+    o = S.open_study(study, store, url)
+    left = S.next_trial(o, study, store)  # asked, then the process "dies"
+    assert S.spent(o) == 1
+    o = S.open_study(study, store, url)
+    assert S.recover(o) == [0] and S.spent(o) == 0
+    again = S.next_trial(o, study, store)
+    assert again.params == left.params and again.user_attrs["retry_of"] == 0
+    assert S.next_trial(o, study, store) is not None and S.next_trial(o, study, store) is None  # 2 of 2 spent
+    assert S.recover(S.open_study(study, store, url)) == [1, 2]
+    assert (tmp_path / "study.db").exists() == rdb
