@@ -379,6 +379,6 @@ def final_phase(study: Study, store: ResultsStore, o: optuna.Study, *, jobs: int
     if not all(store.is_complete(r) for r in all_ids):
         return ids, None
     path = write_report(store, g.name, all_ids, out_dir=reports, control=study.search["control"],
-                        baseline=study.search["control"], grid_file=str(study.path),
+                        grid_file=str(study.path),
                         command=f"python ablate.py search {study.path} --results {store.root}")
     return ids, path

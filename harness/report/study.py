@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from .. import bill  # noqa: E402
@@ -80,7 +81,9 @@ def _png(ax) -> bytes:
     for a in fig.axes:
         if a.get_ylabel() == "Objective Value":
             a.set_ylabel("validation accuracy (%)")
-    fig.set_size_inches(max(6.0, fig.get_size_inches()[0]), 4.0)
+        if a.get_xscale() == "log":  # log axes label their decades only (minor labels overlap)
+            a.xaxis.set_minor_formatter(NullFormatter())
+    fig.set_size_inches(max(6.0, 3.0 * (len(fig.axes) - 1)), 4.0)  # the slice plot: one panel per setting
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
@@ -154,7 +157,7 @@ def _final(final_report: Path | None, ids: dict[str, list[str]] | None) -> list[
     rows = []
     for _, r in df.iterrows():
         roles = sorted({role.get(x, "?") for x in str(r["run_ids"]).split(";")})
-        ref = r["category"] == "control"
+        ref = "control" in roles
         rows.append([r["label"], "/".join(roles), str(r["n_seeds"]),
                      f"{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}", f"[{r['test_acc_ci_lo']:.1f}, "
                      f"{r['test_acc_ci_hi']:.1f}]", "ref" if ref else _f(r["delta_control"], sign=True),
