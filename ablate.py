@@ -65,11 +65,20 @@ def parse_sets(items: list[str] | None) -> dict:
 
 
 def accuracy_table(record: dict, title: str | None = None) -> Table:
-    """Per-question-type accuracy of one run: val and test (best-val epoch), test (last epoch), and
-    the evaluation-time ablations (which evidence each question type uses)."""
-    m = record["metrics"]
+    """Per-question-type accuracy (a count's MSE: the run's task metric) of one run: val and test
+    (best-val epoch), test (last epoch), and the evaluation-time ablations (which evidence each
+    question type uses)."""
+    from harness import metrics as M
+    from harness import record as R
+
+    metric = M.task_metric(R.task(record))
+    m = {k: {"overall": v.get(metric.key), "per_type": v.get(metric.per_type) or {}, "counts": v.get("counts", {}),
+             "n": v.get("n")} for k, v in record["metrics"].items() if isinstance(v, dict) and k != "ablations"}
+    m["ablations"] = {k: {"overall": v.get(metric.key), "per_type": v.get(metric.per_type) or {}}
+                      for k, v in record["metrics"].get("ablations", {}).items()}
     types = [t for t in record["data"]["type_names"] if t in m["test"]["per_type"] or t in m["val"]["per_type"]]
-    t = Table(title=title or f"{record['variant']} on {record['data']['name']} (seed {record['seed']})")
+    what = "" if metric.name == M.PRIMARY else f": {metric.title}, {'higher' if metric.higher_is_better else 'lower'} is better"
+    t = Table(title=title or f"{record['variant']} on {record['data']['name']} (seed {record['seed']}){what}")
     t.add_column("split")
     for name in types:
         t.add_column(name, justify="right")
@@ -228,8 +237,8 @@ def _planned(store, g, plans=None) -> list[dict] | None:
 
     if plans is None:
         try:
-            info = recorded_info(g.data, store)
-            plans = [q for s in g.runs for q in plan(s, info).all_plans()]
+            infos = {d: recorded_info(d, store) for d in g.datasets}
+            plans = [q for s in g.runs for q in plan(s, infos[s.data]).all_plans()]
         except user_errors():
             return None
     out = {}
@@ -273,8 +282,8 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
     store = ResultsStore(results)
     try:
         g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None)
-        info = recorded_info(g.data, store)  # from the store: no feature file is read
-        plans = [q for s in g.runs for q in plan(s, info).all_plans()]
+        infos = {d: recorded_info(d, store) for d in g.datasets}  # from the store: no feature file is read
+        plans = [q for s in g.runs for q in plan(s, infos[s.data]).all_plans()]
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
@@ -308,7 +317,8 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
     store = ResultsStore(results)
     try:
         gs = [G.load(x) for x in grid]
-        plans = [[plan(s, recorded_info(g.data, store)) for s in g.runs] for g in gs]
+        infos = {d: recorded_info(d, store) for g in gs for d in g.datasets}
+        plans = [[plan(s, infos[s.data]) for s in g.runs] for g in gs]
         ids = [[*dict.fromkeys(r for p in ps for r in p.all_run_ids())] for ps in plans]
     except user_errors() as e:
         error(console, e)

@@ -134,3 +134,25 @@ def attach(store: ResultsStore, records: list[dict]) -> list[dict]:
         r["cost"] = cost
         out.append(r)
     return out
+
+
+def run_cost(model: torch.nn.Module, cfg: variants.VariantConfig, dev: torch.device,
+             train_samples_per_s: float | None, peak_train_mib: dict | None) -> dict:
+    """What a training run can say of its variant's cost: FLOPs per sample (fvcore, LSTMs
+    included; counted, so load does not change them), the measured training throughput and peak
+    training memory (CUDA only; None elsewhere, never invented). Latency and inference memory are
+    not timed here, under whatever else runs: :mod:`harness.costs` measures them once per
+    configuration and device, serially, after training."""
+    from . import measure
+
+    peak = peak_train_mib or {}
+    out = {"macs_per_sample": None, "flops_per_sample": None, "peak_mem_mib_train": peak.get("total"),
+           "peak_mem_mib_train_step": peak.get("step"), "resident_mib_train": peak.get("resident"),
+           "train_samples_per_s": train_samples_per_s, "device": str(dev), "errors": {}}
+    try:
+        fl = measure.count_flops(model, measure.random_inputs(cfg.model, 2, dev))
+        out.update(macs_per_sample=int(fl["macs_per_sample"]), flops_per_sample=int(fl["flops_per_sample"]),
+                   unsupported_ops=fl["unsupported_ops"])
+    except Exception as e:  # noqa: BLE001 - a cost that cannot be measured is recorded as missing
+        out["errors"]["flops"] = f"{type(e).__name__}: {e}"
+    return out

@@ -41,6 +41,9 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
+from variants.tasks import OPEN_ENDED
+
+from . import answers as A
 from . import layout as L
 from .errors import DataError
 from .features import (FINGERPRINT_FILE, Features, InMemoryFeatures, NoFeatures,  # noqa: F401 - re-exported
@@ -98,6 +101,9 @@ class SplitData:
     qtypes: torch.Tensor  # (N,) int64 index into VideoQAData.type_names
     question_ids: np.ndarray
     video_ids: np.ndarray
+    #: what the task's questions carry besides (harness.answers): multiple choice's candidates and
+    #: candidate_lengths, indexed like the questions; the model takes them as keyword inputs
+    extra: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.questions.shape[0]
@@ -105,7 +111,8 @@ class SplitData:
     def to(self, device) -> "SplitData":
         kw = {f: getattr(self, f) for f in ("questions", "lengths", "video_rows", "answers", "qtypes")}
         return SplitData(self.name, **{k: v.to(device) for k, v in kw.items()},
-                         question_ids=self.question_ids, video_ids=self.video_ids)
+                         question_ids=self.question_ids, video_ids=self.video_ids,
+                         extra={k: v.to(device) for k, v in self.extra.items()})
 
 
 # What a question pickle of the format may name: numpy arrays, scalars and dtypes (as numpy 1 and 2
@@ -191,6 +198,7 @@ class DataInfo:
     dims: dict
     meta: dict
     sources: dict  # model setting -> "file:key" it comes from (for messages)
+    task: str = OPEN_ENDED  # what its questions ask (variants.tasks; harness.answers.detect_task)
 
     def check_model_config(self, model_cfg: dict) -> None:
         """Fail with a clear message when a model config does not fit these features."""
@@ -199,6 +207,9 @@ class DataInfo:
             if key != "motion_dim" and want is not None and want != have:
                 raise DataError(f"data set {self.name}: model setting {key}={want} does not match the "
                                 f"data ({key}={have}, from {self.sources.get(key, 'memory')})")
+        if model_cfg.get("task", OPEN_ENDED) != self.task:
+            raise DataError(f"data set {self.name}: its questions are {self.task} questions, but the model's "
+                            f"task setting is {model_cfg.get('task', OPEN_ENDED)!r}")
         # the motion width the model will have: motion_dim, or vision_dim when that is None
         have_motion = self.dims.get("motion_dim", self.dims.get("vision_dim"))
         want = model_cfg.get("motion_dim") or model_cfg.get("vision_dim")
@@ -298,10 +309,18 @@ def describe(spec: str | Path, *, generate: bool = True, **path_overrides) -> Da
     obj = _load_questions(paths.questions["train"], "train")
     g = np.asarray(obj["glove"])
     word_dim = int(g.shape[1]) if g.ndim == 2 else -1
-    return _info(spec, paths, vocab, app_shape, mot_shape[-1], word_dim)
+    meta = _read_meta(paths)
+    task = A.detect_task(meta, paths.meta, obj)
+    return _info(spec, paths, vocab, app_shape, mot_shape[-1], word_dim, meta, task)
 
 
-def _info(spec, paths: DataPaths, vocab: dict, app_shape: tuple, motion_dim: int, word_dim: int) -> DataInfo:
+def _info(spec, paths: DataPaths, vocab: dict, app_shape: tuple, motion_dim: int, word_dim: int, meta: dict,
+          task: str) -> DataInfo:
+    return DataInfo(str(spec), paths.name, _data_id(paths), _dims(vocab, app_shape, motion_dim, word_dim), meta,
+                    _sources(paths), task)
+
+
+def _read_meta(paths: DataPaths) -> dict:
     meta = {}
     if paths.meta:
         try:
@@ -310,13 +329,15 @@ def _info(spec, paths: DataPaths, vocab: dict, app_shape: tuple, motion_dim: int
             raise DataError(f"{paths.meta}: not valid JSON ({e})") from None
         if not isinstance(meta, dict):
             raise DataError(f"{paths.meta}: expected a JSON object, got {type(meta).__name__}")
-    return DataInfo(str(spec), paths.name, _data_id(paths), _dims(vocab, app_shape, motion_dim, word_dim), meta,
-                    _sources(paths))
+    return meta
 
 
-def _split_arrays(path: Path, split: str, q_vocab: int, a_vocab: int, vocab_path: Path) -> tuple[dict, np.ndarray]:
-    """A question file's arrays, validated: shapes, lengths, token and answer ids in range."""
+def _split_arrays(path: Path, split: str, q_vocab: int, a_vocab: int, vocab_path: Path,
+                  task: str | None, meta: tuple[dict, Path | None]) -> tuple[dict, np.ndarray, str]:
+    """A question file's arrays, validated: shapes, lengths, token ids, the task's answers and
+    candidates (``task`` None: detected from this file, see harness.answers)."""
     obj = _load_questions(path, split)
+    task = task or A.detect_task(*meta, obj)
     qs = _as_int_array(obj, "questions", path)
     if qs.ndim != 2:
         raise DataError(f"{path}: 'questions' must be 2-D (questions, max_len), got shape {qs.shape}")
@@ -337,13 +358,9 @@ def _split_arrays(path: Path, split: str, q_vocab: int, a_vocab: int, vocab_path
         i, j = np.argwhere((qs < 0) | (qs >= q_vocab))[0]
         raise DataError(f"{path}: token id {qs[i, j]} in question {i} (question_id {qid[i]}) is outside the "
                         f"question vocabulary of {q_vocab} tokens in {vocab_path}")
-    ans = arrays["answers"]
-    if ans.min() < 0 or ans.max() >= a_vocab:
-        i = int(np.flatnonzero((ans < 0) | (ans >= a_vocab))[0])
-        raise DataError(f"{path}: answer id {ans[i]} of question {i} (question_id {qid[i]}) is outside the "
-                        f"answer vocabulary of {a_vocab} answers in {vocab_path}")
+    arrays["extra"] = A.task_arrays(task, obj, path, arrays, q_vocab, a_vocab, vocab_path)
     arrays["category"] = obj.get(L.QUESTION_CATEGORY_KEY)
-    return arrays, _glove(obj, path, q_vocab)
+    return arrays, _glove(obj, path, q_vocab), task
 
 
 def _glove(obj: dict, path: Path, q_vocab: int) -> np.ndarray:
@@ -368,15 +385,15 @@ def _video_rows(path: Path, arrays: dict, id_to_row: dict, app_path: Path) -> np
     return rows
 
 
-def _load_splits(paths: DataPaths, splits: tuple[str, ...], vocab: dict, ids: np.ndarray
-                 ) -> tuple[dict[str, SplitData], np.ndarray, list[str]]:
+def _load_splits(paths: DataPaths, splits: tuple[str, ...], vocab: dict, ids: np.ndarray, meta: dict
+                 ) -> tuple[dict[str, SplitData], np.ndarray, list[str], str]:
     q_vocab, a_vocab = len(vocab[L.QUESTION_TOKENS_KEY]), len(vocab[L.ANSWER_TOKENS_KEY])
     id_to_row = {int(v): i for i, v in enumerate(ids.tolist())}
     out: dict[str, SplitData] = {}
-    glove, type_names = None, None
+    glove, type_names, task = None, None, None
     for split in splits:
         path = paths.questions[split]
-        arrays, g = _split_arrays(path, split, q_vocab, a_vocab, paths.vocab)
+        arrays, g, task = _split_arrays(path, split, q_vocab, a_vocab, paths.vocab, task, (meta, paths.meta))
         rows = _video_rows(path, arrays, id_to_row, paths.appearance)
         glove = g if glove is None else glove
         types, names = question_types(arrays["questions"], vocab, arrays["category"])
@@ -389,8 +406,9 @@ def _load_splits(paths: DataPaths, splits: tuple[str, ...], vocab: dict, ids: np
             types = np.array([remap[t] for t in types.tolist()], dtype=np.int64)
         out[split] = SplitData(split, *(torch.from_numpy(arrays[k]) for k in ("questions", "questions_len")),
                                torch.from_numpy(rows), torch.from_numpy(arrays["answers"]), torch.from_numpy(types),
-                               arrays["question_id"], arrays["video_ids"])
-    return out, glove, type_names or []
+                               arrays["question_id"], arrays["video_ids"],
+                               {k: torch.from_numpy(v) for k, v in arrays["extra"].items()})
+    return out, glove, type_names or [], task or OPEN_ENDED
 
 
 def load(spec: str | Path, *, splits: tuple[str, ...] = SPLITS, mode: str = "auto",
@@ -403,9 +421,10 @@ def load(spec: str | Path, *, splits: tuple[str, ...] = SPLITS, mode: str = "aut
     paths = _resolve_paths(spec, path_overrides)
     vocab = load_vocab(paths.vocab)
     features, ids = _load_features(paths, mode, check_finite)
-    split_data, glove, type_names = _load_splits(paths, splits, vocab, ids)
+    meta = _read_meta(paths)
+    split_data, glove, type_names, task = _load_splits(paths, splits, vocab, ids, meta)
     app_shape = (features.num_videos, features.num_clips, features.num_frames, features.vision_dim)
-    info = _info(spec, paths, vocab, app_shape, features.motion_dim, int(glove.shape[1]))
+    info = _info(spec, paths, vocab, app_shape, features.motion_dim, int(glove.shape[1]), meta, task)
     return VideoQAData(paths.name, info, paths, vocab, torch.from_numpy(glove.copy()), split_data, features,
                        type_names)
 
@@ -444,6 +463,7 @@ class Batch(NamedTuple):
     answers: torch.Tensor  # (B,)
     qtypes: torch.Tensor  # (B,)
     index: torch.Tensor  # (B,) positions in the split
+    extra: dict = {}  # the task's model inputs (SplitData.extra), e.g. candidates; never mutated
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
@@ -469,4 +489,4 @@ def iterate_batches(split: SplitData, features: Features, batch_size: int, *, sh
         app = app.to(dev, dtype=dtype, non_blocking=True)
         mot = mot.to(dev, dtype=dtype, non_blocking=True)
         yield Batch(app, mot, split.questions[idx], split.lengths[idx], split.answers[idx],
-                    split.qtypes[idx], idx)
+                    split.qtypes[idx], idx, {k: v[idx] for k, v in split.extra.items()})

@@ -8,6 +8,9 @@ import numpy as np
 import torch
 
 from . import data as D
+import variants
+from variants.tasks import OPEN_ENDED
+
 from .env import autocast
 from . import metrics as M
 
@@ -18,18 +21,21 @@ ABLATIONS: dict[str, str] = {"shuffle_video": "videos shuffled", "zero_appearanc
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, split: D.SplitData, features: D.Features, batch_size: int,
-            device: torch.device, feature_transform=None, precision: str = "fp32") -> tuple[torch.Tensor, dict]:
-    """Argmax predictions for a split, kept on the device until the end (one transfer), and the
+            device: torch.device, feature_transform=None, precision: str = "fp32",
+            task: str = OPEN_ENDED) -> tuple[torch.Tensor, dict]:
+    """The task's predictions for a split (argmax over answers or candidates, a rounded count:
+    :mod:`variants.tasks`), kept on the device until the end (one transfer), and the
     split's mean of each scalar model output a registered metric needs (``harness.metrics``; e.g.
     the reconstruction error of models that reconstruct their input), for the outputs the model gives."""
     model.eval()
     preds, sums = [], {}
     wanted = M.needed_outputs()
+    read = variants.task(task).predict
     for b in D.iterate_batches(split, features, batch_size, device=device):
         app, mot = (b.appearance, b.motion) if feature_transform is None else feature_transform(b)
         with autocast(device, precision):
-            out = model(app, mot, b.questions, b.lengths)
-        preds.append(out["logits"].argmax(1))
+            out = model(app, mot, b.questions, b.lengths, **b.extra)
+        preds.append(read(out["logits"]))
         for k in wanted & out.keys():
             sums.setdefault(k, []).append(out[k].float() * b.answers.shape[0])
     means = {k: float(torch.stack(v).sum()) / len(split) for k, v in sums.items()}
@@ -51,13 +57,14 @@ def ablated(split: D.SplitData, name: str, seed: int = 0):
 
 
 def evaluate(model, split: D.SplitData, features: D.Features, type_names: list[str], batch_size: int,
-             device: torch.device, ablation: str | None = None, precision: str = "fp32") -> tuple[dict, np.ndarray]:
+             device: torch.device, ablation: str | None = None, precision: str = "fp32",
+             task: str = OPEN_ENDED) -> tuple[dict, np.ndarray]:
     """Every registered metric of ``model`` on ``split`` (``harness.metrics``: per-type accuracy, the
     reconstruction error...), as a record stores them, and its predictions."""
     transform = None
     if ablation is not None:
         split, transform = ablated(split, ablation)
-    pred, outputs = predict(model, split, features, batch_size, device, transform, precision)
+    pred, outputs = predict(model, split, features, batch_size, device, transform, precision, task)
     pred = pred.numpy()
-    ev = M.Evaluated(pred, split.answers.cpu().numpy(), split.qtypes.cpu().numpy(), type_names, outputs)
+    ev = M.Evaluated(pred, split.answers.cpu().numpy(), split.qtypes.cpu().numpy(), type_names, outputs, task)
     return M.compute_all(ev), pred

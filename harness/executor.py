@@ -178,11 +178,12 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     log = check_sinks(grid.log if log is None else log)
     kind = executor_kind(executor)
     console = console or make_console(stderr=True)
-    info = D.describe(grid.data)  # run ids from the data set's info: no feature is read here
-    store.write_data_info(info.to_dict())
+    infos = {d: D.describe(d) for d in grid.datasets}  # run ids from the data sets' info: no feature is read here
+    for info in infos.values():
+        store.write_data_info(info.to_dict())
     code = identity.code_fingerprint()
     specs = grid.runs if reuse_other_code else [dataclasses.replace(s, require_code=code) for s in grid.runs]
-    plans = [plan(s, info) for s in specs]
+    plans = [plan(s, infos[s.data]) for s in specs]
     check_plans(plans)  # every student's losses read outputs its teachers produce: checked before anything trains
     every = list({q.run_id: q for p in plans for q in p.all_plans()}.values())  # teachers first, each once
     own = {p.run_id for p in plans}
@@ -193,7 +194,7 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     todo = [p for p in every if p.run_id not in done or (not reuse_other_code and p.run_id in other)]
     todo_own = sum(p.run_id in own for p in todo)
     teachers = [p for p in every if p.run_id not in own]
-    say(console, f"grid {grid.name}: {len(plans)} runs on {grid.data} ({len(plans) - todo_own} already complete, "
+    say(console, f"grid {grid.name}: {len(plans)} runs on {', '.join(grid.datasets)} ({len(plans) - todo_own} already complete, "
                  f"{todo_own} to run)" + (f", and {len(teachers)} teacher runs they need ("
                                           f"{len(todo) - todo_own} to train)" if teachers else "")
         + f"; executor {executor} x {jobs}")

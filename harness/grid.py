@@ -6,7 +6,7 @@ cluster through submitit.
 Grid file (``grids/NAME.toml``)::
 
     description = "every distillation loss against the same teacher"
-    data = "synthetic:tiny"            # a feature directory or synthetic:PRESET[:SEED]
+    data = "synthetic:tiny"            # a feature directory or synthetic:PRESET[:SEED], or a list of them
     seeds = [0, 1]
     variants = ["dualvgr", "student", "student-*"]   # names or shell wildcards
 
@@ -69,11 +69,15 @@ class Grid:
     name: str
     path: Path
     description: str
-    data: str
+    data: str  # the first data set (the grid's only one, usually)
     seeds: list[int]
     runs: list[RunSpec]
     executor: dict = field(default_factory=dict)
     log: tuple[str, ...] = ()  # logging sinks of harness.sinks
+    datasets: list[str] = field(default_factory=list)  # every data set, in the file's order
+
+    def __post_init__(self):
+        self.datasets = self.datasets or [self.data]
 
 
 def resolve_path(name_or_path: str | Path) -> Path:
@@ -221,7 +225,7 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
     seeds = list(seeds if seeds is not None else doc.get("seeds", [666]))
     if not seeds or not all(is_int(s) for s in seeds):
         raise GridError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
-    data = data or doc.get("data", "synthetic:tiny")
+    datasets = [data] if data else _datasets(where, doc.get("data", "synthetic:tiny"))
     excluded = _excluder(where, doc, names)
     train = doc.get("train", {})
     runs: list[RunSpec] = []
@@ -230,19 +234,29 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
         if (hit := excluded(variant, ov)) is not None:
             used.add(hit)
             continue
-        for seed in run_seeds:
-            key = (variant, json.dumps(ov, sort_keys=True), seed)
+        for d, seed in itertools.product(datasets, run_seeds):
+            key = (d, variant, json.dumps(ov, sort_keys=True), seed)
             if key not in seen:
                 seen.add(key)
-                runs.append(RunSpec(variant=variant, data=data, seed=seed, overrides=dict(ov), **train))
+                runs.append(RunSpec(variant=variant, data=d, seed=seed, overrides=dict(ov), **train))
     unused = [str(i + 1) for i in range(len(doc.get("exclude", []))) if i not in used]
     if unused:
         raise GridError(f"{where}: [[exclude]] #{', #'.join(unused)} match(es) no run of the grid (each key must "
                         f"equal the run's setting, given in [set], [axes] or [[include]])")
     if not runs:
         raise GridError(f"{where}: the grid expands to no runs")
-    return Grid(name=path.stem, path=path, description=doc.get("description", ""), data=data, seeds=seeds,
-                runs=order_runs(runs), executor=doc.get("executor", {}), log=_log_sinks(where, doc.get("log", {})))
+    return Grid(name=path.stem, path=path, description=doc.get("description", ""), data=datasets[0], seeds=seeds,
+                runs=order_runs(runs), executor=doc.get("executor", {}), log=_log_sinks(where, doc.get("log", {})),
+                datasets=datasets)
+
+
+def _datasets(where: str, value) -> list[str]:
+    """The grid's ``data``: one data spec, or a list of them (every run on each, e.g. one per task)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(d, str) and d for d in items) \
+            or len(set(items)) != len(items):
+        raise GridError(f"{where}: data must be a data spec or a non-empty list of distinct data specs, got {value!r}")
+    return items
 
 
 def _log_sinks(where: str, table: dict) -> tuple[str, ...]:

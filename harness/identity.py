@@ -55,6 +55,7 @@ NEUTRAL: dict[str, object] = {
     "model.keep_ratio": 1.0,        # every clip kept (node sparsity off)
     "model.edge_k": 0,              # full graph (edge sparsity off)
     "model.decoder_hidden": 0,      # no autoencoder decoders
+    "model.task": "open-ended",     # the answer vocabulary's classification (variants.tasks)
     "loss.ce_weight": 1.0,          # plain cross entropy
     "loss.recon_weight": 0.0,       # no reconstruction term
     "loss.ae_pretrain_steps": 0,    # no reconstruction-only stage

@@ -42,7 +42,7 @@ from .env import (apply_math_flags, autocast, cuda_facts, device_name, lstm_prec
 from .env import sync as _sync
 from .flops import (FLOP_HANDLES, ZERO_FLOP_OPS, TraceOutputs, count_flops, einsum_flop_jit,  # noqa: F401 - re-exported
                     flop_analysis, flops_crosscheck, rnn_flop_jit, torch_flops)
-from .inputs import param_counts, random_answers, random_inputs
+from .inputs import param_counts, random_answers, random_inputs, split_inputs
 
 # ----------------------------------------------------------------------------- timing helpers
 
@@ -174,7 +174,8 @@ def make_train_step(cfg, model: nn.Module, teachers: list[nn.Module] | None = No
                     forward=maybe_compile(model, True) if compile else None)
 
     def step(inputs: tuple, answers: torch.Tensor) -> torch.Tensor:
-        return ts(*inputs, answers).loss
+        base, extra = split_inputs(inputs, cfg.model)
+        return ts(*base, answers, extra=extra).loss
 
     step.train_step = ts  # type: ignore[attr-defined]
     step.optimizer = ts.optimizer  # type: ignore[attr-defined]

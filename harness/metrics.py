@@ -23,6 +23,9 @@ from typing import Callable
 
 import numpy as np
 
+import variants
+from variants.tasks import COUNT, OPEN_ENDED
+
 #: the statistics a metric can declare: the two-level bootstrap of harness.stats, McNemar's exact test
 BOOTSTRAP, MCNEMAR = "bootstrap", "mcnemar"
 #: the splits a record's ``metrics`` holds a value of every metric for (``test`` at the best-validation epoch)
@@ -40,6 +43,7 @@ class Evaluated:
     qtypes: np.ndarray  # (N,) question-type indices into type_names
     type_names: list[str]
     outputs: dict[str, float]  # the split's mean of each scalar model output a metric asks for (Metric.outputs)
+    task: str = OPEN_ENDED  # what was asked (variants.tasks): a metric may apply to some tasks only
 
     @property
     def correct(self) -> np.ndarray:
@@ -133,6 +137,19 @@ def needed_outputs() -> set[str]:
     return {o for m in METRICS.values() for o in m.outputs}
 
 
+def task_metric(task: str) -> Metric:
+    """The metric that ranks runs of ``task`` and selects their epoch (``Task.metric``)."""
+    return METRICS[variants.task(task).metric]
+
+
+def selection_score(task: str, split_metrics: dict) -> float:
+    """A split's value of ``task``'s metric, oriented so that higher is better (the runner keeps the
+    epoch with the highest: the best validation accuracy, the lowest validation MSE of a count)."""
+    m = task_metric(task)
+    value = float(split_metrics[m.key])
+    return value if m.higher_is_better else -value
+
+
 def fixed(nd: int = 2) -> Callable[[float | None], str]:
     """A formatter: ``nd`` decimals, ``-`` for a missing value."""
     return lambda x: "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{nd}f}"
@@ -165,6 +182,20 @@ def accuracy_by_type(correct, qtypes, type_names: list[str]) -> dict:
     return out
 
 
+def squared_error_by_type(pred, answers, qtypes, type_names: list[str]) -> dict:
+    """A count's squared errors: ``{"mse": mean, "mse_per_type": {name: mean}}`` (types with no
+    question left out), HCRN's figure: the rounded, clamped prediction against the true count."""
+    err = (np.asarray(pred, dtype=np.float64) - np.asarray(answers, dtype=np.float64)) ** 2
+    qtypes = np.asarray(qtypes, dtype=np.int64).reshape(-1)
+    per = {name: float(err[qtypes == i].mean()) for i, name in enumerate(type_names) if (qtypes == i).any()}
+    return {"mse": float(err.mean()) if err.size else float("nan"), "mse_per_type": per}
+
+
+def _count_task(record: dict) -> bool:
+    """Whether a run answers count questions (its model's task)."""
+    return (((record.get("variant_config") or {}).get("model") or {}).get("task")) == COUNT
+
+
 def _recon(ev: Evaluated) -> dict:
     """The reconstruction error, for a model that gives one."""
     return {"recon_mse": ev.outputs["recon_loss"]} if "recon_loss" in ev.outputs else {}
@@ -185,3 +216,10 @@ register(Metric(
     note="recon MSE: the test-set reconstruction error of autoencoder variants (`metrics.test.recon_mse`, mean "
          "over seeds).",
     absent_note="autoencoder variants ({labels}) have no reconstruction error in their records."))
+register(Metric(
+    name="mse", key="mse", title="test MSE", higher_is_better=False, fmt=fixed(3), per_type="mse_per_type",
+    compute=lambda ev: squared_error_by_type(ev.pred, ev.answers, ev.qtypes, ev.type_names) if ev.task == COUNT else {},
+    statistics=(BOOTSTRAP,), applies=_count_task, tolerance=1.0, digits=3,
+    note="test MSE: a count's mean squared error (HCRN: the prediction rounded and clamped to 1-10; lower is "
+         "better), mean over seeds; the count section gives its intervals and paired tests.",
+    absent_note="count runs ({labels}) have no MSE in their records."))

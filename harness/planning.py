@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import torch
 
 import variants
+from variants.tasks import OPEN_ENDED
 
 from . import data as D
 from . import identity, teacher_cache
 from .errors import HarnessError
-from .inputs import random_answers, random_inputs
+from .inputs import random_answers, random_inputs, split_inputs
 from .settings import REFERENCE_TRAIN, TRAIN_CHECKS, TRAIN_DEFAULTS, check_train_settings
 from .step import make_objective
 from .store import ResultsStore
@@ -111,6 +112,8 @@ def plan(spec: RunSpec, data: D.DataInfo | D.VideoQAData) -> Plan:
     train_cfg = spec.resolved_train(info.meta.get("suggested_train"))
     suggested_model = dict(info.meta.get("suggested_model", {}))
     dims = {k: v for k, v in info.dims.items() if k in variants.DATA_KEYS}
+    if info.task != OPEN_ENDED:  # the head the data set's questions need (variants.tasks)
+        dims["task"] = info.task
     cfg = variants.get_config(spec.variant, **{**suggested_model, **dims, **spec.overrides})
     info.check_model_config(cfg.model)
     teachers = [plan(dataclasses.replace(spec, variant=t, overrides=variants.teacher_settings(t, spec.overrides)), info)
@@ -145,7 +148,8 @@ def check_teacher_outputs(p: Plan) -> None:
         teachers = [variants.build(t.cfg).eval() for t in p.teachers]
         inputs = random_inputs(p.cfg.model, 2, cpu)
         answers = random_answers(p.cfg.model, 2, cpu)
-        batch = D.Batch(*inputs, answers, torch.zeros(2, dtype=torch.long), torch.arange(2))
+        base, extra = split_inputs(inputs, p.cfg.model)
+        batch = D.Batch(*base, answers, torch.zeros(2, dtype=torch.long), torch.arange(2), extra)
         try:
             teacher_cache.keys_read(make_objective(p.cfg, teachers, cpu), model, teachers, batch,
                                     names=[f"{t.spec.variant} ({t.cfg.arch})" for t in p.teachers])

@@ -13,6 +13,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, TypedDict
 
+from variants.tasks import OPEN_ENDED
+
 from . import metrics as M
 
 #: the version of the record's layout, written into every record
@@ -139,6 +141,11 @@ def per_type(rec: Record, split: str = "test", name: str = M.PRIMARY) -> dict[st
     """A metric's per-question-type breakdown on a split ({} when it has none)."""
     key = M.METRICS[name].per_type
     return dict(split_metrics(rec, split).get(key) or {}) if key else {}
+
+
+def task(rec: Record) -> str:
+    """The task the run's model answers (variants.tasks; open-ended for records before tasks)."""
+    return (((rec.get("variant_config") or {}).get("model") or {}).get("task")) or OPEN_ENDED
 
 
 def best_epoch(rec: Record) -> int | None:

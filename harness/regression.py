@@ -63,7 +63,8 @@ def expected_path(grid_name: str) -> Path:
 
 def measure(grid: G.Grid, store: ResultsStore, console=None) -> dict[str, dict]:
     """Run the grid (complete runs are reused only when this checkout's code computed them) and
-    collect, per variant, :func:`summarize` of its runs."""
+    collect, per variant (per variant and data set, ``VARIANT on DATA``, for a grid of several data
+    sets, e.g. one per task), :func:`summarize` of its runs."""
     res = run_grid(grid, store, console=console, reuse_other_code=False)
     if res.failed:
         raise RegressionError("runs failed: " + "; ".join(f"{f['variant']}: {f['reason']}" for f in res.failed))
@@ -74,7 +75,8 @@ def measure(grid: G.Grid, store: ResultsStore, console=None) -> dict[str, dict]:
         if identity.code_of(rec) != code:
             raise RegressionError(f"run {rid} was computed by code {identity.code_of(rec)}, not this checkout's "
                                   f"({code}): not compared")
-        by_variant.setdefault(rec["variant"], []).append(rec)
+        key = rec["variant"] if len(grid.datasets) == 1 else f"{rec['variant']} on {rec['data']['spec']}"
+        by_variant.setdefault(key, []).append(rec)
     return {v: summarize(recs) for v, recs in sorted(by_variant.items())}
 
 
@@ -83,7 +85,7 @@ def summarize(recs: list[dict]) -> dict:
     (rounded to the metric's digits; None when a run lacks it), the parameter count, MACs per sample."""
     out = {}
     for m in M.METRICS.values():
-        if m.tolerance is None:
+        if m.tolerance is None or not m.applies(recs[0]):
             continue
         vals = [R.metric(r, "test", m.name) for r in recs]
         mean = sum(vals) / len(vals) if vals and None not in vals else None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import pickle
 import platform
 import sys
@@ -40,7 +41,9 @@ from variants.dualvgr import kept_clips
 
 from . import data as D
 from . import identity, teacher_cache
+from . import metrics as M
 from .bill import run_compute
+from .costs import run_cost
 from .console import progress_bar, say
 from .env import (apply_math_flags, check_precision, device_name, environment, git_commit,
                   lstm_precision, resolve_device, runs_sharing_device, seed_everything)
@@ -184,7 +187,9 @@ class _Progress:
     """What a run has done so far; saved in ``state.pt`` after every epoch."""
 
     history: list[dict] = field(default_factory=list)
-    best: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": -1})
+    #: the best validation epoch: its accuracy, its selection score (metrics.selection_score; absent
+    #: from older state files, whose score was the accuracy) and its index
+    best: dict = field(default_factory=lambda: {"acc": -1.0, "score": -math.inf, "epoch": -1})
     next_epoch: int = 0
     train_time: float = 0.0  # seconds in training steps
     train_samples: int = 0
@@ -206,6 +211,8 @@ class _Run:
                  teachers: list[torch.nn.Module], teacher_records: list[dict], console: Console, progress: bool,
                  log_every: int, teacher_cache: bool = True, log: tuple[str, ...] = ()):
         self.p, self.store, self.data, self.dev = p, store, data, dev
+        self.task = variants.task_of(p.cfg)  # what the questions ask (variants.tasks)
+        self.read_answer = variants.task(self.task).predict
         self.teachers, self.teacher_records = teachers, teacher_records
         self.console, self.show_progress, self.log_every = console, progress, log_every
         self.run_dir = store.run_dir(p.run_id)
@@ -302,10 +309,10 @@ class _Run:
                                                 drop_last=self.drop_last, device=self.dev)):
             t_outs = self.tcache.gather(b.index) if self.tcache is not None else None
             out = self.step(b.appearance, b.motion, b.questions, b.lengths, b.answers, epoch=epoch,
-                            teacher_outputs=t_outs)
+                            teacher_outputs=t_outs, extra=b.extra)
             n = b.answers.shape[0]
             count += n
-            sums += torch.stack([out.loss * n, (out.logits.argmax(1) == b.answers).sum().to(sums.dtype)])
+            sums += torch.stack([out.loss * n, (self.read_answer(out.logits) == b.answers).sum().to(sums.dtype)])
             for k, v in out.parts.items():
                 part_sums[k] = part_sums.get(k, 0) + v.float() * n
             if display.live and (i + 1) % self.log_every == 0:
@@ -328,13 +335,16 @@ class _Run:
     def end_epoch(self, rec: dict) -> None:
         """Validate, keep the best weights, checkpoint the whole state atomically."""
         val, _ = evaluate(self.model, self.splits["val"], self.features, self.data.type_names, self.eval_batch,
-                          self.dev, precision=self.precision)
+                          self.dev, precision=self.precision, task=self.task)
         rec["val_acc"] = val["overall"]
         rec["val_acc_per_type"] = val["per_type"]
+        if "mse" in val:
+            rec["val_mse"] = val["mse"]
         st = self.state
         st.history.append(rec)
-        if val["overall"] > st.best["acc"]:
-            st.best = {"acc": val["overall"], "epoch": rec["epoch"]}
+        score = M.selection_score(self.task, val)
+        if score > st.best.get("score", st.best["acc"]):
+            st.best = {"acc": val["overall"], "score": score, "epoch": rec["epoch"]}
             st.best["weights"] = atomic_torch_save(self.best_path, self.model.state_dict())  # size, SHA-1
         st.next_epoch = rec["epoch"] + 1
         now = time.perf_counter()
@@ -432,7 +442,7 @@ class _Run:
         writes the per-question predictions."""
         ev = lambda split, **kw: evaluate(self.model, self.splits[split], self.features,  # noqa: E731
                                           self.data.type_names, self.eval_batch, self.dev,
-                                          precision=self.precision, **kw)
+                                          precision=self.precision, task=self.task, **kw)
         test_last, pred_last = ev("test")
         self.model.load_state_dict(torch.load(self.best_path, map_location=self.dev, weights_only=True))
         val_best, pred_val = ev("val")
@@ -441,8 +451,10 @@ class _Run:
         _write_predictions(self.run_dir / "predictions_test.csv", self.data, "test",
                            {"pred_best": pred_best, "pred_last": pred_last})
         _write_predictions(self.run_dir / "predictions_val.csv", self.data, "val", {"pred_best": pred_val})
-        return {"selection": "test is reported at the epoch with the best validation accuracy; "
-                             "test_last at the last epoch trained",
+        chosen = M.task_metric(self.task)
+        best = "best validation accuracy" if chosen.name == M.PRIMARY else \
+            f"{'highest' if chosen.higher_is_better else 'lowest'} validation {chosen.name}"
+        return {"selection": f"test is reported at the epoch with the {best}; test_last at the last epoch trained",
                 "best_epoch": self.state.best["epoch"], "val": val_best, "test": test_best, "test_last": test_last,
                 "ablations": ablations}
 
@@ -504,28 +516,6 @@ def _peak_since_reset(dev: torch.device, resident_mib: float | None) -> dict | N
         return None
     peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20
     return {"total": peak, "step": peak - resident_mib, "resident": resident_mib}
-
-
-def run_cost(model: torch.nn.Module, cfg: variants.VariantConfig, dev: torch.device,
-             train_samples_per_s: float | None, peak_train_mib: dict | None) -> dict:
-    """What a training run can say of its variant's cost: FLOPs per sample (fvcore, LSTMs
-    included; counted, so load does not change them), the measured training throughput and peak
-    training memory (CUDA only; None elsewhere, never invented). Latency and inference memory are
-    not timed here, under whatever else runs: :mod:`harness.costs` measures them once per
-    configuration and device, serially, after training."""
-    from . import measure
-
-    peak = peak_train_mib or {}
-    out = {"macs_per_sample": None, "flops_per_sample": None, "peak_mem_mib_train": peak.get("total"),
-           "peak_mem_mib_train_step": peak.get("step"), "resident_mib_train": peak.get("resident"),
-           "train_samples_per_s": train_samples_per_s, "device": str(dev), "errors": {}}
-    try:
-        fl = measure.count_flops(model, measure.random_inputs(cfg.model, 2, dev))
-        out.update(macs_per_sample=int(fl["macs_per_sample"]), flops_per_sample=int(fl["flops_per_sample"]),
-                   unsupported_ops=fl["unsupported_ops"])
-    except Exception as e:  # noqa: BLE001 - a cost that cannot be measured is recorded as missing
-        out["errors"]["flops"] = f"{type(e).__name__}: {e}"
-    return out
 
 
 def _write_predictions(path: Path, data: D.VideoQAData, split: str, preds: dict[str, np.ndarray]) -> None:

@@ -250,9 +250,14 @@ class CorrectTable:
     ``correct``: run id -> (n_q,) booleans, the same question order for every run; ``cells``: cell
     name (``"all"``, a question type) -> (n_q,) boolean mask of its questions."""
 
+    #: the per-question values' dtype and the factor estimates are scaled by (right/wrong -> percent)
+    dtype: type = bool
+    scale = 100.0
+
     def __init__(self, correct: dict[str, np.ndarray], cells: dict[str, np.ndarray], boot: Bootstrap):
         self.runs = {r: i for i, r in enumerate(correct)}
-        self.x = np.stack([np.asarray(c, dtype=bool) for c in correct.values()]) if correct else np.zeros((0, 0), bool)
+        self.x = (np.stack([np.asarray(c, dtype=self.dtype) for c in correct.values()]) if correct
+                  else np.zeros((0, 0), self.dtype))
         self.cells = {k: np.asarray(m, dtype=bool) for k, m in cells.items()}
         for k, m in self.cells.items():
             if m.shape != self.x.shape[1:]:
@@ -269,15 +274,27 @@ class CorrectTable:
     def estimate(self, run_ids: list[str], cell: str = "all") -> Estimate:
         """Accuracy (%) of one variant's runs (one per seed) on a cell."""
         i, m = self._rows(run_ids), self.cells[cell]
-        return estimate(self.x[i][:, m], self.means[cell][i], self.boot).scaled(100.0)
+        return estimate(self.x[i][:, m], self.means[cell][i], self.boot).scaled(self.scale)
 
     def compare(self, run_ids: list[str], ref_ids: list[str], cell: str = "all") -> Estimate:
         """Paired difference (points) ``run_ids[k] - ref_ids[k]`` (pairs: the same seed), with its
         p-value."""
         i, j, m = self._rows(run_ids), self._rows(ref_ids), self.cells[cell]
         d = self.x[i][:, m].astype(np.float64) - self.x[j][:, m]
-        return estimate(d, self.means[cell][i] - self.means[cell][j], self.boot, test=True).scaled(100.0)
+        return estimate(d, self.means[cell][i] - self.means[cell][j], self.boot, test=True).scaled(self.scale)
 
     def mcnemar(self, run_ids: list[str], ref_ids: list[str]) -> list[tuple[int, int, float]]:
         """Per pair (seed): (b, c, exact McNemar p) over all questions."""
         return per_seed_mcnemar(self.x[self._rows(run_ids)], self.x[self._rows(ref_ids)])
+
+
+class ValueTable(CorrectTable):
+    """A :class:`CorrectTable` of real per-question values (a count's squared errors): the same
+    two-level bootstrap of their means and paired differences, in the values' own unit; McNemar's
+    test, which needs right / wrong answers, does not apply."""
+
+    dtype = np.float64
+    scale = 1.0
+
+    def mcnemar(self, run_ids: list[str], ref_ids: list[str]) -> list[tuple[int, int, float]]:
+        return []

@@ -42,7 +42,9 @@ class StepOutput:
 
 @dataclass
 class TrainStep:
-    """``step(app, motion, questions, lengths, answers, epoch=0, teacher_outputs=None) -> StepOutput``.
+    """``step(app, motion, questions, lengths, answers, epoch=0, teacher_outputs=None, extra=None) -> StepOutput``.
+
+    ``extra``: the task's model inputs (``Batch.extra``: a multiple-choice batch's candidates).
 
     ``teachers`` are frozen (eval mode, no autograd) and run forward every step, unless the
     caller passes ``teacher_outputs``: one dict of output tensors per teacher, for this batch's
@@ -66,15 +68,17 @@ class TrainStep:
             self.scaler = torch.amp.GradScaler("cuda")
 
     def __call__(self, app, motion, questions, lengths, answers, epoch: int = 0,
-                 teacher_outputs: list[dict[str, torch.Tensor]] | None = None) -> StepOutput:
+                 teacher_outputs: list[dict[str, torch.Tensor]] | None = None,
+                 extra: dict[str, torch.Tensor] | None = None) -> StepOutput:
         self.model.train()
         run = self.forward or self.model
+        extra = extra or {}  # the task's model inputs (multiple choice: the candidates)
         with autocast(self.device, self.precision):
-            out = run(app, motion, questions, lengths)
+            out = run(app, motion, questions, lengths, **extra)
             t_outs = teacher_outputs
             if t_outs is None and self.teachers:
                 with torch.no_grad():
-                    t_outs = [t(app, motion, questions, lengths) for t in self.teachers]
+                    t_outs = [t(app, motion, questions, lengths, **extra) for t in self.teachers]
         loss, parts = self.objective(out, answers, t_outs, epoch=epoch)
         loss = loss.float()
         self.optimizer.zero_grad(set_to_none=True)

@@ -144,8 +144,8 @@ def keys_read(objective: nn.Module, model: nn.Module, teachers: list[nn.Module],
         objective.eval()
         with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
             with autocast(dev, precision):
-                s_out = model(*inputs)
-                t_outs = [_KeyRecorder(t(*inputs), f"teacher {n}") for t, n in
+                s_out = model(*inputs, **batch.extra)
+                t_outs = [_KeyRecorder(t(*inputs, **batch.extra), f"teacher {n}") for t, n in
                           zip(teachers, names or [f"{i + 1}" for i in range(len(teachers))])]
             objective(s_out, batch.answers, t_outs)
     finally:
@@ -250,7 +250,7 @@ def _build(store: ResultsStore, teacher: nn.Module, ident: _Identity, keys: list
         with torch.no_grad():
             for b in D.iterate_batches(split, features, BUILD_BATCH, device=device):
                 with autocast(device, ident.precision):
-                    out = teacher(b.appearance, b.motion, b.questions, b.lengths)
+                    out = teacher(b.appearance, b.motion, b.questions, b.lengths, **b.extra)
                 rows = b.answers.shape[0]
                 for k in keys:
                     v = out.get(k)

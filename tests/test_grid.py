@@ -29,7 +29,8 @@ def quiet():
     return Console(file=open(os.devnull, "w"))
 
 
-@pytest.mark.parametrize("name", ["tiny", "kd-losses", "teacher-depth", "msvd", "ci", "precision-bf16", "precision-fp32"])
+@pytest.mark.parametrize("name", ["tiny", "kd-losses", "teacher-depth", "msvd", "ci", "precision-bf16", "precision-fp32",
+                                  "tgif-qa", "next-qa"])
 def test_shipped_grids_load(name):
     g = G.load(name)
     assert g.runs and g.description

@@ -3,6 +3,8 @@ its paper / reference-code formula on fixed tensors, golden values pin them, gra
 student only, several teachers average as specified, and bad parameters or shapes fail clearly."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from variants.losses import LOSSES
 
 B, N, D, A = 4, 3, 6, 5
 KEYS = ("logits", "clip_fused", "clip_app", "clip_motion", "video", "question")
-ALL = ["dkd", "fused", "hint", "logits", "pkt", "relational", "similarity", "sp"]
+ALL = ["dkd", "fused", "hint", "logit-mse", "logits", "pkt", "relational", "similarity", "sp"]
 
 
 def outputs(seed, b=B, n=N, d=D, a=A, dtype=torch.float64, requires_grad=False):
@@ -228,6 +230,7 @@ def reference(name, s, ts, answers=ANSWERS, module=None):
         "dkd": lambda t: ref_dkd(s, t, answers)[0],
         "sp": lambda t: ref_sp(s, t),
         "pkt": lambda t: ref_pkt(s, t),
+        "logit-mse": lambda t: float(np.mean((s["logits"].numpy() - t["logits"].numpy()) ** 2)),
     }[name]
     return sum(one(t) for t in ts) / len(ts)
 
@@ -238,6 +241,7 @@ def reference(name, s, ts, answers=ANSWERS, module=None):
 # outputs(1) (float64, B=4, N=3, D=6, A=5, answers [0, 3, 1, 4], hint regressor from fixed_hint),
 # and pinned here.
 GOLDEN = {
+    "logit-mse": 11.58978392895881,  # numpy: mean((2 randn - 2 randn)^2) over the (B, A) logits
     "dkd": 24.65256126384673,
     "fused": 4.361194614879003,
     "hint": 1.8676487329084464,
@@ -388,7 +392,7 @@ def test_objective_routes_the_epoch_to_progress_aware_losses_only():
 
 def test_hand_computed_zero_cases():
     x = outputs(6)
-    for name in ("logits", "similarity", "relational", "dkd", "sp", "pkt"):
+    for name in ("logits", "similarity", "relational", "dkd", "sp", "pkt", "logit-mse"):
         assert build(name)(x, [x], ANSWERS)[0].item() == pytest.approx(0.0, abs=1e-12), name
 
 
@@ -396,7 +400,7 @@ def test_hand_computed_zero_cases():
 
 USES = {"fused": ("clip_app", "clip_motion"), "logits": ("logits",), "similarity": ("video", "question"),
         "hint": ("clip_fused",), "relational": ("video",), "dkd": ("logits",), "sp": ("clip_fused",),
-        "pkt": ("video",)}
+        "pkt": ("video",), "logit-mse": ("logits",)}
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -583,3 +587,28 @@ def test_no_host_sync_on_cuda():
             loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def test_logit_kd_on_a_count_is_l2_to_the_teachers_output():
+    from variants.kd_losses import LogitMSE
+    m = build("logits").for_task("count")
+    assert isinstance(m, LogitMSE)
+    s, t = outputs(0, a=1), outputs(1, a=1)
+    value, _ = m(s, [t], ANSWERS)
+    assert value.item() == pytest.approx(float(np.mean((s["logits"].numpy() - t["logits"].numpy()) ** 2)), rel=1e-12)
+
+
+@pytest.mark.parametrize("name,task", [("dkd", "count")])
+def test_a_loss_without_meaning_for_a_task_names_both(name, task):
+    with pytest.raises(ValueError, match=f"{name}.*{task}"):
+        build(name).for_task(task)
+
+
+def test_a_student_with_dkd_on_a_count_set_fails_when_configured():
+    obj_ok = variants.Objective({}, [{"name": "logits", "weight": 1.0}], 16, 16, task="multiple-choice")
+    assert obj_ok.kd[0].name == "logits"
+    with pytest.raises(ValueError, match="'dkd' has no meaning for the count task"):
+        variants.Objective({}, [{"name": "dkd", "weight": 1.0}], 16, 16, task="count")

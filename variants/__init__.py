@@ -23,6 +23,7 @@ from torch import nn
 from .families import DATA_KEYS, MODEL_FAMILIES, ModelFamily, family, register_family
 from .losses import LOSSES, Objective
 from .registry import Registry, UnknownNameError
+from .tasks import OPEN_ENDED, TASKS, Task, register_task, task
 
 class ConfigError(KeyError):
     """A variant setting that does not exist or does not fit; the message names it."""
@@ -89,6 +90,10 @@ def get_config(name: str, **overrides) -> VariantConfig:
             model[key] = value
         elif key in loss:
             loss[key] = value
+        elif key == "task":  # set from the data set; a family without a task setting answers open-ended only
+            if value != OPEN_ENDED:
+                raise ConfigError(f"variant {name!r}: model family {arch!r} has no head for the {value} task "
+                                  f"(it answers: {', '.join(fam.tasks)})")
         elif key in ("teacher", "teachers") and teachers:
             teachers = [value] if isinstance(value, str) else builtins.list(value)
         elif param and any(d["name"] == loss_name for d in distill):
@@ -194,7 +199,12 @@ def objective(cfg: VariantConfig, teacher_dim: int | None = None) -> Objective:
     """The training objective of a variant (an ``nn.Module``: distillation losses may learn):
     ``objective(outputs, answers, teacher_outputs) -> (total, parts)``."""
     return Objective(cfg.loss, cfg.distill, student_dim=cfg.model["module_dim"],
-                     teacher_dim=teacher_dim or cfg.model["module_dim"])
+                     teacher_dim=teacher_dim or cfg.model["module_dim"], task=task_of(cfg))
+
+
+def task_of(cfg: VariantConfig) -> str:
+    """The task a variant config answers (:mod:`variants.tasks`)."""
+    return cfg.model.get("task", OPEN_ENDED)
 
 
 def teacher_width(cfg: VariantConfig, widths) -> int | None:
@@ -234,4 +244,5 @@ from . import kd_losses  # noqa: E402,F401  (registers the distillation losses)
 from . import zoo  # noqa: E402,F401  (registers the variants)
 
 __all__ = ["VARIANTS", "LOSSES", "MODEL_FAMILIES", "ModelFamily", "register_family", "family", "VariantConfig", "register_variant", "list", "describe",
-           "get_config", "settings", "loss_params", "build", "create", "objective", "loss_fn", "uses_video", "teacher_width", "teacher_settings", "ConfigError", "UnknownNameError", "DATA_KEYS"]
+           "get_config", "settings", "loss_params", "build", "create", "objective", "loss_fn", "uses_video", "teacher_width", "teacher_settings", "ConfigError", "UnknownNameError", "DATA_KEYS",
+           "TASKS", "Task", "register_task", "task", "task_of"]

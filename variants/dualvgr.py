@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tasks import COUNT, MULTIPLE_CHOICE, OPEN_ENDED
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -359,6 +361,69 @@ class OutputUnitOpenEnded(nn.Module):
         return self.classifier(x)
 
 
+class CandidateAggregation(nn.Module):
+    """HCRN's ``FeatureAggregation``: the clip features pooled by attention conditioned on a query
+    (here each encoded candidate answer), for the multiple-choice head. DualVGR's own pooling
+    (:class:`ContextSelfAttn`) takes no query: its clips are already question-conditioned."""
+
+    def __init__(self, module_dim: int = 768):
+        super().__init__()
+        self.q_proj = nn.Linear(module_dim, module_dim, bias=False)
+        self.v_proj = nn.Linear(module_dim, module_dim, bias=False)
+        self.cat = nn.Linear(2 * module_dim, module_dim)
+        self.attn = nn.Linear(module_dim, 1)
+        self.dropout = nn.Dropout(0.15)
+
+    def forward(self, query: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        visual = self.dropout(visual)
+        v = self.v_proj(visual)
+        x = F.elu(self.cat(torch.cat([v, self.q_proj(query).unsqueeze(1) * v], dim=-1)))
+        attn = torch.softmax(self.attn(x), dim=1)
+        return (attn * visual).sum(1)
+
+
+class OutputUnitMultiChoices(nn.Module):
+    """HCRN's ``OutputUnitMultiChoices``: one score per (question, candidate) pair from the
+    question-conditioned video, the question, the candidate-conditioned video and the candidate.
+    ``visual=False``: the question-only model's head (question and candidate only)."""
+
+    def __init__(self, module_dim: int = 768, visual: bool = True):
+        super().__init__()
+        self.question_proj = nn.Linear(module_dim, module_dim)
+        self.ans_candidates_proj = nn.Linear(module_dim, module_dim)
+        width = module_dim * (4 if visual else 2)
+        self.classifier = nn.Sequential(nn.Dropout(0.15), nn.Linear(width, module_dim), nn.ELU(),
+                                        nn.BatchNorm1d(module_dim), nn.Dropout(0.15), nn.Linear(module_dim, 1))
+
+    def forward(self, question, candidates, q_visual=None, a_visual=None) -> torch.Tensor:
+        parts = [self.question_proj(question), self.ans_candidates_proj(candidates)]
+        if q_visual is not None:
+            parts = [q_visual, parts[0], a_visual, parts[1]]  # HCRN's order
+        return self.classifier(torch.cat(parts, dim=1))
+
+
+def output_unit(cfg: "DualVGRConfig", visual: bool = True) -> nn.Module:
+    """The head of ``cfg.task``: open-ended classification over the answers (the reference's), one
+    score per candidate (multiple choice), or one number (count: HCRN's ``OutputUnitCount``, which
+    is the open-ended unit with a single output)."""
+    D, vdim = cfg.module_dim, None if visual else 0
+    if cfg.task == MULTIPLE_CHOICE:
+        return OutputUnitMultiChoices(D, visual)
+    return OutputUnitOpenEnded(D, 1 if cfg.task == COUNT else cfg.answer_vocab, visual_dim=vdim)
+
+
+def encode_candidates(linguistic: "LinguisticInputUnit", candidates: torch.Tensor, lengths: torch.Tensor):
+    """(B*K, D) sentence embeddings of (B, K, La) candidate answers, sample-major (HCRN's ``batch_agg``)."""
+    B, K, La = candidates.shape
+    emb, _, _ = linguistic(candidates.reshape(B * K, La), lengths.reshape(B * K))
+    return emb
+
+
+def need_candidates(candidates, lengths) -> None:
+    if candidates is None or lengths is None:
+        raise ValueError("a multiple-choice model needs candidates (B, K, La) and candidate_lengths (B, K)")
+
+
 # ----------------------------------------------------------------------------- init
 
 
@@ -419,8 +484,13 @@ class DualVGRConfig:
     #: autoencoder (MSVQA): hidden width of the decoders that reconstruct each clip's appearance
     #: frames and motion feature from its clip representation; 0 = no decoders (the reference)
     decoder_hidden: int = 0
+    #: what the model answers (variants.tasks): its head; set from the data set, not by hand
+    task: str = OPEN_ENDED
 
     def __post_init__(self) -> None:
+        if self.task not in (OPEN_ENDED, MULTIPLE_CHOICE, COUNT):
+            raise ValueError(f"DualVGR config: task must be one of {OPEN_ENDED}, {MULTIPLE_CHOICE}, {COUNT}; "
+                             f"got {self.task!r}")
         for k in ("question_vocab", "answer_vocab", "vision_dim", "module_dim", "word_dim",
                   "num_clips", "unit_layers", "graph_layers", "mm_dim"):
             v = getattr(self, k)
@@ -457,7 +527,13 @@ class DualVGR(nn.Module):
     ``video`` (B, D) pooled visual embedding; ``question`` (B, D) sentence embedding;
     ``specific_app``, ``common_app``, ``specific_motion``, ``common_motion``: one (B, N, D)
     tensor per graph layer (inputs of the DualVGR auxiliary losses).
+
+    Tasks (``cfg.task``, :mod:`variants.tasks`): open-ended (the reference), multiple choice
+    (``logits`` (B, K): HCRN's head on the candidates, which take ``candidates`` (B, K, La) and
+    ``candidate_lengths`` (B, K) and are encoded by the question encoder) and count (``logits`` (B, 1)).
     """
+
+    SUPPORTED_TASKS = (OPEN_ENDED, MULTIPLE_CHOICE, COUNT)
 
     def __init__(self, cfg: DualVGRConfig):
         super().__init__()
@@ -470,7 +546,9 @@ class DualVGR(nn.Module):
         self.visual_motion_input_unit = nn.Linear(motion_dim, D)
         self.visual_input_unit = DualVGRUnit(cfg.word_dim, D, cfg.num_clips, cfg.graph_layers,
                                              cfg.unit_layers, cfg.mm_dim)
-        self.output_unit = OutputUnitOpenEnded(D, cfg.answer_vocab)
+        self.output_unit = output_unit(cfg)
+        if cfg.task == MULTIPLE_CHOICE:
+            self.candidate_aggregation = CandidateAggregation(D)
         if cfg.decoder_hidden:
             frames = cfg.num_frames or 16
             self.appearance_decoder = nn.Sequential(nn.Linear(D, cfg.decoder_hidden), nn.ELU(),
@@ -515,8 +593,20 @@ class DualVGR(nn.Module):
         nearest = score.topk(k + 1, dim=2).indices
         return torch.zeros(B, N, N, device=app.device, dtype=app.dtype).scatter_(2, nearest, 1.0)
 
+    def answer(self, question, video, fused, candidates=None, candidate_lengths=None) -> torch.Tensor:
+        """The head's output: answer scores, candidate scores (B, K) or the count (B, 1)."""
+        if self.cfg.task != MULTIPLE_CHOICE:
+            return self.output_unit(question, video)
+        need_candidates(candidates, candidate_lengths)
+        K = candidates.shape[1]
+        cand = encode_candidates(self.linguistic_input_unit, candidates, candidate_lengths)
+        a_visual = self.candidate_aggregation(cand, fused.repeat_interleave(K, 0))
+        scores = self.output_unit(question.repeat_interleave(K, 0), cand, video.repeat_interleave(K, 0), a_visual)
+        return scores.view(-1, K)
+
     def forward(self, appearance: torch.Tensor, motion: torch.Tensor, questions: torch.Tensor,
-                lengths: torch.Tensor, adj: torch.Tensor | None = None) -> dict:
+                lengths: torch.Tensor, candidates: torch.Tensor | None = None,
+                candidate_lengths: torch.Tensor | None = None, adj: torch.Tensor | None = None) -> dict:
         question, words, dynamic = self.linguistic_input_unit(questions, lengths)
         mot = self.visual_motion_input_unit(motion)
         extra = {}
@@ -527,7 +617,7 @@ class DualVGR(nn.Module):
             adj = self.graph_adjacency(app, mot)
         fused, clip_app, clip_mot, aux = self.visual_input_unit(app, mot, dynamic, words, lengths, adj)
         video = self.feature_aggregation(fused)
-        logits = self.output_unit(question, video)
+        logits = self.answer(question, video, fused, candidates, candidate_lengths)
         if self.cfg.decoder_hidden:
             recon_app = self.appearance_decoder(clip_app).view_as(appearance)
             recon_mot = self.motion_decoder(clip_mot)
@@ -541,12 +631,13 @@ class QuestionOnly(nn.Module):
 
     #: the runner reads no features for a model that ignores them
     uses_video = False
+    SUPPORTED_TASKS = (OPEN_ENDED, MULTIPLE_CHOICE, COUNT)
 
     def __init__(self, cfg: DualVGRConfig):
         super().__init__()
         self.cfg = cfg
         self.linguistic_input_unit = LinguisticInputUnit(cfg.question_vocab, cfg.word_dim, cfg.module_dim)
-        self.output_unit = OutputUnitOpenEnded(cfg.module_dim, cfg.answer_vocab, visual_dim=0)
+        self.output_unit = output_unit(cfg, visual=False)
         init_reference(self)
 
     @property
@@ -554,6 +645,12 @@ class QuestionOnly(nn.Module):
         return self.linguistic_input_unit.encoder_embed
 
     def forward(self, appearance: torch.Tensor, motion: torch.Tensor, questions: torch.Tensor,
-                lengths: torch.Tensor, adj: torch.Tensor | None = None) -> dict:
+                lengths: torch.Tensor, candidates: torch.Tensor | None = None,
+                candidate_lengths: torch.Tensor | None = None, adj: torch.Tensor | None = None) -> dict:
         question, _, _ = self.linguistic_input_unit(questions, lengths)
-        return {"logits": self.output_unit(question), "question": question}
+        if self.cfg.task != MULTIPLE_CHOICE:
+            return {"logits": self.output_unit(question), "question": question}
+        need_candidates(candidates, candidate_lengths)
+        K = candidates.shape[1]
+        cand = encode_candidates(self.linguistic_input_unit, candidates, candidate_lengths)
+        return {"logits": self.output_unit(question.repeat_interleave(K, 0), cand).view(-1, K), "question": question}

@@ -17,6 +17,10 @@ Adding a family (a transformer student, an HCRN-style model) is one call::
   returns a dict with at least ``logits``; distillation losses read the other keys they name (a
   student whose teacher lacks one fails when planned). ``uses_video = False`` on the class lets
   the runner read no features; ``word_embedding`` (an ``nn.Embedding``) receives GloVe.
+* Tasks (:mod:`variants.tasks`): a family answers open-ended questions unless its model class lists
+  ``SUPPORTED_TASKS`` and its config has a ``task`` setting (the runner sets it from the data set);
+  the forward then takes the task's extra inputs as keyword arguments (multiple choice:
+  ``candidates``, ``candidate_lengths``) and ``logits`` is the task's output.
 
 DualVGR and the question-only sanity model are the first two families; they share one config
 class, so a question-only run id hashes the same settings it always did.
@@ -31,6 +35,7 @@ from torch import nn
 
 from .dualvgr import DualVGR, DualVGRConfig, QuestionOnly
 from .registry import Registry
+from .tasks import OPEN_ENDED
 
 #: data-dependent model settings the runner fills in from the feature set
 DATA_KEYS = ("question_vocab", "answer_vocab", "vision_dim", "motion_dim", "word_dim", "num_clips", "num_frames")
@@ -51,8 +56,19 @@ class ModelFamily:
         return {f.name: _default(f) for f in dataclasses.fields(self.config)}
 
     def make_config(self, settings: dict) -> Any:
-        """The config object of ``settings``; ``ValueError`` names a value out of range."""
+        """The config object of ``settings``; ``ValueError`` names a value out of range or a task
+        the family has no head for."""
+        task = settings.get("task", OPEN_ENDED)
+        if task not in self.tasks:
+            raise ValueError(f"model family {self.name!r} has no head for the {task} task "
+                             f"(it answers: {', '.join(self.tasks)})")
         return self.config(**settings)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks (:mod:`variants.tasks`) the family builds a head for: ``SUPPORTED_TASKS`` of its
+        model class (a ``task`` setting in its config picks one), else open-ended only."""
+        return tuple(getattr(self.model, "SUPPORTED_TASKS", (OPEN_ENDED,)))
 
     def build(self, settings: dict) -> nn.Module:
         return self.model(self.make_config(settings))

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .losses import LOSSES
+from .tasks import COUNT, MULTIPLE_CHOICE, OPEN_ENDED
 
 #: output keys holding a (B, ..., D) feature tensor
 FEATURE_KEYS = ("clip_fused", "clip_app", "clip_motion", "video", "question")
@@ -112,6 +113,17 @@ class KDLoss(nn.Module):
     name = "kd"
     #: True: ``forward`` also takes ``epoch`` (the 0-based training epoch, a Python int)
     progress_aware = False
+    #: the tasks (:mod:`variants.tasks`) whose outputs the loss has a meaning for; None: every task
+    tasks: tuple[str, ...] | None = None
+    #: why it has none for the other tasks (said in the error)
+    why_not = ""
+
+    def for_task(self, task: str) -> "KDLoss":
+        """The loss a run of ``task`` uses: this one where it has a meaning, else a ValueError naming
+        the loss and the task (the planner turns it into a ConfigError before anything trains)."""
+        if self.tasks is None or task in self.tasks:
+            return self
+        raise ValueError(f"distillation loss {self.name!r} has no meaning for the {task} task: {self.why_not}")
 
     def forward(self, student: dict, teachers: list[dict], answers: torch.Tensor):
         raise NotImplementedError
@@ -234,6 +246,7 @@ class LogitKD(KDLoss):
     """Hinton et al.'s soft-target distillation (see :func:`logits`)."""
 
     name = "logits"
+    tasks = (OPEN_ENDED, MULTIPLE_CHOICE)
 
     def __init__(self, T: float = 4.0):
         super().__init__()
@@ -241,6 +254,12 @@ class LogitKD(KDLoss):
 
     def extra_repr(self) -> str:
         return f"T={self.T}"
+
+    def for_task(self, task: str) -> KDLoss:
+        """On a count (one output, no distribution to soften) logit KD is what it was before
+        Hinton's softening: matching the teacher's output in L2 (Ba & Caruana 2014), i.e.
+        :class:`LogitMSE`; T plays no part there."""
+        return LogitMSE() if task == COUNT else super().for_task(task)
 
     def forward(self, student, teachers, answers):
         s = self.student(student, "logits")
@@ -269,6 +288,39 @@ def logits(student_dim: int = 768, teacher_dim: int = 768, *, T: float = 4.0) ->
     """
     _positive("logits", T=T)
     return LogitKD(T)
+
+
+class LogitMSE(KDLoss):
+    """L2 logit matching (see :func:`logit_mse`)."""
+
+    name = "logit-mse"
+
+    def forward(self, student, teachers, answers):
+        s = self.student(student, "logits")
+
+        def one(t_out):
+            t = self.teacher(t_out, "logits")
+            _same_shape(self.name, "logits", s, t)
+            return {"kd": F.mse_loss(s, t)}
+
+        return self.mean_over_teachers(teachers, one)["kd"], {}
+
+
+@LOSSES.register()
+@_factory
+def logit_mse(student_dim: int = 768, teacher_dim: int = 768) -> KDLoss:
+    """L2 logit matching (Ba & Caruana 2014); on a count, MSE to the teacher's predicted count.
+
+    Formula::
+
+        1/(B A) sum_b,a (z_s,ba - z_t,ba)^2
+
+    over the raw (B, A) ``logits`` (answer scores, candidate scores, or the (B, 1) count before
+    HCRN's rounding), averaged over teachers. Every task: the count task's distillation loss, where
+    softened distributions (``logits``' KL, ``dkd``) have nothing to soften; ``logits`` KD on a
+    count task is this loss.
+    """
+    return LogitMSE()
 
 
 # ----------------------------------------------------------------------------- 3. similarity (TeachText)
@@ -493,6 +545,9 @@ class DecoupledKD(KDLoss):
 
     name = "dkd"
     progress_aware = True
+    tasks = (OPEN_ENDED, MULTIPLE_CHOICE)
+    why_not = ("its target / non-target split needs class scores (one per answer or candidate); a count's "
+               "output is one number (use logits, which is MSE to the teacher's count there, or logit-mse)")
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0, warmup: float = DKD_WARMUP):
         super().__init__()
@@ -671,5 +726,5 @@ def pkt(student_dim: int = 768, teacher_dim: int = 768, *, embedding: str = "vid
 
 __all__ = ["KDLoss", "FusedKD", "LogitKD", "SimilarityKD", "HintKD", "RelationalKD", "DecoupledKD",
            "SimilarityPreservingKD", "ProbabilisticKT", "FEATURE_KEYS", "EMBEDDING_KEYS", "SIMILARITY_MATRICES",
-           "DKD_WARMUP", "fused", "logits",
+           "DKD_WARMUP", "LogitMSE", "fused", "logits", "logit_mse",
            "similarity", "hint", "relational", "dkd", "sp", "pkt"]

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from .registry import Registry
+from .tasks import OPEN_ENDED
+from .tasks import task as get_task
 
 #: the terms of a variant's own objective and their values when its ``loss`` section leaves them out
 LOSS_TERMS = {"alpha": 0.0, "beta": 0.0, "ce_weight": 1.0, "recon_weight": 0.0, "ae_pretrain_steps": 0}
@@ -62,11 +64,14 @@ def hsic_dependence(emb1: torch.Tensor, emb2: torch.Tensor) -> torch.Tensor:
 
 
 def dualvgr_loss(out: dict, answers: torch.Tensor, alpha: float = 1.0, beta: float = 1e-8,
-                 ce_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``ce_weight`` x CE plus DualVGR's auxiliary terms; returns (total, parts). Models without
-    graph outputs (question-only) get plain CE. All values stay on the device (no host sync)."""
-    ce = F.cross_entropy(out["logits"], answers)
-    parts = {"ce": ce.detach()}
+                 ce_weight: float = 1.0, task: str = OPEN_ENDED) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``ce_weight`` x the task's loss (CE for open-ended and multiple-choice answers, MSE for a
+    count: :mod:`variants.tasks`) plus DualVGR's auxiliary terms; returns (total, parts). Models
+    without graph outputs (question-only) get the task's loss alone. All values stay on the device
+    (no host sync)."""
+    t = get_task(task)
+    ce = t.loss(out["logits"], answers)
+    parts = {t.loss_name: ce.detach()}
     layers = len(out.get("common_app", ()))
     if ce_weight != 1.0:
         ce = ce_weight * ce
@@ -137,8 +142,9 @@ class Objective(torch.nn.Module):
     fp32 outside autocast (see the module docstring)."""
 
     def __init__(self, loss_cfg: dict, distill: list[dict] | None = None, student_dim: int = 768,
-                 teacher_dim: int = 768):
+                 teacher_dim: int = 768, task: str = OPEN_ENDED):
         super().__init__()
+        self.task = task
         terms = {**LOSS_TERMS, **loss_cfg}
         self.alpha = float(terms["alpha"])
         self.beta = float(terms["beta"])
@@ -155,7 +161,7 @@ class Objective(torch.nn.Module):
                 module = entry.fn(student_dim=student_dim, teacher_dim=teacher_dim, **item.get("params", {}))
             except TypeError as e:
                 raise ValueError(f"distillation loss {item['name']!r}: bad parameters {item.get('params')}: {e}") from None
-            self.kd.append(module)
+            self.kd.append(module.for_task(task))
             self.kd_names.append(item["name"])
             self.kd_weights.append(float(item.get("weight", 1.0)))
 
@@ -168,7 +174,7 @@ class Objective(torch.nn.Module):
             return self._forward(to_fp32(out), answers, to_fp32(teacher_outs or []), epoch)
 
     def _forward(self, out: dict, answers: torch.Tensor, teacher_outs: list[dict], epoch: int):
-        total, parts = dualvgr_loss(out, answers, self.alpha, self.beta, self.ce_weight)
+        total, parts = dualvgr_loss(out, answers, self.alpha, self.beta, self.ce_weight, self.task)
         for name, weight, module in zip(self.kd_names, self.kd_weights, self.kd):
             progress = {"epoch": epoch} if getattr(module, "progress_aware", False) else {}
             value, kd_parts = module(out, teacher_outs, answers, **progress)

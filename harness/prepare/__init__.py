@@ -1,16 +1,22 @@
-"""From the public MSVD-QA / MSRVTT-QA release to the HCRN / DualVGR feature format
-(:mod:`harness.layout`'s file names and keys).
+"""From the public MSVD-QA / MSRVTT-QA / TGIF-QA / NExT-QA releases to the HCRN / DualVGR feature
+format (:mod:`harness.layout`'s file names and keys).
 
-Two commands (``python -m harness.prepare --help``)::
+The commands (``python -m harness.prepare --help``)::
 
     python -m harness.prepare questions --dataset msvd-qa --annotations DIR --glove glove.840B.300d.txt --out OUT
+    python -m harness.prepare tgif-qa --task action --annotations DIR --glove glove.840B.300d.txt --out OUT
+    python -m harness.prepare next-qa --annotations DIR --glove glove.840B.300d.txt --out OUT
+    python -m harness.prepare next-qa-features --features vid_feat/ --out OUT
     python -m harness.prepare features  --dataset msvd-qa --videos DIR --annotations DIR --out OUT \\
         --appearance resnet101 --motion r2plus1d_18 --clips 8 --frames 16
 
 One module per concern: :mod:`.text` (the tokenizer), :mod:`.questions` (QA records, vocabularies,
-GloVe, the ``questions`` command), :mod:`.video` (finding videos, clip sampling, decoding),
-:mod:`.backbones` and :mod:`.resnext3d` (the networks and their weights), :mod:`.writer` (the
-resumable h5 writer), :mod:`.extract` (the ``features`` command), :mod:`.cli`.
+GloVe, the ``questions`` command), :mod:`.taskdata` (reading csv / tsv releases; vocabularies,
+encoding and files of the open-ended, multiple-choice and count tasks), :mod:`.tgif` (TGIF-QA's
+question files, the ``tgif-qa`` command), :mod:`.nextqa` (NExT-QA's question files and released
+features, the ``next-qa`` and ``next-qa-features`` commands), :mod:`.video` (finding videos, clip
+sampling, decoding), :mod:`.backbones` and :mod:`.resnext3d` (the networks and their weights),
+:mod:`.writer` (the resumable h5 writer), :mod:`.extract` (the ``features`` command), :mod:`.cli`.
 
 ``questions`` follows HCRN's ``preprocess/preprocess_questions.py`` (and its copy in DualVGR):
 
@@ -57,18 +63,24 @@ See ``docs/preparing-data.md``.
 """
 from .backbones import APPEARANCE_MODELS, MOTION_MODELS, RESNEXT3D, Backbone, build_appearance, build_motion
 from .cli import build_cli, main
-from .common import DATASETS, PrepareError
+from .common import DATASETS, NEXTQA, TGIF_DATASETS, TGIF_TASKS, VIDEO_DATASETS, PrepareError
 from .extract import FeatureSettings, FeatureSummary, extract_features
+from .nextqa import adapt_nextqa_features, prepare_nextqa, read_nextqa
 from .questions import (ANSWER_TOP, QARecord, build_vocab, encode_split, glove_matrix, parse_video_id,
                         prepare_questions, read_glove, read_qa)
+from .taskdata import TaskRecord, build_task_vocab, encode_task, encode_task_split
 from .text import question_tokens, tokenize
+from .tgif import prepare_tgif, read_tgif, tgif_video_names
 from .video import (DecodedVideo, VideoError, clip_frame_indices, decode_clips, find_mapping, find_videos,
                     read_youtube_mapping)
 from .writer import FeatureFiles
 
 __all__ = [
     "APPEARANCE_MODELS", "MOTION_MODELS", "RESNEXT3D", "Backbone", "build_appearance", "build_motion",
-    "build_cli", "main", "DATASETS", "PrepareError", "FeatureSettings", "FeatureSummary", "extract_features",
+    "build_cli", "main", "DATASETS", "NEXTQA", "TGIF_DATASETS", "TGIF_TASKS", "VIDEO_DATASETS", "PrepareError",
+    "FeatureSettings", "FeatureSummary", "extract_features", "adapt_nextqa_features", "prepare_nextqa", "read_nextqa",
+    "TaskRecord", "build_task_vocab", "encode_task", "encode_task_split", "prepare_tgif", "read_tgif",
+    "tgif_video_names",
     "ANSWER_TOP", "QARecord", "build_vocab", "encode_split", "glove_matrix", "parse_video_id", "prepare_questions",
     "read_glove", "read_qa", "question_tokens", "tokenize", "DecodedVideo", "VideoError", "clip_frame_indices",
     "decode_clips", "find_mapping", "find_videos", "read_youtube_mapping", "FeatureFiles",

@@ -1,4 +1,4 @@
-"""The command line: ``python -m harness.prepare questions|features``. It catches only
+"""The command line: ``python -m harness.prepare questions|tgif-qa|next-qa|next-qa-features|features``. It catches only
 :class:`PrepareError` (printed, exit 2); anything else is a bug and shows its traceback."""
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from rich.console import Console
 
 from .. import layout as L
 from .backbones import APPEARANCE_MODELS, MOTION_MODELS, RESNEXT3D
-from .common import PrepareError
+from .common import TGIF_TASKS, VIDEO_DATASETS, PrepareError
 from .extract import FeatureSettings, extract_features
+from .nextqa import APPEARANCE_DIM, adapt_nextqa_features, prepare_nextqa
 from .questions import ANSWER_TOP, prepare_questions
+from .tgif import prepare_tgif
 
 #: no wrapping: messages hold file names
 console = Console(stderr=True, soft_wrap=True)
@@ -22,6 +24,13 @@ console = Console(stderr=True, soft_wrap=True)
 class Dataset(str, Enum):
     msvd = "msvd-qa"
     msrvtt = "msrvtt-qa"
+
+
+TgifTask = Enum("TgifTask", {t: t for t in TGIF_TASKS}, type=str)
+
+
+def _log(message: str) -> None:
+    console.print(message, highlight=False, markup=False)
 
 
 def _fail(e: PrepareError) -> None:
@@ -44,20 +53,64 @@ def questions(
 ):
     """Vocabulary json and question pickles (HCRN's preprocess_questions.py rules)."""
     try:
-        prepare_questions(dataset.value, annotations, glove, out, answer_top=answer_top, mapping=mapping,
-                          log=lambda m: console.print(m, highlight=False, markup=False))
+        prepare_questions(dataset.value, annotations, glove, out, answer_top=answer_top, mapping=mapping, log=_log)
+    except PrepareError as e:
+        _fail(e)
+
+
+def tgif_qa(
+    task: TgifTask = typer.Option(..., help="Which TGIF-QA task: action, transition (multiple choice), count, "
+                                  "frameqa (open-ended); the data set is tgif-qa-TASK."),
+    annotations: Path = typer.Option(..., help="Directory with the release's Train_TASK_question.csv and "
+                                     "Test_TASK_question.csv (tab-separated)."),
+    glove: Path = typer.Option(..., help="GloVe vectors, .txt format (glove.840B.300d.txt)."),
+    out: Path = typer.Option(..., help="Output directory (created if needed)."),
+    answer_top: int | None = typer.Option(None, help="FrameQA: the K most frequent training answers [default: "
+                                          "every answer of the Train file, as HCRN]."),
+):
+    """TGIF-QA questions: vocabulary, question pickles and meta file (HCRN's tgif_qa.py rules)."""
+    try:
+        prepare_tgif(task.value, annotations, glove, out, answer_top=answer_top, log=_log)
+    except PrepareError as e:
+        _fail(e)
+
+
+def next_qa(
+    annotations: Path = typer.Option(..., help="Directory with NExT-QA's train.csv, val.csv, test.csv."),
+    glove: Path = typer.Option(..., help="GloVe vectors, .txt format (glove.840B.300d.txt)."),
+    out: Path = typer.Option(..., help="Output directory (created if needed)."),
+):
+    """NExT-QA multiple-choice questions: vocabulary, question pickles and meta file."""
+    try:
+        prepare_nextqa(annotations, glove, out, log=_log)
+    except PrepareError as e:
+        _fail(e)
+
+
+def next_qa_features(
+    features: Path = typer.Option(..., help="NExT-QA's vid_feat/ directory: app_mot_train.h5, app_mot_val.h5, "
+                                  "app_mot_test.h5 (ids; feat (videos, clips, appearance + motion))."),
+    out: Path = typer.Option(..., help="Output directory (created if needed)."),
+    appearance_dim: int = typer.Option(APPEARANCE_DIM, help="The appearance part of each clip's feature (NExT-QA's "
+                                       "loader: the first 2048 dims; the rest is motion)."),
+):
+    """NExT-QA's released features to the appearance and motion files, without re-extraction."""
+    try:
+        adapt_nextqa_features(features, out, app_dim=appearance_dim, log=_log)
     except PrepareError as e:
         _fail(e)
 
 
 def features(
     videos: Path = typer.Option(..., help="Directory holding the videos (searched recursively): MSVD's "
-                                "YouTubeClips/*.avi or MSRVTT's TrainValVideo/ and TestVideo/ video<N>.mp4."),
+                                "YouTubeClips/*.avi, MSRVTT's TrainValVideo/ and TestVideo/ video<N>.mp4, TGIF's "
+                                "<gif_name>.gif, NExT-QA's NExTVideo/<folder>/<video id>.mp4."),
     out: Path = typer.Option(..., help="Output directory (created if needed)."),
-    dataset: Dataset = typer.Option(..., help="Which release: names the files and how video files map to ids."),
-    annotations: Path | None = typer.Option(None, help="The QA json directory: only the videos its questions "
-                                           "refer to, and a missing one is an error [default: every video "
-                                           "found]."),
+    dataset: str = typer.Option(..., metavar="NAME", help="Which release: names the files and how video files map "
+                                f"to ids: {', '.join(VIDEO_DATASETS)}."),
+    annotations: Path | None = typer.Option(None, help="The question files' directory (QA json, TGIF-QA tsv, "
+                                           "NExT-QA csv): only the videos its questions refer to, and a missing "
+                                           "one is an error [default: every video found; TGIF-QA needs it]."),
     mapping: Path | None = typer.Option(None, help="MSVD-QA's youtube_mapping.txt [default: found in "
                                        "--annotations, --videos or their parents]."),
     appearance: str = typer.Option("resnet101", help=f"Appearance backbone: {', '.join(APPEARANCE_MODELS)} "
@@ -86,7 +139,7 @@ def features(
     settings = FeatureSettings(appearance, motion, clips, frames, image_size, motion_size, batch_size,
                                appearance_weights, motion_weights, random_weights, device, workers, allow_missing)
     try:
-        summary = extract_features(dataset.value, videos, out, settings, annotations=annotations, mapping=mapping,
+        summary = extract_features(dataset, videos, out, settings, annotations=annotations, mapping=mapping,
                                    console=console, progress=progress)
     except PrepareError as e:
         _fail(e)
@@ -96,9 +149,12 @@ def features(
 
 def build_cli() -> typer.Typer:
     app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
-                      help="From the public MSVD-QA / MSRVTT-QA release (QA json files, videos) and a GloVe file to "
-                           "the HCRN / DualVGR feature format that harness.data loads. See docs/preparing-data.md.")
+                      help="From the public MSVD-QA / MSRVTT-QA / TGIF-QA / NExT-QA releases (question files, "
+                           "videos or NExT-QA's features) and a GloVe file to the HCRN / DualVGR feature format that harness.data loads. See docs/preparing-data.md.")
     app.command()(questions)
+    app.command("tgif-qa")(tgif_qa)
+    app.command("next-qa")(next_qa)
+    app.command("next-qa-features")(next_qa_features)
     app.command()(features)
     return app
 

@@ -1,15 +1,26 @@
-"""What every part of :mod:`harness.prepare` shares: its error type and the data sets it knows."""
+"""What every part of :mod:`harness.prepare` shares: its error type, the data sets it knows and
+the task names a prepared data set's meta file records."""
 from __future__ import annotations
+
+from variants.tasks import COUNT, MULTIPLE_CHOICE, OPEN_ENDED  # noqa: F401 - the task names meta files record
 
 from ..data import DataError
 
+#: the QA-json releases (``questions`` command)
 DATASETS: tuple[str, ...] = ("msvd-qa", "msrvtt-qa")
+#: TGIF-QA's four tasks; each is a data set of its own, ``tgif-qa-{task}`` (HCRN prepares them apart)
+TGIF_TASKS: tuple[str, ...] = ("action", "transition", "count", "frameqa")
+TGIF_DATASETS: tuple[str, ...] = tuple(f"tgif-qa-{t}" for t in TGIF_TASKS)
+NEXTQA = "next-qa"
+#: every data set whose videos the ``features`` command can extract
+VIDEO_DATASETS: tuple[str, ...] = (*DATASETS, *TGIF_DATASETS, NEXTQA)
+
 
 
 class PrepareError(DataError):
     """Bad input or output for preparation: the message names the file, key or record."""
 
 
-def check_dataset(dataset: str) -> None:
-    if dataset not in DATASETS:
-        raise PrepareError(f"unknown data set {dataset!r} (known: {', '.join(DATASETS)})")
+def check_dataset(dataset: str, known: tuple[str, ...] = DATASETS) -> None:
+    if dataset not in known:
+        raise PrepareError(f"unknown data set {dataset!r} (known: {', '.join(known)})")

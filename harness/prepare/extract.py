@@ -17,8 +17,10 @@ from ..console import progress_bar
 from ..env import resolve_device
 from ..store import atomic_write_json
 from .backbones import Backbone, build_appearance, build_motion, preprocess
-from .common import PrepareError, check_dataset
+from .common import NEXTQA, TGIF_DATASETS, VIDEO_DATASETS, PrepareError, check_dataset
+from .nextqa import nextqa_video_ids
 from .questions import video_ids_of
+from .tgif import tgif_video_names
 from .video import DecodedVideo, decode_clips, find_mapping, find_videos, prefetch
 from .writer import FeatureFiles, feature_attrs
 
@@ -62,10 +64,20 @@ class FeatureSummary:
 
 
 def _check_settings(dataset: str, s: FeatureSettings) -> None:
-    check_dataset(dataset)
+    check_dataset(dataset, VIDEO_DATASETS)
     for k in ("clips", "frames", "image_size", "motion_size", "batch_size"):
         if getattr(s, k) < 1:
             raise PrepareError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(s, k)}")
+
+
+def _tgif_names(dataset: str, annotations: Path | None) -> dict[int, str] | None:
+    """TGIF-QA's {key: gif_name} from the question files (None for the other data sets)."""
+    if dataset not in TGIF_DATASETS:
+        return None
+    if annotations is None:
+        raise PrepareError(f"{dataset}: --annotations is needed: TGIF-QA's question files name the GIFs "
+                           f"(gif_name) and their ids (key)")
+    return tgif_video_names(annotations, dataset.removeprefix("tgif-qa-"))
 
 
 def _targets(dataset: str, videos: Path, annotations: Path | None, mapping: Path | None, only: Iterable[int] | None,
@@ -73,20 +85,23 @@ def _targets(dataset: str, videos: Path, annotations: Path | None, mapping: Path
     """{video id: file, or None for a referenced video without one (``--allow-missing``)}."""
     if dataset == "msvd-qa" and mapping is None:
         mapping = find_mapping(annotations, videos)
-    files = find_videos(dataset, videos, mapping)
+    names = _tgif_names(dataset, annotations)
+    files = find_videos(dataset, videos, mapping, names)
     if annotations is not None:
-        wanted_ids = video_ids_of(annotations)
+        wanted_ids = (set(names) if names is not None else nextqa_video_ids(annotations) if dataset == NEXTQA
+                      else video_ids_of(annotations))
         summary.missing = sorted(wanted_ids - files.keys())
         if summary.missing and not s.allow_missing:
-            names = ", ".join(map(str, summary.missing[:20]))
+            listed = ", ".join(map(str, summary.missing[:20]))
             raise PrepareError(f"{len(summary.missing)} video(s) referenced by the QA files in {annotations} have no "
-                               f"file under {videos}: ids {names}{' ...' if len(summary.missing) > 20 else ''} "
+                               f"file under {videos}: ids {listed}{' ...' if len(summary.missing) > 20 else ''} "
                                f"(pass --allow-missing to give them zero features)")
         targets = {v: files.get(v) for v in wanted_ids}
     else:
         targets = dict(files)
         if not targets:
-            like = "video<N>.mp4" if dataset == "msrvtt-qa" else "<youtube name>.avi from the mapping"
+            like = {"msrvtt-qa": "video<N>.mp4", NEXTQA: "<video id>.mp4"}.get(dataset, "<youtube name>.avi from "
+                                                                                 "the mapping")
             raise PrepareError(f"no video under {videos} is named like a {dataset} video ({like})")
     if only is not None:
         only = set(only)

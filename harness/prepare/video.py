@@ -14,9 +14,9 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .common import PrepareError, check_dataset
+from .common import NEXTQA, TGIF_DATASETS, VIDEO_DATASETS, PrepareError, check_dataset
 
-VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".wmv")
+VIDEO_EXTENSIONS = (".avi", ".gif", ".mp4", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".wmv")
 #: MSVD's file of ``<youtube clip name> vid<N>`` lines (an input of the release)
 MAPPING_FILE = "youtube_mapping.txt"
 
@@ -56,13 +56,21 @@ def find_mapping(*dirs: Path | None) -> Path | None:
     return None
 
 
-def _ids_by_name(dataset: str, videos_dir: Path, mapping: Path | None) -> Callable[[Path], int | None]:
+def _ids_by_name(dataset: str, videos_dir: Path, mapping: Path | None, names: dict[int, str] | None
+                 ) -> Callable[[Path], int | None]:
     """How a video file's name gives its id (None: not a video of the data set)."""
-    if dataset == "msrvtt-qa":
-        def msrvtt(p: Path) -> int | None:
-            m = re.fullmatch(r"video(\d+)", p.stem)
+    if dataset in ("msrvtt-qa", NEXTQA):
+        pattern = r"video(\d+)" if dataset == "msrvtt-qa" else r"(\d+)"
+
+        def numbered(p: Path) -> int | None:
+            m = re.fullmatch(pattern, p.stem)
             return int(m.group(1)) if m else None
-        return msrvtt
+        return numbered
+    if dataset in TGIF_DATASETS:
+        if names is None:
+            raise PrepareError("TGIF-QA videos are named by the question files (gif_name -> key): pass --annotations")
+        by_gif = {name: vid for vid, name in names.items()}
+        return lambda p: by_gif.get(p.stem)
     mapping = mapping or find_mapping(videos_dir)
     if mapping is None:
         raise PrepareError(f"MSVD-QA needs {MAPPING_FILE} (lines '<youtube name> vid<N>'): none in "
@@ -71,15 +79,17 @@ def _ids_by_name(dataset: str, videos_dir: Path, mapping: Path | None) -> Callab
     return lambda p: by_name.get(p.stem)
 
 
-def find_videos(dataset: str, videos_dir: Path, mapping: Path | None = None) -> dict[int, Path]:
+def find_videos(dataset: str, videos_dir: Path, mapping: Path | None = None, names: dict[int, str] | None = None
+                ) -> dict[int, Path]:
     """{video id: file} for every video under ``videos_dir`` (searched recursively): MSRVTT's
-    ``video<N>.mp4`` (TrainValVideo/, TestVideo/), or MSVD's ``<youtube name>.avi`` (YouTubeClips/)
-    with ids from ``youtube_mapping.txt``."""
-    check_dataset(dataset)
+    ``video<N>.mp4`` (TrainValVideo/, TestVideo/), MSVD's ``<youtube name>.avi`` (YouTubeClips/)
+    with ids from ``youtube_mapping.txt``, TGIF-QA's ``<gif_name>.gif`` with ids from ``names``
+    ({key: gif_name}, from the question files), NExT-QA's ``<video id>.mp4`` (NExTVideo/<folder>/)."""
+    check_dataset(dataset, VIDEO_DATASETS)
     videos_dir = Path(videos_dir)
     if not videos_dir.is_dir():
         raise PrepareError(f"video directory {videos_dir} does not exist")
-    id_of = _ids_by_name(dataset, videos_dir, mapping)
+    id_of = _ids_by_name(dataset, videos_dir, mapping, names)
     out: dict[int, Path] = {}
     for p in sorted(p for p in videos_dir.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()):
         vid = id_of(p)

@@ -28,6 +28,7 @@ regenerated and diffed.
 
 from __future__ import annotations
 
+from . import count  # noqa: F401 - registers the count task's sections
 from .compare import compare_runs
 from .fmt import QUESTIONS_ONLY, fmt_acc, fmt_cell, fmt_ci, fmt_p
 from .grouping import CATEGORIES, Group, group_runs, mean_std, reference, type_names

@@ -13,6 +13,7 @@ import variants
 from variants.dualvgr import kept_clips
 from variants.zoo import FAMILIES
 
+from .. import layout as L
 from .. import metrics as M
 from .. import record as R
 
@@ -204,6 +205,16 @@ def reference(groups: list[Group], variant: str) -> Group | None:
         if len(match) == 1:
             return match[0]
     return max(cands, key=lambda g: len(g.runs)) if cands else None
+
+
+def type_groups(types: list[str]) -> dict[str, list[str]]:
+    """The groups of question types a benchmark reports besides its types (NExT-QA: causal, temporal,
+    descriptive; :data:`harness.layout.TYPE_GROUPS`), when every type belongs to one; else none."""
+    known = {t for members in L.TYPE_GROUPS.values() for t in members}
+    if not types or not set(types) <= known:
+        return {}
+    return {g: [t for t in types if t in members] for g, members in L.TYPE_GROUPS.items()
+            if any(t in members for t in types)}
 
 
 def type_names(groups: list[Group]) -> list[str]:

@@ -15,7 +15,7 @@ from .. import record as R
 from .. import stats as S
 from ..evaluate import ABLATIONS
 from .fmt import QUESTIONS_ONLY, _f, _fmt_mcnemar, _g, _md_table, _slug, fmt_acc, fmt_cell, fmt_ci, fmt_p
-from .grouping import Group, _mean, reference, type_names
+from .grouping import Group, _mean, reference, type_groups, type_names
 from .plots import _COLORS, plot_cost, plot_curves, plot_per_type
 from .statistics import (ALPHA, COST_COLUMNS, CORRECTION, Comparison, SectionStats, _comparison_columns,
                          pareto_front, section_stats, summarize)
@@ -43,6 +43,8 @@ class Context:
     files_dir: Path
     suffix: str
     written: dict[str, bytes]
+    #: the metric that ranks this data set's runs (its task's, harness.metrics): which sections it gets
+    metric: str = M.PRIMARY
 
     @property
     def base(self) -> Group | None:
@@ -185,13 +187,17 @@ def _per_type_table(ctx: Context) -> list[str]:
     """Accuracy per question type, each cell with its std and interval; the question counts."""
     lines = ["Test accuracy (%) per question type: mean ± std over seeds [95% interval]; the last row is the "
              "number of test questions.", ""]
-    cells = ctx.stats.cells
+    cells, tg = ctx.stats.cells, type_groups(ctx.types)
     pt_rows = [[g.label] + [fmt_cell(cells[g.label].get(t), r[f"test_acc_{t}"]) for t in ctx.types]
+               + [fmt_cell(cells[g.label].get(k), None) for k in tg]
                + [fmt_cell(cells[g.label].get("all"), r["test_acc_mean"])] for g, r in ctx.pairs()]
-    counts = R.split_metrics(ctx.groups[0].runs[0], "test")
-    pt_rows.append(["questions"] + [str(counts.get("counts", {}).get(t, "-")) for t in ctx.types]
-                   + [str(counts.get("n", "-"))])
-    return lines + _md_table(["variant"] + ctx.types + ["all"], pt_rows) + [""]
+    counts = R.split_metrics(ctx.groups[0].runs[0], "test").get("counts", {})
+    pt_rows.append(["questions"] + [str(counts.get(t, "-")) for t in ctx.types]
+                   + [str(sum(counts.get(t, 0) for t in members)) for members in tg.values()]
+                   + [str(R.split_metrics(ctx.groups[0].runs[0], "test").get("n", "-"))])
+    if tg:  # NExT-QA's groups, from the per-question predictions
+        lines[0] += " " + "; ".join(f"{k}: {' + '.join(v)}" for k, v in tg.items()) + "."
+    return lines + _md_table(["variant"] + ctx.types + list(tg) + ["all"], pt_rows) + [""]
 
 
 def _ablation_table(ctx: Context) -> list[str]:
@@ -205,22 +211,26 @@ def _ablation_table(ctx: Context) -> list[str]:
     return lines + _md_table(["variant", "test"] + list(ABLATIONS.values()), ab_rows) + [""]
 
 
-def _significance_table(comps: list[Comparison]) -> list[str]:
-    """One reference's comparisons as a table, with why pairing was impossible or partial."""
+def _significance_table(comps: list[Comparison], mcnemar: bool = True, nd: int = 2) -> list[str]:
+    """One reference's comparisons as a table, with why pairing was impossible or partial
+    (``mcnemar``: with the per-seed McNemar column; ``nd``: decimals of Δ and its interval)."""
     rows, notes = [], []
     for c in comps:
         if c.delta is None:
-            rows.append([c.label, "-", "-", "-", "-", "-", "not paired"])
+            rows.append([c.label, "-", "-", "-", "-", "-", "not paired"][:7 if mcnemar else 6])
             notes.append(f"{c.label}: {c.why}")
             continue
         star = " *" if c.p_holm is not None and c.p_holm < ALPHA else ""
         mark = "" if c.delta.seed_level else QUESTIONS_ONLY
-        rows.append([c.label, ", ".join(map(str, c.seeds)), _f(c.delta.mean, sign=True), fmt_ci(c.delta, sign=True),
-                     fmt_p(c.delta.p) + mark, fmt_p(c.p_holm) + mark + star, _fmt_mcnemar(c.mcnemar)])
+        ci = fmt_ci(c.delta, sign=True) if nd == 2 else (
+            f"[{_f(c.delta.lo, nd, True)}, {_f(c.delta.hi, nd, True)}]{mark}" if c.delta.lo is not None else "-")
+        rows.append([c.label, ", ".join(map(str, c.seeds)), _f(c.delta.mean, nd, sign=True), ci,
+                     fmt_p(c.delta.p) + mark, fmt_p(c.p_holm) + mark + star]
+                    + ([_fmt_mcnemar(c.mcnemar)] if mcnemar else []))
         if c.why:
             notes.append(f"{c.label}: {c.why}")
-    lines = _md_table(["variant", "paired seeds", "Δ", "95% CI", "p", "p (Holm)", "McNemar per seed: b/c, p"],
-                      rows, right={1, 2, 3, 4, 5}) + [""]
+    headers = ["variant", "paired seeds", "Δ", "95% CI", "p", "p (Holm)"] + (["McNemar per seed: b/c, p"] if mcnemar else [])
+    lines = _md_table(headers, rows, right={1, 2, 3, 4, 5}) + [""]
     return lines + (["Pairing impossible or partial: " + "; ".join(notes) + ".", ""] if notes else [])
 
 
@@ -303,6 +313,9 @@ SECTIONS: list[tuple[str, Callable[[Context], list[str]]]] = [
     ("Per-type accuracy (plot)", _per_type_plot),
     ("Training curves", _curves_plot),
 ]
+#: the sections of a data set whose task is ranked by another metric than accuracy: metric name ->
+#: its sections (harness.report.count registers the count task's, ``mse``); :data:`SECTIONS` otherwise
+TASK_SECTIONS: dict[str, list[tuple[str, Callable[[Context], list[str]]]]] = {}
 
 
 @dataclass
@@ -322,13 +335,14 @@ def context(shared: Shared, data_id: str, groups: list[Group]) -> Context:
     """A data set's :class:`Context`: its references, statistics and main-table rows."""
     types = type_names(groups)
     refs = {key: reference(groups, name) for key, name in shared.names.items()}
-    stats = section_stats(shared.preds, groups, types, refs, shared.boot)
+    metric = M.task_metric(R.task(groups[0].runs[0])).name
+    stats = section_stats(shared.preds, groups, types, refs, shared.boot, metric)
     rows = [summarize(g, refs["baseline"], refs["control"], types, stats.cells[g.label]) for g in groups]
     for g, row in zip(groups, rows):
         _comparison_columns(row, stats, g.label)
     return Context(data_id, R.data_name(groups[0].runs[0]) or data_id, groups, rows, types, refs, shared.names,
                    stats, {g.label: _COLORS[i % len(_COLORS)] for i, g in enumerate(groups)}, shared.files_dir,
-                   f"-{_slug(data_id)}" if shared.multi else "", shared.written)
+                   f"-{_slug(data_id)}" if shared.multi else "", shared.written, metric)
 
 
 def data_section(ctx: Context) -> list[str]:
@@ -336,6 +350,6 @@ def data_section(ctx: Context) -> list[str]:
     sizes = R.split_sizes(ctx.groups[0].runs[0])
     lines = [f"## Data set: {ctx.dname} (`{ctx.data_id}`)", ""]
     lines += ["Questions: " + ", ".join(f"{k} {v:,}" for k, v in sorted(sizes.items())) + ".", ""] if sizes else []
-    for title, section in SECTIONS:
+    for title, section in TASK_SECTIONS.get(ctx.metric, SECTIONS):
         lines += [f"### {title}", ""] + section(ctx)
     return lines

@@ -14,7 +14,7 @@ from .. import record as R
 from .. import stats as S
 from ..stats import Bootstrap, Estimate
 from ..store import ResultsStore
-from .grouping import Group, _mean, mean_std
+from .grouping import Group, _mean, mean_std, type_groups
 
 #: optional ``record["cost"]`` fields shown in the main table: field -> (column, CSV column, scale)
 COST_COLUMNS = {"flops_per_sample": ("GFLOPs", "gflops", 1e-9),
@@ -52,6 +52,8 @@ class _Predictions:
                 df = pd.DataFrame({"correct": ok.to_numpy(bool),
                                    "qtype": raw["qtype"].astype(str).to_numpy() if "qtype" in raw else "?"},
                                   index=raw["question_id"].astype(str).to_numpy())
+                # a count's squared error (HCRN's MSE; meaningless but harmless for other tasks)
+                df["sqerr"] = ((raw["pred_best"].astype(float) - raw["answer"].astype(float)) ** 2).to_numpy()
                 df = df[~df.index.duplicated()].sort_index()
             self.cache[run_id] = df
         return self.cache[run_id]
@@ -80,10 +82,15 @@ class SectionStats:
     missing: list[str]  # runs without usable predictions (left out of the statistics)
 
 
-def correct_table(preds, run_ids: list[str], types: list[str], boot: Bootstrap) -> tuple[S.CorrectTable, list[str]]:
-    """The runs' correct answers aligned on the test questions (those most runs have; a run with
-    other questions or no predictions is left out and listed), as a CorrectTable with a cell per
-    question type that has questions, and ``all``."""
+#: the per-question values a data set's statistics are of: its task metric -> (predictions column, table)
+VALUES = {"acc": ("correct", S.CorrectTable), "mse": ("sqerr", S.ValueTable)}
+
+
+def correct_table(preds, run_ids: list[str], types: list[str], boot: Bootstrap,
+                  metric: str = M.PRIMARY) -> tuple[S.CorrectTable, list[str]]:
+    """The runs' correct answers (a count's squared errors: ``metric`` mse) aligned on the test
+    questions (those most runs have; a run with other questions or no predictions is left out and
+    listed), as a CorrectTable (ValueTable) with a cell per question type that has questions, and ``all``."""
     have = {r: f for r in run_ids if (f := preds(r)) is not None}
     sets: dict[tuple, list[str]] = {}
     for r, f in have.items():
@@ -94,7 +101,9 @@ def correct_table(preds, run_ids: list[str], types: list[str], boot: Bootstrap) 
     cells = {"all": np.ones(0 if ref is None else len(ref), bool)}
     if ref is not None:
         cells.update({t: m for t in types if (m := (ref["qtype"] == t).to_numpy()).any()})
-    return S.CorrectTable({r: f["correct"].to_numpy() for r, f in usable.items()}, cells, boot), missing
+        cells.update({g: ref["qtype"].isin(members).to_numpy() for g, members in type_groups(types).items()})
+    column, table = VALUES[metric]
+    return table({r: f[column].to_numpy() for r, f in usable.items()}, cells, boot), missing
 
 
 def _compare(table: S.CorrectTable, g: Group, ref: Group) -> Comparison:
@@ -117,15 +126,16 @@ def _compare(table: S.CorrectTable, g: Group, ref: Group) -> Comparison:
 
 
 def section_stats(preds, groups: list[Group], types: list[str], refs: dict[str, Group | None],
-                  boot: Bootstrap) -> SectionStats:
-    """Every accuracy cell of every group, and every group against each reference (Holm across
-    the comparisons of one reference)."""
-    table, missing = correct_table(preds, [r["run_id"] for g in groups for r in g.runs], types, boot)
+                  boot: Bootstrap, metric: str = M.PRIMARY) -> SectionStats:
+    """Every cell of ``metric`` (accuracy; a count's MSE) of every group, and every group against
+    each reference (Holm across the comparisons of one reference)."""
+    table, missing = correct_table(preds, [r["run_id"] for g in groups for r in g.runs], types, boot, metric)
     cells: dict[str, dict[str, Estimate | None]] = {}
     for g in groups:
         ids = [r["run_id"] for r in g.runs]
         ok = bool(ids) and all(i in table for i in ids)
-        cells[g.label] = {c: table.estimate(ids, c) if ok and c in table.cells else None for c in ["all", *types]}
+        cells[g.label] = {c: table.estimate(ids, c) if ok and c in table.cells else None
+                          for c in ["all", *types, *type_groups(types)]}
     comparisons: dict[str, list[Comparison]] = {}
     for name, ref in refs.items():
         if ref is None:
