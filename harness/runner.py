@@ -50,8 +50,9 @@ from .env import (apply_math_flags, check_precision, device_name, environment, g
 from .env import sync as _sync
 from .evaluate import ABLATIONS, evaluate
 from .inputs import param_counts
-from .planning import (Plan, RunFailed, RunPruned, RunSpec, check_plans, check_teacher_outputs,  # noqa: F401 - re-exported
-                       feature_mode, plan, recorded_info, run_id_for)
+from .planning import (Plan, RunFailed, RunSpec, check_plans, check_teacher_outputs,  # noqa: F401 - re-exported
+                       RunPruned, feature_mode, plan, recorded_info, run_id_for)
+from .pruning import pruned_info
 from .record import RECORD_VERSION, Record, teacher_ref
 from .sinks import Sinks, check_sinks, run_hparams
 from .step import TrainStep, build_step
@@ -65,7 +66,7 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
           device: str | torch.device | None = "auto", force: bool = False, progress: bool = True,
           console: Console | None = None, log_every: int = 25, stop_after_epochs: int | None = None,
           teacher_cache: bool = True, refuse_damaged: bool = False, log: tuple[str, ...] = (),
-          on_epoch: EpochCallback | None = None) -> dict:
+          on_epoch: Callable[[int, float], bool] | None = None) -> dict:
     """Train and evaluate one run; returns its record (also written to ``store``).
 
     A complete run already in the store is returned as is (unless ``force``). An incomplete one
@@ -78,11 +79,9 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
     otherwise it is trained again from scratch. A complete run (this one, or a teacher) whose weights
     are damaged is set aside and retrained (:meth:`ResultsStore.usable`), or, with ``refuse_damaged``,
     refused (DamagedRun). ``log``: live logging sinks (:mod:`harness.sinks`) for the runs trained now,
-    teachers included; not part of the run id either. ``on_epoch(epoch, val_acc)``: called after each
-    validated epoch of this run (not its teachers'), the epochs of a resumed run's history first; when it
-    returns True the run stops there, is recorded as pruned (``pruned.json``, no record) and RunPruned
-    is raised (:mod:`harness.search`'s pruner); not part of the run id, and a run it never stops
-    writes the same record as without it.
+    teachers included; not part of the run id either. ``on_epoch(epoch, val_acc)`` (a search's pruner):
+    called after each epoch of this run (a resumed run's past epochs first); True stops the run there as
+    pruned (``pruned.json``, no record, RunPruned); not part of the run id, and changes no record.
     """
     log = check_sinks(log)
     store = store or ResultsStore()
@@ -134,9 +133,6 @@ def _frozen_teacher(store: ResultsStore, trec: dict, dev: torch.device) -> torch
     tmodel.load_state_dict(weights)
     return tmodel.to(dev).eval().requires_grad_(False)
 
-
-#: ``on_epoch(epoch, val_acc) -> stop?`` of :func:`train` (epoch 0-based, accuracy in %)
-EpochCallback = Callable[[int, float], bool]
 
 #: the lock file in a run's directory, held by the process training it
 RUN_LOCK = ".lock"
@@ -221,7 +217,7 @@ class _Run:
         self.use_teacher_cache = teacher_cache and bool(teachers)
         self.tcache: TeacherOutputs | None = None
         self.log = log
-        self.on_epoch: EpochCallback | None = None
+        self.on_epoch: Callable[[int, float], bool] | None = None  # train's
         self.t_process = time.perf_counter()
 
     # -- set up
@@ -362,33 +358,14 @@ class _Run:
             "run_id": self.p.run_id})
 
     def _ask_to_stop(self, recs: list[dict]) -> None:
-        """Hand each epoch's validation accuracy to ``on_epoch``; when it answers True the run stops
-        there: ``pruned.json`` (epoch, accuracies, the compute spent so far), no record, RunPruned."""
-        if self.on_epoch is None:
-            return
-        for rec in recs:
+        """Hand each epoch's validation accuracy to ``on_epoch``; when it answers True the run stops there:
+        ``pruned.json`` (:func:`harness.pruning.pruned_info`), no record, RunPruned."""
+        for rec in recs if self.on_epoch is not None else []:
             if self.on_epoch(rec["epoch"], rec["val_acc"]):
-                st = self.state
-                self.store.write_pruned(self.p.run_id, {
-                    "variant": self.p.spec.variant, "seed": self.p.spec.seed, "spec": dataclasses.asdict(self.p.spec),
-                    "epoch": rec["epoch"], "val_acc": rec["val_acc"], "best_val_acc": st.best["acc"],
-                    "epochs_run": len(st.history), "training_compute": self._compute_so_far()})
-                raise RunPruned(f"{self.p.run_id}: pruned after epoch {rec['epoch'] + 1} "
-                                f"(val {rec['val_acc']:.2f}%)")
-
-    def _compute_so_far(self) -> dict:
-        """The training compute of a run stopped before its record (a pruned run), counted and measured as a
-        record's ``training_compute`` is (:func:`harness.bill.run_compute`)."""
-        st = self.state
-        st.active_time += time.perf_counter() - self.t_process
-        self.t_process = time.perf_counter()
-        so_far = {"device": str(self.dev), "device_name": device_name(self.dev), "wall_time_s": st.active_time,
-                  "train_time_s": st.train_time, "epochs_run": len(st.history),
-                  "cost": run_cost(self.model, self.p.cfg, self.dev, None, None),
-                  "data": {"sizes": {k: len(v) for k, v in self.data.splits.items()}}}
-        return run_compute(so_far, self.teacher_records, train_samples=st.train_samples,
-                           teacher_step_samples=st.teacher_step_samples, cache_build_s=st.cache_build_s,
-                           built_by_this_run=st.cache_builds, cache_info=self.tcache.info if self.tcache else None)
+                self.state.active_time += time.perf_counter() - self.t_process
+                self.t_process = time.perf_counter()
+                self.store.write_pruned(self.p.run_id, pruned_info(self, rec))
+                raise RunPruned(f"{self.p.run_id}: pruned after epoch {rec['epoch'] + 1} (val {rec['val_acc']:.2f}%)")
 
     @property
     def eval_batch(self) -> int:

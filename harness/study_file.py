@@ -123,7 +123,8 @@ def _read_search(where: str, table: dict) -> dict:
     s = {**SEARCH_DEFAULTS, **table}
     for key, ok, want in (("n_trials", is_int(s["n_trials"]) and s["n_trials"] >= 1, "an integer >= 1"),
                           ("seed", is_int(s["seed"]), "an integer"),
-                          ("startup_trials", is_int(s["startup_trials"]) and s["startup_trials"] >= 0, "an integer >= 0"),
+                          ("startup_trials", is_int(s["startup_trials"]) and s["startup_trials"] >= 0,
+                           "an integer >= 0"),
                           ("warmup_epochs", is_int(s["warmup_epochs"]) and s["warmup_epochs"] >= 0, "an integer >= 0"),
                           ("sampler", s["sampler"] in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
                           ("pruner", s["pruner"] in PRUNERS, f"one of {', '.join(PRUNERS)}"),
