@@ -5,6 +5,7 @@
   python ablate.py --grid kd-losses --jobs 4     # four runs at a time
   python ablate.py --grid msvd --executor slurm --partition gpu
   python ablate.py report --grid tiny   # regenerate reports/tiny.md
+  python ablate.py search grids/search-logits.toml  # Optuna study
   python ablate.py run dualvgr          # one run, per-type accuracy
   python ablate.py list                 # the variant registry
   python ablate.py results              # every complete run in the store
@@ -419,6 +420,51 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
 
 
 @app.command()
+def search(file: str = typer.Argument(..., help="A study file, e.g. grids/search-logits.toml (see harness/search.py)."),
+           jobs: Optional[int] = typer.Option(None, min=1, help="Worker processes (or SLURM jobs) sharing the study "
+                                              "[default: the file's executor.jobs, else 1]."),
+           executor: Optional[str] = typer.Option(None, help="local, slurm or submitit-local [default: the file's, "
+                                                  "else local]."),
+           executor_option: Optional[list[str]] = typer.Option(None, "--executor-option", help="KEY=VALUE, "
+                                                               "repeatable: an option of the executor."),
+           device: str = typer.Option("auto", help="cpu, cuda, cuda:N."),
+           results: str = typer.Option("results", help="Results store directory (the study's journal goes in "
+                                       "its studies/)."),
+           reports: str = typer.Option("reports", help="Where the reports go."),
+           storage: Optional[str] = typer.Option(None, help="An RDB URL (sqlite:///..., postgresql://...) for the "
+                                                 "study instead of the journal file in the results store."),
+           report_only: bool = typer.Option(False, "--report-only", help="Train nothing: rewrite the reports.")):
+    """Search a variant's settings with Optuna (validation accuracy only), then retrain the best with fresh seeds
+    and compare it on test with the control; rerun the same command to resume."""
+    from harness import search as S
+    from harness.report.study import write_study_report
+    from harness.store import ResultsStore, check_writable
+
+    try:
+        study = S.load_study(file)
+        ex = executor or study.executor.get("kind", "local")
+        options = {**study.executor, **_executor_options(ex, executor_option)}
+        jobs = jobs or int(study.executor.get("jobs", 1))
+        store = ResultsStore(results)
+        check_writable(store.root)
+        with S.study_lock(study, store):
+            o = S.open_study(study, store, storage) if report_only else S.search_phase(
+                study, store, jobs=jobs, executor=ex, device=device, url=storage, options=options, console=console)
+            ids, final = S.final_phase(study, store, o, jobs=jobs, executor=ex, device=device, options=options,
+                                       console=console, reports=reports, train_runs=not report_only)
+            md = write_study_report(study, store, o, storage or str(S.storage_for_path(study, store)), ids, final,
+                                    reports)
+    except KeyboardInterrupt:
+        raise interrupted() from None
+    except user_errors() as e:
+        error(console, e)
+        raise typer.Exit(2)
+    say(console, f"report: {md}" + ("" if final else " (the fresh-seed comparison is not complete)"))
+    if final is None:
+        raise typer.Exit(1)
+
+
+@app.command()
 def run(
     variant: str = typer.Argument(..., help="Registered variant name (see `ablate.py list`)."),
     data: str = typer.Option("synthetic:tiny", help="A feature directory in the HCRN/DualVGR format, or "
@@ -688,6 +734,8 @@ def _list_unfinished(store, failed: bool) -> None:
             if (d / "state.pt").is_file():
                 import torch
                 epochs = str(torch.load(d / "state.pt", map_location="cpu", weights_only=False)["epoch"] + 1)
+            if (pruned := store.read_pruned(d.name)) is not None:
+                epochs += f" (pruned by a search after epoch {pruned['epoch'] + 1})"
             t.add_row(d.name, epochs)
             n += 1
     if n:

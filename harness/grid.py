@@ -108,6 +108,9 @@ def _read(path: Path) -> dict:
         doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise GridError(f"{where}: not valid TOML: {e}") from None
+    if "search" in doc:
+        raise GridError(f"{where}: a [search] table makes this a study file, not a grid: run "
+                        f"`python ablate.py search {path}` (harness/search.py)")
     unknown = set(doc) - TOP_KEYS
     if unknown:
         raise GridError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(TOP_KEYS))})")

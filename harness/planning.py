@@ -62,6 +62,11 @@ class RunFailed(HarnessError, RuntimeError):
     """A run could not finish (NaN loss, bad config...); the message says why."""
 
 
+class RunPruned(HarnessError, RuntimeError):
+    """A run stopped early because its per-epoch callback asked it to (a search's pruner): it has
+    ``pruned.json`` and no record, so it is not complete, and a later run of it resumes or retrains it."""
+
+
 def run_id_for(cfg: variants.VariantConfig, data_id: str, seed: int, train: dict,
                teacher_runs: list[str] | None = None) -> str:
     """The run id: the variant's name and a hash of the resolved computation (:mod:`harness.identity`)."""

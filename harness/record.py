@@ -10,7 +10,8 @@ Which metrics a split holds is :mod:`harness.metrics`' registry; :func:`metric` 
 """
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from contextlib import contextmanager
+from typing import Any, Iterator, TypedDict
 
 from variants.tasks import OPEN_ENDED
 
@@ -102,8 +103,31 @@ class Record(TypedDict, total=False):
     training_compute: dict[str, Any]
 
 
+class TestMetricsSealed(RuntimeError):
+    """Test metrics were read while they are sealed (a search selecting on validation accuracy): a bug
+    in the reader, never a user error, so it is not a HarnessError and no command catches it."""
+
+
+_SEALED: list[str] = []  # why test metrics are sealed now, innermost last (this process)
+
+
+@contextmanager
+def sealed_test(why: str) -> Iterator[None]:
+    """Within the block, reading a test split (``test``, ``test_last``, an ablation) through these
+    accessors raises TestMetricsSealed naming ``why``: what :mod:`harness.search` wraps its search in."""
+    _SEALED.append(why)
+    try:
+        yield
+    finally:
+        _SEALED.pop()
+
+
 def split_metrics(rec: Record, split: str) -> SplitMetrics:
-    """A split's metrics (``val``, ``test``, ``test_last``, or an ablation's name); {} when absent."""
+    """A split's metrics (``val``, ``test``, ``test_last``, or an ablation's name); {} when absent.
+    Any split but ``val`` is sealed within :func:`sealed_test`."""
+    if _SEALED and split != "val":
+        raise TestMetricsSealed(f"the {split!r} metrics of run {rec.get('run_id')} were read while sealed "
+                                f"({_SEALED[-1]})")
     m = rec.get("metrics") or {}
     return (m.get(split) if split in m else (m.get("ablations") or {}).get(split)) or {}
 
@@ -177,5 +201,9 @@ def teacher_variants(rec: Record) -> list[str]:
 
 
 def teacher_ref(rec: Record) -> TeacherRef:
-    """What a student's record says of a teacher run it used."""
-    return TeacherRef(variant=rec["variant"], run_id=rec["run_id"], params=params_total(rec), test_acc=metric(rec))
+    """What a student's record says of a teacher run it used. Its test accuracy is copied into the
+    record as written outside a search (records do not depend on who trains them), so this one read
+    passes a seal: it is written, never compared or selected on."""
+    m = (rec.get("metrics") or {}).get("test") or {}
+    return TeacherRef(variant=rec["variant"], run_id=rec["run_id"], params=params_total(rec),
+                      test_acc=m.get(M.METRICS[M.PRIMARY].key))

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -50,7 +51,8 @@ from .env import sync as _sync
 from .evaluate import ABLATIONS, evaluate
 from .inputs import param_counts
 from .planning import (Plan, RunFailed, RunSpec, check_plans, check_teacher_outputs,  # noqa: F401 - re-exported
-                       feature_mode, plan, recorded_info, run_id_for)
+                       RunPruned, feature_mode, plan, recorded_info, run_id_for)
+from .pruning import pruned_info
 from .record import RECORD_VERSION, Record, teacher_ref
 from .sinks import Sinks, check_sinks, run_hparams
 from .step import TrainStep, build_step
@@ -63,7 +65,8 @@ from .teacher_cache import TeacherOutputs
 def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQAData | None = None,
           device: str | torch.device | None = "auto", force: bool = False, progress: bool = True,
           console: Console | None = None, log_every: int = 25, stop_after_epochs: int | None = None,
-          teacher_cache: bool = True, refuse_damaged: bool = False, log: tuple[str, ...] = ()) -> dict:
+          teacher_cache: bool = True, refuse_damaged: bool = False, log: tuple[str, ...] = (),
+          on_epoch: Callable[[int, float], bool] | None = None) -> dict:
     """Train and evaluate one run; returns its record (also written to ``store``).
 
     A complete run already in the store is returned as is (unless ``force``). An incomplete one
@@ -76,7 +79,9 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
     otherwise it is trained again from scratch. A complete run (this one, or a teacher) whose weights
     are damaged is set aside and retrained (:meth:`ResultsStore.usable`), or, with ``refuse_damaged``,
     refused (DamagedRun). ``log``: live logging sinks (:mod:`harness.sinks`) for the runs trained now,
-    teachers included; not part of the run id either.
+    teachers included; not part of the run id either. ``on_epoch(epoch, val_acc)`` (a search's pruner):
+    called after each epoch of this run (a resumed run's past epochs first); True stops the run there as
+    pruned (``pruned.json``, no record, RunPruned); not part of the run id, and changes no record.
     """
     log = check_sinks(log)
     store = store or ResultsStore()
@@ -102,6 +107,7 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
         if not force and store.usable(p.run_id, refuse_damaged):
             return store.read_record(p.run_id)
         run = _Run(p, store, data, dev, teachers, teacher_records, console, progress, log_every, teacher_cache, log)
+        run.on_epoch = on_epoch
         return run.execute(force, stop_after_epochs)
 
 
@@ -211,6 +217,7 @@ class _Run:
         self.use_teacher_cache = teacher_cache and bool(teachers)
         self.tcache: TeacherOutputs | None = None
         self.log = log
+        self.on_epoch: Callable[[int, float], bool] | None = None  # train's
         self.t_process = time.perf_counter()
 
     # -- set up
@@ -350,6 +357,16 @@ class _Run:
             "cache_builds": st.cache_builds,
             "run_id": self.p.run_id})
 
+    def _ask_to_stop(self, recs: list[dict]) -> None:
+        """Hand each epoch's validation accuracy to ``on_epoch``; when it answers True the run stops there:
+        ``pruned.json`` (:func:`harness.pruning.pruned_info`), no record, RunPruned."""
+        for rec in recs if self.on_epoch is not None else []:
+            if self.on_epoch(rec["epoch"], rec["val_acc"]):
+                self.state.active_time += time.perf_counter() - self.t_process
+                self.t_process = time.perf_counter()
+                self.store.write_pruned(self.p.run_id, pruned_info(self, rec))
+                raise RunPruned(f"{self.p.run_id}: pruned after epoch {rec['epoch'] + 1} (val {rec['val_acc']:.2f}%)")
+
     @property
     def eval_batch(self) -> int:
         return max(self.batch_size, 256)
@@ -374,6 +391,7 @@ class _Run:
         steps = D.num_batches(len(self.splits["train"]), self.batch_size, self.drop_last)
         display = _Display(self.console, self.show_progress, f"{self.p.spec.variant} seed {self.p.spec.seed}", epochs, steps)
         try:
+            self._ask_to_stop(st.history)  # a resumed run's epochs first
             for epoch in range(first, epochs):
                 if tc["early_stop"] is not None and st.stale_epochs() >= tc["early_stop"]:
                     break
@@ -383,6 +401,7 @@ class _Run:
                 sinks.epoch(rec)  # the values the record's history now holds
                 display.epoch_end(f"epoch {epoch + 1}/{epochs} loss {rec['loss']:.3f} train {rec['train_acc']:.1f}% "
                                   f"val {rec['val_acc']:.1f}%", epoch + 1)
+                self._ask_to_stop([rec])
                 if stop_after_epochs is not None and epoch + 1 - first >= stop_after_epochs and epoch + 1 < epochs:
                     return {"run_id": self.p.run_id, "status": "stopped", "epoch": epoch}
         finally:

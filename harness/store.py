@@ -9,7 +9,7 @@ A run killed midway therefore never leaves a partial record: either ``record.jso
 is complete, or the run is resumed from ``state.pt`` when started again. The record holds the size
 and SHA-1 of ``best.pt`` as written; a run whose weights no longer match is set aside and retrained
 before anything reuses them (:meth:`ResultsStore.usable`). A run that failed, or that a grid gave up
-on, has ``failed.json`` (the reason). Files are written atomically, with the mode the umask gives.
+on, has ``failed.json`` (the reason); one a search's pruner stopped has ``pruned.json`` and no record. Files are written atomically, with the mode the umask gives.
 """
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ class StoreError(HarnessError, OSError):
 class DamagedRun(StoreError):
     """A complete run's files are damaged (weights truncated or changed) and may not be reused."""
 
+
+#: a run a search's pruner stopped early (:meth:`ResultsStore.write_pruned`); it has no record
+PRUNED = "pruned.json"
 
 #: a run's weights, as a student's teacher and for the final evaluation; their size and SHA-1 are in its record
 WEIGHTS = "best.pt"
@@ -302,9 +305,27 @@ class ResultsStore:
         return rec if isinstance(rec, dict) else None
 
     def write_record(self, record: dict) -> Path:
+        """Write a complete run's record; a ``pruned.json`` of an earlier, stopped attempt goes."""
         path = self.run_dir(record["run_id"]) / self.RECORD
         atomic_write_json(path, record)
+        (path.parent / PRUNED).unlink(missing_ok=True)
         return path
+
+    def write_pruned(self, run_id: str, info: dict) -> dict:
+        """Record that a search's pruner stopped the run (``pruned.json``: the epoch, the accuracies and
+        compute so far, the time); the run stays incomplete (no record), and a later run of it resumes."""
+        info = {**info, "run_id": run_id, "status": "pruned",
+                "pruned_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        atomic_write_json(self.run_dir(run_id) / PRUNED, info)
+        return info
+
+    def read_pruned(self, run_id: str) -> dict | None:
+        """The run's ``pruned.json`` (None: never pruned, since completed, or unreadable)."""
+        try:
+            rec = json.loads((self.run_dir(run_id) / PRUNED).read_text())
+        except (OSError, ValueError):
+            return None
+        return rec if isinstance(rec, dict) else None
 
     # -- data sets: what planning needs (harness.data.DataInfo), so reports read no feature file
 
