@@ -69,6 +69,7 @@ from . import record as R
 from .console import say
 from .errors import HarnessError
 from .grid import Grid, order_runs
+from .metrics import PRIMARY, task_metric
 from .planning import RunPruned, RunSpec, feature_mode, plan
 from .runner import train
 from .schedule import _worker_init, cpu_threads_per_worker, device_slots
@@ -335,11 +336,22 @@ def definition_hash(study: Study) -> str:
     return hashlib.sha1(json.dumps(study.definition(), sort_keys=True).encode()).hexdigest()[:10]
 
 
+def check_task(study: Study) -> None:
+    """A study maximizes validation accuracy: refused, naming the task and its metric, on a data set
+    whose task is scored otherwise (a count's MSE)."""
+    task = D.describe(study.data).task
+    metric = task_metric(task)
+    if metric.name != PRIMARY:
+        raise StudyError(f"{study.path}: data {study.data} asks {task} questions, scored by {metric.title}; a "
+                         f"search maximizes validation accuracy, so it runs on open-ended or multiple-choice data")
+
+
 def search_phase(study: Study, store: ResultsStore, *, jobs: int = 1, executor: str = "local",
                  device: str = "auto", url: str | None = None, options: dict | None = None, console=None,
                  poll_s: float = 2.0) -> optuna.Study:
     """Recover what a killed run left, run the workers until ``n_trials`` trials have finished,
     and return the study (call within :func:`study_lock`)."""
+    check_task(study)
     o = open_study(study, store, url)
     retried = recover(o)
     if console is not None:

@@ -298,3 +298,13 @@ def test_a_trial_left_running_is_asked_again_once(tmp_path, rdb):
     assert S.next_trial(o, study, store) is not None and S.next_trial(o, study, store) is None  # 2 of 2 spent
     assert S.recover(S.open_study(study, store, url)) == [1, 2]
     assert (tmp_path / "study.db").exists() == rdb
+
+
+def test_a_study_on_count_data_is_refused_before_anything_runs(tmp_path):
+    """A search maximizes validation accuracy; a count's metric is its MSE, so the study is refused, naming it."""
+    p = _study(tmp_path)
+    p.write_text(p.read_text().replace('data = "synthetic:tiny"', 'data = "synthetic:tiny-count"'))
+    study, store = S.load_study(p), ResultsStore(tmp_path / "results")
+    with pytest.raises(S.StudyError, match=r"asks count questions, scored by test MSE; a search maximizes validation"):
+        S.search_phase(study, store, device="cpu")
+    assert not (store.root / "studies").exists() and not list(store.root.glob("runs/*"))
