@@ -136,7 +136,7 @@ def dataset_files(out: str | Path, name: str = "synthetic") -> dict[str, Path]:
 def is_complete(out: str | Path, preset: str | Preset = "tiny", seed: int = 0,
                 name: str = "synthetic") -> bool:
     """True when ``out`` holds a finished data set for exactly (preset, seed, name): the
-    meta json exists, matches (including the preset's sizes and the format version) and
+    meta json exists, matches (including the preset's sizes, its suggested training and the format version) and
     every other file is present."""
     p = _get_preset(preset)
     files = dataset_files(out, name)
@@ -150,6 +150,7 @@ def is_complete(out: str | Path, preset: str | Preset = "tiny", seed: int = 0,
         and meta.get("format_version") == FORMAT_VERSION
         and meta.get("preset") == p.name
         and meta.get("preset_config") == asdict(p)
+        and meta.get("suggested_train") == SUGGESTED_TRAIN.get(p.name, {})  # a changed suggestion is rewritten
         and meta.get("seed") == seed
         and meta.get("name") == name
         and all(f.exists() for f in files.values())

@@ -29,8 +29,15 @@ def quiet():
     return Console(file=open(os.devnull, "w"))
 
 
-@pytest.mark.parametrize("name", ["tiny", "kd-losses", "teacher-depth", "msvd", "ci", "precision-bf16", "precision-fp32",
-                                  "tgif-qa", "next-qa"])
+#: every shipped grid file (a study file, with its [search] table, is tests/test_search.py's)
+SHIPPED = sorted(p.stem for p in (ROOT / "grids").glob("*.toml") if "[search]" not in p.read_text())
+
+
+def test_the_shipped_grids_are_found():
+    assert {"tiny", "ci", "ci-tasks", "tiny-tasks", "tgif-qa", "next-qa", "tiny-compress"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_grids_load(name):
     g = G.load(name)
     assert g.runs and g.description

@@ -1,5 +1,6 @@
 """CI regression check on the tiny set (detectron2-style quick schedules): the `ci` grid's
-numbers must match tests/golden/ci_expected.json — test accuracy within its tolerance, parameter
+numbers must match tests/golden/ci_expected.json (and the `ci-tasks` grid's, multiple choice and count,
+tests/golden/ci-tasks_expected.json) — test accuracy within its tolerance, parameter
 counts and MACs per sample exactly. A failure prints a table of what moved; if the change is
 intended, rewrite the file with `python -m harness.regression --grid ci --update`."""
 import json
@@ -13,10 +14,11 @@ from harness.store import ResultsStore
 
 
 @pytest.mark.slow
-def test_ci_grid_matches_expected_results(tiny, tmp_path):
-    g = G.load("ci")
+@pytest.mark.parametrize("grid", ["ci", "ci-tasks"])  # open-ended; multiple choice and count
+def test_ci_grid_matches_expected_results(tiny, tmp_path, grid):
+    g = G.load(grid)
     measured = R.measure(g, ResultsStore(tmp_path / "results"))
-    expected = json.loads(R.expected_path("ci").read_text())
+    expected = json.loads(R.expected_path(grid).read_text())
     rows = R.compare(measured, expected)
     assert not rows, "numbers moved outside tolerance:\n" + R.format_rows(rows)
 
