@@ -208,19 +208,7 @@ def _print_compress(records: list[dict], fmt: str) -> None:
             f"({r0['gemm_n']}^3, dynamically quantised Linear), copy {r0['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + "
             f"written); bound = max(MACs at the path's GEMM rates, its weight bytes at the copy bandwidth); load "
             f"average {r0['load_average_before']}")
-    if fmt == "markdown":
-        print("| " + " | ".join(COMPRESS_COLUMNS) + " |")
-        print("|" + "|".join("---" if c in ("variant", "path") else "---:" for c in COMPRESS_COLUMNS) + "|")
-        for r in records:
-            print("| " + " | ".join(_fmt(r.get(c)) for c in COMPRESS_COLUMNS) + " |")
-        print(f"\n{note}")
-        return
-    t = Table(title=note)
-    for c in COMPRESS_COLUMNS:
-        t.add_column(c, justify="left" if c in ("variant", "path") else "right")
-    for r in records:
-        t.add_row(*[_fmt(r.get(c)) for c in COMPRESS_COLUMNS])
-    console.print(t)
+    _table(records, COMPRESS_COLUMNS, note, fmt, text_columns=("variant", "path"))
 
 
 def _check_options(variant: list[str], config: str, fmt: str, precision: str, batch_size: str, device: str,
@@ -344,16 +332,22 @@ def _print(records: list[dict], fmt: str, config: str, precision: str, compiled:
     note = (f"{config} config, {r0['device_name']}, torch {r0['torch_version']}, {precision} (LSTMs in "
             f"{r0.get('lstm_precision')}), inference path {r0.get('infer_path')}; MACs per sample (FLOPs = 2 x MACs); "
             f"peak memory: {r0['peak_mem_kind'] or 'n/a'}")
+    _table(records, cols, note, fmt)
+
+
+def _table(records: list[dict], cols, note: str, fmt: str, text_columns: tuple[str, ...] = ("variant",)) -> None:
+    """The records as a Markdown table (``fmt`` markdown) or a rich table, ``note`` under / above it; the
+    ``text_columns`` left-aligned, the figures right-aligned."""
     if fmt == "markdown":
         print("| " + " | ".join(cols) + " |")
-        print("|" + "|".join("---" if c == "variant" else "---:" for c in cols) + "|")
+        print("|" + "|".join("---" if c in text_columns else "---:" for c in cols) + "|")
         for r in records:
             print("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
         print(f"\n{note}")
         return
     t = Table(title=note)
     for c in cols:
-        t.add_column(c, justify="left" if c == "variant" else "right")
+        t.add_column(c, justify="left" if c in text_columns else "right")
     for r in records:
         t.add_row(*[_fmt(r.get(c)) for c in cols])
     console.print(t)
