@@ -135,7 +135,7 @@ class _Schedule:
         self.running.pop(p.run_id, None)
         if out["status"] == "complete":
             (self.result.complete if p.run_id in self.own else self.result.teachers_complete).append(p.run_id)
-            say(self.console, f"done {out['variant']} seed {out['seed']}: test {out['test_acc']:.2f}% ({out['run_id']})",
+            say(self.console, f"done {out['variant']} seed {out['seed']}: {out['result']} ({out['run_id']})",
                 "green")
         else:
             if self.store is not None and "failed_at" not in out:  # given up here, not recorded by run_one
