@@ -334,6 +334,8 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
     skipped. `ablate.py report --grid NAME` then shows them beside their fp32 runs."""
     from harness import compress as C
     from harness import grid as G
+    from harness import metrics as M
+    from harness import record as R
     from harness.runner import plan, recorded_info
     from harness.store import ResultsStore
 
@@ -360,10 +362,16 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
         error(console, e)
         raise typer.Exit(2)
     for rid in ids:
-        for m, rec in C.read_all(store, store.read_record(rid)).items():
+        fp32 = store.read_record(rid)
+        metric = M.task_metric(R.task(fp32))  # accuracy, or a count's MSE
+
+        def figure(r: dict) -> str:
+            return metric.fmt(R.metric(r, "test", metric.name))
+
+        for m, rec in C.read_all(store, fp32).items():
             a, cpu = rec["agreement"], rec["cpu"]["latency"]
-            say(console, f"{rec['variant']} seed {rec['seed']} {m}: test {rec['metrics']['test']['overall']:.2f} "
-                         f"(fp32 {rec['fp32_test_recorded']:.2f}), predictions agree {100 * a['prediction_agreement']:.1f}%, "
+            say(console, f"{rec['variant']} seed {rec['seed']} {m}: {metric.title} {figure(rec)} "
+                         f"(fp32 {figure(fp32)}), predictions agree {100 * a['prediction_agreement']:.1f}%, "
                          f"max |logit diff| {a['max_abs_logit_diff']:.2g}, {rec['size']['bytes']:,} bytes, "
                          f"batch 1 {cpu['1']['compressed']['latency_ms_median']:.2f} ms "
                          f"(fp32 {cpu['1']['fp32']['latency_ms_median']:.2f} ms)")

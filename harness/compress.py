@@ -173,9 +173,11 @@ class OrtModule(nn.Module):
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
 
-    def forward(self, *inputs):
-        # by name: the exporter drops the inputs a model ignores (question-only: the video)
-        feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.order, inputs) if n in self.names}
+    def forward(self, *inputs, **named):
+        # positional in the model's order, or by name as harness.evaluate passes a task's inputs (candidates);
+        # fed by name: the exporter drops the inputs a model ignores (question-only: the video)
+        given = {**dict(zip(self.order, inputs)), **named}
+        feeds = {n: t.detach().cpu().numpy() for n, t in given.items() if n in self.names}
         return {"logits": torch.from_numpy(self.session.run(None, feeds)[0])}
 
 
