@@ -182,6 +182,19 @@ def test_a_grid_over_three_tasks_reports_a_table_per_task(tiny, task_sets, tmp_p
     import re
     assert re.search(r"\| variant( \| (CW|CH|TN|TC|DC|DL|DO)){7} \| causal \| temporal \| descriptive \| all \|", md)
     assert re.search(r"causal: (CW|CH) \+ (CW|CH); temporal: (TC|TN) \+ (TC|TN); descriptive: D. \+ D. \+ D.\.", md)
+    # compressed evaluations of the other tasks: a multiple-choice run through ONNX Runtime (candidates fed by
+    # name), a count run in int8, each reported in its task's metric beside fp32
+    from harness import compress as C
+    by = {(store.read_record(i)["data"]["spec"], store.read_record(i)["variant"], store.read_record(i)["seed"]): i
+          for i in res.run_ids}
+    mc, cnt = by[(sets[1], "dualvgr", 0)], by[(sets[2], "dualvgr", 0)]
+    assert C.compress_run(store, mc, "onnx")["agreement"]["prediction_agreement"] == 1.0
+    assert C.compress_run(store, cnt, "dynamic-int8")["metrics"]["test"]["mse"] >= 0
+    md = write_report(store, "tasks", res.run_ids, out_dir=tmp_path / "reports").read_text()
+    count_part = md.split("### Main table (count: MSE)")[1].split("## Data set:")[0]
+    assert "| variant | path | n seeds | test MSE | 95% CI | Δ fp32 |" in count_part
+    assert re.search(r"\|  \| dynamic-int8 \| n=1 \| \d+\.\d{3} \|", count_part)
+    assert re.search(r"\|  \| onnx \| n=1 \| \d+\.\d\d \|", md.split("### Main table (count: MSE)")[0])
 
 
 def test_grid_data_must_be_specs(tmp_path):

@@ -12,8 +12,8 @@ from ..evaluate import ABLATIONS
 from ..stats import Estimate
 from .fmt import QUESTIONS_ONLY, _f, _g, _md_table, fmt_ci, fmt_p
 from .grouping import Group, _mean, mean_std
-from .sections import TASK_SECTIONS, Context, _fmt_n, _significance_table
-from .statistics import ALPHA, COST_COLUMNS, CORRECTION
+from .sections import TASK_SECTIONS, Context, _cpu_ms, _fmt_n, _median, _significance_table
+from .statistics import ALPHA, COST_COLUMNS, CORRECTION, compressed_rows
 
 #: the metric of the count task (harness.metrics)
 METRIC = "mse"
@@ -112,10 +112,50 @@ def _significance(ctx: Context) -> list[str]:
     return lines
 
 
+def _compressed(ctx: Context) -> list[str]:
+    """Each variant's runs evaluated compressed (harness.compress) beside the same runs in fp32: test MSE,
+    its paired difference, agreement of the rounded counts, size and CPU latency."""
+    crows = compressed_rows(ctx.preds, ctx.groups, ctx.types, ctx.stats.boot, METRIC) if ctx.preds else []
+    if not crows:
+        return []
+    rows = []
+    for g in ctx.groups:
+        mine = [row for row in crows if row.group is g]
+        if not mine:
+            continue
+        comp = [c for row in mine for _, c in row.pairs]
+        m, sd = mean_std(g.metric(METRIC))
+        size = _median([c["size"]["fp32_bytes"] for c in comp])
+        rows.append([g.label, "fp32 (eager)", _fmt_n(g), _mse(m) if sd is None else f"{_mse(m)} ± {_mse(sd)}",
+                     _interval(ctx.stats.cells[g.label]["all"]), "ref", "-", "-", "-",
+                     _f(size / 1e6, 3) if size else "-", _f(_cpu_ms(comp, "1", "fp32")),
+                     _f(_cpu_ms(comp, "32", "fp32"))])
+        for row in mine:
+            xs = [c for _, c in row.pairs]
+            cm, csd = mean_std([R.metric(c, "test", METRIC) for c in xs])
+            d = row.cmp.delta if row.cmp else None
+            star = " *" if row.cmp and row.cmp.p_holm is not None and row.cmp.p_holm < ALPHA else ""
+            rows.append(["", row.method, f"n={len(xs)}", _mse(cm) if csd is None else f"{_mse(cm)} ± {_mse(csd)}",
+                         _interval(row.acc), _mse(d.mean, sign=True) if d else "-", _interval(d, sign=True),
+                         (fmt_p(row.cmp.p_holm) + star) if d else "-",
+                         _f(100 * _mean([c["agreement"]["prediction_agreement"] for c in xs])),
+                         _f(_median([c["size"]["bytes"] for c in xs]) / 1e6, 3),
+                         _f(_cpu_ms(xs, "1", "compressed")), _f(_cpu_ms(xs, "32", "compressed"))])
+    headers = ["variant", "path", "n seeds", "test MSE", "95% CI", "Δ fp32", "95% CI", "p (Holm)", "counts agree %",
+               "size MB", "CPU ms b1", "CPU ms b32"]
+    intro = ("Each run evaluated after training, without retraining (`harness.compress`), on the CPU with the same "
+             "evaluation code as the run. Δ fp32: the paired difference of test MSE against the same runs in fp32 "
+             f"(same seeds, same questions; two-level bootstrap of the squared errors), p {CORRECTION}-corrected "
+             f"across this table (* below {ALPHA}); negative: fewer squared errors. counts agree %: the compressed "
+             "model's rounded counts equal to fp32's. Size and CPU latency as in the accuracy report's section.")
+    return [intro, ""] + _md_table(headers, rows, right=set(range(2, len(headers)))) + [""]
+
+
 SECTIONS = [
     ("Main table (count: MSE)", _main_table),
     ("MSE per question type", _per_type_table),
     ("Evaluation-time ablations", _ablation_table),
     ("Significance", _significance),
+    ("Compressed: int8 and ONNX Runtime beside fp32", _compressed),
 ]
 TASK_SECTIONS[M.METRICS[METRIC].name] = SECTIONS

@@ -408,7 +408,7 @@ def _compressed_per_type(ctx: Context, crows: list[CompressedRow]) -> list[str]:
 
 def _compressed(ctx: Context) -> list[str]:
     """Each variant's runs evaluated compressed (harness.compress) beside the same runs in fp32."""
-    crows = compressed_rows(ctx.preds, ctx.groups, ctx.types, ctx.stats.boot) if ctx.preds else []
+    crows = compressed_rows(ctx.preds, ctx.groups, ctx.types, ctx.stats.boot, ctx.metric) if ctx.preds else []
     if not crows:
         return []
     rows = []

@@ -161,15 +161,17 @@ class CompressedRow:
     cmp: Comparison | None = None
 
 
-def compressed_rows(preds, groups: list[Group], types: list[str], boot: Bootstrap) -> list[CompressedRow]:
+def compressed_rows(preds, groups: list[Group], types: list[str], boot: Bootstrap,
+                    metric: str = M.PRIMARY) -> list[CompressedRow]:
     """Every (group, method) with compressed evaluations (``record["compressed"]``, attached by the
-    writer), its accuracy estimate and its comparison with fp32 (Holm across the rows)."""
+    writer), its estimate of ``metric`` (accuracy; a count's MSE) and its comparison with fp32 (Holm
+    across the rows; McNemar's test for accuracy only)."""
     from ..compress import key
 
     rows = [CompressedRow(g, m, [(r, r["compressed"][m]) for r in g.runs if m in r.get("compressed", {})])
             for g in groups for m in dict.fromkeys(m for r in g.runs for m in r.get("compressed", {}))]
     ids = [i for row in rows for r, _ in row.pairs for i in (r["run_id"], key(r["run_id"], row.method))]
-    table, _ = correct_table(preds, list(dict.fromkeys(ids)), types, boot)
+    table, _ = correct_table(preds, list(dict.fromkeys(ids)), types, boot, metric)
     for row in rows:
         ok = [(r["run_id"], key(r["run_id"], row.method), r["seed"]) for r, _ in row.pairs
               if r["run_id"] in table and key(r["run_id"], row.method) in table]
