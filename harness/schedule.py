@@ -93,6 +93,11 @@ def _failure(p, reason: str) -> dict:
     return {"run_id": p.run_id, "variant": p.spec.variant, "seed": p.spec.seed, "status": "failed", "reason": reason}
 
 
+def _acc(out: dict) -> str:
+    """A finished run's test accuracy, for an answer without its task's figure (``result``)."""
+    return f"test acc {out['test_acc']:.2f}" if out.get("test_acc") is not None else "complete"
+
+
 @dataclasses.dataclass
 class _Schedule:
     """What a grid still has to train, in order (every teacher run before the students that need it,
@@ -135,7 +140,7 @@ class _Schedule:
         self.running.pop(p.run_id, None)
         if out["status"] == "complete":
             (self.result.complete if p.run_id in self.own else self.result.teachers_complete).append(p.run_id)
-            say(self.console, f"done {out['variant']} seed {out['seed']}: {out['result']} ({out['run_id']})",
+            say(self.console, f"done {out['variant']} seed {out['seed']}: {out.get('result') or _acc(out)} ({out['run_id']})",
                 "green")
         else:
             if self.store is not None and "failed_at" not in out:  # given up here, not recorded by run_one
