@@ -119,7 +119,10 @@ def test_ctrl_c_cancels_the_jobs_then_a_time_limited_run_is_requeued_and_resumes
     cmd = [sys.executable, str(ROOT / "ablate.py"), "--grid", str(grid), "--executor", "slurm", "--partition",
            partition, "--gpus-per-run", "0", "--cpus-per-run", "1", "--time-min", "2", "--device", "cpu",
            "--results", str(results), "--reports", str(tmp_path / "reports")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT restored to its default in the child: a shell starts background jobs with it ignored (`... &`),
+    # and Python then installs no KeyboardInterrupt handler, so Ctrl-C would never reach the grid
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 180
         while time.time() < deadline and not list(results.glob("runs/*/state.pt")) and proc.poll() is None:
