@@ -507,6 +507,7 @@ def run(
     """Train and evaluate one variant; print its per-question-type accuracy table."""
     import variants
     from harness import data as D
+    from harness import record as R
     from harness.env import check_precision, resolve_device
     from harness.runner import RUN_LOCK, RunSpec, feature_mode, plan, train
     from harness.sinks import check_sinks
@@ -554,7 +555,7 @@ def run(
                  f"record in {store.run_dir(record['run_id'])}")
     for t in record.get("teachers", []):
         say(console, f"teacher {t['variant']}: run {t['run_id']}, {t['params']:,} parameters, "
-                     f"test accuracy {t['test_acc']:.2f}")
+                     f"{R.test_figure(store.read_record(t['run_id']))}")
 
 
 def _record_failure(store, run_id: str, info: dict, e: Exception) -> None:
@@ -593,6 +594,7 @@ def import_(bundle: str = typer.Argument(..., help="A bundle written by `ablate.
                                                "[default: the data spec its record names].")):
     """Verify a run bundle (checksums, data id, identity, plain-tensor weights) and add its run to the store,
     where students find it as a teacher as if it had been trained here."""
+    from harness import record as R
     from harness.bundle import import_bundle
     from harness.store import ResultsStore
 
@@ -602,8 +604,8 @@ def import_(bundle: str = typer.Argument(..., help="A bundle written by `ablate.
         error(console, e)
         raise typer.Exit(2)
     what = "imported" if added else "already in the store, unchanged:"
-    say(console, f"{what} run {rec['run_id']} ({rec['variant']}, seed {rec['seed']}, test accuracy "
-                 f"{rec['metrics']['test']['overall']:.2f}) in {ResultsStore(results).run_dir(rec['run_id'])}")
+    say(console, f"{what} run {rec['run_id']} ({rec['variant']}, seed {rec['seed']}, {R.test_figure(rec)}) in "
+                 f"{ResultsStore(results).run_dir(rec['run_id'])}")
 
 
 @app.command("list")

@@ -36,7 +36,6 @@ from variants.registry import Registry
 
 from . import data as D
 from . import identity
-from . import metrics as M
 from . import record as R
 from .console import make_console, progress_bar, say
 from .grid import Grid
@@ -57,12 +56,6 @@ def _data(spec: str, mode: str) -> D.VideoQAData:
     return _DATA[(spec, mode)]
 
 
-def test_result(rec: dict) -> str:
-    """The run's test figure in its task's metric, for a progress line: ``test acc 45.20``, ``test MSE 2.860``."""
-    m = M.task_metric(R.task(rec))
-    return f"{m.title} {m.fmt(R.metric(rec, 'test', m.name))}"
-
-
 def run_one(spec: dict, results: str, device: str = "auto", mode: str = "auto", log: tuple[str, ...] = ()) -> dict:
     """Train one run of a grid; never raises for a failing run: it is recorded as failed
     (``failed.json`` with reason and traceback in its run directory) and reported."""
@@ -76,7 +69,7 @@ def run_one(spec: dict, results: str, device: str = "auto", mode: str = "auto", 
         rec = train(s, store, data=data, device=device, progress=not sys.stderr.isatty(), log=tuple(log))
         (store.run_dir(run_id) / "failed.json").unlink(missing_ok=True)
         return {"run_id": rec["run_id"], "variant": s.variant, "seed": s.seed, "status": "complete",
-                "test_acc": rec["metrics"]["test"]["overall"], "result": test_result(rec)}
+                "test_acc": rec["metrics"]["test"]["overall"], "result": R.test_figure(rec)}
     except Exception as e:  # noqa: BLE001 - every failure is recorded; the grid goes on
         info = {"variant": s.variant, "seed": s.seed, "spec": spec}
         if run_id is None:

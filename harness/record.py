@@ -137,6 +137,12 @@ def metric(rec: Record, split: str = "test", name: str = M.PRIMARY) -> float | N
     return split_metrics(rec, split).get(M.METRICS[name].key)
 
 
+def test_figure(rec: Record) -> str:
+    """The run's test figure in its task's metric, for a line of text: ``test acc 45.20``, ``test MSE 2.860``."""
+    m = M.METRICS[M.task_metric(task(rec)).name]
+    return f"{m.title} {m.fmt(metric(rec, 'test', m.name))}"
+
+
 def per_type(rec: Record, split: str = "test", name: str = M.PRIMARY) -> dict[str, float]:
     """A metric's per-question-type breakdown on a split ({} when it has none)."""
     key = M.METRICS[name].per_type
