@@ -504,6 +504,12 @@ def test_training_curves_have_ticks_at_whole_epochs(tmp_path):
     lo, hi = ax.get_xlim()
     ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
     assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    # a count's curves plot its validation MSE (the line is the mean over seeds of the history's val_mse)
+    for r in runs:
+        for h in r["history"]:
+            h["val_mse"] = 9.0 - h["epoch"] + r["seed"]
+    ax = curves_figure([g], {g.label: "C0"}, "t", key="val_mse").axes[0]
+    assert list(ax.lines[0].get_ydata()) == [10.5, 9.5, 8.5] and "MSE" in ax.get_ylabel()
 
 
 def test_header_names_the_code_and_marks_runs_of_several_fingerprints_and_environments(tmp_path):

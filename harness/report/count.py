@@ -12,6 +12,7 @@ from ..evaluate import ABLATIONS
 from ..stats import Estimate
 from .fmt import QUESTIONS_ONLY, _f, _g, _md_table, fmt_ci, fmt_p
 from .grouping import Group, _mean, mean_std
+from .plots import plot_curves
 from .sections import TASK_SECTIONS, Context, _cpu_ms, _fmt_n, _median, _significance_table
 from .statistics import ALPHA, COST_COLUMNS, CORRECTION, compressed_rows
 
@@ -151,11 +152,20 @@ def _compressed(ctx: Context) -> list[str]:
     return [intro, ""] + _md_table(headers, rows, right=set(range(2, len(headers)))) + [""]
 
 
+def _curves_plot(ctx: Context) -> list[str]:
+    """Validation MSE per epoch (the epoch with the lowest is each run's selected one)."""
+    fname = f"training_curves{ctx.suffix}.png"
+    ctx.written[fname] = plot_curves(ctx.groups, ctx.colors, f"{ctx.dname}: validation MSE per epoch (mean over "
+                                                               "seeds)", key="val_mse")
+    return [f"![training curves]({ctx.link(fname)})", ""]
+
+
 SECTIONS = [
     ("Main table (count: MSE)", _main_table),
     ("MSE per question type", _per_type_table),
     ("Evaluation-time ablations", _ablation_table),
     ("Significance", _significance),
     ("Compressed: int8 and ONNX Runtime beside fp32", _compressed),
+    ("Training curves", _curves_plot),
 ]
 TASK_SECTIONS[M.METRICS[METRIC].name] = SECTIONS

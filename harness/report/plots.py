@@ -94,21 +94,27 @@ def plot_per_type(groups: list[Group], types: list[str], colors: dict, title: st
     return _png(fig)
 
 
-def plot_curves(groups: list[Group], colors: dict, title: str) -> bytes:
+#: what a training-curves plot can show: the history key -> the y axis label
+CURVES = {"val_acc": "validation accuracy (%), mean over seeds",
+          "val_mse": "validation MSE (lower is better), mean over seeds"}
+
+
+def plot_curves(groups: list[Group], colors: dict, title: str, key: str = "val_acc") -> bytes:
     """The training curves (:func:`curves_figure`) as PNG bytes."""
-    return _png(curves_figure(groups, colors, title))
+    return _png(curves_figure(groups, colors, title, key))
 
 
-def curves_figure(groups: list[Group], colors: dict, title: str) -> Figure:
-    """Validation accuracy per epoch, one line per group (mean over its seeds)."""
+def curves_figure(groups: list[Group], colors: dict, title: str, key: str = "val_acc") -> Figure:
+    """Validation accuracy (``key`` val_acc; a count's val_mse) per epoch, one line per group (mean over
+    its seeds)."""
     fig = Figure(figsize=(7.5, 4.8))
     ax = fig.add_subplot()
     for g in groups:
         per_epoch: dict[int, list[float]] = {}
         for r in g.runs:
             for i, h in enumerate(r.get("history", [])):
-                if h.get("val_acc") is not None:
-                    per_epoch.setdefault(int(h.get("epoch", i)), []).append(float(h["val_acc"]))
+                if h.get(key) is not None:
+                    per_epoch.setdefault(int(h.get("epoch", i)), []).append(float(h[key]))
         if not per_epoch:
             continue
         ep = sorted(per_epoch)
@@ -116,7 +122,7 @@ def curves_figure(groups: list[Group], colors: dict, title: str) -> Figure:
                 color=colors[g.label], label=g.label)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # ticks at whole epochs (1-based, as `run` prints them)
-    ax.set_ylabel("validation accuracy (%), mean over seeds")
+    ax.set_ylabel(CURVES[key])
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
