@@ -507,7 +507,6 @@ def run(
     """Train and evaluate one variant; print its per-question-type accuracy table."""
     import variants
     from harness import data as D
-    from harness import record as R
     from harness.env import check_precision, resolve_device
     from harness.runner import RUN_LOCK, RunSpec, feature_mode, plan, train
     from harness.sinks import check_sinks
@@ -548,6 +547,13 @@ def run(
     elif reused:
         say(console, f"already complete: {run_id}, not retrained (the record from {store.run_dir(run_id)}; "
                      f"--force retrains)", "yellow")
+    _print_run(store, record)
+
+
+def _print_run(store, record: dict) -> None:
+    """A run's table of its task's metric per question type, its summary line and its teachers'."""
+    from harness import record as R
+
     console.print(accuracy_table(record))
     say(console, f"run {record['run_id']}: {record['epochs_run']} epochs, best val epoch "
                  f"{record['metrics']['best_epoch'] + 1}, {record['params']['total']:,} parameters, "
