@@ -139,7 +139,7 @@ def metric(rec: Record, split: str = "test", name: str = M.PRIMARY) -> float | N
 
 def test_figure(rec: Record) -> str:
     """The run's test figure in its task's metric, for a line of text: ``test acc 45.20``, ``test MSE 2.860``."""
-    m = M.METRICS[M.task_metric(task(rec)).name]
+    m = M.task_metric(task(rec))
     return f"{m.title} {m.fmt(metric(rec, 'test', m.name))}"
 
 
