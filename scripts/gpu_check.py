@@ -184,13 +184,19 @@ def no_host_sync(dev: torch.device, size: dict) -> dict:
 def bench(dev: torch.device, size: dict, out_dir: Path) -> dict:
     import bench as B
     import variants
+    from harness.env import precision_problem
     from harness.measure import measure_variant
     from harness.synthetic import PRESETS
     from harness.store import atomic_write_json
 
-    rows = []
+    rows, skipped = [], {}
     plans = [(p, False) for p in size["precisions"]] + [(p, True) for p in size["graph_precisions"]]
     for precision, graph in plans:
+        problem = precision_problem(dev, precision)
+        if problem:  # a precision this machine cannot run (bf16 LSTMs on an AVX2 CPU): skipped with the reason
+            skipped[precision] = problem
+            print(f"   {precision}: skipped: {problem}", flush=True)
+            continue
         for name in ("dualvgr", "teacher-g4"):
             cfg = variants.get_config(name, **PRESETS[size["config"]].model_config())
             print(f"   {name} {precision}{' cuda-graph' if graph else ''}", flush=True)
@@ -208,7 +214,8 @@ def bench(dev: torch.device, size: dict, out_dir: Path) -> dict:
     errors = {f"{r['variant']} {r['precision']} {r['infer_path']} b{r['batch_size']}": r["errors"]
               for r in rows if r.get("errors")}
     unexpected = {k: v for k, v in errors.items() if not (k.endswith(" b1") and set(v) == {"train"})}
-    return {"rows": len(rows), "errors": errors, **({"failed": f"not measured: {unexpected}"} if unexpected else {})}
+    return {"rows": len(rows), "errors": errors, "skipped_precisions": skipped,
+            **({"failed": f"not measured: {unexpected}"} if unexpected else {})}
 
 
 def _spec(variant: str, size: dict, seed: int = 0):
