@@ -17,6 +17,11 @@ The expected file (``tests/golden/<grid>_expected.json``)::
      "variants": {"dualvgr": {"test_acc": 70.5, "params": 223748, "macs_per_sample": 1634304},
                   "sparse-node": {"test_acc": 66.4, ..., "tolerance": {"test_acc": 5.0}}}}   # per variant
 
+The file also says where its values were made (``made_on``: CPU model, its instruction-set capability
+and the torch version): kernels differ between CPUs (AVX-512 and AVX2 round differently, so a trained
+accuracy moves by a few tenths of a point), and the accuracy tolerance is chosen to cover that; a check
+that fails on another CPU says so beside the table.
+
 As detectron2's ``EXPECTED_RESULTS`` (metric, value, tolerance), a tolerance can be given per metric
 for the whole file and per variant and metric; the older ``"tolerance_acc"`` key is read as the
 file's ``test_acc`` tolerance. A measured or expected value that is not a finite number (NaN, inf,
@@ -32,6 +37,7 @@ from typing import Optional
 
 import typer
 
+from . import env
 from . import grid as G
 from . import identity
 from . import metrics as M
@@ -165,10 +171,28 @@ def bless(measured: dict, old: dict, grid_name: str, acc_tolerance: float | None
         own = ((old.get("variants") or {}).get(v) or {}).get("tolerance")
         if own:
             variants[v]["tolerance"] = own
-    return {"grid": grid_name, "tolerance": tol,
-            "note": "test accuracy (%) mean over the grid's seeds, CPU; params and MACs exact; tolerances per metric "
+    return {"grid": grid_name, "tolerance": tol, "made_on": made_on(),
+            "note": "test metrics: mean over the grid's seeds on the CPU named in made_on; the tolerances cover "
+                    "other CPUs' kernels (AVX2 against AVX-512); params and MACs exact; tolerances per metric "
                     "(and per variant where a variant has its own); rewrite with python -m harness.regression "
                     f"--grid {grid_name} --update", "variants": variants}
+
+
+def made_on() -> dict:
+    """Where a measurement is made: the facts of :func:`harness.env.environment` that change kernels' rounding."""
+    facts = env.environment("cpu")
+    return {k: facts[k] for k in ("cpu", "cpu_capability", "torch")}
+
+
+def machine_note(expected: dict) -> str:
+    """A line for a failed check run elsewhere than the expected file was made ('' on the same kind of CPU)."""
+    then, now = expected.get("made_on"), made_on()
+    if not then:
+        return "the expected file does not say on which CPU it was made"
+    if (then.get("cpu_capability"), then.get("torch")) == (now["cpu_capability"], now["torch"]):
+        return ""
+    return (f"the expected values were made on {then.get('cpu')} ({then.get('cpu_capability')}, torch "
+            f"{then.get('torch')}); this machine is {now['cpu']} ({now['cpu_capability']}, torch {now['torch']})")
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -204,9 +228,11 @@ def main(grid: str = typer.Option("ci", help="Grid name or file."),
     except HarnessError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
-    rows = compare(measured, json.loads(path.read_text()))
+    expected = json.loads(path.read_text())
+    rows = compare(measured, expected)
     if rows:
-        typer.echo("numbers moved outside tolerance:\n" + format_rows(rows))
+        note = machine_note(expected)
+        typer.echo("numbers moved outside tolerance:\n" + format_rows(rows) + (f"\n({note})" if note else ""))
         raise typer.Exit(1)
     typer.echo(f"all {len(measured)} variants match {path} (code {identity.code_fingerprint()})")
 

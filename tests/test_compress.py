@@ -49,6 +49,7 @@ def compressed(trained, tiny):
     return store, rec, out, before
 
 
+@pytest.mark.capability
 @pytest.mark.slow  # a trained run (4 epochs) and both evaluations: about 35 s on 2 cores
 def test_int8_and_onnx_agree_with_fp32_within_tolerance(compressed):
     store, rec, out, _ = compressed

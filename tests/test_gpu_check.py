@@ -29,6 +29,7 @@ def test_a_failing_part_is_recorded_and_the_others_go_on():
     assert "ZeroDivisionError" in p.parts["boom"]["error"]
 
 
+@pytest.mark.capability
 @pytest.mark.slow
 def test_the_device_script_passes_its_cpu_dry_run(tmp_path):
     env = {**os.environ, "DEVICE": "cpu", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}

@@ -136,6 +136,7 @@ def all_losses_objective():
                      [{"name": n, "weight": 1.0} for n in LOSSES.list()], student_dim=D_, teacher_dim=D_)
 
 
+@pytest.mark.capability
 def test_bf16_mode_losses_equal_fp32_on_the_same_outputs():
     from variants.losses import to_fp32
 
@@ -158,6 +159,7 @@ def test_bf16_mode_losses_equal_fp32_on_the_same_outputs():
     total.backward()  # gradients reach the bf16 graph's fp32 leaves
 
 
+@pytest.mark.capability
 def test_without_the_fp32_objective_bf16_losses_are_off():
     """What the test above guards against: the same losses computed in bf16 (the modules called
     directly under autocast on the bf16 outputs) differ from fp32 by far more than 1e-5."""

@@ -201,6 +201,7 @@ def test_peak_memory_cpu_is_process_rss():
     assert mib > 256
 
 
+@pytest.mark.capability
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_never_invents_numbers(precision):
     cfg = variants.get_config("dualvgr", **SMALL)
@@ -210,6 +211,7 @@ def test_low_precision_never_invents_numbers(precision):
     assert (rec["train_samples_per_s"] is None) == ("train" in errors), rec
 
 
+@pytest.mark.capability
 @needs_cpu_bf16
 def test_bf16_is_timed_on_a_cpu_that_supports_it():
     cfg = variants.get_config("dualvgr", **SMALL)

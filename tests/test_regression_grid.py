@@ -13,6 +13,7 @@ from harness import regression as R
 from harness.store import ResultsStore
 
 
+@pytest.mark.capability
 @pytest.mark.slow
 @pytest.mark.parametrize("grid", ["ci", "ci-tasks"])  # open-ended; multiple choice and count
 def test_ci_grid_matches_expected_results(tiny, tmp_path, grid):
@@ -20,7 +21,7 @@ def test_ci_grid_matches_expected_results(tiny, tmp_path, grid):
     measured = R.measure(g, ResultsStore(tmp_path / "results"))
     expected = json.loads(R.expected_path(grid).read_text())
     rows = R.compare(measured, expected)
-    assert not rows, "numbers moved outside tolerance:\n" + R.format_rows(rows)
+    assert not rows, "numbers moved outside tolerance:\n" + R.format_rows(rows) + "\n" + R.machine_note(expected)
 
 
 def test_compare_reports_what_moved():
@@ -84,3 +85,18 @@ def test_update_refuses_to_bless_non_finite_metrics():
     assert new["tolerance"]["test_acc"] == 2.0 and new["variants"]["b"]["tolerance"] == {"test_acc": 5.0}
     assert R.compare({"b": {"test_acc": 65.0, "params": 20, "macs_per_sample": 200}}, new) == []
     assert isinstance(R.RegressionError("x"), HarnessError)
+
+
+@pytest.mark.parametrize("grid", ["ci", "ci-tasks"])
+def test_the_expected_file_says_where_it_was_made(grid):
+    """Kernels round differently on AVX2 and AVX-512 CPUs: the file names its CPU, and a failed check on
+    another kind of CPU says so."""
+    made = json.loads(R.expected_path(grid).read_text())["made_on"]
+    assert made["cpu"] and made["cpu_capability"] in {"AVX2", "AVX512", "DEFAULT", "ZVECTOR", "VSX"} and made["torch"]
+    blessed = R.bless({"a": {"test_acc": 50.0, "params": 10, "macs_per_sample": 100}}, {}, grid)
+    assert blessed["made_on"] == R.made_on() and R.machine_note(blessed) == ""
+    here = R.made_on()["cpu_capability"]
+    elsewhere = {**blessed, "made_on": {**blessed["made_on"], "cpu_capability": "AVX2" if here != "AVX2" else "AVX512"}}
+    note = R.machine_note(elsewhere)
+    assert here in note and elsewhere["made_on"]["cpu_capability"] in note and blessed["made_on"]["cpu"] in note
+    assert "does not say" in R.machine_note({"variants": {}})

@@ -156,6 +156,7 @@ def test_word_embeddings_start_from_glove(tiny, tmp_path, monkeypatch):
     assert not torch.equal(seen[-1], tiny.glove) and seen[-1].abs().max() <= 1.0  # the reference's U(-1, 1)
 
 
+@pytest.mark.capability
 @needs_cpu_bf16
 def test_bf16_autocast_trains_with_its_own_run_id(tiny, tmp_path):
     store = ResultsStore(tmp_path)
