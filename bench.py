@@ -331,8 +331,15 @@ def _print(records: list[dict], fmt: str, config: str, precision: str, compiled:
     r0 = records[0]
     note = (f"{config} config, {r0['device_name']}, torch {r0['torch_version']}, {precision} (LSTMs in "
             f"{r0.get('lstm_precision')}), inference path {r0.get('infer_path')}; MACs per sample (FLOPs = 2 x MACs); "
-            f"peak memory: {r0['peak_mem_kind'] or 'n/a'}")
+            f"peak memory: {r0['peak_mem_kind'] or 'n/a'}; train-step memory: {_step_kind(records)}")
     _table(records, cols, note, fmt)
+
+
+def _step_kind(records: list[dict]) -> str:
+    """What ``peak_mem_mib_train_step`` is in these records ("-" where it was not measured)."""
+    kinds = sorted({r["peak_mem_step_kind"] for r in records if r.get("peak_mem_step_kind")})
+    return ", ".join(kinds) + (" (- where not measured)" if any(r.get("peak_mem_mib_train_step") is None
+                                                              for r in records) else "") if kinds else "not measured"
 
 
 def _table(records: list[dict], cols, note: str, fmt: str, text_columns: tuple[str, ...] = ("variant",)) -> None:
