@@ -135,7 +135,8 @@ def main(
     mode: str = typer.Option("auto", help="Feature loading: memory, stream or auto."),
     reuse_other_code: bool = typer.Option(True, help="Reuse complete runs computed by other code than this "
                                           "checkout's (their records' code fingerprint; the grid says how many); "
-                                          "--no-reuse-other-code trains them again."),
+                                          "--no-reuse-other-code trains them again (theirs kept in "
+                                          "RESULTS/other-code/<fingerprint>)."),
     refuse_damaged: bool = typer.Option(False, "--refuse-damaged", help="Stop when a complete teacher run's "
                                         "weights are damaged (size or SHA-1 unlike what was written) instead of "
                                         "setting it aside and retraining it."),
