@@ -418,7 +418,9 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
     code = [identity.describe_code(store.read_record(r) for r in i if store.is_complete(r)) for i in ids]
     planned = tuple({q.run_id: (q.spec.variant, q.spec.seed) for p in ps for q in p.all_plans()} for ps in plans)
     df, md = compare_runs(store, ids[0], ids[1], gs[0].name, gs[1].name, planned=planned)
-    md += ["", f"Code: {gs[0].name} reads runs of {code[0]}; {gs[1].name} reads runs of {code[1]}."]
+    md += ["", f"Code: {gs[0].name} reads runs of {code[0]}; {gs[1].name} reads runs of {code[1]}."
+           + "".join(f" {c[0].upper()}{c[1:]}." for c in identity.against_checkout(
+               store.read_record(r) for r in dict.fromkeys(ids[0] + ids[1]) if store.is_complete(r)))]
     if df.empty:
         console.print("[yellow]no variant has complete runs with the same seed in both grids[/yellow]")
         for line in md:

@@ -41,6 +41,7 @@ def test_runs_of_other_code_are_reused_only_by_choice_and_never_by_the_regressio
     assert set(measured) == {"student-logits", "teacher-g4"}
     assert {identity.code_of(r) for r in store.records()} == {current}
     assert len(store.records()) == 2
+    assert all(r["code"] == identity.code_record() for r in store.records())  # each file's digest kept
     kept = store.root / "other-code" / OLD  # the old runs are kept, not overwritten
     assert sorted(p.name for p in kept.iterdir()) == sorted(r["run_id"] for r in store.records())
 

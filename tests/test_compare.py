@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import ablate
 from harness import data as D
 from harness import grid as G
+from harness import identity
 from harness import stats as S
 from harness.planning import plan
 from harness.report import compare_runs
@@ -20,7 +21,8 @@ N = 400
 runner = CliRunner()
 
 
-def _write_run(store: ResultsStore, p, info: D.DataInfo, pred: np.ndarray, answer: np.ndarray) -> None:
+def _write_run(store: ResultsStore, p, info: D.DataInfo, pred: np.ndarray, answer: np.ndarray,
+               code: dict | None = None) -> None:
     """A complete record of plan ``p`` and its predictions_test.csv (metrics consistent with them)."""
     correct = pred == answer
     test = {"overall": 100.0 * correct.mean(), "per_type": {"how": 100.0 * correct.mean()},
@@ -32,7 +34,7 @@ def _write_run(store: ResultsStore, p, info: D.DataInfo, pred: np.ndarray, answe
         "train_config": p.train, "seed": p.spec.seed, "metrics": {"best_epoch": 0, "test": test},
         "data": {"id": info.data_id, "name": info.name, "spec": info.spec, "type_names": ["how"]},
         "history": [], "teachers": [], "teacher_runs": [], "device_name": "cpu (test)", "torch_version": "2",
-        "finished_at": "2026-01-01T00:00:00+00:00"})
+        "finished_at": "2026-01-01T00:00:00+00:00", "code": code or identity.code_record()})
     qid = np.arange(N) + 1000
     df = pd.DataFrame({"question_id": qid, "video_id": qid, "qtype": "how", "answer": answer, "pred_best": pred,
                        "correct_best": correct})
@@ -143,3 +145,19 @@ def test_compare_over_several_data_sets_labels_rows_and_keeps_each_metric(tmp_pa
     assert any(line.startswith("| accset | dualvgr | 0, 1 | 50.00 | 60.00 | +10.00 |") for line in md), md
     assert any(line.startswith("| countset | dualvgr | 0, 1 | 0.500 | 1.600 | +1.100 |") and line.endswith("| A |")
                for line in md), md
+
+
+def test_compare_says_when_a_sides_code_is_not_the_checkouts_and_which_files_changed(tmp_path, count_info):
+    store = ResultsStore(tmp_path / "results")
+    g1, g2 = _grid(tmp_path, "g1", 2, seeds=(0,)), _grid(tmp_path, "g2", 3, seeds=(0,))
+    answer = np.random.default_rng(0).integers(1, 11, N)
+    mine = identity.code_record()
+    old = {"fingerprint": "0ldc0de00000", "digests": {**mine["digests"], "harness/step.py": "0" * 12}}
+    for g, code in ((g1, old), (g2, None)):
+        for s in G.load(str(g)).runs:
+            _write_run(store, plan(s, count_info), count_info, answer + 1, answer, code=code)
+    r = runner.invoke(ablate.app, ["compare", "--grid", str(g1), "--grid", str(g2), "--results", str(store.root)])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert f"Code 0ldc0de00000 is not this checkout's ({mine['fingerprint']}); changed: `harness/step.py`." in text
+    assert f"g2 reads runs of code {mine['fingerprint']} (1 run)." in text

@@ -124,6 +124,11 @@ def _code_lines(records: list[dict]) -> list[str]:
     if _several_codes(records):
         code += (f"; **runs from more than one code fingerprint** (each run's code in the runs table, marked "
                  f"{OTHER_CODE}): differences between rows may come from the code")
+    other = identity.against_checkout(records)
+    if other:
+        code += "; **not this checkout's code**: " + "; ".join(other)
+    elif records and all(identity.code_of(r) for r in records):
+        code += ", this checkout's"
     envs = [r.get("environment") or {} for r in records]
     differ = [k for k in NUMERIC_ENVIRONMENT if len({json.dumps(e.get(k), default=str) for e in envs}) > 1]
     if not differ and envs and envs[0]:
