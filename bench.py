@@ -39,7 +39,7 @@ REQUIRED_FIELDS = ("variant", "config", "device", "gpu_name", "torch_version", "
                    "params_total", "params_trainable", "macs_per_sample", "flops_per_sample", "unsupported_ops",
                    "latency_ms_median", "latency_ms_p90", "latency_ms_p99", "infer_samples_per_s",
                    "train_samples_per_s", "peak_mem_mib_infer", "peak_mem_mib_train", "peak_mem_mib_train_step",
-                   "resident_mib_train", "infer_path", "lstm_precision", "tf32_matmul", "tf32_cudnn", "cuda_version",
+                   "resident_mib_train", "peak_mem_step_kind", "infer_path", "lstm_precision", "tf32_matmul", "tf32_cudnn", "cuda_version",
                    "cudnn_version", "runs_sharing_device")
 
 TABLE_COLUMNS = ("variant", "batch_size", "params_total", "macs_per_sample", "latency_ms_median", "latency_ms_p90",
