@@ -135,7 +135,8 @@ def main(
     mode: str = typer.Option("auto", help="Feature loading: memory, stream or auto."),
     reuse_other_code: bool = typer.Option(True, help="Reuse complete runs computed by other code than this "
                                           "checkout's (their records' code fingerprint; the grid says how many); "
-                                          "--no-reuse-other-code trains them again."),
+                                          "--no-reuse-other-code trains them again (theirs kept in "
+                                          "RESULTS/other-code/<fingerprint>)."),
     refuse_damaged: bool = typer.Option(False, "--refuse-damaged", help="Stop when a complete teacher run's "
                                         "weights are damaged (size or SHA-1 unlike what was written) instead of "
                                         "setting it aside and retraining it."),
@@ -383,9 +384,11 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
 def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (names or files), A then B."),
             results: str = typer.Option("results", help="Results store directory."),
             out: Optional[str] = typer.Option(None, help="Also write the table as Markdown to this file.")):
-    """Compare two grids run by run (same variant, same seed): accuracy difference B - A per variant and
-    McNemar's test on per-question predictions. For fp32 against bf16, or before against after a change of
-    settings: `python ablate.py compare --grid precision-fp32 --grid precision-bf16`. Says which code (fingerprint)
+    """Compare two grids run by run (same variant, same seed) on each data set's task metric: accuracy
+    difference B - A per variant and McNemar's test on per-question predictions; a count's test MSE
+    (lower is better) and its paired difference. Planned runs not finished are named (a partial grid).
+    For fp32 against bf16, or before against after a change of settings:
+    `python ablate.py compare --grid precision-fp32 --grid precision-bf16`. Says which code (fingerprint)
     computed each side's runs; refuses to compare a run with itself (two grids planning the same runs)."""
     from harness import grid as G
     from harness.report import compare_runs
@@ -413,10 +416,16 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
     from harness import identity
 
     code = [identity.describe_code(store.read_record(r) for r in i if store.is_complete(r)) for i in ids]
-    df, md = compare_runs(store, ids[0], ids[1], gs[0].name, gs[1].name)
-    md += ["", f"Code: {gs[0].name} reads runs of {code[0]}; {gs[1].name} reads runs of {code[1]}."]
+    planned = tuple({q.run_id: (q.spec.variant, q.spec.seed) for p in ps for q in p.all_plans()} for ps in plans)
+    df, md = compare_runs(store, ids[0], ids[1], gs[0].name, gs[1].name, planned=planned)
+    md += ["", f"Code: {gs[0].name} reads runs of {code[0]}; {gs[1].name} reads runs of {code[1]}."
+           + "".join(f" {c[0].upper()}{c[1:]}." for c in identity.against_checkout(
+               store.read_record(r) for r in dict.fromkeys(ids[0] + ids[1]) if store.is_complete(r)))]
     if df.empty:
         console.print("[yellow]no variant has complete runs with the same seed in both grids[/yellow]")
+        for line in md:
+            if line.startswith(("Not compared", f"{gs[0].name} is partial", f"{gs[1].name} is partial")):
+                console.print(line)
         raise typer.Exit(1)
     text = "\n".join([f"# {gs[1].name} against {gs[0].name}", "",
                        f"`python ablate.py compare --grid {gs[0].name} --grid {gs[1].name}`", "", *md, ""])

@@ -39,7 +39,7 @@ REQUIRED_FIELDS = ("variant", "config", "device", "gpu_name", "torch_version", "
                    "params_total", "params_trainable", "macs_per_sample", "flops_per_sample", "unsupported_ops",
                    "latency_ms_median", "latency_ms_p90", "latency_ms_p99", "infer_samples_per_s",
                    "train_samples_per_s", "peak_mem_mib_infer", "peak_mem_mib_train", "peak_mem_mib_train_step",
-                   "resident_mib_train", "infer_path", "lstm_precision", "tf32_matmul", "tf32_cudnn", "cuda_version",
+                   "resident_mib_train", "peak_mem_step_kind", "infer_path", "lstm_precision", "tf32_matmul", "tf32_cudnn", "cuda_version",
                    "cudnn_version", "runs_sharing_device")
 
 TABLE_COLUMNS = ("variant", "batch_size", "params_total", "macs_per_sample", "latency_ms_median", "latency_ms_p90",
@@ -331,8 +331,15 @@ def _print(records: list[dict], fmt: str, config: str, precision: str, compiled:
     r0 = records[0]
     note = (f"{config} config, {r0['device_name']}, torch {r0['torch_version']}, {precision} (LSTMs in "
             f"{r0.get('lstm_precision')}), inference path {r0.get('infer_path')}; MACs per sample (FLOPs = 2 x MACs); "
-            f"peak memory: {r0['peak_mem_kind'] or 'n/a'}")
+            f"peak memory: {r0['peak_mem_kind'] or 'n/a'}; train-step memory: {_step_kind(records)}")
     _table(records, cols, note, fmt)
+
+
+def _step_kind(records: list[dict]) -> str:
+    """What ``peak_mem_mib_train_step`` is in these records ("-" where it was not measured)."""
+    kinds = sorted({r["peak_mem_step_kind"] for r in records if r.get("peak_mem_step_kind")})
+    return ", ".join(kinds) + (" (- where not measured)" if any(r.get("peak_mem_mib_train_step") is None
+                                                              for r in records) else "") if kinds else "not measured"
 
 
 def _table(records: list[dict], cols, note: str, fmt: str, text_columns: tuple[str, ...] = ("variant",)) -> None:

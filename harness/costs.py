@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import variants
 from .env import device_name, load_average, resolve_device
 from .store import ResultsStore, atomic_write_json, locked
 
-#: p90 / median above this: the timing was disturbed (other work on the machine); reports flag it
+#: p90 / median above this: the timing was disturbed (other work on the machine); reports flag it (:func:`busy`)
 SPREAD_FLAG = 1.5
 #: timed forwards per configuration (after warm-up), by device type
 REPS = {"cuda": 200, "cpu": 50}
@@ -116,6 +117,22 @@ def measure_missing(store: ResultsStore, run_ids: list[str], device: str | torch
     return measured
 
 
+def busy(c: dict) -> str | None:
+    """Why a stored measurement says the machine was busy while it timed, or None: its p90 / median
+    above :data:`SPREAD_FLAG` (the timing was disturbed), or, on a CPU, the 1-minute load average when
+    it began above the CPU's cores (more runnable tasks than cores: every forward waited its turn,
+    steadily, which the spread does not show)."""
+    spread, load = c.get("spread"), (c.get("load_average") or [None])[0]
+    cores = re.search(r"\b(\d+) cores\)$", str(c.get("device_name") or "")) if str(c.get("device", "")).startswith(
+        "cpu") else None
+    why = []
+    if isinstance(spread, (int, float)) and spread > SPREAD_FLAG:
+        why.append(f"p90/median {spread:.2f}")
+    if cores and isinstance(load, (int, float)) and load > int(cores.group(1)):
+        why.append(f"load average {load:.2f} on {cores.group(1)} cores")
+    return ", ".join(why) or None
+
+
 def attach(store: ResultsStore, records: list[dict]) -> list[dict]:
     """Copies of ``records`` whose ``cost`` carries the serially measured latency and inference
     memory of their configuration (``cost.measured``: when, where, spread, flagged), or None where
@@ -129,7 +146,7 @@ def attach(store: ResultsStore, records: list[dict]) -> list[dict]:
             cost[k] = c.get(k) if c else None
         cost["measured"] = None if c is None else {
             "at": c["measured_at"], "device_name": c["device_name"], "host": c["host"], "spread": c["spread"],
-            "disturbed": c["spread"] is not None and c["spread"] > SPREAD_FLAG, "reps": c["reps"],
+            "disturbed": busy(c) is not None, "busy": busy(c), "reps": c["reps"],
             "threads": c.get("threads"), "load_average": c.get("load_average")}
         r["cost"] = cost
         out.append(r)

@@ -163,6 +163,12 @@ def check_options(options: dict, where: str = "executor options") -> None:
         e.fn.check({k: v for k, v in options.items() if k in e.fn.options}, where)
 
 
+def kept_in(paths: list[Path]) -> str:
+    """Where :meth:`ResultsStore.keep_other_code` put runs: their folders' common parent, or each."""
+    parents = sorted({str(p.parent) for p in paths})
+    return parents[0] if len(parents) == 1 else ", ".join(map(str, paths))
+
+
 def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: int = 1, device: str = "auto",
              mode: str = "auto", console: Console | None = None, options: dict | None = None,
              poll_s: float = 2.0, reuse_other_code: bool = True, refuse_damaged: bool = False,
@@ -193,6 +199,7 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
                                         else store.is_complete(p.run_id))}
     other = [r for r in done if stale(store, r, code)]
     todo = [p for p in every if p.run_id not in done or (not reuse_other_code and p.run_id in other)]
+    kept = [] if reuse_other_code else [store.keep_other_code(r) for r in other]  # trained again: kept, not overwritten
     todo_own = sum(p.run_id in own for p in todo)
     teachers = [p for p in every if p.run_id not in own]
     say(console, f"grid {grid.name}: {len(plans)} runs on {', '.join(grid.datasets)} ({len(plans) - todo_own} already complete, "
@@ -202,7 +209,7 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     if other:
         say(console, f"{len(other)} complete run(s) were computed by other code than this checkout's (code "
                      f"{code}): " + ("reused (--no-reuse-other-code trains them again)" if reuse_other_code
-                                     else "trained again"), "yellow")
+                                     else f"trained again; theirs kept in {kept_in(kept)}"), "yellow")
     result = GridResult([p.run_id for p in every], [p.run_id for p in plans if p.run_id not in {q.run_id for q in todo}],
                         [], len(plans) - todo_own)
     if not todo:

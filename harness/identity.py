@@ -39,6 +39,7 @@ import functools
 import hashlib
 import inspect
 import json
+import re
 from pathlib import Path
 
 import variants
@@ -154,6 +155,58 @@ def code_fingerprint() -> str:
     machine, and it changes with an uncommitted edit)."""
     stamps = tuple((ROOT / f).stat().st_mtime_ns for f in CODE_FILES)
     return _fingerprint(ROOT, CODE_FILES, stamps)
+
+
+@functools.lru_cache(maxsize=None)
+def _digests(root: Path, files: tuple[str, ...], stamps: tuple) -> tuple[tuple[str, str], ...]:
+    return tuple((rel, hashlib.sha256((root / rel).read_bytes()).hexdigest()[:12]) for rel in files)
+
+
+def code_record() -> dict:
+    """What a record keeps of the code that computed it: the fingerprint, the files it covers and
+    each file's digest (the first 12 hex digits of its SHA-256), so that a report over runs of other
+    code can say which files differ from the checkout's."""
+    stamps = tuple((ROOT / f).stat().st_mtime_ns for f in CODE_FILES)
+    return {"fingerprint": code_fingerprint(), "files": builtins.list(CODE_FILES),
+            "digests": dict(_digests(ROOT, CODE_FILES, stamps))}
+
+
+#: the most changed files a sentence of :func:`against_checkout` names
+NAMED_FILES = 8
+
+
+def _changed_files(record: dict, mine: dict[str, str]) -> list[str] | None:
+    """The code files whose digest in ``record`` differs from the checkout's (a file only one side has
+    counts), or None when the record keeps no digests. The record is input: only plain path names count."""
+    theirs = (record.get("code") or {}).get("digests")
+    if not isinstance(theirs, dict):
+        return None
+    theirs = {k: v for k, v in theirs.items() if isinstance(k, str) and re.fullmatch(r"[\w./-]{1,200}", k)}
+    return sorted(f for f in set(theirs) | set(mine) if theirs.get(f) != mine.get(f))
+
+
+def against_checkout(records) -> list[str]:
+    """Per code fingerprint of ``records`` other than this checkout's, a sentence saying it differs
+    from the checkout's and, where the records keep each file's digest, which files changed."""
+    here, mine = code_fingerprint(), code_record()["digests"]
+    out = []
+    for fp, recs in sorted(_by_code(records).items()):
+        changed = next((c for r in recs if (c := _changed_files(r, mine)) is not None), None)
+        what = (f"changed: {', '.join(f'`{f}`' for f in changed[:NAMED_FILES])}"
+                + (f" and {len(changed) - NAMED_FILES} more" if len(changed) > NAMED_FILES else "")
+                if changed else "its records do not say which files changed")
+        out.append(f"code {fp} is not this checkout's ({here}); {what}")
+    return out
+
+
+def _by_code(records) -> dict[str, list[dict]]:
+    """The records of a known fingerprint other than this checkout's, by fingerprint."""
+    here, out = code_fingerprint(), {}
+    for r in records:
+        fp = code_of(r)
+        if fp and fp != here:
+            out.setdefault(str(fp), []).append(r)
+    return out
 
 
 def code_of(record: dict) -> str | None:

@@ -19,14 +19,21 @@ Conventions (also in ``docs/benchmarks.md``):
   CPU: peak resident set size of the **whole process** (Python, libraries, the model, the data;
   ``VmHWM`` / ``resource.getrusage(...).ru_maxrss``), reset before each measurement where Linux
   allows it (``/proc/self/clear_refs``), otherwise since the process started
-  (``peak_mem_kind`` says which).
+  (``peak_mem_kind`` says which). A CPU training step's own memory (``peak_mem_mib_train_step``) is
+  not read from the RSS, which a warmed-up step does not raise (it reuses pages its warm-up freed),
+  but from the PyTorch profiler's memory accounting: the peak of the CPU tensor memory the step
+  allocates and holds at once (``peak_mem_step_kind``
+  ``cpu_profiler_tensor_peak``; memory a library allocates outside PyTorch's allocator, such as
+  oneDNN's scratch space, is not in it).
 * A quantity that cannot be measured (unsupported precision on the device, a failed compile...)
   is ``None`` with the reason under ``errors``; nothing is estimated.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import os
 import re
 import resource
 import statistics
@@ -263,6 +270,44 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str) -> dict:
     return {"peak": peak, "resident": resident, "own": None if resident is None else peak - resident, "kind": kind}
 
 
+#: what a CPU training step's own memory is (see the module docstring)
+CPU_STEP_KIND = "cpu_profiler_tensor_peak"
+
+
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Send file descriptor 2 to /dev/null (the profiler's native library logs its start and stop there)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def cpu_tensor_peak_mib(fn: Callable[[], object]) -> float:
+    """Run ``fn`` once under the PyTorch profiler's memory accounting (``profile_memory``): the peak,
+    in MiB, of the CPU tensor memory it allocated and had not yet freed (its allocations less its
+    frees, in the order they happened; the profiler does not report freeing a block allocated
+    before it started, so what ``fn`` frees of earlier tensors does not lower the figure). Its
+    stderr is silenced meanwhile: the profiler's native library logs its start and stop there."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    total = peak = 0
+    for _, n in events:
+        total += n
+        peak = max(peak, total)
+    return peak / 2 ** 20
+
+
 def peak_memory_mib(fn: Callable[[], object], device: torch.device | str) -> tuple[float, str]:
     """(peak memory in MiB, what was measured) of :func:`peak_memory`."""
     m = peak_memory(fn, device)
@@ -342,7 +387,7 @@ def _base_record(b: _Bench, bs: int, params: dict, fl: dict, train: bool) -> dic
             "latency_ms_median": None, "latency_ms_p90": None, "latency_ms_p99": None,
             "infer_samples_per_s": None, "train_samples_per_s": None, "train_ms_median": None,
             "peak_mem_mib_infer": None, "peak_mem_mib_train": None, "peak_mem_mib_train_step": None,
-            "resident_mib_train": None, "peak_mem_kind": None,
+            "resident_mib_train": None, "peak_mem_kind": None, "peak_mem_step_kind": None,
             "teachers": list(b.cfg.teachers) if train else [],
             "threads": torch.get_num_threads() if dev.type == "cpu" else None}
 
@@ -360,7 +405,7 @@ def _measure_inference(b: _Bench, rec: dict, inputs: tuple, warmup: int | None, 
     rec["peak_mem_mib_infer"], rec["peak_mem_kind"] = peak_memory_mib(infer, b.device)
 
 
-def _measure_training(b: _Bench, rec: dict, inputs: tuple, warmup: int | None, reps: int) -> None:
+def _measure_training(b: _Bench, rec: dict, inputs: tuple, warmup: int | None, reps: int, errors: dict) -> None:
     """Training-step throughput, and its peak memory: total, resident at the reset (weights, the
     teachers, optimizer state after the warm-up) and the step's own (``peak_mem_mib_train_step``)."""
     bs = int(inputs[0].shape[0])
@@ -372,6 +417,14 @@ def _measure_training(b: _Bench, rec: dict, inputs: tuple, warmup: int | None, r
     m = peak_memory(lambda: step(inputs, answers), b.device)
     rec.update(peak_mem_mib_train=m["peak"], peak_mem_mib_train_step=m["own"], resident_mib_train=m["resident"])
     rec["peak_mem_kind"] = rec["peak_mem_kind"] or m["kind"]
+    rec["peak_mem_step_kind"] = m["kind"]
+    if b.device.type == "cpu":  # the RSS does not see a warmed-up step's own memory: the profiler's accounting
+        rec["peak_mem_mib_train_step"], rec["peak_mem_step_kind"] = None, None
+        try:
+            rec["peak_mem_mib_train_step"] = cpu_tensor_peak_mib(lambda: step(inputs, answers))
+            rec["peak_mem_step_kind"] = CPU_STEP_KIND
+        except Exception as e:  # noqa: BLE001 - not measured: "-" with the reason, never the RSS difference
+            errors["peak_mem_mib_train_step"] = f"{type(e).__name__}: {e}"
 
 
 def _flops_or_error(cfg, model, dev, flops_batch_size: int, question_len: int, errors: dict) -> dict:
@@ -435,7 +488,7 @@ def measure_variant(cfg, batch_sizes: Iterable[int], device: torch.device | str,
         b.teachers = build_teachers(cfg, dev, **(teacher_settings or {})) if cfg.teachers else []
         for rec, rec_err, inputs in rows:
             _run_part(b, rec, rec_err, "train", lambda: _measure_training(
-                b, rec, inputs, warmup, train_reps or max(5, reps // 5)), problem, say)
+                b, rec, inputs, warmup, train_reps or max(5, reps // 5), rec_err), problem, say)
             model.zero_grad(set_to_none=True)
             _release(dev)
     for rec, rec_err, _ in rows:

@@ -8,7 +8,8 @@ expected-results file, each within its tolerance, and print a table of what move
 The check measures the code of this checkout: by default in a store of its own per code
 fingerprint (``results/regression/<fingerprint>``, see :func:`harness.identity.code_fingerprint`),
 and with ``--results R`` it reuses only R's runs computed by this code (the others are trained
-again). A run computed by other code is never compared or blessed (:class:`RegressionError`).
+again, after being moved to ``R/other-code/<their fingerprint>/<run id>``, kept, as the check says).
+A run computed by other code is never compared or blessed (:class:`RegressionError`).
 
 The expected file (``tests/golden/<grid>_expected.json``)::
 
@@ -209,7 +210,8 @@ app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 @app.command()
 def main(grid: str = typer.Option("ci", help="Grid name or file."),
          results: Optional[str] = typer.Option(None, help="Results store directory; only its runs computed by "
-                                               "this checkout's code are reused [default: "
+                                               "this checkout's code are reused, the others trained again and "
+                                               "theirs kept in RESULTS/other-code/<fingerprint> [default: "
                                                "results/regression/<code fingerprint>, a store of its own]."),
          update: bool = typer.Option(False, help="Rewrite the expected-results file from this run."),
          tolerance_acc: Optional[float] = typer.Option(None, "--tolerance", help="With --update: the file's "
@@ -227,6 +229,10 @@ def main(grid: str = typer.Option("ci", help="Grid name or file."),
             return
     except HarnessError as e:
         typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if not path.is_file():
+        typer.echo(f"error: {path}: no expected results for grid {g.name} (--update writes them from this run)",
+                   err=True)
         raise typer.Exit(2)
     expected = json.loads(path.read_text())
     rows = compare(measured, expected)

@@ -453,7 +453,7 @@ class _Run:
             "weights": {WEIGHTS: st.best.get("weights") or file_digest(self.best_path)},  # checked before reuse
             "teachers": [teacher_ref(r) for r in self.teacher_records],
             "identity": {"scheme": identity.SCHEME, "computation": p.computation},
-            "code": {"fingerprint": identity.code_fingerprint(), "files": list(identity.CODE_FILES)},
+            "code": identity.code_record(),
             "environment": environment(dev),
             # what the LSTMs computed in (bf16 on CUDA runs them in fp32/TF32: harness.env.lstm_precision)
             "lstm_precision": lstm_precision(dev, self.precision),

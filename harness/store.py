@@ -189,6 +189,10 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+#: where a store keeps complete runs of other code that a check trains again (``other-code/<fingerprint>/<run id>``)
+OTHER_CODE = "other-code"
+
+
 class ResultsStore:
     RECORD = "record.json"
 
@@ -273,6 +277,23 @@ class ResultsStore:
         warnings.warn(f"run {run_id}: {problem}; set aside in {self.run_dir(run_id)} as {', '.join(moved) or '-'}: "
                       f"the run counts as incomplete and is retrained", stacklevel=2)
         return moved
+
+    def keep_other_code(self, run_id: str) -> Path:
+        """Move a complete run computed by other code than this checkout's out of the store's runs, to
+        ``other-code/<its fingerprint>/<run id>`` (``-<time>`` appended if that is taken), so that training
+        it again with this code keeps its record, weights and predictions; returns where it went."""
+        fp = str((self.read_record(run_id).get("code") or {}).get("fingerprint") or "")
+        folder = fp if fp.isalnum() and len(fp) <= 64 else "unknown"  # the record is input: never a path
+        dest = self.root / OTHER_CODE / folder / run_id
+        if dest.exists():
+            dest = dest.with_name(f"{run_id}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.run_dir(run_id), dest)
+        except OSError as e:
+            err = _store_error(dest, None, e)
+            raise (err if err is not e else StoreError(f"{dest}: cannot move run {run_id} here ({e})")) from e
+        return dest
 
     def write_failure(self, run_id: str, info: dict, exc: BaseException) -> dict:
         """Record why a run failed (``failed.json``: reason, traceback, time) and return it."""

@@ -10,6 +10,7 @@ import pytest
 from scipy.stats import binomtest
 
 from harness import costs
+from harness import identity
 from harness import stats as S
 from harness.report import fmt_p, group_runs, pareto_front, reference, write_report
 from harness.store import ResultsStore, atomic_write_bytes, atomic_write_json
@@ -528,6 +529,26 @@ def test_header_names_the_code_and_marks_runs_of_several_fingerprints_and_enviro
     s.write_record(rec)
     md = write_report(s, "g", out_dir=tmp_path / "r").read_text()
     assert "- code: code c0de00000002 (2 runs)" in md and "§" not in md
+
+
+def test_header_says_when_the_runs_code_is_not_the_checkouts_and_which_files_changed(tmp_path):
+    mine = identity.code_record()
+    s = ResultsStore(tmp_path / "results")
+    rec = make_run(s, "dualvgr", 0, acc=70.0)
+    rec["code"] = {"fingerprint": "0ldc0de00000", "digests": {**mine["digests"], "variants/losses.py": "0" * 12,
+                                                              "harness/gone.py": "1" * 12, "`bad name`": "2"}}
+    s.write_record(rec)
+    md = write_report(s, "g", out_dir=tmp_path / "r").read_text()
+    assert (f"- code: code 0ldc0de00000 (1 run); **not this checkout's code**: code 0ldc0de00000 is not this "
+            f"checkout's ({mine['fingerprint']}); changed: `harness/gone.py`, `variants/losses.py`\n") in md
+    rec["code"] = {"fingerprint": "0ldc0de00000", "files": ["variants/losses.py"]}  # no digests kept
+    s.write_record(rec)
+    md = write_report(s, "g", out_dir=tmp_path / "r").read_text()
+    assert "is not this checkout's (" + mine["fingerprint"] + "); its records do not say which files changed" in md
+    rec["code"] = mine
+    s.write_record(rec)
+    md = write_report(s, "g", out_dir=tmp_path / "r").read_text()
+    assert f"- code: code {mine['fingerprint']} (1 run), this checkout's\n" in md
 
 
 def test_a_partial_report_says_what_is_missing_in_its_header_and_rows(store, tmp_path):

@@ -13,7 +13,7 @@ from ..stats import Estimate
 from .fmt import QUESTIONS_ONLY, _f, _g, _md_table, fmt_ci, fmt_p
 from .grouping import Group, _mean, mean_std
 from .plots import plot_curves
-from .sections import TASK_SECTIONS, Context, _cpu_ms, _fmt_n, _median, _significance_table
+from .sections import TASK_SECTIONS, Context, _cpu_ms, _fmt_n, _median, _significance_table, cost_note, latency_cell
 from .statistics import ALPHA, COST_COLUMNS, CORRECTION, compressed_rows
 
 #: the metric of the count task (harness.metrics)
@@ -54,7 +54,8 @@ def _main_table(ctx: Context) -> list[str]:
         m, s = mean_std(g.metric(METRIC))
         table.append([f"**{g.label}**" if g in (ctx.base, ctx.ctrl) else g.label,
                       f"{r['params']:,}" if r["params"] is not None else "-",
-                      _g(r[COST_COLUMNS["flops_per_sample"][1]]), _f(r[COST_COLUMNS["latency_ms_median"][1]], 3),
+                      _g(r[COST_COLUMNS["flops_per_sample"][1]]),
+                      latency_cell(g, r[COST_COLUMNS["latency_ms_median"][1]]),
                       _mse(m) if s is None else f"{_mse(m)} ± {_mse(s)}", _interval(ctx.stats.cells[g.label]["all"]),
                       _fmt_n(g), _delta(g, ctx.base), _delta(g, ctx.ctrl), r["teachers"] or "-"])
     notes = ("Notes: test MSE: the mean squared error of the count (HCRN's: the output rounded and clamped to "
@@ -62,7 +63,7 @@ def _main_table(ctx: Context) -> list[str]:
              "improvement. Mean ± std over seeds; 95% CI: the two-level bootstrap over seeds and test questions "
              f"({QUESTIONS_ONLY}: over the test questions only, for fewer seeds than needed to estimate seed "
              "variance). GFLOPs and latency as in the other tables (- where not measured).")
-    return _md_table(headers, table, right=set(range(1, len(headers) - 1))) + ["", notes, ""]
+    return _md_table(headers, table, right=set(range(1, len(headers) - 1))) + ["", notes, *cost_note(ctx.groups), ""]
 
 
 def _per_type_table(ctx: Context) -> list[str]:

@@ -82,9 +82,8 @@ def _main_table(ctx: Context) -> list[str]:
         cells = [f"**{g.label}**" if g in (ctx.base, ctx.ctrl) else g.label,
                  f"{r['params']:,}" if r["params"] is not None else "-"]
         for _, col, _ in COST_COLUMNS.values():
-            cells.append(_g(r[col]) if "gflops" in col else _f(r[col], 3 if col == "latency_ms" else 1))
-            if col == "latency_ms" and r[col] is not None and any(m["disturbed"] for m in _cost_measurements([g])):
-                cells[-1] += f" {DISTURBED}"
+            cells.append(_g(r[col]) if "gflops" in col else latency_cell(g, r[col]) if col == "latency_ms"
+                         else _f(r[col], 1))
         cells += [fmt_acc(r["test_acc_mean"], r["test_acc_std"]), fmt_ci(ctx.stats.cells[g.label]["all"]), _fmt_n(g),
                   "ref" if g is ctx.base else _f(r["delta_baseline"], sign=True),
                   "ref" if g is ctx.ctrl else _f(r["delta_control"], sign=True)]
@@ -102,8 +101,14 @@ def _fmt_n(g: Group) -> str:
 
 
 
-#: marks a latency whose measurement was disturbed (p90 / median above harness.costs.SPREAD_FLAG)
+#: marks a latency measured on a busy machine (harness.costs.busy: p90 / median, or the load average)
 DISTURBED = "‡"
+
+
+def latency_cell(g, ms: float | None) -> str:
+    """A group's batch-1 latency (ms), marked :data:`DISTURBED` when it was measured on a busy machine."""
+    busy = ms is not None and any(m["disturbed"] for m in _cost_measurements([g]))
+    return _f(ms, 3) + (f" {DISTURBED}" if busy else "")
 
 
 def _cost_measurements(groups) -> list[dict]:
@@ -112,8 +117,9 @@ def _cost_measurements(groups) -> list[dict]:
     return [m for g in groups for r in g.runs if (m := R.cost(r, "measured"))]
 
 
-def _cost_note(groups) -> list[str]:
-    """When, where, with how many threads and how steadily latency and inference memory were measured."""
+def cost_note(groups) -> list[str]:
+    """When, where, with how many threads and how steadily latency and inference memory were measured;
+    latencies measured on a busy machine (:func:`latency_cell`'s mark) said so loudly, with why."""
     ms = _cost_measurements(groups)
     if not ms:
         return []
@@ -130,11 +136,14 @@ def _cost_note(groups) -> list[str]:
         note += f", load average {min(loads):.2f} .. {max(loads):.2f} (other work on the machine)"
     if spreads:
         note += f"; p90/median {min(spreads):.2f} .. {max(spreads):.2f}"
-    bad = sorted({g.label for g in groups if any(m["disturbed"] for m in _cost_measurements([g]))})
+    bad = {g.label: why for g in groups for m in _cost_measurements([g]) if (why := m.get("busy") or (
+        m["disturbed"] and f"p90/median above {costs.SPREAD_FLAG}"))}
     if bad:
-        note += (f"; {DISTURBED}: p90/median above {costs.SPREAD_FLAG} ({', '.join(bad)}): other work disturbed the "
-                 f"timing; to measure again on an idle machine, delete its file in results/costs/ and run the grid "
-                 f"again (complete runs are not retrained)")
+        note += (f". **{DISTURBED}: latency measured on a busy machine, not what the model costs on an idle one** ("
+                 + "; ".join(f"{k}: {v}" for k, v in sorted(bad.items())) + f"; busy: p90/median above "
+                 f"{costs.SPREAD_FLAG}, or a load average above the cores when the timing began); to measure again "
+                 f"on an idle machine, delete its file in results/costs/ and run the grid again (complete runs are "
+                 f"not retrained)")
     return [note + "."]
 
 
@@ -145,7 +154,7 @@ def _cost_notes(ctx: Context) -> list[str]:
     return ["GFLOPs: forward FLOPs per sample / 1e9; latency: median eval forward at batch 1, measured "
             "once per architecture and device, alone, after training (harness.costs); memory: "
             "peak during a training step / inference (mean over seeds; - where not measured).",
-            *_cost_note(ctx.groups),
+            *cost_note(ctx.groups),
             "training cost (harness.bill): GFLOPs are counted (3 forwards per training sample: backward "
             "as 2 forwards; one forward per validation question per epoch; a student's teacher forwards "
             "or teacher-cache builds), device-seconds measured; 'total' is what it took to produce the "

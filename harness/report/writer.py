@@ -14,7 +14,8 @@ from ..stats import Bootstrap
 from ..store import ResultsStore, atomic_write_bytes
 from .fmt import _f, _md_table
 from .grouping import Group, group_runs
-from .header import OTHER_CODE, ReportInfo, _missing, _several_codes, header, mark_missing
+from .header import (OTHER_CODE, ReportInfo, _missing, _several_codes, header, in_repo, mark_missing,
+                     repo_command)
 from .sections import Shared, context, data_section
 from .statistics import COST_COLUMNS, _Predictions
 
@@ -87,9 +88,10 @@ def write_report(store: ResultsStore, name: str, run_ids: list[str] | None = Non
     records, missing = _records(store, run_ids)
     sections = group_runs(records, baseline, control)
     kept = sorted((r for gs in sections.values() for g in gs for r in g.runs), key=lambda r: r["run_id"])
+    command, outside = repo_command(command, out_dir)
     info = ReportInfo(name, kept, [_missing(store, r) for r in missing], grid_file, names,
                       sorted(x for gs in sections.values() for g in gs for x in g.superseded), boot, command,
-                      mark_missing(sections, planned or [], missing))
+                      mark_missing(sections, planned or [], missing), outside, in_repo(out_dir))
     shared = Shared(_Predictions(store), boot, names, out_dir / f"{name}_files", len(sections) > 1)
     lines, all_rows = header(info), []
     if not sections:
