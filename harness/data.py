@@ -10,8 +10,8 @@ A data set is a directory holding (``{name}`` is the data set name, e.g. ``msvd-
                                 optional question_category (SVQA)
 
 Everything is validated when loaded, and every error names the file and what is wrong. Question
-pickles come from third-party releases: they are read by a restricted unpickler that admits only
-numpy arrays, scalars and dtypes besides plain containers, so loading never runs code. The
+pickles come from third-party releases: they are read by :mod:`harness.question_pickle`, which admits
+only plain containers and plain numpy arrays, scalars and dtypes, so loading never runs code. The
 motion dim equals the appearance dim in files from HCRN's / DualVGR's scripts (ResNeXt-101 and
 ResNet-101, both 2048); a motion file written by :mod:`harness.prepare` names its backbone in the
 ``model`` attribute of ``resnext_features`` and may have its own dim (512 for torchvision's video
@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -49,6 +48,7 @@ from .errors import DataError
 from .features import (FINGERPRINT_FILE, Features, InMemoryFeatures, NoFeatures,  # noqa: F401 - re-exported
                        StreamingFeatures, _check_features, _load_features, _open_h5, file_fingerprint)
 from .layout import DataPaths, _require  # noqa: F401 - re-exported
+from .question_pickle import PickleRefused, load_question_pickle
 
 SPLITS = L.SPLITS
 QUESTION_WORDS = L.QUESTION_WORDS
@@ -115,35 +115,6 @@ class SplitData:
                          extra={k: v.to(device) for k, v in self.extra.items()})
 
 
-# What a question pickle of the format may name: numpy arrays, scalars and dtypes (as numpy 1 and 2
-# write them), and the codec protocol-2 pickles use for bytes. Dicts, lists, tuples, strings and numbers
-# need no global. Anything else (os.system, builtins.eval, torch classes, ...) is refused unrun.
-PICKLE_GLOBALS = frozenset({
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-    ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode"),
-})
-
-
-class _RefusedGlobal(pickle.UnpicklingError):
-    pass
-
-
-class _FormatUnpickler(pickle.Unpickler):
-    """Reads question pickles without running their code: a global outside :data:`PICKLE_GLOBALS`
-    is refused (by name) before it is imported or called. Downloaded question files come from third
-    parties, and a plain ``pickle.load`` runs whatever a crafted file's ``__reduce__`` names."""
-
-    def find_class(self, module: str, name: str):
-        canonical = module.replace("numpy.core.", "numpy._core.", 1) if module.startswith("numpy.core.") else module
-        if (canonical, name) not in PICKLE_GLOBALS:
-            raise _RefusedGlobal(f"refused to unpickle global {module}.{name}: a question file holds only dicts, "
-                                 f"lists, numbers, strings and numpy arrays, and loading never runs code")
-        if canonical.startswith("numpy._core.") and not hasattr(np, "_core"):  # numpy 1 spells it numpy.core
-            canonical = canonical.replace("numpy._core.", "numpy.core.", 1)
-        return super().find_class(canonical, name)
-
-
 def _load_questions(path: Path, split: str) -> dict:
     _require(path, f"{split} questions")
     with open(path, "rb") as f:
@@ -152,12 +123,9 @@ def _load_questions(path: Path, split: str) -> dict:
         raise DataError(f"{path}: a torch.save zip archive, not the pickle the HCRN/DualVGR format uses; "
                         f"load it with torch.load and write the dict with pickle.dump")
     try:
-        with open(path, "rb") as f:
-            obj = _FormatUnpickler(f).load()
-    except pickle.UnpicklingError as e:
-        if isinstance(e, _RefusedGlobal):
-            raise DataError(f"{path}: {e}") from None
-        raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
+        obj = load_question_pickle(path)
+    except PickleRefused as e:
+        raise DataError(f"{path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure is bad input
         raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
