@@ -60,16 +60,35 @@ OTHER = L.OTHER_TYPE
 
 def load_vocab(path: Path) -> dict:
     _require(path, "vocab")
-    try:
-        vocab = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    vocab = read_json(path)
+    if not isinstance(vocab, dict):
+        raise DataError(f"{path}: expected a JSON object (the vocabularies), got {type(vocab).__name__}")
     for key in L.VOCAB_KEYS:
         if key not in vocab:
             raise DataError(f"{path}: missing key {key!r} (has: {', '.join(vocab)})")
-        if not vocab[key]:
-            raise DataError(f"{path}: {key!r} is empty")
+        if not isinstance(vocab[key], dict) or not vocab[key]:
+            raise DataError(f"{path}: {key!r} must be a non-empty object (token -> index)")
+        bad = next((v for v in vocab[key].values() if type(v) is not int or not 0 <= v < 2 ** 31), None)
+        if bad is not None:
+            raise DataError(f"{path}: {key!r} maps a token to {bad!r}, not an index")
     return vocab
+
+
+def read_json(path: Path, error=DataError):
+    """A JSON input file's value; ``error`` (naming the file) when it is not UTF-8 JSON, or nests
+    deeper than the parser's recursion allows."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not valid JSON (not UTF-8: {e})") from None
+    except RecursionError:
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
 
 
 def question_types(questions: np.ndarray, vocab: dict, category=None) -> tuple[np.ndarray, list[str]]:
@@ -146,8 +165,8 @@ def _as_int_array(obj: dict, key: str, path: Path) -> np.ndarray:
             elif arr.size:
                 raise TypeError(f"dtype {arr.dtype}")
         return arr.astype(np.int64)
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{path}: {key!r} must hold integers ({e})") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DataError(f"{path}: {key!r} must hold integers ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------- the data set
@@ -291,10 +310,7 @@ def _info(spec, paths: DataPaths, vocab: dict, app_shape: tuple, motion_dim: int
 def _read_meta(paths: DataPaths) -> dict:
     meta = {}
     if paths.meta:
-        try:
-            meta = json.loads(paths.meta.read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"{paths.meta}: not valid JSON ({e})") from None
+        meta = read_json(paths.meta)
         if not isinstance(meta, dict):
             raise DataError(f"{paths.meta}: expected a JSON object, got {type(meta).__name__}")
     return meta

@@ -111,17 +111,47 @@ def _first_non_finite(arr, chunk_bytes: int = 64 << 20) -> int | None:
     return None
 
 
+def _foreign_storage(name: str, obj) -> str | None:
+    if isinstance(obj, h5py.Dataset):
+        if obj.is_virtual:
+            return f"{name!r} is a virtual dataset (its data lives in other files)"
+        if obj.external:
+            return f"{name!r} stores its data in an external file ({obj.external[0][0]!r})"
+    return None
+
+
+def check_h5_storage(f: h5py.File, path: Path, keys: tuple[str, ...], error=DataError) -> None:
+    """Refuse an input h5 file that would make reading touch anything but itself: a dataset with
+    external storage (raw bytes read from another file: /etc/passwd, a FIFO that blocks forever),
+    a virtual dataset (mapped from other files), or one of ``keys`` reached by a soft or external
+    link. Checked on the file's metadata, before any data is read."""
+    for k in keys:
+        link = f.get(k, getlink=True)
+        if link is not None and not isinstance(link, h5py.HardLink):
+            raise error(f"{path}: {k!r} is a {type(link).__name__}, not a dataset stored in this file")
+    problem = f.visititems(_foreign_storage)
+    if problem:
+        raise error(f"{path}: {problem}; only datasets stored in the file itself are read")
+
+
 def _open_h5(path: Path, what: str, key: str) -> h5py.File:
     _require(path, what)
     try:
         f = h5py.File(path, "r")
     except OSError as e:
         raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
-    for k in (key, L.IDS_KEY):
-        if k not in f:
-            keys = list(f.keys())
-            f.close()
-            raise DataError(f"{path}: missing HDF5 dataset {k!r} (has: {', '.join(keys) or 'none'})")
+    try:
+        for k in (key, L.IDS_KEY):
+            if k not in f:
+                raise DataError(f"{path}: missing HDF5 dataset {k!r} (has: {', '.join(f.keys()) or 'none'})")
+        check_h5_storage(f, path, (key, L.IDS_KEY))
+        ids = f[L.IDS_KEY]
+        if not isinstance(ids, h5py.Dataset) or ids.dtype.kind not in "iu":
+            kind = ids.dtype if isinstance(ids, h5py.Dataset) else "a group"
+            raise DataError(f"{path}: {L.IDS_KEY!r} must hold integer video ids, got {kind}")
+    except BaseException:
+        f.close()
+        raise
     return f
 
 

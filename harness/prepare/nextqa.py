@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 
 from .. import layout as L
+from ..features import check_h5_storage
 from ..store import atomic_write_json
 from .backbones import RESNEXT3D
 from .common import MULTIPLE_CHOICE, NEXTQA, PrepareError
@@ -98,7 +99,7 @@ def _feature_ids(f: h5py.File, path: Path) -> np.ndarray:
         return raw.astype(np.int64)
     try:
         return np.asarray([int(v.decode() if isinstance(v, bytes) else v) for v in raw.tolist()], dtype=np.int64)
-    except (ValueError, TypeError, UnicodeDecodeError):
+    except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
         raise PrepareError(f"{path}: {FEATURE_IDS_KEY!r} holds {raw.dtype} values that are not integer video ids "
                            f"(first: {raw[0]!r})") from None
 
@@ -115,6 +116,7 @@ def _open_release(path: Path, app_dim: int) -> tuple[h5py.File, np.ndarray]:
         missing = [k for k in (FEATURE_KEY, FEATURE_IDS_KEY) if k not in f]
         if missing:
             raise PrepareError(f"{path}: no data set {', '.join(map(repr, missing))} (has: {', '.join(f)})")
+        check_h5_storage(f, path, (FEATURE_KEY, FEATURE_IDS_KEY), PrepareError)
         ids, feat = _feature_ids(f, path), f[FEATURE_KEY]
         if feat.ndim != 3 or feat.shape[0] != len(ids) or feat.shape[2] <= app_dim:
             raise PrepareError(f"{path}: {FEATURE_KEY!r} must be (videos = {len(ids)} ids, clips, {app_dim} "
