@@ -32,6 +32,7 @@ PICKLE_GLOBALS = frozenset({
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
     ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode"),
+    ("__builtin__", "bytes"), ("builtins", "bytes"),  # protocol 2's empty bytes: bytes()
 })
 
 #: the dtype strings numpy writes for the plain kinds: b1, i/u 1 2 4 8, f 2 4 8 (16: long double),
@@ -109,7 +110,7 @@ class _ArrayStub:
         if self.state is None:
             raise PickleRefused("an array without its state (shape, dtype and data)")
         shape, dtype, fortran, data = self.state
-        return _array(data, dtype, shape, "F" if fortran else "C")
+        return _array(data, dtype, shape, "F" if fortran else "C", native=True)
 
 
 def _short(value) -> str:
@@ -134,7 +135,9 @@ def _check_size(shape: tuple, dtype: np.dtype, limit: int) -> None:
                             f"more than the whole file holds ({limit:,} bytes)")
 
 
-def _array(data, dtype: np.dtype, shape: tuple, order: str) -> np.ndarray:
+def _array(data, dtype: np.dtype, shape: tuple, order: str, native: bool = False) -> np.ndarray:
+    """The array ``data`` holds, checked against ``dtype`` and ``shape``. ``native``: in native byte
+    order, as numpy's ``__setstate__`` gives it (``_frombuffer``, protocol 5, keeps the file's order)."""
     n = 1
     for d in shape:
         n *= d
@@ -154,7 +157,10 @@ def _array(data, dtype: np.dtype, shape: tuple, order: str) -> np.ndarray:
     if len(data) != n * dtype.itemsize:
         raise PickleRefused(f"an array of shape {shape} and dtype {dtype} needs {n * dtype.itemsize:,} bytes, "
                             f"the file holds {len(data):,}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape, order=order).copy(order=order)
+    out = np.frombuffer(data, dtype=dtype).reshape(shape, order=order)
+    if native and not dtype.isnative:
+        return out.astype(dtype.newbyteorder("="), order=order)
+    return out.copy(order=order)
 
 
 class _Globals:
@@ -186,6 +192,12 @@ class _Globals:
         return _array(buf, dtype.real(), shape, order)
 
     @staticmethod
+    def empty_bytes(*args):
+        if args:
+            raise PickleRefused("bytes() is accepted only without arguments (protocol 2's empty bytes)")
+        return b""
+
+    @staticmethod
     def encode(text=None, encoding=None, *rest):
         if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or rest:
             raise PickleRefused("_codecs.encode is accepted only for latin-1 (protocol 2's bytes)")
@@ -206,7 +218,8 @@ class QuestionUnpickler(pickle.Unpickler):
             raise PickleRefused(f"refused to unpickle global {module}.{name}: a question file holds only dicts, "
                                 f"lists, numbers, strings and numpy arrays, and loading never runs code")
         return {"ndarray": _NdarrayClass, "dtype": _DtypeStub, "_reconstruct": self._g.reconstruct,
-                "scalar": self._g.scalar, "_frombuffer": self._g.frombuffer, "encode": self._g.encode}[name]
+                "scalar": self._g.scalar, "_frombuffer": self._g.frombuffer, "encode": self._g.encode,
+                "bytes": self._g.empty_bytes}[name]
 
     def persistent_load(self, pid):
         raise PickleRefused("persistent ids are refused")
