@@ -191,6 +191,16 @@ def _fingerprint_cache(directory: Path) -> Path:
     return root / f"{hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:16]}.json"
 
 
+def _read_fingerprints(cache_path: Path) -> dict:
+    """The fingerprint cache, or ``{}`` when it is missing, unreadable or not a JSON object (it sits
+    beside the data, which may come from elsewhere: a bad one is only recomputed)."""
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
 def file_fingerprint(path: Path) -> dict:
     """``{"sha1", "size", "mtime_ns"}`` of a file; the SHA-1 of every byte is computed once and
     cached (keyed by size and modification time), so a changed file, even one of the same shape
@@ -201,19 +211,16 @@ def file_fingerprint(path: Path) -> dict:
 
     st = path.stat()
     cache_path = _fingerprint_cache(path.parent)
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    entry = cache.get(path.name) if isinstance(cache, dict) else None
-    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+    cache = _read_fingerprints(cache_path)
+    entry = cache.get(path.name)
+    if (isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+            and isinstance(entry.get("sha1"), str) and isinstance(entry.get("finite", {}), dict)):
         return entry
     h = hashlib.sha1()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(16 << 20), b""):
             h.update(block)
     entry = {"sha1": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    cache = cache if isinstance(cache, dict) else {}
     cache[path.name] = entry
     try:
         atomic_write_json(cache_path, cache)
@@ -234,13 +241,14 @@ def _checked_finite(path: Path, key: str, arr) -> None:
     if bad is not None:
         raise DataError(f"{path}: {key!r} has NaN or Inf values (first at video row {bad})")
     cache_path = _fingerprint_cache(path.parent)
-    try:
-        cache = json.loads(cache_path.read_text())
-        if cache.get(path.name, {}).get("sha1") == fp["sha1"]:
-            cache[path.name].setdefault("finite", {})[key] = True
+    cache = _read_fingerprints(cache_path)
+    entry = cache.get(path.name)
+    if isinstance(entry, dict) and entry.get("sha1") == fp["sha1"] and isinstance(entry.get("finite", {}), dict):
+        entry.setdefault("finite", {})[key] = True
+        try:
             atomic_write_json(cache_path, cache)
-    except (OSError, ValueError, AttributeError):
-        pass
+        except OSError:
+            pass
 
 
 

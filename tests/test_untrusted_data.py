@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 import ablate
 from harness import layout as L
 from harness import prepare as P
+from harness.features import FINGERPRINT_FILE
 from harness.question_pickle import load_question_pickle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -364,3 +365,22 @@ def test_a_glove_file_whose_dimension_the_file_does_not_bear_out_is_refused(tmp_
     code, out = prepare_questions(ann, glove, tmp_path / "out")
     assert_one_error_line(code, out, "glove.txt: ", why)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cache", ["deep", "finite list"])
+def test_a_hostile_fingerprint_cache_beside_the_data_is_recomputed_not_fatal(tmp_path, cache):
+    """The fingerprint cache travels with a data directory from elsewhere: a nested or mistyped one is
+    ignored and rewritten, and the run goes on."""
+    data = write_dataset(tmp_path / "data")
+    app = data / "toy_appearance_feat.h5"
+    if cache == "deep":
+        text = "[" * 100_000 + "]" * 100_000
+    else:
+        st = app.stat()
+        text = json.dumps({app.name: {"sha1": "0" * 40, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                      "finite": [1]}})
+    (data / FINGERPRINT_FILE).write_text(text)
+    code, out = run_ablate(data, tmp_path / "store")
+    assert code == 0, out
+    rewritten = json.loads((data / FINGERPRINT_FILE).read_text())
+    assert rewritten[app.name]["sha1"] != "0" * 40 and rewritten[app.name]["size"] == app.stat().st_size
