@@ -8,14 +8,16 @@ reconstruction functions let a file choose a dtype with object fields and fill i
 * names only the globals numpy 1 and 2 write for arrays, scalars and dtypes (both spellings,
   ``numpy.core.multiarray`` and ``numpy._core.multiarray``) and the codec protocol-2 pickles use
   for bytes; any other global is refused by name, unimported;
-* hands those globals out as inert stand-ins: ``_reconstruct``, ``dtype`` and their BUILD states
-  only record what the file says, no numpy object is made from them while unpickling;
+* hands those globals out as inert stand-ins (callables that are no class and take no BUILD state):
+  ``_reconstruct``, ``dtype`` and their BUILD states only record what the file says, so BUILD never
+  reaches a numpy object; ``_frombuffer`` and ``scalar`` build only from checked dtypes and bytes;
 * accepts plain dtypes only: bool, signed and unsigned integers, floats, complex, bytes (``S``) and
   str (``U``), any byte order, and object arrays whose elements are Python ``str`` or ``int``;
   structured dtypes, sub-arrays, metadata, datetimes, void and flags other than the plain type's
   are refused;
-* refuses an array whose declared bytes exceed the file's size (before anything is allocated) or
-  differ from the bytes the file holds for it;
+* refuses arrays whose declared bytes, summed over the file, exceed the file's size (before anything
+  is allocated; a buffer referenced by many arrays counts for each), and an array whose bytes differ
+  from those its shape and dtype need;
 * then builds the real arrays from the checked bytes (copies, owning their memory).
 """
 from __future__ import annotations
@@ -44,8 +46,33 @@ class PickleRefused(pickle.UnpicklingError):
     """A question pickle holds something the format does not: the message says what."""
 
 
-class _NdarrayClass:
-    """What ``numpy.ndarray`` unpickles to: only a marker for ``_reconstruct``'s first argument."""
+class _Marker:
+    """What ``numpy.ndarray`` unpickles to: only a marker for ``_reconstruct``'s first argument. Not a
+    class (NEWOBJ refuses it), not callable, no attributes to set, BUILD refused."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise PickleRefused("numpy.ndarray takes no state of its own")
+
+
+_NDARRAY = _Marker()
+
+
+class _StandIn:
+    """An allowed global as the unpickler hands it out: a callable that is no class (so NEWOBJ refuses
+    it) and takes no BUILD state (so a file cannot set attributes on anything of this module)."""
+
+    __slots__ = ("_fn", "_name")
+
+    def __init__(self, fn, name: str):
+        self._fn, self._name = fn, name
+
+    def __call__(self, *args):
+        return self._fn(*args)
+
+    def __setstate__(self, state):
+        raise PickleRefused(f"{self._name} takes no state of its own")
 
 
 class _DtypeStub:
@@ -88,8 +115,8 @@ class _DtypeStub:
 class _ArrayStub:
     """``_reconstruct(ndarray, ...)`` and its BUILD state ``(version, shape, dtype, fortran, data)``."""
 
-    def __init__(self, limit: int):
-        self.limit, self.state = limit, None
+    def __init__(self, budget: "_Budget"):
+        self.budget, self.state = budget, None
 
     def __setstate__(self, state):
         if not isinstance(state, tuple) or len(state) not in (4, 5):
@@ -104,7 +131,7 @@ class _ArrayStub:
         if not isinstance(fortran, bool):
             raise PickleRefused(f"an array's order flag is {_short(fortran)}, not true or false")
         self.state = (_shape(shape), dtype.real(), fortran, data)
-        _check_size(self.state[0], self.state[1], self.limit)
+        self.budget.claim(self.state[0], self.state[1])
 
     def real(self) -> np.ndarray:
         if self.state is None:
@@ -125,14 +152,27 @@ def _shape(shape) -> tuple[int, ...]:
     return shape
 
 
-def _check_size(shape: tuple, dtype: np.dtype, limit: int) -> None:
-    n = 1
-    for d in shape:
-        n *= d
-    need = n * (1 if dtype.kind == "O" else dtype.itemsize)  # an object array's item takes a byte at least
-    if need > limit:
-        raise PickleRefused(f"an array declares shape {shape} of {dtype} ({need:,} bytes), "
-                            f"more than the whole file holds ({limit:,} bytes)")
+class _Budget:
+    """The bytes the arrays of one file may declare, all together: no more than the file holds (an
+    array's data is in the file; an object array's item takes a byte of it at least). Checked before
+    anything is allocated, and summed, so that one buffer reused by reference for many arrays (the
+    pickle memo) cannot multiply it."""
+
+    def __init__(self, limit: int):
+        self.limit, self.claimed = limit, 0
+
+    def claim(self, shape: tuple, dtype: np.dtype) -> None:
+        n = 1
+        for d in shape:
+            n *= d
+        need = n * (1 if dtype.kind == "O" else dtype.itemsize)
+        if need > self.limit:
+            raise PickleRefused(f"an array declares shape {shape} of {dtype} ({need:,} bytes), "
+                                f"more than the whole file holds ({self.limit:,} bytes)")
+        self.claimed += need
+        if self.claimed > self.limit:
+            raise PickleRefused(f"the arrays declare {self.claimed:,} bytes in all, more than the whole file "
+                                f"holds ({self.limit:,} bytes)")
 
 
 def _array(data, dtype: np.dtype, shape: tuple, order: str, native: bool = False) -> np.ndarray:
@@ -167,12 +207,12 @@ class _Globals:
     """The stand-ins :class:`QuestionUnpickler` hands out for the allowed globals."""
 
     def __init__(self, limit: int):
-        self.limit = limit
+        self.budget = _Budget(limit)
 
     def reconstruct(self, cls=None, shape=None, code=None, *rest):
-        if cls is not _NdarrayClass or rest:
+        if cls is not _NDARRAY or rest:
             raise PickleRefused("_reconstruct is accepted only for numpy.ndarray")
-        return _ArrayStub(self.limit)
+        return _ArrayStub(self.budget)
 
     def scalar(self, dtype=None, data=None, *rest):
         if not isinstance(dtype, _DtypeStub) or rest:
@@ -182,13 +222,14 @@ class _Globals:
             if type(data) not in (str, int):
                 raise PickleRefused(f"an object scalar holds a {type(data).__name__}; only str and int are accepted")
             return data
+        self.budget.claim((), dt)
         return _array(data, dt, (), "C")[()]
 
     def frombuffer(self, buf=None, dtype=None, shape=None, order="C", *rest):
         if not isinstance(dtype, _DtypeStub) or dtype.real().kind == "O" or rest or order not in ("C", "F"):
             raise PickleRefused("_frombuffer is accepted only for a plain dtype in C or F order")
         shape = _shape(shape)
-        _check_size(shape, dtype.real(), self.limit)
+        self.budget.claim(shape, dtype.real())
         return _array(buf, dtype.real(), shape, order)
 
     @staticmethod
@@ -206,7 +247,7 @@ class _Globals:
 
 class QuestionUnpickler(pickle.Unpickler):
     """Reads one question pickle into plain containers and checked numpy arrays (see the module).
-    ``limit``: the most bytes one array may declare (the file's size)."""
+    ``limit``: the most bytes its arrays may declare, all together (the file's size)."""
 
     def __init__(self, file, limit: int):
         super().__init__(file)
@@ -217,9 +258,11 @@ class QuestionUnpickler(pickle.Unpickler):
         if (canonical, name) not in PICKLE_GLOBALS:
             raise PickleRefused(f"refused to unpickle global {module}.{name}: a question file holds only dicts, "
                                 f"lists, numbers, strings and numpy arrays, and loading never runs code")
-        return {"ndarray": _NdarrayClass, "dtype": _DtypeStub, "_reconstruct": self._g.reconstruct,
-                "scalar": self._g.scalar, "_frombuffer": self._g.frombuffer, "encode": self._g.encode,
-                "bytes": self._g.empty_bytes}[name]
+        if name == "ndarray":
+            return _NDARRAY
+        fn = {"dtype": _DtypeStub, "_reconstruct": self._g.reconstruct, "scalar": self._g.scalar,
+              "_frombuffer": self._g.frombuffer, "encode": self._g.encode, "bytes": self._g.empty_bytes}[name]
+        return _StandIn(fn, f"{module}.{name}")
 
     def persistent_load(self, pid):
         raise PickleRefused("persistent ids are refused")
@@ -234,8 +277,8 @@ def _realize(obj, seen: dict):
         out = obj.real()
     elif isinstance(obj, _DtypeStub):
         out = obj.real()
-    elif obj is _NdarrayClass:
-        raise PickleRefused("numpy.ndarray itself as a value")
+    elif isinstance(obj, (_Marker, _StandIn)):
+        raise PickleRefused(f"{obj._name if isinstance(obj, _StandIn) else 'numpy.ndarray'} itself as a value")
     elif isinstance(obj, dict):
         out = seen[key] = {}
         for k, v in obj.items():

@@ -384,3 +384,27 @@ def test_a_hostile_fingerprint_cache_beside_the_data_is_recomputed_not_fatal(tmp
     assert code == 0, out
     rewritten = json.loads((data / FINGERPRINT_FILE).read_text())
     assert rewritten[app.name]["sha1"] != "0" * 40 and rewritten[app.name]["size"] == app.stat().st_size
+
+
+def test_one_buffer_referenced_by_many_arrays_is_refused_before_allocating(tmp_path):
+    """The pickle memo lets a file name one 64 KiB buffer for 4,096 arrays (256 MiB) at two bytes each:
+    the arrays' declared bytes are summed against the file's size."""
+    buf = b"\x00" * 65536
+    data = with_train_pickle(tmp_path, extra=[raw_array((8192,), np.dtype("<i8"), buf) for _ in range(4096)])
+    assert (data / "toy_train_questions.pt").stat().st_size < 4 * 65536
+    assert_refused_run(data, tmp_path / "store", "toy_train_questions.pt: ", "the arrays declare ",
+                       "bytes in all, more than the whole file holds")
+
+
+@pytest.mark.parametrize("case, raw, why", [
+    # BUILD (attributes set from a slot state) on the globals, NEWOBJ on one, one as a value
+    ("build on numpy.ndarray", b"\x80\x02cnumpy\nndarray\nN}(U\x01xK\x01u\x86b.", "numpy.ndarray takes no state"),
+    ("newobj on numpy.dtype", b"\x80\x02cnumpy\ndtype\n)\x81.", "cannot unpickle"),
+    ("build on _reconstruct", b"\x80\x02cnumpy.core.multiarray\n_reconstruct\nN}(U\x01xK\x01u\x86b.",
+     "numpy.core.multiarray._reconstruct takes no state"),
+    ("a stand-in as a value", b"\x80\x02}U\x01xcnumpy\ndtype\ns.", "numpy.dtype itself as a value"),
+])
+def test_the_unpickler_stand_ins_take_no_state(tmp_path, case, raw, why):
+    data = write_dataset(tmp_path / "data")
+    (data / "toy_val_questions.pt").write_bytes(raw)
+    assert_refused_run(data, tmp_path / "store", "toy_val_questions.pt: ", why)
