@@ -408,3 +408,25 @@ def test_the_unpickler_stand_ins_take_no_state(tmp_path, case, raw, why):
     data = write_dataset(tmp_path / "data")
     (data / "toy_val_questions.pt").write_bytes(raw)
     assert_refused_run(data, tmp_path / "store", "toy_val_questions.pt: ", why)
+
+
+def test_one_huge_nextqa_question_or_candidate_does_not_pad_its_split(tmp_path):
+    from test_prepare_tasks import NQ_HEADER, NQ_TEST, NQ_TRAIN, NQ_VAL, write_csv, write_glove
+
+    ann = tmp_path / "nextqa"
+    ann.mkdir()
+    huge = " ".join(f"w{i}" for i in range(20_000))
+    train = [NQ_TRAIN[0][:4] + (huge,) + NQ_TRAIN[0][5:], NQ_TRAIN[1][:8] + (huge,) + NQ_TRAIN[1][9:], *NQ_TRAIN[2:]]
+    for s, rows in (("train", train), ("val", NQ_VAL), ("test", NQ_TEST)):
+        write_csv(ann / f"{s}.csv", rows, NQ_HEADER)
+    write_glove(tmp_path / "glove.txt", ["what", "did", "the", "baby", "do"])
+    for cap, out in ((P.MAX_QUESTION_TOKENS, tmp_path / "out"), (8, tmp_path / "out8")):
+        extra = () if cap == P.MAX_QUESTION_TOKENS else ("--max-question-tokens", cap)
+        code, text = run_prepare("next-qa", "--annotations", ann, "--glove", tmp_path / "glove.txt", "--out", out,
+                                 *extra)
+        assert code == 0, text
+        assert "train: 4 of 4 questions; " in text and f"2 texts cut to their first {cap} tokens" in text, text
+        obj = pickle.loads((out / "next-qa_train_questions.pt").read_bytes())
+        assert obj["questions"].shape == (4, cap) and obj["ans_candidates"].shape[2] == cap
+        vocab = json.loads((out / "next-qa_vocab.json").read_text())
+        assert len(vocab["question_token_to_idx"]) < 2 * cap + 100  # the cut tokens are not in the vocabulary

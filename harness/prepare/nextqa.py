@@ -32,6 +32,7 @@ from ..features import check_h5_storage
 from ..store import atomic_write_json
 from .backbones import RESNEXT3D
 from .common import MULTIPLE_CHOICE, NEXTQA, PrepareError
+from .questions import MAX_QUESTION_TOKENS
 from .taskdata import TaskRecord, encode_task, integer, read_table, write_task_dataset
 from .text import tokenize
 
@@ -76,11 +77,12 @@ def nextqa_video_ids(annotations: Path) -> set[int]:
     return {r.video_id for p in nextqa_files(annotations).values() for r in read_nextqa(p)}
 
 
-def prepare_nextqa(annotations: Path, glove: Path, out: Path, *, log: Callable[[str], None] = print) -> dict:
+def prepare_nextqa(annotations: Path, glove: Path, out: Path, *, max_question_tokens: int = MAX_QUESTION_TOKENS,
+                   log: Callable[[str], None] = print) -> dict:
     """Write the ``next-qa`` data set's vocabulary, question pickles, report and meta file under
     ``out``; returns the summary (also in the questions report)."""
     records = {s: read_nextqa(p) for s, p in nextqa_files(annotations).items()}
-    vocab, objs, summary = encode_task(records, MULTIPLE_CHOICE, glove)
+    vocab, objs, summary = encode_task(records, MULTIPLE_CHOICE, glove, max_tokens=max_question_tokens)
     summary.update(dataset=NEXTQA, annotations=str(annotations))
     write_task_dataset(out, NEXTQA, MULTIPLE_CHOICE, vocab, objs, summary,
                        {"release": "NExT-QA multiple choice", "annotations": str(annotations)}, log)
