@@ -430,3 +430,29 @@ def test_one_huge_nextqa_question_or_candidate_does_not_pad_its_split(tmp_path):
         assert obj["questions"].shape == (4, cap) and obj["ans_candidates"].shape[2] == cap
         vocab = json.loads((out / "next-qa_vocab.json").read_text())
         assert len(vocab["question_token_to_idx"]) < 2 * cap + 100  # the cut tokens are not in the vocabulary
+
+
+@pytest.mark.parametrize("ids, why", [
+    ([b"9" * 4000], "'ids' holds |S4000 values that are not integer video ids"),  # past int64
+    ([b"9" * 5000], "'ids' holds |S5000 values that are not integer video ids"),  # past int()'s digit limit
+])
+def test_nextqa_release_features_with_huge_string_ids_are_one_error_line(tmp_path, ids, why):
+    feats = tmp_path / "vid_feat"
+    feats.mkdir()
+    for split in ("train", "val", "test"):
+        with h5py.File(feats / f"app_mot_{split}.h5", "w") as f:
+            f["ids"] = np.asarray(ids)
+            f["feat"] = np.zeros((1, 2, 4096), np.float32)
+    code, text = run_prepare("next-qa-features", "--features", feats, "--out", tmp_path / "out")
+    assert_one_error_line(code, text, "app_mot_train.h5: ", why)
+    assert len(text) < 400
+
+
+@pytest.mark.parametrize("content, why", [
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON (nested too deeply)"),
+    ("[1]", "expected a JSON object, got list"),
+])
+def test_a_hostile_meta_json_is_one_error_line(tmp_path, content, why):
+    data = write_dataset(tmp_path / "data")
+    L.meta_file(data, "toy").write_text(content)
+    assert_refused_run(data, tmp_path / "store", "toy_meta.json: ", why)

@@ -103,7 +103,7 @@ def _feature_ids(f: h5py.File, path: Path) -> np.ndarray:
         return np.asarray([int(v.decode() if isinstance(v, bytes) else v) for v in raw.tolist()], dtype=np.int64)
     except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
         raise PrepareError(f"{path}: {FEATURE_IDS_KEY!r} holds {raw.dtype} values that are not integer video ids "
-                           f"(first: {raw[0]!r})") from None
+                           f"(first: {repr(raw[0])[:60]})") from None
 
 
 def _open_release(path: Path, app_dim: int) -> tuple[h5py.File, np.ndarray]:
