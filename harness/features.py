@@ -202,9 +202,12 @@ def _read_fingerprints(cache_path: Path) -> dict:
 
 
 def file_fingerprint(path: Path) -> dict:
-    """``{"sha1", "size", "mtime_ns"}`` of a file; the SHA-1 of every byte is computed once and
-    cached (keyed by size and modification time), so a changed file, even one of the same shape
-    re-extracted with another backbone, gets a new fingerprint. The whole file is hashed rather
+    """``{"sha1", "size", "mtime_ns", "ctime_ns"}`` of a file; the SHA-1 of every byte is computed
+    once and cached (keyed by size, modification and status-change time), so a changed file, even
+    one of the same shape re-extracted with another backbone, gets a new fingerprint. The status-change
+    time cannot be set by a file's writer, and unpacking or copying a file sets it anew: a cache that
+    came with the data from elsewhere (claiming another file's hash, or that NaN was checked) is
+    never taken for this file's. The whole file is hashed rather
     than a sample of rows: a sample can miss a change confined to some videos, and one pass at
     disk speed (about 2 s for the 2.2 GB msvd-sized set here) is paid once per change."""
     from .store import atomic_write_json
@@ -214,13 +217,14 @@ def file_fingerprint(path: Path) -> dict:
     cache = _read_fingerprints(cache_path)
     entry = cache.get(path.name)
     if (isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
-            and isinstance(entry.get("sha1"), str) and isinstance(entry.get("finite", {}), dict)):
+            and entry.get("ctime_ns") == st.st_ctime_ns and isinstance(entry.get("sha1"), str)
+            and isinstance(entry.get("finite", {}), dict)):
         return entry
     h = hashlib.sha1()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(16 << 20), b""):
             h.update(block)
-    entry = {"sha1": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    entry = {"sha1": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
     cache[path.name] = entry
     try:
         atomic_write_json(cache_path, cache)

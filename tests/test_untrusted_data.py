@@ -367,18 +367,22 @@ def test_a_glove_file_whose_dimension_the_file_does_not_bear_out_is_refused(tmp_
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("cache", ["deep", "finite list"])
+@pytest.mark.parametrize("cache", ["deep", "finite list", "planted"])
 def test_a_hostile_fingerprint_cache_beside_the_data_is_recomputed_not_fatal(tmp_path, cache):
     """The fingerprint cache travels with a data directory from elsewhere: a nested or mistyped one is
-    ignored and rewritten, and the run goes on."""
+    ignored and rewritten, and the run goes on; a well-formed one made elsewhere (same size and
+    modification time, as tar keeps them, but another status-change time) claiming another hash and
+    a finished NaN check is not believed."""
     data = write_dataset(tmp_path / "data")
     app = data / "toy_appearance_feat.h5"
+    st = app.stat()
+    claim = {"sha1": "0" * 40, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns - 1}
     if cache == "deep":
         text = "[" * 100_000 + "]" * 100_000
+    elif cache == "finite list":
+        text = json.dumps({app.name: {**claim, "ctime_ns": st.st_ctime_ns, "finite": [1]}})
     else:
-        st = app.stat()
-        text = json.dumps({app.name: {"sha1": "0" * 40, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                      "finite": [1]}})
+        text = json.dumps({app.name: {**claim, "finite": {"resnet_features": True}}})
     (data / FINGERPRINT_FILE).write_text(text)
     code, out = run_ablate(data, tmp_path / "store")
     assert code == 0, out
@@ -456,3 +460,17 @@ def test_a_hostile_meta_json_is_one_error_line(tmp_path, content, why):
     data = write_dataset(tmp_path / "data")
     L.meta_file(data, "toy").write_text(content)
     assert_refused_run(data, tmp_path / "store", "toy_meta.json: ", why)
+
+
+def test_a_planted_fingerprint_cache_cannot_skip_the_nan_check(tmp_path):
+    app = np.random.default_rng(0).standard_normal((6, 3, 2, 5)).astype(np.float32)
+    app[4, 1, 0, 2] = np.nan
+    data = write_dataset(tmp_path / "data", app=app)
+    path = data / "toy_appearance_feat.h5"
+    st = path.stat()
+    (data / FINGERPRINT_FILE).write_text(json.dumps({path.name: {
+        "sha1": "0" * 40, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns - 1,
+        "finite": {"resnet_features": True}}}))
+    r = CliRunner().invoke(ablate.app, ["run", "student", "--data", str(data), "--results", str(tmp_path / "store"),
+                                        "--epochs", "1", "--device", "cpu", "--set", "module_dim=16"])
+    assert_one_error_line(r.exit_code, r.output, "toy_appearance_feat.h5: 'resnet_features' has NaN or Inf values")
