@@ -120,11 +120,19 @@ def _foreign_storage(name: str, obj) -> str | None:
     return None
 
 
+#: how many times its stored bytes a dataset that is read may declare (plus :data:`H5_SLACK_BYTES`):
+#: compressed features and ids expand a few times, never this much; beyond it the bytes would come
+#: from storage never written (HDF5 fills it in) or from a compression bomb
+H5_MAX_EXPANSION = 64
+H5_SLACK_BYTES = 64 << 20
+
+
 def check_h5_storage(f: h5py.File, path: Path, keys: tuple[str, ...], error=DataError) -> None:
     """Refuse an input h5 file that would make reading touch anything but itself: a dataset with
     external storage (raw bytes read from another file: /etc/passwd, a FIFO that blocks forever),
     a virtual dataset (mapped from other files), or one of ``keys`` reached by a soft or external
-    link. Checked on the file's metadata, before any data is read."""
+    link; and one of ``keys`` that declares far more bytes than it stores (:data:`H5_MAX_EXPANSION`).
+    Checked on the file's metadata, before any data is read."""
     for k in keys:
         link = f.get(k, getlink=True)
         if link is not None and not isinstance(link, h5py.HardLink):
@@ -132,6 +140,15 @@ def check_h5_storage(f: h5py.File, path: Path, keys: tuple[str, ...], error=Data
     problem = f.visititems(_foreign_storage)
     if problem:
         raise error(f"{path}: {problem}; only datasets stored in the file itself are read")
+    for k in keys:
+        ds = f.get(k)
+        if not isinstance(ds, h5py.Dataset):
+            continue
+        declared, stored = ds.size * ds.dtype.itemsize, ds.id.get_storage_size()
+        if declared > stored * H5_MAX_EXPANSION + H5_SLACK_BYTES:
+            raise error(f"{path}: {k!r} declares shape {ds.shape} of {ds.dtype} ({declared:,} bytes) and stores "
+                        f"{stored:,} bytes; more than {H5_MAX_EXPANSION}x its stored size is refused (storage "
+                        f"never written, or compressed past what features compress to)")
 
 
 def _open_h5(path: Path, what: str, key: str) -> h5py.File:

@@ -112,11 +112,9 @@ def test_a_question_pickle_whose_arrays_are_not_plain_is_refused(tmp_path, case,
     assert_refused_run(data, tmp_path / "store", "toy_train_questions.pt: ", why)
 
 
-def test_a_question_pickle_declaring_a_gib_array_is_refused_before_allocating(tmp_path):
-    """1.3 KB declaring (8388608, 16) int64 (1 GiB): refused by size, in a process whose peak
-    memory stays far below the declared size (the loader used to allocate and touch it)."""
-    data = with_train_pickle(tmp_path, glove=raw_array((8388608, 16), np.dtype("<i8"), b""))
-    assert (data / "toy_train_questions.pt").stat().st_size < 4096
+def run_ablate_measured(data: Path, tmp_path: Path) -> tuple[int, str, int]:
+    """``ablate.py run question-only`` on ``data`` in a child process: exit code, output, and the
+    child's peak resident memory in KiB."""
     rss = tmp_path / "peak_kib"
     argv = ["ablate.py", "run", "question-only", "--data", str(data), "--results", str(tmp_path / "store"),
             "--epochs", "1", "--device", "cpu"]
@@ -125,9 +123,38 @@ def test_a_question_pickle_declaring_a_gib_array_is_refused_before_allocating(tm
              f"finally:\n    open({str(rss)!r}, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))")
     r = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert_one_error_line(r.returncode, r.stdout + r.stderr, "toy_train_questions.pt: ",
+    return r.returncode, r.stdout + r.stderr, int(rss.read_text())
+
+
+#: KiB: the interpreter and torch, far below the GiB the hostile inputs declare
+PEAK_KIB = 900 * 1024
+
+
+def test_a_question_pickle_declaring_a_gib_array_is_refused_before_allocating(tmp_path):
+    """1.3 KB declaring (8388608, 16) int64 (1 GiB): refused by size, in a process whose peak
+    memory stays far below the declared size (the loader used to allocate and touch it)."""
+    data = with_train_pickle(tmp_path, glove=raw_array((8388608, 16), np.dtype("<i8"), b""))
+    assert (data / "toy_train_questions.pt").stat().st_size < 4096
+    code, out, peak = run_ablate_measured(data, tmp_path)
+    assert_one_error_line(code, out, "toy_train_questions.pt: ",
                           "declares shape (8388608, 16) of int64 (1,073,741,824 bytes), more than the whole file")
-    assert int(rss.read_text()) < 900 * 1024  # KiB: the interpreter and torch, not the declared GiB
+    assert peak < PEAK_KIB
+
+
+def test_a_feature_h5_declaring_gibs_it_does_not_store_is_refused_before_reading(tmp_path):
+    """A few KB of h5 declaring 1.6 GB of ids and 24 GB of features, never written: HDF5 would fill
+    them in on reading. Refused from the metadata, the child's peak memory far below."""
+    data = write_dataset(tmp_path / "data")
+    n = 200_000_000
+    for name, key, shape in (("appearance", "resnet_features", (n, 3, 2, 5)), ("motion", "resnext_features", (n, 3, 5))):
+        with h5py.File(data / f"toy_{name}_feat.h5", "w") as f:
+            f.create_dataset(key, shape=shape, dtype="<f4")
+            f.create_dataset("ids", shape=(n,), dtype="<i8")
+    assert (data / "toy_appearance_feat.h5").stat().st_size < 16384
+    code, out, peak = run_ablate_measured(data, tmp_path)
+    assert_one_error_line(code, out, "toy_appearance_feat.h5: 'resnet_features' declares shape (200000000, 3, 2, 5) "
+                          "of float32 (24,000,000,000 bytes) and stores 0 bytes; more than 64x")
+    assert peak < PEAK_KIB
 
 
 def _compare(a, b):
