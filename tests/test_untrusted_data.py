@@ -146,7 +146,8 @@ def test_a_feature_h5_declaring_gibs_it_does_not_store_is_refused_before_reading
     them in on reading. Refused from the metadata, the child's peak memory far below."""
     data = write_dataset(tmp_path / "data")
     n = 200_000_000
-    for name, key, shape in (("appearance", "resnet_features", (n, 3, 2, 5)), ("motion", "resnext_features", (n, 3, 5))):
+    for name, key, shape in (("appearance", "resnet_features", (n, 3, 2, 5)),
+                             ("motion", "resnext_features", (n, 3, 5))):
         with h5py.File(data / f"toy_{name}_feat.h5", "w") as f:
             f.create_dataset(key, shape=shape, dtype="<f4")
             f.create_dataset("ids", shape=(n,), dtype="<i8")
@@ -501,3 +502,21 @@ def test_a_planted_fingerprint_cache_cannot_skip_the_nan_check(tmp_path):
     r = CliRunner().invoke(ablate.app, ["run", "student", "--data", str(data), "--results", str(tmp_path / "store"),
                                         "--epochs", "1", "--device", "cpu", "--set", "module_dim=16"])
     assert_one_error_line(r.exit_code, r.output, "toy_appearance_feat.h5: 'resnet_features' has NaN or Inf values")
+
+
+@pytest.mark.parametrize("video, why", [
+    ("9" * 4000, "column 'video': " + "9" * 40 + "... (4,000 characters) is outside 0..9223372036854775807"),
+    ("9" * 5000, "column 'video': '" + "9" * 39 + "... (5,002 characters) is not an integer"),
+])
+def test_a_huge_video_id_in_a_table_release_is_one_error_line(tmp_path, video, why):
+    from test_prepare_tasks import NQ_HEADER, NQ_TEST, NQ_TRAIN, NQ_VAL, write_csv, write_glove
+
+    ann = tmp_path / "nextqa"
+    ann.mkdir()
+    for s, rows in (("train", [(video,) + NQ_TRAIN[0][1:], *NQ_TRAIN[1:]]), ("val", NQ_VAL), ("test", NQ_TEST)):
+        write_csv(ann / f"{s}.csv", rows, NQ_HEADER)
+    write_glove(tmp_path / "glove.txt", ["what", "did"])
+    code, text = run_prepare("next-qa", "--annotations", ann, "--glove", tmp_path / "glove.txt", "--out",
+                             tmp_path / "out")
+    assert_one_error_line(code, text, "train.csv: line 2, ", why)
+    assert len(text) < 400 and not (tmp_path / "out").exists()

@@ -31,7 +31,7 @@ from .. import layout as L
 from ..features import check_h5_storage
 from ..store import atomic_write_json
 from .backbones import RESNEXT3D
-from .common import MULTIPLE_CHOICE, NEXTQA, PrepareError
+from .common import MULTIPLE_CHOICE, NEXTQA, PrepareError, shown
 from .questions import MAX_QUESTION_TOKENS
 from .taskdata import TaskRecord, encode_task, integer, read_table, write_task_dataset
 from .text import tokenize
@@ -103,7 +103,7 @@ def _feature_ids(f: h5py.File, path: Path) -> np.ndarray:
         return np.asarray([int(v.decode() if isinstance(v, bytes) else v) for v in raw.tolist()], dtype=np.int64)
     except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
         raise PrepareError(f"{path}: {FEATURE_IDS_KEY!r} holds {raw.dtype} values that are not integer video ids "
-                           f"(first: {repr(raw[0])[:60]})") from None
+                           f"(first: {shown(raw[0])})") from None
 
 
 def _open_release(path: Path, app_dim: int) -> tuple[h5py.File, np.ndarray]:

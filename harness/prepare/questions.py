@@ -17,7 +17,7 @@ import numpy as np
 from .. import layout as L
 from ..data import read_json
 from ..store import atomic_write_bytes, atomic_write_json
-from .common import PrepareError, check_dataset
+from .common import MAX_ID, PrepareError, check_dataset, shown
 from .text import question_tokens
 from .video import find_mapping, read_youtube_mapping
 
@@ -48,23 +48,18 @@ class QARecord:
 _VIDEO_ID = re.compile(r"^(?:vid|video)?(\d{1,18})$")
 
 
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
-
-
 def parse_video_id(value, where: str) -> int:
     """An integer video id from a release's ``video_id`` (``12``, ``"12"``, ``"vid12"``, ``"video12"``),
     0 .. 2**63 - 1 (the pickles store int64)."""
     if isinstance(value, bool):
         raise PrepareError(f"{where}: video_id {value!r} is not a video id")
     if isinstance(value, (int, np.integer)):
-        if not 0 <= int(value) < 2 ** 63:
-            raise PrepareError(f"{where}: video_id {_short(value)} is outside 0..2**63-1")
+        if not 0 <= int(value) <= MAX_ID:
+            raise PrepareError(f"{where}: video_id {shown(value)} is outside 0..2**63-1")
         return int(value)
     m = _VIDEO_ID.match(str(value).strip()) if isinstance(value, str) else None
     if not m:
-        raise PrepareError(f"{where}: video_id {_short(value)} is not an integer, 'vidN' or 'videoN' "
+        raise PrepareError(f"{where}: video_id {shown(value)} is not an integer, 'vidN' or 'videoN' "
                            f"(at most 18 digits)")
     return int(m.group(1))
 
@@ -81,7 +76,7 @@ def _record(r, where: str) -> QARecord:
     qid = r.get("id")
     if qid is not None and (isinstance(qid, bool) or not isinstance(qid, (int, np.integer))
                             or not -2 ** 63 <= qid < 2 ** 63):
-        raise PrepareError(f"{where}: 'id' must be an integer (64 bits), got {_short(qid)}")
+        raise PrepareError(f"{where}: 'id' must be an integer (64 bits), got {shown(qid)}")
     return QARecord(r["question"], r["answer"], parse_video_id(r["video_id"], where), None if qid is None else int(qid))
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import layout as L
 from ..store import atomic_write_bytes, atomic_write_json
-from .common import COUNT, MULTIPLE_CHOICE, OPEN_ENDED, PrepareError
+from .common import COUNT, MAX_ID, MULTIPLE_CHOICE, OPEN_ENDED, PrepareError, shown
 from .questions import ANSWER_SPECIALS, MAX_QUESTION_TOKENS, QUESTION_SPECIALS, glove_matrix, read_glove
 
 #: HCRN's answer vocabulary of a count data set (the answer is the count itself)
@@ -90,13 +90,15 @@ def read_table(path: Path, required: tuple[str, ...], *, delimiter: str = ",", q
 
 
 def integer(text: str, where: str, column: str, lo: int | None = None, hi: int | None = None) -> int:
-    """A table cell that must be an integer in lo..hi; the message names the file, line and column."""
+    """A table cell that must be an integer in lo..hi (hi: at most :data:`~.common.MAX_ID`, what the
+    pickles store); the message names the file, line and column."""
+    hi = MAX_ID if hi is None else hi
     try:
         v = int(text.strip())
     except ValueError:
-        raise PrepareError(f"{where}, column {column!r}: {text!r} is not an integer") from None
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise PrepareError(f"{where}, column {column!r}: {v} is outside {lo}..{hi}")
+        raise PrepareError(f"{where}, column {column!r}: {shown(text)} is not an integer") from None
+    if (lo is not None and v < lo) or v > hi:
+        raise PrepareError(f"{where}, column {column!r}: {shown(v)} is outside {lo}..{hi}")
     return v
 
 
