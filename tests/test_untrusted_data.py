@@ -208,6 +208,7 @@ def _numpy1_spelling(raw: bytes, protocol: int) -> bytes:
     return raw[:3] + size.to_bytes(8, "little") + raw[11:]
 
 
+@pytest.mark.filterwarnings("ignore:numpy.core.numeric is deprecated:DeprecationWarning")  # numpy 1's spelling
 @pytest.mark.parametrize("numpy1", [False, True])
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
 def test_plain_question_pickles_load_identically(tmp_path, protocol, numpy1):
