@@ -132,7 +132,7 @@ PEAK_KIB = 900 * 1024
 
 def test_a_question_pickle_declaring_a_gib_array_is_refused_before_allocating(tmp_path):
     """1.3 KB declaring (8388608, 16) int64 (1 GiB): refused by size, in a process whose peak
-    memory stays far below the declared size (the loader used to allocate and touch it)."""
+    memory stays far below the declared size (a loader trusting the shape allocates and touches it)."""
     data = with_train_pickle(tmp_path, glove=raw_array((8388608, 16), np.dtype("<i8"), b""))
     assert (data / "toy_train_questions.pt").stat().st_size < 4096
     code, out, peak = run_ablate_measured(data, tmp_path)
