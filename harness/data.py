@@ -10,8 +10,8 @@ A data set is a directory holding (``{name}`` is the data set name, e.g. ``msvd-
                                 optional question_category (SVQA)
 
 Everything is validated when loaded, and every error names the file and what is wrong. Question
-pickles come from third-party releases: they are read by a restricted unpickler that admits only
-numpy arrays, scalars and dtypes besides plain containers, so loading never runs code. The
+pickles come from third-party releases: they are read by :mod:`harness.question_pickle`, which admits
+only plain containers and plain numpy arrays, scalars and dtypes, so loading never runs code. The
 motion dim equals the appearance dim in files from HCRN's / DualVGR's scripts (ResNeXt-101 and
 ResNet-101, both 2048); a motion file written by :mod:`harness.prepare` names its backbone in the
 ``model`` attribute of ``resnext_features`` and may have its own dim (512 for torchvision's video
@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -49,6 +48,7 @@ from .errors import DataError
 from .features import (FINGERPRINT_FILE, Features, InMemoryFeatures, NoFeatures,  # noqa: F401 - re-exported
                        StreamingFeatures, _check_features, _load_features, _open_h5, file_fingerprint)
 from .layout import DataPaths, _require  # noqa: F401 - re-exported
+from .question_pickle import PickleRefused, load_question_pickle
 
 SPLITS = L.SPLITS
 QUESTION_WORDS = L.QUESTION_WORDS
@@ -60,16 +60,35 @@ OTHER = L.OTHER_TYPE
 
 def load_vocab(path: Path) -> dict:
     _require(path, "vocab")
-    try:
-        vocab = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    vocab = read_json(path)
+    if not isinstance(vocab, dict):
+        raise DataError(f"{path}: expected a JSON object (the vocabularies), got {type(vocab).__name__}")
     for key in L.VOCAB_KEYS:
         if key not in vocab:
             raise DataError(f"{path}: missing key {key!r} (has: {', '.join(vocab)})")
-        if not vocab[key]:
-            raise DataError(f"{path}: {key!r} is empty")
+        if not isinstance(vocab[key], dict) or not vocab[key]:
+            raise DataError(f"{path}: {key!r} must be a non-empty object (token -> index)")
+        bad = next((v for v in vocab[key].values() if type(v) is not int or not 0 <= v < 2 ** 31), None)
+        if bad is not None:
+            raise DataError(f"{path}: {key!r} maps a token to {bad!r}, not an index")
     return vocab
+
+
+def read_json(path: Path, error=DataError):
+    """A JSON input file's value; ``error`` (naming the file) when it is not UTF-8 JSON, or nests
+    deeper than the parser's recursion allows."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not valid JSON (not UTF-8: {e})") from None
+    except RecursionError:
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
 
 
 def question_types(questions: np.ndarray, vocab: dict, category=None) -> tuple[np.ndarray, list[str]]:
@@ -115,35 +134,6 @@ class SplitData:
                          extra={k: v.to(device) for k, v in self.extra.items()})
 
 
-# What a question pickle of the format may name: numpy arrays, scalars and dtypes (as numpy 1 and 2
-# write them), and the codec protocol-2 pickles use for bytes. Dicts, lists, tuples, strings and numbers
-# need no global. Anything else (os.system, builtins.eval, torch classes, ...) is refused unrun.
-PICKLE_GLOBALS = frozenset({
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-    ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode"),
-})
-
-
-class _RefusedGlobal(pickle.UnpicklingError):
-    pass
-
-
-class _FormatUnpickler(pickle.Unpickler):
-    """Reads question pickles without running their code: a global outside :data:`PICKLE_GLOBALS`
-    is refused (by name) before it is imported or called. Downloaded question files come from third
-    parties, and a plain ``pickle.load`` runs whatever a crafted file's ``__reduce__`` names."""
-
-    def find_class(self, module: str, name: str):
-        canonical = module.replace("numpy.core.", "numpy._core.", 1) if module.startswith("numpy.core.") else module
-        if (canonical, name) not in PICKLE_GLOBALS:
-            raise _RefusedGlobal(f"refused to unpickle global {module}.{name}: a question file holds only dicts, "
-                                 f"lists, numbers, strings and numpy arrays, and loading never runs code")
-        if canonical.startswith("numpy._core.") and not hasattr(np, "_core"):  # numpy 1 spells it numpy.core
-            canonical = canonical.replace("numpy._core.", "numpy.core.", 1)
-        return super().find_class(canonical, name)
-
-
 def _load_questions(path: Path, split: str) -> dict:
     _require(path, f"{split} questions")
     with open(path, "rb") as f:
@@ -152,12 +142,9 @@ def _load_questions(path: Path, split: str) -> dict:
         raise DataError(f"{path}: a torch.save zip archive, not the pickle the HCRN/DualVGR format uses; "
                         f"load it with torch.load and write the dict with pickle.dump")
     try:
-        with open(path, "rb") as f:
-            obj = _FormatUnpickler(f).load()
-    except pickle.UnpicklingError as e:
-        if isinstance(e, _RefusedGlobal):
-            raise DataError(f"{path}: {e}") from None
-        raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
+        obj = load_question_pickle(path)
+    except PickleRefused as e:
+        raise DataError(f"{path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure is bad input
         raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
@@ -178,8 +165,8 @@ def _as_int_array(obj: dict, key: str, path: Path) -> np.ndarray:
             elif arr.size:
                 raise TypeError(f"dtype {arr.dtype}")
         return arr.astype(np.int64)
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{path}: {key!r} must hold integers ({e})") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DataError(f"{path}: {key!r} must hold integers ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------- the data set
@@ -323,10 +310,7 @@ def _info(spec, paths: DataPaths, vocab: dict, app_shape: tuple, motion_dim: int
 def _read_meta(paths: DataPaths) -> dict:
     meta = {}
     if paths.meta:
-        try:
-            meta = json.loads(paths.meta.read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"{paths.meta}: not valid JSON ({e})") from None
+        meta = read_json(paths.meta)
         if not isinstance(meta, dict):
             raise DataError(f"{paths.meta}: expected a JSON object, got {type(meta).__name__}")
     return meta

@@ -111,17 +111,64 @@ def _first_non_finite(arr, chunk_bytes: int = 64 << 20) -> int | None:
     return None
 
 
+def _foreign_storage(name: str, obj) -> str | None:
+    if isinstance(obj, h5py.Dataset):
+        if obj.is_virtual:
+            return f"{name!r} is a virtual dataset (its data lives in other files)"
+        if obj.external:
+            return f"{name!r} stores its data in an external file ({obj.external[0][0]!r})"
+    return None
+
+
+#: how many times its stored bytes a dataset that is read may declare (plus :data:`H5_SLACK_BYTES`):
+#: compressed features and ids expand a few times, never this much; beyond it the bytes would come
+#: from storage never written (HDF5 fills it in) or from a compression bomb
+H5_MAX_EXPANSION = 64
+H5_SLACK_BYTES = 64 << 20
+
+
+def check_h5_storage(f: h5py.File, path: Path, keys: tuple[str, ...], error=DataError) -> None:
+    """Refuse an input h5 file that would make reading touch anything but itself: a dataset with
+    external storage (raw bytes read from another file: /etc/passwd, a FIFO that blocks forever),
+    a virtual dataset (mapped from other files), or one of ``keys`` reached by a soft or external
+    link; and one of ``keys`` that declares far more bytes than it stores (:data:`H5_MAX_EXPANSION`).
+    Checked on the file's metadata, before any data is read."""
+    for k in keys:
+        link = f.get(k, getlink=True)
+        if link is not None and not isinstance(link, h5py.HardLink):
+            raise error(f"{path}: {k!r} is a {type(link).__name__}, not a dataset stored in this file")
+    problem = f.visititems(_foreign_storage)
+    if problem:
+        raise error(f"{path}: {problem}; only datasets stored in the file itself are read")
+    for k in keys:
+        ds = f.get(k)
+        if not isinstance(ds, h5py.Dataset):
+            continue
+        declared, stored = ds.size * ds.dtype.itemsize, ds.id.get_storage_size()
+        if declared > stored * H5_MAX_EXPANSION + H5_SLACK_BYTES:
+            raise error(f"{path}: {k!r} declares shape {ds.shape} of {ds.dtype} ({declared:,} bytes) and stores "
+                        f"{stored:,} bytes; more than {H5_MAX_EXPANSION}x its stored size is refused (storage "
+                        f"never written, or compressed past what features compress to)")
+
+
 def _open_h5(path: Path, what: str, key: str) -> h5py.File:
     _require(path, what)
     try:
         f = h5py.File(path, "r")
     except OSError as e:
         raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
-    for k in (key, L.IDS_KEY):
-        if k not in f:
-            keys = list(f.keys())
-            f.close()
-            raise DataError(f"{path}: missing HDF5 dataset {k!r} (has: {', '.join(keys) or 'none'})")
+    try:
+        for k in (key, L.IDS_KEY):
+            if k not in f:
+                raise DataError(f"{path}: missing HDF5 dataset {k!r} (has: {', '.join(f.keys()) or 'none'})")
+        check_h5_storage(f, path, (key, L.IDS_KEY))
+        ids = f[L.IDS_KEY]
+        if not isinstance(ids, h5py.Dataset) or ids.dtype.kind not in "iu":
+            kind = ids.dtype if isinstance(ids, h5py.Dataset) else "a group"
+            raise DataError(f"{path}: {L.IDS_KEY!r} must hold integer video ids, got {kind}")
+    except BaseException:
+        f.close()
+        raise
     return f
 
 
@@ -161,29 +208,40 @@ def _fingerprint_cache(directory: Path) -> Path:
     return root / f"{hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:16]}.json"
 
 
+def _read_fingerprints(cache_path: Path) -> dict:
+    """The fingerprint cache, or ``{}`` when it is missing, unreadable or not a JSON object (it sits
+    beside the data, which may come from elsewhere: a bad one is only recomputed)."""
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
 def file_fingerprint(path: Path) -> dict:
-    """``{"sha1", "size", "mtime_ns"}`` of a file; the SHA-1 of every byte is computed once and
-    cached (keyed by size and modification time), so a changed file, even one of the same shape
-    re-extracted with another backbone, gets a new fingerprint. The whole file is hashed rather
+    """``{"sha1", "size", "mtime_ns", "ctime_ns"}`` of a file; the SHA-1 of every byte is computed
+    once and cached (keyed by size, modification and status-change time), so a changed file, even
+    one of the same shape re-extracted with another backbone, gets a new fingerprint. The status-change
+    time cannot be set by a file's writer, and unpacking or copying a file sets it anew: a cache that
+    came with the data from elsewhere (claiming another file's hash, or that NaN was checked) is
+    never taken for this file's. The whole file is hashed rather
     than a sample of rows: a sample can miss a change confined to some videos, and one pass at
     disk speed (about 2 s for the 2.2 GB msvd-sized set here) is paid once per change."""
     from .store import atomic_write_json
 
     st = path.stat()
     cache_path = _fingerprint_cache(path.parent)
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    entry = cache.get(path.name) if isinstance(cache, dict) else None
-    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+    cache = _read_fingerprints(cache_path)
+    entry = cache.get(path.name)
+    if (isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+            and entry.get("ctime_ns") == st.st_ctime_ns and isinstance(entry.get("sha1"), str)
+            and isinstance(entry.get("finite", {}), dict)):
         return entry
     h = hashlib.sha1()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(16 << 20), b""):
             h.update(block)
-    entry = {"sha1": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    cache = cache if isinstance(cache, dict) else {}
+    entry = {"sha1": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
     cache[path.name] = entry
     try:
         atomic_write_json(cache_path, cache)
@@ -204,13 +262,14 @@ def _checked_finite(path: Path, key: str, arr) -> None:
     if bad is not None:
         raise DataError(f"{path}: {key!r} has NaN or Inf values (first at video row {bad})")
     cache_path = _fingerprint_cache(path.parent)
-    try:
-        cache = json.loads(cache_path.read_text())
-        if cache.get(path.name, {}).get("sha1") == fp["sha1"]:
-            cache[path.name].setdefault("finite", {})[key] = True
+    cache = _read_fingerprints(cache_path)
+    entry = cache.get(path.name)
+    if isinstance(entry, dict) and entry.get("sha1") == fp["sha1"] and isinstance(entry.get("finite", {}), dict):
+        entry.setdefault("finite", {})[key] = True
+        try:
             atomic_write_json(cache_path, cache)
-    except (OSError, ValueError, AttributeError):
-        pass
+        except OSError:
+            pass
 
 
 

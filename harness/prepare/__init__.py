@@ -66,8 +66,8 @@ from .cli import build_cli, main
 from .common import DATASETS, NEXTQA, TGIF_DATASETS, TGIF_TASKS, VIDEO_DATASETS, PrepareError
 from .extract import FeatureSettings, FeatureSummary, extract_features
 from .nextqa import adapt_nextqa_features, prepare_nextqa, read_nextqa
-from .questions import (ANSWER_TOP, QARecord, build_vocab, encode_split, glove_matrix, parse_video_id,
-                        prepare_questions, read_glove, read_qa)
+from .questions import (ANSWER_TOP, MAX_QUESTION_TOKENS, MAX_WORD_DIM, QARecord, build_vocab, encode_split,
+                        glove_matrix, parse_video_id, prepare_questions, read_glove, read_qa)
 from .taskdata import TaskRecord, build_task_vocab, encode_task, encode_task_split
 from .text import question_tokens, tokenize
 from .tgif import prepare_tgif, read_tgif, tgif_video_names
@@ -81,7 +81,8 @@ __all__ = [
     "FeatureSettings", "FeatureSummary", "extract_features", "adapt_nextqa_features", "prepare_nextqa", "read_nextqa",
     "TaskRecord", "build_task_vocab", "encode_task", "encode_task_split", "prepare_tgif", "read_tgif",
     "tgif_video_names",
-    "ANSWER_TOP", "QARecord", "build_vocab", "encode_split", "glove_matrix", "parse_video_id", "prepare_questions",
+    "ANSWER_TOP", "MAX_QUESTION_TOKENS", "MAX_WORD_DIM", "QARecord", "build_vocab", "encode_split", "glove_matrix",
+    "parse_video_id", "prepare_questions",
     "read_glove", "read_qa", "question_tokens", "tokenize", "DecodedVideo", "VideoError", "clip_frame_indices",
     "decode_clips", "find_mapping", "find_videos", "read_youtube_mapping", "FeatureFiles",
 ]

@@ -14,7 +14,7 @@ from .backbones import APPEARANCE_MODELS, MOTION_MODELS, RESNEXT3D
 from .common import TGIF_TASKS, VIDEO_DATASETS, PrepareError
 from .extract import FeatureSettings, extract_features
 from .nextqa import APPEARANCE_DIM, adapt_nextqa_features, prepare_nextqa
-from .questions import ANSWER_TOP, prepare_questions
+from .questions import ANSWER_TOP, MAX_QUESTION_TOKENS, prepare_questions
 from .tgif import prepare_tgif
 
 #: no wrapping: messages hold file names
@@ -50,10 +50,14 @@ def questions(
     mapping: Path | None = typer.Option(None, help="MSVD-QA's youtube_mapping.txt, to check that every "
                                        "question's video has a name [default: found in --annotations or "
                                        "its parent, else not checked]."),
+    max_question_tokens: int = typer.Option(MAX_QUESTION_TOKENS, help="A longer question keeps its first tokens "
+                                            "(counted in the summary), so one oversized question cannot pad "
+                                            "its split; the releases' questions are far shorter."),
 ):
     """Vocabulary json and question pickles (HCRN's preprocess_questions.py rules)."""
     try:
-        prepare_questions(dataset.value, annotations, glove, out, answer_top=answer_top, mapping=mapping, log=_log)
+        prepare_questions(dataset.value, annotations, glove, out, answer_top=answer_top, mapping=mapping,
+                          max_question_tokens=max_question_tokens, log=_log)
     except PrepareError as e:
         _fail(e)
 
@@ -67,10 +71,14 @@ def tgif_qa(
     out: Path = typer.Option(..., help="Output directory (created if needed)."),
     answer_top: int | None = typer.Option(None, help="FrameQA: the K most frequent training answers [default: "
                                           "every answer of the Train file, as HCRN]."),
+    max_question_tokens: int = typer.Option(MAX_QUESTION_TOKENS, help="A longer question or candidate answer keeps "
+                                            "its first tokens (counted in the summary), so one oversized text "
+                                            "cannot pad its split."),
 ):
     """TGIF-QA questions: vocabulary, question pickles and meta file (HCRN's tgif_qa.py rules)."""
     try:
-        prepare_tgif(task.value, annotations, glove, out, answer_top=answer_top, log=_log)
+        prepare_tgif(task.value, annotations, glove, out, answer_top=answer_top,
+                     max_question_tokens=max_question_tokens, log=_log)
     except PrepareError as e:
         _fail(e)
 
@@ -79,10 +87,13 @@ def next_qa(
     annotations: Path = typer.Option(..., help="Directory with NExT-QA's train.csv, val.csv, test.csv."),
     glove: Path = typer.Option(..., help="GloVe vectors, .txt format (glove.840B.300d.txt)."),
     out: Path = typer.Option(..., help="Output directory (created if needed)."),
+    max_question_tokens: int = typer.Option(MAX_QUESTION_TOKENS, help="A longer question or candidate answer keeps "
+                                            "its first tokens (counted in the summary), so one oversized text "
+                                            "cannot pad its split."),
 ):
     """NExT-QA multiple-choice questions: vocabulary, question pickles and meta file."""
     try:
-        prepare_nextqa(annotations, glove, out, log=_log)
+        prepare_nextqa(annotations, glove, out, max_question_tokens=max_question_tokens, log=_log)
     except PrepareError as e:
         _fail(e)
 

@@ -21,6 +21,17 @@ class PrepareError(DataError):
     """Bad input or output for preparation: the message names the file, key or record."""
 
 
+#: the most an id is (a release's video and question ids are stored as int64)
+MAX_ID = 2 ** 63 - 1
+
+
+def shown(value, limit: int = 60) -> str:
+    """``repr(value)`` for a message, its middle left out past ``limit`` characters (a hostile cell
+    can be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text):,} characters)"
+
+
 def check_dataset(dataset: str, known: tuple[str, ...] = DATASETS) -> None:
     if dataset not in known:
         raise PrepareError(f"unknown data set {dataset!r} (known: {', '.join(known)})")

@@ -28,9 +28,11 @@ import h5py
 import numpy as np
 
 from .. import layout as L
+from ..features import check_h5_storage
 from ..store import atomic_write_json
 from .backbones import RESNEXT3D
-from .common import MULTIPLE_CHOICE, NEXTQA, PrepareError
+from .common import MULTIPLE_CHOICE, NEXTQA, PrepareError, shown
+from .questions import MAX_QUESTION_TOKENS
 from .taskdata import TaskRecord, encode_task, integer, read_table, write_task_dataset
 from .text import tokenize
 
@@ -75,11 +77,12 @@ def nextqa_video_ids(annotations: Path) -> set[int]:
     return {r.video_id for p in nextqa_files(annotations).values() for r in read_nextqa(p)}
 
 
-def prepare_nextqa(annotations: Path, glove: Path, out: Path, *, log: Callable[[str], None] = print) -> dict:
+def prepare_nextqa(annotations: Path, glove: Path, out: Path, *, max_question_tokens: int = MAX_QUESTION_TOKENS,
+                   log: Callable[[str], None] = print) -> dict:
     """Write the ``next-qa`` data set's vocabulary, question pickles, report and meta file under
     ``out``; returns the summary (also in the questions report)."""
     records = {s: read_nextqa(p) for s, p in nextqa_files(annotations).items()}
-    vocab, objs, summary = encode_task(records, MULTIPLE_CHOICE, glove)
+    vocab, objs, summary = encode_task(records, MULTIPLE_CHOICE, glove, max_tokens=max_question_tokens)
     summary.update(dataset=NEXTQA, annotations=str(annotations))
     write_task_dataset(out, NEXTQA, MULTIPLE_CHOICE, vocab, objs, summary,
                        {"release": "NExT-QA multiple choice", "annotations": str(annotations)}, log)
@@ -98,9 +101,9 @@ def _feature_ids(f: h5py.File, path: Path) -> np.ndarray:
         return raw.astype(np.int64)
     try:
         return np.asarray([int(v.decode() if isinstance(v, bytes) else v) for v in raw.tolist()], dtype=np.int64)
-    except (ValueError, TypeError, UnicodeDecodeError):
+    except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
         raise PrepareError(f"{path}: {FEATURE_IDS_KEY!r} holds {raw.dtype} values that are not integer video ids "
-                           f"(first: {raw[0]!r})") from None
+                           f"(first: {shown(raw[0])})") from None
 
 
 def _open_release(path: Path, app_dim: int) -> tuple[h5py.File, np.ndarray]:
@@ -115,6 +118,7 @@ def _open_release(path: Path, app_dim: int) -> tuple[h5py.File, np.ndarray]:
         missing = [k for k in (FEATURE_KEY, FEATURE_IDS_KEY) if k not in f]
         if missing:
             raise PrepareError(f"{path}: no data set {', '.join(map(repr, missing))} (has: {', '.join(f)})")
+        check_h5_storage(f, path, (FEATURE_KEY, FEATURE_IDS_KEY), PrepareError)
         ids, feat = _feature_ids(f, path), f[FEATURE_KEY]
         if feat.ndim != 3 or feat.shape[0] != len(ids) or feat.shape[2] <= app_dim:
             raise PrepareError(f"{path}: {FEATURE_KEY!r} must be (videos = {len(ids)} ids, clips, {app_dim} "

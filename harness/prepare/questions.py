@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import layout as L
+from ..data import read_json
 from ..store import atomic_write_bytes, atomic_write_json
-from .common import PrepareError, check_dataset
+from .common import MAX_ID, PrepareError, check_dataset, shown
 from .text import question_tokens
 from .video import find_mapping, read_youtube_mapping
 
@@ -24,6 +25,11 @@ from .video import find_mapping, read_youtube_mapping
 ANSWER_TOP = 4000
 QUESTION_SPECIALS = {"<NULL>": 0, "<UNK>": 1}
 ANSWER_SPECIALS = {"<UNK0>": 0, "<UNK1>": 1}
+#: the most tokens a question keeps (``--max-question-tokens``): longer ones are cut to their first
+#: tokens, counted in the summary, so that one oversized question cannot pad its whole split to its
+#: length. The releases' longest questions are far shorter (MSVD-QA and MSRVTT-QA: under 40 tokens),
+#: so the cap changes nothing on them.
+MAX_QUESTION_TOKENS = 100
 #: the release's QA file of a split (an input, not the harness's format)
 QA_FILE = "{split}_qa.json"
 
@@ -39,18 +45,22 @@ class QARecord:
     question_id: int | None
 
 
-_VIDEO_ID = re.compile(r"^(?:vid|video)?(\d+)$")
+_VIDEO_ID = re.compile(r"^(?:vid|video)?(\d{1,18})$")
 
 
 def parse_video_id(value, where: str) -> int:
-    """An integer video id from a release's ``video_id`` (``12``, ``"12"``, ``"vid12"``, ``"video12"``)."""
+    """An integer video id from a release's ``video_id`` (``12``, ``"12"``, ``"vid12"``, ``"video12"``),
+    0 .. 2**63 - 1 (the pickles store int64)."""
     if isinstance(value, bool):
         raise PrepareError(f"{where}: video_id {value!r} is not a video id")
     if isinstance(value, (int, np.integer)):
+        if not 0 <= int(value) <= MAX_ID:
+            raise PrepareError(f"{where}: video_id {shown(value)} is outside 0..2**63-1")
         return int(value)
-    m = _VIDEO_ID.match(str(value).strip())
+    m = _VIDEO_ID.match(str(value).strip()) if isinstance(value, str) else None
     if not m:
-        raise PrepareError(f"{where}: video_id {value!r} is not an integer, 'vidN' or 'videoN'")
+        raise PrepareError(f"{where}: video_id {shown(value)} is not an integer, 'vidN' or 'videoN' "
+                           f"(at most 18 digits)")
     return int(m.group(1))
 
 
@@ -64,8 +74,9 @@ def _record(r, where: str) -> QARecord:
         if not isinstance(r[k], str):
             raise PrepareError(f"{where}: {k!r} must be a string, got {r[k]!r}")
     qid = r.get("id")
-    if qid is not None and (isinstance(qid, bool) or not isinstance(qid, (int, np.integer))):
-        raise PrepareError(f"{where}: 'id' must be an integer, got {qid!r}")
+    if qid is not None and (isinstance(qid, bool) or not isinstance(qid, (int, np.integer))
+                            or not -2 ** 63 <= qid < 2 ** 63):
+        raise PrepareError(f"{where}: 'id' must be an integer (64 bits), got {shown(qid)}")
     return QARecord(r["question"], r["answer"], parse_video_id(r["video_id"], where), None if qid is None else int(qid))
 
 
@@ -74,10 +85,7 @@ def read_qa(path: Path) -> list[QARecord]:
     ``video_id`` and (usually) ``id``."""
     if not path.is_file():
         raise PrepareError(f"QA file {path} does not exist")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PrepareError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, PrepareError)
     if not isinstance(raw, list):
         raise PrepareError(f"{path}: expected a JSON list of QA records, got {type(raw).__name__}")
     out = [_record(r, f"{path}: record {i}") for i, r in enumerate(raw)]
@@ -98,7 +106,12 @@ def video_ids_of(annotations: Path) -> set[int]:
 # ----------------------------------------------------------------------------- vocab & encoding
 
 
-def build_vocab(train: list[QARecord], answer_top: int = ANSWER_TOP) -> dict:
+def capped_tokens(question: str, max_tokens: int = MAX_QUESTION_TOKENS) -> list[str]:
+    """The reference's tokens of a question, at most ``max_tokens`` of them (the first)."""
+    return question_tokens(question)[:max_tokens]
+
+
+def build_vocab(train: list[QARecord], answer_top: int = ANSWER_TOP, max_tokens: int = MAX_QUESTION_TOKENS) -> dict:
     """The reference's vocabularies from the training records."""
     counts = Counter()  # insertion order = first appearance; most_common keeps it for ties
     for r in train:
@@ -108,7 +121,7 @@ def build_vocab(train: list[QARecord], answer_top: int = ANSWER_TOP) -> dict:
         answers[a] = len(answers)
     questions = dict(QUESTION_SPECIALS)
     for r in train:
-        for t in question_tokens(r.question):
+        for t in capped_tokens(r.question, max_tokens):
             questions.setdefault(t, len(questions))
     return {L.QUESTION_TOKENS_KEY: questions, L.ANSWER_TOKENS_KEY: answers,
             L.QUESTION_ANSWER_TOKENS_KEY: dict(QUESTION_SPECIALS)}
@@ -121,7 +134,7 @@ def _uses_record_ids(records: list[QARecord]) -> bool:
     return None not in ids and len(set(ids)) == len(ids)
 
 
-def _encode_records(records: list[QARecord], vocab: dict, split: str, stats: dict) -> list[tuple]:
+def _encode_records(records: list[QARecord], vocab: dict, split: str, stats: dict, max_tokens: int) -> list[tuple]:
     """(token ids, question id, video id, answer id) per kept record; counts into ``stats``."""
     q_vocab, a_vocab = vocab[L.QUESTION_TOKENS_KEY], vocab[L.ANSWER_TOKENS_KEY]
     unk, unk_answer = QUESTION_SPECIALS["<UNK>"], ANSWER_SPECIALS["<UNK1>"]
@@ -135,7 +148,9 @@ def _encode_records(records: list[QARecord], vocab: dict, split: str, stats: dic
                 continue
             answer = unk_answer
             stats["oov_answer_as_unk1"] += 1
-        tokens = [q_vocab.get(t, unk) for t in question_tokens(r.question)]
+        words = question_tokens(r.question)
+        stats["truncated_questions"] += len(words) > max_tokens
+        tokens = [q_vocab.get(t, unk) for t in words[:max_tokens]]
         stats["unknown_tokens"] += sum(t == unk for t in tokens)
         if not tokens:  # the reference would write a 0-length question, which no encoder accepts
             tokens = [unk]
@@ -144,13 +159,13 @@ def _encode_records(records: list[QARecord], vocab: dict, split: str, stats: dic
     return rows
 
 
-def encode_split(records: list[QARecord], vocab: dict, split: str, glove: np.ndarray, where: str
-                 ) -> tuple[dict, dict]:
+def encode_split(records: list[QARecord], vocab: dict, split: str, glove: np.ndarray, where: str,
+                 max_tokens: int = MAX_QUESTION_TOKENS) -> tuple[dict, dict]:
     """The question pickle of one split (as a dict of arrays) and its counts."""
     stats = {"records": len(records), "dropped_oov_answer": 0, "oov_answer_as_unk1": 0, "unknown_tokens": 0,
-             "empty_questions": 0,
+             "empty_questions": 0, "truncated_questions": 0,
              "question_id": "record id" if _uses_record_ids(records) else "position in the file"}
-    rows = _encode_records(records, vocab, split, stats)
+    rows = _encode_records(records, vocab, split, stats, max_tokens)
     if not rows:
         raise PrepareError(f"{where}: no question left in the {split} split (every answer is outside the "
                            f"answer vocabulary)")
@@ -171,14 +186,28 @@ def encode_split(records: list[QARecord], vocab: dict, split: str, glove: np.nda
 
 # ----------------------------------------------------------------------------- GloVe
 
+#: the widest word vectors read (GloVe's are 50 to 300 wide; the matrix is question vocab x D floats)
+MAX_WORD_DIM = 4096
+#: a GloVe line may have this many values more than D: an entry whose "word" has spaces (". . .")
+_MAX_EXTRA_WORDS = 16
+
 
 def _glove_dim(path: Path, head: list[str]) -> int:
-    counts = [len(line.rstrip("\n").rstrip(" ").split(" ")) - 1 for line in head if line.strip()]
+    """D from the first lines, checked against them: the first line has D values (a multi-word entry
+    a few more), most lines have exactly D, and D is at most :data:`MAX_WORD_DIM`."""
+    counts = [line.rstrip("\n").rstrip(" ").count(" ") for line in head if line.strip()]
     if not counts:
         raise PrepareError(f"{path}: empty GloVe file")
     dim = min(counts)
     if dim < 1:
         raise PrepareError(f"{path}: a line has no vector (expected 'word v1 ... vD' per line)")
+    if counts[0] > dim + _MAX_EXTRA_WORDS:
+        raise PrepareError(f"{path}: the first line has {counts[0]:,} values, the next lines' vectors have {dim}")
+    if dim > MAX_WORD_DIM:
+        raise PrepareError(f"{path}: vectors of {dim:,} values; word vectors wider than {MAX_WORD_DIM} are refused")
+    if 2 * counts.count(dim) < len(counts):
+        raise PrepareError(f"{path}: the first {len(counts)} lines do not agree on a vector size "
+                           f"(only {counts.count(dim)} have {dim} values, the fewest)")
     return dim
 
 
@@ -262,18 +291,23 @@ def _log_summary(summary: dict, out: Path, log: Callable[[str], None]) -> None:
         st = summary["splits"][s]
         extra = (f", {st['dropped_oov_answer']} dropped (answer outside the vocabulary)" if s == "train"
                  else f", {st['oov_answer_as_unk1']} with an answer outside the vocabulary (<UNK1>, counted wrong)")
-        log(f"{s}: {st['questions']} of {st['records']} questions{extra}; {st['unknown_tokens']} unknown tokens")
+        n_cut = st["truncated_questions"]
+        cut = f", {n_cut} cut to their first tokens (longer than the cap)" if n_cut else ""
+        log(f"{s}: {st['questions']} of {st['records']} questions{extra}; {st['unknown_tokens']} unknown tokens{cut}")
     name = summary["dataset"]
     log(f"wrote {L.vocab_file(out, name)} and {', '.join(L.questions_file(out, name, s).name for s in L.SPLITS)}")
 
 
 def prepare_questions(dataset: str, annotations: Path, glove: Path, out: Path, *, answer_top: int = ANSWER_TOP,
-                      mapping: Path | None = None, log: Callable[[str], None] = print) -> dict:
+                      mapping: Path | None = None, max_question_tokens: int = MAX_QUESTION_TOKENS,
+                      log: Callable[[str], None] = print) -> dict:
     """Write the vocabulary json and the three question pickles (:mod:`harness.layout`'s names) under
     ``out``; returns the summary (also written to the questions report file)."""
     check_dataset(dataset)
     if answer_top < 1:
         raise PrepareError(f"answer_top must be at least 1, got {answer_top}")
+    if max_question_tokens < 1:
+        raise PrepareError(f"max_question_tokens must be at least 1, got {max_question_tokens}")
     annotations, out = Path(annotations), Path(out)
     paths = qa_paths(annotations)
     records = {s: read_qa(p) for s, p in paths.items()}
@@ -281,12 +315,12 @@ def prepare_questions(dataset: str, annotations: Path, glove: Path, out: Path, *
         mapping = mapping or find_mapping(annotations)
         if mapping is not None:
             _check_mapping(records, paths, mapping)
-    vocab = build_vocab(records["train"], answer_top)
+    vocab = build_vocab(records["train"], answer_top, max_question_tokens)
     vectors, dim = read_glove(glove, vocab[L.QUESTION_TOKENS_KEY])
     g = glove_matrix(vocab, vectors, dim)
     objs, stats = {}, {}
     for s in L.SPLITS:
-        objs[s], stats[s] = encode_split(records[s], vocab, s, g, str(paths[s]))
+        objs[s], stats[s] = encode_split(records[s], vocab, s, g, str(paths[s]), max_question_tokens)
     summary = _summary(dataset, annotations, glove, answer_top, records, vocab, vectors, dim, stats)
     out.mkdir(parents=True, exist_ok=True)
     for s in L.SPLITS:

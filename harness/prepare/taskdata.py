@@ -11,6 +11,9 @@ release's reader made (:mod:`.tgif`, :mod:`.nextqa`): vocabularies, encoding and
 * an open-ended training question whose answer is outside the vocabulary is dropped, a val / test
   one is kept with ``<UNK1>`` (counted wrong), as in :mod:`.questions`;
 * a question or candidate with no token left is one ``<UNK>`` (no encoder takes a length of 0);
+* a question or candidate keeps at most ``max_tokens`` tokens (its first; ``--max-question-tokens``,
+  :data:`~.questions.MAX_QUESTION_TOKENS` by default), in the vocabulary and the pickles alike, so that
+  one oversized text cannot pad its split; the cut ones are counted;
 * every split is padded with ``<NULL>`` to its own longest question and longest candidate.
 """
 from __future__ import annotations
@@ -27,8 +30,8 @@ import numpy as np
 
 from .. import layout as L
 from ..store import atomic_write_bytes, atomic_write_json
-from .common import COUNT, MULTIPLE_CHOICE, OPEN_ENDED, PrepareError
-from .questions import ANSWER_SPECIALS, QUESTION_SPECIALS, glove_matrix, read_glove
+from .common import COUNT, MAX_ID, MULTIPLE_CHOICE, OPEN_ENDED, PrepareError, shown
+from .questions import ANSWER_SPECIALS, MAX_QUESTION_TOKENS, QUESTION_SPECIALS, glove_matrix, read_glove
 
 #: HCRN's answer vocabulary of a count data set (the answer is the count itself)
 COUNT_ANSWERS = {"<UNK>": 0}
@@ -87,31 +90,35 @@ def read_table(path: Path, required: tuple[str, ...], *, delimiter: str = ",", q
 
 
 def integer(text: str, where: str, column: str, lo: int | None = None, hi: int | None = None) -> int:
-    """A table cell that must be an integer in lo..hi; the message names the file, line and column."""
+    """A table cell that must be an integer in lo..hi (hi: at most :data:`~.common.MAX_ID`, what the
+    pickles store); the message names the file, line and column."""
+    hi = MAX_ID if hi is None else hi
     try:
         v = int(text.strip())
     except ValueError:
-        raise PrepareError(f"{where}, column {column!r}: {text!r} is not an integer") from None
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise PrepareError(f"{where}, column {column!r}: {v} is outside {lo}..{hi}")
+        raise PrepareError(f"{where}, column {column!r}: {shown(text)} is not an integer") from None
+    if (lo is not None and v < lo) or v > hi:
+        raise PrepareError(f"{where}, column {column!r}: {shown(v)} is outside {lo}..{hi}")
     return v
 
 
 # ----------------------------------------------------------------------------- vocabularies and encoding
 
 
-def build_task_vocab(task: str, train: list[TaskRecord], answer_top: int | None = None) -> dict:
-    """The three vocabularies of a ``task`` data set from its training records."""
+def build_task_vocab(task: str, train: list[TaskRecord], answer_top: int | None = None,
+                     max_tokens: int = MAX_QUESTION_TOKENS) -> dict:
+    """The three vocabularies of a ``task`` data set from its training records (each text's first
+    ``max_tokens`` tokens)."""
     if task not in TASKS:
         raise PrepareError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     q = dict(QUESTION_SPECIALS)
     if task == MULTIPLE_CHOICE:
         for r in train:
             for c in r.candidates:
-                for t in c:
+                for t in c[:max_tokens]:
                     q.setdefault(t, len(q))
     for r in train:
-        for t in r.tokens:
+        for t in r.tokens[:max_tokens]:
             q.setdefault(t, len(q))
     if task == MULTIPLE_CHOICE:
         return {L.QUESTION_TOKENS_KEY: q, L.ANSWER_TOKENS_KEY: dict(ANSWER_SPECIALS), L.QUESTION_ANSWER_TOKENS_KEY: dict(q)}
@@ -125,9 +132,10 @@ def build_task_vocab(task: str, train: list[TaskRecord], answer_top: int | None 
             L.QUESTION_ANSWER_TOKENS_KEY: dict(QUESTION_SPECIALS)}
 
 
-def _ids(tokens: list[str], vocab: dict, stats: dict) -> list[int]:
+def _ids(tokens: list[str], vocab: dict, stats: dict, max_tokens: int) -> list[int]:
     unk = QUESTION_SPECIALS["<UNK>"]
-    ids = [vocab.get(t, unk) for t in tokens]
+    stats["truncated_texts"] += len(tokens) > max_tokens
+    ids = [vocab.get(t, unk) for t in tokens[:max_tokens]]
     stats["unknown_tokens"] += ids.count(unk)
     if not ids:
         stats["empty_texts"] += 1
@@ -157,21 +165,21 @@ def _answer(r: TaskRecord, task: str, answers: dict, split: str, stats: dict) ->
     return a
 
 
-def _candidates(kept: list[TaskRecord], q_vocab: dict, stats: dict) -> dict:
+def _candidates(kept: list[TaskRecord], q_vocab: dict, stats: dict, max_tokens: int) -> dict:
     """HCRN's ans_candidates (N, K, La) and ans_candidates_len (N, K), int32, <NULL>-padded."""
     k = len(kept[0].candidates)
     for r in kept:
         if len(r.candidates) != k:
             raise PrepareError(f"{r.where}: {len(r.candidates)} candidate answers, the first question has {k}")
-    flat, lens = _padded([_ids(c, q_vocab, stats) for r in kept for c in r.candidates])
+    flat, lens = _padded([_ids(c, q_vocab, stats, max_tokens) for r in kept for c in r.candidates])
     return {L.CANDIDATES_KEY: flat.reshape(len(kept), k, -1), L.CANDIDATES_LEN_KEY: lens.reshape(len(kept), k)}
 
 
-def encode_task_split(records: list[TaskRecord], vocab: dict, task: str, split: str, glove: np.ndarray
-                      ) -> tuple[dict, dict]:
+def encode_task_split(records: list[TaskRecord], vocab: dict, task: str, split: str, glove: np.ndarray,
+                      max_tokens: int = MAX_QUESTION_TOKENS) -> tuple[dict, dict]:
     """The question pickle of one split (a dict of arrays) and its counts."""
     stats = {"records": len(records), "dropped_oov_answer": 0, "oov_answer_as_unk1": 0, "unknown_tokens": 0,
-             "empty_texts": 0}
+             "empty_texts": 0, "truncated_texts": 0}
     q_vocab = vocab[L.QUESTION_TOKENS_KEY]
     kept, answers = [], []
     for r in records:
@@ -183,7 +191,7 @@ def encode_task_split(records: list[TaskRecord], vocab: dict, task: str, split: 
         source = records[0].where.rsplit(": line", 1)[0] if records else "no question file"
         raise PrepareError(f"{source}: no question left in the {split} split (every answer is outside the answer "
                            f"vocabulary)")
-    questions, lens = _padded([_ids(r.tokens, q_vocab, stats) for r in kept])
+    questions, lens = _padded([_ids(r.tokens, q_vocab, stats, max_tokens) for r in kept])
     obj = {L.QUESTIONS_KEY: questions, L.QUESTIONS_LEN_KEY: lens,
            L.QUESTION_ID_KEY: np.asarray([r.question_id for r in kept], dtype=np.int64),
            L.VIDEO_IDS_KEY: np.asarray([r.video_id for r in kept], dtype=np.int64),
@@ -191,26 +199,31 @@ def encode_task_split(records: list[TaskRecord], vocab: dict, task: str, split: 
            L.ANSWERS_KEY: np.asarray(answers, dtype=np.int64), L.GLOVE_KEY: glove,
            L.QUESTION_CATEGORY_KEY: np.asarray([r.category for r in kept])}
     if task == MULTIPLE_CHOICE:
-        obj.update(_candidates(kept, q_vocab, stats))
+        obj.update(_candidates(kept, q_vocab, stats, max_tokens))
     stats.update(questions=len(kept), max_len=int(questions.shape[1]),
                  categories=dict(sorted(Counter(r.category for r in kept).items())))
     return obj, stats
 
 
 def encode_task(records: dict[str, list[TaskRecord]], task: str, glove: Path, answer_top: int | None = None,
-                vocab_records: list[TaskRecord] | None = None) -> tuple[dict, dict[str, dict], dict]:
+                vocab_records: list[TaskRecord] | None = None, max_tokens: int = MAX_QUESTION_TOKENS
+                ) -> tuple[dict, dict[str, dict], dict]:
     """Vocabularies (from ``vocab_records``, by default the training split's), the three splits'
     pickles (as dicts) and a summary, from records per split."""
     if answer_top is not None and answer_top < 1:
         raise PrepareError(f"answer_top must be at least 1, got {answer_top}")
-    vocab = build_task_vocab(task, records["train"] if vocab_records is None else vocab_records, answer_top)
+    if max_tokens < 1:
+        raise PrepareError(f"max_question_tokens must be at least 1, got {max_tokens}")
+    vocab = build_task_vocab(task, records["train"] if vocab_records is None else vocab_records, answer_top,
+                             max_tokens)
     vectors, dim = read_glove(glove, vocab[L.QUESTION_TOKENS_KEY])
     g = glove_matrix(vocab, vectors, dim)
     objs, stats = {}, {}
     for s in L.SPLITS:
-        objs[s], stats[s] = encode_task_split(records[s], vocab, task, s, g)
+        objs[s], stats[s] = encode_task_split(records[s], vocab, task, s, g, max_tokens)
     q = vocab[L.QUESTION_TOKENS_KEY]
-    summary = {"task": task, "glove": str(glove), "answer_top": answer_top, "question_vocab": len(q),
+    summary = {"task": task, "glove": str(glove), "answer_top": answer_top, "max_question_tokens": max_tokens,
+               "question_vocab": len(q),
                "answer_vocab": len(vocab[L.ANSWER_TOKENS_KEY]), "word_dim": dim, "glove_found": len(vectors),
                "glove_missing": sorted(t for t in q if t not in vectors and t not in QUESTION_SPECIALS),
                "splits": stats}
@@ -236,6 +249,8 @@ def write_task_dataset(out: Path, name: str, task: str, vocab: dict, objs: dict[
         extra = (f", {st['dropped_oov_answer']} dropped (answer outside the vocabulary)" if st["dropped_oov_answer"]
                  else f", {st['oov_answer_as_unk1']} with an answer outside the vocabulary (<UNK1>, counted wrong)"
                  if st["oov_answer_as_unk1"] else "")
-        log(f"{s}: {st['questions']} of {st['records']} questions{extra}; {st['unknown_tokens']} unknown tokens")
+        cut = (f", {st['truncated_texts']} texts cut to their first {summary['max_question_tokens']} tokens"
+               if st["truncated_texts"] else "")
+        log(f"{s}: {st['questions']} of {st['records']} questions{extra}; {st['unknown_tokens']} unknown tokens{cut}")
     log(f"wrote {L.vocab_file(out, name)}, {', '.join(L.questions_file(out, name, s).name for s in L.SPLITS)} "
         f"and {L.meta_file(out, name).name}")

@@ -35,8 +35,10 @@ import re
 _R = re.compile
 
 # nltk's NLTKWordTokenizer: STARTING_QUOTES, PUNCTUATION, PARENS_BRACKETS, DOUBLE_DASHES (applied in this
-# order), then " text ", ENDING_QUOTES, CONTRACTIONS2, CONTRACTIONS3. nltk 3.10 writes the first final-period
-# rule with a possessive ``]*+`` (a ReDoS fix matching the same spans); ``re`` before Python 3.11 lacks it.
+# order), then " text ", ENDING_QUOTES, CONTRACTIONS2, CONTRACTIONS3. The first final-period rule's bracket run
+# is possessive (``]*+``, as nltk 3.10 writes it): its class holds the space, so with a plain ``*`` a period
+# followed by a long run of spaces and then more text backtracks quadratically (60 KB: over a minute) before
+# failing. Possessive matches the same spans: giving spaces back to ``\s*`` can never reach the end sooner.
 _BEFORE_PADDING = [
     # starting quotes
     (_R("([«“‘„]|[`]+)"), r" \1 "),
@@ -45,7 +47,7 @@ _BEFORE_PADDING = [
     (_R(r'([ \(\[{<])("|\'{2})'), r"\1 `` "),
     (_R(r"(?i)(?<!\w)(')(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)"), r"\1 "),  # 'bout -> ' bout
     # punctuation
-    (_R(r'([^\.])(\.)([\]\)}>"\'»”’ ]*)\s*$'), r"\1 \2 \3 "),  # the final period
+    (_R(r'([^\.])(\.)([\]\)}>"\'»”’ ]*+)\s*$'), r"\1 \2 \3 "),  # the final period
     (_R(r"([:,])([^\d])"), r" \1 \2"),
     (_R(r"([:,])$"), r" \1 "),
     (_R(r"\.{2,}"), r" \g<0> "),

@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import layout as L
 from .common import COUNT, MULTIPLE_CHOICE, OPEN_ENDED, TGIF_TASKS, PrepareError
+from .questions import MAX_QUESTION_TOKENS
 from .taskdata import TaskRecord, encode_task, integer, read_table, write_task_dataset
 from .text import question_tokens, tokenize
 
@@ -117,7 +118,7 @@ def tgif_video_names(annotations: Path, task: str) -> dict[int, str]:
 
 
 def prepare_tgif(task: str, annotations: Path, glove: Path, out: Path, *, answer_top: int | None = None,
-                 log: Callable[[str], None] = print) -> dict:
+                 max_question_tokens: int = MAX_QUESTION_TOKENS, log: Callable[[str], None] = print) -> dict:
     """Write the ``tgif-qa-{task}`` data set's vocabulary, question pickles, report and meta file
     under ``out``; returns the summary (also in the questions report)."""
     files = tgif_files(annotations, task)
@@ -127,7 +128,8 @@ def prepare_tgif(task: str, annotations: Path, glove: Path, out: Path, *, answer
     _names(full_train + test)  # one GIF per key, or an error naming the line
     train, val = split_train(full_train, files["Train"])
     records = {"train": train, "val": val, "test": test}
-    vocab, objs, summary = encode_task(records, TASK_OF[task], glove, answer_top, vocab_records=full_train)
+    vocab, objs, summary = encode_task(records, TASK_OF[task], glove, answer_top, vocab_records=full_train,
+                                       max_tokens=max_question_tokens)
     summary.update(dataset=dataset_name(task), annotations=str(annotations),
                    val_split=f"{VAL_FRACTION:.0%} of {files['Train'].name}, shuffle seed {SPLIT_SEED}")
     write_task_dataset(out, dataset_name(task), TASK_OF[task], vocab, objs, summary,
