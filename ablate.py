@@ -23,7 +23,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from harness.console import error, make_console, say
+from harness.console import error, make_console, plural, say
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -63,6 +63,31 @@ def parse_sets(items: list[str] | None) -> dict:
         except json.JSONDecodeError:
             out[k.strip()] = v
     return out
+
+
+#: ``run``'s options for what a user may try to give with ``--set`` (training settings and the run's own)
+RUN_OPTIONS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "early_stop": "--early-stop",
+               "precision": "--precision", "glove": "--no-glove", "seed": "--seed", "data": "--data",
+               "device": "--device", "mode": "--mode"}
+
+
+def check_set_keys(variant: str, overrides: dict, options: dict[str, str]) -> None:
+    """A ``--set`` key that is no setting of ``variant`` but a command-line option (``lr``: ``--lr``)
+    or a training setting is refused naming the option; other keys are left to the variant's check."""
+    import variants
+    from harness.settings import TRAIN_CHECKS
+
+    own = variants.settings(variant)
+    for key, value in overrides.items():
+        if key in own:
+            continue
+        if key in options:
+            raise variants.ConfigError(f"--set {key}={value}: {key} is not a setting of variant {variant!r} but an "
+                                       f"option of this command: use {options[key]}"
+                                       + ("" if options[key].startswith("--no-") else f" {value}"))
+        if key in TRAIN_CHECKS:
+            raise variants.ConfigError(f"--set {key}={value}: {key} is not a setting of variant {variant!r} but a "
+                                       f"training setting, which a grid file's [train] table sets")
 
 
 def accuracy_table(record: dict, title: str | None = None) -> Table:
@@ -170,6 +195,7 @@ def main(
     store = ResultsStore(results)
     try:
         check_writable(store.root)
+        check_writable(reports, "reports directory", "--reports")  # before the training, not after it
         res = run_grid(g, store, executor=ex, jobs=jobs or int(g.executor.get("jobs", 1)), device=device, mode=mode,
                        console=console, options=options, reuse_other_code=reuse_other_code,
                        refuse_damaged=refuse_damaged, log=log)
@@ -275,6 +301,7 @@ def _write_report(store, g, reports: str, run_ids: list[str], regenerate: str, p
     """Write the grid's report (its header names ``regenerate``, the command that writes it again);
     False (with one error line) when it cannot be written."""
     from harness.report import write_report
+    from harness.store import NoSpace, NotWritable
 
     if not any(store.is_complete(r) for r in run_ids):
         say(console, "no complete run: no report written")
@@ -283,8 +310,10 @@ def _write_report(store, g, reports: str, run_ids: list[str], regenerate: str, p
         path = write_report(store, g.name, run_ids=run_ids, out_dir=reports, grid_file=str(g.path),
                             command=regenerate, planned=_planned(store, g, plans))
     except user_errors() as e:
+        fix = {NoSpace: "free some space and run", NotWritable: f"make {reports} writable (or give another folder "
+               "with --reports DIR) and run"}.get(type(e), "fix that and run")
         error(console, f"{e}; the report was not written (the results store is unchanged: every complete run is "
-                       f"kept); free some space and run `{regenerate}`")
+                       f"kept); {fix} `{regenerate}`")
         return False
     say(console, f"report: {path}")
     return True
@@ -304,13 +333,19 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
     store = ResultsStore(results)
     try:
         g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None)
-        infos = {d: recorded_info(d, store) for d in g.datasets}  # from the store: no feature file is read
-        plans = [q for s in g.runs for q in plan(s, infos[s.data]).all_plans()]
+        with G.naming_file(g):
+            infos = {d: recorded_info(d, store) for d in g.datasets}  # from the store: no feature file is read
+            plans = [q for s in g.runs for q in plan(s, infos[s.data]).all_plans()]
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
     ids = [*dict.fromkeys(q.run_id for q in plans)]
     missing = [r for r in ids if not store.is_complete(r)]
+    if len(missing) == len(ids):
+        error(console, f"no complete run of grid {g.name} ({g.path}) in the results store {store.root} "
+                       f"(looked for {plural(len(ids), 'run')}): nothing to report; "
+                       f"`{_command(grid=grid, results=results, data=data, seeds=seeds)}` runs them")
+        raise typer.Exit(1)
     if missing:
         say(console, f"{len(missing)} of {len(ids)} runs are not complete; the report covers the rest and says "
                      f"what is missing (run `{_command(grid=grid, results=results, data=data, seeds=seeds)}` to "
@@ -351,8 +386,9 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
                 raise C.CompressError(f"{rid}: not a complete run in {store.root} (see `ablate.py results`)")
         g = G.load(grid) if grid else None
         if g is not None:
-            info = recorded_info(g.data, store)
-            ids += _grid_run_ids(store, g, [plan(s, info).run_id for s in g.runs])
+            with G.naming_file(g):
+                infos = {d: recorded_info(d, store) for d in g.datasets}
+                ids += _grid_run_ids(store, g, [plan(s, infos[s.data]).run_id for s in g.runs])
         methods = C.check_methods(method or (g.compress if g is not None and g.compress else list(C.METHODS)),
                                   "--method")
         if not ids:
@@ -398,11 +434,22 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
     store = ResultsStore(results)
     try:
         gs = [G.load(x) for x in grid]
-        infos = {d: recorded_info(d, store) for g in gs for d in g.datasets}
-        plans = [[plan(s, infos[s.data]) for s in g.runs] for g in gs]
+        infos = {}
+        for g in gs:
+            with G.naming_file(g):
+                infos.update({d: recorded_info(d, store) for d in g.datasets if d not in infos})
+        plans = []
+        for g in gs:
+            with G.naming_file(g):
+                plans.append([plan(s, infos[s.data]) for s in g.runs])
         ids = [[*dict.fromkeys(r for p in ps for r in p.all_run_ids())] for ps in plans]
     except user_errors() as e:
         error(console, e)
+        raise typer.Exit(2)
+    if not set(gs[0].datasets) & set(gs[1].datasets):
+        error(console, f"grids {gs[0].name} ({gs[0].path}: {', '.join(gs[0].datasets)}) and {gs[1].name} "
+                       f"({gs[1].path}: {', '.join(gs[1].datasets)}) are on different data sets: compare pairs runs "
+                       "of the same variant and seed on the same data set")
         raise typer.Exit(2)
     same = sorted({p.run_id for p in plans[0]} & {p.run_id for p in plans[1]})
     if same:
@@ -516,10 +563,13 @@ def run(
     run_id = None
     try:  # everything is checked before any data is loaded or anything trained
         check_writable(store.root)
+        D.check_mode(mode, "--mode")
         check_precision(resolve_device(device), precision, train=True)
         sinks = check_sinks(log)
+        overrides = parse_sets(set_)
+        check_set_keys(variant, overrides, RUN_OPTIONS)
         spec = RunSpec(variant=variant, data=data, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                       early_stop=early_stop, glove=not no_glove, precision=precision, overrides=parse_sets(set_))
+                       early_stop=early_stop, glove=not no_glove, precision=precision, overrides=overrides)
         spec.resolved_train()
         variants.get_config(variant, **spec.overrides)
         ds = D.load(data, mode=feature_mode(spec, mode))

@@ -59,12 +59,12 @@ def main(
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Latency from the eval forward captured once per "
                                                                "batch size in a CUDA graph and replayed (CUDA only)."),
     reps: int = typer.Option(50, min=1, help="Timed eval forwards per batch size."),
-    warmup: Optional[int] = typer.Option(None, help="Warm-up runs before timing [default: 10 on CUDA, 3 on CPU]."),
+    warmup: Optional[int] = typer.Option(None, min=0, help="Warm-up runs before timing [default: 10 on CUDA, 3 on CPU]."),
     train_reps: Optional[int] = typer.Option(None, min=1, help="Timed training steps per batch size [default: max(5, reps/5)]."),
     no_train: bool = typer.Option(False, "--no-train", help="Skip the training-step measurements."),
     no_flops: bool = typer.Option(False, "--no-flops", help="Skip FLOP counting."),
-    question_len: int = typer.Option(12, help="Padded question length of the random inputs."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (torch.set_num_threads) [default: torch's]. "
+    question_len: int = typer.Option(12, min=1, help="Padded question length of the random inputs."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (torch.set_num_threads) [default: torch's]. "
                                                      "On a CPU shared with other work, use 1."),
     data: Optional[str] = typer.Option(None, help="Also measure the data layer on this data set "
                                                   "(e.g. synthetic:tiny): memory and streaming samples/s."),
@@ -249,9 +249,10 @@ def _warn_if_loaded(dev) -> None:
     if dev.type == "cpu" and hasattr(os, "getloadavg"):
         load = os.getloadavg()[0]
         if load > 1.0:
+            threads = torch.get_num_threads()
+            more = f" (with {threads} threads, possibly far slower; --threads 1 helps)" if threads > 1 else ""
             say(err, f"CPU load average is {load:.1f} before measuring: other processes share the CPU, timings will be "
-                     f"noisy (with {torch.get_num_threads()} threads, possibly far slower; see docs/benchmarks.md; "
-                     f"--threads 1 helps)", "yellow")
+                     f"noisy{more}; see docs/benchmarks.md", "yellow")
 
 
 def _data_layer(data: str, sizes: list[int], dev) -> dict[int, dict]:

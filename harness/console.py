@@ -30,8 +30,14 @@ def say(console: Console, text: str, style: str | None = None) -> None:
 
 
 def error(console: Console, message: str) -> None:
-    """``error: <message>`` with the message printed as text."""
-    console.print(Text.assemble(("error: ", "bold red"), str(message)), highlight=False)
+    """``error: <message>`` with the message printed as text, on one line (never wrapped by the console)."""
+    console.print(Text.assemble(("error: ", "bold red"), str(message)), highlight=False, soft_wrap=True)
+
+
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """``n`` and ``noun`` agreeing with it: ``1 run``, ``2 runs``, ``0 runs`` (``many``: an irregular
+    plural, ``plural(2, "entry", "entries")``); ``n`` with thousands separators."""
+    return f"{n:,} {noun if n == 1 else many or noun + 's'}"
 
 
 def progress_bar(console: Console, *, info: bool = True, disable: bool | None = None) -> Progress:

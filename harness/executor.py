@@ -38,7 +38,7 @@ from . import data as D
 from . import identity
 from . import record as R
 from .console import make_console, progress_bar, say
-from .grid import Grid
+from .grid import Grid, naming_file
 from .runner import RunSpec, check_plans, feature_mode, plan, stale, train
 from .schedule import (GridResult, _failure, _Schedule, _worker_init,  # noqa: F401 - GridResult re-exported
                        cpu_threads_per_worker, device_slots)
@@ -177,15 +177,18 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     (with ``refuse_damaged``: DamagedRun, before anything trains). ``log``: the runs' logging sinks
     (:mod:`harness.sinks`) [default: the grid's ``[log]``]."""
     log = check_sinks(grid.log if log is None else log)
+    D.check_mode(mode, "--mode")
     kind = executor_kind(executor)
     console = console or make_console(stderr=True)
-    infos = {d: D.describe(d) for d in grid.datasets}  # run ids from the data sets' info: no feature is read here
+    with naming_file(grid):
+        infos = {d: D.describe(d) for d in grid.datasets}  # run ids from the data sets' info: no feature is read here
     for info in infos.values():
         store.write_data_info(info.to_dict())
     code = identity.code_fingerprint()
     specs = grid.runs if reuse_other_code else [dataclasses.replace(s, require_code=code) for s in grid.runs]
-    plans = [plan(s, infos[s.data]) for s in specs]
-    check_plans(plans)  # every student's losses read outputs its teachers produce: checked before anything trains
+    with naming_file(grid):
+        plans = [plan(s, infos[s.data]) for s in specs]
+        check_plans(plans)  # every student's losses read outputs its teachers produce: checked before anything trains
     every = list({q.run_id: q for p in plans for q in p.all_plans()}.values())  # teachers first, each once
     own = {p.run_id for p in plans}
     teacher_ids = {t.run_id for p in every for t in p.teachers}  # their weights are checked before reuse
