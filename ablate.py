@@ -415,6 +415,16 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
         raise typer.Exit(1)
 
 
+def _check_same_data(gs) -> None:
+    """Two grids compared share a data set (runs are paired on the same questions), else a GridError naming them."""
+    from harness.grid import GridError
+
+    if not set(gs[0].datasets) & set(gs[1].datasets):
+        raise GridError(f"grids {gs[0].name} ({gs[0].path}: {', '.join(gs[0].datasets)}) and {gs[1].name} "
+                        f"({gs[1].path}: {', '.join(gs[1].datasets)}) are on different data sets: compare pairs runs "
+                        "of the same variant and seed on the same data set")
+
+
 @app.command()
 def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (names or files), A then B."),
             results: str = typer.Option("results", help="Results store directory."),
@@ -434,22 +444,15 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
     store = ResultsStore(results)
     try:
         gs = [G.load(x) for x in grid]
-        infos = {}
-        for g in gs:
-            with G.naming_file(g):
-                infos.update({d: recorded_info(d, store) for d in g.datasets if d not in infos})
+        _check_same_data(gs)
         plans = []
         for g in gs:
             with G.naming_file(g):
+                infos = {d: recorded_info(d, store) for d in g.datasets}
                 plans.append([plan(s, infos[s.data]) for s in g.runs])
         ids = [[*dict.fromkeys(r for p in ps for r in p.all_run_ids())] for ps in plans]
     except user_errors() as e:
         error(console, e)
-        raise typer.Exit(2)
-    if not set(gs[0].datasets) & set(gs[1].datasets):
-        error(console, f"grids {gs[0].name} ({gs[0].path}: {', '.join(gs[0].datasets)}) and {gs[1].name} "
-                       f"({gs[1].path}: {', '.join(gs[1].datasets)}) are on different data sets: compare pairs runs "
-                       "of the same variant and seed on the same data set")
         raise typer.Exit(2)
     same = sorted({p.run_id for p in plans[0]} & {p.run_id for p in plans[1]})
     if same:

@@ -1,0 +1,206 @@
+"""Rough edges a new user met: refusals that name the file, the key and the value, numbers printed
+as what they are, tables that fit, plurals. Each test fails on the behaviour before."""
+from __future__ import annotations
+
+import errno
+import tempfile
+
+import pytest
+from typer.testing import CliRunner
+
+import ablate
+import bench
+from harness import store as St
+
+runner = CliRunner()
+
+
+def invoke(*args, app=ablate.app):
+    r = runner.invoke(app, [str(a) for a in args])
+    return r.exit_code, r.output, r.exception
+
+
+def refused(code: int, out: str, *fragments: str) -> None:
+    """One ``error:`` line naming every fragment, a non-zero exit, no traceback."""
+    lines = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+    assert code != 0 and len(lines) == 1, out
+    assert all(f in lines[0] for f in fragments), (fragments, out)
+    assert "Traceback" not in out
+
+
+def grid_file(tmp_path, body: str, name: str = "g.toml", data: str = "synthetic:tiny"):
+    path = tmp_path / name
+    path.write_text(f'data = "{data}"\nseeds = [0]\n' + body)
+    return path
+
+
+TINY_QO = 'variants = ["question-only"]\n[train]\nepochs = 1\nbatch_size = 512\n'
+
+
+@pytest.fixture
+def qo_store(tmp_path, tiny):
+    """A store holding the one complete question-only run of ``TINY_QO``'s grid (1 epoch)."""
+    from harness.runner import RunSpec, train
+
+    store = St.ResultsStore(tmp_path / "results")
+    train(RunSpec("question-only", epochs=1, batch_size=512, seed=0), store, data=tiny, device="cpu", progress=False)
+    return store
+
+
+# -- grid refusals name the grid file, the key and the value
+
+def test_an_exclude_value_that_no_loss_accepts_is_named_with_its_valid_values(tmp_path):
+    g = grid_file(tmp_path, 'variants = ["student-similarity"]\n[[exclude]]\n"similarity.matrix" = "slef"\n')
+    code, out, _ = invoke("--grid", g, "--results", tmp_path / "r", "--reports", tmp_path / "rep")
+    refused(code, out, str(g), "[[exclude]] #1", "similarity.matrix", "'slef'", "cross, self")
+    assert "match(es) no run" not in out and not (tmp_path / "r" / "runs").exists()
+
+
+def test_a_set_value_that_no_loss_accepts_is_refused_with_the_grid_file(tmp_path):
+    g = grid_file(tmp_path, 'variants = ["student-similarity"]\n[set]\n"similarity.matrix" = "slef"\n')
+    code, out, _ = invoke("report", "--grid", g, "--results", tmp_path / "r")
+    refused(code, out, str(g), "'slef'", "cross, self")
+
+
+def test_a_keep_ratio_the_data_set_refuses_names_the_grid_file(tmp_path, tiny):
+    g = grid_file(tmp_path, 'variants = ["sparse-node"]\n[set]\nkeep_ratio = 0.9\n')
+    code, out, _ = invoke("--grid", g, "--results", tmp_path / "r", "--reports", tmp_path / "rep", "--device", "cpu")
+    refused(code, out, str(g), "keep_ratio 0.9 keeps all 4 clips")
+    assert not (tmp_path / "r" / "runs").exists()
+
+
+@pytest.mark.parametrize("argv", [["--grid"], ["report", "--grid"], ["compress", "--grid"]])
+def test_an_unknown_synthetic_preset_names_the_grid_file(tmp_path, argv):
+    g = grid_file(tmp_path, 'variants = ["dualvgr"]\n', data="synthetic:nope")
+    code, out, _ = invoke(*argv, g, "--results", tmp_path / "r")
+    refused(code, out, str(g), "'synthetic:nope'", "unknown preset 'nope'", "tiny-count")
+
+
+def test_a_missing_data_directory_names_the_grid_file(tmp_path):
+    g = grid_file(tmp_path, 'variants = ["dualvgr"]\n', data=str(tmp_path / "no-such-data"))
+    code, out, _ = invoke("report", "--grid", g, "--results", tmp_path / "r")
+    refused(code, out, f"{g}: ", "no-such-data")
+
+
+# -- ranges, modes and weights checked before anything runs
+
+def test_bench_refuses_a_negative_warmup():
+    code, out, _ = invoke("--variant", "dualvgr", "--config", "tiny", "--device", "cpu", "--warmup", "-1",
+                          "--no-store", app=bench.app)
+    assert code == 2 and "Invalid value for '--warmup'" in out and "greater than or equal to 0" in out, out
+
+
+@pytest.mark.parametrize("opt", ["--question-len", "--threads"])
+def test_bench_refuses_nonsense_ranges(opt):
+    code, out, _ = invoke("--variant", "dualvgr", "--config", "tiny", "--device", "cpu", opt, "0", "--no-store",
+                          app=bench.app)
+    assert code == 2 and f"Invalid value for '{opt}'" in out, out
+
+
+@pytest.mark.parametrize("setting", ["alpha=-1", "beta=-1e-8", "logits.weight=-0.5"])
+def test_run_refuses_a_negative_loss_weight(tmp_path, setting):
+    code, out, _ = invoke("run", "student-logits", "--set", setting, "--results", tmp_path, "--device", "cpu")
+    refused(code, out, setting.split("=")[0], "loss weights must be >= 0")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_study_range_with_a_negative_loss_weight_is_refused(tmp_path):
+    from harness.study_file import StudyError, load_study
+
+    f = tmp_path / "s.toml"
+    f.write_text('variants = ["student-logits"]\n[search]\nn_trials = 2\n[search.params]\nalpha = {low = -1, high = 1}\n')
+    with pytest.raises(StudyError, match=r"alpha.*loss weights must be >= 0"):
+        load_study(f)
+    code, out, _ = invoke("search", f, "--results", tmp_path / "r")
+    refused(code, out, str(f), "alpha", "loss weights must be >= 0")
+
+
+def test_question_only_runs_refuse_a_bogus_mode(tmp_path):
+    code, out, _ = invoke("run", "question-only", "--mode", "bogus", "--results", tmp_path, "--device", "cpu")
+    refused(code, out, "--mode 'bogus'", "auto, memory, stream")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_grid_of_complete_runs_refuses_a_bogus_mode(tmp_path, qo_store):
+    g = grid_file(tmp_path, TINY_QO)
+    code, out, _ = invoke("--grid", g, "--mode", "bogus", "--results", qo_store.root, "--reports", tmp_path / "rep")
+    refused(code, out, "--mode 'bogus'")
+    assert not (tmp_path / "rep" / "g.md").exists()
+
+
+# -- report, search and compare say what is wrong
+
+def _read_only_under(monkeypatch, root):
+    """Writes under ``root`` fail as on a read-only mount (the tests run as root, where chmod does not)."""
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*a, dir=None, **k):
+        if dir is not None and str(dir).startswith(str(root)):
+            raise PermissionError(errno.EROFS, "Read-only file system")
+        return real_mkstemp(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def test_a_read_only_reports_folder_is_not_told_to_free_space(tmp_path, monkeypatch, qo_store):
+    g = grid_file(tmp_path, TINY_QO)
+    ro = tmp_path / "ro"
+    _read_only_under(monkeypatch, ro)
+    code, out, _ = invoke("report", "--grid", g, "--results", qo_store.root, "--reports", ro)
+    refused(code, out, "cannot write here", f"make {ro} writable", "--reports")
+    assert "free some space" not in out
+
+
+def test_a_full_disk_under_the_reports_folder_is_told_to_free_space(tmp_path, monkeypatch, qo_store):
+    g = grid_file(tmp_path, TINY_QO)
+    real = tempfile.mkstemp
+
+    def full(*a, dir=None, **k):
+        if dir is not None and str(dir).startswith(str(tmp_path / "rep")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    code, out, _ = invoke("report", "--grid", g, "--results", qo_store.root, "--reports", tmp_path / "rep")
+    refused(code, out, "no space left", "free some space")
+
+
+def test_a_grid_refuses_a_read_only_reports_folder_before_training(tmp_path, monkeypatch, tiny):
+    g = grid_file(tmp_path, TINY_QO)
+    ro = tmp_path / "ro"
+    _read_only_under(monkeypatch, ro)
+    code, out, _ = invoke("--grid", g, "--results", tmp_path / "r", "--reports", ro, "--device", "cpu")
+    refused(code, out, f"reports directory {ro}: cannot write here", "--reports DIR")
+    assert not (tmp_path / "r" / "runs").exists()
+
+
+def test_report_with_no_complete_run_is_an_error_naming_where_it_looked(tmp_path, tiny):
+    g = grid_file(tmp_path, TINY_QO)
+    code, out, _ = invoke("report", "--grid", g, "--results", tmp_path / "empty", "--reports", tmp_path / "rep")
+    refused(code, out, "no complete run of grid g", str(g), str(tmp_path / "empty"), "looked for 1 run)")
+    assert not (tmp_path / "rep" / "g.md").exists()
+
+
+def test_search_given_a_grid_file_says_it_is_a_grid_file(tmp_path):
+    code, out, _ = invoke("search", ablate.Path(__file__).parent.parent / "grids" / "tiny.toml",
+                          "--results", tmp_path)
+    refused(code, out, "grids/tiny.toml", "not a study file", "a grid file", "ablate.py --grid")
+    assert "unknown key" not in out
+
+
+def test_compare_of_grids_on_different_data_sets_names_them(tmp_path):
+    a = grid_file(tmp_path, 'variants = ["dualvgr"]\n', "a.toml")
+    b = grid_file(tmp_path, 'variants = ["dualvgr"]\n', "b.toml", data="synthetic:tiny-count")
+    code, out, _ = invoke("compare", "--grid", a, "--grid", b, "--results", tmp_path / "r")
+    refused(code, out, "different data sets", "synthetic:tiny", "synthetic:tiny-count", str(a), str(b))
+
+
+# -- --set of something that is a command-line option
+
+@pytest.mark.parametrize("setting, hint", [("lr=1", "use --lr 1"), ("epochs=3", "use --epochs 3"),
+                                           ("batch_size=8", "use --batch-size 8"),
+                                           ("grad_clip=1", "a grid file's [train] table")])
+def test_set_of_a_command_line_option_points_at_the_option(tmp_path, setting, hint):
+    code, out, _ = invoke("run", "dualvgr", "--set", setting, "--results", tmp_path, "--device", "cpu")
+    refused(code, out, f"--set {setting}", hint)
+    assert "has no setting" not in out
