@@ -26,8 +26,8 @@ Study file (``grids/NAME.toml``; the grid file's keys where they mean the same t
     [search.params]                        # each a setting of the variant (variants.settings)
     "logits.T" = {low = 1.0, high = 8.0, log = true}
     "logits.weight" = {low = 0.1, high = 10.0, log = true}
-    depth = {low = 1, high = 4, int = true}
-    "similarity.matrix" = {choices = ["cross", "self"]}
+    graph_layers = {low = 1, high = 3, int = true}
+    beta = {choices = [1e-8, 1e-6]}
 
 The direction is always to maximize the validation accuracy at the best-validation epoch. A trial
 is a :class:`~harness.runner.RunSpec` with the sampled settings as overrides, so it has the run id

@@ -204,3 +204,24 @@ def test_set_of_a_command_line_option_points_at_the_option(tmp_path, setting, hi
     code, out, _ = invoke("run", "dualvgr", "--set", setting, "--results", tmp_path, "--device", "cpu")
     refused(code, out, f"--set {setting}", hint)
     assert "has no setting" not in out
+
+
+# -- the documented study file is one
+
+def test_the_search_docstrings_study_file_loads_and_names_real_settings(tmp_path):
+    import textwrap
+
+    import variants
+    from harness import search
+    from harness.study_file import load_study
+
+    doc = search.__doc__
+    block = doc[doc.index("Study file"):].split("::\n", 1)[1].split("\n\n", 1)[0]
+    f = tmp_path / "example.toml"
+    f.write_text(textwrap.dedent(block))
+    study = load_study(f)
+    assert study.variant == "student-logits" and set(study.params) >= {"logits.T", "graph_layers", "beta"}
+    assert set(study.params) <= set(variants.settings(study.variant))
+    for p in study.params.values():  # every value the example lets a trial take is a valid setting
+        for v in p.choices or [p.low, p.high]:
+            variants.get_config(study.variant, **{p.name: v})
