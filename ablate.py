@@ -404,7 +404,7 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
         def figure(r: dict) -> str:
             return metric.fmt(R.metric(r, "test", metric.name))
 
-        for m, rec in C.read_all(store, fp32).items():
+        for m, rec in ((m, r) for m, r in C.read_all(store, fp32).items() if m in methods):
             a, cpu = rec["agreement"], rec["cpu"]["latency"]
             say(console, f"{rec['variant']} seed {rec['seed']} {m}: {metric.title} {figure(rec)} "
                          f"(fp32 {figure(fp32)}), predictions agree {100 * a['prediction_agreement']:.1f}%, "

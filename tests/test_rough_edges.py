@@ -225,3 +225,63 @@ def test_the_search_docstrings_study_file_loads_and_names_real_settings(tmp_path
     for p in study.params.values():  # every value the example lets a trial take is a valid setting
         for v in p.choices or [p.low, p.high]:
             variants.get_config(study.variant, **{p.name: v})
+
+
+# -- what a line says is what it is
+
+def _fake_compressed(method: str):
+    lat = {"1": {"compressed": {"latency_ms_median": 1.0}, "fp32": {"latency_ms_median": 2.0}}}
+    return {"variant": "question-only", "seed": 0, "method": method, "metrics": {"test": {"overall": 3.0}},
+            "agreement": {"prediction_agreement": 1.0, "max_abs_logit_diff": 0.0}, "size": {"bytes": 1},
+            "cpu": {"latency": lat}}
+
+
+def test_compress_of_a_compressed_run_says_already_complete_for_the_method_asked(qo_store, monkeypatch):
+    from harness import compress as C
+
+    monkeypatch.setattr(C, "read", lambda store, rid, method, record=None: _fake_compressed(method))
+    monkeypatch.setattr(C, "compress_run", lambda *a, **k: pytest.fail("a complete evaluation was redone"))
+    (rid,) = [r["run_id"] for r in qo_store.records()]
+    code, out, _ = invoke("compress", rid, "--method", "dynamic-int8", "--results", qo_store.root)
+    assert code == 0, out
+    assert "dynamic-int8: already complete" in out and "--force redoes it" in out
+    assert "onnx" not in out, out
+
+
+def test_bench_suggests_one_thread_only_when_it_was_not_given(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0, 4.0, 4.0))
+    monkeypatch.setattr(bench, "_measure_alone", lambda *a, **k: [])
+    monkeypatch.setattr(bench, "_print", lambda *a, **k: None)
+    args = ("--variant", "question-only", "--config", "tiny", "--device", "cpu", "--no-store")
+    code, out, _ = invoke(*args, "--threads", "1", app=bench.app)
+    assert code == 0 and "CPU load average is 4.0" in out and "--threads 1 helps" not in out, out
+    code, out, _ = invoke(*args, "--threads", "2", app=bench.app)
+    assert code == 0 and "with 2 threads" in out and "--threads 1 helps" in out, out
+
+
+def test_the_cost_line_says_what_it_measures(qo_store, monkeypatch):
+    from harness import costs
+
+    monkeypatch.setattr(costs, "measure_one", lambda *a, **k: {})
+    code, out, _ = invoke("run", "question-only", "--epochs", "1", "--batch-size", "512", "--seed", "0",
+                          "--device", "cpu", "--results", qo_store.root)
+    assert code == 0, out
+    (line,) = [ln for ln in out.splitlines() if "measuring inference cost" in ln]
+    assert "measuring inference cost 1/1 of question-only on " in line and "(cost entry question-only-" in line
+    assert "shared by the runs of the same model settings and threads" in line
+
+
+def test_the_study_reports_regenerate_line_keeps_a_non_default_reports_folder(tmp_path):
+    from harness.report.study import regenerate_command
+    from harness.study_file import load_study
+
+    f = tmp_path / "s.toml"
+    f.write_text('variants = ["student"]\n[search]\n[search.params]\nalpha = {low = 0.1, high = 10.0}\n')
+    study = load_study(f)
+    cmd = regenerate_command(study, "results/studies/s.log", tmp_path / "r", tmp_path / "my reports")
+    assert cmd == f"python ablate.py search {f} --results {tmp_path / 'r'} --reports '{tmp_path / 'my reports'}' " \
+                  "--report-only"
+    assert "--reports" not in regenerate_command(study, "x.log", tmp_path / "r", ablate.Path("reports"))
+    assert "--storage sqlite:///s.db" in regenerate_command(study, "sqlite:///s.db", tmp_path / "r", tmp_path)
