@@ -285,3 +285,42 @@ def test_the_study_reports_regenerate_line_keeps_a_non_default_reports_folder(tm
                   "--report-only"
     assert "--reports" not in regenerate_command(study, "x.log", tmp_path / "r", ablate.Path("reports"))
     assert "--storage sqlite:///s.db" in regenerate_command(study, "sqlite:///s.db", tmp_path / "r", tmp_path)
+
+
+# -- a count run speaks MSE, the metric that chooses its best epoch
+
+@pytest.mark.slow
+def test_a_count_runs_epoch_lines_and_tensorboard_carry_its_validation_mse(data_cache, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from harness import costs
+    from harness import sinks as S
+
+    monkeypatch.setattr(costs, "measure_one", lambda *a, **k: {})
+    code, out, _ = invoke("run", "question-only", "--data", "synthetic:tiny-count", "--epochs", "2", "--batch-size",
+                          "512", "--seed", "0", "--device", "cpu", "--results", tmp_path, "--log", "tensorboard")
+    assert code == 0, out
+    (rec,) = St.ResultsStore(tmp_path).records()
+    text = " ".join(out.split())  # the test console wraps at 80 columns
+    for entry in rec["history"]:
+        assert f"question-only seed 0 epoch {entry['epoch'] + 1}/2 loss {entry['loss']:.3f} val MSE " \
+               f"{entry['val_mse']:.3f} (exact match: train {entry['train_acc']:.1f}%, val {entry['val_acc']:.1f}%)" \
+               in text, out
+    ea = EventAccumulator(str(St.ResultsStore(tmp_path).run_dir(rec["run_id"]) / S.TENSORBOARD_DIR),
+                          size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [e.value for e in ea.Scalars("val/mse")] == pytest.approx([h["val_mse"] for h in rec["history"]])
+    (final,) = ea.Scalars("final/test_mse")
+    assert final.value == pytest.approx(rec["metrics"]["test"]["mse"])
+
+
+def test_an_accuracy_runs_epoch_line_and_scalars_have_no_mse():
+    from harness import sinks as S
+    from harness.runner import epoch_line
+
+    entry = {"epoch": 0, "loss": 1.5, "train_acc": 40.0, "val_acc": 35.25, "val_acc_per_type": {"what": 35.25}}
+    assert epoch_line(entry, 3) == "epoch 1/3 loss 1.500 train 40.0% val 35.2%"
+    assert "val/mse" not in S.epoch_scalars(entry)
+    assert S.final_scalars({"metrics": {"test": {"overall": 1.0}, "val": {"overall": 2.0}}}) == \
+        {"final/test_acc": 1.0, "final/val_acc": 2.0}
