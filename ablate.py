@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from harness.console import error, make_console, plural, say
@@ -704,11 +705,20 @@ def results(results: str = typer.Option("results", help="Results store directory
             csv: Optional[str] = typer.Option(None, help="Also write the table to this CSV file."),
             failed: bool = typer.Option(False, "--failed", help="List the runs that failed, with the reason."),
             incomplete: bool = typer.Option(False, "--incomplete", help="List the runs that started and have no "
-                                            "record (killed, or still running), with their last epoch.")):
-    """Every complete run in the results store, one line each (best epoch 1-based, as `run` prints)."""
+                                            "record (killed, or still running), with their last epoch."),
+            fmt: str = typer.Option("table", "--format", help="table, or csv: every column of the store's table "
+                                                            "(or those of --columns) as CSV on stdout."),
+            columns: Optional[str] = typer.Option(None, "--columns", help="Comma-separated columns to show, in this "
+                                                  "order [default: on a terminal those that fit its width, in a "
+                                                  "pipe every one].")):
+    """Every complete run in the results store, one line each (best epoch 1-based, as `run` prints). No value is
+    broken across lines: a terminal shows the columns that fit and names the others."""
     from harness.store import ResultsStore
 
     store = ResultsStore(results)
+    if fmt not in ("table", "csv"):
+        error(console, f"--format {fmt}: not a format (table, csv)")
+        raise typer.Exit(2)
     if not store.runs.is_dir():
         error(console, f"no results store at {results} (no {store.runs} directory): nothing has run there yet")
         raise typer.Exit(1)
@@ -724,14 +734,59 @@ def results(results: str = typer.Option("results", help="Results store directory
     cols = [c for c in ("run_id", "identity", "code", "variant", "teachers", "teacher_runs", "overrides", "data",
                         "seed", "params", "epochs_run", "best_epoch", *_metric_columns(), "train_samples_per_s")
             if c in df]
-    t = Table()
-    for c in cols:  # run ids in full (wrapped, never cut short): they are what other commands take
-        t.add_column(c, overflow="fold", min_width=len(max(df["run_id"], key=len)) if c == "run_id" else None)
-    for _, r in df[cols].iterrows():
-        t.add_row(*[_cell(v) for v in r])
-    console.print(t)
+    if columns is not None:
+        cols = [c.strip() for c in columns.split(",") if c.strip()]
+        unknown = [c for c in cols if c not in df]
+        if unknown or not cols:
+            what = f"no column {', '.join(unknown)} in the results table" if cols else "names no column"
+            error(console, f"--columns {columns}: {what} (its columns: {', '.join(df.columns)})")
+            raise typer.Exit(2)
+    if fmt == "csv":
+        typer.echo(df[cols if columns is not None else list(df.columns)].to_csv(index=False), nl=False)
+    else:
+        _print_results_table(df, cols, fit=columns is None and console.is_terminal)
     if csv:
         df.to_csv(csv, index=False)
+
+
+#: the results table's columns a narrow terminal keeps first (the others, and a column with no value, after them)
+RESULTS_FIRST = ("run_id", "variant", "data", "seed", "test_acc", "test_mse", "val_acc", "best_epoch", "epochs_run",
+                 "teachers", "overrides", "test_last_acc")
+
+
+def _print_results_table(df, cols: list[str], fit: bool) -> None:
+    """The results table, every value on one line: each column as wide as its widest value. ``fit``: only
+    the columns that fit the console's width (:data:`RESULTS_FIRST` first), naming those left out;
+    otherwise every one of ``cols`` at the width they need (a pipe, a log: nothing is cut)."""
+    cells = {c: [_cell(v) for v in df[c]] for c in cols}
+    need = {c: max(len(c), *map(len, cells[c])) + 3 for c in cols}  # a value, its padding and one border
+    shown = cols
+    if fit:
+        empty = {c for c in cols if all(v == "-" for v in cells[c])}
+        order = sorted(cols, key=lambda c: (c in empty, RESULTS_FIRST.index(c) if c in RESULTS_FIRST else
+                                            len(RESULTS_FIRST)))
+        room, keep = console.width - 1, set()
+        for c in order:
+            if need[c] <= room or not keep:  # the run id at least
+                keep.add(c)
+                room -= need[c]
+        shown = [c for c in cols if c in keep]
+    t = Table()
+    for c in shown:
+        t.add_column(c, no_wrap=True, min_width=need[c] - 3)
+    for i in range(len(df)):
+        t.add_row(*[cells[c][i] for c in shown])
+    width = sum(need[c] for c in shown) + 1
+    if fit:
+        console.print(t)
+        left = [c for c in cols if c not in shown]
+        if left:
+            say(console, f"{plural(len(left), 'column')} left out to fit {console.width} columns: {', '.join(left)} "
+                         "(--columns NAME,... shows those named, --format csv every one)")
+    else:  # as wide as the table, whatever the console's width
+        wide = Console(file=console.file, width=max(width, 20), color_system=console.color_system,
+                       force_terminal=console.is_terminal)
+        wide.print(t)
 
 
 def _metric_columns() -> list[str]:

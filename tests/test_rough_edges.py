@@ -324,3 +324,87 @@ def test_an_accuracy_runs_epoch_line_and_scalars_have_no_mse():
     assert "val/mse" not in S.epoch_scalars(entry)
     assert S.final_scalars({"metrics": {"test": {"overall": 1.0}, "val": {"overall": 2.0}}}) == \
         {"final/test_acc": 1.0, "final/val_acc": 2.0}
+
+
+# -- the results table: no value broken in two, what fits on a terminal, everything in a pipe or CSV
+
+@pytest.fixture(scope="module")
+def two_task_store(tmp_path_factory, data_cache):
+    """An accuracy run (synthetic:tiny) and a count run (synthetic:tiny-count), 1 epoch each."""
+    from harness.runner import RunSpec, train
+
+    store = St.ResultsStore(tmp_path_factory.mktemp("two") / "results")
+    for data in ("synthetic:tiny", "synthetic:tiny-count"):
+        train(RunSpec("question-only", data=data, epochs=1, batch_size=512, seed=0), store, device="cpu",
+              progress=False)
+    return store
+
+
+def _row_lines(out: str, store) -> dict[str, str]:
+    """Each run's table line, found by its whole run id."""
+    rows = {r["run_id"]: [ln for ln in out.splitlines() if r["run_id"] in ln] for r in store.records()}
+    assert all(len(v) == 1 for v in rows.values()), out
+    return {k: v[0] for k, v in rows.items()}
+
+
+def _figures(rec: dict) -> list[str]:
+    m = rec["metrics"]["test"]
+    return [f"{m['overall']:.2f}", *([f"{m['mse']:.2f}"] if "mse" in m else [])]
+
+
+def test_results_in_a_pipe_shows_every_column_each_value_whole(two_task_store):
+    from harness import record as R
+
+    code, out, _ = invoke("results", "--results", two_task_store.root)
+    assert code == 0, out
+    (header,) = [ln for ln in out.splitlines() if "run_id" in ln]
+    for col in ("run_id", "variant", "data", "val_acc", "test_acc", "test_last_acc", "test_mse", "train_samples_per_s"):
+        assert f" {col} " in header, header
+    rows = _row_lines(out, two_task_store)
+    for rec in two_task_store.records():
+        assert all(f" {x} " in rows[rec["run_id"]] for x in _figures(rec)), rows[rec["run_id"]]
+        assert f" {R.data_id(rec)} " in rows[rec["run_id"]]
+
+
+def test_results_on_a_120_column_terminal_shows_what_fits_and_names_the_rest(two_task_store, monkeypatch):
+    from rich.console import Console
+
+    monkeypatch.setattr(ablate, "console", Console(force_terminal=True, width=120, color_system=None))
+    code, out, _ = invoke("results", "--results", two_task_store.root)
+    assert code == 0, out
+    assert max(map(len, out.splitlines())) <= 120, out
+    (header,) = [ln for ln in out.splitlines() if "run_id" in ln]
+    assert " test_acc " in header and " test_mse " in header, out
+    rows = _row_lines(out, two_task_store)
+    for rec in two_task_store.records():
+        assert all(f" {x} " in rows[rec["run_id"]] for x in _figures(rec)), rows[rec["run_id"]]
+    note = " ".join(out.split()).split(" columns left out to fit 120 columns: ")[1]
+    assert "teacher_runs" in note and "--columns" in note and "--format csv" in note, out
+    assert "test_acc" not in note.split("(")[0] and "run_id" not in note, out
+    code, out, _ = invoke("results", "--results", two_task_store.root, "--columns", "run_id,teacher_runs,test_mse")
+    (header,) = [ln for ln in out.splitlines() if "run_id" in ln]
+    assert code == 0 and header.split() == ["┃", "run_id", "┃", "teacher_runs", "┃", "test_mse", "┃"], out
+
+
+def test_results_format_csv_gives_every_column(two_task_store):
+    import io
+
+    import pandas as pd
+
+    code, out, _ = invoke("results", "--results", two_task_store.root, "--format", "csv")
+    assert code == 0, out
+    df = pd.read_csv(io.StringIO(out)).set_index("run_id")
+    for rec in two_task_store.records():
+        m = rec["metrics"]["test"]
+        assert df.loc[rec["run_id"], "test_acc"] == pytest.approx(m["overall"])
+        assert df.loc[rec["run_id"], "test_mse"] == pytest.approx(m["mse"]) if "mse" in m else \
+            pd.isna(df.loc[rec["run_id"], "test_mse"])
+    code, out, _ = invoke("results", "--results", two_task_store.root, "--format", "csv", "--columns", "run_id,seed")
+    assert code == 0 and out.splitlines()[0] == "run_id,seed" and len(out.splitlines()) == 3, out
+
+
+def test_results_refuses_an_unknown_column_or_format(two_task_store):
+    code, out, _ = invoke("results", "--results", two_task_store.root, "--columns", "run_id,test_accuracy")
+    refused(code, out, "--columns run_id,test_accuracy", "no column test_accuracy", "test_acc")
+    code, out, _ = invoke("results", "--results", two_task_store.root, "--format", "json")
+    refused(code, out, "--format json", "table, csv")
