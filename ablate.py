@@ -213,7 +213,7 @@ def main(
         error(console, e)
         raise typer.Exit(2)
     if res.failed:
-        say(console, f"{len(res.failed)} run(s) failed: " + "; ".join(
+        say(console, f"{plural(len(res.failed), 'run')} failed: " + "; ".join(
             f"{f['variant']} seed {f['seed']}: {f['reason']}" for f in res.failed), "red")
         raise typer.Exit(1)
     if not reported or compress_failed:  # a compressed evaluation that failed was said in red above
@@ -263,7 +263,7 @@ def _measure_costs(store, run_ids: list[str], device: str) -> None:
 
     n = costs.measure_missing(store, run_ids, device, say=lambda m: say(console, m, "dim"))
     if n:
-        say(console, f"inference cost measured for {n} configuration(s), one at a time")
+        say(console, f"inference cost measured for {plural(n, 'configuration')}, one at a time")
 
 
 def _command(sub: str | None = None, **options) -> str:
@@ -348,7 +348,7 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
                        f"`{_command(grid=grid, results=results, data=data, seeds=seeds)}` runs them")
         raise typer.Exit(1)
     if missing:
-        say(console, f"{len(missing)} of {len(ids)} runs are not complete; the report covers the rest and says "
+        say(console, f"{len(missing)} of {plural(len(ids), 'run')} {'is' if len(missing) == 1 else 'are'} not complete; the report covers the rest and says "
                      f"what is missing (run `{_command(grid=grid, results=results, data=data, seeds=seeds)}` to "
                      "finish them)", "yellow")
     if not _write_report(store, g, reports, ids, _command("report", grid=grid, results=results, reports=reports,
@@ -457,7 +457,7 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
         raise typer.Exit(2)
     same = sorted({p.run_id for p in plans[0]} & {p.run_id for p in plans[1]})
     if same:
-        error(console, f"grids {gs[0].name} and {gs[1].name} plan the same {len(same)} run(s) ({', '.join(same[:3])}"
+        error(console, f"grids {gs[0].name} and {gs[1].name} plan the same {plural(len(same), 'run')} ({', '.join(same[:3])}"
                        f"{', ...' if len(same) > 3 else ''}): that compares a run with itself (run ids cover "
                        "settings, data and seed, not the code; a record names its code fingerprint)")
         raise typer.Exit(2)
@@ -609,7 +609,7 @@ def _print_run(store, record: dict) -> None:
     from harness import record as R
 
     console.print(accuracy_table(record))
-    say(console, f"run {record['run_id']}: {record['epochs_run']} epochs, best val epoch "
+    say(console, f"run {record['run_id']}: {plural(record['epochs_run'], 'epoch')}, best val epoch "
                  f"{record['metrics']['best_epoch'] + 1}, {record['params']['total']:,} parameters, "
                  f"{record['train_samples_per_s']:.0f} train samples/s on {record['device_name']}; "
                  f"record in {store.run_dir(record['run_id'])}")
@@ -807,7 +807,7 @@ def _identity_columns(store, df):
     df["code"] = [identity.code_of(recs.get(r, {})) or "-" for r in df["run_id"]]
     old = (df["identity"] != str(identity.SCHEME)).sum()
     if old:
-        say(console, f"{old} record(s) have ids of an older identity scheme (1: the variant config as spelled; "
+        say(console, f"{plural(old, 'record')} {'has' if old == 1 else 'have'} ids of an older identity scheme (1: the variant config as spelled; "
                      "unknown: not reproducible): no grid or run finds them; `python ablate.py migrate` re-keys "
                      "those whose computation is provably unchanged", "yellow")
     return df
@@ -830,7 +830,7 @@ def migrate(results: str = typer.Option("results", help="Results store directory
         console.print(f"{'would re-key' if dry_run else 're-keyed'} {old} -> {new}")
     for rid, why in left:
         console.print(f"left as is: {rid}: {why}")
-    say(console, f"{len(done)} record(s) {'to re-key' if dry_run else 're-keyed'}, {len(left)} left as is "
+    say(console, f"{plural(len(done), 'record')} {'to re-key' if dry_run else 're-keyed'}, {len(left)} left as is "
                  f"(kept in the store, not reused: a grid trains their computation again)")
 
 

@@ -144,7 +144,7 @@ def test_implicit_teachers_are_counted_and_scheduled_once_before_their_students(
     out = io.StringIO()
     res = run_grid(g, ResultsStore(tmp_path / "results"), console=Console(file=out, width=200))
     header = out.getvalue().splitlines()[0]
-    assert "2 runs on synthetic:tiny (0 already complete, 2 to run), and 1 teacher runs they need (1 to train)" \
+    assert "2 runs on synthetic:tiny (0 already complete, 2 to run), and 1 teacher run they need (1 to train)" \
         in header, header
     assert calls == ["teacher-g4"]  # the students were not tried
     assert [f["variant"] for f in res.failed] == ["teacher-g4", "student-logits", "student-hint"]

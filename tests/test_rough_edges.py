@@ -408,3 +408,36 @@ def test_results_refuses_an_unknown_column_or_format(two_task_store):
     refused(code, out, "--columns run_id,test_accuracy", "no column test_accuracy", "test_acc")
     code, out, _ = invoke("results", "--results", two_task_store.root, "--format", "json")
     refused(code, out, "--format json", "table, csv")
+
+
+# -- counts agree with their nouns
+
+def test_plural_agrees_with_the_count():
+    from harness.console import plural
+
+    assert [plural(n, "run") for n in (0, 1, 2, 1234)] == ["0 runs", "1 run", "2 runs", "1,234 runs"]
+    assert plural(1, "teacher run") == "1 teacher run" and plural(3, "entry", "entries") == "3 entries"
+
+
+def test_one_epoch_one_run_one_teacher_run_are_singular(tiny, tmp_path, monkeypatch):
+    import harness.executor as E
+    from harness import costs
+
+    monkeypatch.setattr(costs, "measure_one", lambda *a, **k: {})
+    code, out, _ = invoke("run", "question-only", "--epochs", "1", "--batch-size", "512", "--seed", "0",
+                          "--device", "cpu", "--results", tmp_path / "r1")
+    text = " ".join(out.split())
+    assert code == 0 and ": 1 epoch, best val epoch 1," in text, out
+    assert "inference cost measured for 1 configuration, one at a time" in text, out
+
+    def teacher_fails(spec, results, device="auto", mode="auto", log=()):
+        return {"run_id": "x", "variant": spec["variant"], "seed": spec["seed"], "status": "failed",
+                "reason": "RunFailed: loss became nan in epoch 1"}
+
+    monkeypatch.setattr(E, "run_one", teacher_fails)
+    g = grid_file(tmp_path, 'variants = ["student-logits"]\n[train]\nepochs = 1\nbatch_size = 512\n')
+    code, out, _ = invoke("--grid", g, "--results", tmp_path / "r2", "--reports", tmp_path / "rep")
+    text = " ".join(out.split())
+    assert code == 1 and "grid g: 1 run on synthetic:tiny (0 already complete, 1 to run), and 1 teacher run they " \
+                         "need (1 to train)" in text, out
+    assert "2 runs failed: " in text, out

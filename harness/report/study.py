@@ -29,6 +29,7 @@ from matplotlib.ticker import NullFormatter  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from .. import bill  # noqa: E402
+from ..console import plural  # noqa: E402
 from ..search import Study, definition_hash, spent  # noqa: E402
 from ..store import ResultsStore, atomic_write_bytes  # noqa: E402
 from .fmt import _f, _md_table  # noqa: E402
@@ -140,9 +141,9 @@ def _bill(store: ResultsStore, o: optuna.Study) -> tuple[list[str], float]:
             ["teachers and teacher-output caches", str(len(teachers) + len(caches)), _f(t_g), _f(t_s, 1)]]
     total = own_s + pruned_s + t_s
     rows.append(["**total**", str(len(runs)), _f(own_g + pruned_g + t_g), f"**{_f(total, 1)}**"])
-    note = [f"Not billed: {other} trial run(s) with neither a record nor a pruning recorded (failed runs).", ""]
+    note = [f"Not billed: {plural(other, 'trial run')} with neither a record nor a pruning recorded (failed runs).", ""]
     if uncounted:
-        note += [f"{uncounted} pruned run(s) were pruned by a harness that measured their seconds but did not yet "
+        note += [f"{plural(uncounted, 'pruned run')} {'was' if uncounted == 1 else 'were'} pruned by a harness that measured their seconds but did not yet "
                  f"count their FLOPs: the GFLOPs are a lower bound.", ""]
     return _md_table(["part", "runs", "GFLOPs (counted)", "device-seconds (measured)"], rows,
                      right={1, 2, 3}) + [""] + note[0 if other else 2:], total
