@@ -348,7 +348,8 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
                        f"`{_command(grid=grid, results=results, data=data, seeds=seeds)}` runs them")
         raise typer.Exit(1)
     if missing:
-        say(console, f"{len(missing)} of {plural(len(ids), 'run')} {'is' if len(missing) == 1 else 'are'} not complete; the report covers the rest and says "
+        say(console, f"{len(missing)} of {plural(len(ids), 'run')} {'is' if len(missing) == 1 else 'are'} not "
+                     "complete; the report covers the rest and says "
                      f"what is missing (run `{_command(grid=grid, results=results, data=data, seeds=seeds)}` to "
                      "finish them)", "yellow")
     if not _write_report(store, g, reports, ids, _command("report", grid=grid, results=results, reports=reports,
@@ -457,7 +458,8 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
         raise typer.Exit(2)
     same = sorted({p.run_id for p in plans[0]} & {p.run_id for p in plans[1]})
     if same:
-        error(console, f"grids {gs[0].name} and {gs[1].name} plan the same {plural(len(same), 'run')} ({', '.join(same[:3])}"
+        error(console, f"grids {gs[0].name} and {gs[1].name} plan the same {plural(len(same), 'run')} "
+                       f"({', '.join(same[:3])}"
                        f"{', ...' if len(same) > 3 else ''}): that compares a run with itself (run ids cover "
                        "settings, data and seed, not the code; a record names its code fingerprint)")
         raise typer.Exit(2)
@@ -807,7 +809,8 @@ def _identity_columns(store, df):
     df["code"] = [identity.code_of(recs.get(r, {})) or "-" for r in df["run_id"]]
     old = (df["identity"] != str(identity.SCHEME)).sum()
     if old:
-        say(console, f"{plural(old, 'record')} {'has' if old == 1 else 'have'} ids of an older identity scheme (1: the variant config as spelled; "
+        say(console, f"{plural(old, 'record')} {'has' if old == 1 else 'have'} ids of an older identity scheme "
+                     "(1: the variant config as spelled; "
                      "unknown: not reproducible): no grid or run finds them; `python ablate.py migrate` re-keys "
                      "those whose computation is provably unchanged", "yellow")
     return df

@@ -201,7 +201,8 @@ def _print_compress(records: list[dict], fmt: str) -> None:
         print(json.dumps(records, indent=1, default=str))
         return
     r0 = records[0]
-    note = (f"{r0['config']} config, {r0['device_name']}, {plural(r0['threads'], 'thread')}, torch {r0['torch_version']}; "
+    note = (f"{r0['config']} config, {r0['device_name']}, {plural(r0['threads'], 'thread')}, "
+            f"torch {r0['torch_version']}; "
             f"{r0['macs_per_sample'] / 1e9:.3f} G MACs per sample, {r0['macs_int8_per_sample'] / 1e9:.3f} G of them in "
             f"nn.LSTM / nn.Linear (int8 under dynamic-int8); measured in this run: fp32 GEMM "
             f"{r0['fp32_gemm_flops'] / 1e9:.0f} GFLOP/s, int8 GEMM {r0['int8_gemm_flops'] / 1e9:.0f} GOP/s "

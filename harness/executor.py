@@ -198,7 +198,8 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     todo = [p for p in every if p.run_id not in done or (not reuse_other_code and p.run_id in other)]
     todo_own = sum(p.run_id in own for p in todo)
     teachers = [p for p in every if p.run_id not in own]
-    say(console, f"grid {grid.name}: {plural(len(plans), 'run')} on {', '.join(grid.datasets)} ({len(plans) - todo_own} already complete, "
+    say(console, f"grid {grid.name}: {plural(len(plans), 'run')} on {', '.join(grid.datasets)} "
+                 f"({len(plans) - todo_own} already complete, "
                  f"{todo_own} to run)" + (f", and {plural(len(teachers), 'teacher run')} they need ("
                                           f"{len(todo) - todo_own} to train)" if teachers else "")
         + f"; executor {executor} x {jobs}")
@@ -383,7 +384,8 @@ def _run_submitit(sched: _Schedule, grid: Grid, store: ResultsStore, executor: s
         for job in cancel:
             job.cancel(check=False)
         if cancel:
-            say(sched.console, f"cancelled {plural(len(cancel), 'submitit job')}: {', '.join(j.job_id for j in cancel)}")
+            say(sched.console, f"cancelled {plural(len(cancel), 'submitit job')}: "
+                               f"{', '.join(j.job_id for j in cancel)}")
         raise
     finally:
         logging.getLogger("submitit").removeFilter(noise)

@@ -357,14 +357,14 @@ def search_phase(study: Study, store: ResultsStore, *, jobs: int = 1, executor: 
     if console is not None:
         done = spent(o)
         say(console, f"study {study.name} ({study.variant} on {study.data}, {definition_hash(study)}): {done} of "
-                     f"{plural(study.search['n_trials'], 'trial')} spent" + (f"; {len(retried)} left running by a killed "
-                                                                    f"process asked again" if retried else "")
+                     f"{plural(study.search['n_trials'], 'trial')} spent"
+            + (f"; {len(retried)} left running by a killed process asked again" if retried else "")
             + f"; executor {executor} x {jobs}")
     run_workers(study, store, jobs, executor, device, url, dict(options or {}), poll_s)
     o = open_study(study, store, url)
     if spent(o) < study.search["n_trials"]:
-        raise StudyError(f"study {study.name}: {spent(o)} of {plural(study.search['n_trials'], 'trial')} finished (a worker "
-                         f"died?); run the same command again to finish it")
+        raise StudyError(f"study {study.name}: {spent(o)} of {plural(study.search['n_trials'], 'trial')} finished "
+                         "(a worker died?); run the same command again to finish it")
     return o
 
 

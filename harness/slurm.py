@@ -203,4 +203,5 @@ class _Watch:
                 changed.setdefault(reason, []).append(j)
         self.waiting = waiting
         for reason, ids in changed.items():
-            self.tell(f"SLURM: {plural(len(ids), 'job')} {'waits' if len(ids) == 1 else 'wait'} ({reason}): {', '.join(ids)}")
+            verb = "waits" if len(ids) == 1 else "wait"
+            self.tell(f"SLURM: {plural(len(ids), 'job')} {verb} ({reason}): {', '.join(ids)}")

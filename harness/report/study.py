@@ -143,7 +143,8 @@ def _bill(store: ResultsStore, o: optuna.Study) -> tuple[list[str], float]:
     rows.append(["**total**", str(len(runs)), _f(own_g + pruned_g + t_g), f"**{_f(total, 1)}**"])
     note = [f"Not billed: {plural(other, 'trial run')} with neither a record nor a pruning recorded (failed runs).", ""]
     if uncounted:
-        note += [f"{plural(uncounted, 'pruned run')} {'was' if uncounted == 1 else 'were'} pruned by a harness that measured their seconds but did not yet "
+        note += [f"{plural(uncounted, 'pruned run')} {'was' if uncounted == 1 else 'were'} pruned by a harness "
+                 "that measured their seconds but did not yet "
                  f"count their FLOPs: the GFLOPs are a lower bound.", ""]
     return _md_table(["part", "runs", "GFLOPs (counted)", "device-seconds (measured)"], rows,
                      right={1, 2, 3}) + [""] + note[0 if other else 2:], total
