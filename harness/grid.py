@@ -276,7 +276,8 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
                 runs.append(RunSpec(variant=variant, data=d, seed=seed, overrides=dict(ov), **train))
     unused = [str(i + 1) for i in range(len(doc.get("exclude", []))) if i not in used]
     if unused:
-        raise GridError(f"{where}: [[exclude]] #{', #'.join(unused)} match(es) no run of the grid (each key must "
+        verb = "matches" if len(unused) == 1 else "match"
+        raise GridError(f"{where}: [[exclude]] #{', #'.join(unused)} {verb} no run of the grid (each key must "
                         f"equal the run's setting, given in [set], [axes] or [[include]])")
     if not runs:
         raise GridError(f"{where}: the grid expands to no runs")

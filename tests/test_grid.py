@@ -236,8 +236,9 @@ def test_exclude_keys_and_values_are_checked_and_an_exclude_must_drop_a_run(tmp_
     cases = [
         ('"logits.TT" = 2.0\n', r"g.toml: \[\[exclude\]\] #1: 'logits.TT' is a setting of none of its variants"),
         ('variant = "dualvgr"\n', r"\[\[exclude\]\] #1: variant 'dualvgr' matches none of the grid's variants"),
-        ('"logits.T" = "2"\n', r"\[\[exclude\]\] #1: variant 'student-logits': setting logits.T = '2' must be float"),
-        ('"logits.T" = 3.0\n', r"\[\[exclude\]\] #1 match\(es\) no run of the grid"),
+        ('"logits.T" = "2"\n',
+         r"\[\[exclude\]\] #1 \(logits.T = '2'\): variant 'student-logits': setting logits.T = '2' must be float"),
+        ('"logits.T" = 3.0\n', r"\[\[exclude\]\] #1 matches no run of the grid"),
         ('"similarity.matrix" = "self"\n', r"'similarity.matrix' is a setting of none of its variants"),
     ]
     for text, pattern in cases:

@@ -53,7 +53,7 @@ def test_an_exclude_value_that_no_loss_accepts_is_named_with_its_valid_values(tm
     g = grid_file(tmp_path, 'variants = ["student-similarity"]\n[[exclude]]\n"similarity.matrix" = "slef"\n')
     code, out, _ = invoke("--grid", g, "--results", tmp_path / "r", "--reports", tmp_path / "rep")
     refused(code, out, str(g), "[[exclude]] #1", "similarity.matrix", "'slef'", "cross, self")
-    assert "match(es) no run" not in out and not (tmp_path / "r" / "runs").exists()
+    assert "no run of the grid" not in out and not (tmp_path / "r" / "runs").exists()
 
 
 def test_a_set_value_that_no_loss_accepts_is_refused_with_the_grid_file(tmp_path):
