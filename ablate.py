@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
-from harness.console import error, make_console, say
+from harness.console import error, make_console, plural, say
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -63,6 +64,31 @@ def parse_sets(items: list[str] | None) -> dict:
         except json.JSONDecodeError:
             out[k.strip()] = v
     return out
+
+
+#: ``run``'s options for what a user may try to give with ``--set`` (training settings and the run's own)
+RUN_OPTIONS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "early_stop": "--early-stop",
+               "precision": "--precision", "glove": "--no-glove", "seed": "--seed", "data": "--data",
+               "device": "--device", "mode": "--mode"}
+
+
+def check_set_keys(variant: str, overrides: dict, options: dict[str, str]) -> None:
+    """A ``--set`` key that is no setting of ``variant`` but a command-line option (``lr``: ``--lr``)
+    or a training setting is refused naming the option; other keys are left to the variant's check."""
+    import variants
+    from harness.settings import TRAIN_CHECKS
+
+    own = variants.settings(variant)
+    for key, value in overrides.items():
+        if key in own:
+            continue
+        if key in options:
+            raise variants.ConfigError(f"--set {key}={value}: {key} is not a setting of variant {variant!r} but an "
+                                       f"option of this command: use {options[key]}"
+                                       + ("" if options[key].startswith("--no-") else f" {value}"))
+        if key in TRAIN_CHECKS:
+            raise variants.ConfigError(f"--set {key}={value}: {key} is not a setting of variant {variant!r} but a "
+                                       f"training setting, which a grid file's [train] table sets")
 
 
 def accuracy_table(record: dict, title: str | None = None) -> Table:
@@ -171,6 +197,7 @@ def main(
     store = ResultsStore(results)
     try:
         check_writable(store.root)
+        check_writable(reports, "reports directory", "--reports")  # before the training, not after it
         res = run_grid(g, store, executor=ex, jobs=jobs or int(g.executor.get("jobs", 1)), device=device, mode=mode,
                        console=console, options=options, reuse_other_code=reuse_other_code,
                        refuse_damaged=refuse_damaged, log=log)
@@ -187,7 +214,7 @@ def main(
         error(console, e)
         raise typer.Exit(2)
     if res.failed:
-        say(console, f"{len(res.failed)} run(s) failed: " + "; ".join(
+        say(console, f"{plural(len(res.failed), 'run')} failed: " + "; ".join(
             f"{f['variant']} seed {f['seed']}: {f['reason']}" for f in res.failed), "red")
         raise typer.Exit(1)
     if not reported or compress_failed:  # a compressed evaluation that failed was said in red above
@@ -237,7 +264,7 @@ def _measure_costs(store, run_ids: list[str], device: str) -> None:
 
     n = costs.measure_missing(store, run_ids, device, say=lambda m: say(console, m, "dim"))
     if n:
-        say(console, f"inference cost measured for {n} configuration(s), one at a time")
+        say(console, f"inference cost measured for {plural(n, 'configuration')}, one at a time")
 
 
 def _command(sub: str | None = None, **options) -> str:
@@ -276,6 +303,7 @@ def _write_report(store, g, reports: str, run_ids: list[str], regenerate: str, p
     """Write the grid's report (its header names ``regenerate``, the command that writes it again);
     False (with one error line) when it cannot be written."""
     from harness.report import write_report
+    from harness.store import NoSpace, NotWritable
 
     if not any(store.is_complete(r) for r in run_ids):
         say(console, "no complete run: no report written")
@@ -284,8 +312,10 @@ def _write_report(store, g, reports: str, run_ids: list[str], regenerate: str, p
         path = write_report(store, g.name, run_ids=run_ids, out_dir=reports, grid_file=str(g.path),
                             command=regenerate, planned=_planned(store, g, plans))
     except user_errors() as e:
+        fix = {NoSpace: "free some space and run", NotWritable: f"make {reports} writable (or give another folder "
+               "with --reports DIR) and run"}.get(type(e), "fix that and run")
         error(console, f"{e}; the report was not written (the results store is unchanged: every complete run is "
-                       f"kept); free some space and run `{regenerate}`")
+                       f"kept); {fix} `{regenerate}`")
         return False
     say(console, f"report: {path}")
     return True
@@ -305,15 +335,22 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
     store = ResultsStore(results)
     try:
         g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None)
-        infos = {d: recorded_info(d, store) for d in g.datasets}  # from the store: no feature file is read
-        plans = [q for s in g.runs for q in plan(s, infos[s.data]).all_plans()]
+        with G.naming_file(g):
+            infos = {d: recorded_info(d, store) for d in g.datasets}  # from the store: no feature file is read
+            plans = [q for s in g.runs for q in plan(s, infos[s.data]).all_plans()]
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
     ids = [*dict.fromkeys(q.run_id for q in plans)]
     missing = [r for r in ids if not store.is_complete(r)]
+    if len(missing) == len(ids):
+        error(console, f"no complete run of grid {g.name} ({g.path}) in the results store {store.root} "
+                       f"(looked for {plural(len(ids), 'run')}): nothing to report; "
+                       f"`{_command(grid=grid, results=results, data=data, seeds=seeds)}` runs them")
+        raise typer.Exit(1)
     if missing:
-        say(console, f"{len(missing)} of {len(ids)} runs are not complete; the report covers the rest and says "
+        say(console, f"{len(missing)} of {plural(len(ids), 'run')} {'is' if len(missing) == 1 else 'are'} not "
+                     "complete; the report covers the rest and says "
                      f"what is missing (run `{_command(grid=grid, results=results, data=data, seeds=seeds)}` to "
                      "finish them)", "yellow")
     if not _write_report(store, g, reports, ids, _command("report", grid=grid, results=results, reports=reports,
@@ -352,8 +389,9 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
                 raise C.CompressError(f"{rid}: not a complete run in {store.root} (see `ablate.py results`)")
         g = G.load(grid) if grid else None
         if g is not None:
-            info = recorded_info(g.data, store)
-            ids += _grid_run_ids(store, g, [plan(s, info).run_id for s in g.runs])
+            with G.naming_file(g):
+                infos = {d: recorded_info(d, store) for d in g.datasets}
+                ids += _grid_run_ids(store, g, [plan(s, infos[s.data]).run_id for s in g.runs])
         methods = C.check_methods(method or (g.compress if g is not None and g.compress else list(C.METHODS)),
                                   "--method")
         if not ids:
@@ -369,7 +407,7 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
         def figure(r: dict) -> str:
             return metric.fmt(R.metric(r, "test", metric.name))
 
-        for m, rec in C.read_all(store, fp32).items():
+        for m, rec in ((m, r) for m, r in C.read_all(store, fp32).items() if m in methods):
             a, cpu = rec["agreement"], rec["cpu"]["latency"]
             say(console, f"{rec['variant']} seed {rec['seed']} {m}: {metric.title} {figure(rec)} "
                          f"(fp32 {figure(fp32)}), predictions agree {100 * a['prediction_agreement']:.1f}%, "
@@ -378,6 +416,16 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
                          f"(fp32 {cpu['1']['fp32']['latency_ms_median']:.2f} ms)")
     if failed:
         raise typer.Exit(1)
+
+
+def _check_same_data(gs) -> None:
+    """Two grids compared share a data set (runs are paired on the same questions), else a GridError naming them."""
+    from harness.grid import GridError
+
+    if not set(gs[0].datasets) & set(gs[1].datasets):
+        raise GridError(f"grids {gs[0].name} ({gs[0].path}: {', '.join(gs[0].datasets)}) and {gs[1].name} "
+                        f"({gs[1].path}: {', '.join(gs[1].datasets)}) are on different data sets: compare pairs runs "
+                        "of the same variant and seed on the same data set")
 
 
 @app.command()
@@ -401,15 +449,20 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
     store = ResultsStore(results)
     try:
         gs = [G.load(x) for x in grid]
-        infos = {d: recorded_info(d, store) for g in gs for d in g.datasets}
-        plans = [[plan(s, infos[s.data]) for s in g.runs] for g in gs]
+        _check_same_data(gs)
+        plans = []
+        for g in gs:
+            with G.naming_file(g):
+                infos = {d: recorded_info(d, store) for d in g.datasets}
+                plans.append([plan(s, infos[s.data]) for s in g.runs])
         ids = [[*dict.fromkeys(r for p in ps for r in p.all_run_ids())] for ps in plans]
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
     same = sorted({p.run_id for p in plans[0]} & {p.run_id for p in plans[1]})
     if same:
-        error(console, f"grids {gs[0].name} and {gs[1].name} plan the same {len(same)} run(s) ({', '.join(same[:3])}"
+        error(console, f"grids {gs[0].name} and {gs[1].name} plan the same {plural(len(same), 'run')} "
+                       f"({', '.join(same[:3])}"
                        f"{', ...' if len(same) > 3 else ''}): that compares a run with itself (run ids cover "
                        "settings, data and seed, not the code; a record names its code fingerprint)")
         raise typer.Exit(2)
@@ -525,10 +578,13 @@ def run(
     run_id = None
     try:  # everything is checked before any data is loaded or anything trained
         check_writable(store.root)
+        D.check_mode(mode, "--mode")
         check_precision(resolve_device(device), precision, train=True)
         sinks = check_sinks(log)
+        overrides = parse_sets(set_)
+        check_set_keys(variant, overrides, RUN_OPTIONS)
         spec = RunSpec(variant=variant, data=data, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                       early_stop=early_stop, glove=not no_glove, precision=precision, overrides=parse_sets(set_))
+                       early_stop=early_stop, glove=not no_glove, precision=precision, overrides=overrides)
         spec.resolved_train()
         variants.get_config(variant, **spec.overrides)
         ds = D.load(data, mode=feature_mode(spec, mode))
@@ -564,7 +620,7 @@ def _print_run(store, record: dict) -> None:
     from harness import record as R
 
     console.print(accuracy_table(record))
-    say(console, f"run {record['run_id']}: {record['epochs_run']} epochs, best val epoch "
+    say(console, f"run {record['run_id']}: {plural(record['epochs_run'], 'epoch')}, best val epoch "
                  f"{record['metrics']['best_epoch'] + 1}, {record['params']['total']:,} parameters, "
                  f"{record['train_samples_per_s']:.0f} train samples/s on {record['device_name']}; "
                  f"record in {store.run_dir(record['run_id'])}")
@@ -660,11 +716,20 @@ def results(results: str = typer.Option("results", help="Results store directory
             csv: Optional[str] = typer.Option(None, help="Also write the table to this CSV file."),
             failed: bool = typer.Option(False, "--failed", help="List the runs that failed, with the reason."),
             incomplete: bool = typer.Option(False, "--incomplete", help="List the runs that started and have no "
-                                            "record (killed, or still running), with their last epoch.")):
-    """Every complete run in the results store, one line each (best epoch 1-based, as `run` prints)."""
+                                            "record (killed, or still running), with their last epoch."),
+            fmt: str = typer.Option("table", "--format", help="table, or csv: every column of the store's table "
+                                                            "(or those of --columns) as CSV on stdout."),
+            columns: Optional[str] = typer.Option(None, "--columns", help="Comma-separated columns to show, in this "
+                                                  "order [default: on a terminal those that fit its width, in a "
+                                                  "pipe every one].")):
+    """Every complete run in the results store, one line each (best epoch 1-based, as `run` prints). No value is
+    broken across lines: a terminal shows the columns that fit and names the others."""
     from harness.store import ResultsStore
 
     store = ResultsStore(results)
+    if fmt not in ("table", "csv"):
+        error(console, f"--format {fmt}: not a format (table, csv)")
+        raise typer.Exit(2)
     if not store.runs.is_dir():
         error(console, f"no results store at {results} (no {store.runs} directory): nothing has run there yet")
         raise typer.Exit(1)
@@ -680,14 +745,59 @@ def results(results: str = typer.Option("results", help="Results store directory
     cols = [c for c in ("run_id", "identity", "code", "variant", "teachers", "teacher_runs", "overrides", "data",
                         "seed", "params", "epochs_run", "best_epoch", *_metric_columns(), "train_samples_per_s")
             if c in df]
-    t = Table()
-    for c in cols:  # run ids in full (wrapped, never cut short): they are what other commands take
-        t.add_column(c, overflow="fold", min_width=len(max(df["run_id"], key=len)) if c == "run_id" else None)
-    for _, r in df[cols].iterrows():
-        t.add_row(*[_cell(v) for v in r])
-    console.print(t)
+    if columns is not None:
+        cols = [c.strip() for c in columns.split(",") if c.strip()]
+        unknown = [c for c in cols if c not in df]
+        if unknown or not cols:
+            what = f"no column {', '.join(unknown)} in the results table" if cols else "names no column"
+            error(console, f"--columns {columns}: {what} (its columns: {', '.join(df.columns)})")
+            raise typer.Exit(2)
+    if fmt == "csv":
+        typer.echo(df[cols if columns is not None else list(df.columns)].to_csv(index=False), nl=False)
+    else:
+        _print_results_table(df, cols, fit=columns is None and console.is_terminal)
     if csv:
         df.to_csv(csv, index=False)
+
+
+#: the results table's columns a narrow terminal keeps first (the others, and a column with no value, after them)
+RESULTS_FIRST = ("run_id", "variant", "data", "seed", "test_acc", "test_mse", "val_acc", "best_epoch", "epochs_run",
+                 "teachers", "overrides", "test_last_acc")
+
+
+def _print_results_table(df, cols: list[str], fit: bool) -> None:
+    """The results table, every value on one line: each column as wide as its widest value. ``fit``: only
+    the columns that fit the console's width (:data:`RESULTS_FIRST` first), naming those left out;
+    otherwise every one of ``cols`` at the width they need (a pipe, a log: nothing is cut)."""
+    cells = {c: [_cell(v) for v in df[c]] for c in cols}
+    need = {c: max(len(c), *map(len, cells[c])) + 3 for c in cols}  # a value, its padding and one border
+    shown = cols
+    if fit:
+        empty = {c for c in cols if all(v == "-" for v in cells[c])}
+        order = sorted(cols, key=lambda c: (c in empty, RESULTS_FIRST.index(c) if c in RESULTS_FIRST else
+                                            len(RESULTS_FIRST)))
+        room, keep = console.width - 1, set()
+        for c in order:
+            if need[c] <= room or not keep:  # the run id at least
+                keep.add(c)
+                room -= need[c]
+        shown = [c for c in cols if c in keep]
+    t = Table()
+    for c in shown:
+        t.add_column(c, no_wrap=True, min_width=need[c] - 3)
+    for i in range(len(df)):
+        t.add_row(*[cells[c][i] for c in shown])
+    width = sum(need[c] for c in shown) + 1
+    if fit:
+        console.print(t)
+        left = [c for c in cols if c not in shown]
+        if left:
+            say(console, f"{plural(len(left), 'column')} left out to fit {console.width} columns: {', '.join(left)} "
+                         "(--columns NAME,... shows those named, --format csv every one)")
+    else:  # as wide as the table, whatever the console's width
+        wide = Console(file=console.file, width=max(width, 20), color_system=console.color_system,
+                       force_terminal=console.is_terminal)
+        wide.print(t)
 
 
 def _metric_columns() -> list[str]:
@@ -708,7 +818,8 @@ def _identity_columns(store, df):
     df["code"] = [identity.code_of(recs.get(r, {})) or "-" for r in df["run_id"]]
     old = (df["identity"] != str(identity.SCHEME)).sum()
     if old:
-        say(console, f"{old} record(s) have ids of an older identity scheme (1: the variant config as spelled; "
+        say(console, f"{plural(old, 'record')} {'has' if old == 1 else 'have'} ids of an older identity scheme "
+                     "(1: the variant config as spelled; "
                      "unknown: not reproducible): no grid or run finds them; `python ablate.py migrate` re-keys "
                      "those whose computation is provably unchanged", "yellow")
     return df
@@ -731,7 +842,7 @@ def migrate(results: str = typer.Option("results", help="Results store directory
         console.print(f"{'would re-key' if dry_run else 're-keyed'} {old} -> {new}")
     for rid, why in left:
         console.print(f"left as is: {rid}: {why}")
-    say(console, f"{len(done)} record(s) {'to re-key' if dry_run else 're-keyed'}, {len(left)} left as is "
+    say(console, f"{plural(len(done), 'record')} {'to re-key' if dry_run else 're-keyed'}, {len(left)} left as is "
                  f"(kept in the store, not reused: a grid trains their computation again)")
 
 

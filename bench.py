@@ -22,7 +22,7 @@ import typer
 from rich.table import Table
 
 import variants
-from harness.console import make_console, say
+from harness.console import make_console, plural, say
 from harness.sizes import SIZES
 from harness.store import atomic_write_json
 
@@ -59,12 +59,12 @@ def main(
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Latency from the eval forward captured once per "
                                                                "batch size in a CUDA graph and replayed (CUDA only)."),
     reps: int = typer.Option(50, min=1, help="Timed eval forwards per batch size."),
-    warmup: Optional[int] = typer.Option(None, help="Warm-up runs before timing [default: 10 on CUDA, 3 on CPU]."),
+    warmup: Optional[int] = typer.Option(None, min=0, help="Warm-up runs before timing [default: 10 on CUDA, 3 on CPU]."),
     train_reps: Optional[int] = typer.Option(None, min=1, help="Timed training steps per batch size [default: max(5, reps/5)]."),
     no_train: bool = typer.Option(False, "--no-train", help="Skip the training-step measurements."),
     no_flops: bool = typer.Option(False, "--no-flops", help="Skip FLOP counting."),
-    question_len: int = typer.Option(12, help="Padded question length of the random inputs."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (torch.set_num_threads) [default: torch's]. "
+    question_len: int = typer.Option(12, min=1, help="Padded question length of the random inputs."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (torch.set_num_threads) [default: torch's]. "
                                                      "On a CPU shared with other work, use 1."),
     data: Optional[str] = typer.Option(None, help="Also measure the data layer on this data set "
                                                   "(e.g. synthetic:tiny): memory and streaming samples/s."),
@@ -201,7 +201,8 @@ def _print_compress(records: list[dict], fmt: str) -> None:
         print(json.dumps(records, indent=1, default=str))
         return
     r0 = records[0]
-    note = (f"{r0['config']} config, {r0['device_name']}, {r0['threads']} thread(s), torch {r0['torch_version']}; "
+    note = (f"{r0['config']} config, {r0['device_name']}, {plural(r0['threads'], 'thread')}, "
+            f"torch {r0['torch_version']}; "
             f"{r0['macs_per_sample'] / 1e9:.3f} G MACs per sample, {r0['macs_int8_per_sample'] / 1e9:.3f} G of them in "
             f"nn.LSTM / nn.Linear (int8 under dynamic-int8); measured in this run: fp32 GEMM "
             f"{r0['fp32_gemm_flops'] / 1e9:.0f} GFLOP/s, int8 GEMM {r0['int8_gemm_flops'] / 1e9:.0f} GOP/s "
@@ -249,9 +250,10 @@ def _warn_if_loaded(dev) -> None:
     if dev.type == "cpu" and hasattr(os, "getloadavg"):
         load = os.getloadavg()[0]
         if load > 1.0:
+            threads = torch.get_num_threads()
+            more = f" (with {threads} threads, possibly far slower; --threads 1 helps)" if threads > 1 else ""
             say(err, f"CPU load average is {load:.1f} before measuring: other processes share the CPU, timings will be "
-                     f"noisy (with {torch.get_num_threads()} threads, possibly far slower; see docs/benchmarks.md; "
-                     f"--threads 1 helps)", "yellow")
+                     f"noisy{more}; see docs/benchmarks.md", "yellow")
 
 
 def _data_layer(data: str, sizes: list[int], dev) -> dict[int, dict]:

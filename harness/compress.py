@@ -441,6 +441,9 @@ def compress_runs(store: ResultsStore, run_ids: list[str], methods: tuple[str, .
                     spec = record["data"]["spec"]
                     loaded[spec] = loaded.get(spec) or _load_data(record, None)
                     compress_run(store, rid, method, loaded[spec], force=force, say=say)
+                else:
+                    say(f"{record['variant']} seed {record['seed']} {method}: already complete ({rid}), not "
+                        "evaluated again (--force redoes it)")
             except CompressError as e:
                 failures.append({"run_id": rid, "variant": record["variant"], "method": method, "reason": str(e)})
                 say(f"{rid}: {method}: {e}")

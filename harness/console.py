@@ -35,6 +35,12 @@ def error(console: Console, message: str) -> None:
     console.print(Text.assemble(("error: ", "bold red"), str(message)), highlight=False, soft_wrap=True)
 
 
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """``n`` and ``noun`` agreeing with it: ``1 run``, ``2 runs``, ``0 runs`` (``many``: an irregular
+    plural, ``plural(2, "entry", "entries")``); ``n`` with thousands separators."""
+    return f"{n:,} {noun if n == 1 else many or noun + 's'}"
+
+
 def progress_bar(console: Console, *, info: bool = True, disable: bool | None = None) -> Progress:
     """The progress bar of every long job: description, bar, done/total, an ``info`` field
     (``progress.add_task(..., info="")``), elapsed and remaining time. Off when the console is

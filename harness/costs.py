@@ -86,7 +86,7 @@ def measure_missing(store: ResultsStore, run_ids: list[str], device: str | torch
     device). Returns how many were measured."""
     dev = resolve_device(device)
     name = device_name(dev)
-    todo: dict[str, tuple[dict, str]] = {}
+    todo: dict[str, tuple[dict, str, list[str]]] = {}  # key -> model settings, arch, the variants that share it
     for rid in run_ids:
         if not store.is_complete(rid):
             continue
@@ -96,15 +96,17 @@ def measure_missing(store: ResultsStore, run_ids: list[str], device: str | torch
         cfg = r["variant_config"]
         key = cost_key(cfg["model"], cfg["arch"], name)
         if force or not _path(store, key).exists():
-            todo.setdefault(key, (cfg["model"], cfg["arch"]))
+            names = todo.setdefault(key, (cfg["model"], cfg["arch"], []))[2]
+            names += [] if r["variant"] in names else [r["variant"]]
     measured = 0
-    for i, (key, (model_cfg, arch)) in enumerate(todo.items()):
+    for i, (key, (model_cfg, arch, variant_names)) in enumerate(todo.items()):
         # one measurement at a time among the processes sharing the store (two `ablate.py run` of one
         # config finish together: they must not time latency at once); one that waited finds it done
         with locked(_path(store, key).parent / ".measuring.lock"):
             if not force and _path(store, key).exists():
                 continue
-            say(f"measuring inference cost {i + 1}/{len(todo)}: {key} on {name}")
+            say(f"measuring inference cost {i + 1}/{len(todo)} of {', '.join(variant_names)} on {name} (cost entry "
+                f"{key}, shared by the runs of the same model settings and threads)")
             load_before = load_average()
             rec = measure_one(model_cfg, arch, dev)
             # other work on the machine while timing: the 1-minute load average before and after

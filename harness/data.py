@@ -395,13 +395,23 @@ def _load_splits(paths: DataPaths, splits: tuple[str, ...], vocab: dict, ids: np
     return out, glove, type_names or [], task or OPEN_ENDED
 
 
+#: how features are loaded (``none``: no features, for models without video; chosen by the harness, not a user)
+FEATURE_MODES = ("auto", "memory", "stream")
+
+
+def check_mode(mode: str, where: str = "feature mode", internal: bool = False) -> None:
+    """A feature loading mode a user may ask for (``internal``: ``none`` too), else a DataError naming ``where``."""
+    known = (*FEATURE_MODES, "none") if internal else FEATURE_MODES
+    if mode not in known:
+        raise DataError(f"{where} {mode!r} is not one of {', '.join(known)}")
+
+
 def load(spec: str | Path, *, splits: tuple[str, ...] = SPLITS, mode: str = "auto",
          check_finite: bool = True, progress: bool = False, **path_overrides) -> VideoQAData:
     """Load and validate a data set. ``mode``: ``memory`` (contiguous files memory-mapped, others
     read), ``stream`` (read per batch), ``auto`` (memory when the files can be mapped or fit in
     half of the available RAM, else stream) or ``none`` (no features: for models without video)."""
-    if mode not in ("auto", "memory", "stream", "none"):
-        raise DataError(f"feature mode must be auto, memory, stream or none, got {mode!r}")
+    check_mode(mode, internal=True)
     paths = _resolve_paths(spec, path_overrides)
     vocab = load_vocab(paths.vocab)
     features, ids = _load_features(paths, mode, check_finite)

@@ -37,8 +37,8 @@ from variants.registry import Registry
 from . import data as D
 from . import identity
 from . import record as R
-from .console import make_console, progress_bar, say
-from .grid import Grid
+from .console import make_console, plural, progress_bar, say
+from .grid import Grid, naming_file
 from .runner import RunSpec, check_plans, feature_mode, plan, stale, train
 from .schedule import (GridResult, _failure, _Schedule, _worker_init,  # noqa: F401 - GridResult re-exported
                        cpu_threads_per_worker, device_slots)
@@ -183,15 +183,18 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     (with ``refuse_damaged``: DamagedRun, before anything trains). ``log``: the runs' logging sinks
     (:mod:`harness.sinks`) [default: the grid's ``[log]``]."""
     log = check_sinks(grid.log if log is None else log)
+    D.check_mode(mode, "--mode")
     kind = executor_kind(executor)
     console = console or make_console(stderr=True)
-    infos = {d: D.describe(d) for d in grid.datasets}  # run ids from the data sets' info: no feature is read here
+    with naming_file(grid):
+        infos = {d: D.describe(d) for d in grid.datasets}  # run ids from the data sets' info: no feature is read here
     for info in infos.values():
         store.write_data_info(info.to_dict())
     code = identity.code_fingerprint()
     specs = grid.runs if reuse_other_code else [dataclasses.replace(s, require_code=code) for s in grid.runs]
-    plans = [plan(s, infos[s.data]) for s in specs]
-    check_plans(plans)  # every student's losses read outputs its teachers produce: checked before anything trains
+    with naming_file(grid):
+        plans = [plan(s, infos[s.data]) for s in specs]
+        check_plans(plans)  # every student's losses read outputs its teachers produce: checked before anything trains
     every = list({q.run_id: q for p in plans for q in p.all_plans()}.values())  # teachers first, each once
     own = {p.run_id for p in plans}
     teacher_ids = {t.run_id for p in every for t in p.teachers}  # their weights are checked before reuse
@@ -202,8 +205,9 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     kept = [] if reuse_other_code else [store.keep_other_code(r) for r in other]  # trained again: kept, not overwritten
     todo_own = sum(p.run_id in own for p in todo)
     teachers = [p for p in every if p.run_id not in own]
-    say(console, f"grid {grid.name}: {len(plans)} runs on {', '.join(grid.datasets)} ({len(plans) - todo_own} already complete, "
-                 f"{todo_own} to run)" + (f", and {len(teachers)} teacher runs they need ("
+    say(console, f"grid {grid.name}: {plural(len(plans), 'run')} on {', '.join(grid.datasets)} "
+                 f"({len(plans) - todo_own} already complete, "
+                 f"{todo_own} to run)" + (f", and {plural(len(teachers), 'teacher run')} they need ("
                                           f"{len(todo) - todo_own} to train)" if teachers else "")
         + f"; executor {executor} x {jobs}")
     if other:
@@ -387,7 +391,8 @@ def _run_submitit(sched: _Schedule, grid: Grid, store: ResultsStore, executor: s
         for job in cancel:
             job.cancel(check=False)
         if cancel:
-            say(sched.console, f"cancelled {len(cancel)} submitit job(s): {', '.join(j.job_id for j in cancel)}")
+            say(sched.console, f"cancelled {plural(len(cancel), 'submitit job')}: "
+                               f"{', '.join(j.job_id for j in cancel)}")
         raise
     finally:
         logging.getLogger("submitit").removeFilter(noise)

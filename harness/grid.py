@@ -46,12 +46,15 @@ import fnmatch
 import itertools
 import json
 import tomllib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import variants
 
-from .errors import HarnessError
+from . import data as D
+from .errors import DataError, HarnessError
 from .sinks import SINKS
 from .runner import RunSpec
 from .settings import TRAIN_CHECKS, SettingError, check_train_settings, is_int
@@ -194,12 +197,21 @@ def _combos(where: str, doc: dict, names: list[str], seeds: list[int], seeds_giv
             combos.append((n, {**base, **dict(zip([k for k, _ in own], values))}, seeds))
     for i, inc in enumerate(doc.get("include", [])):
         combos.append(_include(where, i, dict(inc), fixed, seeds, seeds_given))
-    for variant, ov, _ in combos:  # every value checked (types, ranges) before anything runs
-        try:
-            variants.get_config(variant, **ov)
-        except variants.ConfigError as e:
-            raise GridError(f"{where}: {e}") from None
+    for variant, ov, _ in combos:  # every value checked (types, ranges, loss parameters) before anything runs
+        _check_values(f"{where}: ", variant, ov)
     return combos
+
+
+def _check_values(at: str, variant: str, settings: dict) -> None:
+    """``settings`` of ``variant`` as ``--set`` would check them, and as its losses check their
+    parameters when built (``similarity.matrix`` one of its choices...); a GridError starting with ``at``."""
+    try:
+        cfg = variants.get_config(variant, **settings)
+        variants.objective(cfg)  # the distillation losses check their parameters' values
+    except variants.ConfigError as e:
+        raise GridError(f"{at}{e}") from None
+    except (ValueError, TypeError) as e:
+        raise GridError(f"{at}variant {variant!r}: {e}") from None
 
 
 def _excluder(where: str, doc: dict, names: list[str]):
@@ -219,11 +231,9 @@ def _excluder(where: str, doc: dict, names: list[str]):
             if not any(k in _settings_of(n) for n in matching):
                 raise GridError(f"{where}: [[exclude]] #{i + 1}: {k!r} is a setting of none of its variants "
                                 f"({', '.join(dict.fromkeys(matching))})")
+        spelled = ", ".join(f"{k} = {v!r}" for k, v in keys.items())
         for n in (n for n in matching if set(keys) <= _settings_of(n)):
-            try:
-                variants.get_config(n, **keys)
-            except variants.ConfigError as e:
-                raise GridError(f"{where}: [[exclude]] #{i + 1}: {e}") from None
+            _check_values(f"{where}: [[exclude]] #{i + 1} ({spelled}): ", n, keys)
 
     def excluded(variant: str, ov: dict) -> int | None:
         own = {**variants.settings(variant), **ov}  # a setting the run leaves at its default matches the default
@@ -245,6 +255,12 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
     if not seeds or not all(is_int(s) for s in seeds):
         raise GridError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
     datasets = [data] if data else _datasets(where, doc.get("data", "synthetic:tiny"))
+    for d in datasets:  # a synthetic spec's preset and seed, checked now (a directory is looked at when planned)
+        if d.startswith("synthetic:"):
+            try:
+                D.synthetic_dir(d, generate=False)
+            except DataError as e:
+                raise GridError(f"{where}: {'--data' if data else 'data'}: {e}") from None
     excluded = _excluder(where, doc, names)
     train = doc.get("train", {})
     runs: list[RunSpec] = []
@@ -260,13 +276,31 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
                 runs.append(RunSpec(variant=variant, data=d, seed=seed, overrides=dict(ov), **train))
     unused = [str(i + 1) for i in range(len(doc.get("exclude", []))) if i not in used]
     if unused:
-        raise GridError(f"{where}: [[exclude]] #{', #'.join(unused)} match(es) no run of the grid (each key must "
+        verb = "matches" if len(unused) == 1 else "match"
+        raise GridError(f"{where}: [[exclude]] #{', #'.join(unused)} {verb} no run of the grid (each key must "
                         f"equal the run's setting, given in [set], [axes] or [[include]])")
     if not runs:
         raise GridError(f"{where}: the grid expands to no runs")
     return Grid(name=path.stem, path=path, description=doc.get("description", ""), data=datasets[0], seeds=seeds,
                 runs=order_runs(runs), executor=doc.get("executor", {}), log=_log_sinks(where, doc.get("log", {})),
                 datasets=datasets, compress=_compress_methods(where, doc.get("evaluate", {})))
+
+
+@contextmanager
+def naming_file(grid: Grid) -> Iterator[None]:
+    """Errors raised while a grid's runs are planned (a data set that is missing, a setting its data
+    set's sizes refuse, e.g. a ``keep_ratio`` that keeps every clip) name the grid file; the
+    results store's own errors (a full disk) are left as they are."""
+    from .store import StoreError
+
+    try:
+        yield
+    except StoreError:
+        raise
+    except (HarnessError, variants.ConfigError, variants.UnknownNameError) as e:
+        if str(e).startswith(str(grid.path)):
+            raise
+        raise GridError(f"{grid.path}: {e}") from None
 
 
 def _datasets(where: str, value) -> list[str]:

@@ -145,6 +145,16 @@ def run_lock(run_dir: Path):
         yield
 
 
+def epoch_line(rec: dict, epochs: int) -> str:
+    """One epoch's line, by the metric that chooses the best epoch: validation accuracy, or for a
+    count the validation MSE (lower is better), the exact-match accuracies in brackets."""
+    head = f"epoch {rec['epoch'] + 1}/{epochs} loss {rec['loss']:.3f}"
+    if rec.get("val_mse") is not None:
+        return (f"{head} val MSE {rec['val_mse']:.3f} (exact match: train {rec['train_acc']:.1f}%, "
+                f"val {rec['val_acc']:.1f}%)")
+    return f"{head} train {rec['train_acc']:.1f}% val {rec['val_acc']:.1f}%"
+
+
 class _Display:
     """rich progress on a terminal; plain per-epoch lines, named by the run, otherwise (logs, CI)."""
 
@@ -399,8 +409,7 @@ class _Run:
                 rec = self.train_epoch(epoch, display)
                 self.end_epoch(rec)
                 sinks.epoch(rec)  # the values the record's history now holds
-                display.epoch_end(f"epoch {epoch + 1}/{epochs} loss {rec['loss']:.3f} train {rec['train_acc']:.1f}% "
-                                  f"val {rec['val_acc']:.1f}%", epoch + 1)
+                display.epoch_end(epoch_line(rec, epochs), epoch + 1)
                 self._ask_to_stop([rec])
                 if stop_after_epochs is not None and epoch + 1 - first >= stop_after_epochs and epoch + 1 < epochs:
                     return {"run_id": self.p.run_id, "status": "stopped", "epoch": epoch}

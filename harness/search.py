@@ -26,8 +26,8 @@ Study file (``grids/NAME.toml``; the grid file's keys where they mean the same t
     [search.params]                        # each a setting of the variant (variants.settings)
     "logits.T" = {low = 1.0, high = 8.0, log = true}
     "logits.weight" = {low = 0.1, high = 10.0, log = true}
-    depth = {low = 1, high = 4, int = true}
-    "similarity.matrix" = {choices = ["cross", "self"]}
+    graph_layers = {low = 1, high = 3, int = true}
+    beta = {choices = [1e-8, 1e-6]}
 
 The direction is always to maximize the validation accuracy at the best-validation epoch. A trial
 is a :class:`~harness.runner.RunSpec` with the sampled settings as overrides, so it has the run id
@@ -66,7 +66,7 @@ import variants
 
 from . import data as D
 from . import record as R
-from .console import say
+from .console import plural, say
 from .errors import HarnessError
 from .grid import Grid, order_runs
 from .metrics import PRIMARY, task_metric
@@ -293,7 +293,7 @@ def _run_submitit(study: Study, results: str, path: str, jobs: int, executor: st
             j.cancel(check=False)
         raise
     if lost:
-        raise StudyError(f"{len(lost)} search job(s) ended without finishing: {lost[0]}; rerun to go on")
+        raise StudyError(f"{plural(len(lost), 'search job')} ended without finishing: {lost[0]}; rerun to go on")
 
 
 # ----------------------------------------------------------------------------- the whole study
@@ -357,14 +357,14 @@ def search_phase(study: Study, store: ResultsStore, *, jobs: int = 1, executor: 
     if console is not None:
         done = spent(o)
         say(console, f"study {study.name} ({study.variant} on {study.data}, {definition_hash(study)}): {done} of "
-                     f"{study.search['n_trials']} trials spent" + (f"; {len(retried)} left running by a killed "
-                                                                    f"process asked again" if retried else "")
+                     f"{plural(study.search['n_trials'], 'trial')} spent"
+            + (f"; {len(retried)} left running by a killed process asked again" if retried else "")
             + f"; executor {executor} x {jobs}")
     run_workers(study, store, jobs, executor, device, url, dict(options or {}), poll_s)
     o = open_study(study, store, url)
     if spent(o) < study.search["n_trials"]:
-        raise StudyError(f"study {study.name}: {spent(o)} of {study.search['n_trials']} trials finished (a worker "
-                         f"died?); run the same command again to finish it")
+        raise StudyError(f"study {study.name}: {spent(o)} of {plural(study.search['n_trials'], 'trial')} finished "
+                         "(a worker died?); run the same command again to finish it")
     return o
 
 

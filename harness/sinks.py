@@ -3,7 +3,7 @@
 Off by default; chosen per run (``ablate.py run ... --log tensorboard --log wandb``) or per grid
 (``[log]`` in the grid file, or ``--log`` on the grid's command line). Every sink reads the values
 the run's record stores: each epoch's history entry (:func:`epoch_scalars` names them), and at the
-end the record's test and validation accuracy. Nothing is computed twice.
+end the record's test and validation accuracy (and a count's MSE). Nothing is computed twice.
 
 - ``tensorboard``: event files under the run's directory (``results/runs/<run_id>/tensorboard/``),
   written by torch's ``SummaryWriter``; the run id, variant, teachers, seed, data set and settings
@@ -31,7 +31,8 @@ SINKS: tuple[str, ...] = ("tensorboard", "wandb")
 TENSORBOARD_DIR = "tensorboard"
 WANDB_PROJECT = "vqakd"
 #: the record's final accuracies, as logged at the end of a run (also the HParams view's metrics)
-FINAL_METRICS = {"final/test_acc": ("test", "overall"), "final/val_acc": ("val", "overall")}
+FINAL_METRICS = {"final/test_acc": ("test", "overall"), "final/val_acc": ("val", "overall"),
+                 "final/test_mse": ("test", "mse"), "final/val_mse": ("val", "mse")}
 
 Warn = Callable[[str], None]
 
@@ -54,9 +55,10 @@ def check_sinks(names: Iterable[str] | None, where: str = "--log") -> tuple[str,
 def epoch_scalars(entry: dict) -> dict[str, float]:
     """One epoch's values, by tag, exactly as the record's history entry holds them: the training
     loss and its parts, training accuracy, learning rate, samples/s and epoch time, validation
-    accuracy overall and per question type."""
+    accuracy overall and per question type, and a count's validation MSE."""
     names = {"loss": "train/loss", "train_acc": "train/acc", "lr": "train/lr",
-             "train_samples_per_s": "train/samples_per_s", "train_time_s": "train/time_s", "val_acc": "val/acc"}
+             "train_samples_per_s": "train/samples_per_s", "train_time_s": "train/time_s", "val_acc": "val/acc",
+             "val_mse": "val/mse"}
     out = {tag: float(entry[k]) for k, tag in names.items() if entry.get(k) is not None}
     out.update({f"train/{k}": float(v) for k, v in entry.items() if k.startswith("loss_")})
     out.update({f"val/acc_{t}": float(v) for t, v in (entry.get("val_acc_per_type") or {}).items()})
@@ -65,7 +67,8 @@ def epoch_scalars(entry: dict) -> dict[str, float]:
 
 def final_scalars(record: dict) -> dict[str, float]:
     m = record.get("metrics", {})
-    return {tag: float(m[split][key]) for tag, (split, key) in FINAL_METRICS.items() if split in m}
+    return {tag: float(m[split][key]) for tag, (split, key) in FINAL_METRICS.items()
+            if m.get(split, {}).get(key) is not None}
 
 
 def run_hparams(run_id: str, variant: str, seed: int, data_id: str, teachers: list[str], teacher_runs: list[str],

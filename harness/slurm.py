@@ -12,7 +12,7 @@ import subprocess
 
 from rich.console import Console
 
-from .console import say
+from .console import plural, say
 from .errors import HarnessError
 from .grid import GridError
 
@@ -203,4 +203,5 @@ class _Watch:
                 changed.setdefault(reason, []).append(j)
         self.waiting = waiting
         for reason, ids in changed.items():
-            self.tell(f"SLURM: {len(ids)} job(s) wait ({reason}): {', '.join(ids)}")
+            verb = "waits" if len(ids) == 1 else "wait"
+            self.tell(f"SLURM: {plural(len(ids), 'job')} {verb} ({reason}): {', '.join(ids)}")

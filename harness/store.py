@@ -40,6 +40,15 @@ class StoreError(HarnessError, OSError):
     """The results store cannot be written (a full disk, no permission); the message names the path."""
 
 
+class NoSpace(StoreError):
+    """A write failed for lack of space (ENOSPC, EDQUOT): freeing some lets the same command go on."""
+
+
+class NotWritable(StoreError):
+    """A write failed for lack of permission (EACCES, EPERM), on a read-only file system (EROFS) or
+    under a file (ENOTDIR): another place, or the permission, lets the same command go on."""
+
+
 class DamagedRun(StoreError):
     """A complete run's files are damaged (weights truncated or changed) and may not be reused."""
 
@@ -105,10 +114,10 @@ def current_umask() -> int:
 def _store_error(path: Path, nbytes: int | None, e: OSError) -> Exception:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         size = f"writing {nbytes:,} bytes" if nbytes is not None else "while writing"
-        return StoreError(f"{path}: no space left on the device ({size}); this file was not written (an earlier "
+        return NoSpace(f"{path}: no space left on the device ({size}); this file was not written (an earlier "
                           f"version, if any, is unchanged)")
     if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOTDIR):
-        return StoreError(f"{path}: cannot write here ({e.strerror})")
+        return NotWritable(f"{path}: cannot write here ({e.strerror})")
     return e
 
 
@@ -121,7 +130,7 @@ def locked(path: str | Path) -> Iterator[None]:
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(path, "w")
     except OSError as e:
-        raise StoreError(f"{path}: cannot write here ({e.strerror})") from None
+        raise NotWritable(f"{path}: cannot write here ({e.strerror})") from None
     with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -145,7 +154,7 @@ def held_elsewhere(path: str | Path) -> bool:
         return False
 
 
-def check_writable(root: str | Path, what: str = "results directory") -> None:
+def check_writable(root: str | Path, what: str = "results directory", option: str = "--results") -> None:
     """Fail at once, naming ``root``, when nothing can be written there (read-only, not a
     directory, no permission), instead of a traceback from the first write midway."""
     root = Path(root)
@@ -155,8 +164,8 @@ def check_writable(root: str | Path, what: str = "results directory") -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise StoreError(f"{what} {root}: cannot write here ({e.strerror or e}); give a writable one "
-                         f"(--results DIR)") from None
+        raise NotWritable(f"{what} {root}: cannot write here ({e.strerror or e}); give a writable one "
+                         f"({option} DIR)") from None
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -14,6 +14,7 @@ import optuna
 
 import variants
 
+from .grid import TOP_KEYS as GRID_KEYS
 from .grid import GridError, _check_executor, _variant_names
 from .settings import TRAIN_CHECKS, SettingError, check_train_settings, is_int
 
@@ -78,6 +79,10 @@ def load_study(path: str | Path) -> Study:
         doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise StudyError(f"{where}: not valid TOML: {e}") from None
+    if "search" not in doc:
+        grid = " (its keys are a grid file's)" if set(doc) <= GRID_KEYS else ""
+        raise StudyError(f"{where}: no [search] table, so not a study file{grid}: a grid file runs with "
+                         f"`python ablate.py --grid {path}`")
     if set(doc) - TOP_KEYS:
         raise StudyError(f"{where}: unknown key(s) {', '.join(sorted(set(doc) - TOP_KEYS))} "
                          f"(known: {', '.join(sorted(TOP_KEYS))})")

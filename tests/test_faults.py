@@ -90,7 +90,7 @@ def test_a_dead_worker_costs_only_its_run(tmp_path, data_cache, monkeypatch):
         "runs/*/failed.json")))}
     assert sorted(failed) == [1, 2], failed
     assert "killed by signal SIGKILL" in failed[1]["reason"] and "killed by signal SIGBUS" in failed[2]["reason"]
-    assert "2 run(s) failed" in r.output
+    assert "2 runs failed" in r.output
     listed = cli.invoke(ablate.app, ["results", "--results", str(tmp_path / "results"), "--failed"]).output
     assert "SIGKILL" in listed and "SIGBUS" in listed, listed
     report = (tmp_path / "reports" / "g.md").read_text()
@@ -165,10 +165,10 @@ def test_why_slurm_jobs_wait_is_told_once_and_when_it_changes(tmp_path, monkeypa
     down = "Nodes required for job are DOWN, DRAINED or reserved for jobs in higher priority partitions"
     _fake_squeue(tmp_path, monkeypatch, f"50_0|PENDING|{down}\n50_1|PENDING|{down}\n")
     assert watch.poll(jobs) == [] and watch.poll(jobs) == []
-    assert told == [f"SLURM: 2 job(s) wait ({down}): 50_0, 50_1"]  # once, not at every poll
+    assert told == [f"SLURM: 2 jobs wait ({down}): 50_0, 50_1"]  # once, not at every poll
     _fake_squeue(tmp_path, monkeypatch, "50_0|RUNNING|None\n50_1|PENDING|Resources\n")
     watch.poll(jobs)
-    assert told[1:] == ["SLURM: 1 job(s) wait (Resources): 50_1"]
+    assert told[1:] == ["SLURM: 1 job waits (Resources): 50_1"]
     _fake_squeue(tmp_path, monkeypatch, "50_1|RUNNING|None\n")  # 50_0 gone (twice) without a result: lost
     assert watch.poll(jobs) == [] and watch.poll(jobs) == [jobs[0]] and len(told) == 2
     assert "last seen RUNNING" in watch.why_lost("50_0")

@@ -144,7 +144,7 @@ def test_implicit_teachers_are_counted_and_scheduled_once_before_their_students(
     out = io.StringIO()
     res = run_grid(g, ResultsStore(tmp_path / "results"), console=Console(file=out, width=200))
     header = out.getvalue().splitlines()[0]
-    assert "2 runs on synthetic:tiny (0 already complete, 2 to run), and 1 teacher runs they need (1 to train)" \
+    assert "2 runs on synthetic:tiny (0 already complete, 2 to run), and 1 teacher run they need (1 to train)" \
         in header, header
     assert calls == ["teacher-g4"]  # the students were not tried
     assert [f["variant"] for f in res.failed] == ["teacher-g4", "student-logits", "student-hint"]
@@ -236,8 +236,9 @@ def test_exclude_keys_and_values_are_checked_and_an_exclude_must_drop_a_run(tmp_
     cases = [
         ('"logits.TT" = 2.0\n', r"g.toml: \[\[exclude\]\] #1: 'logits.TT' is a setting of none of its variants"),
         ('variant = "dualvgr"\n', r"\[\[exclude\]\] #1: variant 'dualvgr' matches none of the grid's variants"),
-        ('"logits.T" = "2"\n', r"\[\[exclude\]\] #1: variant 'student-logits': setting logits.T = '2' must be float"),
-        ('"logits.T" = 3.0\n', r"\[\[exclude\]\] #1 match\(es\) no run of the grid"),
+        ('"logits.T" = "2"\n',
+         r"\[\[exclude\]\] #1 \(logits.T = '2'\): variant 'student-logits': setting logits.T = '2' must be float"),
+        ('"logits.T" = 3.0\n', r"\[\[exclude\]\] #1 matches no run of the grid"),
         ('"similarity.matrix" = "self"\n', r"'similarity.matrix' is a setting of none of its variants"),
     ]
     for text, pattern in cases:

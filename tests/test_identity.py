@@ -180,7 +180,7 @@ def test_cli_results_names_the_scheme_migrate_rekeys_and_compare_refuses_a_run_a
     assert dry.exit_code == 0 and f"would re-key {base['run_id']} -> dualvgr-" in dry.output
     assert store.is_complete(base["run_id"])
     done = cli.invoke(ablate.app, ["migrate", "--results", str(tmp_path)])
-    assert done.exit_code == 0 and "1 record(s) re-keyed" in done.output and not store.is_complete(base["run_id"])
+    assert done.exit_code == 0 and "1 record re-keyed" in done.output and not store.is_complete(base["run_id"])
     out = cli.invoke(ablate.app, ["results", "--results", str(tmp_path)]).output
     assert "older identity scheme" not in out
     grid = tmp_path / "g.toml"

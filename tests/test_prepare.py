@@ -295,7 +295,7 @@ def test_features_errors(release, tmp_path, monkeypatch):
     (videos / f"{NAMES[1]}.avi").write_bytes((release / "video" / "YouTubeClips" / f"{NAMES[1]}.avi").read_bytes())
     code, output = run_cli("features", "--videos", videos, "--annotations", release / "MSVD-QA", "--out",
                            tmp_path / "o", *FEATURE_ARGS)
-    assert code == 2 and "5 video(s) referenced by the QA files" in output and "ids 2, 3, 4, 5, 6" in output
+    assert code == 2 and "5 videos referenced by the QA files" in output and "ids 2, 3, 4, 5, 6" in output
     # no weights: a plain message saying where they were looked for and what to do
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     args = [a for a in FEATURE_ARGS if a != "--random-weights"]

@@ -521,7 +521,7 @@ def test_nextqa_videos_to_features(nextqa_release, tmp_path):
     assert {k: p.name for k, p in found.items()} == {2574374895: "2574374895.mp4", 4010069381: "4010069381.mp4"}
     code, output = run_cli("features", "--dataset", "next-qa", "--videos", videos, "--annotations", root / "nextqa",
                            "--out", tmp_path / "o", *FEATURE_ARGS)
-    assert code == 2 and "3 video(s) referenced by the QA files" in output and "2925959064" in output
+    assert code == 2 and "3 videos referenced by the QA files" in output and "2925959064" in output
     code, output = run_cli("features", "--dataset", "next-qa", "--videos", videos, "--out", tmp_path / "o",
                            *FEATURE_ARGS)
     assert code == 0, output

@@ -235,7 +235,7 @@ def test_each_damaged_input_is_named_with_its_own_message(release, extracted):
         assert f"unreadable video {v} ({release / 'TrainValVideo' / name}): {error}; written as zeros" in log
     assert f"warning video 6 ({release / 'TrainValVideo' / 'video6.mp4'}): the container declares 120" in log
     assert f"short video 9 ({release / 'TrainValVideo' / 'video9.mp4'}): 5 frames, fewer than 2 clips x 4" in log
-    assert "3 unreadable video(s), written as zero features: 5 (video5.mp4), 7 (video7.mp4), 8 (video8.mp4)" in log
+    assert "3 unreadable videos, written as zero features: 5 (video5.mp4), 7 (video7.mp4), 8 (video8.mp4)" in log
     assert "10 videos processed, 0 already done; complete" in log
 
 

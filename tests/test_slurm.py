@@ -136,7 +136,7 @@ def test_ctrl_c_cancels_the_jobs_then_a_time_limited_run_is_requeued_and_resumes
             proc.kill()
             proc.communicate()
     assert proc.returncode == 130, out
-    assert re.search(r"cancelled 1 submitit job\(s\)", out), out
+    assert re.search(r"cancelled 1 submitit job:", out), out
     deadline = time.time() + 30  # scancel: SIGTERM, then SIGKILL after KillWait
     while time.time() < deadline and squeue(f"ablate-{name}"):
         time.sleep(0.5)

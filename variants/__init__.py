@@ -114,7 +114,7 @@ def get_config(name: str, **overrides) -> VariantConfig:
                 + (f"; distillation settings: {', '.join(kd)}" if kd else ""))
     for t in teachers:
         VARIANTS.get(t)  # unknown teacher: fail now, naming it
-    _check_types(name, overrides, model, loss, distill, defaults)
+    _check_types(name, overrides, model, loss, distill, defaults)  # and the loss weights' signs
     try:
         fam.make_config(model)  # ranges (positive dims, keep_ratio in (0, 1]...), checked before anything runs
     except ValueError as e:
@@ -177,12 +177,29 @@ def _type_ok(default, value) -> bool:
 
 
 def _check_types(name: str, overrides: dict, model: dict, loss: dict, distill: list, defaults: dict) -> None:
+    """Each override has its default's type; then the loss weights are >= 0 (:func:`_check_weights`)."""
     for key, value in overrides.items():
         if key in ("teacher", "teachers") or key not in defaults:
             continue
         if not _type_ok(defaults[key], value):
             raise ConfigError(f"variant {name!r}: setting {key} = {value!r} must be "
                               f"{type(defaults[key]).__name__}, like its default {defaults[key]!r}")
+    _check_weights(name, loss, distill)
+
+
+#: the loss settings that weigh a term of the objective (or count its steps): never negative
+WEIGHT_TERMS = ("alpha", "beta", "ce_weight", "recon_weight", "ae_pretrain_steps")
+
+
+def _check_weights(name: str, loss: dict, distill: list) -> None:
+    """Loss weights (DualVGR's ``alpha``, ``beta``..., each distillation loss's ``weight``) are >= 0:
+    a negative weight maximises its term."""
+    weights = {k: loss[k] for k in WEIGHT_TERMS if k in loss}
+    weights.update({f"{d['name']}.weight": d.get("weight", 1.0) for d in distill})
+    for key, value in weights.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= 0:
+            raise ConfigError(f"variant {name!r}: setting {key} = {value!r}: loss weights must be >= 0 "
+                              "(a negative weight maximises its term)")
 
 
 def build(cfg: VariantConfig) -> nn.Module:

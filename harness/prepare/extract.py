@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 
 from .. import layout as L
-from ..console import progress_bar
+from ..console import plural, progress_bar
 from ..env import resolve_device
 from ..store import atomic_write_json
 from .backbones import Backbone, build_appearance, build_motion, preprocess
@@ -93,7 +93,8 @@ def _targets(dataset: str, videos: Path, annotations: Path | None, mapping: Path
         summary.missing = sorted(wanted_ids - files.keys())
         if summary.missing and not s.allow_missing:
             listed = ", ".join(map(str, summary.missing[:20]))
-            raise PrepareError(f"{len(summary.missing)} video(s) referenced by the QA files in {annotations} have no "
+            raise PrepareError(f"{plural(len(summary.missing), 'video')} referenced by the QA files in {annotations} "
+                               f"{'has' if len(summary.missing) == 1 else 'have'} no "
                                f"file under {videos}: ids {listed}{' ...' if len(summary.missing) > 20 else ''} "
                                f"(pass --allow-missing to give them zero features)")
         targets = {v: files.get(v) for v in wanted_ids}
@@ -253,11 +254,11 @@ def _print_summary(summary: FeatureSummary, console: Console) -> None:
         f"{'complete' if summary.complete else 'NOT complete'}: {summary.appearance}, {summary.motion}",
         highlight=False, markup=False)
     if summary.unreadable:
-        say(f"{len(summary.unreadable)} unreadable video(s), written as zero features: "
+        say(f"{plural(len(summary.unreadable), 'unreadable video')}, written as zero features: "
             + ", ".join(f"{u['id']} ({Path(u['file']).name})" for u in summary.unreadable[:20]),
             style="red", highlight=False, markup=False)
     if summary.padded:
-        say(f"{len(summary.padded)} short video(s), padded: "
+        say(f"{plural(len(summary.padded), 'short video')}, padded: "
             + ", ".join(f"{u['id']} ({Path(u['file']).name}, {u['frames']} frames)" for u in summary.padded[:20]),
             style="yellow", highlight=False, markup=False)
     if summary.unreadable or summary.padded or summary.warnings:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import layout as L
+from ..console import plural
 from .common import COUNT, MULTIPLE_CHOICE, OPEN_ENDED, TGIF_TASKS, PrepareError
 from .questions import MAX_QUESTION_TOKENS
 from .taskdata import TaskRecord, encode_task, integer, read_table, write_task_dataset
@@ -96,7 +97,7 @@ def split_train(records: list[TaskRecord], path: Path) -> tuple[list[TaskRecord]
     (HCRN: the last 10% after an unseeded shuffle); both keep the file's order."""
     n = len(records)
     if n < 2:
-        raise PrepareError(f"{path}: {n} question(s): a train and a val split need at least 2")
+        raise PrepareError(f"{path}: {plural(n, 'question')}: a train and a val split need at least 2")
     perm = np.random.default_rng(SPLIT_SEED).permutation(n)
     is_val = np.zeros(n, dtype=bool)
     is_val[perm[int((1 - VAL_FRACTION) * n):]] = True
