@@ -597,21 +597,26 @@ def export_(run_id: str = typer.Argument(..., help="The run to export (see `abla
 def import_(bundle: str = typer.Argument(..., help="A bundle written by `ablate.py export`."),
             results: str = typer.Option("results", help="Results store directory."),
             data: Optional[str] = typer.Option(None, help="Where the run's data set is on this machine "
-                                               "[default: the data spec its record names].")):
-    """Verify a run bundle (checksums, data id, identity, plain-tensor weights) and add its run to the store,
-    where students find it as a teacher as if it had been trained here."""
+                                               "[default: the data spec its record names]."),
+            max_unpacked_mib: Optional[float] = typer.Option(None, min=1, help="The most the bundle may unpack "
+                                                             "to, in MiB; a larger one is refused before it is read "
+                                                             "[default: harness.bundle.MAX_UNPACKED_MIB, 1024].")):
+    """Verify a run bundle (size, checksums, data id, identity, plain-tensor weights, its metrics re-evaluated on
+    the local data) and add its run to the store, where students find it as a teacher as if it had been trained
+    here."""
     from harness import record as R
-    from harness.bundle import import_bundle
+    from harness.bundle import MAX_UNPACKED_MIB, import_bundle
     from harness.store import ResultsStore
 
     try:
-        rec, added = import_bundle(bundle, ResultsStore(results), data=data)
+        rec, added, verified = import_bundle(bundle, ResultsStore(results), data=data,
+                                             max_unpacked_mib=max_unpacked_mib or MAX_UNPACKED_MIB)
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
     what = "imported" if added else "already in the store, unchanged:"
     say(console, f"{what} run {rec['run_id']} ({rec['variant']}, seed {rec['seed']}, {R.test_figure(rec)}) in "
-                 f"{ResultsStore(results).run_dir(rec['run_id'])}")
+                 f"{ResultsStore(results).run_dir(rec['run_id'])}" + (f"; {verified}" if added else ""))
 
 
 @app.command("list")

@@ -81,7 +81,7 @@ def test_imported_teacher_is_used_by_its_student_without_retraining(tiny, export
     assert srec["teachers"][0]["test_acc"] == trec["metrics"]["test"]["overall"]
     assert store.read_record(trec["run_id"]) == trec
     # importing it again changes nothing
-    again, added = B.import_bundle(bundle, store)
+    again, added, _ = B.import_bundle(bundle, store)
     assert again == trec and not added
 
 
