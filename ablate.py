@@ -533,8 +533,11 @@ def run(
     except KeyboardInterrupt:
         raise interrupted() from None
     except user_errors() as e:
+        from harness.store import StateError
+
         error(console, e)
-        if run_id is not None and store.run_dir(run_id).exists():  # the run started: record why it failed
+        # the run started: record why it failed (a refused resume state: nothing ran, the message says what to do)
+        if run_id is not None and store.run_dir(run_id).exists() and not isinstance(e, StateError):
             _record_failure(store, run_id, {"variant": variant, "seed": seed}, e)
         raise typer.Exit(2)
     try:
@@ -739,6 +742,11 @@ def _cell(v) -> str:
 
 
 def _list_unfinished(store, failed: bool) -> None:
+    """The failed (or incomplete) runs; a resume state that cannot be read safely is an error line
+    naming it (exit 2), the others are listed."""
+    from harness.store import StateError, read_state
+
+    refused: list[str] = []
     t = Table()
     for c in ("run_id", "reason" if failed else "last epoch"):
         t.add_column(c)
@@ -753,8 +761,11 @@ def _list_unfinished(store, failed: bool) -> None:
         elif not failed and not f.is_file():
             epochs = "-"
             if (d / "state.pt").is_file():
-                import torch
-                epochs = str(torch.load(d / "state.pt", map_location="cpu", weights_only=False)["epoch"] + 1)
+                try:
+                    epochs = str(read_state(d / "state.pt", d.name)["epoch"] + 1)
+                except StateError as e:
+                    refused.append(str(e))
+                    epochs = "? (state.pt refused)"
             if (pruned := store.read_pruned(d.name)) is not None:
                 epochs += f" (pruned by a search after epoch {pruned['epoch'] + 1})"
             t.add_row(d.name, epochs)
@@ -763,6 +774,10 @@ def _list_unfinished(store, failed: bool) -> None:
         console.print(t)
     else:
         say(console, f"no {'failed' if failed else 'incomplete'} runs in {store.root}")
+    for message in refused:
+        error(console, message)
+    if refused:
+        raise typer.Exit(2)
 
 
 if __name__ == "__main__":
