@@ -30,6 +30,8 @@ app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None,
 console = make_console()
 LOG_HELP = ("Live logging sink, repeatable: tensorboard (event files under results/runs/<run>/tensorboard) or wandb "
             "(offline unless W&B is configured)")
+MAX_RUNS_HELP = ("The most runs the grid may make; a larger grid is refused before it is expanded [default: "
+                 "harness.grid.MAX_RUNS, 10,000].")
 
 
 INTERRUPTED = "interrupted; rerun to resume (complete runs are kept, unfinished ones continue from their last " \
@@ -139,6 +141,7 @@ def main(
     refuse_damaged: bool = typer.Option(False, "--refuse-damaged", help="Stop when a complete teacher run's "
                                         "weights are damaged (size or SHA-1 unlike what was written) instead of "
                                         "setting it aside and retraining it."),
+    max_runs: Optional[int] = typer.Option(None, min=1, help=MAX_RUNS_HELP),
     log: Optional[list[str]] = typer.Option(None, "--log", help=LOG_HELP + " [default: the grid's [log]]."),
 ):
     """Run an ablation grid (--grid), or one of the commands below."""
@@ -152,7 +155,8 @@ def main(
     from harness.store import ResultsStore, check_writable
 
     try:
-        g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None)
+        g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None,
+                   max_runs=max_runs or G.MAX_RUNS)
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
@@ -162,8 +166,7 @@ def main(
     given = {"partition": partition, "gpus_per_run": gpus_per_run, "cpus_per_run": cpus_per_run, "mem_gb": mem_gb,
              "time_min": time_min, "array_parallelism": array_parallelism}
     try:
-        options = {**g.executor, **_executor_options(ex, executor_option),
-                   **{k: v for k, v in given.items() if v is not None}}
+        options = _grid_options(g, ex, executor_option, given)
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
@@ -179,7 +182,7 @@ def main(
         compress_failed = _compress(store, _grid_run_ids(store, g, res.run_ids), g.compress)
         reported = _write_report(store, g, reports, res.run_ids,
                                  regenerate=_command("report", grid=grid, results=results, reports=reports,
-                                                     data=data, seeds=seeds))
+                                                     data=data, seeds=seeds, max_runs=max_runs))
     except KeyboardInterrupt:
         raise interrupted() from None
     except user_errors() as e:
@@ -211,6 +214,17 @@ def _compress(store, run_ids: list[str], methods: tuple[str, ...], force: bool =
         say(console, f"compressed evaluation failed: {f['variant']} ({f['run_id']}), {f['method']}: {f['reason']}",
             "red")
     return failures
+
+
+def _grid_options(g, kind: str, items: list[str] | None, given: dict) -> dict:
+    """The executor's options: the grid's ``[executor]`` table, then ``--executor-option``, then the
+    options given on the command line that are not None, each checked by the executors that read it
+    (a ``--partition`` that is not a partition name is refused)."""
+    from harness.executor import check_options
+
+    given = {k: v for k, v in given.items() if v is not None}
+    check_options(given, "command line")
+    return {**g.executor, **_executor_options(kind, items), **given}
 
 
 def _executor_options(kind: str, items: list[str] | None) -> dict:
@@ -295,7 +309,8 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
            results: str = typer.Option("results", help="Results store directory."),
            reports: str = typer.Option("reports", help="Where the report goes."),
            data: Optional[str] = typer.Option(None, help="Override the grid's data set."),
-           seeds: Optional[str] = typer.Option(None, help="Override the grid's seeds, comma-separated.")):
+           seeds: Optional[str] = typer.Option(None, help="Override the grid's seeds, comma-separated."),
+           max_runs: Optional[int] = typer.Option(None, min=1, help=MAX_RUNS_HELP)):
     """Regenerate reports/NAME.md (and .csv, and plots) from the results store; trains nothing."""
     from harness import grid as G
     from harness.runner import plan, recorded_info
@@ -303,7 +318,8 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
 
     store = ResultsStore(results)
     try:
-        g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None)
+        g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None,
+                   max_runs=max_runs or G.MAX_RUNS)
         infos = {d: recorded_info(d, store) for d in g.datasets}  # from the store: no feature file is read
         plans = [q for s in g.runs for q in plan(s, infos[s.data]).all_plans()]
     except user_errors() as e:
@@ -313,10 +329,11 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
     missing = [r for r in ids if not store.is_complete(r)]
     if missing:
         say(console, f"{len(missing)} of {len(ids)} runs are not complete; the report covers the rest and says "
-                     f"what is missing (run `{_command(grid=grid, results=results, data=data, seeds=seeds)}` to "
+                     f"what is missing (run "
+                     f"`{_command(grid=grid, results=results, data=data, seeds=seeds, max_runs=max_runs)}` to "
                      "finish them)", "yellow")
     if not _write_report(store, g, reports, ids, _command("report", grid=grid, results=results, reports=reports,
-                                                           data=data, seeds=seeds), plans):
+                                                           data=data, seeds=seeds, max_runs=max_runs), plans):
         raise typer.Exit(2)
 
 
