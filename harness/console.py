@@ -30,8 +30,9 @@ def say(console: Console, text: str, style: str | None = None) -> None:
 
 
 def error(console: Console, message: str) -> None:
-    """``error: <message>`` with the message printed as text."""
-    console.print(Text.assemble(("error: ", "bold red"), str(message)), highlight=False)
+    """``error: <message>`` with the message printed as text, on one line however long (not wrapped
+    at the console's width)."""
+    console.print(Text.assemble(("error: ", "bold red"), str(message)), highlight=False, soft_wrap=True)
 
 
 def progress_bar(console: Console, *, info: bool = True, disable: bool | None = None) -> Progress:
