@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import math
 import re
 import tarfile
@@ -71,6 +72,8 @@ MAX_JSON_BYTES = 16 << 20
 #: the largest tar header a member may have besides its own block (a pax header, a GNU long name):
 #: a bundle's names are short, so these are a few hundred bytes when there are any
 MAX_HEADER_BYTES = 64 << 10
+#: the most extended headers (pax, GNU long names) a bundle may have in all
+MAX_EXTENDED_HEADERS = 2 * len(MEMBERS)
 _LONG_HEADERS = {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
                  tarfile.GNUTYPE_LONGLINK}
 #: bytes read at a time from a member
@@ -134,11 +137,17 @@ class _BoundedTarInfo(tarfile.TarInfo):
     :data:`MAX_HEADER_BYTES` before tarfile reads it whole."""
 
     def _proc_member(self, tf):  # tarfile's dispatch on the header's type
-        if self.type in _LONG_HEADERS and self.size > MAX_HEADER_BYTES:
+        if self.type in _LONG_HEADERS:
             what = "a pax header" if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) \
                 else "a GNU long-name header"
-            raise _OversizedHeader(f"{what} of {self.size:,} bytes (at most {MAX_HEADER_BYTES:,}: a bundle's "
-                                   f"names are short)")
+            if self.size > MAX_HEADER_BYTES:
+                raise _OversizedHeader(f"{what} of {self.size:,} bytes (at most {MAX_HEADER_BYTES:,}: a bundle's "
+                                       f"names are short)")
+            # tarfile reads a chain of extended headers recursively: a long chain is refused, not a RecursionError
+            tf.extended_headers = getattr(tf, "extended_headers", 0) + 1
+            if tf.extended_headers > MAX_EXTENDED_HEADERS:
+                raise _OversizedHeader(f"more than {MAX_EXTENDED_HEADERS} extended headers (pax, GNU long names; "
+                                       f"a bundle needs at most one per member)")
         return super()._proc_member(tf)
 
 
@@ -190,8 +199,8 @@ def read_members(path: str | Path, max_unpacked_mib: float = MAX_UNPACKED_MIB) -
         tf = tarfile.open(path, "r:*", tarinfo=_BoundedTarInfo)
     except _OversizedHeader as e:
         raise BundleError(f"{where}: refused: {e}; nothing imported") from None
-    except (OSError, tarfile.TarError, EOFError, zlib.error) as e:
-        raise BundleError(f"{where}: not a readable bundle (tar file): {e}") from None
+    except (OSError, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
+        raise BundleError(f"{where}: not a readable bundle (tar file): {' '.join(str(e).split())}") from None
     out: dict[str, bytes] = {}
     listed: dict = {}
     total = 0
@@ -226,8 +235,8 @@ def read_members(path: str | Path, max_unpacked_mib: float = MAX_UNPACKED_MIB) -
                 out[m.name] = data
         except _OversizedHeader as e:
             raise BundleError(f"{where}: refused: {e}; nothing imported") from None
-        except (OSError, tarfile.TarError, EOFError, zlib.error) as e:
-            raise BundleError(f"{where}: damaged tar file: {e}") from None
+        except (OSError, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
+            raise BundleError(f"{where}: damaged tar file: {' '.join(str(e).split())}") from None
     return out
 
 

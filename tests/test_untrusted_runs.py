@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import tarfile
 import tracemalloc
@@ -209,6 +210,29 @@ def test_a_huge_pax_header_is_refused_before_it_is_read(exported, tmp_path):
         info.size, info.pax_headers = len(m[B.MANIFEST]), {"comment": "x" * (1 << 20)}
         tf.addfile(info, io.BytesIO(m[B.MANIFEST]))
     import_refused(big, tmp_path, "a pax header of 1,048,")
+
+
+def test_a_chain_of_pax_headers_is_refused(tmp_path):
+    """Thousands of small pax headers before one member (tarfile reads such a chain recursively)."""
+    record = b"20 comment=xxxxxxxx\n"
+    pax = raw_header("././@PaxHeader", len(record), tarfile.XHDTYPE) + record + bytes(512 - len(record))
+    chain = tmp_path / "chain.tar"
+    chain.write_bytes(pax * 5000 + tar_bytes({B.MANIFEST: b"{}"}) + bytes(1024))
+    import_refused(chain, tmp_path, f"more than {B.MAX_EXTENDED_HEADERS} extended headers")
+
+
+def test_a_damaged_compressed_bundle_is_one_error_line(tmp_path):
+    text = json.dumps({"format": B.FORMAT, "pad": [str(i) for i in range(50_000)]}).encode()
+    for name, compress, how in (("cut.tar.gz", gzip.compress, "cut"), ("cut.tar.xz", lzma.compress, "cut"),
+                                ("zeroed.tar.xz", lzma.compress, "zeroed")):
+        data = bytearray(compress(tar_bytes({B.MANIFEST: text}) + bytes(1024)))
+        if how == "cut":  # the compressed stream ends in the middle of the manifest
+            data = data[:len(data) // 2]
+        else:
+            data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+        damaged = tmp_path / name
+        damaged.write_bytes(bytes(data))
+        import_refused(damaged, tmp_path, "damaged tar file")
 
 
 # ----------------------------------------------------------------------------- bundles: malformed JSON
