@@ -397,7 +397,16 @@ def load_weights(where: str, record: dict, data: bytes) -> torch.nn.Module:
                           f"weights_only=True: {first})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BundleError(f"{where}: {WEIGHTS} refused: not a state dict of tensors")
-    model = variants.build(variants.VariantConfig(**record["variant_config"]))
+    cfg = variants.VariantConfig(**record["variant_config"])
+    with torch.device("meta"):  # shapes only: a record's sizes (module_dim...) cannot make import allocate GiBs
+        shapes = {k: tuple(v.shape) for k, v in variants.build(cfg).state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state.items()}
+    if given != shapes:
+        wrong = sorted(set(shapes) ^ set(given)) or sorted(k for k in shapes if shapes[k] != given[k])
+        raise BundleError(f"{where}: {WEIGHTS} does not fit variant {record['variant']!r} as its record configures it "
+                          f"({len(wrong)} tensor(s) missing, unexpected or of another shape, e.g. {wrong[0][:80]!r}: "
+                          f"{given.get(wrong[0])} here, {shapes.get(wrong[0])} in the model); refused")
+    model = variants.build(cfg)  # its tensors are those of best.pt: as large as the bundle, no larger
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

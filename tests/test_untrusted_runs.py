@@ -139,6 +139,21 @@ def test_tolerance_is_one_standard_error_and_at_least_two_questions():
     assert B.metric_tolerance(np.ones(10_000), percent=True) == pytest.approx(100 * 2 / 10_000)
 
 
+def test_a_record_configuring_a_huge_model_is_refused_before_it_is_built(exported, tmp_path, tiny):
+    """A forged record, consistent with itself (run id re-planned), whose module_dim makes a model
+    of ~40 GB: the weights are compared with the model's shapes before any of it is allocated."""
+    _, bundle = exported
+    m = members_of(bundle)
+    rec, man = json.loads(m[B.RECORD]), json.loads(m[B.MANIFEST])
+    rec["spec"]["overrides"] = {**rec["spec"].get("overrides", {}), "module_dim": 100_000}
+    planned = plan(RunSpec(**rec["spec"]), D.describe("synthetic:tiny"))
+    rec["run_id"] = man["run_id"] = planned.run_id
+    rec["variant_config"] = man["config"]["variant_config"] = planned.cfg.to_dict()
+    m[B.RECORD], m[B.MANIFEST] = json.dumps(rec).encode(), json.dumps(man).encode()
+    huge = write_bundle(tmp_path / "huge.tar", fixed_manifest(m))
+    import_refused(huge, tmp_path, "best.pt does not fit variant 'teacher-g4' as its record configures it")
+
+
 def test_a_synthetic_spec_is_checked_before_any_data_set_is_generated(exported, tmp_path, data_dir):
     _, bundle = exported
     for spec, match in (("synthetic:nosuch:1", "is not synthetic:PRESET[:SEED] with a known preset"),
