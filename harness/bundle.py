@@ -15,13 +15,14 @@ trained there.
 says what is checked and what is not). Nothing is extracted by ``tarfile``: the manifest must come
 first; each member must be one of the names above, a regular file (not sparse) with a relative name
 (no absolute path, no ``..``, no link, no device; Python's ``tarfile.data_filter`` is applied as
-well) whose size is the one the manifest lists; tar headers (pax, GNU long names) are bounded
-before they are read, and the bytes unpacked in all are bounded by a cap (``--max-unpacked-mib``)
-before a member is read. Each member is read in chunks, hashed as it streams, checked against the
+well) whose size is the one the manifest lists; extended tar headers (pax, GNU long names) are
+bounded in size before they are read and in number, and the bytes unpacked in all are bounded by a
+cap (``--max-unpacked-mib``) before a member is read. Each member is read in chunks, hashed as it streams, checked against the
 manifest's SHA-256, and only then written by the store's atomic writers into
 ``results/runs/<run_id>/``. The manifest and the record are JSON of a checked shape; the weights
-are read with ``torch.load(weights_only=True)`` (no pickled code runs) and must load into the
-variant's model. A synthetic data spec is checked (known preset, a seed in range, the spec, name
+are read with ``torch.load(weights_only=True)`` (no pickled code runs), must have the tensor
+shapes of the model the record configures (compared on the meta device, before the model is built)
+and must load into it. A synthetic data spec is checked (known preset, a seed in range, the spec, name
 and split sizes the record claims) before its data set is generated in the data directory; the data
 id must be that of the data set here (``--data`` names where it is, else the spec the record
 names), and the run id is recomputed by :func:`harness.runner.plan` from the record's settings on
