@@ -31,6 +31,8 @@ app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None,
 console = make_console()
 LOG_HELP = ("Live logging sink, repeatable: tensorboard (event files under results/runs/<run>/tensorboard) or wandb "
             "(offline unless W&B is configured)")
+MAX_RUNS_HELP = ("The most runs the grid may make; a larger grid is refused before it is expanded [default: "
+                 "harness.grid.MAX_RUNS, 10,000].")
 
 
 INTERRUPTED = "interrupted; rerun to resume (complete runs are kept, unfinished ones continue from their last " \
@@ -166,6 +168,7 @@ def main(
     refuse_damaged: bool = typer.Option(False, "--refuse-damaged", help="Stop when a complete teacher run's "
                                         "weights are damaged (size or SHA-1 unlike what was written) instead of "
                                         "setting it aside and retraining it."),
+    max_runs: Optional[int] = typer.Option(None, min=1, help=MAX_RUNS_HELP),
     log: Optional[list[str]] = typer.Option(None, "--log", help=LOG_HELP + " [default: the grid's [log]]."),
 ):
     """Run an ablation grid (--grid), or one of the commands below."""
@@ -179,7 +182,8 @@ def main(
     from harness.store import ResultsStore, check_writable
 
     try:
-        g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None)
+        g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None,
+                   max_runs=max_runs or G.MAX_RUNS)
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
@@ -189,8 +193,7 @@ def main(
     given = {"partition": partition, "gpus_per_run": gpus_per_run, "cpus_per_run": cpus_per_run, "mem_gb": mem_gb,
              "time_min": time_min, "array_parallelism": array_parallelism}
     try:
-        options = {**g.executor, **_executor_options(ex, executor_option),
-                   **{k: v for k, v in given.items() if v is not None}}
+        options = _grid_options(g, ex, executor_option, given)
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
@@ -207,7 +210,7 @@ def main(
         compress_failed = _compress(store, _grid_run_ids(store, g, res.run_ids), g.compress)
         reported = _write_report(store, g, reports, res.run_ids,
                                  regenerate=_command("report", grid=grid, results=results, reports=reports,
-                                                     data=data, seeds=seeds))
+                                                     data=data, seeds=seeds, max_runs=max_runs))
     except KeyboardInterrupt:
         raise interrupted() from None
     except user_errors() as e:
@@ -239,6 +242,17 @@ def _compress(store, run_ids: list[str], methods: tuple[str, ...], force: bool =
         say(console, f"compressed evaluation failed: {f['variant']} ({f['run_id']}), {f['method']}: {f['reason']}",
             "red")
     return failures
+
+
+def _grid_options(g, kind: str, items: list[str] | None, given: dict) -> dict:
+    """The executor's options: the grid's ``[executor]`` table, then ``--executor-option``, then the
+    options given on the command line that are not None, each checked by the executors that read it
+    (a ``--partition`` that is not a partition name is refused)."""
+    from harness.executor import check_options
+
+    given = {k: v for k, v in given.items() if v is not None}
+    check_options(given, "command line")
+    return {**g.executor, **_executor_options(kind, items), **given}
 
 
 def _executor_options(kind: str, items: list[str] | None) -> dict:
@@ -326,7 +340,8 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
            results: str = typer.Option("results", help="Results store directory."),
            reports: str = typer.Option("reports", help="Where the report goes."),
            data: Optional[str] = typer.Option(None, help="Override the grid's data set."),
-           seeds: Optional[str] = typer.Option(None, help="Override the grid's seeds, comma-separated.")):
+           seeds: Optional[str] = typer.Option(None, help="Override the grid's seeds, comma-separated."),
+           max_runs: Optional[int] = typer.Option(None, min=1, help=MAX_RUNS_HELP)):
     """Regenerate reports/NAME.md (and .csv, and plots) from the results store; trains nothing."""
     from harness import grid as G
     from harness.runner import plan, recorded_info
@@ -334,7 +349,8 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
 
     store = ResultsStore(results)
     try:
-        g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None)
+        g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None,
+                   max_runs=max_runs or G.MAX_RUNS)
         with G.naming_file(g):
             infos = {d: recorded_info(d, store) for d in g.datasets}  # from the store: no feature file is read
             plans = [q for s in g.runs for q in plan(s, infos[s.data]).all_plans()]
@@ -346,15 +362,15 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
     if len(missing) == len(ids):
         error(console, f"no complete run of grid {g.name} ({g.path}) in the results store {store.root} "
                        f"(looked for {plural(len(ids), 'run')}): nothing to report; "
-                       f"`{_command(grid=grid, results=results, data=data, seeds=seeds)}` runs them")
+                       f"`{_command(grid=grid, results=results, data=data, seeds=seeds, max_runs=max_runs)}` runs them")
         raise typer.Exit(1)
     if missing:
         say(console, f"{len(missing)} of {plural(len(ids), 'run')} {'is' if len(missing) == 1 else 'are'} not "
                      "complete; the report covers the rest and says "
-                     f"what is missing (run `{_command(grid=grid, results=results, data=data, seeds=seeds)}` to "
+                     f"what is missing (run `{_command(grid=grid, results=results, data=data, seeds=seeds, max_runs=max_runs)}` to "
                      "finish them)", "yellow")
     if not _write_report(store, g, reports, ids, _command("report", grid=grid, results=results, reports=reports,
-                                                           data=data, seeds=seeds), plans):
+                                                           data=data, seeds=seeds, max_runs=max_runs), plans):
         raise typer.Exit(2)
 
 
@@ -598,8 +614,11 @@ def run(
     except KeyboardInterrupt:
         raise interrupted() from None
     except user_errors() as e:
+        from harness.store import StateError
+
         error(console, e)
-        if run_id is not None and store.run_dir(run_id).exists():  # the run started: record why it failed
+        # the run started: record why it failed (a refused resume state: nothing ran, the message says what to do)
+        if run_id is not None and store.run_dir(run_id).exists() and not isinstance(e, StateError):
             _record_failure(store, run_id, {"variant": variant, "seed": seed}, e)
         raise typer.Exit(2)
     try:
@@ -662,21 +681,26 @@ def export_(run_id: str = typer.Argument(..., help="The run to export (see `abla
 def import_(bundle: str = typer.Argument(..., help="A bundle written by `ablate.py export`."),
             results: str = typer.Option("results", help="Results store directory."),
             data: Optional[str] = typer.Option(None, help="Where the run's data set is on this machine "
-                                               "[default: the data spec its record names].")):
-    """Verify a run bundle (checksums, data id, identity, plain-tensor weights) and add its run to the store,
-    where students find it as a teacher as if it had been trained here."""
+                                               "[default: the data spec its record names]."),
+            max_unpacked_mib: Optional[float] = typer.Option(None, min=1, help="The most the bundle may unpack "
+                                                             "to, in MiB; a larger one is refused before it is read "
+                                                             "[default: harness.bundle.MAX_UNPACKED_MIB, 1024].")):
+    """Verify a run bundle (size, checksums, data id, identity, plain-tensor weights, its metrics re-evaluated on
+    the local data) and add its run to the store, where students find it as a teacher as if it had been trained
+    here."""
     from harness import record as R
-    from harness.bundle import import_bundle
+    from harness.bundle import MAX_UNPACKED_MIB, import_bundle
     from harness.store import ResultsStore
 
     try:
-        rec, added = import_bundle(bundle, ResultsStore(results), data=data)
+        rec, added, verified = import_bundle(bundle, ResultsStore(results), data=data,
+                                             max_unpacked_mib=max_unpacked_mib or MAX_UNPACKED_MIB)
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2)
     what = "imported" if added else "already in the store, unchanged:"
     say(console, f"{what} run {rec['run_id']} ({rec['variant']}, seed {rec['seed']}, {R.test_figure(rec)}) in "
-                 f"{ResultsStore(results).run_dir(rec['run_id'])}")
+                 f"{ResultsStore(results).run_dir(rec['run_id'])}" + (f"; {verified}" if added else ""))
 
 
 @app.command("list")
@@ -854,6 +878,11 @@ def _cell(v) -> str:
 
 
 def _list_unfinished(store, failed: bool) -> None:
+    """The failed (or incomplete) runs; a resume state that cannot be read safely is an error line
+    naming it (exit 2), the others are listed."""
+    from harness.store import StateError, read_state
+
+    refused: list[str] = []
     t = Table()
     for c in ("run_id", "reason" if failed else "last epoch"):
         t.add_column(c)
@@ -868,8 +897,11 @@ def _list_unfinished(store, failed: bool) -> None:
         elif not failed and not f.is_file():
             epochs = "-"
             if (d / "state.pt").is_file():
-                import torch
-                epochs = str(torch.load(d / "state.pt", map_location="cpu", weights_only=False)["epoch"] + 1)
+                try:
+                    epochs = str(read_state(d / "state.pt", d.name)["epoch"] + 1)
+                except StateError as e:
+                    refused.append(str(e))
+                    epochs = "? (state.pt refused)"
             if (pruned := store.read_pruned(d.name)) is not None:
                 epochs += f" (pruned by a search after epoch {pruned['epoch'] + 1})"
             t.add_row(d.name, epochs)
@@ -878,6 +910,10 @@ def _list_unfinished(store, failed: bool) -> None:
         console.print(t)
     else:
         say(console, f"no {'failed' if failed else 'incomplete'} runs in {store.root}")
+    for message in refused:
+        error(console, message)
+    if refused:
+        raise typer.Exit(2)
 
 
 if __name__ == "__main__":

@@ -11,36 +11,53 @@ trained there.
     best.pt         the best-on-validation weights (a state dict of tensors)
     predictions_val.csv, predictions_test.csv   when the run has them
 
-``python ablate.py import teacher.tar`` treats the bundle as untrusted input. Nothing is extracted
-by ``tarfile``: each member must be one of the names above, a regular file with a relative name
+``python ablate.py import teacher.tar`` treats the bundle as untrusted input (docs/untrusted-runs.md
+says what is checked and what is not). Nothing is extracted by ``tarfile``: the manifest must come
+first; each member must be one of the names above, a regular file (not sparse) with a relative name
 (no absolute path, no ``..``, no link, no device; Python's ``tarfile.data_filter`` is applied as
-well), of bounded size; it is read into memory, checked against the manifest's SHA-256, and only
-then written by the store's atomic writers into ``results/runs/<run_id>/``. The record is JSON; the
-weights are read with ``torch.load(weights_only=True)`` (no pickled code runs) and must load into
-the variant's model. The data id must be that of the data set here (``--data`` names where it is,
-else the spec the record names), and the run id is recomputed by :func:`harness.runner.plan` from
-the record's settings on that data set: a bundle whose identity is not what it claims is refused.
-The record is written last, so an import stopped midway leaves no complete run. The checksums
-detect a changed or damaged bundle, not a forged one (the manifest is not signed): import bundles
-from people you trust.
+well) whose size is the one the manifest lists; extended tar headers (pax, GNU long names) are
+bounded in size before they are read and in number, and the bytes unpacked in all are bounded by a
+cap (``--max-unpacked-mib``) before a member is read. Each member is read in chunks, hashed as it streams, checked against the
+manifest's SHA-256, and only then written by the store's atomic writers into
+``results/runs/<run_id>/``. The manifest and the record are JSON of a checked shape; the weights
+are read with ``torch.load(weights_only=True)`` (no pickled code runs), must have the tensor
+shapes of the model the record configures (compared on the meta device, before the model is built)
+and must load into it. A synthetic data spec is checked (known preset, a seed in range, the spec, name
+and split sizes the record claims) before its data set is generated in the data directory; the data
+id must be that of the data set here (``--data`` names where it is, else the spec the record
+names), and the run id is recomputed by :func:`harness.runner.plan` from the record's settings on
+that data set: a bundle whose identity is not what it claims is refused. Then the weights are
+evaluated on the local validation and test splits (:func:`harness.evaluate.evaluate`) and the task's
+metric must be the record's within evaluation noise (:func:`verify_metrics`). The record is written
+last, so an import stopped midway leaves no complete run. The checksums detect a changed or damaged
+bundle, not a forged one (the manifest is not signed); the re-evaluation shows that the weights
+score what the record says on this data, not how they were trained: import bundles from people you
+trust.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import lzma
+import math
+import re
 import tarfile
+import zlib
 import time
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import torch
 
 import variants
 
 from . import data as D
+from . import metrics as M
 from . import record as R
 from .errors import HarnessError
+from .evaluate import evaluate
 from .runner import RunSpec, plan, run_lock
 from .store import ResultsStore, atomic_output, atomic_write_bytes, atomic_write_json
 
@@ -48,8 +65,20 @@ FORMAT, VERSION = "vqakd-run-bundle", 1
 MANIFEST, RECORD, WEIGHTS = "manifest.json", "record.json", "best.pt"
 OPTIONAL = ("predictions_val.csv", "predictions_test.csv")
 MEMBERS = (MANIFEST, RECORD, WEIGHTS, *OPTIONAL)
-#: the largest member read (weights of the largest teacher are far below)
-MAX_MEMBER_BYTES = 4 << 30
+#: the bytes a bundle may unpack to, in all, unless ``--max-unpacked-mib`` raises it (the best weights
+#: of the largest teacher here are far below)
+MAX_UNPACKED_MIB = 1024
+#: the largest manifest or record (a record with a long history is a few hundred KB)
+MAX_JSON_BYTES = 16 << 20
+#: the largest tar header a member may have besides its own block (a pax header, a GNU long name):
+#: a bundle's names are short, so these are a few hundred bytes when there are any
+MAX_HEADER_BYTES = 64 << 10
+#: the most extended headers (pax, GNU long names) a bundle may have in all
+MAX_EXTENDED_HEADERS = 2 * len(MEMBERS)
+_LONG_HEADERS = {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                 tarfile.GNUTYPE_LONGLINK}
+#: bytes read at a time from a member
+CHUNK = 1 << 20
 #: written beside an imported run's record: where it came from
 IMPORTED = "imported.json"
 
@@ -100,6 +129,29 @@ def export_run(store: ResultsStore, run_id: str, out: str | Path) -> dict:
 # ----------------------------------------------------------------------------- import
 
 
+class _OversizedHeader(Exception):
+    """A tar header longer than :data:`MAX_HEADER_BYTES` (raised before tarfile reads it)."""
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A member header whose extended header (pax, GNU long name) is refused past
+    :data:`MAX_HEADER_BYTES` before tarfile reads it whole."""
+
+    def _proc_member(self, tf):  # tarfile's dispatch on the header's type
+        if self.type in _LONG_HEADERS:
+            what = "a pax header" if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) \
+                else "a GNU long-name header"
+            if self.size > MAX_HEADER_BYTES:
+                raise _OversizedHeader(f"{what} of {self.size:,} bytes (at most {MAX_HEADER_BYTES:,}: a bundle's "
+                                       f"names are short)")
+            # tarfile reads a chain of extended headers recursively: a long chain is refused, not a RecursionError
+            tf.extended_headers = getattr(tf, "extended_headers", 0) + 1
+            if tf.extended_headers > MAX_EXTENDED_HEADERS:
+                raise _OversizedHeader(f"more than {MAX_EXTENDED_HEADERS} extended headers (pax, GNU long names; "
+                                       f"a bundle needs at most one per member)")
+        return super()._proc_member(tf)
+
+
 def _check_member(where: str, m: tarfile.TarInfo, seen: set[str]) -> None:
     """Refuse a member that is not one of the bundle's plain files (the tar path traversal)."""
     name = m.name
@@ -109,7 +161,7 @@ def _check_member(where: str, m: tarfile.TarInfo, seen: set[str]) -> None:
     if ".." in path.parts or "\\" in name:
         raise BundleError(f"{where}: member {name!r} points outside the bundle ('..'); refused, nothing imported")
     kinds = ((m.issym(), "a symbolic link"), (m.islnk(), "a hard link"), (m.isdev(), "a device or FIFO"),
-             (m.isdir(), "a directory"))
+             (m.isdir(), "a directory"), (m.issparse(), "a sparse file"))
     for bad, what in kinds:
         if bad:
             raise BundleError(f"{where}: member {name!r} is {what}; a bundle holds regular files only: refused, "
@@ -120,8 +172,6 @@ def _check_member(where: str, m: tarfile.TarInfo, seen: set[str]) -> None:
         raise BundleError(f"{where}: unexpected member {name!r} (a bundle holds {', '.join(MEMBERS)}); refused")
     if name in seen:
         raise BundleError(f"{where}: member {name!r} appears twice; refused")
-    if m.size > MAX_MEMBER_BYTES:
-        raise BundleError(f"{where}: member {name!r} is {m.size:,} bytes (at most {MAX_MEMBER_BYTES:,}); refused")
     if hasattr(tarfile, "data_filter"):  # Python's own checks too (3.11.4+)
         try:
             tarfile.data_filter(m, "/nonexistent-bundle-root")
@@ -129,28 +179,73 @@ def _check_member(where: str, m: tarfile.TarInfo, seen: set[str]) -> None:
             raise BundleError(f"{where}: member {name!r} refused by tarfile's data filter: {e}") from None
 
 
-def read_members(path: str | Path) -> dict[str, bytes]:
-    """Every member of a bundle, checked (:func:`_check_member`) and read into memory; nothing is
-    written anywhere."""
+def _stream(tf: tarfile.TarFile, m: tarfile.TarInfo) -> tuple[bytes, str]:
+    """A member's bytes, read in chunks and hashed as they stream: (bytes, SHA-256)."""
+    f, h, buf = tf.extractfile(m), hashlib.sha256(), bytearray()
+    while chunk := f.read(min(CHUNK, m.size - len(buf))):
+        h.update(chunk)
+        buf += chunk
+    if len(buf) != m.size:
+        raise EOFError(f"member {m.name!r} ends after {len(buf):,} of its {m.size:,} bytes")
+    return bytes(buf), h.hexdigest()
+
+
+def read_members(path: str | Path, max_unpacked_mib: float = MAX_UNPACKED_MIB) -> dict[str, bytes]:
+    """Every member of a bundle, checked (:func:`_check_member`), its size the manifest's (which comes
+    first), the bytes unpacked in all at most ``max_unpacked_mib`` MiB, each read in chunks and its
+    SHA-256 checked as it streams; nothing is written anywhere."""
     where = str(path)
+    cap = int(max_unpacked_mib * 2 ** 20)
     try:
-        tf = tarfile.open(path, "r:*")
-    except (OSError, tarfile.TarError) as e:
-        raise BundleError(f"{where}: not a readable bundle (tar file): {e}") from None
+        tf = tarfile.open(path, "r:*", tarinfo=_BoundedTarInfo)
+    except _OversizedHeader as e:
+        raise BundleError(f"{where}: refused: {e}; nothing imported") from None
+    except (OSError, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
+        raise BundleError(f"{where}: not a readable bundle (tar file): {' '.join(str(e).split())}") from None
     out: dict[str, bytes] = {}
+    listed: dict = {}
+    total = 0
     with tf:
         try:
             for m in tf:
                 _check_member(where, m, set(out))
-                out[m.name] = tf.extractfile(m).read()
-        except (OSError, tarfile.TarError, EOFError) as e:
-            raise BundleError(f"{where}: damaged tar file: {e}") from None
+                if not out and m.name != MANIFEST:
+                    raise BundleError(f"{where}: the first member is {m.name!r}, not {MANIFEST} (export writes the "
+                                      f"manifest first); refused")
+                if m.name in (MANIFEST, RECORD) and m.size > MAX_JSON_BYTES:
+                    raise BundleError(f"{where}: {m.name} is {m.size:,} bytes (at most {MAX_JSON_BYTES:,}); refused")
+                if m.name != MANIFEST:
+                    if m.name not in listed:
+                        raise BundleError(f"{where}: {m.name} is in the bundle but not in {MANIFEST}; refused")
+                    if m.size != listed[m.name]["bytes"]:
+                        raise BundleError(f"{where}: {m.name}: checksum mismatch ({m.size:,} bytes, {MANIFEST} says "
+                                          f"{listed[m.name]['bytes']:,}): the bundle was changed or damaged after "
+                                          f"export; refused")
+                total += m.size
+                if total > cap:
+                    raise BundleError(f"{where}: unpacks to more than {max_unpacked_mib:g} MiB (member {m.name!r} "
+                                      f"is {m.size:,} bytes); refused before reading it (--max-unpacked-mib raises "
+                                      f"the cap)")
+                data, digest = _stream(tf, m)
+                if m.name == MANIFEST:
+                    listed = _listing(where, _json(where, MANIFEST, data))
+                elif digest != listed[m.name]["sha256"]:
+                    raise BundleError(f"{where}: {m.name}: checksum mismatch (SHA-256 {digest[:16]}..., {MANIFEST} "
+                                      f"says {listed[m.name]['sha256'][:16]}...): the bundle was changed or damaged "
+                                      f"after export; refused")
+                out[m.name] = data
+        except _OversizedHeader as e:
+            raise BundleError(f"{where}: refused: {e}; nothing imported") from None
+        except (OSError, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
+            raise BundleError(f"{where}: damaged tar file: {' '.join(str(e).split())}") from None
     return out
 
 
 def _json(where: str, name: str, data: bytes) -> dict:
     try:
         obj = json.loads(data)
+    except RecursionError:
+        raise BundleError(f"{where}: {name} is nested too deeply to be a bundle's JSON; refused") from None
     except ValueError as e:
         raise BundleError(f"{where}: {name} is not valid JSON ({e}); refused") from None
     if not isinstance(obj, dict):
@@ -158,31 +253,95 @@ def _json(where: str, name: str, data: bytes) -> dict:
     return obj
 
 
-def verify_checksums(where: str, members: dict[str, bytes]) -> dict:
-    """The manifest, once every member is what it lists (SHA-256 and size) and nothing else is there."""
-    if MANIFEST not in members:
-        raise BundleError(f"{where}: no {MANIFEST}; not a run bundle")
-    manifest = _json(where, MANIFEST, members[MANIFEST])
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _listing(where: str, manifest: dict) -> dict:
+    """The manifest's ``files`` (name -> sha256, bytes), checked: the format, each entry's shape."""
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise BundleError(f"{where}: {MANIFEST} says format {manifest.get('format')!r} version "
-                          f"{manifest.get('version')!r}; this harness reads {FORMAT!r} version {VERSION}")
+        raise BundleError(f"{where}: {MANIFEST} says format {str(manifest.get('format'))[:80]!r} version "
+                          f"{str(manifest.get('version'))[:80]!r}; this harness reads {FORMAT!r} version {VERSION}")
     listed = manifest.get("files")
     if not isinstance(listed, dict) or RECORD not in listed or WEIGHTS not in listed:
         raise BundleError(f"{where}: {MANIFEST} lists no {RECORD} and {WEIGHTS}; refused")
-    for name in sorted(set(members) - {MANIFEST} | set(listed)):
+    for name, entry in listed.items():
+        if name not in MEMBERS or name == MANIFEST:
+            raise BundleError(f"{where}: {MANIFEST} lists {str(name)[:80]!r}, not a member of a bundle; refused")
+        ok = isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"]) \
+            and type(entry.get("bytes")) is int and entry["bytes"] >= 0
+        if not ok:
+            raise BundleError(f"{where}: {MANIFEST}: files[{name!r}] is {type(entry).__name__} "
+                              f"{str(entry)[:80]!r}, not {{\"sha256\": 64 hex digits, \"bytes\": a size}}; refused")
+    return listed
+
+
+def verify_checksums(where: str, members: dict[str, bytes]) -> dict:
+    """The manifest, once every member it lists is there (:func:`read_members` checked each one's
+    size and SHA-256 as it streamed)."""
+    if MANIFEST not in members:
+        raise BundleError(f"{where}: no {MANIFEST}; not a run bundle")
+    manifest = _json(where, MANIFEST, members[MANIFEST])
+    for name in _listing(where, manifest):
         if name not in members:
             raise BundleError(f"{where}: {name} is listed in {MANIFEST} but missing from the bundle; refused")
-        if name not in listed:
-            raise BundleError(f"{where}: {name} is in the bundle but not in {MANIFEST}; refused")
-        got, want = sha256(members[name]), (listed[name] or {}).get("sha256")
-        if got != want:
-            raise BundleError(f"{where}: {name}: checksum mismatch (SHA-256 {got[:16]}..., {MANIFEST} says "
-                              f"{str(want)[:16]}...): the bundle was changed or damaged after export; refused")
     return manifest
 
 
-def _local_data(where: str, record: dict, data: str | None) -> D.DataInfo:
+#: what a record must hold for import to read it: key -> (type(s), what it is)
+_RECORD_SHAPE = {"run_id": (str, "a run id"), "status": (str, "a status"), "variant": (str, "a variant name"),
+                 "variant_config": (dict, "a variant config"), "train_config": (dict, "training settings"),
+                 "seed": (int, "an integer"), "spec": (dict, "the run's settings"), "data": (dict, "the data set"),
+                 "metrics": (dict, "the run's metrics"), "teacher_runs": (list, "a list of run ids")}
+
+
+def check_record(where: str, record: dict) -> None:
+    """The record's fields that import reads, of the types it reads them as."""
+    for key, (kind, what) in _RECORD_SHAPE.items():
+        v = record.get(key)
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise BundleError(f"{where}: {RECORD}: {key} is {type(v).__name__} {str(v)[:60]!r}, not {what}; refused")
+    for key in ("spec", "id"):
+        if not isinstance(record["data"].get(key), str):
+            raise BundleError(f"{where}: {RECORD}: data.{key} is not a string; refused")
+    for split in ("val", "test"):
+        if not isinstance(record["metrics"].get(split), dict):
+            raise BundleError(f"{where}: {RECORD}: metrics.{split} is not an object; refused")
+
+
+#: the largest seed of a synthetic data spec (numpy's legacy seeds are 32-bit)
+MAX_SYNTHETIC_SEED = 2 ** 32 - 1
+
+
+def check_synthetic_spec(where: str, manifest: dict, record: dict) -> None:
+    """Before a synthetic data set is generated for a bundle: its spec is ``synthetic:PRESET[:SEED]``
+    of a known preset and a seed in range, the manifest says the same spec, and the record's data
+    name and split sizes are the preset's (a bundle cannot make import generate any data set)."""
+    from . import synthetic
+
+    spec = record["data"]["spec"]
+    parts = spec.split(":")
+    if manifest.get("data_spec") != spec:
+        raise BundleError(f"{where}: {RECORD} names data {spec[:80]!r}, {MANIFEST} "
+                          f"{str(manifest.get('data_spec'))[:80]!r}; refused")
+    bad = len(parts) not in (2, 3) or parts[1] not in synthetic.PRESETS or \
+        (len(parts) == 3 and not (parts[2].isdigit() and len(parts[2]) <= 10 and int(parts[2]) <= MAX_SYNTHETIC_SEED))
+    if bad:
+        raise BundleError(f"{where}: {RECORD}: data spec {spec[:80]!r} is not synthetic:PRESET[:SEED] with a known "
+                          f"preset ({', '.join(synthetic.PRESETS)}) and a seed 0..{MAX_SYNTHETIC_SEED}; refused, no "
+                          f"data set generated")
+    p = synthetic.PRESETS[parts[1]]
+    sizes = {"train": p.n_train, "val": p.n_val, "test": p.n_test}
+    claimed = record["data"].get("sizes")
+    if record["data"].get("name") != f"synthetic-{parts[1]}" or claimed != sizes:
+        raise BundleError(f"{where}: {RECORD}: data {str(record['data'].get('name'))[:40]!r} with split sizes "
+                          f"{str(claimed)[:80]} is not {spec} (synthetic-{parts[1]}, {sizes}); refused, no data set "
+                          f"generated")
+
+
+def _local_data(where: str, manifest: dict, record: dict, data: str | None) -> D.DataInfo:
     spec = data or R.data_spec(record)
+    if data is None and spec.startswith("synthetic:"):
+        check_synthetic_spec(where, manifest, record)
     try:
         return D.describe(spec)
     except HarnessError as e:
@@ -228,9 +387,9 @@ def _normal(obj):
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
-def load_weights(where: str, record: dict, data: bytes) -> None:
-    """Check the weights: plain tensors (``weights_only``: no pickled code runs) that load into the
-    record's variant."""
+def load_weights(where: str, record: dict, data: bytes) -> torch.nn.Module:
+    """The record's variant with the bundle's weights, once they are plain tensors (``weights_only``:
+    no pickled code runs) that load into it."""
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - whatever torch refuses, the bundle is refused
@@ -239,37 +398,99 @@ def load_weights(where: str, record: dict, data: bytes) -> None:
                           f"weights_only=True: {first})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BundleError(f"{where}: {WEIGHTS} refused: not a state dict of tensors")
-    model = variants.build(variants.VariantConfig(**record["variant_config"]))
+    cfg = variants.VariantConfig(**record["variant_config"])
+    with torch.device("meta"):  # shapes only: a record's sizes (module_dim...) cannot make import allocate GiBs
+        shapes = {k: tuple(v.shape) for k, v in variants.build(cfg).state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state.items()}
+    if given != shapes:
+        wrong = sorted(set(shapes) ^ set(given)) or sorted(k for k in shapes if shapes[k] != given[k])
+        raise BundleError(f"{where}: {WEIGHTS} does not fit variant {record['variant']!r} as its record configures it "
+                          f"({len(wrong)} tensor(s) missing, unexpected or of another shape, e.g. {wrong[0][:80]!r}: "
+                          f"{given.get(wrong[0])} here, {shapes.get(wrong[0])} in the model); refused")
+    model = variants.build(cfg)  # its tensors are those of best.pt: as large as the bundle, no larger
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise BundleError(f"{where}: {WEIGHTS} does not fit variant {record['variant']!r}: "
                           f"{str(e).splitlines()[0]}; refused") from None
+    return model
 
 
-def import_bundle(path: str | Path, store: ResultsStore, data: str | None = None) -> tuple[dict, bool]:
+#: the least a re-evaluated accuracy may differ from the record's by, in questions (a tie broken
+#: the other way on another CPU's kernels)
+MIN_FLIPS = 2
+
+
+def metric_tolerance(scores: np.ndarray, percent: bool) -> float:
+    """How far a re-evaluated metric may be from the record's: one standard error of the mean of the
+    per-question ``scores`` (1/0 correct, or squared errors), at least :data:`MIN_FLIPS` questions'
+    worth for an accuracy (in percentage points when ``percent``), and 1e-6 of the value otherwise."""
+    n = max(len(scores), 1)
+    se = float(np.std(scores, ddof=1) / math.sqrt(n)) if len(scores) > 1 else float(np.abs(scores).max(initial=0))
+    if percent:
+        return 100 * max(se, MIN_FLIPS / n)
+    return max(se, 1e-6 * abs(float(np.mean(scores))) if len(scores) else 0.0)
+
+
+def verify_metrics(where: str, record: dict, model: torch.nn.Module, spec: str) -> str:
+    """Evaluate the bundle's weights on the local validation and test splits of ``spec`` with the
+    harness's evaluation (:func:`harness.evaluate.evaluate`, fp32, CPU) and refuse them unless the
+    task's metric (accuracy, a count's MSE) is the record's within :func:`metric_tolerance`: the same
+    weights on the same questions differ only where rounding flips a near tie. Returns what was
+    verified, for the import message."""
+    task = variants.task_of(variants.VariantConfig(**record["variant_config"]))
+    metric = M.task_metric(task)
+    data = D.load(spec)
+    said = []
+    for split in ("val", "test"):
+        s = data.splits[split]
+        got, pred = evaluate(model, s, data.features, data.type_names, 256, torch.device("cpu"), task=task)
+        answers = s.answers.cpu().numpy()
+        percent = metric.name == M.PRIMARY
+        scores = (pred == answers).astype(np.float64) if percent else \
+            (pred.astype(np.float64) - answers.astype(np.float64)) ** 2
+        tol = metric_tolerance(scores, percent)
+        claimed, value = R.metric(record, split, metric.name), got.get(metric.key)
+        if isinstance(claimed, bool) or not isinstance(claimed, (int, float)) or not math.isfinite(claimed) \
+                or value is None or abs(value - claimed) > tol:
+            raise BundleError(f"{where}: {RECORD} says {split} {metric.name} {str(claimed)[:40]}, but its weights "
+                              f"give {metric.fmt(value)} on the {len(s):,} {split} questions of {spec} here "
+                              f"(tolerance {tol:.3g}: one standard error, at least {MIN_FLIPS} questions); refused: "
+                              f"a forged or damaged run")
+        said.append(f"{split} {metric.name} {metric.fmt(value)} (record {metric.fmt(claimed)}, tolerance "
+                    f"{tol:.2g}, {len(s):,} questions)")
+    return "re-evaluated on this data set: " + ", ".join(said)
+
+
+def import_bundle(path: str | Path, store: ResultsStore, data: str | None = None,
+                  max_unpacked_mib: float = MAX_UNPACKED_MIB) -> tuple[dict, bool, str]:
     """Verify the bundle ``path`` and add its run to ``store``; returns (its record, whether it was
-    added: False when the store already had the run complete). ``data``: where the run's data set is
-    here [default: the spec its record names]."""
+    added: False when the store already had the run complete, what was verified). ``data``: where
+    the run's data set is here [default: the spec its record names]; ``max_unpacked_mib``: the
+    most the bundle may unpack to."""
     where = str(path)
-    members = read_members(path)
+    members = read_members(path, max_unpacked_mib)
     manifest = verify_checksums(where, members)
     record = _json(where, RECORD, members[RECORD])
-    info = _local_data(where, record, data)
+    check_record(where, record)
+    info = _local_data(where, manifest, record, data)
     verify_identity(where, manifest, record, info)
-    load_weights(where, record, members[WEIGHTS])
+    model = load_weights(where, record, members[WEIGHTS])
     run_id = record["run_id"]
     run_dir = store.run_dir(run_id)
+    if store.is_complete(run_id):
+        return store.read_record(run_id), False, "already in the store"
+    verified = verify_metrics(where, record, model, info.spec)
     store.write_data_info(info.to_dict())
     with run_lock(run_dir):
         if store.is_complete(run_id):
-            return store.read_record(run_id), False
+            return store.read_record(run_id), False, "already in the store"
         for name in (WEIGHTS, *OPTIONAL):
             if name in members:
                 atomic_write_bytes(run_dir / name, members[name])
         atomic_write_json(run_dir / IMPORTED, {
             "bundle": str(Path(path).resolve()), "bundle_sha256": {n: sha256(b) for n, b in members.items()},
             "exported_at": manifest.get("exported_at"), "git_commit": manifest.get("git_commit"),
-            "imported_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            "imported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "verified": verified})
         atomic_write_bytes(run_dir / RECORD, members[RECORD])  # last: the run is complete from here on
-    return record, True
+    return record, True, verified

@@ -45,6 +45,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
+import math
 import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,6 +66,9 @@ TOP_KEYS = {"description", "data", "seeds", "variants", "train", "set", "axes", 
 #: the keys of a grid's ``[evaluate]`` table
 EVALUATE_KEYS = {"compress"}
 TRAIN_KEYS = set(TRAIN_CHECKS)
+#: the most runs a grid may expand to unless ``--max-runs`` raises it: the run count is computed from
+#: the axes' lengths before anything is expanded (a few hundred bytes of axes can name millions)
+MAX_RUNS = 10_000
 
 
 class GridError(HarnessError, ValueError):
@@ -244,8 +248,23 @@ def _excluder(where: str, doc: dict, names: list[str]):
     return excluded
 
 
-def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | None = None) -> Grid:
-    """Read, check and expand a grid file. ``data`` / ``seeds`` override the file's."""
+def run_count(doc: dict, names: list[str], seeds: list[int], datasets: list[str], seeds_given: bool) -> int:
+    """How many runs the grid's axes, ``[[include]]`` entries, seeds and data sets make before
+    ``[[exclude]]`` drops any: computed from their lengths, nothing expanded."""
+    axes = doc.get("axes", {})
+    configs = sum(math.prod(len(v) if isinstance(v, list) else 1 for k, v in axes.items() if k in _settings_of(n))
+                  for n in names)
+    count = configs * len(seeds) * len(datasets)
+    for inc in doc.get("include", []):
+        own = seeds if seeds_given else inc.get("seeds", seeds)
+        count += (len(own) if isinstance(own, list) else 1) * len(datasets)
+    return count
+
+
+def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | None = None,
+         max_runs: int = MAX_RUNS) -> Grid:
+    """Read, check and expand a grid file. ``data`` / ``seeds`` override the file's; a grid of more
+    than ``max_runs`` runs (:func:`run_count`, before it is expanded) is refused."""
     path = resolve_path(name_or_path)
     where = str(path)
     doc = _read(path)
@@ -261,6 +280,13 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
                 D.synthetic_dir(d, generate=False)
             except DataError as e:
                 raise GridError(f"{where}: {'--data' if data else 'data'}: {e}") from None
+    for section in ("include", "exclude"):
+        entries = doc.get(section, [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise GridError(f"{where}: {section} must be [[{section}]] tables, got {str(entries)[:80]!r}")
+    if (count := run_count(doc, names, seeds, datasets, seeds_given)) > max_runs:
+        raise GridError(f"{where}: the grid makes {count:,} runs (before [[exclude]]), more than the limit of "
+                        f"{max_runs:,}; refused before expanding it (--max-runs N raises the limit)")
     excluded = _excluder(where, doc, names)
     train = doc.get("train", {})
     runs: list[RunSpec] = []

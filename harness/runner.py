@@ -56,7 +56,8 @@ from .pruning import pruned_info
 from .record import RECORD_VERSION, Record, teacher_ref
 from .sinks import Sinks, check_sinks, run_hparams
 from .step import TrainStep, build_step
-from .store import WEIGHTS, DamagedRun, ResultsStore, atomic_torch_save, atomic_write_bytes, file_digest, locked
+from .store import (WEIGHTS, DamagedRun, ResultsStore, StateError, atomic_torch_save, atomic_write_bytes, file_digest,
+                    locked, read_state)
 from .teacher_cache import TeacherOutputs
 
 # ----------------------------------------------------------------------------- training
@@ -285,14 +286,20 @@ class _Run:
     def _resume(self) -> None:
         # loaded on the CPU whatever the device: the RNG states must stay CPU ByteTensors (set_rng_state and
         # cuda.set_rng_state take nothing else); load_state_dict moves the model's and optimizer's tensors
-        st = torch.load(self.state_path, map_location="cpu", weights_only=False)
-        self.model.load_state_dict(st["model"])
-        self.step.objective.load_state_dict(st["objective"])
-        self.step.optimizer.load_state_dict(st["optimizer"])
-        self.sched.load_state_dict(st["scheduler"])
-        torch.set_rng_state(st["rng_cpu"])
-        if self.dev.type == "cuda" and st.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(st["rng_cuda"], self.dev)
+        st = read_state(self.state_path, self.p.run_id)  # weights_only: no pickled code runs
+        try:
+            self.model.load_state_dict(st["model"])
+            self.step.objective.load_state_dict(st["objective"])
+            self.step.optimizer.load_state_dict(st["optimizer"])
+            self.sched.load_state_dict(st["scheduler"])
+            torch.set_rng_state(st["rng_cpu"])
+            if self.dev.type == "cuda" and st.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(st["rng_cuda"], self.dev)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise StateError(f"{self.state_path}: does not fit run {self.p.run_id} ({type(e).__name__}: "
+                             f"{first.strip()[:200]}); refused, nothing resumed (delete it to train the run from its "
+                             f"start)") from None
         self.state = _Progress(st["history"], st["best"], st["epoch"] + 1, st["train_time"], st["train_samples"],
                                st.get("active_time", 0.0), st["started_at"],
                                # a state from before the cache: its teachers ran in every step

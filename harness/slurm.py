@@ -8,6 +8,7 @@ from __future__ import annotations
 import getpass
 import logging
 import math
+import re
 import subprocess
 
 from rich.console import Console
@@ -25,6 +26,14 @@ class ExecutorError(HarnessError, RuntimeError):
 SLURM_REQUESTS = {"partition": "--partition", "gpus_per_run": "--gpus-per-node", "cpus_per_run": "--cpus-per-task",
                   "mem_gb": "--mem", "time_min": "--time", "array_parallelism": "--array=...%N"}
 _MINIMUM = {"gpus_per_run": 0, "cpus_per_run": 1, "mem_gb": 0, "time_min": 1, "array_parallelism": 1}
+#: the longest partition or job name sent (SLURM's own names are far shorter)
+MAX_NAME = 64
+#: what a partition name sent to sbatch may be: names SLURM accepts, comma-separated, of characters that
+#: mean nothing to sbatch's ``#SBATCH`` line parser or a shell (no space, quote, ``#``, ``$``, newline), so
+#: the value needs no quoting and cannot add a line or an option to the script
+SLURM_NAMES = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_NAME}}}(,[A-Za-z0-9_.-]{{1,{MAX_NAME}}})*")
+#: characters a job name keeps; any other (a grid file's name may hold anything) becomes ``_``
+_JOB_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]")
 #: times a run may be requeued at its time limit before it is recorded as failed (each requeue resumes)
 MAX_REQUEUES = 20
 
@@ -40,8 +49,9 @@ def check_executor_options(options: dict, where: str = "executor options") -> No
             raise GridError(f"{where}: {key} = {v!r} must be {'a number' if key == 'mem_gb' else 'an integer'} "
                             f">= {low}")
     part = options.get("partition")
-    if part is not None and (not isinstance(part, str) or not part):
-        raise GridError(f"{where}: partition = {part!r} must be a partition name")
+    if part is not None and (not isinstance(part, str) or not SLURM_NAMES.fullmatch(part)):
+        raise GridError(f"{where}: partition = {str(part)[:80]!r} is not a SLURM partition name (or a comma-separated "
+                        f"list of them): letters, digits, '_', '-', '.', at most {MAX_NAME} characters each")
 
 
 def slurm_parameters(options: dict, device: str = "auto", jobs: int = 1, name: str = "ablate") -> dict:
@@ -51,8 +61,11 @@ def slurm_parameters(options: dict, device: str = "auto", jobs: int = 1, name: s
     run: with auto and no GPU asked for, a job would silently train on a CPU node); ``gpus_per_run =
     0`` or ``--device cpu`` asks for none. ``mem_gb = 0`` is SLURM's ``--mem=0`` (all of the node's
     memory). Without ``time_min``
-    the partition's default time limit is looked up (submitit always sends one)."""
+    the partition's default time limit is looked up (submitit always sends one). The partition is one
+    :data:`SLURM_NAMES` allows; the job name keeps letters, digits and ``_.+-`` (others become ``_``):
+    neither can add a line or an option to the sbatch script."""
     check_executor_options(options)
+    name = _JOB_NAME_UNSAFE.sub("_", name)[:MAX_NAME] or "ablate"
     gpus = options.get("gpus_per_run")
     if gpus is None and (device == "auto" or device.startswith("cuda")):
         gpus = 1

@@ -53,6 +53,49 @@ class DamagedRun(StoreError):
     """A complete run's files are damaged (weights truncated or changed) and may not be reused."""
 
 
+class StateError(HarnessError, ValueError):
+    """A run's ``state.pt`` is not a resume state the runner wrote; the message names the file."""
+
+
+#: what a resume state holds (the runner writes more; these are what resuming reads): key -> type(s)
+STATE_KEYS = {"model": dict, "objective": dict, "optimizer": dict, "scheduler": dict, "rng_cpu": torch.Tensor,
+              "history": list, "best": dict, "epoch": int, "train_time": (int, float), "train_samples": int,
+              "started_at": str}
+
+
+def read_state(path: str | Path, run_id: str | None = None) -> dict:
+    """A run's resume state (``state.pt``), read with ``torch.load(weights_only=True)``: tensors,
+    dicts, lists, numbers and strings only, no pickled code runs. Raises StateError naming the file
+    when it cannot be read so, is not of the runner's shape, or (``run_id``) is another run's."""
+    def bad(what: str) -> StateError:
+        return StateError(f"{path}: {what}; refused, nothing resumed (delete it to train the run from its start)")
+
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch refuses (a pickle that would run code, a damaged zip)
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise bad(f"not a resume state this harness wrote (torch.load with weights_only=True: {first.strip()[:200]})") \
+            from None
+    if not isinstance(st, dict):
+        raise bad(f"a {type(st).__name__}, not a resume state")
+    for key, kind in STATE_KEYS.items():
+        if not isinstance(st.get(key), kind) or isinstance(st.get(key), bool):
+            raise bad(f"{key} is {type(st.get(key)).__name__}, not {getattr(kind, '__name__', 'a number')}")
+    rng_cuda = st.get("rng_cuda")
+    for name, t in (("rng_cpu", st["rng_cpu"]), ("rng_cuda", rng_cuda)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1):
+            raise bad(f"{name} is not an RNG state (a 1-d byte tensor)")
+    if st["epoch"] < 0 or not all(isinstance(h, dict) for h in st["history"]):
+        raise bad("epoch or history is not of a run's epochs")
+    best = st["best"]
+    if type(best.get("epoch")) is not int or isinstance(best.get("acc"), bool) \
+            or not isinstance(best.get("acc"), (int, float)):
+        raise bad("best is not a best epoch (acc, epoch)")
+    if run_id is not None and st.get("run_id", run_id) != run_id:
+        raise bad(f"it is the state of run {str(st.get('run_id'))[:80]!r}, not of {run_id}")
+    return st
+
+
 #: a run a search's pruner stopped early (:meth:`ResultsStore.write_pruned`); it has no record
 PRUNED = "pruned.json"
 

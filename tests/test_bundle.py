@@ -81,7 +81,7 @@ def test_imported_teacher_is_used_by_its_student_without_retraining(tiny, export
     assert srec["teachers"][0]["test_acc"] == trec["metrics"]["test"]["overall"]
     assert store.read_record(trec["run_id"]) == trec
     # importing it again changes nothing
-    again, added = B.import_bundle(bundle, store)
+    again, added, _ = B.import_bundle(bundle, store)
     assert again == trec and not added
 
 
@@ -173,7 +173,7 @@ def test_members_that_would_leave_the_store_are_refused(exported, tmp_path, kind
     assert not (tmp_path / "a" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
 
 
-class _RunsCode:
+class RunsCode:
     """Unpickling this calls os.mkdir(path): what a hostile weights file would do."""
 
     def __init__(self, path):
@@ -188,7 +188,7 @@ def test_weights_that_would_run_code_are_refused(exported, tmp_path):
     m = members_of(bundle)
     marker = tmp_path / "code-ran"
     state = torch.load(io.BytesIO(m[B.WEIGHTS]), weights_only=True)
-    state["hook"] = _RunsCode(marker)
+    state["hook"] = RunsCode(marker)
     buf = io.BytesIO()
     torch.save(state, buf)
     m[B.WEIGHTS] = buf.getvalue()

@@ -75,7 +75,7 @@ def test_gpus_unasked_for_cuda_and_auto(device, gpus):
     ({"mem_gb": "4G"}, r"mem_gb = '4G' must be a number >= 0"),
     ({"time_min": 0}, r"time_min = 0 must be an integer >= 1"),
     ({"array_parallelism": 1.5}, r"array_parallelism = 1.5 must be an integer >= 1"),
-    ({"partition": ""}, r"partition = '' must be a partition name"),
+    ({"partition": ""}, r"partition = '' is not a SLURM partition name"),
 ])
 def test_bad_requests_name_the_key(options, match):
     with pytest.raises(GridError, match=match):
