@@ -186,7 +186,7 @@ def main(
                    max_runs=max_runs or G.MAX_RUNS)
     except user_errors() as e:
         error(console, e)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     ex = executor or g.executor.get("kind", "local")
     # the command line overrides the grid's [executor] table (checked when it was loaded); a value given is sent
     # as is, 0 included
@@ -196,7 +196,7 @@ def main(
         options = _grid_options(g, ex, executor_option, given)
     except user_errors() as e:
         error(console, e)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     store = ResultsStore(results)
     try:
         check_writable(store.root)
@@ -215,7 +215,7 @@ def main(
         raise interrupted() from None
     except user_errors() as e:
         error(console, e)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if res.failed:
         say(console, f"{plural(len(res.failed), 'run')} failed: " + "; ".join(
             f"{f['variant']} seed {f['seed']}: {f['reason']}" for f in res.failed), "red")
@@ -356,7 +356,7 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
             plans = [q for s in g.runs for q in plan(s, infos[s.data]).all_plans()]
     except user_errors() as e:
         error(console, e)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     ids = [*dict.fromkeys(q.run_id for q in plans)]
     missing = [r for r in ids if not store.is_complete(r)]
     if len(missing) == len(ids):
@@ -415,12 +415,12 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
         failed = _compress(store, ids, methods, force=force)
     except user_errors() as e:
         error(console, e)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     for rid in ids:
         fp32 = store.read_record(rid)
         metric = M.task_metric(R.task(fp32))  # accuracy, or a count's MSE
 
-        def figure(r: dict) -> str:
+        def figure(r: dict, metric=metric) -> str:
             return metric.fmt(R.metric(r, "test", metric.name))
 
         for m, rec in ((m, r) for m, r in C.read_all(store, fp32).items() if m in methods):
@@ -474,7 +474,7 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
         ids = [[*dict.fromkeys(r for p in ps for r in p.all_run_ids())] for ps in plans]
     except user_errors() as e:
         error(console, e)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     same = sorted({p.run_id for p in plans[0]} & {p.run_id for p in plans[1]})
     if same:
         error(console, f"grids {gs[0].name} and {gs[1].name} plan the same {plural(len(same), 'run')} "
@@ -544,7 +544,7 @@ def search(file: str = typer.Argument(..., help="A study file, e.g. grids/search
         raise interrupted() from None
     except user_errors() as e:
         error(console, e)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     say(console, f"report: {md}" + ("" if final else " (the fresh-seed comparison is not complete)"))
     if final is None:
         raise typer.Exit(1)
@@ -620,7 +620,7 @@ def run(
         # the run started: record why it failed (a refused resume state: nothing ran, the message says what to do)
         if run_id is not None and store.run_dir(run_id).exists() and not isinstance(e, StateError):
             _record_failure(store, run_id, {"variant": variant, "seed": seed}, e)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     try:
         _measure_costs(store, [record["run_id"]], device)
     except KeyboardInterrupt:
@@ -672,7 +672,7 @@ def export_(run_id: str = typer.Argument(..., help="The run to export (see `abla
         m = export_run(ResultsStore(results), run_id, out)
     except user_errors() as e:
         error(console, e)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     say(console, f"{out}: run {run_id} ({m['variant']}, data {m['data_id']}, commit {m['git_commit']}); "
                  f"`python ablate.py import {out}` adds it to another results store")
 
@@ -697,7 +697,7 @@ def import_(bundle: str = typer.Argument(..., help="A bundle written by `ablate.
                                              max_unpacked_mib=max_unpacked_mib or MAX_UNPACKED_MIB)
     except user_errors() as e:
         error(console, e)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     what = "imported" if added else "already in the store, unchanged:"
     say(console, f"{what} run {rec['run_id']} ({rec['variant']}, seed {rec['seed']}, {R.test_figure(rec)}) in "
                  f"{ResultsStore(results).run_dir(rec['run_id'])}" + (f"; {verified}" if added else ""))

@@ -180,7 +180,7 @@ def _compress_rows(cfg, config: str, sizes: list[int], methods: list[str], reps:
             with torch.no_grad():
                 ref = read(model(*inputs)["logits"])
                 agree = {p: float((read(m(*inputs)["logits"]) == ref).float().mean()) for p, (m, _, _) in paths.items()}
-            for path, (module, wbytes, kind) in paths.items():
+            for path, (_module, wbytes, kind) in paths.items():
                 rows.append({**base, "path": path, "batch_size": bs, "weight_bytes": wbytes, "bound_path": kind,
                              **lats[path], **C.bound_ms(kind, bs, macs, wbytes, rates),
                              "argmax_agrees_fp32": agree[path]})

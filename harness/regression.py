@@ -39,6 +39,7 @@ from typing import Optional
 import typer
 
 from . import env
+from .console import plural
 from . import grid as G
 from . import identity
 from . import metrics as M
@@ -229,7 +230,7 @@ def main(grid: str = typer.Option("ci", help="Grid name or file."),
             return
     except HarnessError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if not path.is_file():
         typer.echo(f"error: {path}: no expected results for grid {g.name} (--update writes them from this run)",
                    err=True)
@@ -240,7 +241,7 @@ def main(grid: str = typer.Option("ci", help="Grid name or file."),
         note = machine_note(expected)
         typer.echo("numbers moved outside tolerance:\n" + format_rows(rows) + (f"\n({note})" if note else ""))
         raise typer.Exit(1)
-    typer.echo(f"all {len(measured)} variants match {path} (code {identity.code_fingerprint()})")
+    typer.echo(f"{'the' if len(measured) == 1 else 'all'} {plural(len(measured), 'variant')} match{'es' if len(measured) == 1 else ''} {path} (code {identity.code_fingerprint()})")
 
 
 if __name__ == "__main__":

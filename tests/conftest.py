@@ -49,3 +49,23 @@ def tiny(data_cache):
     from harness import data as D
 
     return D.load("synthetic:tiny")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    """A teacher-g4 run trained in one store and exported with ``ablate.py export`` (one epoch, batch 128):
+    (its record, the bundle's path); the bundle tests import it, or forge it."""
+    from typer.testing import CliRunner
+
+    import ablate
+    from harness.runner import RunSpec, train
+    from harness.store import ResultsStore
+
+    d = tmp_path_factory.mktemp("bundle")
+    store = ResultsStore(d / "trained-here")
+    rec = train(RunSpec(variant="teacher-g4", data="synthetic:tiny", seed=3, epochs=1, batch_size=128), store,
+                data=tiny, device="cpu", progress=False)
+    out = d / "teacher.tar"
+    res = CliRunner().invoke(ablate.app, ["export", rec["run_id"], "-o", str(out), "--results", str(store.root)])
+    assert res.exit_code == 0, res.output
+    return rec, out

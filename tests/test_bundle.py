@@ -18,19 +18,6 @@ from harness.store import ResultsStore
 FAST = {"epochs": 1, "batch_size": 128}
 
 
-@pytest.fixture(scope="module")
-def exported(tiny, tmp_path_factory):
-    """A teacher-g4 run trained in one store and exported: (its record, the bundle's path)."""
-    d = tmp_path_factory.mktemp("bundle")
-    store = ResultsStore(d / "trained-here")
-    rec = train(RunSpec(variant="teacher-g4", data="synthetic:tiny", seed=3, **FAST), store, data=tiny, device="cpu",
-                progress=False)
-    out = d / "teacher.tar"
-    res = CliRunner().invoke(ablate.app, ["export", rec["run_id"], "-o", str(out), "--results", str(store.root)])
-    assert res.exit_code == 0, res.output
-    return rec, out
-
-
 def members_of(path) -> dict[str, bytes]:
     with tarfile.open(path) as tf:
         return {m.name: tf.extractfile(m).read() for m in tf}

@@ -9,7 +9,6 @@ import inspect
 import json
 from pathlib import Path
 
-import pytest
 
 import variants
 from harness import identity

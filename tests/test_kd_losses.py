@@ -582,7 +582,7 @@ def test_no_host_sync_on_cuda():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for name, m in modules.items():
+        for _name, m in modules.items():
             loss, parts = m(s, [t, t], answers)
             loss.backward()
     finally:

@@ -169,7 +169,7 @@ def test_without_the_fp32_objective_bf16_losses_are_off():
     answers = torch.randint(0, A_, (B_,), generator=torch.Generator().manual_seed(2))
     obj = all_losses_objective()
     worst = 0.0
-    for name, module in zip(obj.kd_names, obj.kd):
+    for _name, module in zip(obj.kd_names, obj.kd):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = module(s, [t], answers)[0]
         ref = module(to_fp32(s), [to_fp32(t)], answers)[0]

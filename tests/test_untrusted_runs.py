@@ -24,7 +24,7 @@ from harness import grid as G
 from harness import slurm as S
 from harness.runner import RunSpec, plan
 from harness.store import ResultsStore
-from test_bundle import RunsCode, exported, files_under, members_of, write_bundle  # noqa: F401 - exported: a fixture
+from test_bundle import RunsCode, files_under, members_of, write_bundle
 from test_executor import flags, sbatch_lines
 
 runner = CliRunner()

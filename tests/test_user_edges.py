@@ -21,7 +21,7 @@ def invoke(*args, app=ablate.app):
 
 def _read_only_under(monkeypatch, root):
     """Writes under ``root`` fail as on a read-only mount (the tests run as root, where chmod does not)."""
-    real_mkstemp, real_open = tempfile.mkstemp, open
+    real_mkstemp = tempfile.mkstemp
 
     def mkstemp(*a, dir=None, **k):
         if dir is not None and str(dir).startswith(str(root)):
