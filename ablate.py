@@ -106,20 +106,23 @@ def accuracy_table(record: dict, title: str | None = None) -> Table:
     m["ablations"] = {k: {"overall": v.get(metric.key), "per_type": v.get(metric.per_type) or {}}
                       for k, v in record["metrics"].get("ablations", {}).items()}
     types = [t for t in record["data"]["type_names"] if t in m["test"]["per_type"] or t in m["val"]["per_type"]]
-    what = "" if metric.name == M.PRIMARY else f": {metric.title}, {'higher' if metric.higher_is_better else 'lower'} is better"
+    what = ("" if metric.name == M.PRIMARY
+            else f": {metric.title}, {'higher' if metric.higher_is_better else 'lower'} is better")
     t = Table(title=title or f"{record['variant']} on {record['data']['name']} (seed {record['seed']}){what}")
     t.add_column("split")
     for name in types:
         t.add_column(name, justify="right")
     t.add_column("all", justify="right", style="bold")
-    for label, key in (("val (best epoch)", "val"), ("test (best-val epoch)", "test"), ("test (last epoch)", "test_last")):
+    for label, key in (("val (best epoch)", "val"), ("test (best-val epoch)", "test"),
+                       ("test (last epoch)", "test_last")):
         row = m[key]
         t.add_row(label, *[f"{row['per_type'][n]:.2f}" if n in row["per_type"] else "-" for n in types],
                   f"{row['overall']:.2f}")
     from harness.evaluate import ABLATIONS
 
     for key, row in m.get("ablations", {}).items():
-        t.add_row(f"test, {ABLATIONS.get(key, key)}", *[f"{row['per_type'][n]:.2f}" if n in row["per_type"] else "-" for n in types],
+        t.add_row(f"test, {ABLATIONS.get(key, key)}",
+                  *[f"{row['per_type'][n]:.2f}" if n in row["per_type"] else "-" for n in types],
                   f"{row['overall']:.2f}", style="italic")
     t.add_row("questions (test)", *[str(m["test"]["counts"].get(n, 0)) for n in types], str(m["test"]["n"]),
               style="dim")
@@ -130,7 +133,8 @@ def accuracy_table(record: dict, title: str | None = None) -> Table:
 def main(
     ctx: typer.Context,
     grid: Optional[str] = typer.Option(None, "--grid", help="Run the grid grids/NAME.toml (or a path to a grid "
-                                       "file): complete runs are skipped, teachers run first, then the report is written."),
+                                       "file): complete runs are skipped, teachers run first, "
+                                       "then the report is written."),
     jobs: Optional[int] = typer.Option(None, min=1, help="Runs at a time [default: the grid's executor.jobs, else 1]."),
     executor: Optional[str] = typer.Option(None, help="local (processes on this machine), slurm (a submitit job "
                                            "array), submitit-local, or another kind registered in "
@@ -367,7 +371,8 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
     if missing:
         say(console, f"{len(missing)} of {plural(len(ids), 'run')} {'is' if len(missing) == 1 else 'are'} not "
                      "complete; the report covers the rest and says "
-                     f"what is missing (run `{_command(grid=grid, results=results, data=data, seeds=seeds, max_runs=max_runs)}` to "
+                     "what is missing (run "
+                     f"`{_command(grid=grid, results=results, data=data, seeds=seeds, max_runs=max_runs)}` to "
                      "finish them)", "yellow")
     if not _write_report(store, g, reports, ids, _command("report", grid=grid, results=results, reports=reports,
                                                            data=data, seeds=seeds, max_runs=max_runs), plans):
@@ -382,7 +387,8 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
              results: str = typer.Option("results", help="Results store directory."),
              force: bool = typer.Option(False, help="Evaluate and time again those already complete."),
              threads: Optional[int] = typer.Option(None, min=1, help="torch and ONNX Runtime CPU threads [default: "
-                                                   "torch's]; on a CPU shared with other work, 1 times more steadily.")):
+                                                   "torch's]; on a CPU shared with other work, "
+                                                   "1 times more steadily.")):
     """Evaluate complete runs compressed (int8, ONNX Runtime) on the CPU, without retraining: each is recorded in
     results/runs/<run>/compressed/<method>/ beside the run (whose own files are only read); complete ones are
     skipped. `ablate.py report --grid NAME` then shows them beside their fp32 runs."""
@@ -554,7 +560,8 @@ def search(file: str = typer.Argument(..., help="A study file, e.g. grids/search
 def run(
     variant: str = typer.Argument(..., help="Registered variant name (see `ablate.py list`)."),
     data: str = typer.Option("synthetic:tiny", help="A feature directory in the HCRN/DualVGR format, or "
-                             "synthetic:PRESET[:SEED] (tiny, small, msvd, tiny-mc, tiny-count), generated on first use."),
+                             "synthetic:PRESET[:SEED] (tiny, small, msvd, tiny-mc, tiny-count), "
+                             "generated on first use."),
     seed: int = typer.Option(666, help="Random seed (the reference uses 666)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs [default: the data set's suggestion, else 25]."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size [default: suggestion, else 256]."),

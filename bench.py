@@ -39,8 +39,8 @@ REQUIRED_FIELDS = ("variant", "config", "device", "gpu_name", "torch_version", "
                    "params_total", "params_trainable", "macs_per_sample", "flops_per_sample", "unsupported_ops",
                    "latency_ms_median", "latency_ms_p90", "latency_ms_p99", "infer_samples_per_s",
                    "train_samples_per_s", "peak_mem_mib_infer", "peak_mem_mib_train", "peak_mem_mib_train_step",
-                   "resident_mib_train", "peak_mem_step_kind", "infer_path", "lstm_precision", "tf32_matmul", "tf32_cudnn", "cuda_version",
-                   "cudnn_version", "runs_sharing_device")
+                   "resident_mib_train", "peak_mem_step_kind", "infer_path", "lstm_precision", "tf32_matmul",
+                   "tf32_cudnn", "cuda_version", "cudnn_version", "runs_sharing_device")
 
 TABLE_COLUMNS = ("variant", "batch_size", "params_total", "macs_per_sample", "latency_ms_median", "latency_ms_p90",
                  "infer_samples_per_s", "train_samples_per_s", "peak_mem_mib_infer", "peak_mem_mib_train",
@@ -51,7 +51,8 @@ TABLE_COLUMNS = ("variant", "batch_size", "params_total", "macs_per_sample", "la
 def main(
     variant: list[str] = typer.Option(["dualvgr"], help="Variant name or shell wildcard ('teacher-*'); repeatable."),
     config: str = typer.Option("msvd", help=f"Model size preset: {', '.join(CONFIGS)}."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Variant setting key=value, any variant's (module_dim=256, keep_ratio=0.5, logits.T=2), repeatable."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Variant setting key=value, any variant's "
+                                             "(module_dim=256, keep_ratio=0.5, logits.T=2), repeatable."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N [default: cuda when available]."),
     batch_size: str = typer.Option("1,32", help="Comma-separated batch sizes."),
     precision: str = typer.Option("fp32", help="fp32 (strict: no TF32 on CUDA), tf32 (CUDA), bf16 or fp16 (autocast)."),
@@ -59,13 +60,15 @@ def main(
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Latency from the eval forward captured once per "
                                                                "batch size in a CUDA graph and replayed (CUDA only)."),
     reps: int = typer.Option(50, min=1, help="Timed eval forwards per batch size."),
-    warmup: Optional[int] = typer.Option(None, min=0, help="Warm-up runs before timing [default: 10 on CUDA, 3 on CPU]."),
-    train_reps: Optional[int] = typer.Option(None, min=1, help="Timed training steps per batch size [default: max(5, reps/5)]."),
+    warmup: Optional[int] = typer.Option(None, min=0,
+                                         help="Warm-up runs before timing [default: 10 on CUDA, 3 on CPU]."),
+    train_reps: Optional[int] = typer.Option(None, min=1,
+                                             help="Timed training steps per batch size [default: max(5, reps/5)]."),
     no_train: bool = typer.Option(False, "--no-train", help="Skip the training-step measurements."),
     no_flops: bool = typer.Option(False, "--no-flops", help="Skip FLOP counting."),
     question_len: int = typer.Option(12, min=1, help="Padded question length of the random inputs."),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (torch.set_num_threads) [default: torch's]. "
-                                                     "On a CPU shared with other work, use 1."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (torch.set_num_threads) "
+                                                     "[default: torch's]. On a CPU shared with other work, use 1."),
     data: Optional[str] = typer.Option(None, help="Also measure the data layer on this data set "
                                                   "(e.g. synthetic:tiny): memory and streaming samples/s."),
     fmt: str = typer.Option("table", "--format", help="table, json or markdown."),
@@ -163,8 +166,9 @@ def _compress_rows(cfg, config: str, sizes: list[int], methods: list[str], reps:
     fp32_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     paths = {"fp32 eager": (model, fp32_bytes, "fp32")}
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = {"variant": cfg.name, "config": config, "device_name": device_name("cpu"), "threads": torch.get_num_threads(),
-            "torch_version": torch.__version__, "macs_per_sample": macs[0], "macs_int8_per_sample": macs[1], **rates,
+    base = {"variant": cfg.name, "config": config, "device_name": device_name("cpu"),
+            "threads": torch.get_num_threads(), "torch_version": torch.__version__,
+            "macs_per_sample": macs[0], "macs_int8_per_sample": macs[1], **rates,
             "git_commit": git_commit(), "measured_at": stamp, "load_average_before": load_average()}
     with tempfile.TemporaryDirectory() as tmp:
         for m in methods:

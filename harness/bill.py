@@ -99,7 +99,8 @@ def record_compute(record: dict) -> dict:
     speed, step_s = record.get("train_samples_per_s"), record.get("train_time_s")
     n = int(round(speed * step_s)) if speed and step_s else 0
     f = R.cost(record, "flops_per_sample")
-    teachers = [{"run_id": r, "variant": None, "forward_flops_per_sample": None} for r in record.get("teacher_runs", [])]
+    teachers = [{"run_id": r, "variant": None, "forward_flops_per_sample": None}
+                for r in record.get("teacher_runs", [])]
     val_samples = int(R.split_sizes(record).get("val", 0)) * int(record.get("epochs_run", 0))
     return {"device": record.get("device"), "device_name": record.get("device_name"),
             "wall_time_s": record.get("wall_time_s"), "train_time_s": step_s, "cache_build_s": 0.0,

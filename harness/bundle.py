@@ -17,8 +17,8 @@ first; each member must be one of the names above, a regular file (not sparse) w
 (no absolute path, no ``..``, no link, no device; Python's ``tarfile.data_filter`` is applied as
 well) whose size is the one the manifest lists; extended tar headers (pax, GNU long names) are
 bounded in size before they are read and in number, and the bytes unpacked in all are bounded by a
-cap (``--max-unpacked-mib``) before a member is read. Each member is read in chunks, hashed as it streams, checked against the
-manifest's SHA-256, and only then written by the store's atomic writers into
+cap (``--max-unpacked-mib``) before a member is read. Each member is read in chunks, hashed as it streams,
+checked against the manifest's SHA-256, and only then written by the store's atomic writers into
 ``results/runs/<run_id>/``. The manifest and the record are JSON of a checked shape; the weights
 are read with ``torch.load(weights_only=True)`` (no pickled code runs), must have the tensor
 shapes of the model the record configures (compared on the meta device, before the model is built)

@@ -182,7 +182,8 @@ class OrtModule(nn.Module):
 
 
 def input_names(cfg_model: dict) -> tuple[str, ...]:
-    """The model's positional inputs by name: the video, the question, then its task's inputs (:mod:`variants.tasks`)."""
+    """The model's positional inputs by name: the video, the question, then its task's inputs
+    (:mod:`variants.tasks`)."""
     return _INPUTS + tuple(variants.task(cfg_model.get("task", OPEN_ENDED)).inputs)
 
 
@@ -486,7 +487,8 @@ def quantized_macs(model: nn.Module, cfg_model: dict) -> tuple[int, int]:
     inputs = random_inputs(cfg_model, 2, "cpu")
     total = count_flops(model, inputs)["macs_per_sample"]
     by_module = flop_analysis(model, inputs).by_module()
-    q = sum(by_module.get(f"model.{name}", 0) for name, m in model.named_modules() if isinstance(m, (nn.LSTM, nn.Linear)))
+    q = sum(by_module.get(f"model.{name}", 0) for name, m in model.named_modules()
+            if isinstance(m, (nn.LSTM, nn.Linear)))
     return int(total), int(q // 2)
 
 

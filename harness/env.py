@@ -95,7 +95,8 @@ def environment(device: torch.device | str) -> dict:
             "interop_threads": torch.get_num_interop_threads(), "cpu": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": device_name(device),
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-            "cudnn_deterministic": torch.backends.cudnn.deterministic, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "float32_matmul_precision": torch.get_float32_matmul_precision(), **cuda_facts(device),
             "load_average": load_average()}
 
@@ -233,7 +234,8 @@ def precision_problem(device: torch.device | str, precision: str) -> str | None:
     if dev.type == "cpu":
         err = _probe_cpu(precision)
         if err is not None:
-            return (f"{precision} autocast cannot run an LSTM on this CPU ({platform.processor() or platform.machine()}): "
+            return (f"{precision} autocast cannot run an LSTM on this CPU "
+                    f"({platform.processor() or platform.machine()}): "
                     f"oneDNN needs AVX-512 for {precision} recurrent layers ({err}); use fp32 here, or a GPU")
     return None
 

@@ -211,10 +211,12 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
                                           f"{len(todo) - todo_own} to train)" if teachers else "")
         + f"; executor {executor} x {jobs}")
     if other:
-        say(console, f"{plural(len(other), 'complete run')} {'was' if len(other) == 1 else 'were'} computed by other code than this checkout's (code "
+        say(console, f"{plural(len(other), 'complete run')} {'was' if len(other) == 1 else 'were'} "
+                     "computed by other code than this checkout's (code "
                      f"{code}): " + ("reused (--no-reuse-other-code trains them again)" if reuse_other_code
                                      else f"trained again; theirs kept in {kept_in(kept)}"), "yellow")
-    result = GridResult([p.run_id for p in every], [p.run_id for p in plans if p.run_id not in {q.run_id for q in todo}],
+    result = GridResult([p.run_id for p in every],
+                        [p.run_id for p in plans if p.run_id not in {q.run_id for q in todo}],
                         [], len(plans) - todo_own)
     if not todo:
         return result
@@ -245,7 +247,8 @@ def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mod
     ngpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
     slots = device_slots(jobs, device, ngpu)
     if any(n > 1 and d.startswith("cuda") for d, n in slots):
-        say(sched.console, f"{plural(jobs, 'job')} on {plural(ngpu, 'GPU')}: up to {max(n for _, n in slots)} runs share a GPU; their "
+        say(sched.console, f"{plural(jobs, 'job')} on {plural(ngpu, 'GPU')}: "
+                           f"up to {max(n for _, n in slots)} runs share a GPU; their "
                            f"throughput, wall time and device-seconds are shared (recorded as runs_sharing_device)",
             "yellow")
     threads = None if ngpu else cpu_threads_per_worker(jobs)

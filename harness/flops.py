@@ -173,7 +173,8 @@ ZERO_FLOP_OPS: dict[str, str] = {
     **{f"aten::{op}": _INDEXING for op in (
         "embedding", "gather", "scatter", "scatter_", "scatter_add", "scatter_add_", "index_select", "take",
         "topk", "sort", "argsort", "expand_as", "repeat", "flip", "roll", "tril", "triu", "masked_select",
-        "nonzero", "unique_dim", "broadcast_tensors", "view_as", "numel", "size", "dim", "_pack_padded_sequence", "_pad_packed_sequence", "type_as", "to", "clone",
+        "nonzero", "unique_dim", "broadcast_tensors", "view_as", "numel", "size", "dim", "_pack_padded_sequence",
+        "_pad_packed_sequence", "type_as", "to", "clone",
         "fill_", "zero_", "dropout", "feature_dropout", "alpha_dropout", "native_dropout")},
     **{f"aten::{op}": _CREATION for op in (
         "eye", "zeros", "ones", "zeros_like", "ones_like", "empty_like", "new_zeros", "new_ones", "new_full",

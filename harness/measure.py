@@ -483,7 +483,8 @@ def measure_variant(cfg, batch_sizes: Iterable[int], device: torch.device | str,
     rows = [(_base_record(b, bs, params, fl, train), dict(errors), random_inputs(cfg.model, bs, dev, question_len))
             for bs in batch_sizes]
     for rec, rec_err, inputs in rows:
-        _run_part(b, rec, rec_err, "latency", lambda rec=rec, inputs=inputs: _measure_inference(b, rec, inputs, warmup, reps),
+        _run_part(b, rec, rec_err, "latency",
+                  lambda rec=rec, inputs=inputs: _measure_inference(b, rec, inputs, warmup, reps),
                   problem, say)
     if train:
         b.teachers = build_teachers(cfg, dev, **(teacher_settings or {})) if cfg.teachers else []

@@ -241,7 +241,8 @@ def main(grid: str = typer.Option("ci", help="Grid name or file."),
         note = machine_note(expected)
         typer.echo("numbers moved outside tolerance:\n" + format_rows(rows) + (f"\n({note})" if note else ""))
         raise typer.Exit(1)
-    typer.echo(f"{'the' if len(measured) == 1 else 'all'} {plural(len(measured), 'variant')} match{'es' if len(measured) == 1 else ''} {path} (code {identity.code_fingerprint()})")
+    typer.echo(f"{'the' if len(measured) == 1 else 'all'} {plural(len(measured), 'variant')} "
+               f"match{'es' if len(measured) == 1 else ''} {path} (code {identity.code_fingerprint()})")
 
 
 if __name__ == "__main__":

@@ -406,7 +406,8 @@ class _Run:
         tc, st = self.p.train, self.state
         epochs, first = tc["epochs"], st.next_epoch
         steps = D.num_batches(len(self.splits["train"]), self.batch_size, self.drop_last)
-        display = _Display(self.console, self.show_progress, f"{self.p.spec.variant} seed {self.p.spec.seed}", epochs, steps)
+        display = _Display(self.console, self.show_progress, f"{self.p.spec.variant} seed {self.p.spec.seed}",
+                           epochs, steps)
         try:
             self._ask_to_stop(st.history)  # a resumed run's epochs first
             for epoch in range(first, epochs):

@@ -141,7 +141,8 @@ class _Schedule:
         self.running.pop(p.run_id, None)
         if out["status"] == "complete":
             (self.result.complete if p.run_id in self.own else self.result.teachers_complete).append(p.run_id)
-            say(self.console, f"done {out['variant']} seed {out['seed']}: {out.get('result') or _acc(out)} ({out['run_id']})",
+            say(self.console,
+                f"done {out['variant']} seed {out['seed']}: {out.get('result') or _acc(out)} ({out['run_id']})",
                 "green")
         else:
             if self.store is not None and "failed_at" not in out:  # given up here, not recorded by run_one
@@ -153,7 +154,8 @@ class _Schedule:
 
     def dependency_failed(self, p) -> str | None:
         bad = [self.failed_plans[r] for r in _depends(p) if r in self.failed_plans]
-        return None if not bad else f"teacher run {bad[0].spec.variant} seed {bad[0].spec.seed} ({bad[0].run_id}) failed"
+        return None if not bad else (f"teacher run {bad[0].spec.variant} seed {bad[0].spec.seed} "
+                                     f"({bad[0].run_id}) failed")
 
     def ready(self) -> list:
         """Pending runs whose teachers in this schedule are complete; a run whose teacher failed is

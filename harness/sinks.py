@@ -149,7 +149,8 @@ class Sinks:
 
     def __init__(self, names: Iterable[str], run_dir: Path, hparams: dict, warn: Warn):
         self.warn, self.open = warn, {}
-        makers = {"tensorboard": lambda: _TensorBoard(run_dir, hparams), "wandb": lambda: _WandB(run_dir, hparams, warn)}
+        makers = {"tensorboard": lambda: _TensorBoard(run_dir, hparams),
+                  "wandb": lambda: _WandB(run_dir, hparams, warn)}
         for name in check_sinks(names):
             try:
                 self.open[name] = makers[name]()

@@ -9,7 +9,8 @@ A run killed midway therefore never leaves a partial record: either ``record.jso
 is complete, or the run is resumed from ``state.pt`` when started again. The record holds the size
 and SHA-1 of ``best.pt`` as written; a run whose weights no longer match is set aside and retrained
 before anything reuses them (:meth:`ResultsStore.usable`). A run that failed, or that a grid gave up
-on, has ``failed.json`` (the reason); one a search's pruner stopped has ``pruned.json`` and no record. Files are written atomically, with the mode the umask gives.
+on, has ``failed.json`` (the reason); one a search's pruner stopped has ``pruned.json`` and no record.
+Files are written atomically, with the mode the umask gives.
 """
 from __future__ import annotations
 

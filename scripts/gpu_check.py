@@ -202,7 +202,8 @@ def bench(dev: torch.device, size: dict, out_dir: Path) -> dict:
             print(f"   {name} {precision}{' cuda-graph' if graph else ''}", flush=True)
             recs = measure_variant(cfg, size["batches"], dev, precision=precision, reps=size["reps"],
                                    warmup=size["warmup"],
-                                   train=not graph, train_reps=size["train_reps"], flops=precision == "fp32" and not graph,
+                                   train=not graph, train_reps=size["train_reps"],
+                                   flops=precision == "fp32" and not graph,
                                    teacher_settings=dict(PRESETS[size["config"]].model_config()), cuda_graph=graph)
             rows += [{**r, "config": size["config"]} for r in recs]
             torch.cuda.empty_cache() if dev.type == "cuda" else None
@@ -250,7 +251,8 @@ def runs(dev: torch.device, size: dict, out_dir: Path) -> dict:
     stopped = train(_spec("dualvgr", size), resumed_store, data=data, device=dev, progress=False, stop_after_epochs=1)
     resumed = train(_spec("dualvgr", size), resumed_store, data=data, device=dev, progress=False)
     full = store.read_record(resumed["run_id"])
-    same = [a["loss"] == b["loss"] and a["val_acc"] == b["val_acc"] for a, b in zip(full["history"], resumed["history"])]
+    same = [a["loss"] == b["loss"] and a["val_acc"] == b["val_acc"]
+            for a, b in zip(full["history"], resumed["history"])]
     out["resume"] = {"stopped": stopped["status"], "status": resumed["status"], "epochs": resumed["epochs_run"],
                      "equal_per_epoch": same, "test_acc": [full["metrics"]["test"]["overall"],
                                                            resumed["metrics"]["test"]["overall"]],
@@ -276,7 +278,8 @@ def _jobs2_grid(dev: torch.device, size: dict, out_dir: Path) -> dict:
     recs = [store.read_record(r) for r in res.run_ids if store.is_complete(r)]
     out = {"runs": [_second_epoch(r) for r in recs]}
     if len(recs) != 2 or any(r.get("runs_sharing_device") != 2 for r in recs):
-        out["failed"] = f"--jobs 2 grid: {len(recs)} runs complete, sharing {[r.get('runs_sharing_device') for r in recs]}"
+        out["failed"] = (f"--jobs 2 grid: {len(recs)} runs complete, "
+                         f"sharing {[r.get('runs_sharing_device') for r in recs]}")
     return out
 
 

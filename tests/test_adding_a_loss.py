@@ -52,10 +52,12 @@ def registered():
 
 def test_a_new_loss_parameter_is_a_setting_without_writing_it_into_the_variant(registered, tmp_path):
     assert variants.loss_params("example-mse") == {"scale": 1.0, "on": "logits"}
-    assert {"example-mse.scale", "example-mse.on", "example-mse.weight"} <= set(variants.settings("example-student-mse"))
+    assert ({"example-mse.scale", "example-mse.on", "example-mse.weight"}
+            <= set(variants.settings("example-student-mse")))
     cfg = variants.get_config("example-student-mse", **{"example-mse.scale": 2.0})
     assert cfg.distill == [{"name": "example-mse", "weight": 1.0, "params": {"scale": 2.0}}]
-    with pytest.raises(variants.ConfigError, match=r"'example-mse' has no parameter 'scal' \(known: weight, scale, on\)"):
+    with pytest.raises(variants.ConfigError,
+                       match=r"'example-mse' has no parameter 'scal' \(known: weight, scale, on\)"):
         variants.get_config("example-student-mse", **{"example-mse.scal": 2.0})
     with pytest.raises(variants.ConfigError, match=r"example-mse.scale = 'x' must be float"):
         variants.get_config("example-student-mse", **{"example-mse.scale": "x"})

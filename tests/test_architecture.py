@@ -106,7 +106,8 @@ MODULES = set(_modules())
 
 
 def test_harness_imports_form_no_cycle():
-    paths = {m: (ROOT / m.replace(".", "/")).with_suffix(".py") if (ROOT / m.replace(".", "/")).with_suffix(".py").exists()
+    paths = {m: (ROOT / m.replace(".", "/")).with_suffix(".py")
+             if (ROOT / m.replace(".", "/")).with_suffix(".py").exists()
              else ROOT / m.replace(".", "/") / "__init__.py" for m in MODULES}
     graph = {m: _top_level_imports(p, m) for m, p in paths.items()}
     state: dict[str, int] = {}

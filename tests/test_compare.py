@@ -107,7 +107,8 @@ def _acc_and_count_runs(store: ResultsStore, side: str, shift: int) -> list[str]
     """A run per data set (an accuracy set, a count set) and seed, written for ``side``."""
     ids = []
     answer = np.random.default_rng(1).integers(1, 11, N)
-    for data, task in (({"id": "acc-1", "name": "accset"}, "open-ended"), ({"id": "cnt-1", "name": "countset"}, "count")):
+    for data, task in (({"id": "acc-1", "name": "accset"}, "open-ended"),
+                       ({"id": "cnt-1", "name": "countset"}, "count")):
         for seed in (0, 1):
             pred = np.where(np.arange(N) % 10 < 5 + shift, answer, answer + 1 + shift)
             correct = pred == answer

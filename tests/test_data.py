@@ -169,7 +169,8 @@ def test_feature_dim_mismatch(tmp_path):
 
 def test_feature_rank_wrong(tmp_path):
     root = write_dataset(tmp_path / "r", app=np.zeros((6, 3, 5), np.float32))
-    with pytest.raises(D.DataError, match=r"'resnet_features' must be \(videos, clips, frames, dim\), got shape \(6, 3, 5\)"):
+    with pytest.raises(D.DataError,
+                       match=r"'resnet_features' must be \(videos, clips, frames, dim\), got shape \(6, 3, 5\)"):
         D.load(root)
 
 
@@ -271,7 +272,8 @@ def test_streaming_batches_equal_memory_batches(tmp_path):
     assert stream.features.streaming and not mem.features.streaming
     split = mem.splits["train"]
     for g_seed in (0, 1):
-        a = list(D.iterate_batches(split, mem.features, 3, shuffle=True, generator=torch.Generator().manual_seed(g_seed)))
+        a = list(D.iterate_batches(split, mem.features, 3, shuffle=True,
+                                   generator=torch.Generator().manual_seed(g_seed)))
         b = list(D.iterate_batches(stream.splits["train"], stream.features, 3, shuffle=True,
                                    generator=torch.Generator().manual_seed(g_seed)))
         assert len(a) == len(b) == 3

@@ -108,7 +108,8 @@ def test_time_limit_from_the_partition_when_not_set(tmp_path, monkeypatch):
                  'esac\n')
     with pytest.raises(S.ExecutorError, match=r"no partition 'nope' \(partitions: debug, gpu\)"):
         S.slurm_parameters({"partition": "nope"})
-    fake_command(tmp_path, monkeypatch, "sinfo", 'echo "slurm_load_partitions: Unable to contact slurm controller" >&2\n'
+    fake_command(tmp_path, monkeypatch, "sinfo",
+                 'echo "slurm_load_partitions: Unable to contact slurm controller" >&2\n'
                  'exit 1\n')
     with pytest.raises(S.ExecutorError, match="Unable to contact slurm controller"):
         S.slurm_parameters({"partition": "debug"})

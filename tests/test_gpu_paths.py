@@ -215,7 +215,8 @@ def test_bf16_on_cuda_runs_the_lstms_outside_autocast_in_fp32(monkeypatch):
     monkeypatch.setattr(torch, "get_autocast_dtype", lambda dev: state["dtype"])
     with fake_cuda():
         x = torch.randn(2, 3, 4, device=CUDA, dtype=torch.bfloat16)
-        monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: state["on"] if a == ("cuda",) else real_enabled(*a))
+        monkeypatch.setattr(torch, "is_autocast_enabled",
+                            lambda *a: state["on"] if a == ("cuda",) else real_enabled(*a))
         run_lstm(lstm, x)
         state["dtype"] = torch.float16  # fp16 autocast (with a GradScaler): left to autocast
         run_lstm(lstm, x)

@@ -50,7 +50,8 @@ def test_errors_name_the_file_and_key(tmp_path):
         ('variants = ["nope-*"]\n', r"g.toml: variants: 'nope-\*' matches no registered variant"),
         ('variants = ["dualvgr"]\n[axes]\ngraph_layer = [1, 2]\n', r"\[axes\] key 'graph_layer' is a setting of none"),
         ('variants = ["dualvgr"]\n[train]\nepoch = 3\n', r"\[train\] has unknown key\(s\) epoch"),
-        ('variants = ["dualvgr"]\n[[include]]\nvariant = "dualvgr"\nfoo = 1\n', r"\[\[include\]\] #1: dualvgr has no setting"),
+        ('variants = ["dualvgr"]\n[[include]]\nvariant = "dualvgr"\nfoo = 1\n',
+         r"\[\[include\]\] #1: dualvgr has no setting"),
         ('variants = ["dualvgr"]\n[executor]\nkind = "k8s"\n', r"kind 'k8s' is not one of"),
         ('variants = ["dualvgr"]\n[train]\nprecision = "fp8"\n', r"g.toml: \[train\] precision = 'fp8' is not one of"),
         ('seeds = [1]\n', r"missing key 'variants'"),
@@ -58,7 +59,8 @@ def test_errors_name_the_file_and_key(tmp_path):
         ('variants = ["dualvgr"]\n[train]\nbatch_size = 1\n', r"\[train\] batch_size = 1 is not an integer >= 2"),
         ('variants = ["dualvgr"]\n[train]\nepochs = "3"\n', r"\[train\] epochs = '3' is not an integer"),
         ('variants = ["dualvgr"]\n[train]\nlr = 0\n', r"\[train\] lr = 0 is not a number > 0"),
-        ('variants = ["dualvgr"]\n[set]\nalpha = "abc"\n', r"g.toml: variant 'dualvgr': setting alpha = 'abc' must be float"),
+        ('variants = ["dualvgr"]\n[set]\nalpha = "abc"\n',
+         r"g.toml: variant 'dualvgr': setting alpha = 'abc' must be float"),
         ('variants = ["dualvgr"]\n[axes]\nkeep_ratio = [0.5, 2.0]\n', r"g.toml: .*keep_ratio must be in \(0, 1\]"),
     ]
     for text, pattern in cases:
@@ -111,7 +113,8 @@ def test_run_resume_and_failures(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_parallel_jobs_and_teacher_order(tiny, tmp_path):
-    g = G.load(write(tmp_path, 'data = "synthetic:tiny"\nvariants = ["student-logits", "student-hint", "question-only"]\n'
+    g = G.load(write(tmp_path, 'data = "synthetic:tiny"\n'
+                     'variants = ["student-logits", "student-hint", "question-only"]\n'
                      'seeds = [0]\n' + MICRO_TRAIN))
     store = ResultsStore(tmp_path / "results")
     res = run_grid(g, store, jobs=2, device="cpu", console=quiet())

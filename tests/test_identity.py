@@ -98,7 +98,8 @@ def test_a_setting_added_with_a_neutral_default_keeps_every_id(monkeypatch):
     assert identity.golden_run_ids()["run_ids"] == before
     cfg = variants.get_config("dualvgr").to_dict()
     cfg["model"]["dropout"] = 0.1  # used: a new computation
-    assert identity.run_id("dualvgr", identity.computation(cfg, "golden-data", 666, RunSpec("dualvgr").resolved_train())) \
+    assert identity.run_id("dualvgr",
+                           identity.computation(cfg, "golden-data", 666, RunSpec("dualvgr").resolved_train())) \
         != before["dualvgr"]
 
 

@@ -35,7 +35,8 @@ def test_flops_agree_with_flopcountermode(name):
     torch.manual_seed(0)
     model = variants.build(cfg)
     r = M.flops_crosscheck(model, M.random_inputs(cfg.model, 2, "cpu"))
-    msg = f"{name}: fvcore x2 = {r['fvcore_flops']:,.0f}, FlopCounterMode = {r['torch_flops']:,}, rel diff {r['rel_diff']:.2e}"
+    msg = (f"{name}: fvcore x2 = {r['fvcore_flops']:,.0f}, FlopCounterMode = {r['torch_flops']:,}, "
+           f"rel diff {r['rel_diff']:.2e}")
     print(msg)
     assert r["torch_flops"] > 0, msg
     assert r["fvcore_flops"] == r["torch_flops"], msg  # the two counters agree exactly

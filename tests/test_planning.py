@@ -144,7 +144,8 @@ def test_a_teacher_without_the_output_a_loss_reads_fails_before_anything_trains(
         spec = variants.get_config("student-hint").to_dict()
         return {k: spec[k] for k in ("arch", "model", "loss", "distill")} | {"teachers": ["question-only"]}
 
-    monkeypatch.setitem(variants.VARIANTS._entries, "student-qo-hint", Entry("student-qo-hint", student_qo_hint, "", ()))
+    monkeypatch.setitem(variants.VARIANTS._entries, "student-qo-hint",
+                        Entry("student-qo-hint", student_qo_hint, "", ()))
     store = ResultsStore(tmp_path / "results")
     msg = r"variant 'student-qo-hint' \(teachers: question-only\): distillation loss 'hint': the teacher's outputs " \
           r"have no 'clip_fused' \(keys: logits, question\)"

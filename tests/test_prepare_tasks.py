@@ -287,7 +287,8 @@ def tgif_features(tgif_release, tgif_out):
 
 def test_tgif_gifs_to_features_that_load(tgif_features):
     out, log = tgif_features
-    with h5py.File(L.appearance_file(out, "tgif-qa-frameqa")) as fa, h5py.File(L.motion_file(out, "tgif-qa-frameqa")) as fm:
+    with (h5py.File(L.appearance_file(out, "tgif-qa-frameqa")) as fa,
+          h5py.File(L.motion_file(out, "tgif-qa-frameqa")) as fm):
         ids = fa[L.IDS_KEY][()]
         assert sorted(ids.tolist()) == sorted(GIFS) and np.array_equal(ids, fm[L.IDS_KEY][()])
         assert fa[L.APPEARANCE_KEY].shape == (4, 2, 4, 2048) and fm[L.MOTION_KEY].shape == (4, 2, 512)
@@ -433,7 +434,8 @@ def test_nextqa_questions(nextqa_out):
 
 def test_nextqa_released_features_adapted(nextqa_release, nextqa_out):
     _, feats = nextqa_release
-    with h5py.File(L.appearance_file(nextqa_out, "next-qa")) as fa, h5py.File(L.motion_file(nextqa_out, "next-qa")) as fm:
+    with (h5py.File(L.appearance_file(nextqa_out, "next-qa")) as fa,
+          h5py.File(L.motion_file(nextqa_out, "next-qa")) as fm):
         ids = fa[L.IDS_KEY][()]
         assert ids.tolist() == [v for s in L.SPLITS for v in NQ_VIDEOS[s]] and np.array_equal(ids, fm[L.IDS_KEY][()])
         app, mot = fa[L.APPEARANCE_KEY][()], fm[L.MOTION_KEY][()]

@@ -31,8 +31,8 @@ def test_compare_reports_what_moved():
                 "b": {"test_acc": 57.0, "params": 21, "macs_per_sample": 200},
                 "c": {"test_acc": 1.0, "params": 1, "macs_per_sample": 1}}
     rows = R.compare(measured, expected)
-    assert {(r["variant"], r["what"]) for r in rows} == {("b", "test_acc (tolerance 2.0)"), ("b", "params (tolerance 0.0)"),
-                                                         ("c", "variant")}
+    assert {(r["variant"], r["what"]) for r in rows} == {("b", "test_acc (tolerance 2.0)"),
+                                                         ("b", "params (tolerance 0.0)"), ("c", "variant")}
     assert "| b | params (tolerance 0.0) | 20 | 21 | changed |" in R.format_rows(rows)
     assert {r["moved"] for r in rows if r["what"].startswith("test_acc")} == {"worse"}  # 60 -> 57: accuracy fell
 

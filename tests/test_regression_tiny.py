@@ -21,7 +21,8 @@ def records(tiny, tmp_path_factory):
 @pytest.mark.parametrize("variant", sorted(EXPECTED))
 def test_accuracy_near_reported(records, variant):
     acc = records[variant]["metrics"]["test"]["overall"]
-    assert abs(acc - EXPECTED[variant]) <= TOLERANCE, f"{variant}: test accuracy {acc:.2f}, expected {EXPECTED[variant]}"
+    assert abs(acc - EXPECTED[variant]) <= TOLERANCE, \
+        f"{variant}: test accuracy {acc:.2f}, expected {EXPECTED[variant]}"
 
 
 def test_video_beats_question_only(records):

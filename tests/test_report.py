@@ -475,7 +475,8 @@ def test_compare_pairs_runs_by_variant_and_seed(tmp_path):
     assert (row["ci_lo"], row["ci_hi"], row["p"]) == pytest.approx((e.lo, e.hi, e.p)) and not row["ci_covers_seeds"]
     # McNemar per seed from the predictions files, not pooled
     for (seed, bb, cc, p), k in zip(row["mcnemar"], (1, 2)):
-        assert seed == k and bb == int((pa[f"b{k}"] & ~pa[f"a{k}"]).sum()) and cc == int((~pa[f"b{k}"] & pa[f"a{k}"]).sum())
+        assert (seed == k and bb == int((pa[f"b{k}"] & ~pa[f"a{k}"]).sum())
+                and cc == int((~pa[f"b{k}"] & pa[f"a{k}"]).sum()))
         assert p == pytest.approx(binomtest(min(bb, cc), bb + cc).pvalue)
     assert list(df["variant"]) == ["dualvgr"]  # one variant: no pooled row (it would repeat it)
     # "paired seeds" lists the seeds, as the report's significance table does

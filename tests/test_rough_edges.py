@@ -108,7 +108,8 @@ def test_a_study_range_with_a_negative_loss_weight_is_refused(tmp_path):
     from harness.study_file import StudyError, load_study
 
     f = tmp_path / "s.toml"
-    f.write_text('variants = ["student-logits"]\n[search]\nn_trials = 2\n[search.params]\nalpha = {low = -1, high = 1}\n')
+    f.write_text('variants = ["student-logits"]\n[search]\nn_trials = 2\n'
+                 '[search.params]\nalpha = {low = -1, high = 1}\n')
     with pytest.raises(StudyError, match=r"alpha.*loss weights must be >= 0"):
         load_study(f)
     code, out, _ = invoke("search", f, "--results", tmp_path / "r")

@@ -208,7 +208,8 @@ def test_a_sparse_member_is_refused(exported, tmp_path):
     _, bundle = exported
     m = members_of(bundle)
     sparse = tmp_path / "sparse.tar"
-    sparse.write_bytes(tar_bytes({B.MANIFEST: m[B.MANIFEST]}) + raw_header(B.WEIGHTS, 0, tarfile.GNUTYPE_SPARSE, 512 << 20)
+    sparse.write_bytes(tar_bytes({B.MANIFEST: m[B.MANIFEST]})
+                       + raw_header(B.WEIGHTS, 0, tarfile.GNUTYPE_SPARSE, 512 << 20)
                        + bytes(1024))
     with tarfile.open(sparse) as tf:  # what Python's tarfile makes of it
         member = tf.getmember(B.WEIGHTS)

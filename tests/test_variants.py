@@ -68,7 +68,8 @@ def test_every_variant_trains_a_few_steps(name, tiny):
 
 def flops(model, batch=2):
     cfg = model.cfg
-    x = (torch.randn(batch, cfg.num_clips, cfg.num_frames or 4, cfg.vision_dim), torch.randn(batch, cfg.num_clips, cfg.vision_dim),
+    x = (torch.randn(batch, cfg.num_clips, cfg.num_frames or 4, cfg.vision_dim),
+         torch.randn(batch, cfg.num_clips, cfg.vision_dim),
          torch.randint(1, cfg.question_vocab, (batch, 6)), torch.tensor([6, 3][:batch]))
     with torch.backends.mkldnn.flags(enabled=False), FlopCounterMode(display=False) as fc, torch.no_grad():
         model.eval()(*x)

@@ -260,6 +260,8 @@ def loss_fn(cfg: VariantConfig):
 from . import kd_losses  # noqa: E402,F401  (registers the distillation losses)
 from . import zoo  # noqa: E402,F401  (registers the variants)
 
-__all__ = ["VARIANTS", "LOSSES", "MODEL_FAMILIES", "ModelFamily", "register_family", "family", "VariantConfig", "register_variant", "list", "describe",
-           "get_config", "settings", "loss_params", "build", "create", "objective", "loss_fn", "uses_video", "teacher_width", "teacher_settings", "ConfigError", "UnknownNameError", "DATA_KEYS",
+__all__ = ["VARIANTS", "LOSSES", "MODEL_FAMILIES", "ModelFamily", "register_family", "family", "VariantConfig",
+           "register_variant", "list", "describe",
+           "get_config", "settings", "loss_params", "build", "create", "objective", "loss_fn", "uses_video",
+           "teacher_width", "teacher_settings", "ConfigError", "UnknownNameError", "DATA_KEYS",
            "TASKS", "Task", "register_task", "task", "task_of"]

@@ -505,7 +505,8 @@ class DualVGRConfig:
         if self.edge_by not in ("time", "feature"):
             raise ValueError(f"DualVGR config: edge_by must be 'time' or 'feature', got {self.edge_by!r}")
         if not isinstance(self.decoder_hidden, int) or self.decoder_hidden < 0:
-            raise ValueError(f"DualVGR config: decoder_hidden must be a non-negative integer, got {self.decoder_hidden!r}")
+            raise ValueError("DualVGR config: decoder_hidden must be a non-negative integer, "
+                             f"got {self.decoder_hidden!r}")
         if self.keep_ratio < 1.0 and kept_clips(self.keep_ratio, self.num_clips) >= self.num_clips:
             raise ValueError(f"DualVGR config: keep_ratio {self.keep_ratio!r} keeps all {self.num_clips} clips "
                              f"(round({self.keep_ratio!r} x {self.num_clips}) = {self.num_clips}): node sparsity "

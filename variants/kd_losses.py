@@ -107,7 +107,8 @@ def _same_shape(loss: str, what: str, s: torch.Tensor, t: torch.Tensor, why: str
 
 
 class KDLoss(nn.Module):
-    """forward(student: dict, teachers: list[dict], answers: LongTensor(B)) -> (loss: scalar Tensor, parts: dict[str, Tensor])"""
+    """forward(student: dict, teachers: list[dict], answers: LongTensor(B))
+    -> (loss: scalar Tensor, parts: dict[str, Tensor])"""
 
     #: registered name (set by each subclass), used in error messages
     name = "kd"

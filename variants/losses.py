@@ -160,7 +160,8 @@ class Objective(torch.nn.Module):
             try:
                 module = entry.fn(student_dim=student_dim, teacher_dim=teacher_dim, **item.get("params", {}))
             except TypeError as e:
-                raise ValueError(f"distillation loss {item['name']!r}: bad parameters {item.get('params')}: {e}") from None
+                raise ValueError(f"distillation loss {item['name']!r}: "
+                                 f"bad parameters {item.get('params')}: {e}") from None
             self.kd.append(module.for_task(task))
             self.kd_names.append(item["name"])
             self.kd_weights.append(float(item.get("weight", 1.0)))

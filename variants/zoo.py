@@ -21,13 +21,15 @@ DUALVGR_LOSS = {"alpha": 1.0, "beta": 1e-8}
 
 @register_variant(tags=("baseline",))
 def dualvgr():
-    """DualVGR with 1 reasoning unit of 1 graph layer (VQAKD's configuration; the official train.py builds 2 units: dualvgr-u2), CE + common + HSIC losses."""
+    ("DualVGR with 1 reasoning unit of 1 graph layer (VQAKD's configuration; the official train.py builds 2 units: "
+     "dualvgr-u2), CE + common + HSIC losses.")
     return {"arch": "dualvgr", "model": {"unit_layers": 1, "graph_layers": 1}, "loss": dict(DUALVGR_LOSS)}
 
 
 @register_variant("dualvgr-u2", tags=("baseline",))
 def dualvgr_u2():
-    """DualVGR as the official DualVGR train.py builds it: 2 reasoning units (its constructor default) of 1 graph layer, CE + common + HSIC losses."""
+    ("DualVGR as the official DualVGR train.py builds it: 2 reasoning units (its constructor default) "
+     "of 1 graph layer, CE + common + HSIC losses.")
     return {"arch": "dualvgr", "model": {"unit_layers": 2, "graph_layers": 1}, "loss": dict(DUALVGR_LOSS)}
 
 
@@ -89,13 +91,15 @@ def _student(*losses: dict, teachers=("teacher-g4",)) -> dict:
 
 @register_variant(tags=("student",))
 def student():
-    """Student control: 1-graph-layer DualVGR trained from labels only (what every distilled student is compared with)."""
+    ("Student control: 1-graph-layer DualVGR trained from labels only "
+     "(what every distilled student is compared with).")
     return _student()
 
 
 @register_variant(tags=("student",))
 def student_fused():
-    """Student + VQAKD fused-feature KD from teacher-g4 (KL to the teacher's MFB output), with VQAKD's DualVGR-loss weights alpha 100 (common loss), beta 1e-6 (HSIC)."""
+    ("Student + VQAKD fused-feature KD from teacher-g4 (KL to the teacher's MFB output), "
+     "with VQAKD's DualVGR-loss weights alpha 100 (common loss), beta 1e-6 (HSIC).")
     spec = _student({"name": "fused", "weight": 1.0, "params": {"t_app": 1.0, "t_mo": 1.0, "kd_alpha": 1.0,
                                                                  "kd_beta": 1.0}})
     spec["loss"].update(alpha=100.0, beta=1e-6)  # VQAKD's student-training defaults (train_kd_2.py)
@@ -110,7 +114,8 @@ def student_logits():
 
 @register_variant(tags=("student",))
 def student_similarity():
-    """Student + TeachText KD from teacher-g4: Huber (delta 1) between the batch's question x video cosine-similarity matrices."""
+    ("Student + TeachText KD from teacher-g4: Huber (delta 1) between the batch's question x video "
+     "cosine-similarity matrices.")
     return _student({"name": "similarity", "weight": 1.0, "params": {}})
 
 
@@ -135,7 +140,8 @@ def student_relational():
 
 @register_variant(tags=("student",))
 def student_dkd():
-    """Student + decoupled KD from teacher-g4 (target / non-target parts, alpha 1, beta 8, T 4, 2-epoch linear warm-up)."""
+    ("Student + decoupled KD from teacher-g4 "
+     "(target / non-target parts, alpha 1, beta 8, T 4, 2-epoch linear warm-up).")
     return _student({"name": "dkd", "weight": 1.0, "params": {}})
 
 
@@ -174,7 +180,8 @@ def autoencoder_2stage():
 
 @register_variant(tags=("sparse",))
 def sparse_node():
-    """Node sparsity: keep the most question-relevant 60% of clips, rounded (2 of 4 at tiny, 5 of 8 at small and msvd), before encoding and graph reasoning."""
+    ("Node sparsity: keep the most question-relevant 60% of clips, rounded (2 of 4 at tiny, 5 of 8 at small and msvd), "
+     "before encoding and graph reasoning.")
     spec = _teacher(graph_layers=1)
     spec["model"]["keep_ratio"] = 0.6
     return spec
@@ -198,7 +205,8 @@ def sparse_edge_feature():
 
 @register_variant(tags=("sparse",))
 def sparse_node_edge():
-    """Node + edge sparsity: keep 60% of clips, rounded (2 of 4 at tiny, 5 of 8 at small and msvd), each attending to its 2 nearest in time."""
+    ("Node + edge sparsity: keep 60% of clips, rounded (2 of 4 at tiny, 5 of 8 at small and msvd), "
+     "each attending to its 2 nearest in time.")
     spec = _teacher(graph_layers=1)
     spec["model"].update(keep_ratio=0.6, edge_k=2, edge_by="time")
     return spec

@@ -159,9 +159,11 @@ def features(
 
 
 def build_cli() -> typer.Typer:
-    app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
+    app = typer.Typer(add_completion=False, rich_markup_mode=None,
+                      context_settings={"help_option_names": ["-h", "--help"]},
                       help="From the public MSVD-QA / MSRVTT-QA / TGIF-QA / NExT-QA releases (question files, "
-                           "videos or NExT-QA's features) and a GloVe file to the HCRN / DualVGR feature format that harness.data loads. See docs/preparing-data.md.")
+                           "videos or NExT-QA's features) and a GloVe file to the HCRN / DualVGR feature format "
+                           "that harness.data loads. See docs/preparing-data.md.")
     app.command()(questions)
     app.command("tgif-qa")(tgif_qa)
     app.command("next-qa")(next_qa)

@@ -121,7 +121,8 @@ def build_task_vocab(task: str, train: list[TaskRecord], answer_top: int | None 
         for t in r.tokens[:max_tokens]:
             q.setdefault(t, len(q))
     if task == MULTIPLE_CHOICE:
-        return {L.QUESTION_TOKENS_KEY: q, L.ANSWER_TOKENS_KEY: dict(ANSWER_SPECIALS), L.QUESTION_ANSWER_TOKENS_KEY: dict(q)}
+        return {L.QUESTION_TOKENS_KEY: q, L.ANSWER_TOKENS_KEY: dict(ANSWER_SPECIALS),
+                L.QUESTION_ANSWER_TOKENS_KEY: dict(q)}
     if task == COUNT:
         answers = dict(COUNT_ANSWERS)
     else:

@@ -49,7 +49,8 @@ def compare_runs(store: ResultsStore, ids_a: list[str], ids_b: list[str], name_a
     boot, sides, devices, metrics, names = boot or Bootstrap(), {}, set(), {}, {}
     for side, ids in (("a", ids_a), ("b", ids_b)):
         recs = [store.read_record(r) for r in dict.fromkeys(ids) if store.is_complete(r)]
-        devices |= {f"{r.get('device_name') or r.get('device') or '?'}, torch {r.get('torch_version', '?')}" for r in recs}
+        devices |= {f"{r.get('device_name') or r.get('device') or '?'}, torch {r.get('torch_version', '?')}"
+                    for r in recs}
         for r in recs:
             metrics.setdefault(R.data_id(r), M.task_metric(R.task(r)).name)
             names.setdefault(R.data_id(r), R.data_name(r))

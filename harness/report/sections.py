@@ -238,7 +238,8 @@ def _significance_table(comps: list[Comparison], mcnemar: bool = True, nd: int =
                     + ([_fmt_mcnemar(c.mcnemar)] if mcnemar else []))
         if c.why:
             notes.append(f"{c.label}: {c.why}")
-    headers = ["variant", "paired seeds", "Δ", "95% CI", "p", "p (Holm)"] + (["McNemar per seed: b/c, p"] if mcnemar else [])
+    headers = (["variant", "paired seeds", "Δ", "95% CI", "p", "p (Holm)"]
+               + (["McNemar per seed: b/c, p"] if mcnemar else []))
     lines = _md_table(headers, rows, right={1, 2, 3, 4, 5}) + [""]
     return lines + (["Pairing impossible or partial: " + "; ".join(notes) + ".", ""] if notes else [])
 
@@ -365,7 +366,8 @@ def _compressed_intro(ctx: Context, crows: list[CompressedRow]) -> list[str]:
             f"runs in fp32 (same seeds, same test questions; two-level bootstrap, {b.resamples} resamples), p "
             f"{CORRECTION}-corrected across this table (* below {ALPHA}), McNemar's exact test per seed (b: "
             "questions only the compressed model answers correctly, c: only fp32). agrees % / max |Δ logit|: "
-            "the compressed model's predictions (argmax) and scores against the fp32 model's on every test question. Size: the file on disk (fp32: the "
+            "the compressed model's predictions (argmax) and scores against the fp32 model's on every test question. "
+            "Size: the file on disk (fp32: the "
             "run's best.pt state dict; int8: its quantised state dict; onnx: the .onnx file). CPU ms: median "
             "latency at batch 1 and 32 on random inputs shaped like the data, fp32 eager and each compressed model "
             "timed in turn in the same process, 3 rounds (speed-up: their ratio at batch 1, median over runs); "

@@ -57,7 +57,8 @@ def csv_bytes(rows: list[dict]) -> bytes:
     return df.to_csv(index=False).encode()
 
 
-def _write_outputs(out_dir: Path, name: str, files_dir: Path, written: dict, rows: list[dict], lines: list[str]) -> Path:
+def _write_outputs(out_dir: Path, name: str, files_dir: Path, written: dict, rows: list[dict],
+                   lines: list[str]) -> Path:
     """Plots first, then the table, then the Markdown that links them (each atomically)."""
     for fname, data in sorted(written.items()):
         atomic_write_bytes(files_dir / fname, data)
