@@ -1,6 +1,7 @@
 """The project as a user installs it without a checkout: a wheel built from this tree, installed into
 a fresh virtual environment, trains a tiny grid and writes its report with nothing from the source
-tree on the path; every package of the tree and every grid that comes with it are in the wheel."""
+tree on the path; every package of the tree and every grid that comes with it are in the wheel, and
+a record made by the installed code names no git commit of a repository around the venv."""
 from __future__ import annotations
 
 import json
@@ -80,6 +81,11 @@ def test_the_wheel_holds_every_package_and_grid_and_writes_a_report_installed(tm
     grids = sorted(f"grids/{p.name}" for p in (ROOT / "grids").glob("*.toml"))
     assert grids and not [g for g in grids if g not in names], f"grids missing from the wheel: {grids}"
 
+    # the venv lies inside a checkout of something else (as a project's .venv does): that checkout's commit
+    # is not the installed code's, and no record may claim it
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "-C", str(tmp_path)]
+    for args in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "another project"]):
+        subprocess.run([*git, *args], check=True, capture_output=True, timeout=60)
     venv = tmp_path / "venv"
     py = _venv_with(wheel, venv)
     work = tmp_path / "elsewhere"  # neither the checkout nor a folder above it
@@ -107,6 +113,7 @@ def test_the_wheel_holds_every_package_and_grid_and_writes_a_report_installed(tm
     (run_dir,) = (work / "store" / "runs").iterdir()
     text = report.read_text()
     assert "question-only" in text and run_dir.name in text, text
+    assert json.loads((run_dir / "record.json").read_text())["git_commit"] is None
 
     # a grid that comes with the project is found by its name (its runs are not in this store)
     r = run("-m", "ablate", "report", "--grid", "tiny", "--results", "store", "--reports", "reports")
