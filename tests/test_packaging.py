@@ -8,8 +8,8 @@ import json
 import os
 import shutil
 import subprocess
+import site
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -54,10 +54,10 @@ def _venv_with(wheel: Path, where: Path) -> Path:
     r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q",
                         str(wheel)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
-    deps = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
-    (site / "dependencies-of-the-test-environment.pth").write_text("".join(f"{d}\n" for d in deps))
+    own = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip())
+    deps = dict.fromkeys([*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])])
+    (own / "dependencies-of-the-test-environment.pth").write_text("".join(f"{d}\n" for d in deps))
     return py
 
 
@@ -77,9 +77,10 @@ def test_the_wheel_holds_every_package_and_grid_and_writes_a_report_installed(tm
     names = set(zipfile.ZipFile(wheel).namelist())
     packages = sorted(str(p.relative_to(ROOT)) for d in ("harness", "variants")
                       for p in (ROOT / d).rglob("__init__.py"))
-    assert packages and not [p for p in packages if p not in names], f"packages missing from the wheel: {packages}"
     grids = sorted(f"grids/{p.name}" for p in (ROOT / "grids").glob("*.toml"))
-    assert grids and not [g for g in grids if g not in names], f"grids missing from the wheel: {grids}"
+    assert packages and grids
+    missing = [f for f in (*packages, *grids) if f not in names]
+    assert not missing, f"missing from the wheel: {missing}"
 
     # the venv lies inside a checkout of something else (as a project's .venv does): that checkout's commit
     # is not the installed code's, and no record may claim it
@@ -99,9 +100,9 @@ def test_the_wheel_holds_every_package_and_grid_and_writes_a_report_installed(tm
     r = run("-c", _WHERE)
     assert r.returncode == 0, r.stderr
     where = json.loads(r.stdout)
-    site = venv.resolve()
-    assert all(Path(f).resolve().is_relative_to(site) for f in where["files"]), where["files"]
-    assert Path(where["grid_dir"]).resolve().is_relative_to(site), where["grid_dir"]
+    inside = venv.resolve()
+    assert all(Path(f).resolve().is_relative_to(inside) for f in where["files"]), where["files"]
+    assert Path(where["grid_dir"]).resolve().is_relative_to(inside), where["grid_dir"]
     assert not any(p and Path(p).resolve() == ROOT for p in where["path"]) and not where["editable"], where
 
     (work / "one.toml").write_text('description = "one tiny run"\ndata = "synthetic:tiny"\nseeds = [0]\n'
