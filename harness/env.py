@@ -165,9 +165,16 @@ def runs_sharing_device() -> int:
 
 
 def git_commit() -> str | None:
-    """The repository's commit, ``+dirty`` when tracked files have uncommitted changes; None outside git."""
-    here = Path(__file__).resolve().parent.parent
+    """The repository's commit, ``+dirty`` when tracked files have uncommitted changes; None outside git,
+    and None where the repository around this code does not track it (an installed copy in a venv that
+    lies inside some checkout: that checkout's commit says nothing of the code that ran)."""
+    this = Path(__file__).resolve()
+    here = this.parent.parent
     try:
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "--", this.name], cwd=this.parent,
+                                 capture_output=True, text=True, timeout=10).returncode == 0
+        if not tracked:
+            return None
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
                              timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
