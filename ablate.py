@@ -182,7 +182,7 @@ def main(
         console.print(ctx.get_help())
         raise typer.Exit(0)
     from harness import grid as G
-    from harness.executor import run_grid
+    from harness.grid import run_grid
     from harness.store import ResultsStore, check_writable
 
     try:
@@ -301,7 +301,7 @@ def _command(sub: str | None = None, **options) -> str:
 def _planned(store, g, plans=None) -> list[dict] | None:
     """What each run of the grid (teachers included) is: id, variant, settings label, seed; so that
     a partial report can say what it lacks. None when the data set is not recorded."""
-    from harness.runner import plan, recorded_info
+    from harness.planning import plan, recorded_info
 
     if plans is None:
         try:
@@ -348,7 +348,7 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
            max_runs: Optional[int] = typer.Option(None, min=1, help=MAX_RUNS_HELP)):
     """Regenerate reports/NAME.md (and .csv, and plots) from the results store; trains nothing."""
     from harness import grid as G
-    from harness.runner import plan, recorded_info
+    from harness.planning import plan, recorded_info
     from harness.store import ResultsStore
 
     store = ResultsStore(results)
@@ -396,7 +396,7 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
     from harness import grid as G
     from harness import metrics as M
     from harness import record as R
-    from harness.runner import plan, recorded_info
+    from harness.planning import plan, recorded_info
     from harness.store import ResultsStore
 
     store = ResultsStore(results)
@@ -442,7 +442,7 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
 
 def _check_same_data(gs) -> None:
     """Two grids compared share a data set (runs are paired on the same questions), else a GridError naming them."""
-    from harness.grid import GridError
+    from harness.errors import GridError
 
     if not set(gs[0].datasets) & set(gs[1].datasets):
         raise GridError(f"grids {gs[0].name} ({gs[0].path}: {', '.join(gs[0].datasets)}) and {gs[1].name} "
@@ -462,7 +462,7 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
     computed each side's runs; refuses to compare a run with itself (two grids planning the same runs)."""
     from harness import grid as G
     from harness.report import compare_runs
-    from harness.runner import plan, recorded_info
+    from harness.planning import plan, recorded_info
     from harness.store import ResultsStore
 
     if len(grid) != 2:
@@ -593,7 +593,8 @@ def run(
     import variants
     from harness import data as D
     from harness.env import check_precision, resolve_device
-    from harness.runner import RUN_LOCK, RunSpec, feature_mode, plan, train
+    from harness.planning import RunSpec, feature_mode, plan
+    from harness.runner import RUN_LOCK, train
     from harness.sinks import check_sinks
     from harness.store import ResultsStore, check_writable, held_elsewhere
 

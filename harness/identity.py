@@ -338,23 +338,3 @@ def migrate_store(store, apply: bool = True) -> tuple[list[tuple[str, str]], lis
             left.update({k: "teacher runs not in the store" for k in pending})
             break
     return done, sorted(left.items())
-
-
-def golden_run_ids(data_id: str = "golden-data", seed: int = 666) -> dict[str, str]:
-    """The run id of every registered variant (default settings, the reference training recipe) at
-    a fixed data id and seed: ``tests/golden/run_ids.json`` pins them. Rewrite it with
-    ``python -m harness.identity`` only to change what a run computes, saying why in the commit."""
-    from .runner import RunSpec
-
-    def one(name: str) -> str:
-        cfg = variants.get_config(name)
-        return run_id(name, computation(cfg.to_dict(), data_id, seed, RunSpec(name).resolved_train(),
-                                        [one(t) for t in cfg.teachers]))
-
-    return {"data_id": data_id, "seed": seed, "run_ids": {v: one(v) for v in variants.list()}}
-
-
-if __name__ == "__main__":
-    out = ROOT / "tests" / "golden" / "run_ids.json"
-    out.write_text(json.dumps(golden_run_ids(), indent=1, sort_keys=True) + "\n")
-    print(f"wrote {out}")

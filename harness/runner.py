@@ -50,8 +50,7 @@ from .env import (apply_math_flags, check_precision, device_name, environment, g
 from .env import sync as _sync
 from .evaluate import ABLATIONS, evaluate
 from .inputs import param_counts
-from .planning import (Plan, RunFailed, RunSpec, check_plans, check_teacher_outputs,  # noqa: F401 - re-exported
-                       RunPruned, feature_mode, plan, recorded_info, run_id_for)
+from .planning import Plan, RunFailed, RunPruned, RunSpec, check_teacher_outputs, feature_mode, plan
 from .pruning import pruned_info
 from .record import RECORD_VERSION, Record, teacher_ref
 from .sinks import Sinks, check_sinks, run_hparams

@@ -14,8 +14,7 @@ import subprocess
 from rich.console import Console
 
 from .console import plural, say
-from .errors import HarnessError
-from .grid import GridError
+from .errors import GridError, HarnessError
 
 
 class ExecutorError(HarnessError, RuntimeError):

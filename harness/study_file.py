@@ -15,7 +15,8 @@ import optuna
 import variants
 
 from .grid import TOP_KEYS as GRID_KEYS
-from .grid import GridError, _check_executor, _variant_names
+from .errors import GridError
+from .grid import _check_executor, _variant_names
 from .settings import TRAIN_CHECKS, SettingError, check_train_settings, is_int
 
 TOP_KEYS = {"description", "data", "variants", "train", "set", "executor", "search"}

@@ -220,7 +220,7 @@ def bench(dev: torch.device, size: dict, out_dir: Path) -> dict:
 
 
 def _spec(variant: str, size: dict, seed: int = 0):
-    from harness.runner import RunSpec
+    from harness.planning import RunSpec
 
     return RunSpec(variant=variant, data=size["data"], seed=seed, epochs=EPOCHS, batch_size=size["train_batch"])
 
@@ -267,7 +267,7 @@ def runs(dev: torch.device, size: dict, out_dir: Path) -> dict:
 
 def _jobs2_grid(dev: torch.device, size: dict, out_dir: Path) -> dict:
     from harness import grid as G
-    from harness.executor import run_grid
+    from harness.grid import run_grid
     from harness.store import ResultsStore
 
     path = out_dir / "jobs2.toml"

@@ -1,5 +1,5 @@
 """The shape of the code: every harness module imports on its own in a fresh interpreter, the
-harness's module-level imports form no cycle, and the benchmark times the runner's own step."""
+project's imports (inside functions too) form no cycle, and the benchmark times the runner's own step."""
 from __future__ import annotations
 
 import ast
@@ -81,50 +81,84 @@ def test_functions_are_short():
     assert not long, long
 
 
-def _top_level_imports(path: Path, module: str) -> set[str]:
-    """harness modules imported at module level (not inside functions) by ``path``."""
-    tree = ast.parse(path.read_text())
+#: the project's code: the harness, the variants and the entry points (tests excluded)
+CODE = sorted([*HARNESS.rglob("*.py"), *(ROOT / "variants").rglob("*.py"), ROOT / "ablate.py", ROOT / "bench.py",
+               *(ROOT / "scripts").glob("*.py")])
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[str, str | None, int]]:
+    """Every import of the project's modules in ``path``, at module level or inside a function:
+    (the module imported from, the name imported from it or None for ``import x``, the line)."""
+    module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found = set()
-    for node in tree.body:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("harness")}
+            out += [(a.name, None, node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[:len(package.split(".")) - node.level + 1]
                 target = ".".join([*base, *(node.module.split(".") if node.module else [])])
             else:
                 target = node.module or ""
-            if not target.startswith("harness"):
-                continue
-            names = [f"{target}.{a.name}" for a in node.names]
-            found |= {n for n in names if n in MODULES} or {target}
-    return {m for m in found if m in MODULES and m != module}
+            out += [(target, a.name, node.lineno) for a in node.names]
+    return [i for i in out if i[0].split(".")[0] in PROJECT]
 
 
-MODULES = set(_modules())
+PROJECT = {"harness", "variants", "ablate", "bench"}
+MODULES = {_module_name(p): p for p in CODE}
 
 
-def test_harness_imports_form_no_cycle():
-    paths = {m: (ROOT / m.replace(".", "/")).with_suffix(".py")
-             if (ROOT / m.replace(".", "/")).with_suffix(".py").exists()
-             else ROOT / m.replace(".", "/") / "__init__.py" for m in MODULES}
-    graph = {m: _top_level_imports(p, m) for m, p in paths.items()}
+def _graph() -> dict[str, set[str]]:
+    """Which project modules each module imports (a name imported from a package counts as the
+    submodule when it is one, else as the package)."""
+    graph = {}
+    for m, path in MODULES.items():
+        found = set()
+        for target, name, _ in _imports(path):
+            found.add(f"{target}.{name}" if f"{target}.{name}" in MODULES else target)
+        graph[m] = {n for n in found if n in MODULES and n != m}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (its modules in order, the first repeated at the end), or None."""
     state: dict[str, int] = {}
 
-    def visit(m: str, stack: list[str]) -> None:
+    def visit(m: str, stack: list[str]) -> list[str] | None:
         state[m] = 1
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                pytest.fail("import cycle: " + " -> ".join([*stack[stack.index(n):], n]) if n in stack
-                            else f"import cycle through {m} -> {n}")
-            if n not in state:
-                visit(n, [*stack, n])
+                return [*stack[stack.index(n):], n]
+            if n not in state and (found := visit(n, [*stack, n])):
+                return found
         state[m] = 2
+        return None
 
     for m in sorted(graph):
-        if m not in state:
-            visit(m, [m])
+        if m not in state and (found := visit(m, [m])):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_cycles_at_any_depth():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+    tree = ast.parse("def f():\n    from .executor import run\n")  # a function-level import counts
+    assert [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] == ["executor"]
+
+
+def test_imports_form_no_cycle():
+    """No import cycle among the project's modules, imports inside functions included."""
+    graph = _graph()
+    assert "harness.grid" in graph["harness.executor"] or "harness.executor" in graph["harness.grid"]
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
     assert graph["harness.env"] <= {"harness.errors"}  # the bottom layer imports nothing else of the harness
     assert "harness.runner" not in graph["harness.measure"]
     assert "harness.measure" not in graph["harness.runner"]  # its input helpers are harness.inputs
@@ -136,7 +170,8 @@ def test_bench_times_the_runners_own_training_step(tiny, tmp_path, monkeypatch):
     import variants
     from harness import measure as M
     from harness import step as S
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+    from harness.runner import train
     from harness.store import ResultsStore
     from harness.synthetic import PRESETS
 

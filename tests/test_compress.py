@@ -13,7 +13,8 @@ from torch import nn
 
 from harness import compress as C
 from harness import grid as G
-from harness.runner import RunSpec, train
+from harness.planning import RunSpec
+from harness.runner import train
 from harness.store import ResultsStore
 
 ROOT = Path(__file__).resolve().parent.parent

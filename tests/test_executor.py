@@ -18,8 +18,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from harness import executor as E
+from harness import grid as G
 from harness import slurm as S
-from harness.grid import GridError
+from harness.errors import GridError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,7 +118,7 @@ def test_time_limit_from_the_partition_when_not_set(tmp_path, monkeypatch):
 
 def test_command_line_requests_override_the_grid_and_keep_zero(tmp_path, monkeypatch):
     import ablate
-    from harness.executor import GridResult
+    from harness.schedule import GridResult
 
     seen = {}
 
@@ -125,7 +126,7 @@ def test_command_line_requests_override_the_grid_and_keep_zero(tmp_path, monkeyp
         seen.update(kw)
         return GridResult([], [], [], 0, interrupted=True)  # ablate exits 130 without a report
 
-    monkeypatch.setattr(E, "run_grid", fake_run_grid)
+    monkeypatch.setattr(G, "run_grid", fake_run_grid)
     grid = tmp_path / "g.toml"
     grid.write_text('variants = ["dualvgr"]\n[executor]\nkind = "slurm"\npartition = "gpu"\ngpus_per_run = 2\n'
                     'cpus_per_run = 8\nmem_gb = 32\n')
@@ -204,7 +205,7 @@ def test_a_job_that_ends_without_result_is_reported_failed(tmp_path, monkeypatch
             (tmp_path / "9_1_0_result.pkl").write_bytes(b"")
 
     monkeypatch.setattr(FakeJob, "result", lambda self: {"run_id": "r1", "status": "complete"}, raising=False)
-    E._follow(pending, "slurm", finish, poll_s=0, squeue_every_s=0)
+    E.follow(pending, "slurm", finish, poll_s=0, squeue_every_s=0)
     assert done[0]["run_id"] == "r0" and done[0]["status"] == "failed"
     assert "SLURM job 9_0 ended without a result" in done[0]["reason"] and "Killed" in done[0]["reason"]
     assert done[1] == {"run_id": "r1", "status": "complete"} and not pending

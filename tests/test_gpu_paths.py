@@ -344,7 +344,8 @@ SMALL = {**PRESETS["tiny"].model_config()}
 @pytest.mark.cuda
 def test_cuda_resume_completes(tiny, tmp_path):
     """Defect 1 on the device itself: a run stopped after one epoch resumes on CUDA."""
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+    from harness.runner import train
     from harness.store import ResultsStore
 
     store = ResultsStore(tmp_path / "results")
@@ -403,7 +404,8 @@ def test_cuda_graph_latency():
 def test_teachers_are_dropped_once_the_cache_replaces_them(tiny, tmp_path, monkeypatch):
     """A student trained from the teacher-output cache no longer holds its teachers' weights (on a GPU they
     were resident through the whole run, and counted in its training memory)."""
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+    from harness.runner import train
     from harness.store import ResultsStore
 
     seen = {}

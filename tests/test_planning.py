@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 import ablate
 from harness import data as D
 from harness import layout as L
-from harness.runner import RunSpec, plan, train
+from harness.planning import RunSpec, plan
+from harness.runner import train
 from harness.store import ResultsStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +138,7 @@ def test_a_teacher_without_the_output_a_loss_reads_fails_before_anything_trains(
 
     import variants
     from harness import grid as G
-    from harness.executor import run_grid
+    from harness.grid import run_grid
     from variants.registry import Entry
 
     def student_qo_hint():

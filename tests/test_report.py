@@ -415,7 +415,8 @@ def test_empty_store(tmp_path):
 
 def test_report_on_real_records(tiny, tmp_path):
     """Records written by the runner itself (1 epoch each on the tiny synthetic set)."""
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+    from harness.runner import train
 
     s = ResultsStore(tmp_path / "results")
     recs = {v: train(RunSpec(v, epochs=1, batch_size=256), s, data=tiny, device="cpu", progress=False)
