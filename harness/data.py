@@ -45,9 +45,8 @@ from variants.tasks import OPEN_ENDED
 from . import answers as A
 from . import layout as L
 from .errors import DataError
-from .features import (FINGERPRINT_FILE, Features, InMemoryFeatures, NoFeatures,  # noqa: F401 - re-exported
-                       StreamingFeatures, _check_features, _load_features, _open_h5, file_fingerprint)
-from .layout import DataPaths, _require  # noqa: F401 - re-exported
+from .features import (Features, _check_features, _load_features, _open_h5, file_fingerprint)
+from .layout import DataPaths, _require
 from .question_pickle import PickleRefused, load_question_pickle
 
 SPLITS = L.SPLITS

@@ -50,6 +50,7 @@ from .env import (apply_math_flags, check_precision, device_name, environment, g
 from .env import sync as _sync
 from .evaluate import ABLATIONS, evaluate
 from .inputs import param_counts
+from .features import InMemoryFeatures
 from .planning import Plan, RunFailed, RunPruned, RunSpec, check_teacher_outputs, feature_mode, plan
 from .pruning import pruned_info
 from .record import RECORD_VERSION, Record, teacher_ref
@@ -261,7 +262,7 @@ class _Run:
     def _device_features(self) -> D.Features:
         """Features and questions on the device once (GPU-resident when they fit; streaming otherwise)."""
         features = self.data.features
-        if isinstance(features, D.InMemoryFeatures) and self.dev.type == "cuda":
+        if isinstance(features, InMemoryFeatures) and self.dev.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.dev)
             if features.nbytes < 0.5 * free:
                 features = features.to(self.dev)

@@ -106,8 +106,8 @@ import numpy as np
 from . import layout, synthetic_tasks
 from .store import atomic_write_bytes
 from .synthetic_tasks import Features
-from .synthetic_world import (_S_GLOVE, _STORY_TEXT, COUNT, MULTIPLE_CHOICE, OPEN_ENDED,  # noqa: F401 - re-exported
-                              PRESET_TASKS, PRESETS, QUESTION_WORDS, SPLITS, SUGGESTED_TRAIN, TIME_BUCKETS, Preset,
+from .synthetic_world import (_S_GLOVE, _STORY_TEXT, OPEN_ENDED,
+                              PRESETS, QUESTION_WORDS, SPLITS, SUGGESTED_TRAIN, TIME_BUCKETS, Preset,
                               _features_for_video, _get_preset, _Layout, _layout, _questions, _rng, _video_split,
                               _videos, _vocab, _world)
 

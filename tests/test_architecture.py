@@ -202,3 +202,19 @@ def test_readme_architecture_names_every_module():
     missing = [p.name for p in [*HARNESS.glob("*.py"), *(HARNESS / "report").glob("*.py")]
                if p.name != "__init__.py" and f"`{p.name}`" not in section]
     assert not missing, f"README's architecture section does not name {missing}"
+
+
+def test_no_name_is_re_exported():
+    """A name is imported from the module that defines it: an import kept only for others to import
+    through (``noqa: F401``) may bring in a whole module (one that registers something, an optional
+    dependency checked), never a name from another module."""
+    shims = []
+    for path in CODE:
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and "noqa: F401" in lines[node.end_lineno - 1]:
+                target = [i[0] for i in _imports(path) if i[2] == node.lineno]
+                names = [a.name for a in node.names]
+                if not target or any(f"{target[0]}.{n}" not in MODULES for n in names):
+                    shims.append(f"{path.relative_to(ROOT)}:{node.lineno}: {', '.join(names)}")
+    assert not shims, shims

@@ -69,7 +69,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import variants  # noqa: E402
-from harness import data as D  # noqa: E402
+from harness.features import InMemoryFeatures  # noqa: E402
 from harness.evaluate import predict  # noqa: E402
 from harness.measure import random_answers, random_inputs  # noqa: E402
 from harness.synthetic import PRESETS  # noqa: E402
@@ -184,7 +184,7 @@ def test_teacher_cache_gather_and_evaluation_on_fake_cuda(tiny):
         with on_device():
             model = variants.build(cfg)
         split = tiny.splits["val"].to(CUDA)
-        features = tiny.features.to(CUDA) if isinstance(tiny.features, D.InMemoryFeatures) else tiny.features
+        features = tiny.features.to(CUDA) if isinstance(tiny.features, InMemoryFeatures) else tiny.features
         with HostToDevice() as watch:
             pred, means = predict(model, split, features, 64, CUDA)
         assert pred.shape == (len(split),) and means == {}  # dualvgr gives no output a metric averages

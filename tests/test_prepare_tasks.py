@@ -15,7 +15,7 @@ from harness import layout as L
 from harness import prepare as P
 from harness.prepare import nextqa as N
 from harness.prepare import tgif as T
-from harness.prepare.common import COUNT, MULTIPLE_CHOICE, OPEN_ENDED
+from variants.tasks import COUNT, MULTIPLE_CHOICE, OPEN_ENDED
 
 # --------------------------------------------------------------------------- helpers
 
