@@ -38,9 +38,9 @@ from . import record as R
 from .console import plural, say
 from .planning import RunSpec, feature_mode, plan
 from .runner import train
-from .schedule import (_failure, _Schedule, _worker_init,
+from .schedule import (failure_answer, Schedule, worker_init,
                        cpu_threads_per_worker, device_slots)
-from .slurm import (MAX_REQUEUES, SLURM_REQUESTS, ExecutorError, _SacctNoise, _Watch, check_executor_options,
+from .slurm import (MAX_REQUEUES, SLURM_REQUESTS, ExecutorError, SacctNoise, Watch, check_executor_options,
                     slurm_parameters)
 from .store import ResultsStore
 
@@ -119,7 +119,7 @@ class Executor(Protocol):
     runs whose teachers are done (``sched.ready()``), starts each (``spec = sched.start(p)``), has
     :func:`run_one` train it somewhere (``run_one(spec, str(launch.store.root), device, launch.mode,
     sched.log)``), and reports each answer with ``sched.finished(p, out)`` (a run lost without one:
-    ``_failure(p, reason)``); Ctrl-C (KeyboardInterrupt) goes through. ``options`` names the
+    ``failure_answer(p, reason)``); Ctrl-C (KeyboardInterrupt) goes through. ``options`` names the
     ``[executor]`` keys (and ``--executor-option`` keys) it reads besides ``kind``, ``jobs`` and
     ``device``; ``check(options, where)`` raises GridError naming ``where`` and the key of a bad value
     (it sees only the keys it declares)."""
@@ -129,7 +129,7 @@ class Executor(Protocol):
 
     def check(self, options: dict, where: str) -> None: ...
 
-    def run(self, sched: "_Schedule", launch: Launch) -> None: ...
+    def run(self, sched: "Schedule", launch: Launch) -> None: ...
 
 
 EXECUTORS = Registry("executor")
@@ -166,7 +166,7 @@ def kept_in(paths: list[Path]) -> str:
     return parents[0] if len(parents) == 1 else ", ".join(map(str, paths))
 
 
-def _run_serial(sched: _Schedule, store: ResultsStore, device: str, mode: str) -> None:
+def _run_serial(sched: Schedule, store: ResultsStore, device: str, mode: str) -> None:
     """One run after another in this process, teachers first."""
     while True:
         ready = sched.ready()
@@ -176,7 +176,7 @@ def _run_serial(sched: _Schedule, store: ResultsStore, device: str, mode: str) -
         sched.finished(p, run_one(sched.start(p), str(store.root), device, mode, sched.log))
 
 
-def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mode: str) -> None:
+def _run_pool(sched: Schedule, store: ResultsStore, jobs: int, device: str, mode: str) -> None:
     """``jobs`` worker processes (spawned; they die with this process), each run on its own
     device slot (GPUs round-robin when there are several), a run starting when its teachers are done.
     A worker that dies (SIGKILL, the OOM killer, SIGBUS) costs only its run: it is recorded as
@@ -206,7 +206,7 @@ def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mod
                 if w.conn in ready or w.proc.sentinel in ready:
                     p, out = w.collect()
                     if out is None:  # the worker died with the run
-                        out = _failure(p, w.death())
+                        out = failure_answer(p, w.death())
                     if not w.proc.is_alive():  # a fresh worker takes its place
                         w.stop()
                         i = workers.index(w)
@@ -276,7 +276,7 @@ class _Worker:
 def _worker_main(conn, parent: int, threads: int | None, work, sharing: int = 1) -> None:
     """A worker process: run the runs it is sent (``work``: :func:`run_one`), one at a time, until
     it is sent None."""
-    _worker_init(parent, threads, sharing)
+    worker_init(parent, threads, sharing)
     try:
         while (args := conn.recv()) is not None:
             conn.send(work(*args))
@@ -305,13 +305,13 @@ def local_gpus(options: dict, device: str) -> dict:
     return {"gpus_per_node": n} if n else {}
 
 
-def _run_submitit(sched: _Schedule, name: str, store: ResultsStore, executor: str, jobs: int, device: str,
+def _run_submitit(sched: Schedule, name: str, store: ResultsStore, executor: str, jobs: int, device: str,
                   mode: str, slurm: dict, poll_s: float) -> None:
     """Job arrays through submitit: one array per wave of runs whose teachers are complete (teachers,
     then their students). Ctrl-C cancels the jobs not finished (running the grid again resumes them)."""
     root = Path(store.root).resolve()  # the jobs may start in another directory
     ex = submitit_executor(name, root, executor, jobs, device, slurm)
-    noise = _SacctNoise(sched.console)
+    noise = SacctNoise(sched.console)
     logging.getLogger("submitit").addFilter(noise)
     pending: dict = {}
     try:
@@ -345,7 +345,7 @@ def follow(pending: dict, executor: str, finished, poll_s: float, squeue_every_s
     cancelled, out of memory, node failure); submitit's own check needs sacct, which clusters without
     accounting do not have. Why jobs wait (SLURM's reason: a node down, resources) goes to ``tell``,
     once, and again when it changes."""
-    watch, last_squeue = _Watch(tell or (lambda msg: None)), 0.0
+    watch, last_squeue = Watch(tell or (lambda msg: None)), 0.0
     while pending:
         over = [j for j in pending if j.paths.result_pickle.exists()] if executor == "slurm" else \
             [j for j in pending if j.done()]
@@ -358,12 +358,12 @@ def follow(pending: dict, executor: str, finished, poll_s: float, squeue_every_s
             try:
                 out = job.result()
             except Exception as e:  # noqa: BLE001 - the job itself died (node failure, time limit)
-                out = _failure(p, f"submitit job {job.job_id} failed: {type(e).__name__}: {e}")
+                out = failure_answer(p, f"submitit job {job.job_id} failed: {type(e).__name__}: {e}")
             finished(p, out)
         for job in lost:
             p = pending.pop(job)
             log = (job.stderr() or "").strip().splitlines()[-5:]
-            finished(p, _failure(p, f"SLURM job {job.job_id} {watch.why_lost(job.job_id)}; last lines of "
+            finished(p, failure_answer(p, f"SLURM job {job.job_id} {watch.why_lost(job.job_id)}; last lines of "
                                     f"{job.paths.stderr}: " + " | ".join(log)))
         if pending:
             time.sleep(poll_s)
@@ -381,7 +381,7 @@ class LocalExecutor:
     def check(self, options: dict, where: str) -> None:
         pass
 
-    def run(self, sched: _Schedule, launch: Launch) -> None:
+    def run(self, sched: Schedule, launch: Launch) -> None:
         if launch.jobs <= 1:
             _run_serial(sched, launch.store, launch.device, launch.mode)
         else:
@@ -398,7 +398,7 @@ class SubmititExecutor:
     def check(self, options: dict, where: str) -> None:
         check_executor_options(options, where)
 
-    def run(self, sched: _Schedule, launch: Launch) -> None:
+    def run(self, sched: Schedule, launch: Launch) -> None:
         _run_submitit(sched, launch.name, launch.store, self.name, launch.jobs, launch.device, launch.mode,
                       launch.options, launch.poll_s)
 

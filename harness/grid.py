@@ -63,7 +63,7 @@ from .console import make_console, plural, progress_bar, say
 from .errors import DataError, GridError, HarnessError
 from .planning import RunSpec, check_plans, plan
 from .runner import stale
-from .schedule import GridResult, _Schedule
+from .schedule import GridResult, Schedule
 from .settings import TRAIN_CHECKS, SettingError, check_train_settings, is_int
 from .sinks import SINKS, check_sinks
 from .store import ResultsStore, StoreError
@@ -138,7 +138,7 @@ def _read(path: Path) -> dict:
         check_train_settings(train, f"{where}: [train] ")
     except SettingError as e:
         raise GridError(str(e)) from None
-    _check_executor(where, doc.get("executor", {}))
+    check_executor(where, doc.get("executor", {}))
     _compress_methods(where, doc.get("evaluate", {}))
     return doc
 
@@ -156,7 +156,7 @@ def _compress_methods(where: str, table: dict) -> tuple[str, ...]:
         raise GridError(str(e)) from None
 
 
-def _check_executor(where: str, table: dict) -> None:
+def check_executor(where: str, table: dict) -> None:
     """The ``[executor]`` table against the registered executors (:mod:`harness.executor`): a known
     kind, keys some kind reads, each value checked by the kinds that read it."""
     keys = E.executor_options()
@@ -169,7 +169,7 @@ def _check_executor(where: str, table: dict) -> None:
     E.check_options(table, f"{where}: [executor]")
 
 
-def _variant_names(where: str, patterns) -> list[str]:
+def variant_names(where: str, patterns) -> list[str]:
     if not isinstance(patterns, list) or not patterns:
         raise GridError(f"{where}: variants must be a non-empty list of names or wildcards, got {patterns!r}")
     names: list[str] = []
@@ -270,7 +270,7 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
     path = resolve_path(name_or_path)
     where = str(path)
     doc = _read(path)
-    names = _variant_names(where, doc["variants"])
+    names = variant_names(where, doc["variants"])
     seeds_given = seeds is not None  # the command line's seeds replace every seed list of the file
     seeds = list(seeds if seeds is not None else doc.get("seeds", [666]))
     if not seeds or not all(is_int(s) for s in seeds):
@@ -434,7 +434,7 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     if not todo:
         return result
     with progress_bar(console) as progress:
-        sched = _Schedule(grid.name, todo, own, result, console, progress, store=store, log=log)
+        sched = Schedule(grid.name, todo, own, result, console, progress, store=store, log=log)
         try:
             kind.run(sched, E.Launch(grid.name, store, jobs, device, mode, dict(options or {}), poll_s))
         except KeyboardInterrupt:

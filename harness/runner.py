@@ -442,9 +442,9 @@ class _Run:
         val_best, pred_val = ev("val")
         test_best, pred_best = ev("test")
         ablations = {a: ev("test", ablation=a)[0] for a in ABLATIONS}
-        _write_predictions(self.run_dir / "predictions_test.csv", self.data, "test",
+        write_predictions(self.run_dir / "predictions_test.csv", self.data, "test",
                            {"pred_best": pred_best, "pred_last": pred_last})
-        _write_predictions(self.run_dir / "predictions_val.csv", self.data, "val", {"pred_best": pred_val})
+        write_predictions(self.run_dir / "predictions_val.csv", self.data, "val", {"pred_best": pred_val})
         chosen = M.task_metric(self.task)
         best = "best validation accuracy" if chosen.name == M.PRIMARY else \
             f"{'highest' if chosen.higher_is_better else 'lowest'} validation {chosen.name}"
@@ -512,7 +512,7 @@ def _peak_since_reset(dev: torch.device, resident_mib: float | None) -> dict | N
     return {"total": peak, "step": peak - resident_mib, "resident": resident_mib}
 
 
-def _write_predictions(path: Path, data: D.VideoQAData, split: str, preds: dict[str, np.ndarray]) -> None:
+def write_predictions(path: Path, data: D.VideoQAData, split: str, preds: dict[str, np.ndarray]) -> None:
     s = data.splits[split]
     answers = s.answers.numpy()
     df = pd.DataFrame({"question_id": s.question_ids, "video_id": s.video_ids,

@@ -72,7 +72,7 @@ from .grid import Grid, order_runs
 from .metrics import PRIMARY, task_metric
 from .planning import RunPruned, RunSpec, feature_mode, plan
 from .runner import train
-from .schedule import _worker_init, cpu_threads_per_worker, device_slots
+from .schedule import worker_init, cpu_threads_per_worker, device_slots
 from .study_file import Study, StudyError, load_study
 from .store import ResultsStore, held_elsewhere, locked
 
@@ -234,7 +234,7 @@ def search_worker(path: str, results: str, url: str | None, device: str, index: 
 
 
 def _pool_main(parent: int, threads: int | None, sharing: int, args: tuple) -> None:
-    _worker_init(parent, threads, sharing)
+    worker_init(parent, threads, sharing)
     try:
         search_worker(*args)
     except KeyboardInterrupt:  # Ctrl-C reaches every worker; the study's process reports it

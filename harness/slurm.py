@@ -127,7 +127,7 @@ def partition_time_limit(partition: str | None) -> int:
     return 0
 
 
-class _SacctNoise(logging.Filter):
+class SacctNoise(logging.Filter):
     """On clusters without accounting every sacct call fails and submitit logs a warning each time:
     the first is shown once, as one line that says what it means; the rest are dropped."""
 
@@ -181,7 +181,7 @@ _LOST = {"CANCELLED": "was cancelled (scancel, or by an administrator)",
          "FAILED": "failed before the run could record a result"}
 
 
-class _Watch:
+class Watch:
     """What squeue says about a wave's jobs: which ended without a result (seen ended twice in a
     row), the last state of each, and why pending jobs wait (told once, and when it changes)."""
 

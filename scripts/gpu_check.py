@@ -210,7 +210,7 @@ def bench(dev: torch.device, size: dict, out_dir: Path) -> dict:
     atomic_write_json(out_dir / "bench.json", rows)
     cols = ["variant", "precision", "infer_path", "lstm_precision", *B.TABLE_COLUMNS[1:], "resident_mib_train"]
     md = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    md += ["| " + " | ".join(B._fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    md += ["| " + " | ".join(B.fmt_cell(r.get(c)) for c in cols) + " |" for r in rows]
     (out_dir / "bench.md").write_text("\n".join(md) + "\n")
     errors = {f"{r['variant']} {r['precision']} {r['infer_path']} b{r['batch_size']}": r["errors"]
               for r in rows if r.get("errors")}

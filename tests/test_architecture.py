@@ -91,13 +91,14 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> list[tuple[str, str | None, int]]:
-    """Every import of the project's modules in ``path``, at module level or inside a function:
-    (the module imported from, the name imported from it or None for ``import x``, the line)."""
+def _imports(path: Path, text: str | None = None) -> list[tuple[str, str | None, int]]:
+    """Every import of the project's modules in ``path`` (or ``text`` as if it were that file), at
+    module level or inside a function: (the module imported from, the name imported from it or None
+    for ``import x``, the line)."""
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     out = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text() if text is None else text)):
         if isinstance(node, ast.Import):
             out += [(a.name, None, node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -218,3 +219,36 @@ def test_no_name_is_re_exported():
                 if not target or any(f"{target[0]}.{n}" not in MODULES for n in names):
                     shims.append(f"{path.relative_to(ROOT)}:{node.lineno}: {', '.join(names)}")
     assert not shims, shims
+
+
+def _private_uses(path: Path, text: str | None = None) -> list[str]:
+    """Private names (``_x``) of other project modules that ``path`` (or ``text`` as if it were that
+    file) imports or reads as attributes of a module it imported (``from .m import _x``, ``m._x``)."""
+    module = _module_name(path)
+    text = path.read_text() if text is None else text
+    found, aliases = [], {}
+    for target, name, line in _imports(path, text):
+        if name is None:
+            aliases[target.split(".")[0]] = target.split(".")[0]
+        elif f"{target}.{name}" in MODULES:
+            aliases[name] = f"{target}.{name}"
+        elif name.startswith("_") and not name.startswith("__") and target != module:
+            found.append(f"{path.relative_to(ROOT)}:{line}: {target}.{name}")
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom):  # `from x import m as y` binds y to module x.m
+            aliases.update({a.asname: aliases[a.name] for a in node.names if a.asname and a.name in aliases})
+    for node in ast.walk(ast.parse(text)):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")
+                and aliases[node.value.id] != module):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {aliases[node.value.id]}.{node.attr}")
+    return found
+
+
+def test_no_private_name_crosses_modules():
+    """A helper two modules share is public (no leading underscore) in the module that defines it."""
+    probe = "from harness import runner as R\nfrom .store import _lock, locked\n\ndef f():\n    R._write(locked._x)\n"
+    assert _private_uses(HARNESS / "grid.py", probe) == ["harness/grid.py:2: harness.store._lock",
+                                                         "harness/grid.py:5: harness.runner._write"]
+    crossing = [u for p in CODE for u in _private_uses(p)]
+    assert not crossing, crossing

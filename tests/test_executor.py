@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from harness import executor as E
 from harness import grid as G
+from harness.schedule import worker_init
 from harness import slurm as S
 from harness.errors import GridError
 
@@ -145,7 +146,7 @@ def test_command_line_requests_override_the_grid_and_keep_zero(tmp_path, monkeyp
 
 def test_sacct_errors_are_summarised_once():
     out = io.StringIO()
-    noise = S._SacctNoise(Console(file=out, width=300))
+    noise = S.SacctNoise(Console(file=out, width=300))
     logger = logging.getLogger("submitit")
     caught = []
     handler = logging.Handler()
@@ -309,7 +310,7 @@ def test_cpu_workers_share_out_the_cores(monkeypatch):
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert [E.cpu_threads_per_worker(j) for j in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=E._worker_init,
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=worker_init,
                              initargs=(os.getpid(), 1)) as pool:
         assert pool.submit(_threads).result(timeout=120) == 1
 
@@ -327,10 +328,10 @@ def test_worker_environment_names_the_sharing(monkeypatch):
 
     from harness import schedule
 
-    monkeypatch.setattr(schedule, "_die_with_parent", lambda parent: None)  # where _worker_init looks it up
-    monkeypatch.setenv(SHARING_ENV, "1")  # recorded, so that what _worker_init sets is undone after the test
+    monkeypatch.setattr(schedule, "_die_with_parent", lambda parent: None)  # where worker_init looks it up
+    monkeypatch.setenv(SHARING_ENV, "1")  # recorded, so that what worker_init sets is undone after the test
     assert runs_sharing_device() == 1
-    E._worker_init(0, None, 3)
+    worker_init(0, None, 3)
     assert runs_sharing_device() == 3
 
 

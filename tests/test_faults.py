@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import ablate
 from harness import executor as E
 from harness import slurm as S
-from harness.schedule import GridResult
+from harness.schedule import GridResult, Schedule
 
 cli = CliRunner()
 run_one = E.run_one  # the real one (tests replace E.run_one)
@@ -64,7 +64,7 @@ def test_a_worker_killed_by_a_signal_is_replaced_and_the_others_go_on(tmp_path, 
     result = GridResult([p.run_id for p in plans], [], [], 0)
     console = Console(file=open(os.devnull, "w"))
     with progress_bar(console) as progress:
-        sched = E._Schedule("g", plans, {p.run_id for p in plans}, result, console, progress, store=store)
+        sched = Schedule("g", plans, {p.run_id for p in plans}, result, console, progress, store=store)
         E._run_pool(sched, store, 2, "cpu", "auto")
     assert sorted(result.complete) == ["r0", "r2", "r3"] and [f["run_id"] for f in result.failed] == ["r1"]
     assert "killed by signal SIGKILL" in store.read_failure("r1")["reason"]
@@ -129,7 +129,7 @@ def test_a_cancelled_teacher_and_its_student_are_remembered(tmp_path, monkeypatc
 
     from rich.console import Console
 
-    from harness.report import _missing
+    from harness.report import missing_line
     from harness.planning import RunSpec
     from harness.store import ResultsStore
 
@@ -143,7 +143,7 @@ def test_a_cancelled_teacher_and_its_student_are_remembered(tmp_path, monkeypatc
     from harness.console import progress_bar
 
     with progress_bar(console) as progress:
-        sched = E._Schedule("g", [teacher, student], {student.run_id}, result, console, progress, store=store)
+        sched = Schedule("g", [teacher, student], {student.run_id}, result, console, progress, store=store)
         assert sched.ready() == [teacher]
         sched.start(teacher)
         _fake_squeue(tmp_path, monkeypatch, "41_0|CANCELLED|None\n")
@@ -156,12 +156,12 @@ def test_a_cancelled_teacher_and_its_student_are_remembered(tmp_path, monkeypatc
     assert [f["run_id"] for f in result.failed] == [teacher.run_id, student.run_id]
     listed = cli.invoke(ablate.app, ["results", "--results", str(store.root), "--failed"]).output
     assert "was cancelled" in listed and "teacher run teacher-g4" in listed, listed
-    assert "(failed: teacher run teacher-g4 seed 0" in _missing(store, student.run_id)
+    assert "(failed: teacher run teacher-g4 seed 0" in missing_line(store, student.run_id)
 
 
 def test_why_slurm_jobs_wait_is_told_once_and_when_it_changes(tmp_path, monkeypatch):
     told = []
-    watch = S._Watch(told.append)
+    watch = S.Watch(told.append)
     jobs = [FakeJob("50_0", tmp_path), FakeJob("50_1", tmp_path)]
     down = "Nodes required for job are DOWN, DRAINED or reserved for jobs in higher priority partitions"
     _fake_squeue(tmp_path, monkeypatch, f"50_0|PENDING|{down}\n50_1|PENDING|{down}\n")
