@@ -37,7 +37,6 @@ from __future__ import annotations
 import builtins
 import functools
 import hashlib
-import inspect
 import json
 import re
 from pathlib import Path
@@ -96,17 +95,10 @@ def _section(name: str, values: dict, defaults: dict) -> dict:
     return out
 
 
-def loss_params(name: str) -> dict:
-    """Every parameter of the distillation loss ``name`` with its factory default."""
-    sig = inspect.signature(variants.LOSSES.get(name).fn)
-    return {p.name: p.default for p in sig.parameters.values()
-            if p.name not in ("student_dim", "teacher_dim") and p.default is not inspect.Parameter.empty}
-
-
 def _distill(items: list) -> list:
     out = []
     for d in items:
-        defaults = loss_params(d["name"])
+        defaults = variants.loss_params(d["name"])
         params = {**defaults, **(d.get("params") or {})}
         params = _section(f"distill.{d['name']}", params, defaults)
         out.append({"name": d["name"], "weight": normalise(d.get("weight", 1.0), 1.0), "params": params})
@@ -264,7 +256,7 @@ def _unspelled(record: dict) -> list[str]:
             and NEUTRAL.get(f"loss.{k}", object()) != LOSS_TERMS[k]]
     for d in cfg.get("distill", []):
         given = d.get("params") or {}
-        out += [f"{d['name']}.{k}" for k, v in loss_params(d["name"]).items() if k not in given
+        out += [f"{d['name']}.{k}" for k, v in variants.loss_params(d["name"]).items() if k not in given
                 and NEUTRAL.get(f"distill.{d['name']}.{k}", object()) != v]
     return out + _train_unspelled(record["train_config"])
 

@@ -166,13 +166,6 @@ def _job_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
     return {j: states.get(j, ("GONE", "")) for j in job_ids}
 
 
-def _ended_jobs(job_ids: list[str]) -> set[str] | None:
-    """Which of these SLURM jobs have ended, by squeue: in an ended state or no longer listed. None
-    when squeue cannot say."""
-    states = _job_states(job_ids)
-    return None if states is None else {j for j, (st, _) in states.items() if st in _ENDED | {"GONE"}}
-
-
 #: why a job ended without a result, by the last state squeue showed
 _LOST = {"CANCELLED": "was cancelled (scancel, or by an administrator)",
          "TIMEOUT": "reached its time limit and was not requeued",

@@ -168,11 +168,11 @@ def test_sacct_errors_are_summarised_once():
 def test_job_states_from_squeue(tmp_path, monkeypatch):
     fake_command(tmp_path, monkeypatch, "squeue", 'printf "7_0|RUNNING|None\\n7_1|COMPLETED|None\\n'
                  '7_2|PENDING|Nodes required for job are DOWN\\n7_3|CANCELLED|None\\n8|REQUEUED|None\\n"\n')
-    assert S._ended_jobs(["7_0", "7_1", "7_2", "7_3", "7_4", "8"]) == {"7_1", "7_3", "7_4"}  # 7_4: not listed
+    assert {j: st for j, (st, _) in S._job_states(["7_0", "7_1", "7_3", "7_4", "8"]).items()} == {
+        "7_0": "RUNNING", "7_1": "COMPLETED", "7_3": "CANCELLED", "7_4": "GONE", "8": "REQUEUED"}  # 7_4: not listed
     assert S._job_states(["7_2", "7_4"]) == {"7_2": ("PENDING", "Nodes required for job are DOWN"),
                                              "7_4": ("GONE", "")}
     fake_command(tmp_path, monkeypatch, "squeue", "exit 1\n")
-    assert S._ended_jobs(["7_0"]) is None
     assert S._job_states(["7_0"]) is None
 
 
