@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import layout as L
+from .digests import file_hash
 from .errors import DataError
 from .layout import DataPaths, require
 
@@ -237,11 +238,7 @@ def file_fingerprint(path: Path) -> dict:
             and entry.get("ctime_ns") == st.st_ctime_ns and isinstance(entry.get("sha1"), str)
             and isinstance(entry.get("finite", {}), dict)):
         return entry
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(16 << 20), b""):
-            h.update(block)
-    entry = {"sha1": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+    entry = {"sha1": file_hash(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
     cache[path.name] = entry
     try:
         atomic_write_json(cache_path, cache)

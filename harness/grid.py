@@ -51,7 +51,7 @@ import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import variants
 from rich.console import Console
@@ -61,7 +61,7 @@ from . import executor as E
 from . import identity
 from .console import make_console, plural, progress_bar, say
 from .errors import DataError, GridError, HarnessError
-from .planning import RunSpec, check_plans, plan
+from .planning import Plan, RunSpec, check_plans, plan
 from .runner import stale
 from .schedule import GridResult, Schedule
 from .settings import TRAIN_CHECKS, SettingError, check_train_settings, is_int
@@ -382,6 +382,17 @@ def order_runs(runs: list[RunSpec]) -> list[RunSpec]:
     return sorted(runs, key=rank)
 
 
+def grid_plans(grid: Grid, info: Callable[[str], D.DataInfo], require_code: str | None = None) -> list[Plan]:
+    """The plan of each of the grid's runs against its own data set (every data set of the grid):
+    ``info`` describes a data set once (:func:`harness.data.describe`, or the store's record of it:
+    :func:`harness.planning.recorded_info`). ``require_code``: each run reuses only a complete run of
+    that code. Errors name the grid file."""
+    with naming_file(grid):
+        infos = {d: info(d) for d in grid.datasets}
+        return [plan(dataclasses.replace(s, require_code=require_code) if require_code else s, infos[s.data])
+                for s in grid.runs]
+
+
 def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: int = 1, device: str = "auto",
              mode: str = "auto", console: Console | None = None, options: dict | None = None,
              poll_s: float = 2.0, reuse_other_code: bool = True, refuse_damaged: bool = False,
@@ -399,14 +410,15 @@ def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: 
     D.check_mode(mode, "--mode")
     kind = E.executor_kind(executor)
     console = console or make_console(stderr=True)
-    with naming_file(grid):
-        infos = {d: D.describe(d) for d in grid.datasets}  # run ids from the data sets' info: no feature is read here
-    for info in infos.values():
-        store.write_data_info(info.to_dict())
     code = identity.code_fingerprint()
-    specs = grid.runs if reuse_other_code else [dataclasses.replace(s, require_code=code) for s in grid.runs]
+
+    def described(d: str) -> D.DataInfo:  # run ids from the data sets' info: no feature is read here
+        info = D.describe(d)
+        store.write_data_info(info.to_dict())
+        return info
+
+    plans = grid_plans(grid, described, None if reuse_other_code else code)
     with naming_file(grid):
-        plans = [plan(s, infos[s.data]) for s in specs]
         check_plans(plans)  # every student's losses read outputs its teachers produce: checked before anything trains
     every = list({q.run_id: q for p in plans for q in p.all_plans()}.values())  # teachers first, each once
     own = {p.run_id for p in plans}

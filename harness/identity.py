@@ -44,6 +44,7 @@ from pathlib import Path
 import variants
 from variants.losses import LOSS_TERMS
 
+from .digests import file_hash
 from .settings import TRAIN_DEFAULTS
 
 #: the identity scheme of run ids made now (see the module docstring)
@@ -151,7 +152,7 @@ def code_fingerprint() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _digests(root: Path, files: tuple[str, ...], stamps: tuple) -> tuple[tuple[str, str], ...]:
-    return tuple((rel, hashlib.sha256((root / rel).read_bytes()).hexdigest()[:12]) for rel in files)
+    return tuple((rel, file_hash(root / rel, "sha256")[:12]) for rel in files)
 
 
 def code_record() -> dict:

@@ -252,3 +252,15 @@ def test_no_private_name_crosses_modules():
                                                          "harness/grid.py:5: harness.runner._write"]
     crossing = [u for p in CODE for u in _private_uses(p)]
     assert not crossing, crossing
+
+
+def test_one_helper_hashes_files():
+    """A file's bytes are hashed by harness.digests.file_hash only (store, features, teacher outputs and
+    the code record share it; their digests are what they were: tests/golden/run_ids.json and the
+    code-identity tests pin them)."""
+    import re
+
+    hashing = re.compile(r"hashlib\.file_digest\(|hashlib\.\w+\([^()]*\.read_bytes\(\)\)|\.update\(block\)")
+    found = [f"{p.relative_to(ROOT)}:{i}" for p in CODE if p.name != "digests.py"
+             for i, line in enumerate(p.read_text().splitlines(), 1) if hashing.search(line)]
+    assert not found, found

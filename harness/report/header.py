@@ -2,7 +2,6 @@
 environment, statistics), and the partial-report lines of a grid not yet run through."""
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -11,6 +10,7 @@ from pathlib import Path
 from .. import identity
 from .. import record as R
 from .. import stats as S
+from ..digests import file_hash
 from ..env import NUMERIC_ENVIRONMENT
 from ..stats import Bootstrap
 from ..store import ResultsStore
@@ -24,7 +24,7 @@ def _grid_file(grid_file, committed: bool = False) -> str:
     if not grid_file:
         return "-"
     p = Path(grid_file)
-    digest = f" (sha256 {hashlib.sha256(p.read_bytes()).hexdigest()[:12]})" if p.is_file() else ""
+    digest = f" (sha256 {file_hash(p, 'sha256')[:12]})" if p.is_file() else ""
     shown = _inside(p, REPO)
     if shown is None and committed:
         return "a file outside the repository, not named here" + digest
