@@ -74,7 +74,7 @@ def _function_lengths(path: Path) -> dict[str, int]:
 
 def test_functions_are_short():
     """A function that grows past 50 lines is split into named steps (the runner's ``_Run``, the
-    executor's ``_Schedule``); the command-line entry points stay thin."""
+    schedule's ``Schedule``); the command-line entry points stay thin."""
     files = [*HARNESS.rglob("*.py"), *(ROOT / "variants").rglob("*.py"), ROOT / "ablate.py", ROOT / "bench.py"]
     lengths = {k: v for f in files for k, v in _function_lengths(f).items()}
     long = {k: v for k, v in lengths.items() if v > 50}
