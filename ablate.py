@@ -182,7 +182,7 @@ def main(
         console.print(ctx.get_help())
         raise typer.Exit(0)
     from harness import grid as G
-    from harness.executor import run_grid
+    from harness.grid import run_grid
     from harness.store import ResultsStore, check_writable
 
     try:
@@ -301,12 +301,12 @@ def _command(sub: str | None = None, **options) -> str:
 def _planned(store, g, plans=None) -> list[dict] | None:
     """What each run of the grid (teachers included) is: id, variant, settings label, seed; so that
     a partial report can say what it lacks. None when the data set is not recorded."""
-    from harness.runner import plan, recorded_info
+    from harness.grid import grid_plans
+    from harness.planning import recorded_info
 
     if plans is None:
         try:
-            infos = {d: recorded_info(d, store) for d in g.datasets}
-            plans = [q for s in g.runs for q in plan(s, infos[s.data]).all_plans()]
+            plans = [q for p in grid_plans(g, lambda d: recorded_info(d, store)) for q in p.all_plans()]
         except user_errors():
             return None
     out = {}
@@ -348,16 +348,15 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
            max_runs: Optional[int] = typer.Option(None, min=1, help=MAX_RUNS_HELP)):
     """Regenerate reports/NAME.md (and .csv, and plots) from the results store; trains nothing."""
     from harness import grid as G
-    from harness.runner import plan, recorded_info
+    from harness.planning import recorded_info
     from harness.store import ResultsStore
 
     store = ResultsStore(results)
     try:
         g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None,
                    max_runs=max_runs or G.MAX_RUNS)
-        with G.naming_file(g):
-            infos = {d: recorded_info(d, store) for d in g.datasets}  # from the store: no feature file is read
-            plans = [q for s in g.runs for q in plan(s, infos[s.data]).all_plans()]
+        # the data sets' info from the store: no feature file is read
+        plans = [q for p in G.grid_plans(g, lambda d: recorded_info(d, store)) for q in p.all_plans()]
     except user_errors() as e:
         error(console, e)
         raise typer.Exit(2) from None
@@ -396,7 +395,7 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
     from harness import grid as G
     from harness import metrics as M
     from harness import record as R
-    from harness.runner import plan, recorded_info
+    from harness.planning import recorded_info
     from harness.store import ResultsStore
 
     store = ResultsStore(results)
@@ -411,9 +410,8 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
                 raise C.CompressError(f"{rid}: not a complete run in {store.root} (see `ablate.py results`)")
         g = G.load(grid) if grid else None
         if g is not None:
-            with G.naming_file(g):
-                infos = {d: recorded_info(d, store) for d in g.datasets}
-                ids += _grid_run_ids(store, g, [plan(s, infos[s.data]).run_id for s in g.runs])
+            plans = G.grid_plans(g, lambda d: recorded_info(d, store))
+            ids += _grid_run_ids(store, g, [p.run_id for p in plans])
         methods = C.check_methods(method or (g.compress if g is not None and g.compress else list(C.METHODS)),
                                   "--method")
         if not ids:
@@ -442,7 +440,7 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
 
 def _check_same_data(gs) -> None:
     """Two grids compared share a data set (runs are paired on the same questions), else a GridError naming them."""
-    from harness.grid import GridError
+    from harness.errors import GridError
 
     if not set(gs[0].datasets) & set(gs[1].datasets):
         raise GridError(f"grids {gs[0].name} ({gs[0].path}: {', '.join(gs[0].datasets)}) and {gs[1].name} "
@@ -462,7 +460,7 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
     computed each side's runs; refuses to compare a run with itself (two grids planning the same runs)."""
     from harness import grid as G
     from harness.report import compare_runs
-    from harness.runner import plan, recorded_info
+    from harness.planning import recorded_info
     from harness.store import ResultsStore
 
     if len(grid) != 2:
@@ -474,9 +472,7 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
         _check_same_data(gs)
         plans = []
         for g in gs:
-            with G.naming_file(g):
-                infos = {d: recorded_info(d, store) for d in g.datasets}
-                plans.append([plan(s, infos[s.data]) for s in g.runs])
+            plans.append(G.grid_plans(g, lambda d: recorded_info(d, store)))
         ids = [[*dict.fromkeys(r for p in ps for r in p.all_run_ids())] for ps in plans]
     except user_errors() as e:
         error(console, e)
@@ -593,7 +589,8 @@ def run(
     import variants
     from harness import data as D
     from harness.env import check_precision, resolve_device
-    from harness.runner import RUN_LOCK, RunSpec, feature_mode, plan, train
+    from harness.planning import RunSpec, feature_mode, plan
+    from harness.runner import RUN_LOCK, train
     from harness.sinks import check_sinks
     from harness.store import ResultsStore, check_writable, held_elsewhere
 

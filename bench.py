@@ -355,18 +355,18 @@ def _table(records: list[dict], cols, note: str, fmt: str, text_columns: tuple[s
         print("| " + " | ".join(cols) + " |")
         print("|" + "|".join("---" if c in text_columns else "---:" for c in cols) + "|")
         for r in records:
-            print("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+            print("| " + " | ".join(fmt_cell(r.get(c)) for c in cols) + " |")
         print(f"\n{note}")
         return
     t = Table(title=note)
     for c in cols:
         t.add_column(c, justify="left" if c in text_columns else "right")
     for r in records:
-        t.add_row(*[_fmt(r.get(c)) for c in cols])
+        t.add_row(*[fmt_cell(r.get(c)) for c in cols])
     console.print(t)
 
 
-def _fmt(v) -> str:
+def fmt_cell(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, bool):

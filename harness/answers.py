@@ -20,10 +20,6 @@ from variants.tasks import COUNT, MULTIPLE_CHOICE, OPEN_ENDED
 from . import layout as L
 from .errors import DataError
 
-#: the batch fields a multiple-choice question carries, in the model's keyword names (variants.tasks)
-CANDIDATE_FIELDS = {"candidates": L.CANDIDATES_KEY, "candidate_lengths": L.CANDIDATES_LEN_KEY}
-
-
 def detect_task(meta: dict, meta_path: Path | None, train_questions: dict) -> str:
     """The data set's task: the meta file's ``task``, else inferred from the train questions."""
     named = meta.get(L.TASK_META_KEY)

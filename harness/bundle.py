@@ -58,7 +58,8 @@ from . import metrics as M
 from . import record as R
 from .errors import HarnessError
 from .evaluate import evaluate
-from .runner import RunSpec, plan, run_lock
+from .planning import RunSpec, plan
+from .runner import run_lock
 from .store import ResultsStore, atomic_output, atomic_write_bytes, atomic_write_json
 
 FORMAT, VERSION = "vqakd-run-bundle", 1

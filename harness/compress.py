@@ -382,7 +382,7 @@ def compress_run(store: ResultsStore, run_id: str, method: str, data: D.VideoQAD
 
 
 def _compress_locked(store: ResultsStore, record: dict, method: str, data: D.VideoQAData, out_dir: Path) -> dict:
-    from .runner import _write_predictions  # the runner's predictions format, one writer
+    from .runner import write_predictions  # the runner's predictions format, one writer
 
     t0 = time.perf_counter()
     cfg = variants.VariantConfig(**record["variant_config"])
@@ -393,7 +393,7 @@ def _compress_locked(store: ResultsStore, record: dict, method: str, data: D.Vid
     metrics, preds = _evaluations(comp.module, data, batch, task)
     agree, ref_pred = agreement(model, comp.module, data.splits["test"], data.features, batch, task)
     for split in ("test", "val"):
-        _write_predictions(out_dir / f"predictions_{split}.csv", data, split, {"pred_best": preds[split]})
+        write_predictions(out_dir / f"predictions_{split}.csv", data, split, {"pred_best": preds[split]})
     rec = {"kind": "compressed-evaluation", "version": VERSION, "status": "complete", "run_id": record["run_id"],
            "variant": record["variant"], "seed": record["seed"], "method": method,
            "method_description": METHODS[method].description, "method_info": comp.info,

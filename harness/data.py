@@ -45,9 +45,8 @@ from variants.tasks import OPEN_ENDED
 from . import answers as A
 from . import layout as L
 from .errors import DataError
-from .features import (FINGERPRINT_FILE, Features, InMemoryFeatures, NoFeatures,  # noqa: F401 - re-exported
-                       StreamingFeatures, _check_features, _load_features, _open_h5, file_fingerprint)
-from .layout import DataPaths, _require  # noqa: F401 - re-exported
+from .features import (Features, check_features, load_features, open_h5, file_fingerprint)
+from .layout import DataPaths, require
 from .question_pickle import PickleRefused, load_question_pickle
 
 SPLITS = L.SPLITS
@@ -59,7 +58,7 @@ OTHER = L.OTHER_TYPE
 
 
 def load_vocab(path: Path) -> dict:
-    _require(path, "vocab")
+    require(path, "vocab")
     vocab = read_json(path)
     if not isinstance(vocab, dict):
         raise DataError(f"{path}: expected a JSON object (the vocabularies), got {type(vocab).__name__}")
@@ -135,7 +134,7 @@ class SplitData:
 
 
 def _load_questions(path: Path, split: str) -> dict:
-    _require(path, f"{split} questions")
+    require(path, f"{split} questions")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"PK\x03\x04":
@@ -277,10 +276,10 @@ def _resolve_paths(spec: str | Path, path_overrides: dict, generate: bool = True
 
 def _feature_shapes(paths: DataPaths) -> tuple[tuple, tuple]:
     """Shapes of the two feature datasets, validated against each other (reads no feature)."""
-    fa = _open_h5(paths.appearance, "appearance feature", L.APPEARANCE_KEY)
-    fm = _open_h5(paths.motion, "motion feature", L.MOTION_KEY)
+    fa = open_h5(paths.appearance, "appearance feature", L.APPEARANCE_KEY)
+    fm = open_h5(paths.motion, "motion feature", L.MOTION_KEY)
     try:
-        _check_features(paths, fa, fm)
+        check_features(paths, fa, fm)
         return tuple(fa[L.APPEARANCE_KEY].shape), tuple(fm[L.MOTION_KEY].shape)
     finally:
         fa.close()
@@ -414,7 +413,7 @@ def load(spec: str | Path, *, splits: tuple[str, ...] = SPLITS, mode: str = "aut
     check_mode(mode, internal=True)
     paths = _resolve_paths(spec, path_overrides)
     vocab = load_vocab(paths.vocab)
-    features, ids = _load_features(paths, mode, check_finite)
+    features, ids = load_features(paths, mode, check_finite)
     meta = _read_meta(paths)
     split_data, glove, type_names, task = _load_splits(paths, splits, vocab, ids, meta)
     app_shape = (features.num_videos, features.num_clips, features.num_frames, features.vision_dim)

@@ -10,3 +10,7 @@ class HarnessError(Exception):
 
 class DataError(HarnessError, ValueError):
     """Bad input data: the message names the file and what is wrong."""
+
+
+class GridError(HarnessError, ValueError):
+    """A bad grid file: the message names the file and the key."""

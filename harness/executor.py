@@ -30,20 +30,17 @@ from typing import Protocol
 
 import submitit
 import torch
-from rich.console import Console
 
 from variants.registry import Registry
 
 from . import data as D
-from . import identity
 from . import record as R
-from .console import make_console, plural, progress_bar, say
-from .grid import Grid, naming_file
-from .runner import RunSpec, check_plans, feature_mode, plan, stale, train
-from .schedule import (GridResult, _failure, _Schedule, _worker_init,  # noqa: F401 - GridResult re-exported
+from .console import plural, say
+from .planning import RunSpec, feature_mode, plan
+from .runner import train
+from .schedule import (failure_answer, Schedule, worker_init,
                        cpu_threads_per_worker, device_slots)
-from .sinks import check_sinks
-from .slurm import (MAX_REQUEUES, SLURM_REQUESTS, ExecutorError, _SacctNoise, _Watch, check_executor_options,
+from .slurm import (MAX_REQUEUES, SLURM_REQUESTS, ExecutorError, SacctNoise, Watch, check_executor_options,
                     slurm_parameters)
 from .store import ResultsStore
 
@@ -102,11 +99,11 @@ class SubmititRun(submitit.helpers.Checkpointable):
 
 @dataclasses.dataclass
 class Launch:
-    """What an executor is given besides the schedule: the grid, the results store, runs at a time,
+    """What an executor is given besides the schedule: the grid's name, the results store, runs at a time,
     the device, the feature loading mode, its options (the grid's ``[executor]`` table with the
     command line's values over it) and how often to look at submitted jobs."""
 
-    grid: Grid
+    name: str  # the grid's: submitit's folder and job names
     store: ResultsStore
     jobs: int = 1
     device: str = "auto"
@@ -122,7 +119,7 @@ class Executor(Protocol):
     runs whose teachers are done (``sched.ready()``), starts each (``spec = sched.start(p)``), has
     :func:`run_one` train it somewhere (``run_one(spec, str(launch.store.root), device, launch.mode,
     sched.log)``), and reports each answer with ``sched.finished(p, out)`` (a run lost without one:
-    ``_failure(p, reason)``); Ctrl-C (KeyboardInterrupt) goes through. ``options`` names the
+    ``failure_answer(p, reason)``); Ctrl-C (KeyboardInterrupt) goes through. ``options`` names the
     ``[executor]`` keys (and ``--executor-option`` keys) it reads besides ``kind``, ``jobs`` and
     ``device``; ``check(options, where)`` raises GridError naming ``where`` and the key of a bad value
     (it sees only the keys it declares)."""
@@ -132,7 +129,7 @@ class Executor(Protocol):
 
     def check(self, options: dict, where: str) -> None: ...
 
-    def run(self, sched: "_Schedule", launch: Launch) -> None: ...
+    def run(self, sched: "Schedule", launch: Launch) -> None: ...
 
 
 EXECUTORS = Registry("executor")
@@ -169,67 +166,7 @@ def kept_in(paths: list[Path]) -> str:
     return parents[0] if len(parents) == 1 else ", ".join(map(str, paths))
 
 
-def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: int = 1, device: str = "auto",
-             mode: str = "auto", console: Console | None = None, options: dict | None = None,
-             poll_s: float = 2.0, reuse_other_code: bool = True, refuse_damaged: bool = False,
-             log: tuple[str, ...] | None = None) -> GridResult:
-    """Run the grid's runs that are not complete, with the teacher runs they need that are not
-    (each once, before its students): in this process (``local``, ``jobs`` 1), in ``jobs`` worker
-    processes (``local``), as submitit job arrays (``slurm``, ``submitit-local``), or by any kind
-    registered with :func:`register_executor`; ``options``: the kind's (e.g. SLURM requests).
-    ``reuse_other_code=False``: complete runs computed by other code than this checkout's (their
-    records' code fingerprint) are trained again; either way the header says how many there are. A
-    complete teacher run whose weights are damaged is set aside and retrained before its students
-    (with ``refuse_damaged``: DamagedRun, before anything trains). ``log``: the runs' logging sinks
-    (:mod:`harness.sinks`) [default: the grid's ``[log]``]."""
-    log = check_sinks(grid.log if log is None else log)
-    D.check_mode(mode, "--mode")
-    kind = executor_kind(executor)
-    console = console or make_console(stderr=True)
-    with naming_file(grid):
-        infos = {d: D.describe(d) for d in grid.datasets}  # run ids from the data sets' info: no feature is read here
-    for info in infos.values():
-        store.write_data_info(info.to_dict())
-    code = identity.code_fingerprint()
-    specs = grid.runs if reuse_other_code else [dataclasses.replace(s, require_code=code) for s in grid.runs]
-    with naming_file(grid):
-        plans = [plan(s, infos[s.data]) for s in specs]
-        check_plans(plans)  # every student's losses read outputs its teachers produce: checked before anything trains
-    every = list({q.run_id: q for p in plans for q in p.all_plans()}.values())  # teachers first, each once
-    own = {p.run_id for p in plans}
-    teacher_ids = {t.run_id for p in every for t in p.teachers}  # their weights are checked before reuse
-    done = {p.run_id for p in every if (store.usable(p.run_id, refuse_damaged) if p.run_id in teacher_ids
-                                        else store.is_complete(p.run_id))}
-    other = [r for r in done if stale(store, r, code)]
-    todo = [p for p in every if p.run_id not in done or (not reuse_other_code and p.run_id in other)]
-    kept = [] if reuse_other_code else [store.keep_other_code(r) for r in other]  # trained again: kept, not overwritten
-    todo_own = sum(p.run_id in own for p in todo)
-    teachers = [p for p in every if p.run_id not in own]
-    say(console, f"grid {grid.name}: {plural(len(plans), 'run')} on {', '.join(grid.datasets)} "
-                 f"({len(plans) - todo_own} already complete, "
-                 f"{todo_own} to run)" + (f", and {plural(len(teachers), 'teacher run')} they need ("
-                                          f"{len(todo) - todo_own} to train)" if teachers else "")
-        + f"; executor {executor} x {jobs}")
-    if other:
-        say(console, f"{plural(len(other), 'complete run')} {'was' if len(other) == 1 else 'were'} "
-                     "computed by other code than this checkout's (code "
-                     f"{code}): " + ("reused (--no-reuse-other-code trains them again)" if reuse_other_code
-                                     else f"trained again; theirs kept in {kept_in(kept)}"), "yellow")
-    result = GridResult([p.run_id for p in every],
-                        [p.run_id for p in plans if p.run_id not in {q.run_id for q in todo}],
-                        [], len(plans) - todo_own)
-    if not todo:
-        return result
-    with progress_bar(console) as progress:
-        sched = _Schedule(grid.name, todo, own, result, console, progress, store=store, log=log)
-        try:
-            kind.run(sched, Launch(grid, store, jobs, device, mode, dict(options or {}), poll_s))
-        except KeyboardInterrupt:
-            result.interrupted = True  # the caller says so (ablate.py: "interrupted; rerun to resume")
-    return result
-
-
-def _run_serial(sched: _Schedule, store: ResultsStore, device: str, mode: str) -> None:
+def _run_serial(sched: Schedule, store: ResultsStore, device: str, mode: str) -> None:
     """One run after another in this process, teachers first."""
     while True:
         ready = sched.ready()
@@ -239,7 +176,7 @@ def _run_serial(sched: _Schedule, store: ResultsStore, device: str, mode: str) -
         sched.finished(p, run_one(sched.start(p), str(store.root), device, mode, sched.log))
 
 
-def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mode: str) -> None:
+def _run_pool(sched: Schedule, store: ResultsStore, jobs: int, device: str, mode: str) -> None:
     """``jobs`` worker processes (spawned; they die with this process), each run on its own
     device slot (GPUs round-robin when there are several), a run starting when its teachers are done.
     A worker that dies (SIGKILL, the OOM killer, SIGBUS) costs only its run: it is recorded as
@@ -269,7 +206,7 @@ def _run_pool(sched: _Schedule, store: ResultsStore, jobs: int, device: str, mod
                 if w.conn in ready or w.proc.sentinel in ready:
                     p, out = w.collect()
                     if out is None:  # the worker died with the run
-                        out = _failure(p, w.death())
+                        out = failure_answer(p, w.death())
                     if not w.proc.is_alive():  # a fresh worker takes its place
                         w.stop()
                         i = workers.index(w)
@@ -339,7 +276,7 @@ class _Worker:
 def _worker_main(conn, parent: int, threads: int | None, work, sharing: int = 1) -> None:
     """A worker process: run the runs it is sent (``work``: :func:`run_one`), one at a time, until
     it is sent None."""
-    _worker_init(parent, threads, sharing)
+    worker_init(parent, threads, sharing)
     try:
         while (args := conn.recv()) is not None:
             conn.send(work(*args))
@@ -347,11 +284,11 @@ def _worker_main(conn, parent: int, threads: int | None, work, sharing: int = 1)
         pass
 
 
-def _submitit_executor(grid: Grid, root: Path, executor: str, jobs: int, device: str, slurm: dict):
-    folder = root / "submitit" / grid.name
+def submitit_executor(name: str, root: Path, executor: str, jobs: int, device: str, slurm: dict):
+    folder = root / "submitit" / name
     if executor == "slurm":
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
-        ex.update_parameters(**slurm_parameters(slurm, device, jobs, name=f"ablate-{grid.name}"))
+        ex.update_parameters(**slurm_parameters(slurm, device, jobs, name=f"ablate-{name}"))
     else:  # submitit's LocalExecutor: the same code path, on this machine (used in CI)
         ex = submitit.LocalExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
         ex.update_parameters(timeout_min=slurm.get("time_min", 60), **local_gpus(slurm, device))
@@ -368,13 +305,13 @@ def local_gpus(options: dict, device: str) -> dict:
     return {"gpus_per_node": n} if n else {}
 
 
-def _run_submitit(sched: _Schedule, grid: Grid, store: ResultsStore, executor: str, jobs: int, device: str,
+def _run_submitit(sched: Schedule, name: str, store: ResultsStore, executor: str, jobs: int, device: str,
                   mode: str, slurm: dict, poll_s: float) -> None:
     """Job arrays through submitit: one array per wave of runs whose teachers are complete (teachers,
     then their students). Ctrl-C cancels the jobs not finished (running the grid again resumes them)."""
     root = Path(store.root).resolve()  # the jobs may start in another directory
-    ex = _submitit_executor(grid, root, executor, jobs, device, slurm)
-    noise = _SacctNoise(sched.console)
+    ex = submitit_executor(name, root, executor, jobs, device, slurm)
+    noise = SacctNoise(sched.console)
     logging.getLogger("submitit").addFilter(noise)
     pending: dict = {}
     try:
@@ -388,7 +325,7 @@ def _run_submitit(sched: _Schedule, grid: Grid, store: ResultsStore, executor: s
                         if "gres" in str(e).lower() else "")
                 raise ExecutorError(f"SLURM refused the grid's jobs: {e}{hint}") from None
             pending = dict(zip(jobs_, wave))
-            _follow(pending, executor, sched.finished, poll_s, tell=lambda msg: say(sched.console, msg, "yellow"))
+            follow(pending, executor, sched.finished, poll_s, tell=lambda msg: say(sched.console, msg, "yellow"))
     except KeyboardInterrupt:
         cancel = [j for j in pending if not j.paths.result_pickle.exists()]
         for job in cancel:
@@ -401,14 +338,14 @@ def _run_submitit(sched: _Schedule, grid: Grid, store: ResultsStore, executor: s
         logging.getLogger("submitit").removeFilter(noise)
 
 
-def _follow(pending: dict, executor: str, finished, poll_s: float, squeue_every_s: float = 30.0,
+def follow(pending: dict, executor: str, finished, poll_s: float, squeue_every_s: float = 30.0,
             tell=None) -> None:
     """Wait for a wave's jobs; report each as it ends. On SLURM a job is over when its result file
     exists, or when squeue has shown it ended twice in a row (a job killed before it could write one:
     cancelled, out of memory, node failure); submitit's own check needs sacct, which clusters without
     accounting do not have. Why jobs wait (SLURM's reason: a node down, resources) goes to ``tell``,
     once, and again when it changes."""
-    watch, last_squeue = _Watch(tell or (lambda msg: None)), 0.0
+    watch, last_squeue = Watch(tell or (lambda msg: None)), 0.0
     while pending:
         over = [j for j in pending if j.paths.result_pickle.exists()] if executor == "slurm" else \
             [j for j in pending if j.done()]
@@ -421,12 +358,12 @@ def _follow(pending: dict, executor: str, finished, poll_s: float, squeue_every_
             try:
                 out = job.result()
             except Exception as e:  # noqa: BLE001 - the job itself died (node failure, time limit)
-                out = _failure(p, f"submitit job {job.job_id} failed: {type(e).__name__}: {e}")
+                out = failure_answer(p, f"submitit job {job.job_id} failed: {type(e).__name__}: {e}")
             finished(p, out)
         for job in lost:
             p = pending.pop(job)
             log = (job.stderr() or "").strip().splitlines()[-5:]
-            finished(p, _failure(p, f"SLURM job {job.job_id} {watch.why_lost(job.job_id)}; last lines of "
+            finished(p, failure_answer(p, f"SLURM job {job.job_id} {watch.why_lost(job.job_id)}; last lines of "
                                     f"{job.paths.stderr}: " + " | ".join(log)))
         if pending:
             time.sleep(poll_s)
@@ -444,7 +381,7 @@ class LocalExecutor:
     def check(self, options: dict, where: str) -> None:
         pass
 
-    def run(self, sched: _Schedule, launch: Launch) -> None:
+    def run(self, sched: Schedule, launch: Launch) -> None:
         if launch.jobs <= 1:
             _run_serial(sched, launch.store, launch.device, launch.mode)
         else:
@@ -461,8 +398,8 @@ class SubmititExecutor:
     def check(self, options: dict, where: str) -> None:
         check_executor_options(options, where)
 
-    def run(self, sched: _Schedule, launch: Launch) -> None:
-        _run_submitit(sched, launch.grid, launch.store, self.name, launch.jobs, launch.device, launch.mode,
+    def run(self, sched: Schedule, launch: Launch) -> None:
+        _run_submitit(sched, launch.name, launch.store, self.name, launch.jobs, launch.device, launch.mode,
                       launch.options, launch.poll_s)
 
 

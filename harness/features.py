@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from . import layout as L
+from .digests import file_hash
 from .errors import DataError
-from .layout import DataPaths, _require
+from .layout import DataPaths, require
 
 # ----------------------------------------------------------------------------- features
 
@@ -151,8 +152,8 @@ def check_h5_storage(f: h5py.File, path: Path, keys: tuple[str, ...], error=Data
                         f"never written, or compressed past what features compress to)")
 
 
-def _open_h5(path: Path, what: str, key: str) -> h5py.File:
-    _require(path, what)
+def open_h5(path: Path, what: str, key: str) -> h5py.File:
+    require(path, what)
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -237,11 +238,7 @@ def file_fingerprint(path: Path) -> dict:
             and entry.get("ctime_ns") == st.st_ctime_ns and isinstance(entry.get("sha1"), str)
             and isinstance(entry.get("finite", {}), dict)):
         return entry
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(16 << 20), b""):
-            h.update(block)
-    entry = {"sha1": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+    entry = {"sha1": file_hash(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
     cache[path.name] = entry
     try:
         atomic_write_json(cache_path, cache)
@@ -281,7 +278,7 @@ def _memory_budget_bytes() -> int:
     return int(avail * 0.5)
 
 
-def _check_features(paths: DataPaths, fa: h5py.File, fm: h5py.File) -> None:
+def check_features(paths: DataPaths, fa: h5py.File, fm: h5py.File) -> None:
     """The two feature files agree with each other (shapes, ids, dims)."""
     app_ds, mot_ds = fa[L.APPEARANCE_KEY], fm[L.MOTION_KEY]
     if app_ds.ndim != 4:
@@ -320,13 +317,13 @@ def _check_features(paths: DataPaths, fa: h5py.File, fm: h5py.File) -> None:
         raise DataError(f"{paths.appearance}: no videos")
 
 
-def _load_features(paths: DataPaths, mode: str, check_finite: bool) -> tuple[Features, np.ndarray]:
+def load_features(paths: DataPaths, mode: str, check_finite: bool) -> tuple[Features, np.ndarray]:
     """The features in ``mode`` (memory: mapped or read; stream: read per batch; none: nothing
     read) and the video ids (row order)."""
-    fa = _open_h5(paths.appearance, "appearance feature", L.APPEARANCE_KEY)
-    fm = _open_h5(paths.motion, "motion feature", L.MOTION_KEY)
+    fa = open_h5(paths.appearance, "appearance feature", L.APPEARANCE_KEY)
+    fm = open_h5(paths.motion, "motion feature", L.MOTION_KEY)
     try:
-        _check_features(paths, fa, fm)
+        check_features(paths, fa, fm)
         app_ds, mot_ds = fa[L.APPEARANCE_KEY], fm[L.MOTION_KEY]
         ids = np.asarray(fa[L.IDS_KEY][()]).reshape(-1)
         shape, motion_dim = tuple(app_ds.shape), mot_ds.shape[2]

@@ -42,6 +42,7 @@ run (a setting a run leaves at its default matches that default).
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import itertools
 import json
@@ -50,15 +51,22 @@ import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import variants
+from rich.console import Console
 
 from . import data as D
-from .errors import DataError, HarnessError
-from .sinks import SINKS
-from .runner import RunSpec
+from . import executor as E
+from . import identity
+from .console import make_console, plural, progress_bar, say
+from .errors import DataError, GridError, HarnessError
+from .planning import Plan, RunSpec, check_plans, plan
+from .runner import stale
+from .schedule import GridResult, Schedule
 from .settings import TRAIN_CHECKS, SettingError, check_train_settings, is_int
+from .sinks import SINKS, check_sinks
+from .store import ResultsStore, StoreError
 
 GRID_DIR = Path(__file__).resolve().parent.parent / "grids"
 TOP_KEYS = {"description", "data", "seeds", "variants", "train", "set", "axes", "include", "exclude", "executor",
@@ -69,10 +77,6 @@ TRAIN_KEYS = set(TRAIN_CHECKS)
 #: the most runs a grid may expand to unless ``--max-runs`` raises it: the run count is computed from
 #: the axes' lengths before anything is expanded (a few hundred bytes of axes can name millions)
 MAX_RUNS = 10_000
-
-
-class GridError(HarnessError, ValueError):
-    """A bad grid file: the message names the file and the key."""
 
 
 @dataclass
@@ -134,7 +138,7 @@ def _read(path: Path) -> dict:
         check_train_settings(train, f"{where}: [train] ")
     except SettingError as e:
         raise GridError(str(e)) from None
-    _check_executor(where, doc.get("executor", {}))
+    check_executor(where, doc.get("executor", {}))
     _compress_methods(where, doc.get("evaluate", {}))
     return doc
 
@@ -152,22 +156,20 @@ def _compress_methods(where: str, table: dict) -> tuple[str, ...]:
         raise GridError(str(e)) from None
 
 
-def _check_executor(where: str, table: dict) -> None:
+def check_executor(where: str, table: dict) -> None:
     """The ``[executor]`` table against the registered executors (:mod:`harness.executor`): a known
     kind, keys some kind reads, each value checked by the kinds that read it."""
-    from .executor import EXECUTORS, check_options, executor_options  # the executors import this module
-
-    keys = executor_options()
+    keys = E.executor_options()
     if set(table) - keys:
         raise GridError(f"{where}: [executor] has unknown key(s) {', '.join(sorted(set(table) - keys))} "
                         f"(known: {', '.join(sorted(keys))})")
     kind = table.get("kind", "local")
-    if kind not in EXECUTORS:
-        raise GridError(f"{where}: [executor] kind {kind!r} is not one of {', '.join(EXECUTORS.list())}")
-    check_options(table, f"{where}: [executor]")
+    if kind not in E.EXECUTORS:
+        raise GridError(f"{where}: [executor] kind {kind!r} is not one of {', '.join(E.EXECUTORS.list())}")
+    E.check_options(table, f"{where}: [executor]")
 
 
-def _variant_names(where: str, patterns) -> list[str]:
+def variant_names(where: str, patterns) -> list[str]:
     if not isinstance(patterns, list) or not patterns:
         raise GridError(f"{where}: variants must be a non-empty list of names or wildcards, got {patterns!r}")
     names: list[str] = []
@@ -268,7 +270,7 @@ def load(name_or_path: str | Path, data: str | None = None, seeds: list[int] | N
     path = resolve_path(name_or_path)
     where = str(path)
     doc = _read(path)
-    names = _variant_names(where, doc["variants"])
+    names = variant_names(where, doc["variants"])
     seeds_given = seeds is not None  # the command line's seeds replace every seed list of the file
     seeds = list(seeds if seeds is not None else doc.get("seeds", [666]))
     if not seeds or not all(is_int(s) for s in seeds):
@@ -317,8 +319,6 @@ def naming_file(grid: Grid) -> Iterator[None]:
     """Errors raised while a grid's runs are planned (a data set that is missing, a setting its data
     set's sizes refuse, e.g. a ``keep_ratio`` that keeps every clip) name the grid file; the
     results store's own errors (a full disk) are left as they are."""
-    from .store import StoreError
-
     try:
         yield
     except StoreError:
@@ -380,3 +380,75 @@ def order_runs(runs: list[RunSpec]) -> list[RunSpec]:
         return 2 if variants.get_config(r.variant).teachers else 1
 
     return sorted(runs, key=rank)
+
+
+def grid_plans(grid: Grid, info: Callable[[str], D.DataInfo], require_code: str | None = None) -> list[Plan]:
+    """The plan of each of the grid's runs against its own data set (every data set of the grid):
+    ``info`` describes a data set once (:func:`harness.data.describe`, or the store's record of it:
+    :func:`harness.planning.recorded_info`). ``require_code``: each run reuses only a complete run of
+    that code. Errors name the grid file."""
+    with naming_file(grid):
+        infos = {d: info(d) for d in grid.datasets}
+        return [plan(dataclasses.replace(s, require_code=require_code) if require_code else s, infos[s.data])
+                for s in grid.runs]
+
+
+def run_grid(grid: Grid, store: ResultsStore, *, executor: str = "local", jobs: int = 1, device: str = "auto",
+             mode: str = "auto", console: Console | None = None, options: dict | None = None,
+             poll_s: float = 2.0, reuse_other_code: bool = True, refuse_damaged: bool = False,
+             log: tuple[str, ...] | None = None) -> GridResult:
+    """Run the grid's runs that are not complete, with the teacher runs they need that are not
+    (each once, before its students): in this process (``local``, ``jobs`` 1), in ``jobs`` worker
+    processes (``local``), as submitit job arrays (``slurm``, ``submitit-local``), or by any kind
+    registered with :func:`harness.executor.register_executor`; ``options``: the kind's (e.g. SLURM requests).
+    ``reuse_other_code=False``: complete runs computed by other code than this checkout's (their
+    records' code fingerprint) are trained again; either way the header says how many there are. A
+    complete teacher run whose weights are damaged is set aside and retrained before its students
+    (with ``refuse_damaged``: DamagedRun, before anything trains). ``log``: the runs' logging sinks
+    (:mod:`harness.sinks`) [default: the grid's ``[log]``]."""
+    log = check_sinks(grid.log if log is None else log)
+    D.check_mode(mode, "--mode")
+    kind = E.executor_kind(executor)
+    console = console or make_console(stderr=True)
+    code = identity.code_fingerprint()
+
+    def described(d: str) -> D.DataInfo:  # run ids from the data sets' info: no feature is read here
+        info = D.describe(d)
+        store.write_data_info(info.to_dict())
+        return info
+
+    plans = grid_plans(grid, described, None if reuse_other_code else code)
+    with naming_file(grid):
+        check_plans(plans)  # every student's losses read outputs its teachers produce: checked before anything trains
+    every = list({q.run_id: q for p in plans for q in p.all_plans()}.values())  # teachers first, each once
+    own = {p.run_id for p in plans}
+    teacher_ids = {t.run_id for p in every for t in p.teachers}  # their weights are checked before reuse
+    done = {p.run_id for p in every if (store.usable(p.run_id, refuse_damaged) if p.run_id in teacher_ids
+                                        else store.is_complete(p.run_id))}
+    other = [r for r in done if stale(store, r, code)]
+    todo = [p for p in every if p.run_id not in done or (not reuse_other_code and p.run_id in other)]
+    kept = [] if reuse_other_code else [store.keep_other_code(r) for r in other]  # trained again: kept, not overwritten
+    todo_own = sum(p.run_id in own for p in todo)
+    teachers = [p for p in every if p.run_id not in own]
+    say(console, f"grid {grid.name}: {plural(len(plans), 'run')} on {', '.join(grid.datasets)} "
+                 f"({len(plans) - todo_own} already complete, "
+                 f"{todo_own} to run)" + (f", and {plural(len(teachers), 'teacher run')} they need ("
+                                          f"{len(todo) - todo_own} to train)" if teachers else "")
+        + f"; executor {executor} x {jobs}")
+    if other:
+        say(console, f"{plural(len(other), 'complete run')} {'was' if len(other) == 1 else 'were'} "
+                     "computed by other code than this checkout's (code "
+                     f"{code}): " + ("reused (--no-reuse-other-code trains them again)" if reuse_other_code
+                                     else f"trained again; theirs kept in {E.kept_in(kept)}"), "yellow")
+    result = GridResult([p.run_id for p in every],
+                        [p.run_id for p in plans if p.run_id not in {q.run_id for q in todo}],
+                        [], len(plans) - todo_own)
+    if not todo:
+        return result
+    with progress_bar(console) as progress:
+        sched = Schedule(grid.name, todo, own, result, console, progress, store=store, log=log)
+        try:
+            kind.run(sched, E.Launch(grid.name, store, jobs, device, mode, dict(options or {}), poll_s))
+        except KeyboardInterrupt:
+            result.interrupted = True  # the caller says so (ablate.py: "interrupted; rerun to resume")
+    return result

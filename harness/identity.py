@@ -37,7 +37,6 @@ from __future__ import annotations
 import builtins
 import functools
 import hashlib
-import inspect
 import json
 import re
 from pathlib import Path
@@ -45,6 +44,7 @@ from pathlib import Path
 import variants
 from variants.losses import LOSS_TERMS
 
+from .digests import file_hash
 from .settings import TRAIN_DEFAULTS
 
 #: the identity scheme of run ids made now (see the module docstring)
@@ -96,17 +96,10 @@ def _section(name: str, values: dict, defaults: dict) -> dict:
     return out
 
 
-def loss_params(name: str) -> dict:
-    """Every parameter of the distillation loss ``name`` with its factory default."""
-    sig = inspect.signature(variants.LOSSES.get(name).fn)
-    return {p.name: p.default for p in sig.parameters.values()
-            if p.name not in ("student_dim", "teacher_dim") and p.default is not inspect.Parameter.empty}
-
-
 def _distill(items: list) -> list:
     out = []
     for d in items:
-        defaults = loss_params(d["name"])
+        defaults = variants.loss_params(d["name"])
         params = {**defaults, **(d.get("params") or {})}
         params = _section(f"distill.{d['name']}", params, defaults)
         out.append({"name": d["name"], "weight": normalise(d.get("weight", 1.0), 1.0), "params": params})
@@ -159,7 +152,7 @@ def code_fingerprint() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _digests(root: Path, files: tuple[str, ...], stamps: tuple) -> tuple[tuple[str, str], ...]:
-    return tuple((rel, hashlib.sha256((root / rel).read_bytes()).hexdigest()[:12]) for rel in files)
+    return tuple((rel, file_hash(root / rel, "sha256")[:12]) for rel in files)
 
 
 def code_record() -> dict:
@@ -264,7 +257,7 @@ def _unspelled(record: dict) -> list[str]:
             and NEUTRAL.get(f"loss.{k}", object()) != LOSS_TERMS[k]]
     for d in cfg.get("distill", []):
         given = d.get("params") or {}
-        out += [f"{d['name']}.{k}" for k, v in loss_params(d["name"]).items() if k not in given
+        out += [f"{d['name']}.{k}" for k, v in variants.loss_params(d["name"]).items() if k not in given
                 and NEUTRAL.get(f"distill.{d['name']}.{k}", object()) != v]
     return out + _train_unspelled(record["train_config"])
 
@@ -338,23 +331,3 @@ def migrate_store(store, apply: bool = True) -> tuple[list[tuple[str, str]], lis
             left.update({k: "teacher runs not in the store" for k in pending})
             break
     return done, sorted(left.items())
-
-
-def golden_run_ids(data_id: str = "golden-data", seed: int = 666) -> dict[str, str]:
-    """The run id of every registered variant (default settings, the reference training recipe) at
-    a fixed data id and seed: ``tests/golden/run_ids.json`` pins them. Rewrite it with
-    ``python -m harness.identity`` only to change what a run computes, saying why in the commit."""
-    from .runner import RunSpec
-
-    def one(name: str) -> str:
-        cfg = variants.get_config(name)
-        return run_id(name, computation(cfg.to_dict(), data_id, seed, RunSpec(name).resolved_train(),
-                                        [one(t) for t in cfg.teachers]))
-
-    return {"data_id": data_id, "seed": seed, "run_ids": {v: one(v) for v in variants.list()}}
-
-
-if __name__ == "__main__":
-    out = ROOT / "tests" / "golden" / "run_ids.json"
-    out.write_text(json.dumps(golden_run_ids(), indent=1, sort_keys=True) + "\n")
-    print(f"wrote {out}")

@@ -153,6 +153,6 @@ class DataPaths:
                    questions=q, meta=meta if meta.exists() else None)
 
 
-def _require(path: Path, what: str) -> None:
+def require(path: Path, what: str) -> None:
     if not path.is_file():
         raise DataError(f"{what} file {path} does not exist")

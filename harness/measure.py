@@ -47,8 +47,7 @@ from torch import nn
 from .env import (apply_math_flags, autocast, cuda_facts, device_name, lstm_precision, precision_problem,
                   runs_sharing_device)
 from .env import sync as _sync
-from .flops import (FLOP_HANDLES, ZERO_FLOP_OPS, TraceOutputs, count_flops, einsum_flop_jit,  # noqa: F401 - re-exported
-                    flop_analysis, flops_crosscheck, rnn_flop_jit, torch_flops)
+from .flops import count_flops
 from .inputs import param_counts, random_answers, random_inputs, split_inputs
 
 # ----------------------------------------------------------------------------- timing helpers
@@ -326,12 +325,13 @@ def data_throughput(data, batch_size: int, device: torch.device | str, *, split:
     the device is CUDA and ``features_on_device`` (streaming features are read from the h5 files
     for every batch, then copied). Returns ``data_samples_per_s``, ``data_mode`` (memory or
     stream), ``data_batches``, ``data_seconds``."""
-    from harness import data as D
+    from . import data as D
+    from .features import InMemoryFeatures
 
     dev = torch.device(device)
     s = data.splits[split].to(dev)
     feats = data.features
-    if isinstance(feats, D.InMemoryFeatures) and dev.type == "cuda" and features_on_device:
+    if isinstance(feats, InMemoryFeatures) and dev.type == "cuda" and features_on_device:
         feats = feats.to(dev)
     next(iter(D.iterate_batches(s, feats, batch_size, device=dev)))  # open files, first allocations
     _sync(dev)

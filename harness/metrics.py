@@ -107,13 +107,6 @@ def register(metric: Metric) -> Metric:
     return metric
 
 
-def unregister(name: str) -> None:
-    """Remove a metric (tests register toy metrics and remove them); the primary one stays."""
-    if name == PRIMARY:
-        raise ValueError(f"the primary metric {PRIMARY!r} cannot be removed")
-    METRICS.pop(name, None)
-
-
 def primary() -> Metric:
     """The primary metric (accuracy): the one with intervals, deltas and significance tests."""
     return METRICS[PRIMARY]

@@ -67,12 +67,6 @@ class RunPruned(HarnessError, RuntimeError):
     ``pruned.json`` and no record, so it is not complete, and a later run of it resumes or retrains it."""
 
 
-def run_id_for(cfg: variants.VariantConfig, data_id: str, seed: int, train: dict,
-               teacher_runs: list[str] | None = None) -> str:
-    """The run id: the variant's name and a hash of the resolved computation (:mod:`harness.identity`)."""
-    return identity.run_id(cfg.name, identity.computation(cfg.to_dict(), data_id, seed, train, teacher_runs))
-
-
 # ----------------------------------------------------------------------------- planning
 
 
@@ -179,3 +173,23 @@ def recorded_info(spec: str, store: ResultsStore) -> D.DataInfo:
 def feature_mode(spec: RunSpec, mode: str = "auto") -> str:
     """The feature loading mode a run needs: ``none`` for a model that reads no video."""
     return mode if variants.uses_video(variants.get_config(spec.variant)) else "none"
+
+
+def golden_run_ids(data_id: str = "golden-data", seed: int = 666) -> dict[str, str]:
+    """The run id of every registered variant (default settings, the reference training recipe) at
+    a fixed data id and seed: ``tests/golden/run_ids.json`` pins them. Rewrite it with
+    ``python -m harness.planning`` only to change what a run computes, saying why in the commit."""
+
+    def one(name: str) -> str:
+        cfg = variants.get_config(name)
+        comp = identity.computation(cfg.to_dict(), data_id, seed, RunSpec(name).resolved_train(),
+                                    [one(t) for t in cfg.teachers])
+        return identity.run_id(name, comp)
+
+    return {"data_id": data_id, "seed": seed, "run_ids": {v: one(v) for v in variants.list()}}
+
+
+if __name__ == "__main__":
+    out = identity.ROOT / "tests" / "golden" / "run_ids.json"
+    out.write_text(json.dumps(golden_run_ids(), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {out}")

@@ -45,7 +45,7 @@ from . import identity
 from . import metrics as M
 from . import record as R
 from .errors import HarnessError
-from .executor import run_grid
+from .grid import run_grid
 from .store import ResultsStore, atomic_write_json
 
 EXPECTED_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"

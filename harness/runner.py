@@ -50,8 +50,8 @@ from .env import (apply_math_flags, check_precision, device_name, environment, g
 from .env import sync as _sync
 from .evaluate import ABLATIONS, evaluate
 from .inputs import param_counts
-from .planning import (Plan, RunFailed, RunSpec, check_plans, check_teacher_outputs,  # noqa: F401 - re-exported
-                       RunPruned, feature_mode, plan, recorded_info, run_id_for)
+from .features import InMemoryFeatures
+from .planning import Plan, RunFailed, RunPruned, RunSpec, check_teacher_outputs, feature_mode, plan
 from .pruning import pruned_info
 from .record import RECORD_VERSION, Record, teacher_ref
 from .sinks import Sinks, check_sinks, run_hparams
@@ -262,7 +262,7 @@ class _Run:
     def _device_features(self) -> D.Features:
         """Features and questions on the device once (GPU-resident when they fit; streaming otherwise)."""
         features = self.data.features
-        if isinstance(features, D.InMemoryFeatures) and self.dev.type == "cuda":
+        if isinstance(features, InMemoryFeatures) and self.dev.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.dev)
             if features.nbytes < 0.5 * free:
                 features = features.to(self.dev)
@@ -442,9 +442,9 @@ class _Run:
         val_best, pred_val = ev("val")
         test_best, pred_best = ev("test")
         ablations = {a: ev("test", ablation=a)[0] for a in ABLATIONS}
-        _write_predictions(self.run_dir / "predictions_test.csv", self.data, "test",
+        write_predictions(self.run_dir / "predictions_test.csv", self.data, "test",
                            {"pred_best": pred_best, "pred_last": pred_last})
-        _write_predictions(self.run_dir / "predictions_val.csv", self.data, "val", {"pred_best": pred_val})
+        write_predictions(self.run_dir / "predictions_val.csv", self.data, "val", {"pred_best": pred_val})
         chosen = M.task_metric(self.task)
         best = "best validation accuracy" if chosen.name == M.PRIMARY else \
             f"{'highest' if chosen.higher_is_better else 'lowest'} validation {chosen.name}"
@@ -512,7 +512,7 @@ def _peak_since_reset(dev: torch.device, resident_mib: float | None) -> dict | N
     return {"total": peak, "step": peak - resident_mib, "resident": resident_mib}
 
 
-def _write_predictions(path: Path, data: D.VideoQAData, split: str, preds: dict[str, np.ndarray]) -> None:
+def write_predictions(path: Path, data: D.VideoQAData, split: str, preds: dict[str, np.ndarray]) -> None:
     s = data.splits[split]
     answers = s.answers.numpy()
     df = pd.DataFrame({"question_id": s.question_ids, "video_id": s.video_ids,

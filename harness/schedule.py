@@ -25,7 +25,7 @@ from .store import ResultsStore
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _worker_init(parent: int, threads: int | None, sharing: int = 1) -> None:
+def worker_init(parent: int, threads: int | None, sharing: int = 1) -> None:
     """Initializer of the grid's worker processes: die with the grid; on the CPU, use ``threads``
     (the cores shared out among the workers: N workers of all the cores each would oversubscribe
     the CPU, and be slower together than one at a time); ``sharing``: how many workers share this
@@ -89,7 +89,7 @@ def _depends(p) -> set[str]:
     return set(p.all_run_ids()) - {p.run_id}
 
 
-def _failure(p, reason: str) -> dict:
+def failure_answer(p, reason: str) -> dict:
     return {"run_id": p.run_id, "variant": p.spec.variant, "seed": p.spec.seed, "status": "failed", "reason": reason}
 
 
@@ -100,7 +100,7 @@ def _acc(out: dict) -> str:
 
 
 @dataclasses.dataclass
-class _Schedule:
+class Schedule:
     """What a grid still has to train, in order (every teacher run before the students that need it,
     the teachers the grid does not list included: each is scheduled once, so parallel students never
     wait on one another's teacher), what is running, the result so far and the progress bar."""
@@ -165,7 +165,7 @@ class _Schedule:
             reason = self.dependency_failed(p)
             if reason:
                 self.pending.remove(p)
-                self.finished(p, _failure(p, reason))
+                self.finished(p, failure_answer(p, reason))
             elif not (_depends(p) & self.ids) - set(self.result.complete) - set(self.result.teachers_complete):
                 out.append(p)
         return out

@@ -72,7 +72,7 @@ from .grid import Grid, order_runs
 from .metrics import PRIMARY, task_metric
 from .planning import RunPruned, RunSpec, feature_mode, plan
 from .runner import train
-from .schedule import _worker_init, cpu_threads_per_worker, device_slots
+from .schedule import worker_init, cpu_threads_per_worker, device_slots
 from .study_file import Study, StudyError, load_study
 from .store import ResultsStore, held_elsewhere, locked
 
@@ -234,7 +234,7 @@ def search_worker(path: str, results: str, url: str | None, device: str, index: 
 
 
 def _pool_main(parent: int, threads: int | None, sharing: int, args: tuple) -> None:
-    _worker_init(parent, threads, sharing)
+    worker_init(parent, threads, sharing)
     try:
         search_worker(*args)
     except KeyboardInterrupt:  # Ctrl-C reaches every worker; the study's process reports it
@@ -276,9 +276,9 @@ def _run_submitit(study: Study, results: str, path: str, jobs: int, executor: st
                   options: dict, poll_s: float) -> None:
     """``jobs`` submitit jobs, each a :func:`search_worker` (the executor module's submitit set-up
     and its way of following jobs, SLURM states included)."""
-    from .executor import _follow, _submitit_executor
+    from .executor import follow, submitit_executor
 
-    ex = _submitit_executor(types.SimpleNamespace(name=f"{study.name}-search"), Path(results), executor, jobs,
+    ex = submitit_executor(f"{study.name}-search", Path(results), executor, jobs,
                             device, options)
     js = ex.map_array(search_worker, [path] * jobs, [results] * jobs, [url] * jobs, [device] * jobs,
                       list(range(jobs)), [False] * jobs)
@@ -286,7 +286,7 @@ def _run_submitit(study: Study, results: str, path: str, jobs: int, executor: st
     workers = {j: types.SimpleNamespace(run_id=f"{study.name}-search-{i}", spec=types.SimpleNamespace(
         variant=f"search worker {i}", seed=study.search["seed"])) for i, j in enumerate(js)}
     try:
-        _follow(workers, executor,
+        follow(workers, executor,
                 lambda w, out: lost.append(str(out.get("reason"))) if out.get("status") == "failed" else None, poll_s)
     except KeyboardInterrupt:
         for j in js:
@@ -314,7 +314,7 @@ def final_specs(study: Study, best_params: dict) -> dict[str, list[RunSpec]]:
 
 
 def final_grid(study: Study, specs: dict[str, list[RunSpec]]) -> Grid:
-    """The fresh-seed runs as a grid (for :func:`harness.executor.run_grid` and the report)."""
+    """The fresh-seed runs as a grid (for :func:`harness.grid.run_grid` and the report)."""
     runs = list({json.dumps(dataclasses.asdict(s), sort_keys=True): s for v in specs.values() for s in v}.values())
     return Grid(name=f"{study.name}-final", path=study.path, description=f"fresh-seed test comparison of {study.name}",
                 data=study.data, seeds=list(study.search["final_seeds"]), runs=order_runs(runs),
@@ -375,7 +375,7 @@ def final_phase(study: Study, store: ResultsStore, o: optuna.Study, *, jobs: int
     trained with the fresh seeds (as a grid: any executor), and their normal report
     (``reports/NAME-final.md``, the two-level statistics); returns their run ids by role and the
     report's path (None when a run failed: the study's report says so)."""
-    from .executor import run_grid
+    from .grid import run_grid
     from .report import write_report
 
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in o.get_trials(deepcopy=False)):

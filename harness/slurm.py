@@ -14,8 +14,7 @@ import subprocess
 from rich.console import Console
 
 from .console import plural, say
-from .errors import HarnessError
-from .grid import GridError
+from .errors import GridError, HarnessError
 
 
 class ExecutorError(HarnessError, RuntimeError):
@@ -128,7 +127,7 @@ def partition_time_limit(partition: str | None) -> int:
     return 0
 
 
-class _SacctNoise(logging.Filter):
+class SacctNoise(logging.Filter):
     """On clusters without accounting every sacct call fails and submitit logs a warning each time:
     the first is shown once, as one line that says what it means; the rest are dropped."""
 
@@ -167,13 +166,6 @@ def _job_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
     return {j: states.get(j, ("GONE", "")) for j in job_ids}
 
 
-def _ended_jobs(job_ids: list[str]) -> set[str] | None:
-    """Which of these SLURM jobs have ended, by squeue: in an ended state or no longer listed. None
-    when squeue cannot say."""
-    states = _job_states(job_ids)
-    return None if states is None else {j for j, (st, _) in states.items() if st in _ENDED | {"GONE"}}
-
-
 #: why a job ended without a result, by the last state squeue showed
 _LOST = {"CANCELLED": "was cancelled (scancel, or by an administrator)",
          "TIMEOUT": "reached its time limit and was not requeued",
@@ -182,7 +174,7 @@ _LOST = {"CANCELLED": "was cancelled (scancel, or by an administrator)",
          "FAILED": "failed before the run could record a result"}
 
 
-class _Watch:
+class Watch:
     """What squeue says about a wave's jobs: which ended without a result (seen ended twice in a
     row), the last state of each, and why pending jobs wait (told once, and when it changes)."""
 

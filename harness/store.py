@@ -34,6 +34,7 @@ import torch
 
 from . import metrics as M
 from . import record as R
+from .digests import file_hash
 from .errors import HarnessError
 
 
@@ -228,8 +229,7 @@ def atomic_torch_save(path: str | Path, obj: Any) -> dict:
 
 def file_digest(path: str | Path) -> dict:
     """Size and SHA-1 of a file, as :func:`atomic_torch_save` returns them for what it wrote."""
-    with open(path, "rb") as f:
-        return {"nbytes": os.fstat(f.fileno()).st_size, "sha1": hashlib.file_digest(f, "sha1").hexdigest()}
+    return {"nbytes": os.stat(path).st_size, "sha1": file_hash(path)}
 
 
 def _json_default(o):

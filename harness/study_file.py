@@ -15,7 +15,8 @@ import optuna
 import variants
 
 from .grid import TOP_KEYS as GRID_KEYS
-from .grid import GridError, _check_executor, _variant_names
+from .errors import GridError
+from .grid import check_executor, variant_names
 from .settings import TRAIN_CHECKS, SettingError, check_train_settings, is_int
 
 TOP_KEYS = {"description", "data", "variants", "train", "set", "executor", "search"}
@@ -89,7 +90,7 @@ def load_study(path: str | Path) -> Study:
     for section in ("train", "set", "executor", "search"):
         if not isinstance(doc.get(section, {}), dict):
             raise StudyError(f"{where}: [{section}] must be a table")
-    names = _variant_names(where, doc.get("variants"))
+    names = variant_names(where, doc.get("variants"))
     if len(names) != 1:
         raise StudyError(f"{where}: variants must name exactly one variant, got {', '.join(names)}")
     train = doc.get("train", {})
@@ -99,7 +100,7 @@ def load_study(path: str | Path) -> Study:
         check_train_settings(train, f"{where}: [train] ")
     except SettingError as e:
         raise StudyError(str(e)) from None
-    _check_executor(where, doc.get("executor", {}))
+    check_executor(where, doc.get("executor", {}))
     variant, fixed = names[0], doc.get("set", {})
     _check_settings(where, "[set]", variant, fixed)
     search = _read_search(where, doc.get("search", {}))

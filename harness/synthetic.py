@@ -8,9 +8,9 @@ harness can be exercised without the real data (or a GPU):
   and ``ids`` int64 (videos,)
 * ``{name}_motion_feat.h5``      ``resnext_features`` float32 (videos, clips, dim) and
   ``ids`` int64 (videos,), same ids in the same order as the appearance file
-* ``{name}_vocab.json``          ``question_token_to_idx`` / ``answer_token_to_idx`` /
+* ``{name}make_vocab.json``          ``question_token_to_idx`` / ``answer_token_to_idx`` /
   ``question_answer_token_to_idx``
-* ``{name}_{train,val,test}_questions.pt``  a plain ``pickle`` of a dict with the numpy
+* ``{name}_{train,val,test}make_questions.pt``  a plain ``pickle`` of a dict with the numpy
   arrays ``questions`` (padded with 0 after the tokens), ``questions_len``,
   ``video_ids``, ``question_id``, ``answers`` and ``glove``
 * ``{name}_meta.json``           written last; its presence means "complete"
@@ -106,10 +106,10 @@ import numpy as np
 from . import layout, synthetic_tasks
 from .store import atomic_write_bytes
 from .synthetic_tasks import Features
-from .synthetic_world import (_S_GLOVE, _STORY_TEXT, COUNT, MULTIPLE_CHOICE, OPEN_ENDED,  # noqa: F401 - re-exported
-                              PRESET_TASKS, PRESETS, QUESTION_WORDS, SPLITS, SUGGESTED_TRAIN, TIME_BUCKETS, Preset,
-                              _features_for_video, _get_preset, _Layout, _layout, _questions, _rng, _video_split,
-                              _videos, _vocab, _world)
+from .synthetic_world import (S_GLOVE, STORY_TEXT, OPEN_ENDED,
+                              PRESETS, QUESTION_WORDS, SPLITS, SUGGESTED_TRAIN, TIME_BUCKETS, Preset,
+                              features_for_video, get_preset, Layout, make_layout, make_questions, rng, split_videos,
+                              make_videos, make_vocab, make_world)
 
 __all__ = [
     "Preset",
@@ -138,7 +138,7 @@ def is_complete(out: str | Path, preset: str | Preset = "tiny", seed: int = 0,
     """True when ``out`` holds a finished data set for exactly (preset, seed, name): the
     meta json exists, matches (including the preset's sizes, its suggested training and the format version) and
     every other file is present."""
-    p = _get_preset(preset)
+    p = get_preset(preset)
     files = dataset_files(out, name)
     try:
         meta = json.loads(files["meta"].read_text())
@@ -206,7 +206,7 @@ def _write_features(p: Preset, features: Features, ids: np.ndarray, app_path: Pa
         mot_tmp.unlink(missing_ok=True)
 
 
-def _meta(p: Preset, seed: int, name: str, lay: _Layout, vocab: dict, qs: dict, split_rows: dict,
+def _meta(p: Preset, seed: int, name: str, lay: Layout, vocab: dict, qs: dict, split_rows: dict,
           files: dict[str, Path], task_meta: dict) -> dict[str, Any]:
     """The data set's ``{name}_meta.json``: how it was made, the sizes, the model and training it suggests;
     ``task_meta`` (a multiple-choice or count set's: its task, its question types, ...) updates it."""
@@ -220,7 +220,7 @@ def _meta(p: Preset, seed: int, name: str, lay: _Layout, vocab: dict, qs: dict, 
         "generator": "harness.synthetic", "format_version": FORMAT_VERSION, "preset": p.name, "seed": seed,
         "name": name, "suggested_model": {"module_dim": p.suggested_module_dim},
         "suggested_train": SUGGESTED_TRAIN.get(p.name, {}), "question_types": list(QUESTION_WORDS),
-        "story": _STORY_TEXT, "preset_config": asdict(p),
+        "story": STORY_TEXT, "preset_config": asdict(p),
         "answer_groups": {"object": lay.n_obj, "action": lay.n_act, "scene": lay.n_scene, "time": len(TIME_BUCKETS)},
         "max_question_len": lay.max_len, "split_videos": {s: int(len(split_rows[s])) for s in SPLITS},
         "question_type_counts": type_counts, "files": {k: v.name for k, v in files.items()}, **task_meta,
@@ -239,7 +239,7 @@ def generate(out: str | Path, preset: str = "tiny", seed: int = 0, name: str = "
     is written last, so a directory with the meta json is complete. If ``out`` already
     holds a complete data set for the same preset, seed and name, nothing is written.
     """
-    p = _get_preset(preset)
+    p = get_preset(preset)
     out = Path(out)
     if is_complete(out, p, seed, name):
         return out
@@ -247,19 +247,19 @@ def generate(out: str | Path, preset: str = "tiny", seed: int = 0, name: str = "
     files = dataset_files(out, name)
     files["meta"].unlink(missing_ok=True)  # the directory no longer looks complete
 
-    lay = _layout(p)
-    world = _world(p, lay, seed)
-    vids = _videos(p, lay, world, seed)
-    split_rows = _video_split(p, seed)
+    lay = make_layout(p)
+    world = make_world(p, lay, seed)
+    vids = make_videos(p, lay, world, seed)
+    split_rows = split_videos(p, seed)
     if p.task == OPEN_ENDED:
-        vocab = _vocab(p, lay)
-        qs = _questions(p, lay, vocab, vids, split_rows, seed)
-        features: Features = lambda row: _features_for_video(p, world, vids, row, seed)  # noqa: E731
+        vocab = make_vocab(p, lay)
+        qs = make_questions(p, lay, vocab, vids, split_rows, seed)
+        features: Features = lambda row: features_for_video(p, world, vids, row, seed)  # noqa: E731
         task_meta: dict = {}
     else:
         made = synthetic_tasks.make(p, lay, world, vids, split_rows, seed)
         vocab, qs, features, task_meta = made.vocab, made.questions, made.features, made.meta
-    glove = _rng(seed, _S_GLOVE).standard_normal((len(vocab[layout.QUESTION_TOKENS_KEY]), p.word_dim),
+    glove = rng(seed, S_GLOVE).standard_normal((len(vocab[layout.QUESTION_TOKENS_KEY]), p.word_dim),
                                                  dtype=np.float32)
 
     _write_features(p, features, vids.ids, files["appearance"], files["motion"], progress)
@@ -307,7 +307,7 @@ def _make_app():
     @app.command(help=(
         "Write a deterministic synthetic video-QA data set in the HCRN/DualVGR on-disk "
         "format into --out: NAME_appearance_feat.h5, NAME_motion_feat.h5, NAME_vocab.json, "
-        "NAME_{train,val,test}_questions.pt and NAME_meta.json (written last: its presence "
+        "NAME_{train,val,test}make_questions.pt and NAME_meta.json (written last: its presence "
         "means complete; a complete --out for the same preset and seed is left as it is). "
         "Presets: tiny (CPU smoke tests and unit tests, ~5 MB), small (in between, ~150 MB), "
         "msvd (MSVD-QA's sizes, ~2.2 GB, written in chunks of videos); tiny-mc and tiny-count: "

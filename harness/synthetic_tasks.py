@@ -32,9 +32,9 @@ from typing import Callable
 import numpy as np
 
 from . import layout
-from .synthetic_world import (_S_EVENTS, _S_TASK_QUESTIONS, _STORY, _WORLD_TEXT, COUNT, COUNT_WORDS,
-                              MULTIPLE_CHOICE, N_EVENTS, QUESTION_WORDS, SPLITS, Preset, _features_for_video,
-                              _Layout, _QTokens, _rng, _task_vocab, _Videos, _vocab, _World)
+from .synthetic_world import (S_EVENTS, S_TASK_QUESTIONS, STORY, WORLD_TEXT, COUNT, COUNT_WORDS,
+                              MULTIPLE_CHOICE, N_EVENTS, QUESTION_WORDS, SPLITS, Preset, features_for_video,
+                              Layout, QTokens, rng, task_vocab, Videos, make_vocab, World)
 
 Features = Callable[[int], tuple[np.ndarray, np.ndarray]]  # video row -> (appearance, motion)
 
@@ -77,21 +77,21 @@ class TaskSet:
     meta: dict
 
 
-def make(p: Preset, lay: _Layout, world: _World, vids: _Videos, split_rows: dict[str, np.ndarray],
+def make(p: Preset, lay: Layout, world: World, vids: Videos, split_rows: dict[str, np.ndarray],
          seed: int) -> TaskSet:
     """The questions (and, for count, the events) of preset ``p``'s task over these videos."""
-    vocab = _task_vocab(p, lay)
-    q = _QTokens.make(p, lay, _vocab(p, lay))  # the story's question token ids: the same in ``vocab``
-    r = _rng(seed, _S_TASK_QUESTIONS)
+    vocab = task_vocab(p, lay)
+    q = QTokens.make(p, lay, make_vocab(p, lay))  # the story's question token ids: the same in ``vocab``
+    r = rng(seed, S_TASK_QUESTIONS)
     counts = {"train": p.n_train, "val": p.n_val, "test": p.n_test}
-    meta = {"story": _WORLD_TEXT + _TASK_TEXT[p.task], layout.TASK_META_KEY: p.task}
+    meta = {"story": WORLD_TEXT + _TASK_TEXT[p.task], layout.TASK_META_KEY: p.task}
     if p.task == MULTIPLE_CHOICE:
         cands = [_word_ids(vocab, MC_GROUPS[t], lay) for t in MC_TYPES]
         qs = {s: _mc_split(r, q, _mc_options(q, vids, split_rows[s]), cands, counts[s], lay.max_len)
               for s in SPLITS}
         meta.update(num_candidates=_TASK.n_candidates, max_candidate_len=_TASK.max_candidate_len,
                     candidate_groups=dict(MC_GROUPS))
-        features: Features = lambda row: _features_for_video(p, world, vids, row, seed)  # noqa: E731
+        features: Features = lambda row: features_for_video(p, world, vids, row, seed)  # noqa: E731
     else:
         ev = _events(p, seed)
         qv = vocab[layout.QUESTION_TOKENS_KEY]
@@ -105,14 +105,14 @@ def make(p: Preset, lay: _Layout, world: _World, vids: _Videos, split_rows: dict
     return TaskSet(vocab, qs, features, meta)
 
 
-def _word_ids(vocab: dict, group: str, lay: _Layout) -> np.ndarray:
+def _word_ids(vocab: dict, group: str, lay: Layout) -> np.ndarray:
     """Question-vocabulary ids of a group's answer words, by entity index."""
     n = {"object": lay.n_obj, "action": lay.n_act, "scene": lay.n_scene}[group]
     qv = vocab[layout.QUESTION_TOKENS_KEY]
     return np.array([qv[f"{_GROUP_PREFIX[group]}_{i}"] for i in range(n)], dtype=np.int64)
 
 
-def _add_ids(r: np.random.Generator, qs: dict[str, dict[str, np.ndarray]], vids: _Videos) -> None:
+def _add_ids(r: np.random.Generator, qs: dict[str, dict[str, np.ndarray]], vids: Videos) -> None:
     """Video ids of the questions' rows, and question ids unique across the splits, not in row order."""
     total = sum(len(d[layout.ANSWERS_KEY]) for d in qs.values())
     qids = (100000 + r.permutation(total)).astype(np.int64)
@@ -127,10 +127,10 @@ def _add_ids(r: np.random.Generator, qs: dict[str, dict[str, np.ndarray]], vids:
         start += len(rows)
 
 
-def _tokens(r: np.random.Generator, q: _QTokens, qword: int, spec: list[int], max_len: int) -> list[int]:
+def _tokens(r: np.random.Generator, q: QTokens, qword: int, spec: list[int], max_len: int) -> list[int]:
     """A question: its question word, then its specifying tokens in order among Zipf filler words, for a
     ragged length of 3 (or more, to hold the spec) .. max_len."""
-    lo = max(_STORY.min_question_len, 1 + len(spec))
+    lo = max(STORY.min_question_len, 1 + len(spec))
     n = int(r.integers(lo, max_len + 1)) - 1
     rest = list(r.choice(q.filler, size=n, p=q.p_filler))
     for pos, tok in zip(np.sort(r.choice(n, size=len(spec), replace=False)), spec):
@@ -157,7 +157,7 @@ class _Options:
                              f"type in a split, fewer than the {_TASK.n_candidates} candidates")
 
 
-def _mc_options(q: _QTokens, vids: _Videos, rows: np.ndarray) -> list[_Options]:
+def _mc_options(q: QTokens, vids: Videos, rows: np.ndarray) -> list[_Options]:
     """The options of each type of :data:`MC_TYPES` over the video rows ``rows``."""
     C = q.n_clips
     rr, kk = np.repeat(rows, C), np.tile(np.arange(C), len(rows))  # every (video, clip)
@@ -182,14 +182,14 @@ def _mc_pick(r: np.random.Generator, opts: _Options) -> tuple[int, int, np.ndarr
     return int(opts.rows[o]), int(opts.spec[o]), entities, int(np.flatnonzero(order == 0)[0])
 
 
-def _candidate(r: np.random.Generator, q: _QTokens, word: int) -> list[int]:
+def _candidate(r: np.random.Generator, q: QTokens, word: int) -> list[int]:
     """A candidate answer's tokens: its word with 0 .. max_candidate_len-1 filler words around it."""
     toks = [int(t) for t in r.choice(q.filler, size=int(r.integers(_TASK.max_candidate_len)), p=q.p_filler)]
     toks.insert(int(r.integers(len(toks) + 1)), word)
     return toks
 
 
-def _mc_split(r: np.random.Generator, q: _QTokens, opts: list[_Options], cands: list[np.ndarray], n: int,
+def _mc_split(r: np.random.Generator, q: QTokens, opts: list[_Options], cands: list[np.ndarray], n: int,
               max_len: int) -> dict[str, np.ndarray]:
     """A split's multiple-choice questions; types uniform (``rows`` holds their video rows)."""
     K, La = _TASK.n_candidates, _TASK.max_candidate_len
@@ -224,7 +224,7 @@ class _Events:
 
 
 def _events(p: Preset, seed: int) -> _Events:
-    r = _rng(seed, _S_EVENTS)
+    r = rng(seed, S_EVENTS)
     V, C, F, J = p.n_videos, p.n_clips, p.n_frames, _TASK.events_per_video
     lo, hi = layout.COUNT_RANGE
     if hi > C * F or J > N_EVENTS:
@@ -240,16 +240,16 @@ def _events(p: Preset, seed: int) -> _Events:
     return _Events(proto, kind, count, shown.reshape(V, J, C, F))
 
 
-def _count_features(p: Preset, world: _World, vids: _Videos, ev: _Events, row: int, seed: int
+def _count_features(p: Preset, world: World, vids: Videos, ev: _Events, row: int, seed: int
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Tiny's features of the video, with its events' prototypes added to the frames that show them."""
-    app, mot = _features_for_video(p, world, vids, row, seed)
+    app, mot = features_for_video(p, world, vids, row, seed)
     for j in range(ev.kind.shape[1]):
         app += np.float32(_TASK.w_event) * ev.shown[row, j][:, :, None] * ev.proto[ev.kind[row, j]]
     return app, mot
 
 
-def _count_split(r: np.random.Generator, q: _QTokens, ev: _Events, rows: np.ndarray, n: int, max_len: int,
+def _count_split(r: np.random.Generator, q: QTokens, ev: _Events, rows: np.ndarray, n: int, max_len: int,
                  words: list[int], ev_ids: np.ndarray) -> dict[str, np.ndarray]:
     """A split's count questions: the split's videos used evenly, one of each video's events asked."""
     vrow = r.permutation(np.resize(r.permutation(rows), n))

@@ -76,7 +76,7 @@ class Preset:
                "vision_dim": self.vision_dim, "module_dim": self.suggested_module_dim, "word_dim": self.word_dim,
                "num_clips": self.n_clips, "num_frames": self.n_frames}
         if self.task != OPEN_ENDED:
-            v = _task_vocab(self, _layout(self))
+            v = task_vocab(self, make_layout(self))
             cfg.update(question_vocab=len(v[layout.QUESTION_TOKENS_KEY]),
                        answer_vocab=len(v[layout.ANSWER_TOKENS_KEY]), task=self.task)
         return cfg
@@ -126,25 +126,25 @@ class _Story:
     video_split: tuple[float, float, float] = (0.60, 0.15, 0.25)
 
 
-_STORY = _Story()
+STORY = _Story()
 _MAX_QUESTION_LEN = {"tiny": 10, "tiny-mc": 10, "tiny-count": 10, "small": 12, "msvd": 16}
 
 # Random streams (spawn keys) -- one per purpose so that they never interfere.
-_S_WORLD, _S_VIDEOS, _S_SPLIT, _S_QUESTIONS, _S_GLOVE, _S_FEATURES = range(6)
+_S_WORLD, _S_VIDEOS, _S_SPLIT, _S_QUESTIONS, S_GLOVE, _S_FEATURES = range(6)
 # the multiple-choice / count questions, the count set's events (harness.synthetic_tasks)
-_S_TASK_QUESTIONS, _S_EVENTS = 6, 7
+S_TASK_QUESTIONS, S_EVENTS = 6, 7
 #: the count set's event kinds (question tokens ev_0 ..); the words a count question adds
 N_EVENTS = 8
 COUNT_WORDS: tuple[str, ...] = ("many", "times")
 
 #: the world and videos (every preset's), then tiny's open-ended questions
-_WORLD_TEXT = (
+WORLD_TEXT = (
     "Each video has a scene (seen in every frame), a dominant object (in most clips) "
     "and a dominant action (in most but not all clips; the other clips each do a "
     "distinct action). Appearance = scene + clip object + time drift + noise; motion = "
     "clip action + time drift + noise."
 )
-_STORY_TEXT = _WORLD_TEXT + (
+STORY_TEXT = WORLD_TEXT + (
     " what <ordinal> -> object of that clip; who -> "
     "dominant object; how -> dominant action; when <act> -> start/middle/end of the "
     "clip doing that action; where -> scene (half of these questions name the dominant "
@@ -155,7 +155,7 @@ _STORY_TEXT = _WORLD_TEXT + (
 # --------------------------------------------------------------------------- helpers
 
 
-def _rng(seed: int, *key: int) -> np.random.Generator:
+def rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=key)))
 
 
@@ -164,7 +164,7 @@ def _zipf(n: int, alpha: float) -> np.ndarray:
     return p / p.sum()
 
 
-def _get_preset(preset: str | Preset) -> Preset:
+def get_preset(preset: str | Preset) -> Preset:
     if isinstance(preset, Preset):
         return preset
     try:
@@ -174,7 +174,7 @@ def _get_preset(preset: str | Preset) -> Preset:
 
 
 @dataclass(frozen=True)
-class _Layout:
+class Layout:
     n_obj: int
     n_act: int
     n_scene: int
@@ -182,7 +182,7 @@ class _Layout:
     max_len: int
 
 
-def _layout(p: Preset) -> _Layout:
+def make_layout(p: Preset) -> Layout:
     if not 3 <= p.n_clips <= len(_ORDINALS):
         raise ValueError(f"n_clips must be in [3, {len(_ORDINALS)}], got {p.n_clips}")
     content = p.answer_vocab - 2 - len(TIME_BUCKETS)
@@ -197,10 +197,10 @@ def _layout(p: Preset) -> _Layout:
     if n_filler < 8:
         raise ValueError("question_vocab too small for the answer vocabulary")
     max_len = _MAX_QUESTION_LEN.get(p.name, 12)
-    return _Layout(n_obj, n_act, n_scene, n_filler, max_len)
+    return Layout(n_obj, n_act, n_scene, n_filler, max_len)
 
 
-def _vocab(p: Preset, lay: _Layout) -> dict[str, dict[str, int]]:
+def make_vocab(p: Preset, lay: Layout) -> dict[str, dict[str, int]]:
     q_tokens = (
         ["<NULL>", "<UNK>"]
         + list(QUESTION_WORDS)
@@ -229,14 +229,14 @@ def _vocab(p: Preset, lay: _Layout) -> dict[str, dict[str, int]]:
     }
 
 
-def _task_vocab(p: Preset, lay: _Layout) -> dict[str, dict[str, int]]:
+def task_vocab(p: Preset, lay: Layout) -> dict[str, dict[str, int]]:
     """The vocabularies a multiple-choice or count preset writes: the story's question words plus the
     candidates' words (objects and scenes; actions already are question words) or the count questions'
     words and events, in a question vocabulary that question_answer_token_to_idx repeats (as HCRN's
     TGIF-QA files); the answer vocabulary is HCRN's placeholder for the task."""
     extra = {MULTIPLE_CHOICE: [f"obj_{i}" for i in range(lay.n_obj)] + [f"scene_{i}" for i in range(lay.n_scene)],
              COUNT: list(COUNT_WORDS) + [f"ev_{i}" for i in range(N_EVENTS)]}[p.task]
-    q = dict(_vocab(p, lay)[layout.QUESTION_TOKENS_KEY])
+    q = dict(make_vocab(p, lay)[layout.QUESTION_TOKENS_KEY])
     for t in extra:
         q[t] = len(q)
     answers = {"<UNK0>": 0, "<UNK1>": 1} if p.task == MULTIPLE_CHOICE else {"<UNK>": 0}
@@ -254,7 +254,7 @@ def _time_bucket(n_clips: int) -> np.ndarray:
 
 
 @dataclass
-class _World:
+class World:
     obj: np.ndarray  # (n_obj, D) float32
     act: np.ndarray  # (n_act, D)
     scene: np.ndarray  # (n_scene, D)
@@ -263,8 +263,8 @@ class _World:
     preferred_scene: np.ndarray  # (n_act,) int64
 
 
-def _world(p: Preset, lay: _Layout, seed: int) -> _World:
-    r = _rng(seed, _S_WORLD)
+def make_world(p: Preset, lay: Layout, seed: int) -> World:
+    r = rng(seed, _S_WORLD)
     D, C, F = p.vision_dim, p.n_clips, p.n_frames
     obj = r.standard_normal((lay.n_obj, D), dtype=np.float32)
     act = r.standard_normal((lay.n_act, D), dtype=np.float32)
@@ -280,14 +280,14 @@ def _world(p: Preset, lay: _Layout, seed: int) -> _World:
         basis = np.stack([np.cos(np.pi * t), np.sin(np.pi * t)], axis=1)  # (T, 2)
         return basis @ ab.astype(np.float64)
 
-    drift_app = (_STORY.w_drift_app * traj(ab_app, t_frame)).reshape(C, F, D).astype(np.float32)
-    drift_motion = (_STORY.w_drift_motion * traj(ab_mot, t_clip)).astype(np.float32)
-    preferred = r.choice(lay.n_scene, size=lay.n_act, p=_zipf(lay.n_scene, _STORY.zipf_alpha))
-    return _World(obj, act, scene, drift_app, drift_motion, preferred.astype(np.int64))
+    drift_app = (STORY.w_drift_app * traj(ab_app, t_frame)).reshape(C, F, D).astype(np.float32)
+    drift_motion = (STORY.w_drift_motion * traj(ab_mot, t_clip)).astype(np.float32)
+    preferred = r.choice(lay.n_scene, size=lay.n_act, p=_zipf(lay.n_scene, STORY.zipf_alpha))
+    return World(obj, act, scene, drift_app, drift_motion, preferred.astype(np.int64))
 
 
 @dataclass
-class _Videos:
+class Videos:
     ids: np.ndarray  # (V,) int64, stored order
     scene: np.ndarray  # (V,)
     dom_obj: np.ndarray  # (V,)
@@ -304,16 +304,16 @@ def _choice_excluding(r: np.random.Generator, p: np.ndarray, exclude: int, size:
     return r.choice(len(p), size=size, replace=replace, p=q)
 
 
-def _videos(p: Preset, lay: _Layout, world: _World, seed: int) -> _Videos:
-    r = _rng(seed, _S_VIDEOS)
+def make_videos(p: Preset, lay: Layout, world: World, seed: int) -> Videos:
+    r = rng(seed, _S_VIDEOS)
     V, C = p.n_videos, p.n_clips
     ids = (1000 + r.permutation(V)).astype(np.int64)
-    p_obj = _zipf(lay.n_obj, _STORY.zipf_alpha)
-    p_act = _zipf(lay.n_act, _STORY.zipf_alpha)
-    p_scene = _zipf(lay.n_scene, _STORY.zipf_alpha)
+    p_obj = _zipf(lay.n_obj, STORY.zipf_alpha)
+    p_act = _zipf(lay.n_act, STORY.zipf_alpha)
+    p_scene = _zipf(lay.n_scene, STORY.zipf_alpha)
     dom_act = r.choice(lay.n_act, size=V, p=p_act)
     dom_obj = r.choice(lay.n_obj, size=V, p=p_obj)
-    use_pref = r.random(V) < _STORY.p_preferred_scene
+    use_pref = r.random(V) < STORY.p_preferred_scene
     scene = np.where(use_pref, world.preferred_scene[dom_act], r.choice(lay.n_scene, size=V, p=p_scene))
     clip_obj = np.empty((V, C), dtype=np.int64)
     clip_act = np.empty((V, C), dtype=np.int64)
@@ -328,15 +328,15 @@ def _videos(p: Preset, lay: _Layout, world: _World, seed: int) -> _Videos:
         order = r.permutation(C)
         clip_act[v, order[:m_a]] = dom_act[v]
         clip_act[v, order[m_a:]] = _choice_excluding(r, p_act, dom_act[v], C - m_a, False)
-    return _Videos(ids, scene.astype(np.int64), dom_obj.astype(np.int64),
+    return Videos(ids, scene.astype(np.int64), dom_obj.astype(np.int64),
                    dom_act.astype(np.int64), clip_obj, clip_act)
 
 
-def _video_split(p: Preset, seed: int) -> dict[str, np.ndarray]:
+def split_videos(p: Preset, seed: int) -> dict[str, np.ndarray]:
     """Disjoint video rows per split (about 60/15/25)."""
-    r = _rng(seed, _S_SPLIT)
+    r = rng(seed, _S_SPLIT)
     perm = r.permutation(p.n_videos)
-    fr = _STORY.video_split
+    fr = STORY.video_split
     n_tr = max(1, int(round(fr[0] * p.n_videos)))
     n_va = max(1, int(round(fr[1] * p.n_videos)))
     if n_tr + n_va >= p.n_videos:
@@ -346,7 +346,7 @@ def _video_split(p: Preset, seed: int) -> dict[str, np.ndarray]:
 
 
 @dataclass
-class _QTokens:
+class QTokens:
     """Token and answer ids the question generator draws from."""
 
     n_clips: int
@@ -362,17 +362,17 @@ class _QTokens:
     bucket: np.ndarray
 
     @classmethod
-    def make(cls, p: Preset, lay: _Layout, vocab: dict[str, dict[str, int]]) -> "_QTokens":
+    def make(cls, p: Preset, lay: Layout, vocab: dict[str, dict[str, int]]) -> "QTokens":
         qv, av = vocab[layout.QUESTION_TOKENS_KEY], vocab[layout.ANSWER_TOKENS_KEY]
         ids = lambda table, names: np.array([table[n] for n in names], dtype=np.int64)  # noqa: E731
         return cls(p.n_clips, ids(qv, QUESTION_WORDS), ids(qv, _ORDINALS[:p.n_clips]),
                    ids(qv, [f"act_{i}" for i in range(lay.n_act)]), ids(qv, [f"w_{i}" for i in range(lay.n_filler)]),
-                   _zipf(lay.n_filler, _STORY.filler_zipf_alpha), ids(av, [f"obj_{i}" for i in range(lay.n_obj)]),
+                   _zipf(lay.n_filler, STORY.filler_zipf_alpha), ids(av, [f"obj_{i}" for i in range(lay.n_obj)]),
                    ids(av, [f"act_{i}" for i in range(lay.n_act)]), ids(av, [f"scene_{i}" for i in range(lay.n_scene)]),
                    ids(av, TIME_BUCKETS), _time_bucket(p.n_clips))
 
 
-def _question(r: np.random.Generator, q: _QTokens, vids: _Videos, v: int, t: int, length: int
+def _question(r: np.random.Generator, q: QTokens, vids: Videos, v: int, t: int, length: int
               ) -> tuple[list[int], int]:
     """One question of type ``t`` about video row ``v``: its tokens after the question word, and its answer."""
     C = q.n_clips
@@ -392,7 +392,7 @@ def _question(r: np.random.Generator, q: _QTokens, vids: _Videos, v: int, t: int
         spec = [int(q.act_q[acts[c]])]
         answer = q.time_a[q.bucket[c]]
     else:  # where: scene (sometimes with the dominant action as a language hint)
-        if r.random() < _STORY.p_where_names_action:
+        if r.random() < STORY.p_where_names_action:
             spec = [int(q.act_q[vids.dom_act[v]])]
         answer = q.scene_a[vids.scene[v]]
     rest = list(r.choice(q.filler, size=length - 1 - len(spec), p=q.p_filler))
@@ -401,10 +401,10 @@ def _question(r: np.random.Generator, q: _QTokens, vids: _Videos, v: int, t: int
     return rest, int(answer)
 
 
-def _questions(p: Preset, lay: _Layout, vocab: dict[str, dict[str, int]], vids: _Videos,
+def make_questions(p: Preset, lay: Layout, vocab: dict[str, dict[str, int]], vids: Videos,
                split_rows: dict[str, np.ndarray], seed: int) -> dict[str, dict[str, np.ndarray]]:
-    r = _rng(seed, _S_QUESTIONS)
-    q = _QTokens.make(p, lay, vocab)
+    r = rng(seed, _S_QUESTIONS)
+    q = QTokens.make(p, lay, vocab)
     counts = {"train": p.n_train, "val": p.n_val, "test": p.n_test}
     qids = (100000 + r.permutation(sum(counts.values()))).astype(np.int64)
     out: dict[str, dict[str, np.ndarray]] = {}
@@ -413,8 +413,8 @@ def _questions(p: Preset, lay: _Layout, vocab: dict[str, dict[str, int]], vids: 
         n = counts[split]
         # balanced use of the split's videos, in random order
         vrow = r.permutation(np.resize(r.permutation(split_rows[split]), n))
-        qtype = r.choice(len(QUESTION_WORDS), size=n, p=np.asarray(_STORY.type_mix))
-        lengths = r.integers(_STORY.min_question_len, lay.max_len + 1, size=n)
+        qtype = r.choice(len(QUESTION_WORDS), size=n, p=np.asarray(STORY.type_mix))
+        lengths = r.integers(STORY.min_question_len, lay.max_len + 1, size=n)
         toks = np.zeros((n, lay.max_len), dtype=np.int64)
         answers = np.empty(n, dtype=np.int64)
         for i in range(n):
@@ -429,10 +429,10 @@ def _questions(p: Preset, lay: _Layout, vocab: dict[str, dict[str, int]], vids: 
     return out
 
 
-def _features_for_video(p: Preset, world: _World, vids: _Videos, row: int, seed: int
+def features_for_video(p: Preset, world: World, vids: Videos, row: int, seed: int
                         ) -> tuple[np.ndarray, np.ndarray]:
-    s = _STORY
-    r = _rng(seed, _S_FEATURES, row)
+    s = STORY
+    r = rng(seed, _S_FEATURES, row)
     C, F, D = p.n_clips, p.n_frames, p.vision_dim
     app = r.standard_normal((C, F, D), dtype=np.float32)
     app *= np.float32(s.sigma_frame)

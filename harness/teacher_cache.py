@@ -43,7 +43,6 @@ synchronisation per batch, as with streamed features).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import uuid
@@ -57,6 +56,7 @@ import torch
 from torch import nn
 
 from . import data as D
+from .digests import file_hash
 from .env import autocast, device_name
 from .errors import HarnessError
 from .store import WEIGHTS, ResultsStore, atomic_output, atomic_write_json, locked
@@ -169,11 +169,6 @@ def cache_paths(store: ResultsStore, teacher_run: str, data_id: str, split: str,
     return d / f"{stem}.npy", d / f"{stem}.json"
 
 
-def file_sha1(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha1").hexdigest()
-
-
 @dataclass
 class _Identity:
     """What a cache file must have been built from: a manifest that differs is stale."""
@@ -214,7 +209,7 @@ def _problem(npy: Path, man: Path, ident: _Identity, key: str) -> tuple[str | No
         return "the manifest names no file (the .npy is missing)", None
     if size != manifest.get("nbytes"):
         return f"{size:,} bytes, the manifest says {manifest.get('nbytes')!r}", None
-    if file_sha1(npy) != manifest.get("sha1"):
+    if file_hash(npy) != manifest.get("sha1"):
         return "sha1 differs from the manifest's (damaged)", None
     try:
         arr = np.load(npy, mmap_mode="r")
@@ -283,7 +278,7 @@ def _build(store: ResultsStore, teacher: nn.Module, ident: _Identity, keys: list
         atomic_write_json(man, {
             "format": FORMAT, **vars(ident), "key": k, "teacher_variant": teacher_variant,
             "dtype": str(arr.dtype), "torch_dtype": dtypes[k], "shape": list(arr.shape),
-            "nbytes": npy.stat().st_size, "sha1": file_sha1(npy),
+            "nbytes": npy.stat().st_size, "sha1": file_hash(npy),
             "build_id": build_id, "build_keys": list(keys), "build_s": build_s, "build_batch_size": BUILD_BATCH,
             "device": str(device), "device_name": device_name(device), "built_at": built_at,
             "torch_version": torch.__version__})
@@ -361,7 +356,7 @@ def prepare(store: ResultsStore, teacher_records: list[dict], teachers: list[nn.
     tables, dtypes, info = [], [], []
     for trec, teacher, tkeys in zip(teacher_records, teachers, keys):
         run_id = trec["run_id"]
-        ident = _Identity(run_id, file_sha1(store.run_dir(run_id) / WEIGHTS), data_id, split_name, len(split),
+        ident = _Identity(run_id, file_hash(store.run_dir(run_id) / WEIGHTS), data_id, split_name, len(split),
                           precision, device.type)
         with locked(cache_dir(store, run_id) / ".lock"):
             for stale in cache_dir(store, run_id).glob(".*.tmp"):  # left by a build that was killed

@@ -210,7 +210,7 @@ def bench(dev: torch.device, size: dict, out_dir: Path) -> dict:
     atomic_write_json(out_dir / "bench.json", rows)
     cols = ["variant", "precision", "infer_path", "lstm_precision", *B.TABLE_COLUMNS[1:], "resident_mib_train"]
     md = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    md += ["| " + " | ".join(B._fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    md += ["| " + " | ".join(B.fmt_cell(r.get(c)) for c in cols) + " |" for r in rows]
     (out_dir / "bench.md").write_text("\n".join(md) + "\n")
     errors = {f"{r['variant']} {r['precision']} {r['infer_path']} b{r['batch_size']}": r["errors"]
               for r in rows if r.get("errors")}
@@ -220,7 +220,7 @@ def bench(dev: torch.device, size: dict, out_dir: Path) -> dict:
 
 
 def _spec(variant: str, size: dict, seed: int = 0):
-    from harness.runner import RunSpec
+    from harness.planning import RunSpec
 
     return RunSpec(variant=variant, data=size["data"], seed=seed, epochs=EPOCHS, batch_size=size["train_batch"])
 
@@ -267,7 +267,7 @@ def runs(dev: torch.device, size: dict, out_dir: Path) -> dict:
 
 def _jobs2_grid(dev: torch.device, size: dict, out_dir: Path) -> dict:
     from harness import grid as G
-    from harness.executor import run_grid
+    from harness.grid import run_grid
     from harness.store import ResultsStore
 
     path = out_dir / "jobs2.toml"

@@ -58,7 +58,8 @@ def exported(tiny, tmp_path_factory):
     from typer.testing import CliRunner
 
     import ablate
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+    from harness.runner import train
     from harness.store import ResultsStore
 
     d = tmp_path_factory.mktemp("bundle")

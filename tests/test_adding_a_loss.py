@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import variants
 from harness import grid as G
-from harness.executor import run_grid
+from harness.grid import run_grid
 from harness.store import ResultsStore
 from variants.kd_losses import KDLoss
 from variants.losses import LOSSES

@@ -31,7 +31,7 @@ TOY = M.Metric(name="toy_wrong", key="toy_wrong", title="toy wrong %", compute=_
 def toy():
     M.register(TOY)
     yield TOY
-    M.unregister(TOY.name)
+    M.METRICS.pop(TOY.name, None)
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_a_toy_metric_reaches_record_results_report_and_regression(measured, tmp
 def test_without_the_toy_metric_nothing_shows_it(tmp_path, measured):
     """Unregistered, the same store's table and report have no such column (what shows it is the registry)."""
     _, store = measured
-    M.unregister(TOY.name)
+    M.METRICS.pop(TOY.name, None)
     try:
         assert "test_toy_wrong" not in store.to_frame()
         md = write_report(store, "plain", out_dir=tmp_path / "plain").read_text()

@@ -1,5 +1,5 @@
 """The shape of the code: every harness module imports on its own in a fresh interpreter, the
-harness's module-level imports form no cycle, and the benchmark times the runner's own step."""
+project's imports (inside functions too) form no cycle, and the benchmark times the runner's own step."""
 from __future__ import annotations
 
 import ast
@@ -74,57 +74,92 @@ def _function_lengths(path: Path) -> dict[str, int]:
 
 def test_functions_are_short():
     """A function that grows past 50 lines is split into named steps (the runner's ``_Run``, the
-    executor's ``_Schedule``); the command-line entry points stay thin."""
+    schedule's ``Schedule``); the command-line entry points stay thin."""
     files = [*HARNESS.rglob("*.py"), *(ROOT / "variants").rglob("*.py"), ROOT / "ablate.py", ROOT / "bench.py"]
     lengths = {k: v for f in files for k, v in _function_lengths(f).items()}
     long = {k: v for k, v in lengths.items() if v > 50}
     assert not long, long
 
 
-def _top_level_imports(path: Path, module: str) -> set[str]:
-    """harness modules imported at module level (not inside functions) by ``path``."""
-    tree = ast.parse(path.read_text())
+#: the project's code: the harness, the variants and the entry points (tests excluded)
+CODE = sorted([*HARNESS.rglob("*.py"), *(ROOT / "variants").rglob("*.py"), ROOT / "ablate.py", ROOT / "bench.py",
+               *(ROOT / "scripts").glob("*.py")])
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, text: str | None = None) -> list[tuple[str, str | None, int]]:
+    """Every import of the project's modules in ``path`` (or ``text`` as if it were that file), at
+    module level or inside a function: (the module imported from, the name imported from it or None
+    for ``import x``, the line)."""
+    module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found = set()
-    for node in tree.body:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text() if text is None else text)):
         if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("harness")}
+            out += [(a.name, None, node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[:len(package.split(".")) - node.level + 1]
                 target = ".".join([*base, *(node.module.split(".") if node.module else [])])
             else:
                 target = node.module or ""
-            if not target.startswith("harness"):
-                continue
-            names = [f"{target}.{a.name}" for a in node.names]
-            found |= {n for n in names if n in MODULES} or {target}
-    return {m for m in found if m in MODULES and m != module}
+            out += [(target, a.name, node.lineno) for a in node.names]
+    return [i for i in out if i[0].split(".")[0] in PROJECT]
 
 
-MODULES = set(_modules())
+PROJECT = {"harness", "variants", "ablate", "bench"}
+MODULES = {_module_name(p): p for p in CODE}
 
 
-def test_harness_imports_form_no_cycle():
-    paths = {m: (ROOT / m.replace(".", "/")).with_suffix(".py")
-             if (ROOT / m.replace(".", "/")).with_suffix(".py").exists()
-             else ROOT / m.replace(".", "/") / "__init__.py" for m in MODULES}
-    graph = {m: _top_level_imports(p, m) for m, p in paths.items()}
+def _graph() -> dict[str, set[str]]:
+    """Which project modules each module imports (a name imported from a package counts as the
+    submodule when it is one, else as the package)."""
+    graph = {}
+    for m, path in MODULES.items():
+        found = set()
+        for target, name, _ in _imports(path):
+            found.add(f"{target}.{name}" if f"{target}.{name}" in MODULES else target)
+        graph[m] = {n for n in found if n in MODULES and n != m}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (its modules in order, the first repeated at the end), or None."""
     state: dict[str, int] = {}
 
-    def visit(m: str, stack: list[str]) -> None:
+    def visit(m: str, stack: list[str]) -> list[str] | None:
         state[m] = 1
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                pytest.fail("import cycle: " + " -> ".join([*stack[stack.index(n):], n]) if n in stack
-                            else f"import cycle through {m} -> {n}")
-            if n not in state:
-                visit(n, [*stack, n])
+                return [*stack[stack.index(n):], n]
+            if n not in state and (found := visit(n, [*stack, n])):
+                return found
         state[m] = 2
+        return None
 
     for m in sorted(graph):
-        if m not in state:
-            visit(m, [m])
+        if m not in state and (found := visit(m, [m])):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_cycles_at_any_depth():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+    tree = ast.parse("def f():\n    from .executor import run\n")  # a function-level import counts
+    assert [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] == ["executor"]
+
+
+def test_imports_form_no_cycle():
+    """No import cycle among the project's modules, imports inside functions included."""
+    graph = _graph()
+    assert "harness.grid" in graph["harness.executor"] or "harness.executor" in graph["harness.grid"]
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
     assert graph["harness.env"] <= {"harness.errors"}  # the bottom layer imports nothing else of the harness
     assert "harness.runner" not in graph["harness.measure"]
     assert "harness.measure" not in graph["harness.runner"]  # its input helpers are harness.inputs
@@ -136,7 +171,8 @@ def test_bench_times_the_runners_own_training_step(tiny, tmp_path, monkeypatch):
     import variants
     from harness import measure as M
     from harness import step as S
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+    from harness.runner import train
     from harness.store import ResultsStore
     from harness.synthetic import PRESETS
 
@@ -167,3 +203,64 @@ def test_readme_architecture_names_every_module():
     missing = [p.name for p in [*HARNESS.glob("*.py"), *(HARNESS / "report").glob("*.py")]
                if p.name != "__init__.py" and f"`{p.name}`" not in section]
     assert not missing, f"README's architecture section does not name {missing}"
+
+
+def test_no_name_is_re_exported():
+    """A name is imported from the module that defines it: an import kept only for others to import
+    through (``noqa: F401``) may bring in a whole module (one that registers something, an optional
+    dependency checked), never a name from another module."""
+    shims = []
+    for path in CODE:
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and "noqa: F401" in lines[node.end_lineno - 1]:
+                target = [i[0] for i in _imports(path) if i[2] == node.lineno]
+                names = [a.name for a in node.names]
+                if not target or any(f"{target[0]}.{n}" not in MODULES for n in names):
+                    shims.append(f"{path.relative_to(ROOT)}:{node.lineno}: {', '.join(names)}")
+    assert not shims, shims
+
+
+def _private_uses(path: Path, text: str | None = None) -> list[str]:
+    """Private names (``_x``) of other project modules that ``path`` (or ``text`` as if it were that
+    file) imports or reads as attributes of a module it imported (``from .m import _x``, ``m._x``)."""
+    module = _module_name(path)
+    text = path.read_text() if text is None else text
+    found, aliases = [], {}
+    for target, name, line in _imports(path, text):
+        if name is None:
+            aliases[target.split(".")[0]] = target.split(".")[0]
+        elif f"{target}.{name}" in MODULES:
+            aliases[name] = f"{target}.{name}"
+        elif name.startswith("_") and not name.startswith("__") and target != module:
+            found.append(f"{path.relative_to(ROOT)}:{line}: {target}.{name}")
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom):  # `from x import m as y` binds y to module x.m
+            aliases.update({a.asname: aliases[a.name] for a in node.names if a.asname and a.name in aliases})
+    for node in ast.walk(ast.parse(text)):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")
+                and aliases[node.value.id] != module):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {aliases[node.value.id]}.{node.attr}")
+    return found
+
+
+def test_no_private_name_crosses_modules():
+    """A helper two modules share is public (no leading underscore) in the module that defines it."""
+    probe = "from harness import runner as R\nfrom .store import _lock, locked\n\ndef f():\n    R._write(locked._x)\n"
+    assert _private_uses(HARNESS / "grid.py", probe) == ["harness/grid.py:2: harness.store._lock",
+                                                         "harness/grid.py:5: harness.runner._write"]
+    crossing = [u for p in CODE for u in _private_uses(p)]
+    assert not crossing, crossing
+
+
+def test_one_helper_hashes_files():
+    """A file's bytes are hashed by harness.digests.file_hash only (store, features, teacher outputs and
+    the code record share it; their digests are what they were: tests/golden/run_ids.json and the
+    code-identity tests pin them)."""
+    import re
+
+    hashing = re.compile(r"hashlib\.file_digest\(|hashlib\.\w+\([^()]*\.read_bytes\(\)\)|\.update\(block\)")
+    found = [f"{p.relative_to(ROOT)}:{i}" for p in CODE if p.name != "digests.py"
+             for i, line in enumerate(p.read_text().splitlines(), 1) if hashing.search(line)]
+    assert not found, found

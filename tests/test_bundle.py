@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 import ablate
 from harness import bundle as B
-from harness.runner import RunSpec, train
+from harness.planning import RunSpec
+from harness.runner import train
 from harness.store import ResultsStore
 
 FAST = {"epochs": 1, "batch_size": 128}

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 import ablate
 import bench
-from harness.runner import RunSpec, train
+from harness.planning import RunSpec
+from harness.runner import train
 from harness.store import ResultsStore
 
 runner = CliRunner()

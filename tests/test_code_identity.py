@@ -10,7 +10,8 @@ from rich.console import Console
 from harness import grid as G
 from harness import identity
 from harness import regression as R
-from harness.executor import GridResult, run_grid
+from harness.grid import run_grid
+from harness.schedule import GridResult
 from harness.store import ResultsStore
 
 OLD = "0ldc0de00000"
@@ -64,7 +65,7 @@ def test_the_regression_check_keeps_the_runs_of_other_code_it_trains_again(tiny,
     from typer.testing import CliRunner
 
     from harness import executor
-    from harness.runner import plan
+    from harness.planning import plan
 
     path = tmp_path / "qo.toml"
     path.write_text('data = "synthetic:tiny"\nvariants = ["question-only"]\nseeds = [0]\n[train]\nepochs = 1\n')

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 
 from harness import compress as C
 from harness import grid as G
-from harness.runner import RunSpec, train
+from harness.planning import RunSpec
+from harness.record import task as record_task
+from harness.runner import train
 from harness.store import ResultsStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -316,3 +319,25 @@ def test_the_other_tasks_export_and_quantise(task, tmp_path):
     named = dict(zip(C.input_names(cfg.model)[4:], x[4:]))
     with torch.no_grad():
         assert torch.equal(onnx.module(*x[:4], **named)["logits"], got)
+
+
+def test_compress_grid_takes_the_runs_of_every_data_set_of_the_grid(data_cache, tmp_path, monkeypatch):
+    """``ablate.py compress --grid`` plans each run against its own data set: a two-data-set grid's
+    multiple-choice and count runs are both compressed (the compression itself is stubbed: the runs
+    it is given are what is checked)."""
+    import ablate
+    from typer.testing import CliRunner
+
+    grid = tmp_path / "g.toml"
+    grid.write_text('data = ["synthetic:tiny-mc", "synthetic:tiny-count"]\nseeds = [0]\nvariants = ["question-only"]\n'
+                    '[train]\nepochs = 1\nbatch_size = 512\n')
+    store = ResultsStore(tmp_path / "results")
+    res = G.run_grid(G.load(grid), store, device="cpu", console=Console(quiet=True))
+    assert len(res.complete) == 2
+    given: list[str] = []
+    monkeypatch.setattr(C, "compress_runs", lambda store, ids, methods, **k: given.extend(ids) or [])
+    out = CliRunner().invoke(ablate.app, ["compress", "--grid", str(grid), "--method", "dynamic-int8",
+                                          "--results", str(tmp_path / "results")])
+    assert out.exit_code == 0, out.output
+    assert sorted(given) == sorted(res.complete)
+    assert {record_task(store.read_record(r)) for r in given} == {"multiple-choice", "count"}

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from harness import costs
-from harness.runner import RunSpec, train
+from harness.planning import RunSpec
+from harness.runner import train
 from harness.store import ResultsStore
 
 FAST = dict(epochs=1, batch_size=512)
@@ -97,7 +98,7 @@ def _complete_run(store: ResultsStore, grid_path, tiny) -> dict:
     from harness import grid as G
     from harness import identity
     from harness.env import device_name
-    from harness.runner import plan
+    from harness.planning import plan
 
     p = plan(G.load(str(grid_path)).runs[0], tiny)
     n = 200

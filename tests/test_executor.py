@@ -18,8 +18,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from harness import executor as E
+from harness import grid as G
+from harness.schedule import worker_init
 from harness import slurm as S
-from harness.grid import GridError
+from harness.errors import GridError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,7 +119,7 @@ def test_time_limit_from_the_partition_when_not_set(tmp_path, monkeypatch):
 
 def test_command_line_requests_override_the_grid_and_keep_zero(tmp_path, monkeypatch):
     import ablate
-    from harness.executor import GridResult
+    from harness.schedule import GridResult
 
     seen = {}
 
@@ -125,7 +127,7 @@ def test_command_line_requests_override_the_grid_and_keep_zero(tmp_path, monkeyp
         seen.update(kw)
         return GridResult([], [], [], 0, interrupted=True)  # ablate exits 130 without a report
 
-    monkeypatch.setattr(E, "run_grid", fake_run_grid)
+    monkeypatch.setattr(G, "run_grid", fake_run_grid)
     grid = tmp_path / "g.toml"
     grid.write_text('variants = ["dualvgr"]\n[executor]\nkind = "slurm"\npartition = "gpu"\ngpus_per_run = 2\n'
                     'cpus_per_run = 8\nmem_gb = 32\n')
@@ -144,7 +146,7 @@ def test_command_line_requests_override_the_grid_and_keep_zero(tmp_path, monkeyp
 
 def test_sacct_errors_are_summarised_once():
     out = io.StringIO()
-    noise = S._SacctNoise(Console(file=out, width=300))
+    noise = S.SacctNoise(Console(file=out, width=300))
     logger = logging.getLogger("submitit")
     caught = []
     handler = logging.Handler()
@@ -166,11 +168,11 @@ def test_sacct_errors_are_summarised_once():
 def test_job_states_from_squeue(tmp_path, monkeypatch):
     fake_command(tmp_path, monkeypatch, "squeue", 'printf "7_0|RUNNING|None\\n7_1|COMPLETED|None\\n'
                  '7_2|PENDING|Nodes required for job are DOWN\\n7_3|CANCELLED|None\\n8|REQUEUED|None\\n"\n')
-    assert S._ended_jobs(["7_0", "7_1", "7_2", "7_3", "7_4", "8"]) == {"7_1", "7_3", "7_4"}  # 7_4: not listed
+    assert {j: st for j, (st, _) in S._job_states(["7_0", "7_1", "7_3", "7_4", "8"]).items()} == {
+        "7_0": "RUNNING", "7_1": "COMPLETED", "7_3": "CANCELLED", "7_4": "GONE", "8": "REQUEUED"}  # 7_4: not listed
     assert S._job_states(["7_2", "7_4"]) == {"7_2": ("PENDING", "Nodes required for job are DOWN"),
                                              "7_4": ("GONE", "")}
     fake_command(tmp_path, monkeypatch, "squeue", "exit 1\n")
-    assert S._ended_jobs(["7_0"]) is None
     assert S._job_states(["7_0"]) is None
 
 
@@ -204,7 +206,7 @@ def test_a_job_that_ends_without_result_is_reported_failed(tmp_path, monkeypatch
             (tmp_path / "9_1_0_result.pkl").write_bytes(b"")
 
     monkeypatch.setattr(FakeJob, "result", lambda self: {"run_id": "r1", "status": "complete"}, raising=False)
-    E._follow(pending, "slurm", finish, poll_s=0, squeue_every_s=0)
+    E.follow(pending, "slurm", finish, poll_s=0, squeue_every_s=0)
     assert done[0]["run_id"] == "r0" and done[0]["status"] == "failed"
     assert "SLURM job 9_0 ended without a result" in done[0]["reason"] and "Killed" in done[0]["reason"]
     assert done[1] == {"run_id": "r1", "status": "complete"} and not pending
@@ -308,7 +310,7 @@ def test_cpu_workers_share_out_the_cores(monkeypatch):
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert [E.cpu_threads_per_worker(j) for j in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=E._worker_init,
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=worker_init,
                              initargs=(os.getpid(), 1)) as pool:
         assert pool.submit(_threads).result(timeout=120) == 1
 
@@ -326,10 +328,10 @@ def test_worker_environment_names_the_sharing(monkeypatch):
 
     from harness import schedule
 
-    monkeypatch.setattr(schedule, "_die_with_parent", lambda parent: None)  # where _worker_init looks it up
-    monkeypatch.setenv(SHARING_ENV, "1")  # recorded, so that what _worker_init sets is undone after the test
+    monkeypatch.setattr(schedule, "_die_with_parent", lambda parent: None)  # where worker_init looks it up
+    monkeypatch.setenv(SHARING_ENV, "1")  # recorded, so that what worker_init sets is undone after the test
     assert runs_sharing_device() == 1
-    E._worker_init(0, None, 3)
+    worker_init(0, None, 3)
     assert runs_sharing_device() == 3
 
 

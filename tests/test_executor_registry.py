@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from harness import executor as E
 from harness import grid as G
+from harness.schedule import GridResult
 from harness.store import ResultsStore
 
 
@@ -71,9 +72,9 @@ def test_the_command_line_reads_the_registry(toy, tmp_path, monkeypatch):
 
     def fake_run_grid(g, store, **kw):
         seen.update(kw)
-        return E.GridResult([], [], [], 0, interrupted=True)  # ablate exits 130 without a report
+        return GridResult([], [], [], 0, interrupted=True)  # ablate exits 130 without a report
 
-    monkeypatch.setattr(E, "run_grid", fake_run_grid)
+    monkeypatch.setattr(G, "run_grid", fake_run_grid)
     _grid(tmp_path, "")
     grid = str(tmp_path / "g.toml")
     r = CliRunner().invoke(ablate.app, ["--grid", grid, "--executor", "toy-in-order", "--executor-option", "note=hi"])
@@ -91,12 +92,12 @@ def test_the_command_line_reads_the_registry(toy, tmp_path, monkeypatch):
 def test_a_toy_executor_runs_a_grid_teachers_first(toy, tiny, tmp_path):
     g = _grid(tmp_path, 'kind = "toy-in-order"\nnote = "hello"')
     store = ResultsStore(tmp_path / "results")
-    res = E.run_grid(g, store, executor="toy-in-order", device="cpu", console=Console(quiet=True),
+    res = G.run_grid(g, store, executor="toy-in-order", device="cpu", console=Console(quiet=True),
                      options=g.executor)
     assert not res.failed and len(res.complete) == 2 and len(res.teachers_complete) == 1, res
     # question-only and the teacher are ready at once, the student when its teacher is done; the last ready first
     assert [v for v, _ in toy.ran] == ["teacher-g2", "student-logits", "question-only"]
     assert toy.launches[0].options["note"] == "hello" and toy.launches[0].device == "cpu"
     assert {r["variant"] for r in store.iter_records()} == {"teacher-g2", "student-logits", "question-only"}
-    again = E.run_grid(g, store, executor="toy-in-order", device="cpu", console=Console(quiet=True))
+    again = G.run_grid(g, store, executor="toy-in-order", device="cpu", console=Console(quiet=True))
     assert again.skipped == 2 and len(toy.ran) == 3  # complete runs are not handed to the executor again

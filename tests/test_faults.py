@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 import ablate
 from harness import executor as E
 from harness import slurm as S
+from harness.schedule import GridResult, Schedule
 
 cli = CliRunner()
 run_one = E.run_one  # the real one (tests replace E.run_one)
@@ -53,17 +54,17 @@ def test_a_worker_killed_by_a_signal_is_replaced_and_the_others_go_on(tmp_path, 
     from rich.console import Console
 
     from harness.console import progress_bar
-    from harness.runner import RunSpec
+    from harness.planning import RunSpec
     from harness.store import ResultsStore
 
     monkeypatch.setattr(E, "run_one", _kill_seed_1)
     store = ResultsStore(tmp_path / "results")
     plans = [SimpleNamespace(run_id=f"r{s}", spec=RunSpec("question-only", seed=s), all_run_ids=(lambda s=s: [f"r{s}"]))
              for s in range(4)]
-    result = E.GridResult([p.run_id for p in plans], [], [], 0)
+    result = GridResult([p.run_id for p in plans], [], [], 0)
     console = Console(file=open(os.devnull, "w"))
     with progress_bar(console) as progress:
-        sched = E._Schedule("g", plans, {p.run_id for p in plans}, result, console, progress, store=store)
+        sched = Schedule("g", plans, {p.run_id for p in plans}, result, console, progress, store=store)
         E._run_pool(sched, store, 2, "cpu", "auto")
     assert sorted(result.complete) == ["r0", "r2", "r3"] and [f["run_id"] for f in result.failed] == ["r1"]
     assert "killed by signal SIGKILL" in store.read_failure("r1")["reason"]
@@ -102,7 +103,7 @@ def test_a_dead_worker_costs_only_its_run(tmp_path, data_cache, monkeypatch):
 
 
 class FakeJob:
-    """A submitit job as _follow sees it: an id, its paths (no result file: killed before it wrote one)."""
+    """A submitit job as follow sees it: an id, its paths (no result file: killed before it wrote one)."""
 
     def __init__(self, job_id, folder: Path):
         import submitit
@@ -128,8 +129,8 @@ def test_a_cancelled_teacher_and_its_student_are_remembered(tmp_path, monkeypatc
 
     from rich.console import Console
 
-    from harness.report import _missing
-    from harness.runner import RunSpec
+    from harness.report import missing_line
+    from harness.planning import RunSpec
     from harness.store import ResultsStore
 
     store = ResultsStore(tmp_path / "results")
@@ -137,16 +138,16 @@ def test_a_cancelled_teacher_and_its_student_are_remembered(tmp_path, monkeypatc
                               all_run_ids=lambda: ["teacher-g4-aaa"])
     student = SimpleNamespace(run_id="student-bbb", spec=RunSpec("student-logits", seed=0),
                               all_run_ids=lambda: ["teacher-g4-aaa", "student-bbb"])
-    result = E.GridResult([teacher.run_id, student.run_id], [], [], 0)
+    result = GridResult([teacher.run_id, student.run_id], [], [], 0)
     console = Console(file=open(os.devnull, "w"))
     from harness.console import progress_bar
 
     with progress_bar(console) as progress:
-        sched = E._Schedule("g", [teacher, student], {student.run_id}, result, console, progress, store=store)
+        sched = Schedule("g", [teacher, student], {student.run_id}, result, console, progress, store=store)
         assert sched.ready() == [teacher]
         sched.start(teacher)
         _fake_squeue(tmp_path, monkeypatch, "41_0|CANCELLED|None\n")
-        E._follow({FakeJob("41_0", tmp_path): teacher}, "slurm", sched.finished, poll_s=0, squeue_every_s=0)
+        E.follow({FakeJob("41_0", tmp_path): teacher}, "slurm", sched.finished, poll_s=0, squeue_every_s=0)
         assert sched.ready() == []  # the student is given up on: its teacher failed
     t, s = store.read_failure(teacher.run_id), store.read_failure(student.run_id)
     assert "SLURM job 41_0 was cancelled" in t["reason"] and "JOB CANCELLED" in t["reason"]
@@ -155,12 +156,12 @@ def test_a_cancelled_teacher_and_its_student_are_remembered(tmp_path, monkeypatc
     assert [f["run_id"] for f in result.failed] == [teacher.run_id, student.run_id]
     listed = cli.invoke(ablate.app, ["results", "--results", str(store.root), "--failed"]).output
     assert "was cancelled" in listed and "teacher run teacher-g4" in listed, listed
-    assert "(failed: teacher run teacher-g4 seed 0" in _missing(store, student.run_id)
+    assert "(failed: teacher run teacher-g4 seed 0" in missing_line(store, student.run_id)
 
 
 def test_why_slurm_jobs_wait_is_told_once_and_when_it_changes(tmp_path, monkeypatch):
     told = []
-    watch = S._Watch(told.append)
+    watch = S.Watch(told.append)
     jobs = [FakeJob("50_0", tmp_path), FakeJob("50_1", tmp_path)]
     down = "Nodes required for job are DOWN, DRAINED or reserved for jobs in higher priority partitions"
     _fake_squeue(tmp_path, monkeypatch, f"50_0|PENDING|{down}\n50_1|PENDING|{down}\n")
@@ -252,7 +253,8 @@ def test_a_damaged_teacher_is_set_aside_and_retrained_or_refused(tmp_path, tiny)
     """A truncated teacher best.pt: its students' reruns do not die in torch.load forever; the grid
     sets the teacher aside (named) and retrains it first, or, asked to, refuses naming the file."""
     from harness import grid as G
-    from harness.runner import RunSpec, _frozen_teacher, train
+    from harness.planning import RunSpec
+    from harness.runner import _frozen_teacher, train
     from harness.store import DamagedRun, ResultsStore, file_digest
 
     store = ResultsStore(tmp_path / "results")
@@ -271,10 +273,10 @@ def test_a_damaged_teacher_is_set_aside_and_retrained_or_refused(tmp_path, tiny)
     grid.write_text('data = "synthetic:tiny"\nvariants = ["student-logits"]\nseeds = [3]\n'
                     '[train]\nepochs = 1\nbatch_size = 512\n')
     with pytest.raises(DamagedRun, match=r"best.pt has 1,000 bytes, [\d,]+ were written"):
-        E.run_grid(G.load(str(grid)), store, device="cpu", refuse_damaged=True)
+        G.run_grid(G.load(str(grid)), store, device="cpu", refuse_damaged=True)
     assert store.is_complete(tid)  # refused: nothing was touched
     with pytest.warns(UserWarning, match=rf"run {tid}: .*best.pt has 1,000 bytes.*set aside"):
-        res = E.run_grid(G.load(str(grid)), store, device="cpu")
+        res = G.run_grid(G.load(str(grid)), store, device="cpu")
     assert not res.failed and res.teachers_complete == [tid] and res.complete == [rec["run_id"]]
     assert list(store.run_dir(tid).glob("best.pt.damaged-*")) and store.usable(tid)
     old = store.read_record(tid)

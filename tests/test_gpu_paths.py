@@ -69,7 +69,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import variants  # noqa: E402
-from harness import data as D  # noqa: E402
+from harness.features import InMemoryFeatures  # noqa: E402
 from harness.evaluate import predict  # noqa: E402
 from harness.measure import random_answers, random_inputs  # noqa: E402
 from harness.synthetic import PRESETS  # noqa: E402
@@ -184,7 +184,7 @@ def test_teacher_cache_gather_and_evaluation_on_fake_cuda(tiny):
         with on_device():
             model = variants.build(cfg)
         split = tiny.splits["val"].to(CUDA)
-        features = tiny.features.to(CUDA) if isinstance(tiny.features, D.InMemoryFeatures) else tiny.features
+        features = tiny.features.to(CUDA) if isinstance(tiny.features, InMemoryFeatures) else tiny.features
         with HostToDevice() as watch:
             pred, means = predict(model, split, features, 64, CUDA)
         assert pred.shape == (len(split),) and means == {}  # dualvgr gives no output a metric averages
@@ -344,7 +344,8 @@ SMALL = {**PRESETS["tiny"].model_config()}
 @pytest.mark.cuda
 def test_cuda_resume_completes(tiny, tmp_path):
     """Defect 1 on the device itself: a run stopped after one epoch resumes on CUDA."""
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+    from harness.runner import train
     from harness.store import ResultsStore
 
     store = ResultsStore(tmp_path / "results")
@@ -403,7 +404,8 @@ def test_cuda_graph_latency():
 def test_teachers_are_dropped_once_the_cache_replaces_them(tiny, tmp_path, monkeypatch):
     """A student trained from the teacher-output cache no longer holds its teachers' weights (on a GPU they
     were resident through the whole run, and counted in its training memory)."""
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+    from harness.runner import train
     from harness.store import ResultsStore
 
     seen = {}

@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from harness import grid as G
-from harness.executor import run_grid
+from harness.grid import run_grid
 from harness.store import ResultsStore
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,8 +11,8 @@ from pathlib import Path
 
 
 import variants
-from harness import identity
-from harness.runner import RunSpec, run_id_for
+from harness import identity, planning
+from harness.planning import RunSpec
 from harness.store import ResultsStore
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "run_ids.json"
@@ -20,15 +20,17 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "run_ids.json"
 
 def rid(name: str, teacher_runs=("t-1",), train=None, **overrides) -> str:
     cfg = variants.get_config(name, **overrides)
-    return run_id_for(cfg, "d", 0, train if train is not None else {}, list(teacher_runs) if cfg.teachers else None)
+    comp = identity.computation(cfg.to_dict(), "d", 0, train if train is not None else {},
+                                list(teacher_runs) if cfg.teachers else None)
+    return identity.run_id(cfg.name, comp)
 
 
 def test_golden_run_ids_pin_every_variant():
     golden = json.loads(GOLDEN.read_text())
-    now = identity.golden_run_ids(golden["data_id"], golden["seed"])
+    now = planning.golden_run_ids(golden["data_id"], golden["seed"])
     assert set(golden["run_ids"]) == set(variants.list()), "a variant was added or removed: regenerate the golden file"
     assert now == golden, ("run ids changed: if what a run computes changed on purpose, rewrite "
-                           "tests/golden/run_ids.json with `python -m harness.identity` and say why in the commit")
+                           "tests/golden/run_ids.json with `python -m harness.planning` and say why in the commit")
 
 
 def test_two_spellings_of_one_computation_share_an_id():
@@ -91,11 +93,11 @@ def test_a_setting_added_with_a_neutral_default_keeps_every_id(monkeypatch):
     sig = inspect.signature(entry.fn)
     entry.fn.__signature__ = sig.replace(parameters=[*sig.parameters.values(), inspect.Parameter(
         "label_smoothing", inspect.Parameter.KEYWORD_ONLY, default=0.0)])
-    undeclared = identity.golden_run_ids()["run_ids"]
+    undeclared = planning.golden_run_ids()["run_ids"]
     assert undeclared["dualvgr"] != before["dualvgr"] and undeclared["student-logits"] != before["student-logits"]
     monkeypatch.setitem(identity.NEUTRAL, "model.dropout", 0.0)
     monkeypatch.setitem(identity.NEUTRAL, "distill.logits.label_smoothing", 0.0)
-    assert identity.golden_run_ids()["run_ids"] == before
+    assert planning.golden_run_ids()["run_ids"] == before
     cfg = variants.get_config("dualvgr").to_dict()
     cfg["model"]["dropout"] = 0.1  # used: a new computation
     assert identity.run_id("dualvgr",
@@ -143,8 +145,9 @@ def test_an_old_store_is_told_apart_and_rekeyed_only_where_provable(tmp_path):
     assert rec["migrated_from"]["run_id"] == logits["run_id"] and not store.run_dir(logits["run_id"]).exists()
     # the re-keyed id is the id a run of the same computation gets now
     cfg = variants.get_config("student-logits")
-    plan_id = run_id_for(cfg, "synthetic-tiny-x", 1, RunSpec("student-logits", epochs=2).resolved_train(),
-                         [new[teacher["run_id"]]])
+    plan_id = identity.run_id(cfg.name, identity.computation(
+        cfg.to_dict(), "synthetic-tiny-x", 1, RunSpec("student-logits", epochs=2).resolved_train(),
+        [new[teacher["run_id"]]]))
     assert plan_id == new[logits["run_id"]]
     assert identity.migrate_store(store)[0] == []  # nothing left to re-key
 

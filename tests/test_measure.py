@@ -11,6 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import variants
 from conftest import needs_cpu_bf16
+from harness import flops as F
 from harness import measure as M
 from harness.synthetic import PRESETS
 
@@ -34,7 +35,7 @@ def test_flops_agree_with_flopcountermode(name):
     cfg = variants.get_config(name, **SMALL)
     torch.manual_seed(0)
     model = variants.build(cfg)
-    r = M.flops_crosscheck(model, M.random_inputs(cfg.model, 2, "cpu"))
+    r = F.flops_crosscheck(model, M.random_inputs(cfg.model, 2, "cpu"))
     msg = (f"{name}: fvcore x2 = {r['fvcore_flops']:,.0f}, FlopCounterMode = {r['torch_flops']:,}, "
            f"rel diff {r['rel_diff']:.2e}")
     print(msg)
@@ -48,15 +49,15 @@ def test_sparse_node_is_cheaper_than_dualvgr():
     out = {}
     for name in ("dualvgr", "sparse-node"):
         cfg = variants.get_config(name, **SMALL)
-        out[name] = M.count_flops(variants.build(cfg), M.random_inputs(cfg.model, 2, "cpu"))["macs_per_sample"]
+        out[name] = F.count_flops(variants.build(cfg), M.random_inputs(cfg.model, 2, "cpu"))["macs_per_sample"]
     assert 0 < out["sparse-node"] < out["dualvgr"], out
 
 
 def test_per_sample_counts_do_not_depend_on_batch_size():
     cfg = variants.get_config("dualvgr", **SMALL)
     model = variants.build(cfg)
-    a = M.count_flops(model, M.random_inputs(cfg.model, 2, "cpu"))
-    b = M.count_flops(model, M.random_inputs(cfg.model, 5, "cpu"))
+    a = F.count_flops(model, M.random_inputs(cfg.model, 2, "cpu"))
+    b = F.count_flops(model, M.random_inputs(cfg.model, 5, "cpu"))
     assert a["macs_per_sample"] == b["macs_per_sample"]
     assert a["flops_per_sample"] == 2 * a["macs_per_sample"]
 
@@ -67,8 +68,8 @@ def test_dead_code_is_counted_with_all_outputs():
     cfg = variants.get_config("question-only", **SMALL)
     model = variants.build(cfg)
     inputs = M.random_inputs(cfg.model, 2, "cpu")
-    full = M.count_flops(model, inputs)["macs_per_sample"]
-    logits_only = M.count_flops(model, inputs, outputs="logits")["macs_per_sample"]
+    full = F.count_flops(model, inputs)["macs_per_sample"]
+    logits_only = F.count_flops(model, inputs, outputs="logits")["macs_per_sample"]
     L, W, H = 12, SMALL["word_dim"], SMALL["module_dim"] // 2
     assert full - logits_only == lstm_macs(L, W, H, directions=2)  # the unused concatRNN
 
@@ -100,22 +101,22 @@ def test_lstm_handle_padded_bidirectional():
     B, T, I, H = 3, 5, 10, 7
     model = _Padded(input_size=I, hidden_size=H, batch_first=True, bidirectional=True)
     x = torch.randn(B, T, I)
-    r = M.count_flops(model, (x,))
+    r = F.count_flops(model, (x,))
     expected = lstm_macs(B * T, I, H, directions=2)  # 2 x 15 x 4 x (70 + 49) = 14,280
     assert expected == 14280
     assert r["macs_per_sample"] * B == expected
     assert r["unsupported_ops"] == {}
-    assert M.torch_flops(model, (x,)) == 2 * expected
+    assert F.torch_flops(model, (x,)) == 2 * expected
 
 
 def test_lstm_handle_two_layers_time_first():
     B, T, I, H = 2, 6, 5, 4
     model = _Padded(input_size=I, hidden_size=H, num_layers=2, bidirectional=True)  # (T, B, I) input
     x = torch.randn(T, B, I)
-    total = M.count_flops(model, (x,))["macs_per_sample"] * T  # count_flops divides by dim 0 (T here)
+    total = F.count_flops(model, (x,))["macs_per_sample"] * T  # count_flops divides by dim 0 (T here)
     expected = lstm_macs(B * T, I, H, 2) + lstm_macs(B * T, 2 * H, H, 2)  # layer 2 reads both directions
     assert total == expected
-    assert M.torch_flops(model, (x,)) == 2 * expected
+    assert F.torch_flops(model, (x,)) == 2 * expected
 
 
 def test_lstm_handle_packed_counts_real_steps_only():
@@ -124,10 +125,10 @@ def test_lstm_handle_packed_counts_real_steps_only():
     x, lengths = torch.randn(3, 5, I), torch.tensor([5, 2, 4])
     steps = int(lengths.sum())  # 11 real (sequence, step) pairs, not 3 x 5
     expected = lstm_macs(steps, I, H, 2) + lstm_macs(steps, 2 * H, H, 2)
-    r = M.count_flops(model, (x, lengths))
+    r = F.count_flops(model, (x, lengths))
     assert r["macs_per_sample"] * 3 == expected
     assert r["unsupported_ops"] == {}
-    assert M.torch_flops(model, (x, lengths)) == 2 * expected
+    assert F.torch_flops(model, (x, lengths)) == 2 * expected
 
 
 def test_einsum_handle_is_exact():
@@ -137,8 +138,8 @@ def test_einsum_handle_is_exact():
             return torch.einsum("bhnf,hf->bhn", wh, a)
 
     wh, a = torch.randn(1, 4, 8, 192), torch.randn(4, 192)
-    assert M.count_flops(E(), (wh, a))["macs_per_sample"] == 4 * 8 * 192  # 6144 (fvcore: 6145)
-    assert M.torch_flops(E(), (wh, a)) == 2 * 4 * 8 * 192
+    assert F.count_flops(E(), (wh, a))["macs_per_sample"] == 4 * 8 * 192  # 6144 (fvcore: 6145)
+    assert F.torch_flops(E(), (wh, a)) == 2 * 4 * 8 * 192
 
 
 # ----------------------------------------------------------------------------- the reference size
@@ -148,7 +149,7 @@ def test_dualvgr_msvd_params_and_macs_include_the_lstms():
     cfg = variants.get_config("dualvgr", **MSVD)
     model = variants.build(cfg)
     assert M.param_counts(model)["total"] == 23_187_578
-    r = M.count_flops(model, M.random_inputs(cfg.model, 1, "cpu"))
+    r = F.count_flops(model, M.random_inputs(cfg.model, 1, "cpu"))
     D, W, V, L = 768, 300, 2048, 12
     # question: two BiLSTMs (concatRNN, encoder) over L = 12 padded words, hidden D/2 per direction
     question = 2 * lstm_macs(L, W, D // 2, directions=2)

@@ -14,9 +14,9 @@ from torch import nn
 
 import variants
 from harness import grid as G
-from harness import identity
-from harness.executor import run_grid
-from harness.runner import RunSpec
+from harness import identity, planning
+from harness.grid import run_grid
+from harness.planning import RunSpec
 from harness.store import ResultsStore
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "run_ids.json"
@@ -99,7 +99,7 @@ def test_a_registered_family_is_configured_built_and_identified_by_its_own_confi
     listed = " ".join(CliRunner().invoke(ablate.app, ["list", "toy-*"]).output.replace("│", " ").split())
     assert "toy-mean-pool Toy family: mean-pooled question words" in listed  # the family and its description
     golden = json.loads(GOLDEN.read_text())["run_ids"]
-    assert {k: v for k, v in identity.golden_run_ids()["run_ids"].items() if k != "toy-mean"} == golden
+    assert {k: v for k, v in planning.golden_run_ids()["run_ids"].items() if k != "toy-mean"} == golden
 
 
 def test_a_family_config_must_have_the_data_settings_and_defaults():

@@ -14,8 +14,10 @@ from typer.testing import CliRunner
 
 import ablate
 from harness import data as D
+from harness.features import FINGERPRINT_FILE, NoFeatures
 from harness import layout as L
-from harness.runner import RunSpec, plan, train
+from harness.planning import RunSpec, plan
+from harness.runner import train
 from harness.store import ResultsStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def copy_tiny(tiny, dst: Path) -> Path:
     shutil.copytree(tiny.paths.appearance.parent, dst)
-    (dst / D.FINGERPRINT_FILE).unlink(missing_ok=True)
+    (dst / FINGERPRINT_FILE).unlink(missing_ok=True)
     return dst
 
 
@@ -44,7 +46,7 @@ def test_data_id_covers_the_feature_contents(tiny, tmp_path):
         ds = f[L.APPEARANCE_KEY]
         ds[0] = np.random.default_rng(0).standard_normal(ds.shape[1:]).astype(np.float32)  # one video re-extracted
     assert D.describe(b).data_id != D.describe(a).data_id
-    cache = json.loads((b / D.FINGERPRINT_FILE).read_text())
+    cache = json.loads((b / FINGERPRINT_FILE).read_text())
     assert set(cache) >= {L.appearance_file(b, tiny.name).name, L.motion_file(b, tiny.name).name}
 
 
@@ -102,7 +104,7 @@ def test_grid_settings_reach_the_implicit_teacher(tiny):
 
 def test_question_only_reads_no_features(tiny, tmp_path):
     d = D.load("synthetic:tiny", mode="none")
-    assert isinstance(d.features, D.NoFeatures) and d.data_id == tiny.data_id
+    assert isinstance(d.features, NoFeatures) and d.data_id == tiny.data_id
     rec = train(RunSpec("question-only", epochs=1, batch_size=512, seed=3), ResultsStore(tmp_path), device="cpu",
                 progress=False)
     assert rec["status"] == "complete"
@@ -137,7 +139,7 @@ def test_a_teacher_without_the_output_a_loss_reads_fails_before_anything_trains(
 
     import variants
     from harness import grid as G
-    from harness.executor import run_grid
+    from harness.grid import run_grid
     from variants.registry import Entry
 
     def student_qo_hint():

@@ -307,7 +307,8 @@ def test_features_errors(release, tmp_path, monkeypatch):
 
 
 def test_train_on_prepared_data(prepared, tmp_path):
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+    from harness.runner import train
     from harness.store import ResultsStore
 
     out, _ = prepared

@@ -15,7 +15,7 @@ from harness import layout as L
 from harness import prepare as P
 from harness.prepare import nextqa as N
 from harness.prepare import tgif as T
-from harness.prepare.common import COUNT, MULTIPLE_CHOICE, OPEN_ENDED
+from variants.tasks import COUNT, MULTIPLE_CHOICE, OPEN_ENDED
 
 # --------------------------------------------------------------------------- helpers
 
@@ -303,7 +303,8 @@ def test_tgif_gifs_to_features_that_load(tgif_features):
 
 def train_one_epoch(out, name, tmp_path):
     """The runner's record of one epoch of DualVGR on the data set ``name`` prepared under ``out``."""
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+    from harness.runner import train
     from harness.store import ResultsStore
 
     single = tmp_path / name  # the loader finds a data set by its one vocab file

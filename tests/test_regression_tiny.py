@@ -3,7 +3,9 @@ question-only baseline by a clear margin with the default settings, and land nea
 the README reports (measured on 2 CPU cores; CPU runs are deterministic for a seed)."""
 import pytest
 
-from harness.runner import RunSpec, train
+from harness.planning import RunSpec
+
+from harness.runner import train
 from harness.store import ResultsStore
 
 # test accuracy (%) at the best-validation epoch, as printed by `python ablate.py run VARIANT`

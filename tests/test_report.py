@@ -415,7 +415,8 @@ def test_empty_store(tmp_path):
 
 def test_report_on_real_records(tiny, tmp_path):
     """Records written by the runner itself (1 epoch each on the tiny synthetic set)."""
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+    from harness.runner import train
 
     s = ResultsStore(tmp_path / "results")
     recs = {v: train(RunSpec(v, epochs=1, batch_size=256), s, data=tiny, device="cpu", progress=False)
@@ -447,15 +448,15 @@ def test_report_on_real_records(tiny, tmp_path):
 
 
 def test_cost_plot_labels_merge_identical_points_and_stack_the_rest():
-    from harness.report import _label_layout
+    from harness.report import label_layout
     pts = [{"label": "dualvgr", "x": 3.3e-3, "acc": 77.7}, {"label": "student", "x": 3.3e-3, "acc": 77.7},
            {"label": "student-logits", "x": 3.3e-3, "acc": 78.9}, {"label": "question-only", "x": 8e-4, "acc": 26.5}]
-    layout = _label_layout(pts)
+    layout = label_layout(pts)
     assert [(labels, k) for _, labels, k in layout] == [
         (["question-only"], 0), (["student-logits"], 0), (["dualvgr", "student"], 1)]
     # far apart at the same cost: each starts its own stack
     far = [{"label": f"v{i}", "x": 1.0, "acc": a} for i, a in enumerate((78.0, 77.9, 62.0, 61.9, 56.0))]
-    assert [k for _, _, k in _label_layout(far)] == [0, 1, 0, 1, 0]
+    assert [k for _, _, k in label_layout(far)] == [0, 1, 0, 1, 0]
 
 
 def test_compare_pairs_runs_by_variant_and_seed(tmp_path):

@@ -40,7 +40,8 @@ TINY_QO = 'variants = ["question-only"]\n[train]\nepochs = 1\nbatch_size = 512\n
 @pytest.fixture
 def qo_store(tmp_path, tiny):
     """A store holding the one complete question-only run of ``TINY_QO``'s grid (1 epoch)."""
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+    from harness.runner import train
 
     store = St.ResultsStore(tmp_path / "results")
     train(RunSpec("question-only", epochs=1, batch_size=512, seed=0), store, data=tiny, device="cpu", progress=False)
@@ -332,7 +333,8 @@ def test_an_accuracy_runs_epoch_line_and_scalars_have_no_mse():
 @pytest.fixture(scope="module")
 def two_task_store(tmp_path_factory, data_cache):
     """An accuracy run (synthetic:tiny) and a count run (synthetic:tiny-count), 1 epoch each."""
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+    from harness.runner import train
 
     store = St.ResultsStore(tmp_path_factory.mktemp("two") / "results")
     for data in ("synthetic:tiny", "synthetic:tiny-count"):

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 import ablate
 from conftest import needs_cpu_bf16
-from harness.runner import RunSpec, train
+from harness.planning import RunSpec
+from harness.runner import train
 from harness.store import ResultsStore
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from harness import record as R
 from harness import search as S
 from harness.planning import RunPruned
-from harness.runner import RunSpec, train
+from harness.planning import RunSpec
+from harness.runner import train
 from harness.store import ResultsStore
 
 ROOT = Path(__file__).resolve().parent.parent

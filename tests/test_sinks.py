@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 import ablate
 from harness import grid as G
 from harness import sinks as S
-from harness.executor import run_grid
-from harness.runner import RunSpec, train
+from harness.grid import run_grid
+from harness.planning import RunSpec
+from harness.runner import train
 from harness.store import ResultsStore
 
 FAST = {"epochs": 2, "batch_size": 128}

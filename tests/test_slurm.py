@@ -21,7 +21,7 @@ from rich.console import Console
 
 from harness import grid as G
 from harness import regression as R
-from harness.executor import run_grid
+from harness.grid import run_grid
 from harness.store import ResultsStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +94,8 @@ def test_ci_grid_on_slurm_matches_expected_results(partition, tiny, tmp_path):
 
 def _epoch_seconds(variant: str, tmp_path) -> float:
     """Training time of one epoch of this variant on the tiny set, here and now (the machine may be shared)."""
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+    from harness.runner import train
 
     rec = train(RunSpec(variant=variant, seed=0, epochs=3, batch_size=512), ResultsStore(tmp_path / "calibration"),
                 device="cpu", progress=False)

@@ -4,7 +4,8 @@ import pytest
 
 import variants
 from harness.report import write_report
-from harness.runner import RunSpec, train
+from harness.planning import RunSpec
+from harness.runner import train
 from harness.store import ResultsStore
 from variants.dualvgr import kept_clips
 

@@ -73,7 +73,7 @@ def test_presets():
     for key, p in syn.PRESETS.items():
         assert p.name == key
         # vocabularies of every preset (cheap, no features) have the exact sizes
-        v = syn._vocab(p, syn._layout(p))
+        v = syn.make_vocab(p, syn.make_layout(p))
         assert len(v["question_token_to_idx"]) == p.question_vocab
         assert len(v["answer_token_to_idx"]) == p.answer_vocab
 

@@ -46,8 +46,8 @@ def data(dirs) -> dict[str, dict]:
 def _story(preset: str, seed: int = 0):
     """The generator's own view of the videos: (layout, videos, events or None)."""
     p = syn.PRESETS[preset]
-    lay = world._layout(p)
-    vids = world._videos(p, lay, world._world(p, lay, seed), seed)
+    lay = world.make_layout(p)
+    vids = world.make_videos(p, lay, world.make_world(p, lay, seed), seed)
     return lay, vids, (tasks._events(p, seed) if p.task == world.COUNT else None)
 
 

@@ -16,7 +16,8 @@ from harness import data as D
 from harness import layout as L
 from harness import metrics as M
 from harness.errors import DataError
-from harness.runner import RunSpec, train
+from harness.planning import RunSpec
+from harness.runner import train
 from harness.store import ResultsStore
 from variants.tasks import COUNT, MULTIPLE_CHOICE, OPEN_ENDED, count_predictions, hinge_loss
 
@@ -161,7 +162,7 @@ def test_dkd_on_a_count_set_is_refused_before_training(task_sets, tmp_path):
 @pytest.mark.slow
 def test_a_grid_over_three_tasks_reports_a_table_per_task(tiny, task_sets, tmp_path):
     from harness import grid as G
-    from harness.executor import run_grid
+    from harness.grid import run_grid
     from harness.report import write_report
 
     sets = [str(tiny.paths.vocab.parent), str(task_sets[MULTIPLE_CHOICE]), str(task_sets[COUNT])]

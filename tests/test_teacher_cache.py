@@ -15,7 +15,8 @@ from harness import data as D
 from harness import teacher_cache as TC
 from harness.bill import training_bill
 from harness.errors import HarnessError
-from harness.runner import RunSpec, plan, train
+from harness.planning import RunSpec, plan
+from harness.runner import train
 from harness.step import build_step
 from harness.store import ResultsStore, atomic_torch_save
 

@@ -22,7 +22,7 @@ from harness import bundle as B
 from harness import data as D
 from harness import grid as G
 from harness import slurm as S
-from harness.runner import RunSpec, plan
+from harness.planning import RunSpec, plan
 from harness.store import ResultsStore
 from test_bundle import RunsCode, files_under, members_of, write_bundle
 from test_executor import flags, sbatch_lines

@@ -103,7 +103,8 @@ def test_top_level_help_keeps_one_example_per_line():
 
 
 def test_results_shows_whole_run_ids_and_dashes_for_empty_cells(tmp_path, monkeypatch, tiny):
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+    from harness.runner import train
 
     store = St.ResultsStore(tmp_path / "results")
     rec = train(RunSpec("question-only", epochs=1, batch_size=512, seed=0), store, device="cpu", progress=False)
@@ -161,7 +162,9 @@ def _copy_run_later(src: St.ResultsStore, dst: St.ResultsStore, run_id: str, rea
 def test_a_run_that_waited_for_another_process_says_so(tmp_path, tiny):
     import threading
 
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+
+    from harness.runner import train
 
     spec = RunSpec("question-only", epochs=1, batch_size=512, seed=0)
     done = train(spec, St.ResultsStore(tmp_path / "a"), device="cpu", progress=False)
@@ -183,7 +186,8 @@ def test_inference_costs_are_measured_one_at_a_time_and_not_twice(tmp_path, monk
     import time
 
     from harness import costs
-    from harness.runner import RunSpec, train
+    from harness.planning import RunSpec
+    from harness.runner import train
 
     store = St.ResultsStore(tmp_path / "r")
     rec = train(RunSpec("question-only", epochs=1, batch_size=512, seed=0), store, device="cpu", progress=False)

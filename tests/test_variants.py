@@ -6,7 +6,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import variants
 from harness.synthetic import PRESETS
 from harness import data as D
-from harness.runner import RunSpec, train
+from harness.planning import RunSpec
+from harness.runner import train
 from harness.store import ResultsStore
 
 TINY = PRESETS["tiny"].model_config()

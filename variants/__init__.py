@@ -22,7 +22,7 @@ from torch import nn
 
 from .families import DATA_KEYS, MODEL_FAMILIES, ModelFamily, family, register_family
 from .losses import LOSSES, Objective
-from .registry import Registry, UnknownNameError
+from .registry import VARIANTS, UnknownNameError, register_variant
 from .tasks import OPEN_ENDED, TASKS, Task, register_task, task
 
 class ConfigError(KeyError):
@@ -32,8 +32,6 @@ class ConfigError(KeyError):
         return str(self.args[0])
 
 
-VARIANTS = Registry("variant")
-register_variant = VARIANTS.register
 
 @dataclass
 class VariantConfig:

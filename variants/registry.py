@@ -77,3 +77,8 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+#: every registered variant (:mod:`variants.zoo` fills it)
+VARIANTS = Registry("variant")
+register_variant = VARIANTS.register

@@ -10,7 +10,7 @@ baseline here because every teacher and student below is a variation of it.
 """
 from __future__ import annotations
 
-from . import register_variant
+from .registry import register_variant
 
 #: variant families, in report order (the first tag of each variant)
 FAMILIES = ("baseline", "teacher", "student", "autoencoder", "sparse", "sanity")

@@ -2,7 +2,6 @@
 the task names a prepared data set's meta file records."""
 from __future__ import annotations
 
-from variants.tasks import COUNT, MULTIPLE_CHOICE, OPEN_ENDED  # noqa: F401 - the task names meta files record
 
 from ..data import DataError
 

@@ -27,11 +27,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from variants.tasks import MULTIPLE_CHOICE
+
 from .. import layout as L
 from ..features import check_h5_storage
 from ..store import atomic_write_json
 from .backbones import RESNEXT3D
-from .common import MULTIPLE_CHOICE, NEXTQA, PrepareError, shown
+from .common import NEXTQA, PrepareError, shown
 from .questions import MAX_QUESTION_TOKENS
 from .taskdata import TaskRecord, encode_task, integer, read_table, write_task_dataset
 from .text import tokenize

@@ -28,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from variants.tasks import COUNT, MULTIPLE_CHOICE, OPEN_ENDED
+
 from .. import layout as L
 from ..store import atomic_write_bytes, atomic_write_json
-from .common import COUNT, MAX_ID, MULTIPLE_CHOICE, OPEN_ENDED, PrepareError, shown
+from .common import MAX_ID, PrepareError, shown
 from .questions import ANSWER_SPECIALS, MAX_QUESTION_TOKENS, QUESTION_SPECIALS, glove_matrix, read_glove
 
 #: HCRN's answer vocabulary of a count data set (the answer is the count itself)

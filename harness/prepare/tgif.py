@@ -25,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from variants.tasks import COUNT, MULTIPLE_CHOICE, OPEN_ENDED
+
 from .. import layout as L
 from ..console import plural
-from .common import COUNT, MULTIPLE_CHOICE, OPEN_ENDED, TGIF_TASKS, PrepareError
+from .common import TGIF_TASKS, PrepareError
 from .questions import MAX_QUESTION_TOKENS
 from .taskdata import TaskRecord, encode_task, integer, read_table, write_task_dataset
 from .text import question_tokens, tokenize

@@ -32,8 +32,8 @@ from . import count  # noqa: F401 - registers the count task's sections
 from .compare import compare_runs
 from .fmt import QUESTIONS_ONLY, fmt_acc, fmt_cell, fmt_ci, fmt_p
 from .grouping import CATEGORIES, Group, group_runs, mean_std, reference, type_names
-from .header import _missing, mark_missing
-from .plots import _label_layout, curves_figure, plot_cost, plot_curves, plot_per_type
+from .header import missing_line, mark_missing
+from .plots import label_layout, curves_figure, plot_cost, plot_curves, plot_per_type
 from .sections import SECTIONS, Context
 from .statistics import (ALPHA, COST_COLUMNS, CORRECTION, Comparison, SectionStats, correct_table, pareto_front,
                          section_stats, summarize)
@@ -43,4 +43,4 @@ __all__ = ["ALPHA", "CATEGORIES", "COST_COLUMNS", "CORRECTION", "QUESTIONS_ONLY"
            "Group", "SectionStats", "compare_runs", "correct_table", "csv_columns", "curves_figure", "fmt_acc",
            "fmt_cell", "fmt_ci", "fmt_p", "group_runs", "mark_missing", "mean_std", "pareto_front", "plot_cost",
            "plot_curves", "plot_per_type", "reference", "section_stats", "summarize", "type_names", "write_report",
-           "_label_layout", "_missing"]
+           "label_layout", "missing_line"]

@@ -9,11 +9,11 @@ from .. import record as R
 from .. import stats as S
 from ..stats import Bootstrap, Estimate
 from ..store import ResultsStore
-from .fmt import QUESTIONS_ONLY, _f, _fmt_mcnemar, _md_table, fmt_ci, fmt_p
+from .fmt import QUESTIONS_ONLY, fixed, fmt_mcnemar, md_table, fmt_ci, fmt_p
 from .count import METRIC as COUNT_METRIC
 from .count import ND as COUNT_ND
 from .grouping import group_runs
-from .statistics import ALPHA, CORRECTION, _Predictions, correct_table
+from .statistics import ALPHA, CORRECTION, Predictions, correct_table
 
 def _pairs(sides: dict, key) -> tuple[list[str], list[str], list]:
     """Run ids of side a and side b paired by seed for one (data, variant label), and the seeds."""
@@ -55,7 +55,7 @@ def compare_runs(store: ResultsStore, ids_a: list[str], ids_b: list[str], name_a
             metrics.setdefault(R.data_id(r), M.task_metric(R.task(r)).name)
             names.setdefault(R.data_id(r), R.data_name(r))
         sides[side] = {(d, g.label): g for d, gs in group_runs(recs).items() for g in gs}
-    preds, rows = _Predictions(store), []
+    preds, rows = Predictions(store), []
     unfinished = _unfinished(store, planned, name_a, name_b)
     unpaired = _unpaired(sides, name_a, name_b, unfinished)
     for data in dict.fromkeys(d for d, _ in sides["a"]):
@@ -136,7 +136,7 @@ def _compare_markdown(rows: list[dict], name_a: str, name_b: str, devices: set, 
 def _delta_cells(r: dict, nd: int, ci_nd: int) -> list[str]:
     """Δ, its std, interval, p and Holm p of a row."""
     e = Estimate(r["delta_mean"], r["delta_std"], r["ci_lo"], r["ci_hi"], r["p"], r["pairs"], r["ci_covers_seeds"])
-    return [_f(r["delta_mean"], nd, sign=True), _f(r["delta_std"], nd), fmt_ci(e, sign=True, nd=ci_nd),
+    return [fixed(r["delta_mean"], nd, sign=True), fixed(r["delta_std"], nd), fmt_ci(e, sign=True, nd=ci_nd),
             fmt_p(r["p"]), fmt_p(r["p_holm"]) + (" *" if r["p_holm"] < ALPHA else "")]
 
 
@@ -155,10 +155,10 @@ def _boot_note(boot: Bootstrap, what: str) -> str:
 def _acc_table(rows: list[dict], name_a: str, name_b: str, several: bool, boot: Bootstrap) -> list[str]:
     """The accuracy rows: both sides' test accuracy, the paired difference, McNemar per seed."""
     lead = (["data"] if several else []) + ["variant", "paired seeds"]
-    md = _md_table(lead + [f"{name_a} acc", f"{name_b} acc", f"Δ ({name_b} - {name_a})", "Δ std", "95% CI", "p",
+    md = md_table(lead + [f"{name_a} acc", f"{name_b} acc", f"Δ ({name_b} - {name_a})", "Δ std", "95% CI", "p",
                            "p (Holm)", "McNemar per seed: b/c, p"],
-                   [_lead(r, several) + [_f(r[f"acc_{name_a}"]), _f(r[f"acc_{name_b}"]), *_delta_cells(r, 2, 1),
-                                         _fmt_mcnemar(r["mcnemar"])] for r in rows],
+                   [_lead(r, several) + [fixed(r[f"acc_{name_a}"]), fixed(r[f"acc_{name_b}"]), *_delta_cells(r, 2, 1),
+                                         fmt_mcnemar(r["mcnemar"])] for r in rows],
                    right=set(range(len(lead) - 1, len(lead) + 7)))
     return md + ["", f"Test accuracy (%) at the best-validation epoch, means over the seeds both sets have; higher "
                      f"is better. Δ: the paired difference {name_b} - {name_a} (mean and sample std over the paired "
@@ -171,9 +171,10 @@ def _mse_table(rows: list[dict], name_a: str, name_b: str, several: bool, boot: 
     """The count rows: both sides' test MSE (lower is better), the paired difference; no McNemar."""
     nd = COUNT_ND
     lead = (["data"] if several else []) + ["variant", "paired seeds"]
-    md = _md_table(lead + [f"{name_a} MSE", f"{name_b} MSE", f"Δ MSE ({name_b} - {name_a})", "Δ std", "95% CI",
+    md = md_table(lead + [f"{name_a} MSE", f"{name_b} MSE", f"Δ MSE ({name_b} - {name_a})", "Δ std", "95% CI",
                            "p", "p (Holm)", "better"],
-                   [_lead(r, several) + [_f(r[f"{COUNT_METRIC}_{name_a}"], nd), _f(r[f"{COUNT_METRIC}_{name_b}"], nd),
+                   [_lead(r, several) + [fixed(r[f"{COUNT_METRIC}_{name_a}"], nd),
+                                         fixed(r[f"{COUNT_METRIC}_{name_b}"], nd),
                                          *_delta_cells(r, nd, nd), _better(r, name_a, name_b)] for r in rows],
                    right=set(range(len(lead) - 1, len(lead) + 7)))
     return md + ["", f"Count: test MSE of the count at the epoch with the lowest validation MSE, means over the "

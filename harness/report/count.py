@@ -10,10 +10,10 @@ from .. import metrics as M
 from .. import record as R
 from ..evaluate import ABLATIONS
 from ..stats import Estimate
-from .fmt import QUESTIONS_ONLY, _f, _g, _md_table, fmt_ci, fmt_p
-from .grouping import Group, _mean, mean_std
+from .fmt import QUESTIONS_ONLY, fixed, fmt_sig, md_table, fmt_ci, fmt_p
+from .grouping import Group, mean_or_none, mean_std
 from .plots import plot_curves
-from .sections import TASK_SECTIONS, Context, _cpu_ms, _fmt_n, _median, _significance_table, cost_note, latency_cell
+from .sections import TASK_SECTIONS, Context, cpu_ms, fmt_n, median_or_none, significance_table, cost_note, latency_cell
 from .statistics import ALPHA, COST_COLUMNS, CORRECTION, compressed_rows
 
 #: the metric of the count task (harness.metrics)
@@ -22,7 +22,7 @@ ND = 3  # decimals of an MSE
 
 
 def _mse(x: float | None, sign: bool = False) -> str:
-    return _f(x, ND, sign)
+    return fixed(x, ND, sign)
 
 
 def _interval(e: Estimate | None, sign: bool = False) -> str:
@@ -41,7 +41,7 @@ def _delta(g: Group, ref: Group | None) -> str:
         return "-"
     if g is ref:
         return "ref"
-    m, r = _mean(g.metric(METRIC)), _mean(ref.metric(METRIC))
+    m, r = mean_or_none(g.metric(METRIC)), mean_or_none(ref.metric(METRIC))
     return _mse(m - r, sign=True) if m is not None and r is not None else "-"
 
 
@@ -54,16 +54,16 @@ def _main_table(ctx: Context) -> list[str]:
         m, s = mean_std(g.metric(METRIC))
         table.append([f"**{g.label}**" if g in (ctx.base, ctx.ctrl) else g.label,
                       f"{r['params']:,}" if r["params"] is not None else "-",
-                      _g(r[COST_COLUMNS["flops_per_sample"][1]]),
+                      fmt_sig(r[COST_COLUMNS["flops_per_sample"][1]]),
                       latency_cell(g, r[COST_COLUMNS["latency_ms_median"][1]]),
                       _mse(m) if s is None else f"{_mse(m)} ± {_mse(s)}", _interval(ctx.stats.cells[g.label]["all"]),
-                      _fmt_n(g), _delta(g, ctx.base), _delta(g, ctx.ctrl), r["teachers"] or "-"])
+                      fmt_n(g), _delta(g, ctx.base), _delta(g, ctx.ctrl), r["teachers"] or "-"])
     notes = ("Notes: test MSE: the mean squared error of the count (HCRN's: the output rounded and clamped to "
              "1-10) at the epoch with the lowest validation MSE; lower is better, so a negative Δ is an "
              "improvement. Mean ± std over seeds; 95% CI: the two-level bootstrap over seeds and test questions "
              f"({QUESTIONS_ONLY}: over the test questions only, for fewer seeds than needed to estimate seed "
              "variance). GFLOPs and latency as in the other tables (- where not measured).")
-    return _md_table(headers, table, right=set(range(1, len(headers) - 1))) + ["", notes, *cost_note(ctx.groups), ""]
+    return md_table(headers, table, right=set(range(1, len(headers) - 1))) + ["", notes, *cost_note(ctx.groups), ""]
 
 
 def _per_type_table(ctx: Context) -> list[str]:
@@ -73,13 +73,13 @@ def _per_type_table(ctx: Context) -> list[str]:
     cells = ctx.stats.cells
     rows = []
     for g in ctx.groups:
-        per = [_mean(g.values(lambda r, t=t: R.per_type(r, "test", METRIC).get(t))) for t in ctx.types]
+        per = [mean_or_none(g.values(lambda r, t=t: R.per_type(r, "test", METRIC).get(t))) for t in ctx.types]
         rows.append([g.label] + [_cell(cells[g.label].get(t), v) for t, v in zip(ctx.types, per)]
-                    + [_cell(cells[g.label].get("all"), _mean(g.metric(METRIC)))])
+                    + [_cell(cells[g.label].get("all"), mean_or_none(g.metric(METRIC)))])
     counts = R.split_metrics(ctx.groups[0].runs[0], "test")
     rows.append(["questions"] + [str(counts.get("counts", {}).get(t, "-")) for t in ctx.types]
                 + [str(counts.get("n", "-"))])
-    return lines + _md_table(["variant"] + ctx.types + ["all"], rows) + [""]
+    return lines + md_table(["variant"] + ctx.types + ["all"], rows) + [""]
 
 
 def _ablation_table(ctx: Context) -> list[str]:
@@ -87,10 +87,10 @@ def _ablation_table(ctx: Context) -> list[str]:
     lines = ["Test MSE when the model is evaluated with the videos shuffled across questions, the appearance "
              "features zeroed, or the motion features zeroed (mean over seeds; an MSE that rises when a stream is "
              "removed shows that the model used it).", ""]
-    rows = [[g.label, _mse(_mean(g.metric(METRIC)))]
-            + [_mse(_mean(g.values(lambda x, key=key: R.metric(x, key, METRIC)))) for key in ABLATIONS]
+    rows = [[g.label, _mse(mean_or_none(g.metric(METRIC)))]
+            + [_mse(mean_or_none(g.values(lambda x, key=key: R.metric(x, key, METRIC)))) for key in ABLATIONS]
             for g in ctx.groups]
-    return lines + _md_table(["variant", "test"] + list(ABLATIONS.values()), rows) + [""]
+    return lines + md_table(["variant", "test"] + list(ABLATIONS.values()), rows) + [""]
 
 
 def _significance(ctx: Context) -> list[str]:
@@ -110,7 +110,7 @@ def _significance(ctx: Context) -> list[str]:
         elif len(ctx.groups) < 2:
             lines += ["no other variant.", ""]
         else:
-            lines += _significance_table(ctx.stats.comparisons[key], mcnemar=False, nd=ND, ci_nd=ND)
+            lines += significance_table(ctx.stats.comparisons[key], mcnemar=False, nd=ND, ci_nd=ND)
     return lines
 
 
@@ -127,11 +127,11 @@ def _compressed(ctx: Context) -> list[str]:
             continue
         comp = [c for row in mine for _, c in row.pairs]
         m, sd = mean_std(g.metric(METRIC))
-        size = _median([c["size"]["fp32_bytes"] for c in comp])
-        rows.append([g.label, "fp32 (eager)", _fmt_n(g), _mse(m) if sd is None else f"{_mse(m)} ± {_mse(sd)}",
+        size = median_or_none([c["size"]["fp32_bytes"] for c in comp])
+        rows.append([g.label, "fp32 (eager)", fmt_n(g), _mse(m) if sd is None else f"{_mse(m)} ± {_mse(sd)}",
                      _interval(ctx.stats.cells[g.label]["all"]), "ref", "-", "-", "-",
-                     _f(size / 1e6, 3) if size else "-", _f(_cpu_ms(comp, "1", "fp32")),
-                     _f(_cpu_ms(comp, "32", "fp32"))])
+                     fixed(size / 1e6, 3) if size else "-", fixed(cpu_ms(comp, "1", "fp32")),
+                     fixed(cpu_ms(comp, "32", "fp32"))])
         for row in mine:
             xs = [c for _, c in row.pairs]
             cm, csd = mean_std([R.metric(c, "test", METRIC) for c in xs])
@@ -140,9 +140,9 @@ def _compressed(ctx: Context) -> list[str]:
             rows.append(["", row.method, f"n={len(xs)}", _mse(cm) if csd is None else f"{_mse(cm)} ± {_mse(csd)}",
                          _interval(row.acc), _mse(d.mean, sign=True) if d else "-", _interval(d, sign=True),
                          (fmt_p(row.cmp.p_holm) + star) if d else "-",
-                         _f(100 * _mean([c["agreement"]["prediction_agreement"] for c in xs])),
-                         _f(_median([c["size"]["bytes"] for c in xs]) / 1e6, 3),
-                         _f(_cpu_ms(xs, "1", "compressed")), _f(_cpu_ms(xs, "32", "compressed"))])
+                         fixed(100 * mean_or_none([c["agreement"]["prediction_agreement"] for c in xs])),
+                         fixed(median_or_none([c["size"]["bytes"] for c in xs]) / 1e6, 3),
+                         fixed(cpu_ms(xs, "1", "compressed")), fixed(cpu_ms(xs, "32", "compressed"))])
     headers = ["variant", "path", "n seeds", "test MSE", "95% CI", "Δ fp32", "95% CI", "p (Holm)", "counts agree %",
                "size MB", "CPU ms b1", "CPU ms b32"]
     intro = ("Each run evaluated after training, without retraining (`harness.compress`), on the CPU with the same "
@@ -150,7 +150,7 @@ def _compressed(ctx: Context) -> list[str]:
              f"(same seeds, same questions; two-level bootstrap of the squared errors), p {CORRECTION}-corrected "
              f"across this table (* below {ALPHA}); negative: fewer squared errors. counts agree %: the compressed "
              "model's rounded counts equal to fp32's. Size and CPU latency as in the accuracy report's section.")
-    return [intro, ""] + _md_table(headers, rows, right=set(range(2, len(headers)))) + [""]
+    return [intro, ""] + md_table(headers, rows, right=set(range(2, len(headers)))) + [""]
 
 
 def _curves_plot(ctx: Context) -> list[str]:

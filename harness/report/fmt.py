@@ -11,14 +11,14 @@ QUESTIONS_ONLY = "†"
 
 
 
-def _f(x, nd: int = 2, sign: bool = False) -> str:
+def fixed(x, nd: int = 2, sign: bool = False) -> str:
     """A number with ``nd`` decimals (signed with ``sign``); ``-`` when missing."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
 
 
-def _g(x, sig: int = 4) -> str:
+def fmt_sig(x, sig: int = 4) -> str:
     """A number with ``sig`` significant digits; ``-`` when missing."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -43,17 +43,17 @@ def fmt_ci(e: Estimate | None, sign: bool = False, nd: int = 1) -> str:
     """``[lo, hi]`` (``nd`` decimals), marked † when the interval covers the test questions only (few seeds)."""
     if e is None or e.lo is None:
         return "-"
-    return f"[{_f(e.lo, nd, sign)}, {_f(e.hi, nd, sign)}]" + ("" if e.seed_level else QUESTIONS_ONLY)
+    return f"[{fixed(e.lo, nd, sign)}, {fixed(e.hi, nd, sign)}]" + ("" if e.seed_level else QUESTIONS_ONLY)
 
 
 def fmt_cell(e: Estimate | None, mean: float | None) -> str:
     """An accuracy cell: ``mean ± std [lo, hi]`` (the record's mean when there is no estimate)."""
     if e is None:
-        return _f(mean)
+        return fixed(mean)
     return f"{fmt_acc(e.mean, e.std)} {fmt_ci(e)}"
 
 
-def _md_table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> list[str]:
+def md_table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> list[str]:
     """A Markdown table; the columns in ``right`` (default: all but the first) right-aligned."""
     right = right if right is not None else set(range(1, len(headers)))
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
@@ -63,16 +63,16 @@ def _md_table(headers: list[str], rows: list[list[str]], right: set[int] | None 
     return lines
 
 
-def _slug(s: str) -> str:
+def slug(s: str) -> str:
     """A file-name-safe form of a string (plot names per data set)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-") or "data"
 
 
-def _uniq(values) -> list[str]:
+def uniq(values) -> list[str]:
     """The distinct non-empty values, as sorted strings."""
     return sorted({str(v) for v in values if v not in (None, "")})
 
 
-def _fmt_mcnemar(mc: list[tuple]) -> str:
+def fmt_mcnemar(mc: list[tuple]) -> str:
     """McNemar per seed: ``seed: b/c, p=...`` joined by ``;``."""
     return "; ".join(f"{seed}: {b}/{c}, p={fmt_p(p)}" for seed, b, c, p in mc) or "-"

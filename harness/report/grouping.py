@@ -70,7 +70,7 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else None
 
 
-def _mean(values: list[float]) -> float | None:
+def mean_or_none(values: list[float]) -> float | None:
     """The mean, None for no values."""
     return float(np.mean(values)) if values else None
 

@@ -2,7 +2,6 @@
 environment, statistics), and the partial-report lines of a grid not yet run through."""
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -11,10 +10,11 @@ from pathlib import Path
 from .. import identity
 from .. import record as R
 from .. import stats as S
+from ..digests import file_hash
 from ..env import NUMERIC_ENVIRONMENT
 from ..stats import Bootstrap
 from ..store import ResultsStore
-from .fmt import QUESTIONS_ONLY, _uniq
+from .fmt import QUESTIONS_ONLY, uniq
 from .grouping import Group
 from .statistics import CORRECTION
 
@@ -24,7 +24,7 @@ def _grid_file(grid_file, committed: bool = False) -> str:
     if not grid_file:
         return "-"
     p = Path(grid_file)
-    digest = f" (sha256 {hashlib.sha256(p.read_bytes()).hexdigest()[:12]})" if p.is_file() else ""
+    digest = f" (sha256 {file_hash(p, 'sha256')[:12]})" if p.is_file() else ""
     shown = _inside(p, REPO)
     if shown is None and committed:
         return "a file outside the repository, not named here" + digest
@@ -88,7 +88,7 @@ def repo_command(command: str | None, out_dir: str | Path) -> tuple[str | None, 
 @dataclass
 class ReportInfo:
     """What the header says of a report. ``records``: the runs it covers; ``missing``: the requested
-    runs that are not complete, as the header lists them (:func:`_missing`); ``names``: the
+    runs that are not complete, as the header lists them (:func:`missing_line`); ``names``: the
     variant names of the references (``baseline``, ``control``); ``partial``: the lines of
     :func:`mark_missing`; ``command``: the command that regenerates it."""
 
@@ -133,9 +133,9 @@ def header(info: ReportInfo) -> list[str]:
         "- data sets: " + (", ".join(f"{n} (`{i}`)" for n, i in datasets) or "-"),
         f"- runs: {_runs_line(info)}",
         f"- runs' dates: {_date_span(records)} (earliest start .. latest finish)",
-        "- git commits: " + (", ".join(f"`{c}`" for c in _uniq(r.get("git_commit") for r in records)) or "-"),
-        "- devices: " + (", ".join(_uniq(r.get("device_name") for r in records)) or "-"),
-        "- torch: " + (", ".join(_uniq(r.get("torch_version") for r in records)) or "-"),
+        "- git commits: " + (", ".join(f"`{c}`" for c in uniq(r.get("git_commit") for r in records)) or "-"),
+        "- devices: " + (", ".join(uniq(r.get("device_name") for r in records)) or "-"),
+        "- torch: " + (", ".join(uniq(r.get("torch_version") for r in records)) or "-"),
         *_code_lines(records),
         f"- baseline: `{baseline}`; control (the un-distilled student): `{control}`",
         f"- statistics: two-level bootstrap over seeds and test questions (`harness/stats.py`), "
@@ -158,7 +158,7 @@ def header(info: ReportInfo) -> list[str]:
 OTHER_CODE = "§"
 
 
-def _several_codes(records: list[dict]) -> bool:
+def several_codes(records: list[dict]) -> bool:
     """Whether the runs come from more than one code fingerprint."""
     return len({identity.code_of(r) for r in records}) > 1
 
@@ -167,7 +167,7 @@ def _code_lines(records: list[dict]) -> list[str]:
     """The code that computed the runs (``harness.identity`` fingerprints), and the environment facts
     that can change numbers (``harness.env.environment``) where the runs differ in them."""
     code = "- code: " + identity.describe_code(records)
-    if _several_codes(records):
+    if several_codes(records):
         code += (f"; **runs from more than one code fingerprint** (each run's code in the runs table, marked "
                  f"{OTHER_CODE}): differences between rows may come from the code")
     other = identity.against_checkout(records)
@@ -184,7 +184,7 @@ def _code_lines(records: list[dict]) -> list[str]:
         env = "- environment: not recorded"
     else:
         env = "- environment differs between runs (can change numbers): " + "; ".join(
-            f"{k}: " + ", ".join(_uniq(str(e.get(k, "not recorded")) for e in envs)) for k in differ)
+            f"{k}: " + ", ".join(uniq(str(e.get(k, "not recorded")) for e in envs)) for k in differ)
     return [code, env]
 
 
@@ -223,7 +223,7 @@ def mark_missing(sections: dict[str, list[Group]], planned: list[dict], missing:
     return lines + [""]
 
 
-def _missing(store: ResultsStore, run_id: str) -> str:
+def missing_line(store: ResultsStore, run_id: str) -> str:
     """A requested run that is not complete, for the header: its id, and why when it failed."""
     failure = store.read_failure(run_id)
     reason = str(failure.get("reason", "?")).splitlines()[0][:300] if failure else None

@@ -13,7 +13,7 @@ from matplotlib.ticker import MaxNLocator
 from .. import record as R
 from .grouping import Group, mean_std
 
-_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf", "#393b79", "#ad494a", "#637939", "#8c6d31", "#7b4173", "#3182bd"]
 
 
@@ -25,7 +25,7 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def _label_layout(points: list[dict]) -> list[tuple[tuple[float, float], list[str], int]]:
+def label_layout(points: list[dict]) -> list[tuple[tuple[float, float], list[str], int]]:
     """One label per position (variants with the same cost and accuracy share it, joined by "="),
     and labels of points at the same cost and close accuracies (within 4% of the accuracy range)
     stacked downwards in order of accuracy so they do not overlap; a point further down starts
@@ -51,7 +51,7 @@ def plot_cost(points: list[dict], xlabel: str, title: str) -> bytes:
     ax = fig.add_subplot()
     for p in points:
         ax.errorbar(p["x"], p["acc"], yerr=p["std"] or 0.0, fmt="o", color=p["color"], capsize=3, ms=6)
-    for (x, acc), labels, k in _label_layout(points):
+    for (x, acc), labels, k in label_layout(points):
         ax.annotate(" = ".join(labels), (x, acc), textcoords="offset points", xytext=(6, 4 - 9 * k), fontsize=7)
     front = sorted((p for p in points if p["front"]), key=lambda p: (p["x"], p["acc"]))
     if front:

@@ -14,11 +14,11 @@ from .. import metrics as M
 from .. import record as R
 from .. import stats as S
 from ..evaluate import ABLATIONS
-from .fmt import QUESTIONS_ONLY, _f, _fmt_mcnemar, _g, _md_table, _slug, fmt_acc, fmt_cell, fmt_ci, fmt_p
-from .grouping import Group, _mean, mean_std, reference, type_groups, type_names
-from .plots import _COLORS, plot_cost, plot_curves, plot_per_type
+from .fmt import QUESTIONS_ONLY, fixed, fmt_mcnemar, fmt_sig, md_table, slug, fmt_acc, fmt_cell, fmt_ci, fmt_p
+from .grouping import Group, mean_or_none, mean_std, reference, type_groups, type_names
+from .plots import COLORS, plot_cost, plot_curves, plot_per_type
 from .statistics import (ALPHA, COST_COLUMNS, CORRECTION, Comparison, CompressedRow, SectionStats,
-                         _comparison_columns, compressed_rows, pareto_front, section_stats, summarize)
+                         comparison_columns, compressed_rows, pareto_front, section_stats, summarize)
 
 #: the references every variant is compared with: key -> what the report calls it
 REFERENCES = {"baseline": "baseline", "control": "control"}
@@ -82,17 +82,17 @@ def _main_table(ctx: Context) -> list[str]:
         cells = [f"**{g.label}**" if g in (ctx.base, ctx.ctrl) else g.label,
                  f"{r['params']:,}" if r["params"] is not None else "-"]
         for _, col, _ in COST_COLUMNS.values():
-            cells.append(_g(r[col]) if "gflops" in col else latency_cell(g, r[col]) if col == "latency_ms"
-                         else _f(r[col], 1))
-        cells += [fmt_acc(r["test_acc_mean"], r["test_acc_std"]), fmt_ci(ctx.stats.cells[g.label]["all"]), _fmt_n(g),
-                  "ref" if g is ctx.base else _f(r["delta_baseline"], sign=True),
-                  "ref" if g is ctx.ctrl else _f(r["delta_control"], sign=True)]
+            cells.append(fmt_sig(r[col]) if "gflops" in col else latency_cell(g, r[col]) if col == "latency_ms"
+                         else fixed(r[col], 1))
+        cells += [fmt_acc(r["test_acc_mean"], r["test_acc_std"]), fmt_ci(ctx.stats.cells[g.label]["all"]), fmt_n(g),
+                  "ref" if g is ctx.base else fixed(r["delta_baseline"], sign=True),
+                  "ref" if g is ctx.ctrl else fixed(r["delta_control"], sign=True)]
         cells += [m.fmt(r[m.name]) for m in shown]
         table.append(cells + [r["teachers"] or "-"])
-    return _md_table(headers, table, right=set(range(1, len(headers) - 1))) + [""] + _main_notes(ctx)
+    return md_table(headers, table, right=set(range(1, len(headers) - 1))) + [""] + _main_notes(ctx)
 
 
-def _fmt_n(g: Group) -> str:
+def fmt_n(g: Group) -> str:
     """The ``n seeds`` cell, naming the seeds a partial report lacks."""
     if not g.missing_seeds:
         return f"n={len(g.runs)}"
@@ -108,7 +108,7 @@ DISTURBED = "‡"
 def latency_cell(g, ms: float | None) -> str:
     """A group's batch-1 latency (ms), marked :data:`DISTURBED` when it was measured on a busy machine."""
     busy = ms is not None and any(m["disturbed"] for m in _cost_measurements([g]))
-    return _f(ms, 3) + (f" {DISTURBED}" if busy else "")
+    return fixed(ms, 3) + (f" {DISTURBED}" if busy else "")
 
 
 def _cost_measurements(groups) -> list[dict]:
@@ -207,7 +207,7 @@ def _per_type_table(ctx: Context) -> list[str]:
                    + [str(R.split_metrics(ctx.groups[0].runs[0], "test").get("n", "-"))])
     if tg:  # NExT-QA's groups, from the per-question predictions
         lines[0] += " " + "; ".join(f"{k}: {' + '.join(v)}" for k, v in tg.items()) + "."
-    return lines + _md_table(["variant"] + ctx.types + list(tg) + ["all"], pt_rows) + [""]
+    return lines + md_table(["variant"] + ctx.types + list(tg) + ["all"], pt_rows) + [""]
 
 
 def _ablation_table(ctx: Context) -> list[str]:
@@ -216,12 +216,12 @@ def _ablation_table(ctx: Context) -> list[str]:
              "appearance features zeroed, or the motion features zeroed (mean over seeds).", ""]
     ab_rows = []
     for g, r in ctx.pairs():
-        ab_rows.append([g.label, _f(r["test_acc_mean"])]
-                       + [_f(_mean(g.values(lambda x, key=key: R.metric(x, key)))) for key in ABLATIONS])
-    return lines + _md_table(["variant", "test"] + list(ABLATIONS.values()), ab_rows) + [""]
+        ab_rows.append([g.label, fixed(r["test_acc_mean"])]
+                       + [fixed(mean_or_none(g.values(lambda x, key=key: R.metric(x, key)))) for key in ABLATIONS])
+    return lines + md_table(["variant", "test"] + list(ABLATIONS.values()), ab_rows) + [""]
 
 
-def _significance_table(comps: list[Comparison], mcnemar: bool = True, nd: int = 2, ci_nd: int = 1) -> list[str]:
+def significance_table(comps: list[Comparison], mcnemar: bool = True, nd: int = 2, ci_nd: int = 1) -> list[str]:
     """One reference's comparisons as a table, with why pairing was impossible or partial
     (``mcnemar``: with the per-seed McNemar column; ``nd`` / ``ci_nd``: decimals of Δ / its interval)."""
     rows, notes = [], []
@@ -232,15 +232,15 @@ def _significance_table(comps: list[Comparison], mcnemar: bool = True, nd: int =
             continue
         star = " *" if c.p_holm is not None and c.p_holm < ALPHA else ""
         mark = "" if c.delta.seed_level else QUESTIONS_ONLY
-        rows.append([c.label, ", ".join(map(str, c.seeds)), _f(c.delta.mean, nd, sign=True),
+        rows.append([c.label, ", ".join(map(str, c.seeds)), fixed(c.delta.mean, nd, sign=True),
                      fmt_ci(c.delta, sign=True, nd=ci_nd),
                      fmt_p(c.delta.p) + mark, fmt_p(c.p_holm) + mark + star]
-                    + ([_fmt_mcnemar(c.mcnemar)] if mcnemar else []))
+                    + ([fmt_mcnemar(c.mcnemar)] if mcnemar else []))
         if c.why:
             notes.append(f"{c.label}: {c.why}")
     headers = (["variant", "paired seeds", "Δ", "95% CI", "p", "p (Holm)"]
                + (["McNemar per seed: b/c, p"] if mcnemar else []))
-    lines = _md_table(headers, rows, right={1, 2, 3, 4, 5}) + [""]
+    lines = md_table(headers, rows, right={1, 2, 3, 4, 5}) + [""]
     return lines + (["Pairing impossible or partial: " + "; ".join(notes) + ".", ""] if notes else [])
 
 
@@ -263,7 +263,7 @@ def _significance(ctx: Context) -> list[str]:
         elif len(ctx.groups) < 2:
             lines += ["no other variant.", ""]
         else:
-            lines += _significance_table(ctx.stats.comparisons[key])
+            lines += significance_table(ctx.stats.comparisons[key])
     return lines
 
 
@@ -313,24 +313,25 @@ def _curves_plot(ctx: Context) -> list[str]:
     return [f"![training curves]({ctx.link(fname)})", ""]
 
 
-def _median(values) -> float | None:
+def median_or_none(values) -> float | None:
     values = sorted(v for v in values if v is not None)
     return None if not values else (values[(len(values) - 1) // 2] + values[len(values) // 2]) / 2
 
 
-def _cpu_ms(recs: list[dict], batch: str, path: str) -> float | None:
+def cpu_ms(recs: list[dict], batch: str, path: str) -> float | None:
     """Median over compressed evaluations of one path's CPU latency at a batch size."""
-    return _median([(c.get("cpu", {}).get("latency", {}).get(batch, {}).get(path) or {}).get("latency_ms_median")
+    return median_or_none([(c.get("cpu", {}).get("latency", {}).get(batch, {}).get(path) or {}).get("latency_ms_median")
                     for c in recs])
 
 
 def _fp32_row(g: Group, r: dict, ctx: Context, crows: list[CompressedRow]) -> list[str]:
     """A group's fp32 row: its accuracy cell, its size, and the fp32 latency timed beside its compressed models."""
     comp = [c for row in crows if row.group is g for _, c in row.pairs]
-    size = _median([c["size"]["fp32_bytes"] for c in comp])
-    return [g.label, "fp32 (eager)", _fmt_n(g), fmt_acc(r["test_acc_mean"], r["test_acc_std"]),
+    size = median_or_none([c["size"]["fp32_bytes"] for c in comp])
+    return [g.label, "fp32 (eager)", fmt_n(g), fmt_acc(r["test_acc_mean"], r["test_acc_std"]),
             fmt_ci(ctx.stats.cells[g.label]["all"]), "ref", "-", "-", "-", "-", "-",
-            _f(size / 1e6, 3) if size else "-", _f(_cpu_ms(comp, "1", "fp32")), _f(_cpu_ms(comp, "32", "fp32")), "1.00"]
+            fixed(size / 1e6, 3) if size else "-", fixed(cpu_ms(comp, "1", "fp32")), fixed(cpu_ms(comp, "32", "fp32")),
+            "1.00"]
 
 
 def _compressed_row(row: CompressedRow) -> list[str]:
@@ -342,12 +343,13 @@ def _compressed_row(row: CompressedRow) -> list[str]:
     speed = [x["cpu"]["latency"]["1"]["fp32"]["latency_ms_median"] / x["cpu"]["latency"]["1"]["compressed"]
              ["latency_ms_median"] for x in comp]
     return ["", row.method, f"n={len(comp)}", fmt_acc(*mean_std(accs)), fmt_ci(row.acc),
-            _f(d.mean, sign=True) if d else "-", fmt_ci(d, sign=True) if d else "-",
-            (fmt_p(c.p_holm) + mark + star) if d else "-", _fmt_mcnemar(c.mcnemar) if d else "-",
-            _f(100 * _mean([x["agreement"]["prediction_agreement"] for x in comp])),
-            _g(max(x["agreement"]["max_abs_logit_diff"] for x in comp), 2),
-            _f(_median([x["size"]["bytes"] for x in comp]) / 1e6, 3),
-            _f(_cpu_ms(comp, "1", "compressed")), _f(_cpu_ms(comp, "32", "compressed")), _f(_median(speed))]
+            fixed(d.mean, sign=True) if d else "-", fmt_ci(d, sign=True) if d else "-",
+            (fmt_p(c.p_holm) + mark + star) if d else "-", fmt_mcnemar(c.mcnemar) if d else "-",
+            fixed(100 * mean_or_none([x["agreement"]["prediction_agreement"] for x in comp])),
+            fmt_sig(max(x["agreement"]["max_abs_logit_diff"] for x in comp), 2),
+            fixed(median_or_none([x["size"]["bytes"] for x in comp]) / 1e6, 3),
+            fixed(cpu_ms(comp, "1", "compressed")), fixed(cpu_ms(comp, "32", "compressed")),
+            fixed(median_or_none(speed))]
 
 
 def _compressed_intro(ctx: Context, crows: list[CompressedRow]) -> list[str]:
@@ -371,8 +373,8 @@ def _compressed_intro(ctx: Context, crows: list[CompressedRow]) -> list[str]:
             "run's best.pt state dict; int8: its quantised state dict; onnx: the .onnx file). CPU ms: median "
             "latency at batch 1 and 32 on random inputs shaped like the data, fp32 eager and each compressed model "
             "timed in turn in the same process, 3 rounds (speed-up: their ratio at batch 1, median over runs); "
-            f"{'/'.join(map(str, threads))} thread(s), load average {_f(min(loads), 1) if loads else '-'}.."
-            f"{_f(max(loads), 1) if loads else '-'}, measured {at[0]} .. {at[-1]}: latencies of a shared machine "
+            f"{'/'.join(map(str, threads))} thread(s), load average {fixed(min(loads), 1) if loads else '-'}.."
+            f"{fixed(max(loads), 1) if loads else '-'}, measured {at[0]} .. {at[-1]}: latencies of a shared machine "
             "are noisy, medians are shown.", ""]
 
 
@@ -402,18 +404,18 @@ def _compressed_per_type(ctx: Context, crows: list[CompressedRow]) -> list[str]:
         mine = [row for row in crows if row.group is g]
         if not mine:
             continue
-        rows.append([g.label, "fp32"] + [_f(r[f"test_acc_{t}"]) for t in ctx.types] + [_f(r["test_acc_mean"])]
-                    + [_f(_mean(g.values(lambda x, key=key: R.metric(x, key)))) for key in ABLATIONS])
+        rows.append([g.label, "fp32"] + [fixed(r[f"test_acc_{t}"]) for t in ctx.types] + [fixed(r["test_acc_mean"])]
+                    + [fixed(mean_or_none(g.values(lambda x, key=key: R.metric(x, key)))) for key in ABLATIONS])
         for row in mine:
             ms = [c["metrics"] for _, c in row.pairs]
-            rows.append(["", row.method] + [_f(_mean([m["test"]["per_type"][t] for m in ms
+            rows.append(["", row.method] + [fixed(mean_or_none([m["test"]["per_type"][t] for m in ms
                                                       if t in m["test"]["per_type"]])) for t in ctx.types]
-                        + [_f(_mean([m["test"]["overall"] for m in ms]))]
-                        + [_f(_mean([m["ablations"][a]["overall"] for m in ms if a in m["ablations"]]))
+                        + [fixed(mean_or_none([m["test"]["overall"] for m in ms]))]
+                        + [fixed(mean_or_none([m["ablations"][a]["overall"] for m in ms if a in m["ablations"]]))
                            for a in ABLATIONS])
     return (["Test accuracy (%) per question type and under the evaluation-time ablations, fp32 and compressed "
              "(means over seeds):", ""]
-            + _md_table(["variant", "path"] + ctx.types + ["all"] + list(ABLATIONS.values()), rows,
+            + md_table(["variant", "path"] + ctx.types + ["all"] + list(ABLATIONS.values()), rows,
                         right=set(range(2, 3 + len(ctx.types) + len(ABLATIONS)))) + [""])
 
 
@@ -429,7 +431,7 @@ def _compressed(ctx: Context) -> list[str]:
     headers = ["variant", "path", "n seeds", "test acc", "95% CI", "Δ fp32", "95% CI", "p (Holm)",
                "McNemar per seed: b/c, p", "agrees %", "max |Δ logit|", "size MB", "CPU ms b1", "CPU ms b32",
                "speed-up b1"]
-    return (_compressed_intro(ctx, crows) + _md_table(headers, rows, right=set(range(2, len(headers)))) + [""]
+    return (_compressed_intro(ctx, crows) + md_table(headers, rows, right=set(range(2, len(headers)))) + [""]
             + _compressed_notes(crows) + _compressed_per_type(ctx, crows))
 
 
@@ -470,10 +472,10 @@ def context(shared: Shared, data_id: str, groups: list[Group]) -> Context:
     stats = section_stats(shared.preds, groups, types, refs, shared.boot, metric)
     rows = [summarize(g, refs["baseline"], refs["control"], types, stats.cells[g.label]) for g in groups]
     for g, row in zip(groups, rows):
-        _comparison_columns(row, stats, g.label)
+        comparison_columns(row, stats, g.label)
     return Context(data_id, R.data_name(groups[0].runs[0]) or data_id, groups, rows, types, refs, shared.names,
-                   stats, {g.label: _COLORS[i % len(_COLORS)] for i, g in enumerate(groups)}, shared.files_dir,
-                   f"-{_slug(data_id)}" if shared.multi else "", shared.written, metric, shared.preds)
+                   stats, {g.label: COLORS[i % len(COLORS)] for i, g in enumerate(groups)}, shared.files_dir,
+                   f"-{slug(data_id)}" if shared.multi else "", shared.written, metric, shared.preds)
 
 
 def data_section(ctx: Context) -> list[str]:

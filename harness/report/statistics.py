@@ -14,7 +14,7 @@ from .. import record as R
 from .. import stats as S
 from ..stats import Bootstrap, Estimate
 from ..store import ResultsStore
-from .grouping import Group, _mean, mean_std, type_groups
+from .grouping import Group, mean_or_none, mean_std, type_groups
 
 #: optional ``record["cost"]`` fields shown in the main table: field -> (column, CSV column, scale)
 COST_COLUMNS = {"flops_per_sample": ("GFLOPs", "gflops", 1e-9),
@@ -32,7 +32,7 @@ CORRECTION = "Holm-Bonferroni"
 
 
 
-class _Predictions:
+class Predictions:
     """Per-run test predictions (question_id -> correct at the best-validation epoch, and the
     question's type), cached."""
 
@@ -200,27 +200,27 @@ def summarize(g: Group, base: Group | None, ctrl: Group | None, types: list[str]
     params = g.values(R.params_total)
     row["params"] = int(round(float(np.mean(params)))) if params else None
     for key, (_, col, scale) in COST_COLUMNS.items():
-        v = _mean(g.values(lambda r, key=key: R.cost(r, key)))
+        v = mean_or_none(g.values(lambda r, key=key: R.cost(r, key)))
         row[col] = v * scale if v is not None else None
     row.update({"test_acc_mean": m, "test_acc_std": s, "n_seeds": len(g.runs),
                 "seeds": ";".join(str(x) for x in g.seeds), "seeds_missing": ";".join(map(str, g.missing_seeds))})
     est = (cells or {}).get("all")
     row.update({"test_acc_ci_lo": est and est.lo, "test_acc_ci_hi": est and est.hi,
                 "ci_covers_seeds": est.seed_level if est else None})
-    bm = _mean(base.acc()) if base is not None else None
-    cm = _mean(ctrl.acc()) if ctrl is not None else None
+    bm = mean_or_none(base.acc()) if base is not None else None
+    cm = mean_or_none(ctrl.acc()) if ctrl is not None else None
     row["delta_baseline"] = m - bm if m is not None and bm is not None else None
     row["delta_control"] = m - cm if m is not None and cm is not None else None
     row["teachers"] = ",".join(dict.fromkeys(t for r in g.runs for t in R.teacher_variants(r)))
     for metric in M.secondary():
-        row[metric.name] = _mean(g.metric(metric.name))
+        row[metric.name] = mean_or_none(g.metric(metric.name))
     for t in types:
-        row[f"test_acc_{t}"] = _mean(g.values(lambda r, t=t: R.per_type(r).get(t)))
+        row[f"test_acc_{t}"] = mean_or_none(g.values(lambda r, t=t: R.per_type(r).get(t)))
     row["run_ids"] = ";".join(r["run_id"] for r in g.runs)
     return row
 
 
-def _comparison_columns(row: dict, stats: SectionStats, label: str) -> None:
+def comparison_columns(row: dict, stats: SectionStats, label: str) -> None:
     """Add each reference's comparison (interval, p, Holm p) of group ``label`` to a CSV row."""
     for name, key in (("baseline", "baseline"), ("control", "control")):
         c = next((c for c in stats.comparisons.get(name, []) if c.label == label), None)

@@ -32,7 +32,7 @@ from .. import bill  # noqa: E402
 from ..console import plural  # noqa: E402
 from ..search import Study, definition_hash, spent  # noqa: E402
 from ..store import ResultsStore, atomic_write_bytes  # noqa: E402
-from .fmt import _f, _md_table  # noqa: E402
+from .fmt import fixed, md_table  # noqa: E402
 
 OPTIMISM = ("The best trial's validation accuracy is optimistic: it is the maximum over {n} trials evaluated on "
             "the same validation questions, so part of its lead is selection on noise. The test comparison below "
@@ -51,7 +51,7 @@ def _trial_rows(o: optuna.Study) -> list[list[str]]:
         how = "reused" if t.user_attrs.get("reused") else ("retry of #%d" % t.user_attrs["retry_of"]
                                                            if "retry_of" in t.user_attrs else "trained")
         params = ", ".join(f"{k}={_param(v)}" for k, v in sorted(t.params.items()))
-        rows.append([str(t.number), _f(t.value), state, pruned, how, f"`{t.user_attrs.get('run_id', '-')}`", params])
+        rows.append([str(t.number), fixed(t.value), state, pruned, how, f"`{t.user_attrs.get('run_id', '-')}`", params])
     return rows
 
 
@@ -75,7 +75,7 @@ def _importances(o: optuna.Study, seed: int) -> tuple[list[str], str]:
             imp = optuna.importance.get_param_importances(o, evaluator=ev)
     except (ValueError, RuntimeError) as e:
         return [f"Importances could not be computed: {e}", ""], name
-    return _md_table(["setting", "importance"], [[k, f"{v:.3f}"] for k, v in imp.items()], right={1}) + [""], name
+    return md_table(["setting", "importance"], [[k, f"{v:.3f}"] for k, v in imp.items()], right={1}) + [""], name
 
 
 def _png(ax) -> bytes:
@@ -136,17 +136,17 @@ def _bill(store: ResultsStore, o: optuna.Study) -> tuple[list[str], float]:
     t_s = sum(x["device_s"] or 0.0 for x in [*teachers.values(), *caches.values()])
     t_g = sum(x["gflops"] or 0.0 for x in [*teachers.values(), *caches.values()])
     other = len(runs) - n_pruned - sum(store.is_complete(r) for r in runs)  # failed runs
-    rows = [["complete trial runs (own training)", str(len(runs) - n_pruned - other), _f(own_g), _f(own_s, 1)],
-            ["pruned trial runs (until pruned)", str(n_pruned), _f(pruned_g), _f(pruned_s, 1)],
-            ["teachers and teacher-output caches", str(len(teachers) + len(caches)), _f(t_g), _f(t_s, 1)]]
+    rows = [["complete trial runs (own training)", str(len(runs) - n_pruned - other), fixed(own_g), fixed(own_s, 1)],
+            ["pruned trial runs (until pruned)", str(n_pruned), fixed(pruned_g), fixed(pruned_s, 1)],
+            ["teachers and teacher-output caches", str(len(teachers) + len(caches)), fixed(t_g), fixed(t_s, 1)]]
     total = own_s + pruned_s + t_s
-    rows.append(["**total**", str(len(runs)), _f(own_g + pruned_g + t_g), f"**{_f(total, 1)}**"])
+    rows.append(["**total**", str(len(runs)), fixed(own_g + pruned_g + t_g), f"**{fixed(total, 1)}**"])
     note = [f"Not billed: {plural(other, 'trial run')} with neither a record nor a pruning recorded (failed runs).", ""]
     if uncounted:
         note += [f"{plural(uncounted, 'pruned run')} {'was' if uncounted == 1 else 'were'} pruned by a harness "
                  "that measured their seconds but did not yet "
                  f"count their FLOPs: the GFLOPs are a lower bound.", ""]
-    return _md_table(["part", "runs", "GFLOPs (counted)", "device-seconds (measured)"], rows,
+    return md_table(["part", "runs", "GFLOPs (counted)", "device-seconds (measured)"], rows,
                      right={1, 2, 3}) + [""] + note[0 if other else 2:], total
 
 
@@ -163,10 +163,11 @@ def _final(final_report: Path | None, ids: dict[str, list[str]] | None) -> list[
         ref = "control" in roles
         rows.append([r["label"], "/".join(roles), str(r["n_seeds"]),
                      f"{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}", f"[{r['test_acc_ci_lo']:.1f}, "
-                     f"{r['test_acc_ci_hi']:.1f}]", "ref" if ref else _f(r["delta_control"], sign=True),
+                     f"{r['test_acc_ci_hi']:.1f}]", "ref" if ref else fixed(r["delta_control"], sign=True),
                      "-" if pd.isna(r["delta_control_ci_lo"]) else
-                     f"[{r['delta_control_ci_lo']:+.1f}, {r['delta_control_ci_hi']:+.1f}]", _f(r["p_control_holm"], 3)])
-    return _md_table(["configuration", "role", "seeds", "test acc", "95% CI", "Δ control", "Δ 95% CI",
+                     f"[{r['delta_control_ci_lo']:+.1f}, {r['delta_control_ci_hi']:+.1f}]",
+                     fixed(r["p_control_holm"], 3)])
+    return md_table(["configuration", "role", "seeds", "test acc", "95% CI", "Δ control", "Δ 95% CI",
                       "p (Holm)"], rows, right={2, 3, 4, 5, 6, 7}) + [
         "", f"Full report of these runs, with per-type accuracies, McNemar tests and curves: "
             f"[{final_report.name}]({final_report.name}).", ""]
@@ -221,9 +222,9 @@ def write_study_report(study: Study, store: ResultsStore, o: optuna.Study, stora
     lines = _header(study, o, storage, store.root, out_dir)
     lines += ["## Trials", "", "Validation accuracy (%) at each run's best-validation epoch; a pruned trial's "
               "epoch is the last it trained (1-based).", ""]
-    lines += _md_table(["#", "val acc", "state", "pruned at epoch", "run", "run id", "settings"], _trial_rows(o),
+    lines += md_table(["#", "val acc", "state", "pruned at epoch", "run", "run id", "settings"], _trial_rows(o),
                        right={0, 1, 3}) + [""]
-    lines += ["## Best settings", "", f"Trial #{best.number}, validation accuracy {_f(best.value)}% "
+    lines += ["## Best settings", "", f"Trial #{best.number}, validation accuracy {fixed(best.value)}% "
               f"(run `{best.user_attrs.get('run_id')}`): " + ", ".join(f"`{k}` = {_param(v)}"
                                                                         for k, v in sorted(best.params.items())), "",
               OPTIMISM.format(n=spent(o), seeds=", ".join(map(str, study.search["final_seeds"]))), ""]

@@ -12,27 +12,27 @@ from .. import metrics as M
 from .. import record as R
 from ..stats import Bootstrap
 from ..store import ResultsStore, atomic_write_bytes
-from .fmt import _f, _md_table
+from .fmt import fixed, md_table
 from .grouping import Group, group_runs
-from .header import (OTHER_CODE, ReportInfo, _missing, _several_codes, header, in_repo, mark_missing,
+from .header import (OTHER_CODE, ReportInfo, missing_line, several_codes, header, in_repo, mark_missing,
                      repo_command)
 from .sections import Shared, context, data_section
-from .statistics import COST_COLUMNS, _Predictions
+from .statistics import COST_COLUMNS, Predictions
 
 def _run_row(g: Group, r: dict, several: bool) -> list[str]:
     """One run of the runs table."""
     mark = f" {OTHER_CODE} code `{identity.code_of(r) or 'unknown'}`" if several else ""
-    return [f"`{r['run_id']}`{mark}", g.label, R.data_name(r), str(r["seed"]), _f(R.metric(r, "test")),
-            _f(R.metric(r, "val")), f"{R.best_epoch(r) + 1}/{r.get('epochs_run', len(r.get('history', [])))}",
+    return [f"`{r['run_id']}`{mark}", g.label, R.data_name(r), str(r["seed"]), fixed(R.metric(r, "test")),
+            fixed(R.metric(r, "val")), f"{R.best_epoch(r) + 1}/{r.get('epochs_run', len(r.get('history', [])))}",
             ",".join(r.get("teacher_runs", [])) or "-", str(r.get("device_name") or "-"),
             f"`{r.get('git_commit') or '-'}`", str(r.get("finished_at") or "-")]
 
 
 def _runs_table(sections: dict[str, list[Group]]) -> list[str]:
     """Every run behind the report's numbers."""
-    several = _several_codes([r for gs in sections.values() for g in gs for r in g.runs])
+    several = several_codes([r for gs in sections.values() for g in gs for r in g.runs])
     run_rows = [_run_row(g, r, several) for gs in sections.values() for g in gs for r in g.runs]
-    return ["## Runs", ""] + _md_table(["run", "variant", "data", "seed", "test acc", "val acc", "best epoch",
+    return ["## Runs", ""] + md_table(["run", "variant", "data", "seed", "test acc", "val acc", "best epoch",
                                        "teacher runs", "device", "commit", "finished"], run_rows,
                                       right={3, 4, 5, 6}) + [""]
 
@@ -90,10 +90,10 @@ def write_report(store: ResultsStore, name: str, run_ids: list[str] | None = Non
     sections = group_runs(records, baseline, control)
     kept = sorted((r for gs in sections.values() for g in gs for r in g.runs), key=lambda r: r["run_id"])
     command, outside = repo_command(command, out_dir)
-    info = ReportInfo(name, kept, [_missing(store, r) for r in missing], grid_file, names,
+    info = ReportInfo(name, kept, [missing_line(store, r) for r in missing], grid_file, names,
                       sorted(x for gs in sections.values() for g in gs for x in g.superseded), boot, command,
                       mark_missing(sections, planned or [], missing), outside, in_repo(out_dir))
-    shared = Shared(_Predictions(store), boot, names, out_dir / f"{name}_files", len(sections) > 1)
+    shared = Shared(Predictions(store), boot, names, out_dir / f"{name}_files", len(sections) > 1)
     lines, all_rows = header(info), []
     if not sections:
         lines += ["No complete run.", ""]

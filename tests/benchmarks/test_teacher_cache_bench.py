@@ -26,7 +26,8 @@ from rich.console import Console
 import variants
 from harness import data as D
 from harness.env import device_name
-from harness.runner import RunSpec, _Display, _Run, plan
+from harness.planning import RunSpec, plan
+from harness.runner import _Display, _Run
 from harness.store import ResultsStore, atomic_torch_save
 
 REPS = 5
