@@ -51,8 +51,10 @@ def _venv_with(wheel: Path, where: Path) -> Path:
     an empty environment; that folder's own .pth files, an editable install's among them, are not run)."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True, timeout=120)
     py = where / "bin" / "python"
+    # --ignore-installed and no PYTHONPATH: a checkout on the path (its .egg-info) must not count as installed
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q",
-                        str(wheel)], capture_output=True, text=True, timeout=300)
+                        "--ignore-installed", str(wheel)], capture_output=True, text=True, timeout=300, env=clean)
     assert r.returncode == 0, r.stdout + r.stderr
     own = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                               capture_output=True, text=True, check=True).stdout.strip())
