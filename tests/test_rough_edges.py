@@ -38,12 +38,10 @@ TINY_QO = 'variants = ["question-only"]\n[train]\nepochs = 1\nbatch_size = 512\n
 
 
 @pytest.fixture
-def qo_store(tmp_path, tiny):
-    """A store holding the one complete question-only run of ``TINY_QO``'s grid (1 epoch)."""
-    from harness.runner import RunSpec, train
-
-    store = St.ResultsStore(tmp_path / "results")
-    train(RunSpec("question-only", epochs=1, batch_size=512, seed=0), store, data=tiny, device="cpu", progress=False)
+def qo_store(tmp_path, shared_store):
+    """A store holding the one complete question-only run of ``TINY_QO``'s grid (1 epoch, seed 0, batch 512),
+    copied from the session's shared store."""
+    store, _ = shared_store.copy(tmp_path / "results", "question-only")
     return store
 
 
