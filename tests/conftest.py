@@ -56,8 +56,8 @@ def tiny(data_cache):
 #: the runs of the shared tiny store, one epoch each: a teacher, a student distilled from it (the teacher its
 #: plan asks for is this very run), the reference model and the question-only baseline
 SHARED_RUNS = {
-    "teacher-g4": {"seed": 3, "epochs": 1, "batch_size": 128},
-    "student-logits": {"seed": 3, "epochs": 1, "batch_size": 128},
+    "teacher-g4": {"seed": 3, "epochs": 1, "batch_size": 512},
+    "student-logits": {"seed": 3, "epochs": 1, "batch_size": 512},
     "dualvgr": {"seed": 0, "epochs": 1, "batch_size": 512},
     "question-only": {"seed": 0, "epochs": 1, "batch_size": 512},
 }
