@@ -1,4 +1,6 @@
+import copy
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -51,21 +53,64 @@ def tiny(data_cache):
     return D.load("synthetic:tiny")
 
 
-@pytest.fixture(scope="module")
-def exported(tiny, tmp_path_factory):
-    """A teacher-g4 run trained in one store and exported with ``ablate.py export`` (one epoch, batch 128):
-    (its record, the bundle's path); the bundle tests import it, or forge it."""
+#: the runs of the shared tiny store, one epoch each: a teacher, a student distilled from it (the teacher its
+#: plan asks for is this very run), the reference model and the question-only baseline
+SHARED_RUNS = {
+    "teacher-g4": {"seed": 3, "epochs": 1, "batch_size": 512},
+    "student-logits": {"seed": 3, "epochs": 1, "batch_size": 512},
+    "dualvgr": {"seed": 0, "epochs": 1, "batch_size": 512},
+    "question-only": {"seed": 0, "epochs": 1, "batch_size": 512},
+}
+
+
+class SharedStore:
+    """A tiny results store trained once per test session, a run when a test first asks for it: tests never
+    write to it, they copy the runs they need into their own directory (:meth:`copy`)."""
+
+    def __init__(self, root: Path, data):
+        self.root, self.data, self.records = root, data, {}
+
+    def record(self, variant: str) -> dict:
+        """The record of ``variant``'s run (:data:`SHARED_RUNS`), trained the first time it is asked for."""
+        if variant not in self.records:
+            from harness.planning import RunSpec
+            from harness.runner import train
+            from harness.store import ResultsStore
+
+            self.records[variant] = train(RunSpec(variant, data="synthetic:tiny", **SHARED_RUNS[variant]),
+                                          ResultsStore(self.root), data=self.data, device="cpu", progress=False)
+        return self.records[variant]
+
+    def copy(self, dst: Path, *variants: str):
+        """A store at ``dst`` (which may exist) holding the runs of ``variants`` (all of them when none is
+        named) and the teacher runs they used: (the store, {variant: record})."""
+        from harness.store import ResultsStore
+
+        recs = {v: copy.deepcopy(self.record(v)) for v in variants or SHARED_RUNS}
+        keep = {r["run_id"] for r in recs.values()} | {t for r in recs.values() for t in r["teacher_runs"]}
+        runs = self.root / "runs"
+        shutil.copytree(self.root, dst, dirs_exist_ok=True,
+                        ignore=lambda d, names: [n for n in names if Path(d) == runs and n not in keep])
+        return ResultsStore(dst), recs
+
+
+@pytest.fixture(scope="session")
+def shared_store(tiny, tmp_path_factory) -> SharedStore:
+    """The session's trained tiny store (:class:`SharedStore`); copy it, never write to it."""
+    return SharedStore(tmp_path_factory.mktemp("shared") / "results", tiny)
+
+
+@pytest.fixture(scope="session")
+def exported(shared_store, tmp_path_factory):
+    """The shared store's teacher-g4 run exported with ``ablate.py export`` from a copy of the store: (its record,
+    the bundle's path); the bundle tests import it, or forge it (into their own directories)."""
     from typer.testing import CliRunner
 
     import ablate
-    from harness.planning import RunSpec
-    from harness.runner import train
-    from harness.store import ResultsStore
 
     d = tmp_path_factory.mktemp("bundle")
-    store = ResultsStore(d / "trained-here")
-    rec = train(RunSpec(variant="teacher-g4", data="synthetic:tiny", seed=3, epochs=1, batch_size=128), store,
-                data=tiny, device="cpu", progress=False)
+    store, recs = shared_store.copy(d / "trained-here", "teacher-g4")
+    rec = recs["teacher-g4"]
     out = d / "teacher.tar"
     res = CliRunner().invoke(ablate.app, ["export", rec["run_id"], "-o", str(out), "--results", str(store.root)])
     assert res.exit_code == 0, res.output

@@ -32,7 +32,8 @@ def _modules() -> list[str]:
 #: project's modules import alone, in any order; torch need not be imported 30 times)
 _IMPORT_EACH = r"""
 import os, sys
-import av, h5py, numpy, pandas, rich, scipy.stats, submitit, torch, torchvision, typer  # noqa
+import av, h5py, matplotlib.backends.backend_agg, matplotlib.figure, numpy, optuna, pandas, rich, scipy.stats  # noqa
+import submitit, torch, torchvision, typer  # noqa
 assert not [m for m in sys.modules if m.split(".")[0] in ("harness", "variants")]
 failed = []
 for m in sys.argv[1:]:

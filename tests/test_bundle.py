@@ -16,7 +16,7 @@ from harness.planning import RunSpec
 from harness.runner import train
 from harness.store import ResultsStore
 
-FAST = {"epochs": 1, "batch_size": 128}
+FAST = {"epochs": 1, "batch_size": 512}  # the settings of the shared teacher-g4 run (conftest.SHARED_RUNS)
 
 
 def members_of(path) -> dict[str, bytes]:

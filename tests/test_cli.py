@@ -12,7 +12,6 @@ import ablate
 import bench
 from harness.planning import RunSpec
 from harness.runner import train
-from harness.store import ResultsStore
 
 runner = CliRunner()
 
@@ -57,10 +56,9 @@ def test_run_says_when_it_reuses_a_record(tmp_path, tiny):
     assert code == 0 and "already complete: question-only-" in out and "not retrained" in out
 
 
-def test_a_damaged_record_is_set_aside_and_the_run_redone(tmp_path, tiny):
-    store = ResultsStore(tmp_path)
-    rec = train(RunSpec("question-only", epochs=1, batch_size=512, seed=9), store, data=tiny, device="cpu",
-                progress=False)
+def test_a_damaged_record_is_set_aside_and_the_run_redone(tmp_path, tiny, shared_store):
+    store, recs = shared_store.copy(tmp_path, "question-only")
+    rec = recs["question-only"]
     path = store.run_dir(rec["run_id"]) / "record.json"
     path.write_text('{"run_id": "x", "truncat')
     with pytest.warns(UserWarning, match="damaged record"):
@@ -69,7 +67,7 @@ def test_a_damaged_record_is_set_aside_and_the_run_redone(tmp_path, tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert store.records() == []  # listing goes on without it
-    again = train(RunSpec("question-only", epochs=1, batch_size=512, seed=9), store, data=tiny, device="cpu",
+    again = train(RunSpec("question-only", epochs=1, batch_size=512, seed=0), store, data=tiny, device="cpu",
                   progress=False)
     assert again["run_id"] == rec["run_id"] and store.is_complete(rec["run_id"])
 

@@ -3,14 +3,13 @@ trained run agree with fp32 within stated tolerances, are recorded beside the ru
 resume, name what cannot be exported; the grid key; the report section; the bounds."""
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from rich.console import Console
 from torch import nn
+from typer.testing import CliRunner
 
 from harness import compress as C
 from harness import grid as G
@@ -19,7 +18,6 @@ from harness.record import task as record_task
 from harness.runner import train
 from harness.store import ResultsStore
 
-ROOT = Path(__file__).resolve().parent.parent
 
 #: tolerances against the fp32 model on the tiny set's 1,000 test questions. ONNX Runtime computes the
 #: same fp32 graph (other kernels, other summation order): every argmax equal, logits within 1e-4.
@@ -258,11 +256,14 @@ def test_machine_rates_are_measured():
 
 @pytest.mark.slow
 def test_bench_compress_prints_the_latency_table_with_bounds(tmp_path):
-    cmd = [sys.executable, str(ROOT / "bench.py"), "--variant", "dualvgr", "--config", "tiny", "--device", "cpu",
-           "--compress", "dynamic-int8", "--compress", "onnx", "--compress-reps", "2", "--format", "json",
-           "--batch-size", "1,4", "--results", str(tmp_path)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert p.returncode == 0, p.stderr
+    """bench.py --compress, run in this process (typer's CliRunner: no second interpreter start-up)."""
+    import bench
+
+    args = ["--variant", "dualvgr", "--config", "tiny", "--device", "cpu", "--compress", "dynamic-int8",
+            "--compress", "onnx", "--compress-reps", "2", "--threads", "1", "--format", "json", "--batch-size", "1,4",
+            "--results", str(tmp_path)]
+    p = CliRunner().invoke(bench.app, args)
+    assert p.exit_code == 0, p.stderr
     rows = json.loads(p.stdout)
     assert [(r["path"], r["batch_size"]) for r in rows] == [(p, b) for b in (1, 4)
                                                            for p in ("fp32 eager", "dynamic-int8", "onnx")]
@@ -270,32 +271,36 @@ def test_bench_compress_prints_the_latency_table_with_bounds(tmp_path):
         assert r["bound_ms"] > 0 and r["x_bound"] == pytest.approx(r["latency_ms_median"] / r["bound_ms"])
         assert r["bound_ms"] == max(r["compute_ms"], r["memory_ms"])
     assert list((tmp_path / "bench").glob("*-dualvgr-compress.json"))
-    bad = subprocess.run(cmd[:-2] + ["--compress", "int4", "--no-store"], capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and "unknown compression method(s) 'int4'" in bad.stderr
+    bad = CliRunner().invoke(bench.app, args[:-2] + ["--compress", "int4", "--no-store"])
+    assert bad.exit_code == 2 and "unknown compression method(s) 'int4'" in bad.stderr
 
 
 @pytest.mark.slow
 def test_a_grid_with_evaluate_compress_trains_then_compresses_and_resumes(data_cache, tmp_path):
-    """End to end through ablate.py (about 2 minutes on 2 shared cores): train, compress, report; again: skipped."""
+    """End to end through ablate.py's command (typer's CliRunner, in this process): train, compress, report;
+    again: skipped. A small dualvgr (module_dim 16): what is checked is the grid's path, not the model."""
+    import ablate
+
     grid = tmp_path / "g.toml"
-    grid.write_text('data = "synthetic:tiny"\nseeds = [0]\nvariants = ["dualvgr"]\n[train]\nepochs = 1\n'
-                    'batch_size = 512\n[evaluate]\ncompress = ["dynamic-int8"]\n')
-    cmd = [sys.executable, str(ROOT / "ablate.py"), "--grid", str(grid), "--results", str(tmp_path / "results"),
-           "--reports", str(tmp_path / "reports"), "--device", "cpu"]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert first.returncode == 0, first.stderr
+    grid.write_text('data = "synthetic:tiny"\nseeds = [0]\nvariants = ["dualvgr"]\n[set]\nmodule_dim = 16\n'
+                    '[train]\nepochs = 1\nbatch_size = 512\n[evaluate]\ncompress = ["dynamic-int8"]\n')
+    args = ["--grid", str(grid), "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports"),
+            "--device", "cpu"]
+    first = CliRunner().invoke(ablate.app, args)
+    assert first.exit_code == 0, first.output
     store = ResultsStore(tmp_path / "results")
     (rec,) = list(store.iter_records())
+    assert rec["variant_config"]["model"]["module_dim"] == 16
     path = C.directory(store, rec["run_id"], "dynamic-int8") / "record.json"
     written = path.stat().st_mtime_ns
     assert C.read(store, rec["run_id"], "dynamic-int8")["metrics"]["test"]["n"] == rec["data"]["sizes"]["test"]
     assert "### Compressed: int8 and ONNX Runtime beside fp32" in (tmp_path / "reports" / "g.md").read_text()
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert again.returncode == 0, again.stderr
+    again = CliRunner().invoke(ablate.app, args)
+    assert again.exit_code == 0, again.output
     assert path.stat().st_mtime_ns == written  # complete: not evaluated again
-    out = subprocess.run([sys.executable, str(ROOT / "ablate.py"), "compress", rec["run_id"], "--method", "int4",
-                          "--results", str(tmp_path / "results")], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 2 and "unknown compression method(s) 'int4'" in out.stderr + out.stdout
+    out = CliRunner().invoke(ablate.app, ["compress", rec["run_id"], "--method", "int4", "--results",
+                                          str(tmp_path / "results")])
+    assert out.exit_code == 2 and "unknown compression method(s) 'int4'" in out.output
 
 
 @pytest.mark.parametrize("task", ["multiple-choice", "count"])

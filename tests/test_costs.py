@@ -15,8 +15,8 @@ FAST = dict(epochs=1, batch_size=512)
 
 
 @pytest.mark.slow
-def test_one_measurement_per_configuration_shared_by_its_runs(tiny, tmp_path):
-    store = ResultsStore(tmp_path)
+def test_one_measurement_per_configuration_shared_by_its_runs(tiny, shared_store, tmp_path):
+    store, _ = shared_store.copy(tmp_path, "dualvgr", "question-only")  # seed 0 of each: complete, not retrained
     recs = [train(RunSpec(v, seed=s, **FAST), store, data=tiny, device="cpu", progress=False)
             for v, s in (("dualvgr", 0), ("dualvgr", 1), ("question-only", 0))]
     assert all(r["cost"].get("latency_ms_median") is None for r in recs)  # not timed during training
@@ -43,9 +43,9 @@ def test_one_measurement_per_configuration_shared_by_its_runs(tiny, tmp_path):
     assert {s["arch"] for s in stored} == {"dualvgr", "question-only"} and all(s["reps"] >= 20 for s in stored)
 
 
-def test_a_disturbed_timing_is_flagged(tiny, tmp_path):
-    store = ResultsStore(tmp_path)
-    rec = train(RunSpec("question-only", seed=2, **FAST), store, data=tiny, device="cpu", progress=False)
+def test_a_disturbed_timing_is_flagged(shared_store, tmp_path):
+    store, recs = shared_store.copy(tmp_path, "question-only")
+    rec = recs["question-only"]
     costs.measure_missing(store, [rec["run_id"]], "cpu")
     (path,) = (tmp_path / "costs").glob("*.json")
     c = json.loads(path.read_text())

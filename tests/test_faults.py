@@ -249,17 +249,16 @@ def test_a_failure_that_cannot_be_recorded_is_not_claimed(tmp_path, tiny, monkey
 
 
 @pytest.mark.slow
-def test_a_damaged_teacher_is_set_aside_and_retrained_or_refused(tmp_path, tiny):
+def test_a_damaged_teacher_is_set_aside_and_retrained_or_refused(tmp_path, tiny, shared_store):
     """A truncated teacher best.pt: its students' reruns do not die in torch.load forever; the grid
     sets the teacher aside (named) and retrains it first, or, asked to, refuses naming the file."""
     from harness import grid as G
-    from harness.planning import RunSpec
-    from harness.runner import _frozen_teacher, train
-    from harness.store import DamagedRun, ResultsStore, file_digest
+    from harness.runner import _frozen_teacher
+    from harness.store import DamagedRun, file_digest
 
-    store = ResultsStore(tmp_path / "results")
-    spec = RunSpec("student-logits", epochs=1, batch_size=512, seed=3)
-    rec = train(spec, store, data=tiny, device="cpu", progress=False)
+    # student-logits (seed 3, 1 epoch, batch 512) and its teacher-g4, copied from the session's shared store
+    store, recs = shared_store.copy(tmp_path / "results", "student-logits")
+    rec = recs["student-logits"]
     tid = rec["teacher_runs"][0]
     weights = store.run_dir(tid) / "best.pt"
     assert store.read_record(tid)["weights"]["best.pt"] == file_digest(weights)  # recorded at write

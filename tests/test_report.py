@@ -413,14 +413,10 @@ def test_empty_store(tmp_path):
     assert pd.read_csv(tmp_path / "r" / "g.csv").empty
 
 
-def test_report_on_real_records(tiny, tmp_path):
-    """Records written by the runner itself (1 epoch each on the tiny synthetic set)."""
-    from harness.planning import RunSpec
-    from harness.runner import train
-
-    s = ResultsStore(tmp_path / "results")
-    recs = {v: train(RunSpec(v, epochs=1, batch_size=256), s, data=tiny, device="cpu", progress=False)
-            for v in ("dualvgr", "question-only")}
+def test_report_on_real_records(tiny, shared_store, tmp_path):
+    """Records written by the runner itself (1 epoch each on the tiny synthetic set), copied from the
+    session's shared store."""
+    s, recs = shared_store.copy(tmp_path / "results", "dualvgr", "question-only")
     md_path = write_report(s, "real", out_dir=tmp_path / "reports")
     md = md_path.read_text()
     secs = sections(md)

@@ -38,13 +38,10 @@ TINY_QO = 'variants = ["question-only"]\n[train]\nepochs = 1\nbatch_size = 512\n
 
 
 @pytest.fixture
-def qo_store(tmp_path, tiny):
-    """A store holding the one complete question-only run of ``TINY_QO``'s grid (1 epoch)."""
-    from harness.planning import RunSpec
-    from harness.runner import train
-
-    store = St.ResultsStore(tmp_path / "results")
-    train(RunSpec("question-only", epochs=1, batch_size=512, seed=0), store, data=tiny, device="cpu", progress=False)
+def qo_store(tmp_path, shared_store):
+    """A store holding the one complete question-only run of ``TINY_QO``'s grid (1 epoch, seed 0, batch 512),
+    copied from the session's shared store."""
+    store, _ = shared_store.copy(tmp_path / "results", "question-only")
     return store
 
 
@@ -331,15 +328,15 @@ def test_an_accuracy_runs_epoch_line_and_scalars_have_no_mse():
 # -- the results table: no value broken in two, what fits on a terminal, everything in a pipe or CSV
 
 @pytest.fixture(scope="module")
-def two_task_store(tmp_path_factory, data_cache):
-    """An accuracy run (synthetic:tiny) and a count run (synthetic:tiny-count), 1 epoch each."""
+def two_task_store(tmp_path_factory, shared_store):
+    """An accuracy run (synthetic:tiny, copied from the session's shared store) and a count run
+    (synthetic:tiny-count), question-only, 1 epoch each."""
     from harness.planning import RunSpec
     from harness.runner import train
 
-    store = St.ResultsStore(tmp_path_factory.mktemp("two") / "results")
-    for data in ("synthetic:tiny", "synthetic:tiny-count"):
-        train(RunSpec("question-only", data=data, epochs=1, batch_size=512, seed=0), store, device="cpu",
-              progress=False)
+    store, _ = shared_store.copy(tmp_path_factory.mktemp("two") / "results", "question-only")
+    train(RunSpec("question-only", data="synthetic:tiny-count", epochs=1, batch_size=512, seed=0), store,
+          device="cpu", progress=False)
     return store
 
 

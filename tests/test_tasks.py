@@ -136,7 +136,7 @@ def test_a_family_without_the_task_gets_a_clear_error():
 @pytest.mark.parametrize("task", [MULTIPLE_CHOICE, COUNT])
 def test_dualvgr_and_a_logit_kd_student_train_on_each_task(task, task_sets, tmp_path):
     store = ResultsStore(tmp_path / "results")
-    common = dict(data=str(task_sets[task]), seed=0, epochs=2, batch_size=64, overrides={"module_dim": 16})
+    common = dict(data=str(task_sets[task]), seed=0, epochs=2, batch_size=256, overrides={"module_dim": 16})
     rec = train(RunSpec(variant="student-logits", **common), store, device="cpu", progress=False)
     assert rec["status"] == "complete" and rec["variant_config"]["model"]["task"] == task
     teacher = store.read_record(rec["teacher_runs"][0])
@@ -168,7 +168,7 @@ def test_a_grid_over_three_tasks_reports_a_table_per_task(tiny, task_sets, tmp_p
     sets = [str(tiny.paths.vocab.parent), str(task_sets[MULTIPLE_CHOICE]), str(task_sets[COUNT])]
     f = tmp_path / "tasks.toml"
     f.write_text(f'data = {json.dumps(sets)}\nseeds = [0, 1]\nvariants = ["dualvgr", "question-only"]\n'
-                 '[train]\nepochs = 1\nbatch_size = 64\n[set]\nmodule_dim = 16\n')
+                 '[train]\nepochs = 1\nbatch_size = 512\n[set]\nmodule_dim = 16\n')
     g = G.load(f)
     assert g.datasets == sets and len(g.runs) == 12 and {r.data for r in g.runs} == set(sets)
     store = ResultsStore(tmp_path / "results")
