@@ -36,7 +36,7 @@ def test_runs_of_other_code_are_reused_only_by_choice_and_never_by_the_regressio
     assert {identity.code_of(r) for r in store.records()} == {OLD}
     out = io.StringIO()
     res = run_grid(grid, store, console=Console(file=out, width=200))
-    assert res.skipped == 1 and "2 complete run(s) were computed by other code" in out.getvalue()
+    assert res.skipped == 1 and "2 complete runs were computed by other code" in out.getvalue()
     assert "reused" in out.getvalue()
     measured = R.measure(grid, store, console=Console(file=io.StringIO()))  # teacher and student trained again
     assert set(measured) == {"student-logits", "teacher-g4"}

@@ -135,10 +135,13 @@ def test_a_teacher_without_the_output_a_loss_reads_fails_before_anything_trains(
     """A student whose hint loss reads ``clip_fused`` from a question-only teacher (which has no
     video features) is refused when planned, naming the output and the teacher, before the
     teacher trains; in a grid, before any run trains."""
+    import re
+
     import pytest
 
     import variants
     from harness import grid as G
+    from harness.errors import GridError
     from harness.grid import run_grid
     from variants.registry import Entry
 
@@ -155,7 +158,7 @@ def test_a_teacher_without_the_output_a_loss_reads_fails_before_anything_trains(
         train(RunSpec("student-qo-hint", epochs=1), store, data=tiny, device="cpu", progress=False)
     grid = tmp_path / "g.toml"
     grid.write_text('data = "synthetic:tiny"\nvariants = ["dualvgr", "student-qo-hint"]\nseeds = [0]\n')
-    with pytest.raises(variants.ConfigError, match=msg):
+    with pytest.raises(GridError, match=re.escape(f"{grid}: ") + msg):  # a grid's refusal names its file
         run_grid(G.load(grid), store)
     assert not list((tmp_path / "results").glob("runs/*/record.json"))  # nothing trained
     train(RunSpec("student-hint", epochs=1, batch_size=512), store, data=tiny, device="cpu", progress=False)
