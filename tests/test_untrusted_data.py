@@ -114,13 +114,15 @@ def test_a_question_pickle_whose_arrays_are_not_plain_is_refused(tmp_path, case,
 
 def run_ablate_measured(data: Path, tmp_path: Path) -> tuple[int, str, int]:
     """``ablate.py run question-only`` on ``data`` in a child process: exit code, output, and the
-    child's peak resident memory in KiB."""
+    child's peak resident memory in KiB (VmHWM: the peak of the child's own address space; getrusage's
+    ru_maxrss would also count the parent's peak, which exec carries over from a vfork)."""
     rss = tmp_path / "peak_kib"
     argv = ["ablate.py", "run", "question-only", "--data", str(data), "--results", str(tmp_path / "store"),
             "--epochs", "1", "--device", "cpu"]
-    child = (f"import resource, runpy, sys; sys.argv = {argv!r}\n"
+    peak = "[l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]"
+    child = (f"import runpy, sys; sys.argv = {argv!r}\n"
              f"try:\n    runpy.run_path('ablate.py', run_name='__main__')\n"
-             f"finally:\n    open({str(rss)!r}, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))")
+             f"finally:\n    open({str(rss)!r}, 'w').write({peak})")
     r = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     return r.returncode, r.stdout + r.stderr, int(rss.read_text())
