@@ -19,7 +19,7 @@ recorded as passed, failed (with the error) or skipped (with why), none stopping
    (its teacher and teacher-output cache included), a run stopped after one epoch and resumed
    (compared with the uninterrupted one), sparse-node, and a ``--jobs 2`` grid on one device;
 7. ``table``: training samples/s, epoch time, eval latency b1/b256 (median, p90) and step peak
-   memory beside the reference code's figures (``../shared/reference/anchors.md``, copied below).
+   memory beside the reference code's figures (``docs/reference.md``, copied below).
 
 Writes ``gpu_check.json`` (every part) and ``gpu_check.md`` (the table and each part's status) to
 ``--out``; exits 1 when a part failed. Nothing here is estimated: a figure not measured is "-".
@@ -52,7 +52,7 @@ SIZES = {
 }
 #: the dry run's data set: the tiny preset's dims and vocabularies, a tenth of its questions
 MICRO = {"name": "micro", "n_videos": 60, "n_train": 256, "n_val": 64, "n_test": 64}
-#: the reference DualVGR code on one H100 80GB (../shared/reference/anchors.md, "Measured speed of the reference
+#: the reference DualVGR code on one H100 80GB (docs/reference.md, "Speed of the reference
 #: DualVGR code"; docs/performance.md quotes the same): 1 graph layer (dualvgr) and 4 (teacher-g4)
 REFERENCE = {
     "dualvgr": {"train_samples_per_s_b256": 1362, "epoch_s": 35.0, "latency_ms_b1": 14.2, "latency_ms_b256": 28.4,
