@@ -32,7 +32,7 @@ console = make_console()
 LOG_HELP = ("Live logging sink, repeatable: tensorboard (event files under results/runs/<run>/tensorboard) or wandb "
             "(offline unless W&B is configured)")
 MAX_RUNS_HELP = ("The most runs the grid may make; a larger grid is refused before it is expanded [default: "
-                 "harness.grid.MAX_RUNS, 10,000].")
+                 "harness.execution.grid.MAX_RUNS, 10,000].")
 
 
 INTERRUPTED = "interrupted; rerun to resume (complete runs are kept, unfinished ones continue from their last " \
@@ -78,7 +78,7 @@ def check_set_keys(variant: str, overrides: dict, options: dict[str, str]) -> No
     """A ``--set`` key that is no setting of ``variant`` but a command-line option (``lr``: ``--lr``)
     or a training setting is refused naming the option; other keys are left to the variant's check."""
     import variants
-    from harness.settings import TRAIN_CHECKS
+    from harness.runs.settings import TRAIN_CHECKS
 
     own = variants.settings(variant)
     for key, value in overrides.items():
@@ -97,8 +97,8 @@ def accuracy_table(record: dict, title: str | None = None) -> Table:
     """Per-question-type accuracy (a count's MSE: the run's task metric) of one run: val and test
     (best-val epoch), test (last epoch), and the evaluation-time ablations (which evidence each
     question type uses)."""
-    from harness import metrics as M
-    from harness import record as R
+    from harness.evaluation import metrics as M
+    from harness.runs import record as R
 
     metric = M.task_metric(R.task(record))
     m = {k: {"overall": v.get(metric.key), "per_type": v.get(metric.per_type) or {}, "counts": v.get("counts", {}),
@@ -118,7 +118,7 @@ def accuracy_table(record: dict, title: str | None = None) -> Table:
         row = m[key]
         t.add_row(label, *[f"{row['per_type'][n]:.2f}" if n in row["per_type"] else "-" for n in types],
                   f"{row['overall']:.2f}")
-    from harness.evaluate import ABLATIONS
+    from harness.evaluation.evaluate import ABLATIONS
 
     for key, row in m.get("ablations", {}).items():
         t.add_row(f"test, {ABLATIONS.get(key, key)}",
@@ -138,7 +138,7 @@ def main(
     jobs: Optional[int] = typer.Option(None, min=1, help="Runs at a time [default: the grid's executor.jobs, else 1]."),
     executor: Optional[str] = typer.Option(None, help="local (processes on this machine), slurm (a submitit job "
                                            "array), submitit-local, or another kind registered in "
-                                           "harness.executor [default: the grid's, else local]."),
+                                           "harness.execution.executor [default: the grid's, else local]."),
     executor_option: Optional[list[str]] = typer.Option(None, "--executor-option", help="KEY=VALUE, repeatable: "
                                                         "an option of the executor (a key of its grid [executor] "
                                                         "table); the SLURM options below are shorthands."),
@@ -181,9 +181,9 @@ def main(
     if grid is None:
         console.print(ctx.get_help())
         raise typer.Exit(0)
-    from harness import grid as G
-    from harness.grid import run_grid
-    from harness.store import ResultsStore, check_writable
+    from harness.execution import grid as G
+    from harness.runs.store import ResultsStore
+    from harness.files import check_writable
 
     try:
         g = G.load(grid, data=data, seeds=[int(x) for x in seeds.split(",")] if seeds else None,
@@ -205,7 +205,7 @@ def main(
     try:
         check_writable(store.root)
         check_writable(reports, "reports directory", "--reports")  # before the training, not after it
-        res = run_grid(g, store, executor=ex, jobs=jobs or int(g.executor.get("jobs", 1)), device=device, mode=mode,
+        res = G.run_grid(g, store, executor=ex, jobs=jobs or int(g.executor.get("jobs", 1)), device=device, mode=mode,
                        console=console, options=options, reuse_other_code=reuse_other_code,
                        refuse_damaged=refuse_damaged, log=log)
         if res.interrupted:
@@ -235,9 +235,9 @@ def _grid_run_ids(store, g, run_ids: list[str]) -> list[str]:
 
 
 def _compress(store, run_ids: list[str], methods: tuple[str, ...], force: bool = False) -> list[dict]:
-    """Each run evaluated compressed by each method (harness.compress), on the CPU, one at a time,
+    """Each run evaluated compressed by each method (harness.compression.compress), on the CPU, one at a time,
     after the training and the cost measurements; complete ones are skipped. Returns the failures, each said."""
-    from harness import compress
+    from harness.compression import compress
 
     if not methods or not run_ids:
         return []
@@ -252,7 +252,7 @@ def _grid_options(g, kind: str, items: list[str] | None, given: dict) -> dict:
     """The executor's options: the grid's ``[executor]`` table, then ``--executor-option``, then the
     options given on the command line that are not None, each checked by the executors that read it
     (a ``--partition`` that is not a partition name is refused)."""
-    from harness.executor import check_options
+    from harness.execution.executor import check_options
 
     given = {k: v for k, v in given.items() if v is not None}
     check_options(given, "command line")
@@ -261,8 +261,8 @@ def _grid_options(g, kind: str, items: list[str] | None, given: dict) -> dict:
 
 def _executor_options(kind: str, items: list[str] | None) -> dict:
     """``--executor-option KEY=VALUE`` pairs for the executor ``kind``: each key one it reads, each
-    value checked by it (harness.executor's registry)."""
-    from harness.executor import EXECUTORS, check_options, executor_kind
+    value checked by it (harness.execution.executor's registry)."""
+    from harness.execution.executor import EXECUTORS, check_options, executor_kind
 
     if kind not in EXECUTORS:
         raise typer.BadParameter(f"--executor must be one of {', '.join(EXECUTORS.list())}, got {kind!r}")
@@ -277,8 +277,8 @@ def _executor_options(kind: str, items: list[str] | None) -> dict:
 
 def _measure_costs(store, run_ids: list[str], device: str) -> None:
     """Latency and inference memory of each trained configuration, once per device, serially,
-    after all training (harness.costs)."""
-    from harness import costs
+    after all training (harness.measurement.costs)."""
+    from harness.measurement import costs
 
     n = costs.measure_missing(store, run_ids, device, say=lambda m: say(console, m, "dim"))
     if n:
@@ -301,8 +301,8 @@ def _command(sub: str | None = None, **options) -> str:
 def _planned(store, g, plans=None) -> list[dict] | None:
     """What each run of the grid (teachers included) is: id, variant, settings label, seed; so that
     a partial report can say what it lacks. None when the data set is not recorded."""
-    from harness.grid import grid_plans
-    from harness.planning import recorded_info
+    from harness.execution.grid import grid_plans
+    from harness.training.plan import recorded_info
 
     if plans is None:
         try:
@@ -321,7 +321,7 @@ def _write_report(store, g, reports: str, run_ids: list[str], regenerate: str, p
     """Write the grid's report (its header names ``regenerate``, the command that writes it again);
     False (with one error line) when it cannot be written."""
     from harness.report import write_report
-    from harness.store import NoSpace, NotWritable
+    from harness.files import NoSpace, NotWritable
 
     if not any(store.is_complete(r) for r in run_ids):
         say(console, "no complete run: no report written")
@@ -347,9 +347,9 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
            seeds: Optional[str] = typer.Option(None, help="Override the grid's seeds, comma-separated."),
            max_runs: Optional[int] = typer.Option(None, min=1, help=MAX_RUNS_HELP)):
     """Regenerate reports/NAME.md (and .csv, and plots) from the results store; trains nothing."""
-    from harness import grid as G
-    from harness.planning import recorded_info
-    from harness.store import ResultsStore
+    from harness.execution import grid as G
+    from harness.training.plan import recorded_info
+    from harness.runs.store import ResultsStore
 
     store = ResultsStore(results)
     try:
@@ -391,12 +391,12 @@ def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to co
     """Evaluate complete runs compressed (int8, ONNX Runtime) on the CPU, without retraining: each is recorded in
     results/runs/<run>/compressed/<method>/ beside the run (whose own files are only read); complete ones are
     skipped. `ablate.py report --grid NAME` then shows them beside their fp32 runs."""
-    from harness import compress as C
-    from harness import grid as G
-    from harness import metrics as M
-    from harness import record as R
-    from harness.planning import recorded_info
-    from harness.store import ResultsStore
+    from harness.compression import compress as C
+    from harness.execution import grid as G
+    from harness.evaluation import metrics as M
+    from harness.runs import record as R
+    from harness.training.plan import recorded_info
+    from harness.runs.store import ResultsStore
 
     store = ResultsStore(results)
     if threads is not None:
@@ -458,10 +458,10 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
     For fp32 against bf16, or before against after a change of settings:
     `python ablate.py compare --grid precision-fp32 --grid precision-bf16`. Says which code (fingerprint)
     computed each side's runs; refuses to compare a run with itself (two grids planning the same runs)."""
-    from harness import grid as G
+    from harness.execution import grid as G
     from harness.report import compare_runs
-    from harness.planning import recorded_info
-    from harness.store import ResultsStore
+    from harness.training.plan import recorded_info
+    from harness.runs.store import ResultsStore
 
     if len(grid) != 2:
         error(console, f"compare takes exactly two --grid options, got {len(grid)}")
@@ -484,7 +484,7 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
                        f"{', ...' if len(same) > 3 else ''}): that compares a run with itself (run ids cover "
                        "settings, data and seed, not the code; a record names its code fingerprint)")
         raise typer.Exit(2)
-    from harness import identity
+    from harness.runs import identity
 
     code = [identity.describe_code(store.read_record(r) for r in i if store.is_complete(r)) for i in ids]
     planned = tuple({q.run_id: (q.spec.variant, q.spec.seed) for p in ps for q in p.all_plans()} for ps in plans)
@@ -502,13 +502,13 @@ def compare(grid: list[str] = typer.Option(..., "--grid", help="The two grids (n
                        f"`python ablate.py compare --grid {gs[0].name} --grid {gs[1].name}`", "", *md, ""])
     console.print(text)
     if out:
-        from harness.store import atomic_write_bytes
+        from harness.files import atomic_write_bytes
         atomic_write_bytes(Path(out), text.encode())
         console.print(f"written: {out}")
 
 
 @app.command()
-def search(file: str = typer.Argument(..., help="A study file, e.g. grids/search-logits.toml (see harness/search.py)."),
+def search(file: str = typer.Argument(..., help="A study file, e.g. grids/search-logits.toml (see docs/search.md)."),
            jobs: Optional[int] = typer.Option(None, min=1, help="Worker processes (or SLURM jobs) sharing the study "
                                               "[default: the file's executor.jobs, else 1]."),
            executor: Optional[str] = typer.Option(None, help="local, slurm or submitit-local [default: the file's, "
@@ -524,9 +524,10 @@ def search(file: str = typer.Argument(..., help="A study file, e.g. grids/search
            report_only: bool = typer.Option(False, "--report-only", help="Train nothing: rewrite the reports.")):
     """Search a variant's settings with Optuna (validation accuracy only), then retrain the best with fresh seeds
     and compare it on test with the control; rerun the same command to resume."""
-    from harness import search as S
-    from harness.report.study import write_study_report
-    from harness.store import ResultsStore, check_writable
+    from harness.search import optimize as S
+    from harness.search.report import write_study_report
+    from harness.runs.store import ResultsStore
+    from harness.files import check_writable
 
     try:
         study = S.load_study(file)
@@ -587,12 +588,13 @@ def run(
 ):
     """Train and evaluate one variant; print its per-question-type accuracy table."""
     import variants
-    from harness import data as D
+    from harness.data import dataset as D
     from harness.env import check_precision, resolve_device
-    from harness.planning import RunSpec, feature_mode, plan
-    from harness.runner import RUN_LOCK, train
-    from harness.sinks import check_sinks
-    from harness.store import ResultsStore, check_writable, held_elsewhere
+    from harness.training.plan import RunSpec, feature_mode, plan
+    from harness.training.runner import RUN_LOCK, train
+    from harness.training.sinks import check_sinks
+    from harness.runs.store import ResultsStore, StateError
+    from harness.files import check_writable, held_elsewhere
 
     store = ResultsStore(results)
     run_id = None
@@ -618,7 +620,6 @@ def run(
     except KeyboardInterrupt:
         raise interrupted() from None
     except user_errors() as e:
-        from harness.store import StateError
 
         error(console, e)
         # the run started: record why it failed (a refused resume state: nothing ran, the message says what to do)
@@ -640,7 +641,7 @@ def run(
 
 def _print_run(store, record: dict) -> None:
     """A run's table of its task's metric per question type, its summary line and its teachers'."""
-    from harness import record as R
+    from harness.runs import record as R
 
     console.print(accuracy_table(record))
     say(console, f"run {record['run_id']}: {plural(record['epochs_run'], 'epoch')}, best val epoch "
@@ -669,8 +670,8 @@ def export_(run_id: str = typer.Argument(..., help="The run to export (see `abla
             out: str = typer.Option(..., "-o", "--out", help="The bundle to write (a tar file; .tar.gz compresses)."),
             results: str = typer.Option("results", help="Results store directory.")):
     """Pack a complete run (record, best weights, config, data id, commit, checksums) into one file to share it."""
-    from harness.bundle import export_run
-    from harness.store import ResultsStore
+    from harness.training.bundle import export_run
+    from harness.runs.store import ResultsStore
 
     try:
         m = export_run(ResultsStore(results), run_id, out)
@@ -688,13 +689,13 @@ def import_(bundle: str = typer.Argument(..., help="A bundle written by `ablate.
                                                "[default: the data spec its record names]."),
             max_unpacked_mib: Optional[float] = typer.Option(None, min=1, help="The most the bundle may unpack "
                                                              "to, in MiB; a larger one is refused before it is read "
-                                                             "[default: harness.bundle.MAX_UNPACKED_MIB, 1024].")):
+                                                             "[default: 1024, bundle.MAX_UNPACKED_MIB].")):
     """Verify a run bundle (size, checksums, data id, identity, plain-tensor weights, its metrics re-evaluated on
     the local data) and add its run to the store, where students find it as a teacher as if it had been trained
     here."""
-    from harness import record as R
-    from harness.bundle import MAX_UNPACKED_MIB, import_bundle
-    from harness.store import ResultsStore
+    from harness.runs import record as R
+    from harness.training.bundle import MAX_UNPACKED_MIB, import_bundle
+    from harness.runs.store import ResultsStore
 
     try:
         rec, added, verified = import_bundle(bundle, ResultsStore(results), data=data,
@@ -752,7 +753,7 @@ def results(results: str = typer.Option("results", help="Results store directory
                                                   "pipe every one].")):
     """Every complete run in the results store, one line each (best epoch 1-based, as `run` prints). No value is
     broken across lines: a terminal shows the columns that fit and names the others."""
-    from harness.store import ResultsStore
+    from harness.runs.store import ResultsStore
 
     store = ResultsStore(results)
     if fmt not in ("table", "csv"):
@@ -829,17 +830,17 @@ def _print_results_table(df, cols: list[str], fit: bool) -> None:
 
 
 def _metric_columns() -> list[str]:
-    """The registered metrics' columns of the store's table (harness.metrics): the primary metric on
+    """The registered metrics' columns of the store's table (harness.evaluation.metrics): the primary metric on
     every split, the others on the test split."""
-    from harness import metrics as M
+    from harness.evaluation import metrics as M
 
     return [*(f"{s}_{M.PRIMARY}" for s in M.SPLITS), *(f"test_{m.name}" for m in M.secondary())]
 
 
 def _identity_columns(store, df):
-    """Which identity scheme made each record's id (harness.identity: 2 current, 1 the config as spelled, unknown:
+    """Which identity scheme made each record's id (harness.runs.identity: 2 current, 1 the config as spelled, unknown:
     not reproducible, never reused) and the fingerprint of the code that computed it."""
-    from harness import identity
+    from harness.runs import identity
 
     recs = {r["run_id"]: r for r in store.iter_records()}
     df["identity"] = [identity.scheme_of(recs[r]) if r in recs else "-" for r in df["run_id"]]
@@ -858,8 +859,8 @@ def migrate(results: str = typer.Option("results", help="Results store directory
             dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be re-keyed.")):
     """Re-key records made under an older run-id scheme whose resolved computation is provably unchanged (every
     value their config left unspelled is a declared neutral default); list the others, which are never reused."""
-    from harness import identity
-    from harness.store import ResultsStore
+    from harness.runs import identity
+    from harness.runs.store import ResultsStore
 
     store = ResultsStore(results)
     if not store.runs.is_dir():
@@ -884,7 +885,7 @@ def _cell(v) -> str:
 def _list_unfinished(store, failed: bool) -> None:
     """The failed (or incomplete) runs; a resume state that cannot be read safely is an error line
     naming it (exit 2), the others are listed."""
-    from harness.store import StateError, read_state
+    from harness.runs.store import StateError, read_state
 
     refused: list[str] = []
     t = Table()

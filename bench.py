@@ -23,15 +23,15 @@ from rich.table import Table
 
 import variants
 from harness.console import make_console, plural, say
-from harness.sizes import SIZES
-from harness.store import atomic_write_json
+from harness.data.sizes import SIZES
+from harness.files import atomic_write_json
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 console = make_console()
 err = make_console(stderr=True)
 
-#: model sizes (harness.sizes; msvd = the reference's MSVD-QA setting), which the synthetic presets share
+#: model sizes (harness.data.sizes; msvd = the reference's MSVD-QA setting), which the synthetic presets share
 CONFIGS = {name: size.model_config() for name, size in SIZES.items()}
 
 #: fields every record has (null where a field cannot be measured on the device)
@@ -79,7 +79,7 @@ def main(
                                                  "latency of fp32 eager and of each compressed path named "
                                                  "(dynamic-int8, onnx; repeatable), each beside its bound from "
                                                  "the GEMM rates and copy bandwidth measured in the same run "
-                                                 "(harness.compress; --device cpu)."),
+                                                 "(harness.compression.compress; --device cpu)."),
     compress_reps: int = typer.Option(15, min=1, help="With --compress: timed forwards per path and batch size, in "
                                                       "3 rounds that time the paths in turn."),
 ):
@@ -124,7 +124,7 @@ def _compress_main(names: list[str], config: str, sets: dict, sizes: list[int], 
     """``--compress``: fp32 eager and each compressed path of each variant, latency beside its bound."""
     import torch
 
-    from harness.compress import CompressError, check_methods
+    from harness.compression.compress import CompressError, check_methods
 
     if dev.type != "cpu":
         raise typer.BadParameter(f"--compress measures CPU paths (int8 kernels, ONNX Runtime's CPU provider): use "
@@ -155,9 +155,9 @@ def _compress_rows(cfg, config: str, sizes: list[int], methods: list[str], reps:
 
     import torch
 
-    from harness import compress as C
+    from harness.compression import compress as C
     from harness.env import device_name, git_commit, load_average
-    from harness.inputs import random_inputs
+    from harness.model.inputs import random_inputs
 
     torch.manual_seed(0)
     model = variants.build(cfg).eval()
@@ -262,8 +262,8 @@ def _warn_if_loaded(dev) -> None:
 
 def _data_layer(data: str, sizes: list[int], dev) -> dict[int, dict]:
     """Per batch size: the data layer's samples/s on ``data`` in memory and streaming."""
-    from harness import data as D
-    from harness.measure import data_throughput
+    from harness.data import dataset as D
+    from harness.measurement.measure import data_throughput
 
     rec: dict[int, dict] = {}
     for mode in ("memory", "stream"):
@@ -315,7 +315,7 @@ def _measure_in_child(threads: int, name: str, config: str, sets: dict, sizes: l
 def _measure(name: str, config: str, sets: dict, sizes: list[int], dev, **options) -> list[dict]:
     """The records of one variant at the config's size, one per batch size."""
     from harness.env import git_commit
-    from harness.measure import measure_variant
+    from harness.measurement.measure import measure_variant
 
     cfg = _config(name, config, sets)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

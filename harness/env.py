@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import HarnessError
+from harness.errors import HarnessError
 
 #: autocast dtype per precision name (fp32 and tf32: no autocast; they differ in the TF32 flags below)
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "tf32": None, "bf16": torch.bfloat16,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels for the device machine's python (3.12, linux x86_64; /work/.library/device/README.md): what the harness
 # imports and that image lacks (KINDS.md's package list): fvcore and its yacs, iopath, termcolor; submitit. av
-# (video decoding, harness.prepare only: not used by scripts/gpu_check.py, 30+ MB) only with WITH_AV=1.
+# (video decoding, harness.data.prepare only: not used by scripts/gpu_check.py, 30+ MB) only with WITH_AV=1.
 # fvcore and iopath publish no wheels (source only): they are pure Python, so a wheel is built here.
 #   bash scripts/gpu-wheels.sh        -> .whl/*.whl (git-ignored); carry .whl to the device machine
 set -euo pipefail

@@ -117,7 +117,8 @@ def environment(dev: torch.device) -> dict:
 
 
 def cuda_tests(dev: torch.device) -> dict:
-    files = ["tests/test_gpu_paths.py", "tests/test_measure.py", "tests/test_kd_losses.py"]
+    files = ["tests/measurement/test_gpu_paths.py", "tests/measurement/test_measure.py",
+             "tests/variants/test_kd_losses.py"]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files],
                        cwd=ROOT, capture_output=True, text=True, timeout=400)
     tail = (r.stdout + r.stderr).strip().splitlines()[-15:]
@@ -155,9 +156,9 @@ def no_host_sync(dev: torch.device, size: dict) -> dict:
     if dev.type != "cuda":
         return {"skipped": "torch.cuda.set_sync_debug_mode needs CUDA"}
     import variants
-    from harness.measure import build_teachers, random_answers, random_inputs
-    from harness.step import build_step
-    from harness.synthetic import PRESETS
+    from harness.measurement.measure import build_teachers, random_answers, random_inputs
+    from harness.model.step import build_step
+    from harness.data.synthetic import PRESETS
 
     out = {}
     for name in ("dualvgr", "sparse-node", "student-logits"):
@@ -185,9 +186,9 @@ def bench(dev: torch.device, size: dict, out_dir: Path) -> dict:
     import bench as B
     import variants
     from harness.env import precision_problem
-    from harness.measure import measure_variant
-    from harness.synthetic import PRESETS
-    from harness.store import atomic_write_json
+    from harness.measurement.measure import measure_variant
+    from harness.data.synthetic import PRESETS
+    from harness.files import atomic_write_json
 
     rows, skipped = [], {}
     plans = [(p, False) for p in size["precisions"]] + [(p, True) for p in size["graph_precisions"]]
@@ -220,7 +221,7 @@ def bench(dev: torch.device, size: dict, out_dir: Path) -> dict:
 
 
 def _spec(variant: str, size: dict, seed: int = 0):
-    from harness.planning import RunSpec
+    from harness.training.plan import RunSpec
 
     return RunSpec(variant=variant, data=size["data"], seed=seed, epochs=EPOCHS, batch_size=size["train_batch"])
 
@@ -237,9 +238,9 @@ def _second_epoch(rec: dict) -> dict:
 
 
 def runs(dev: torch.device, size: dict, out_dir: Path) -> dict:
-    from harness import data as D
-    from harness.runner import train
-    from harness.store import ResultsStore
+    from harness.data import dataset as D
+    from harness.training.runner import train
+    from harness.runs.store import ResultsStore
 
     data = D.load(size["data"])
     store = ResultsStore(out_dir / "runs")
@@ -266,9 +267,9 @@ def runs(dev: torch.device, size: dict, out_dir: Path) -> dict:
 
 
 def _jobs2_grid(dev: torch.device, size: dict, out_dir: Path) -> dict:
-    from harness import grid as G
-    from harness.grid import run_grid
-    from harness.store import ResultsStore
+    from harness.execution import grid as G
+    from harness.execution.grid import run_grid
+    from harness.runs.store import ResultsStore
 
     path = out_dir / "jobs2.toml"
     path.write_text(f'data = "{size["data"]}"\nseeds = [0, 1]\nvariants = ["dualvgr"]\n[train]\n'
@@ -286,7 +287,7 @@ def _jobs2_grid(dev: torch.device, size: dict, out_dir: Path) -> dict:
 def _micro_data(path: Path) -> Path:
     import dataclasses
 
-    from harness.synthetic import PRESETS, generate
+    from harness.data.synthetic import PRESETS, generate
 
     if not (path / "synthetic_meta.json").exists() and not any(path.glob("*_meta.json")):
         generate(path, dataclasses.replace(PRESETS["tiny"], **MICRO), progress=False)
@@ -365,7 +366,7 @@ def main() -> int:
                        f"({e['seconds']} s){': ' + e['error'] if e.get('error') else ''}" for n, e in p.parts.items())
     total = round(time.perf_counter() - t0, 1)
     md = f"# GPU check on {dev} ({size['config']} sizes), {total} s\n\n{md_table}\n## Parts\n\n{status}\n"
-    from harness.store import atomic_write_json
+    from harness.files import atomic_write_json
 
     atomic_write_json(out_dir / "gpu_check.json", {"device": str(dev), "size": size, "seconds": total,
                                                    "failed": p.failed, "parts": p.parts, "table": md_table})

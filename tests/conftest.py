@@ -48,7 +48,7 @@ def data_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny(data_cache):
-    from harness import data as D
+    from harness.data import dataset as D
 
     return D.load("synthetic:tiny")
 
@@ -73,9 +73,9 @@ class SharedStore:
     def record(self, variant: str) -> dict:
         """The record of ``variant``'s run (:data:`SHARED_RUNS`), trained the first time it is asked for."""
         if variant not in self.records:
-            from harness.planning import RunSpec
-            from harness.runner import train
-            from harness.store import ResultsStore
+            from harness.training.plan import RunSpec
+            from harness.training.runner import train
+            from harness.runs.store import ResultsStore
 
             self.records[variant] = train(RunSpec(variant, data="synthetic:tiny", **SHARED_RUNS[variant]),
                                           ResultsStore(self.root), data=self.data, device="cpu", progress=False)
@@ -84,7 +84,7 @@ class SharedStore:
     def copy(self, dst: Path, *variants: str):
         """A store at ``dst`` (which may exist) holding the runs of ``variants`` (all of them when none is
         named) and the teacher runs they used: (the store, {variant: record})."""
-        from harness.store import ResultsStore
+        from harness.runs.store import ResultsStore
 
         recs = {v: copy.deepcopy(self.record(v)) for v in variants or SHARED_RUNS}
         keep = {r["run_id"] for r in recs.values()} | {t for r in recs.values() for t in r["teacher_runs"]}

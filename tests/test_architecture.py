@@ -155,27 +155,62 @@ def test_the_cycle_finder_finds_cycles_at_any_depth():
     assert [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] == ["executor"]
 
 
-def test_imports_form_no_cycle():
-    """No import cycle among the project's modules, imports inside functions included."""
+#: the harness's layers, bottom to top (``harness/*.py`` below them all: the foundation); a module may
+#: import from its own layer and the layers before it, never from one after it
+LAYERS = ("data", "evaluation", "runs", "model", "measurement", "training", "compression", "execution", "report",
+          "search")
+
+
+def layer(module: str) -> int:
+    """The layer of a project module, read from its path: the model zoo (``variants``) -1, the
+    foundation (``harness/*.py``) 0, ``harness.<layer>...`` its place in :data:`LAYERS` from 1, the
+    command lines and scripts on top."""
+    parts = module.split(".")
+    if parts[0] == "variants":
+        return -1
+    if parts[0] != "harness":
+        return len(LAYERS) + 1
+    return LAYERS.index(parts[1]) + 1 if len(parts) > 1 and parts[1] in LAYERS else 0
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that points up a layer (``module -> imported``)."""
+    return sorted(f"{m} -> {n}" for m, deps in graph.items() for n in deps if layer(n) > layer(m))
+
+
+def test_the_layer_check_finds_an_upward_import():
+    assert layer("harness.errors") == 0 and layer("harness.data.prepare.cli") == 1 and layer("variants.zoo") == -1
+    assert layer("harness.search.optimize") == len(LAYERS) and layer("ablate") > len(LAYERS)
+    assert upward({"harness.runs.store": {"harness.training.runner", "harness.files"}, "harness.files": set(),
+                   "harness.training.runner": set()}) == ["harness.runs.store -> harness.training.runner"]
+    assert not (ROOT / "harness" / "common").exists() and all((HARNESS / name).is_dir() for name in LAYERS)
+
+
+def test_imports_form_no_cycle_and_point_down():
+    """No import cycle among the project's modules and no import pointing up a layer, imports inside
+    functions included; every module under harness/ lives in the foundation or in a layer."""
     graph = _graph()
-    assert "harness.grid" in graph["harness.executor"] or "harness.executor" in graph["harness.grid"]
+    assert "harness.execution.grid" in graph["harness.execution.executor"] or \
+        "harness.execution.executor" in graph["harness.execution.grid"]
     cycle = _cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
-    assert graph["harness.env"] <= {"harness.errors"}  # the bottom layer imports nothing else of the harness
-    assert "harness.runner" not in graph["harness.measure"]
-    assert "harness.measure" not in graph["harness.runner"]  # its input helpers are harness.inputs
-    assert not graph["harness.settings"] - {"harness.env", "harness.errors"}  # the schema sits low
+    assert not upward(graph), upward(graph)
+    packages = {p.parent.name for p in HARNESS.glob("*/__init__.py")}
+    assert packages == set(LAYERS), f"a package under harness/ that is no layer: {packages ^ set(LAYERS)}"
+    assert not any(n.startswith("harness") for m in graph if m.startswith("variants")
+                                             for n in graph[m])
+    assert graph["harness.env"] <= {"harness.errors"}  # the foundation imports nothing but the foundation
 
 
 def test_bench_times_the_runners_own_training_step(tiny, tmp_path, monkeypatch):
     """bench.py's training throughput and the runner's training call one step function."""
     import variants
-    from harness import measure as M
-    from harness import step as S
-    from harness.planning import RunSpec
-    from harness.runner import train
-    from harness.store import ResultsStore
-    from harness.synthetic import PRESETS
+    from harness.measurement import measure as M
+    from harness.model import step as S
+    from harness.training.plan import RunSpec
+    from harness.training.runner import train
+    from harness.runs.store import ResultsStore
+    from harness.data.synthetic import PRESETS
 
     calls: list[str] = []
     original = S.TrainStep.__call__
@@ -196,14 +231,15 @@ def test_bench_times_the_runners_own_training_step(tiny, tmp_path, monkeypatch):
     assert isinstance(step.train_step, S.TrainStep) and len(step.train_step.teachers) == 1
 
 
-def test_readme_architecture_names_every_module():
-    """The README's architecture section names every harness module (by file name), the report
-    package's included."""
+def test_readme_maps_every_layer():
+    """The README's package map names every layer (the modules are described in docs/architecture.md)."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("- `harness/`"):text.index("- `ablate.py`")]
-    missing = [p.name for p in [*HARNESS.glob("*.py"), *(HARNESS / "report").glob("*.py")]
-               if p.name != "__init__.py" and f"`{p.name}`" not in section]
-    assert not missing, f"README's architecture section does not name {missing}"
+    missing = [name for name in LAYERS if f"harness/{name}/" not in text]
+    assert not missing, f"README's package map does not name {missing}"
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    unnamed = [str(p.relative_to(ROOT)) for p in HARNESS.rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py") and f"`{p.name}`" not in doc]
+    assert not unnamed, f"docs/architecture.md does not describe {unnamed}"
 
 
 def test_no_name_is_re_exported():
@@ -248,9 +284,10 @@ def _private_uses(path: Path, text: str | None = None) -> list[str]:
 
 def test_no_private_name_crosses_modules():
     """A helper two modules share is public (no leading underscore) in the module that defines it."""
-    probe = "from harness import runner as R\nfrom .store import _lock, locked\n\ndef f():\n    R._write(locked._x)\n"
-    assert _private_uses(HARNESS / "grid.py", probe) == ["harness/grid.py:2: harness.store._lock",
-                                                         "harness/grid.py:5: harness.runner._write"]
+    probe = ("from harness.training import runner as R\nfrom ..runs.store import _lock, locked\n\n"
+             "def f():\n    R._write(locked._x)\n")
+    assert _private_uses(HARNESS / "execution" / "grid.py", probe) == [
+        "harness/execution/grid.py:2: harness.runs.store._lock", "harness/execution/grid.py:5: harness.training.runner._write"]
     crossing = [u for p in CODE for u in _private_uses(p)]
     assert not crossing, crossing
 

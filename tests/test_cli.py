@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 import ablate
 import bench
-from harness.planning import RunSpec
-from harness.runner import train
+from harness.training.plan import RunSpec
+from harness.training.runner import train
 
 runner = CliRunner()
 
@@ -115,7 +115,7 @@ def test_a_full_disk_is_named_not_a_traceback(tmp_path, tiny, monkeypatch):
 
 
 def _apps() -> dict:
-    from harness.prepare import cli as prepare_cli
+    from harness.data.prepare import cli as prepare_cli
 
     return {"ablate.py": ablate.app, "bench.py": bench.app, "prepare": prepare_cli.build_cli()}
 

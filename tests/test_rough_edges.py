@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import ablate
 import bench
-from harness import store as St
+from harness.runs import store as St
 
 runner = CliRunner()
 
@@ -103,7 +103,7 @@ def test_run_refuses_a_negative_loss_weight(tmp_path, setting):
 
 
 def test_a_study_range_with_a_negative_loss_weight_is_refused(tmp_path):
-    from harness.study_file import StudyError, load_study
+    from harness.search.definition import StudyError, load_study
 
     f = tmp_path / "s.toml"
     f.write_text('variants = ["student-logits"]\n[search]\nn_trials = 2\n'
@@ -211,8 +211,8 @@ def test_the_search_docstrings_study_file_loads_and_names_real_settings(tmp_path
     import textwrap
 
     import variants
-    from harness import search
-    from harness.study_file import load_study
+    from harness.search import optimize as search
+    from harness.search.definition import load_study
 
     doc = search.__doc__
     block = doc[doc.index("Study file"):].split("::\n", 1)[1].split("\n\n", 1)[0]
@@ -236,7 +236,7 @@ def _fake_compressed(method: str):
 
 
 def test_compress_of_a_compressed_run_says_already_complete_for_the_method_asked(qo_store, monkeypatch):
-    from harness import compress as C
+    from harness.compression import compress as C
 
     monkeypatch.setattr(C, "read", lambda store, rid, method, record=None: _fake_compressed(method))
     monkeypatch.setattr(C, "compress_run", lambda *a, **k: pytest.fail("a complete evaluation was redone"))
@@ -261,7 +261,7 @@ def test_bench_suggests_one_thread_only_when_it_was_not_given(monkeypatch):
 
 
 def test_the_cost_line_says_what_it_measures(qo_store, monkeypatch):
-    from harness import costs
+    from harness.measurement import costs
 
     monkeypatch.setattr(costs, "measure_one", lambda *a, **k: {})
     code, out, _ = invoke("run", "question-only", "--epochs", "1", "--batch-size", "512", "--seed", "0",
@@ -273,8 +273,8 @@ def test_the_cost_line_says_what_it_measures(qo_store, monkeypatch):
 
 
 def test_the_study_reports_regenerate_line_keeps_a_non_default_reports_folder(tmp_path):
-    from harness.report.study import regenerate_command
-    from harness.study_file import load_study
+    from harness.search.report import regenerate_command
+    from harness.search.definition import load_study
 
     f = tmp_path / "s.toml"
     f.write_text('variants = ["student"]\n[search]\n[search.params]\nalpha = {low = 0.1, high = 10.0}\n')
@@ -293,8 +293,8 @@ def test_a_count_runs_epoch_lines_and_tensorboard_carry_its_validation_mse(data_
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from harness import costs
-    from harness import sinks as S
+    from harness.measurement import costs
+    from harness.training import sinks as S
 
     monkeypatch.setattr(costs, "measure_one", lambda *a, **k: {})
     code, out, _ = invoke("run", "question-only", "--data", "synthetic:tiny-count", "--epochs", "2", "--batch-size",
@@ -315,8 +315,8 @@ def test_a_count_runs_epoch_lines_and_tensorboard_carry_its_validation_mse(data_
 
 
 def test_an_accuracy_runs_epoch_line_and_scalars_have_no_mse():
-    from harness import sinks as S
-    from harness.runner import epoch_line
+    from harness.training import sinks as S
+    from harness.training.runner import epoch_line
 
     entry = {"epoch": 0, "loss": 1.5, "train_acc": 40.0, "val_acc": 35.25, "val_acc_per_type": {"what": 35.25}}
     assert epoch_line(entry, 3) == "epoch 1/3 loss 1.500 train 40.0% val 35.2%"
@@ -331,8 +331,8 @@ def test_an_accuracy_runs_epoch_line_and_scalars_have_no_mse():
 def two_task_store(tmp_path_factory, shared_store):
     """An accuracy run (synthetic:tiny, copied from the session's shared store) and a count run
     (synthetic:tiny-count), question-only, 1 epoch each."""
-    from harness.planning import RunSpec
-    from harness.runner import train
+    from harness.training.plan import RunSpec
+    from harness.training.runner import train
 
     store, _ = shared_store.copy(tmp_path_factory.mktemp("two") / "results", "question-only")
     train(RunSpec("question-only", data="synthetic:tiny-count", epochs=1, batch_size=512, seed=0), store,
@@ -353,7 +353,7 @@ def _figures(rec: dict) -> list[str]:
 
 
 def test_results_in_a_pipe_shows_every_column_each_value_whole(two_task_store):
-    from harness import record as R
+    from harness.runs import record as R
 
     code, out, _ = invoke("results", "--results", two_task_store.root)
     assert code == 0, out
@@ -420,8 +420,8 @@ def test_plural_agrees_with_the_count():
 
 
 def test_one_epoch_one_run_one_teacher_run_are_singular(tiny, tmp_path, monkeypatch):
-    import harness.executor as E
-    from harness import costs
+    import harness.execution.executor as E
+    from harness.measurement import costs
 
     monkeypatch.setattr(costs, "measure_one", lambda *a, **k: {})
     code, out, _ = invoke("run", "question-only", "--epochs", "1", "--batch-size", "512", "--seed", "0",
@@ -447,7 +447,7 @@ def test_one_epoch_one_run_one_teacher_run_are_singular(tiny, tmp_path, monkeypa
 def test_a_searchs_report_names_the_reports_folder_it_was_written_to(tmp_path, tiny, monkeypatch):
     import shlex
 
-    from harness import costs
+    from harness.measurement import costs
 
     monkeypatch.setattr(costs, "measure_one", lambda *a, **k: {})
     f = tmp_path / "s.toml"

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from harness.stats import (MIN_SEEDS, Bootstrap, estimate, holm, mcnemar_exact, per_seed_mcnemar,
-                           question_share, resample_means)
+from harness.stats import (MIN_SEEDS, Bootstrap, estimate, holm, mcnemar_exact, per_seed_mcnemar, question_share,
+    resample_means)
 
 BOOT = Bootstrap(resamples=1000, seed=7)
 ALL = {"all": None}
@@ -205,6 +205,6 @@ def test_bootstrap_settings_are_checked():
 
 @pytest.mark.parametrize("name", ["kd-losses", "teacher-depth", "msvd", "vqakd-weights"])
 def test_research_grids_have_enough_seeds_for_seed_variance(name):
-    from harness import grid as G
+    from harness.execution import grid as G
 
     assert len(G.load(name).seeds) >= MIN_SEEDS

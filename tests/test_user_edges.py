@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import ablate
-from harness import store as St
+from harness.runs import store as St
 
 runner = CliRunner()
 
@@ -103,8 +103,8 @@ def test_top_level_help_keeps_one_example_per_line():
 
 
 def test_results_shows_whole_run_ids_and_dashes_for_empty_cells(tmp_path, monkeypatch, tiny):
-    from harness.planning import RunSpec
-    from harness.runner import train
+    from harness.training.plan import RunSpec
+    from harness.training.runner import train
 
     store = St.ResultsStore(tmp_path / "results")
     rec = train(RunSpec("question-only", epochs=1, batch_size=512, seed=0), store, device="cpu", progress=False)
@@ -120,7 +120,7 @@ def _interrupt(*a, **k):
     raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("where", ["harness.runner.train", "ablate._measure_costs"])
+@pytest.mark.parametrize("where", ["harness.training.runner.train", "ablate._measure_costs"])
 def test_ctrl_c_in_a_run_says_how_to_resume_and_exits_130(tmp_path, monkeypatch, where, tiny):
     monkeypatch.setattr(where, _interrupt)
     code, out, _ = invoke("run", "question-only", "--epochs", "1", "--batch-size", "512", "--results",
@@ -128,7 +128,8 @@ def test_ctrl_c_in_a_run_says_how_to_resume_and_exits_130(tmp_path, monkeypatch,
     assert code == 130 and out.strip().endswith(ablate.INTERRUPTED) and "error" not in out, out
 
 
-@pytest.mark.parametrize("where", ["harness.executor.run_one", "ablate._measure_costs", "ablate._write_report"])
+@pytest.mark.parametrize("where", ["harness.execution.executor.run_one", "ablate._measure_costs",
+                                   "ablate._write_report"])
 def test_ctrl_c_in_a_grid_says_how_to_resume_and_exits_130_without_an_error_line(tmp_path, monkeypatch, where, tiny):
     grid = tmp_path / "g.toml"
     grid.write_text('data = "synthetic:tiny"\nvariants = ["question-only"]\nseeds = [0]\n'
@@ -144,7 +145,7 @@ def _copy_run_later(src: St.ResultsStore, dst: St.ResultsStore, run_id: str, rea
     import threading
     import time
 
-    from harness.runner import RUN_LOCK
+    from harness.training.runner import RUN_LOCK
 
     def work():
         with St.locked(dst.run_dir(run_id) / RUN_LOCK):
@@ -162,9 +163,9 @@ def _copy_run_later(src: St.ResultsStore, dst: St.ResultsStore, run_id: str, rea
 def test_a_run_that_waited_for_another_process_says_so(tmp_path, tiny):
     import threading
 
-    from harness.planning import RunSpec
+    from harness.training.plan import RunSpec
 
-    from harness.runner import train
+    from harness.training.runner import train
 
     spec = RunSpec("question-only", epochs=1, batch_size=512, seed=0)
     done = train(spec, St.ResultsStore(tmp_path / "a"), device="cpu", progress=False)
@@ -185,9 +186,9 @@ def test_inference_costs_are_measured_one_at_a_time_and_not_twice(tmp_path, monk
     import threading
     import time
 
-    from harness import costs
-    from harness.planning import RunSpec
-    from harness.runner import train
+    from harness.measurement import costs
+    from harness.training.plan import RunSpec
+    from harness.training.runner import train
 
     store = St.ResultsStore(tmp_path / "r")
     rec = train(RunSpec("question-only", epochs=1, batch_size=512, seed=0), store, device="cpu", progress=False)

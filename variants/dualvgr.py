@@ -3,7 +3,7 @@
 Same modules, dimensions, dropouts, initialisation and forward semantics as the reference
 ``model/models.py::DualVGR`` with ``graph_module='GAT'``, so the parameter count (total and per
 top-level module) equals the reference's for the same configuration
-(``tests/test_dualvgr_params.py`` checks every configuration in ``dualvgr_params.json``).
+(``tests/variants/test_dualvgr_params.py`` checks every configuration in ``dualvgr_params.json``).
 
 Where this file deliberately differs from the reference, it says so next to the code:
 
@@ -12,7 +12,7 @@ Where this file deliberately differs from the reference, it says so next to the 
   exceed 1. We use ``i * graph_layers + j`` (fixed bug; identical when either is 1).
 * Ragged question lengths are handled with masks and per-sample index reversal instead of
   ``pack_padded_sequence`` (which needs the lengths on the host: a device->host sync per step).
-  Outputs, final states and gradients are identical (``tests/test_dualvgr_equivalence.py``).
+  Outputs, final states and gradients are identical (``tests/variants/test_dualvgr_equivalence.py``).
 * The four heads of a GAT are computed as one matrix product, and the attention logits
   ``a . [Wh_i || Wh_j]`` are computed as ``a_src . Wh_i + a_dst . Wh_j`` without materialising the
   (batch, N, N, 2F) pair tensor. Same parameters (count, shapes per head, init), same function
@@ -465,7 +465,7 @@ class DualVGRConfig:
     answer_vocab: int = 1000
     vision_dim: int = 2048
     #: motion feature dim when it differs from the appearance dim (e.g. 512 for torchvision's video
-    #: models, see ``harness.prepare``); None = vision_dim, as in the reference (ResNeXt-101, 2048)
+    #: models, see ``harness.data.prepare``); None = vision_dim, as in the reference (ResNeXt-101, 2048)
     motion_dim: int | None = None
     module_dim: int = 768
     word_dim: int = 300

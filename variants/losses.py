@@ -8,7 +8,7 @@ DualVGR's loss (reference ``train.py``)::
 
 over the graph layers l, with alpha = 1 and beta = 1e-8 by default. Both auxiliary terms are
 computed for the whole batch at once; the reference's HSIC loops over the batch in Python and
-copies every graph output to the CPU and back. ``tests/test_losses.py`` pins both against the
+copies every graph output to the CPU and back. ``tests/variants/test_losses.py`` pins both against the
 direct (looped) formulas and against golden values on fixed tensors.
 
 Precision: :class:`Objective` computes every term (CE, the auxiliary terms, each distillation
@@ -94,7 +94,7 @@ class _Fp32View(Mapping):
     """A read-only view of an output dict whose values are cast by :func:`to_fp32` when first
     read. Lazy on purpose: only the outputs a loss reads are cast, and the dict underneath sees
     exactly which keys were read (the teacher-output cache's dry run,
-    ``harness.teacher_cache.keys_read``, relies on that; an eager copy reads every key)."""
+    ``harness.training.teacher_cache.keys_read``, relies on that; an eager copy reads every key)."""
 
     def __init__(self, d: dict):
         self._d = d

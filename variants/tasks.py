@@ -4,7 +4,7 @@ A task says what a batch carries beyond the video and the question (``inputs``: 
 keyword arguments), what the model's ``logits`` output is (``output``), the training loss on it
 (``loss``, computed in fp32 by :class:`variants.losses.Objective`), how predictions are read from
 it (``predict``, on the device, no host sync), which metric ranks runs and selects the epoch
-(``metric``, a name of :mod:`harness.metrics`, with its direction) and whether the logits are class
+(``metric``, a name of :mod:`harness.evaluation.metrics`, with its direction) and whether the logits are class
 scores that distillation losses may soften into a distribution (``scores``).
 
 The three tasks:
@@ -24,7 +24,7 @@ The three tasks:
 
 A new task is one :func:`register_task` call; model families build a head per task they
 support (``SUPPORTED_TASKS`` on the model class, default open-ended only), the loader reads what
-the task's questions carry (:mod:`harness.data`), and a metric of :mod:`harness.metrics` scores it.
+the task's questions carry (:mod:`harness.data.dataset`), and a metric of :mod:`harness.evaluation.metrics` scores it.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class Task:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (fp32 logits, answers) -> scalar
     loss_name: str  # the key of the loss in the objective's parts
     predict: Callable[[torch.Tensor], torch.Tensor]  # logits -> (B,) predictions, on the device
-    metric: str  # the metric of harness.metrics that ranks runs and selects the epoch
+    metric: str  # the metric of harness.evaluation.metrics that ranks runs and selects the epoch
     scores: bool  # logits are class / candidate scores (distributional KD applies)
     inputs: tuple[str, ...] = ()  # the model's extra keyword inputs, carried by the batch
 

@@ -19,7 +19,7 @@ The package, one module per job: :mod:`.grouping` (runs into groups, labels, rep
 and partial-report lines), :mod:`.sections` (a data set's Markdown sections: one ``Context``, and
 the list ``SECTIONS`` the writer iterates; a new section goes there), :mod:`.writer` (the runs table,
 the CSV, :func:`write_report`) and :mod:`.compare` (two sets of runs compared, ``ablate.py compare``).
-Metrics other than accuracy come from :mod:`harness.metrics`' registry (a column and a note each).
+Metrics other than accuracy come from :mod:`harness.evaluation.metrics`' registry (a column and a note each).
 
 The output depends only on the records (and predictions) it covers and on the bootstrap's seed
 and size (named in the header), except the header's ``generated`` line, so a report can be
@@ -28,16 +28,16 @@ regenerated and diffed.
 
 from __future__ import annotations
 
-from . import count  # noqa: F401 - registers the count task's sections
-from .compare import compare_runs
-from .fmt import QUESTIONS_ONLY, fmt_acc, fmt_cell, fmt_ci, fmt_p
-from .grouping import CATEGORIES, Group, group_runs, mean_std, reference, type_names
-from .header import missing_line, mark_missing
-from .plots import label_layout, curves_figure, plot_cost, plot_curves, plot_per_type
-from .sections import SECTIONS, Context
-from .statistics import (ALPHA, COST_COLUMNS, CORRECTION, Comparison, SectionStats, correct_table, pareto_front,
-                         section_stats, summarize)
-from .writer import csv_columns, write_report
+from harness.report import count  # noqa: F401 - registers the count task's sections
+from harness.report.compare import compare_runs
+from harness.report.fmt import QUESTIONS_ONLY, fmt_acc, fmt_cell, fmt_ci, fmt_p
+from harness.report.grouping import CATEGORIES, Group, group_runs, mean_std, reference, type_names
+from harness.report.header import missing_line, mark_missing
+from harness.report.plots import label_layout, curves_figure, plot_cost, plot_curves, plot_per_type
+from harness.report.sections import SECTIONS, Context
+from harness.report.statistics import (ALPHA, COST_COLUMNS, CORRECTION, Comparison, SectionStats, correct_table,
+    pareto_front, section_stats, summarize)
+from harness.report.writer import csv_columns, write_report
 
 __all__ = ["ALPHA", "CATEGORIES", "COST_COLUMNS", "CORRECTION", "QUESTIONS_ONLY", "SECTIONS", "Comparison", "Context",
            "Group", "SectionStats", "compare_runs", "correct_table", "csv_columns", "curves_figure", "fmt_acc",

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .. import metrics as M
-from .. import record as R
-from .. import stats as S
-from ..stats import Bootstrap, Estimate
-from ..store import ResultsStore
-from .fmt import QUESTIONS_ONLY, fixed, fmt_mcnemar, md_table, fmt_ci, fmt_p
-from .count import METRIC as COUNT_METRIC
-from .count import ND as COUNT_ND
-from .grouping import group_runs
-from .statistics import ALPHA, CORRECTION, Predictions, correct_table
+from harness.evaluation import metrics as M
+from harness.runs import record as R
+from harness import stats as S
+from harness.stats import Bootstrap, Estimate
+from harness.runs.store import ResultsStore
+from harness.report.fmt import QUESTIONS_ONLY, fixed, fmt_mcnemar, md_table, fmt_ci, fmt_p
+from harness.report.count import METRIC as COUNT_METRIC
+from harness.report.count import ND as COUNT_ND
+from harness.report.grouping import group_runs
+from harness.report.statistics import ALPHA, CORRECTION, Predictions, correct_table
 
 def _pairs(sides: dict, key) -> tuple[list[str], list[str], list]:
     """Run ids of side a and side b paired by seed for one (data, variant label), and the seeds."""
@@ -40,7 +40,7 @@ def compare_runs(store: ResultsStore, ids_a: list[str], ids_b: list[str], name_a
                  name_b: str = "B", boot: Bootstrap | None = None,
                  planned: tuple[dict, dict] | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Pair the runs of two sets by data set, variant label and seed, and compare them on each data
-    set's task metric (:func:`harness.metrics.task_metric`: test accuracy; a count's test MSE, lower
+    set's task metric (:func:`harness.evaluation.metrics.task_metric`: test accuracy; a count's test MSE, lower
     is better): one row per variant (means over the paired seeds; the paired difference B - A with
     its two-level bootstrap interval and p-value; for accuracy, McNemar's exact test per paired
     seed) and a row ``all`` per data set taking every pair as a unit; Holm-Bonferroni across the

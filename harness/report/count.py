@@ -6,17 +6,18 @@ which needs right / wrong answers, does not apply. Registered in :data:`sections
 under the metric ``mse``."""
 from __future__ import annotations
 
-from .. import metrics as M
-from .. import record as R
-from ..evaluate import ABLATIONS
-from ..stats import Estimate
-from .fmt import QUESTIONS_ONLY, fixed, fmt_sig, md_table, fmt_ci, fmt_p
-from .grouping import Group, mean_or_none, mean_std
-from .plots import plot_curves
-from .sections import TASK_SECTIONS, Context, cpu_ms, fmt_n, median_or_none, significance_table, cost_note, latency_cell
-from .statistics import ALPHA, COST_COLUMNS, CORRECTION, compressed_rows
+from harness.evaluation import metrics as M
+from harness.runs import record as R
+from harness.evaluation.evaluate import ABLATIONS
+from harness.stats import Estimate
+from harness.report.fmt import QUESTIONS_ONLY, fixed, fmt_sig, md_table, fmt_ci, fmt_p
+from harness.report.grouping import Group, mean_or_none, mean_std
+from harness.report.plots import plot_curves
+from harness.report.sections import (TASK_SECTIONS, Context, cpu_ms, fmt_n, median_or_none, significance_table,
+    cost_note, latency_cell)
+from harness.report.statistics import ALPHA, COST_COLUMNS, CORRECTION, compressed_rows
 
-#: the metric of the count task (harness.metrics)
+#: the metric of the count task (harness.evaluation.metrics)
 METRIC = "mse"
 ND = 3  # decimals of an MSE
 
@@ -115,7 +116,7 @@ def _significance(ctx: Context) -> list[str]:
 
 
 def _compressed(ctx: Context) -> list[str]:
-    """Each variant's runs evaluated compressed (harness.compress) beside the same runs in fp32: test MSE,
+    """Each variant's runs evaluated compressed (harness.compression.compress) beside the same runs in fp32: test MSE,
     its paired difference, agreement of the rounded counts, size and CPU latency."""
     crows = compressed_rows(ctx.preds, ctx.groups, ctx.types, ctx.stats.boot, METRIC) if ctx.preds else []
     if not crows:
@@ -145,7 +146,8 @@ def _compressed(ctx: Context) -> list[str]:
                          fixed(cpu_ms(xs, "1", "compressed")), fixed(cpu_ms(xs, "32", "compressed"))])
     headers = ["variant", "path", "n seeds", "test MSE", "95% CI", "Δ fp32", "95% CI", "p (Holm)", "counts agree %",
                "size MB", "CPU ms b1", "CPU ms b32"]
-    intro = ("Each run evaluated after training, without retraining (`harness.compress`), on the CPU with the same "
+    intro = ("Each run evaluated after training, without retraining (`harness.compression.compress`), on the CPU "
+             "with the same "
              "evaluation code as the run. Δ fp32: the paired difference of test MSE against the same runs in fp32 "
              f"(same seeds, same questions; two-level bootstrap of the squared errors), p {CORRECTION}-corrected "
              f"across this table (* below {ALPHA}); negative: fewer squared errors. counts agree %: the compressed "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import re
 
-from ..stats import Estimate
+from harness.stats import Estimate
 
 #: marks an interval or p-value that covers the test questions only (fewer than stats.MIN_SEEDS seeds)
 QUESTIONS_ONLY = "†"

@@ -13,9 +13,9 @@ import variants
 from variants.dualvgr import kept_clips
 from variants.zoo import FAMILIES
 
-from .. import layout as L
-from .. import metrics as M
-from .. import record as R
+from harness.data import layout as L
+from harness.evaluation import metrics as M
+from harness.runs import record as R
 
 #: row order: the baseline, the control, then the zoo's families (the baseline family's other members first)
 CATEGORIES = ("baseline", "control", *(f for f in FAMILIES if f != "baseline"), "other")
@@ -57,7 +57,7 @@ class Group:
         return self.metric(M.PRIMARY, split)
 
     def metric(self, name: str, split: str = "test") -> list[float]:
-        """A registered metric's values of the runs that have it (harness.metrics)."""
+        """A registered metric's values of the runs that have it (harness.evaluation.metrics)."""
         return self.values(lambda r: R.metric(r, split, name))
 
 
@@ -209,7 +209,7 @@ def reference(groups: list[Group], variant: str) -> Group | None:
 
 def type_groups(types: list[str]) -> dict[str, list[str]]:
     """The groups of question types a benchmark reports besides its types (NExT-QA: causal, temporal,
-    descriptive; :data:`harness.layout.TYPE_GROUPS`), when every type belongs to one; else none."""
+    descriptive; :data:`harness.data.layout.TYPE_GROUPS`), when every type belongs to one; else none."""
     known = {t for members in L.TYPE_GROUPS.values() for t in members}
     if not types or not set(types) <= known:
         return {}

@@ -7,16 +7,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .. import identity
-from .. import record as R
-from .. import stats as S
-from ..digests import file_hash
-from ..env import NUMERIC_ENVIRONMENT
-from ..stats import Bootstrap
-from ..store import ResultsStore
-from .fmt import QUESTIONS_ONLY, uniq
-from .grouping import Group
-from .statistics import CORRECTION
+from harness.runs import identity
+from harness.runs import record as R
+from harness import stats as S
+from harness.digests import file_hash
+from harness.env import NUMERIC_ENVIRONMENT
+from harness.stats import Bootstrap
+from harness.runs.store import ResultsStore
+from harness.report.fmt import QUESTIONS_ONLY, uniq
+from harness.report.grouping import Group
+from harness.report.statistics import CORRECTION
 
 def _grid_file(grid_file, committed: bool = False) -> str:
     """The grid file as the header names it: relative to the repository (else to the working directory),
@@ -164,7 +164,7 @@ def several_codes(records: list[dict]) -> bool:
 
 
 def _code_lines(records: list[dict]) -> list[str]:
-    """The code that computed the runs (``harness.identity`` fingerprints), and the environment facts
+    """The code that computed the runs (``harness.runs.identity`` fingerprints), and the environment facts
     that can change numbers (``harness.env.environment``) where the runs differ in them."""
     code = "- code: " + identity.describe_code(records)
     if several_codes(records):

@@ -9,16 +9,17 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from .. import costs
-from .. import metrics as M
-from .. import record as R
-from .. import stats as S
-from ..evaluate import ABLATIONS
-from .fmt import QUESTIONS_ONLY, fixed, fmt_mcnemar, fmt_sig, md_table, slug, fmt_acc, fmt_cell, fmt_ci, fmt_p
-from .grouping import Group, mean_or_none, mean_std, reference, type_groups, type_names
-from .plots import COLORS, plot_cost, plot_curves, plot_per_type
-from .statistics import (ALPHA, COST_COLUMNS, CORRECTION, Comparison, CompressedRow, SectionStats,
-                         comparison_columns, compressed_rows, pareto_front, section_stats, summarize)
+from harness.measurement import costs
+from harness.evaluation import metrics as M
+from harness.runs import record as R
+from harness import stats as S
+from harness.evaluation.evaluate import ABLATIONS
+from harness.report.fmt import (QUESTIONS_ONLY, fixed, fmt_mcnemar, fmt_sig, md_table, slug, fmt_acc, fmt_cell,
+    fmt_ci, fmt_p)
+from harness.report.grouping import Group, mean_or_none, mean_std, reference, type_groups, type_names
+from harness.report.plots import COLORS, plot_cost, plot_curves, plot_per_type
+from harness.report.statistics import (ALPHA, COST_COLUMNS, CORRECTION, Comparison, CompressedRow, SectionStats,
+    comparison_columns, compressed_rows, pareto_front, section_stats, summarize)
 
 #: the references every variant is compared with: key -> what the report calls it
 REFERENCES = {"baseline": "baseline", "control": "control"}
@@ -43,7 +44,7 @@ class Context:
     files_dir: Path
     suffix: str
     written: dict[str, bytes]
-    #: the metric that ranks this data set's runs (its task's, harness.metrics): which sections it gets
+    #: the metric that ranks this data set's runs (its task's, harness.evaluation.metrics): which sections it gets
     metric: str = M.PRIMARY
     preds: Callable | None = None  # run id (or compressed evaluation key) -> its test predictions
 
@@ -101,7 +102,7 @@ def fmt_n(g: Group) -> str:
 
 
 
-#: marks a latency measured on a busy machine (harness.costs.busy: p90 / median, or the load average)
+#: marks a latency measured on a busy machine (harness.measurement.costs.busy: p90 / median, or the load average)
 DISTURBED = "‡"
 
 
@@ -113,7 +114,7 @@ def latency_cell(g, ms: float | None) -> str:
 
 def _cost_measurements(groups) -> list[dict]:
     """When, where and how steadily the groups' latency and inference memory were measured
-    (``cost.measured`` of :func:`harness.costs.attach`), one entry per run that has one."""
+    (``cost.measured`` of :func:`harness.measurement.costs.attach`), one entry per run that has one."""
     return [m for g in groups for r in g.runs if (m := R.cost(r, "measured"))]
 
 
@@ -152,10 +153,10 @@ def _cost_notes(ctx: Context) -> list[str]:
     if all(r[c[1]] is None for r in ctx.rows for k, c in COST_COLUMNS.items() if not k.startswith("train_")):
         return ["no record has cost measurements (`cost`: FLOPs, latency, peak memory): shown as -."]
     return ["GFLOPs: forward FLOPs per sample / 1e9; latency: median eval forward at batch 1, measured "
-            "once per architecture and device, alone, after training (harness.costs); memory: "
+            "once per architecture and device, alone, after training (harness.measurement.costs); memory: "
             "peak during a training step / inference (mean over seeds; - where not measured).",
             *cost_note(ctx.groups),
-            "training cost (harness.bill): GFLOPs are counted (3 forwards per training sample: backward "
+            "training cost (harness.measurement.bill): GFLOPs are counted (3 forwards per training sample: backward "
             "as 2 forwards; one forward per validation question per epoch; a student's teacher forwards "
             "or teacher-cache builds), device-seconds measured; 'total' is what it took to produce the "
             "model: a student's own training plus each distinct teacher run's training, once, and the "
@@ -211,7 +212,7 @@ def _per_type_table(ctx: Context) -> list[str]:
 
 
 def _ablation_table(ctx: Context) -> list[str]:
-    """Test accuracy under each evaluation-time ablation (harness.evaluate.ABLATIONS)."""
+    """Test accuracy under each evaluation-time ablation (harness.evaluation.evaluate.ABLATIONS)."""
     lines = ["Test accuracy (%) when the model is evaluated with the videos shuffled across questions, the "
              "appearance features zeroed, or the motion features zeroed (mean over seeds).", ""]
     ab_rows = []
@@ -354,7 +355,7 @@ def _compressed_row(row: CompressedRow) -> list[str]:
 
 def _compressed_intro(ctx: Context, crows: list[CompressedRow]) -> list[str]:
     """What the compressed rows are, how they were compared and timed, and when and where."""
-    from ..compress import METHODS
+    from harness.compression.compress import METHODS
 
     comp = [c for row in crows for _, c in row.pairs]
     methods = "; ".join(f"`{m}`: {METHODS[m].description}" if m in METHODS else f"`{m}`"
@@ -363,7 +364,8 @@ def _compressed_intro(ctx: Context, crows: list[CompressedRow]) -> list[str]:
     loads = [x for c in comp for x in c["cpu"].get("load_average", []) if x is not None]
     at = sorted(c["finished_at"] for c in comp)
     b = ctx.stats.boot
-    return [f"Each run evaluated after training, without retraining (`harness.compress`; {methods}), on the CPU "
+    return [f"Each run evaluated after training, without retraining (`harness.compression.compress`; {methods}), "
+            f"on the CPU "
             f"with the same evaluation code as the run. Δ fp32: the paired difference (points) against the same "
             f"runs in fp32 (same seeds, same test questions; two-level bootstrap, {b.resamples} resamples), p "
             f"{CORRECTION}-corrected across this table (* below {ALPHA}), McNemar's exact test per seed (b: "
@@ -420,7 +422,7 @@ def _compressed_per_type(ctx: Context, crows: list[CompressedRow]) -> list[str]:
 
 
 def _compressed(ctx: Context) -> list[str]:
-    """Each variant's runs evaluated compressed (harness.compress) beside the same runs in fp32."""
+    """Each variant's runs evaluated compressed (harness.compression.compress) beside the same runs in fp32."""
     crows = compressed_rows(ctx.preds, ctx.groups, ctx.types, ctx.stats.boot, ctx.metric) if ctx.preds else []
     if not crows:
         return []

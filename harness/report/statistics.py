@@ -9,19 +9,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .. import metrics as M
-from .. import record as R
-from .. import stats as S
-from ..stats import Bootstrap, Estimate
-from ..store import ResultsStore
-from .grouping import Group, mean_or_none, mean_std, type_groups
+from harness.evaluation import metrics as M
+from harness.runs import record as R
+from harness import stats as S
+from harness.stats import Bootstrap, Estimate
+from harness.runs.store import ResultsStore
+from harness.report.grouping import Group, mean_or_none, mean_std, type_groups
 
 #: optional ``record["cost"]`` fields shown in the main table: field -> (column, CSV column, scale)
 COST_COLUMNS = {"flops_per_sample": ("GFLOPs", "gflops", 1e-9),
                 "latency_ms_median": ("latency ms", "latency_ms", 1.0),
                 "peak_mem_mib_train": ("train mem MiB", "peak_mem_train_mib", 1.0),
                 "peak_mem_mib_infer": ("infer mem MiB", "peak_mem_infer_mib", 1.0),
-                # the training bill (harness.bill): the run's own, and the total to produce the model (a
+                # the training bill (harness.measurement.bill): the run's own, and the total to produce the model (a
                 # student's includes its teachers' training, once per teacher run, and the teacher caches)
                 "train_gflops_own": ("train GFLOPs own", "train_gflops_own", 1.0),
                 "train_gflops_total": ("train GFLOPs total", "train_gflops_total", 1.0),
@@ -150,7 +150,7 @@ def section_stats(preds, groups: list[Group], types: list[str], refs: dict[str, 
 
 @dataclass
 class CompressedRow:
-    """One group's runs evaluated by one compression method (:mod:`harness.compress`), each paired
+    """One group's runs evaluated by one compression method (:mod:`harness.compression.compress`), each paired
     with the same run in fp32: ``pairs`` (fp32 record, compressed record) by seed, the compressed
     accuracy (``acc``) and the paired comparison with fp32 (``cmp``: same questions, same seeds)."""
 
@@ -166,7 +166,7 @@ def compressed_rows(preds, groups: list[Group], types: list[str], boot: Bootstra
     """Every (group, method) with compressed evaluations (``record["compressed"]``, attached by the
     writer), its estimate of ``metric`` (accuracy; a count's MSE) and its comparison with fp32 (Holm
     across the rows; McNemar's test for accuracy only)."""
-    from ..compress import key
+    from harness.compression.compress import key
 
     rows = [CompressedRow(g, m, [(r, r["compressed"][m]) for r in g.runs if m in r.get("compressed", {})])
             for g in groups for m in dict.fromkeys(m for r in g.runs for m in r.get("compressed", {}))]

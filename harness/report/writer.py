@@ -7,17 +7,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import bill, compress, costs, identity
-from .. import metrics as M
-from .. import record as R
-from ..stats import Bootstrap
-from ..store import ResultsStore, atomic_write_bytes
-from .fmt import fixed, md_table
-from .grouping import Group, group_runs
-from .header import (OTHER_CODE, ReportInfo, missing_line, several_codes, header, in_repo, mark_missing,
-                     repo_command)
-from .sections import Shared, context, data_section
-from .statistics import COST_COLUMNS, Predictions
+from harness.measurement import bill, costs
+from harness.compression import compress
+from harness.runs import identity
+from harness.evaluation import metrics as M
+from harness.runs import record as R
+from harness.stats import Bootstrap
+from harness.runs.store import ResultsStore
+from harness.files import atomic_write_bytes
+from harness.report.fmt import fixed, md_table
+from harness.report.grouping import Group, group_runs
+from harness.report.header import (OTHER_CODE, ReportInfo, missing_line, several_codes, header, in_repo,
+    mark_missing, repo_command)
+from harness.report.sections import Shared, context, data_section
+from harness.report.statistics import COST_COLUMNS, Predictions
 
 def _run_row(g: Group, r: dict, several: bool) -> list[str]:
     """One run of the runs table."""
@@ -40,7 +43,7 @@ def _runs_table(sections: dict[str, list[Group]]) -> list[str]:
 def csv_columns() -> list[str]:
     """The main CSV's leading columns (per-type accuracies and run ids follow): the row's identity,
     params and costs, test accuracy with its interval and comparisons, teachers, then every other
-    registered metric (harness.metrics) by name."""
+    registered metric (harness.evaluation.metrics) by name."""
     return ["data_name", "data_id", "variant", "label", "category", "params", *(c[1] for c in COST_COLUMNS.values()),
             "test_acc_mean", "test_acc_std", "test_acc_ci_lo", "test_acc_ci_hi", "ci_covers_seeds", "n_seeds",
             "seeds", "seeds_missing", "delta_baseline", "delta_baseline_ci_lo", "delta_baseline_ci_hi", "p_baseline",
@@ -118,5 +121,5 @@ def _records(store: ResultsStore, run_ids: list[str] | None) -> tuple[list[dict]
     records = costs.attach(store, records)  # latency / inference memory measured alone, never during training
     for r in records:  # the training bill: the run's own, and the total with its teachers
         r["cost"].update(bill.bill_row(bill.training_bill(store, r)))
-        r["compressed"] = compress.read_all(store, r)  # its compressed evaluations, beside it (harness.compress)
+        r["compressed"] = compress.read_all(store, r)  # its compressed evaluations (harness.compression.compress)
     return records, missing

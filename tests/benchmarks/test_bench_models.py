@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import variants
-from harness import measure as M
+from harness.measurement import measure as M
 
 SMALL = dict(question_vocab=100, answer_vocab=50, vision_dim=128, module_dim=64, word_dim=32, num_clips=4,
              num_frames=4)
@@ -49,8 +49,8 @@ def test_train_step(benchmark, name):
 
 @pytest.mark.parametrize("mode", ["memory", "stream"])
 def test_iterate_batches(benchmark, data_cache, mode):
-    """One pass of harness.data.iterate_batches over the tiny synthetic train split."""
-    from harness import data as D
+    """One pass of harness.data.dataset.iterate_batches over the tiny synthetic train split."""
+    from harness.data import dataset as D
 
     data = D.load("synthetic:tiny", mode=mode)
     split, features = data.splits["train"], data.features

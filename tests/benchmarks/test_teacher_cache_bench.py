@@ -1,5 +1,5 @@
 """A distilled student's training epoch with the teacher-output cache against without it
-(harness/teacher_cache.py), teacher-g4 -> student-logits, the runner's own epoch
+(harness/training/teacher_cache.py), teacher-g4 -> student-logits, the runner's own epoch
 (``_Run.train_epoch``: batches, the shared training step, the loss sums), on the CPU.
 
 The two epochs are timed alternately, ``REPS`` times each, in one process, and the ratio of
@@ -24,11 +24,12 @@ import torch
 from rich.console import Console
 
 import variants
-from harness import data as D
+from harness.data import dataset as D
 from harness.env import device_name
-from harness.planning import RunSpec, plan
-from harness.runner import _Display, _Run
-from harness.store import ResultsStore, atomic_torch_save
+from harness.training.plan import RunSpec, plan
+from harness.training.runner import _Display, _Run
+from harness.runs.store import ResultsStore
+from harness.files import atomic_torch_save
 
 REPS = 5
 SMOKE_QUESTIONS = 512

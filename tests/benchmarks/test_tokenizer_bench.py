@@ -1,4 +1,4 @@
-"""``prepare``'s question tokenizer (harness/prepare/text.py) on long hostile questions: a period
+"""``prepare``'s question tokenizer (harness/data/prepare/text.py) on long hostile questions: a period
 followed by a long run of spaces, quotes or brackets is where a backtracking final-period rule goes
 quadratic (60 KB of ``a.`` + spaces took over a minute). Each case is 60 KB; when benchmarking,
 its median must stay within :data:`BUDGET_S` (a linear tokenizer takes a few tens of ms here).
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import prepare as P
+from harness.data import prepare as P
 
 SIZE = 60_000
 BUDGET_S = 1.0  # per 60 KB question; the quadratic rule took ~78 s
