@@ -287,7 +287,8 @@ def test_no_private_name_crosses_modules():
     probe = ("from harness.training import runner as R\nfrom ..runs.store import _lock, locked\n\n"
              "def f():\n    R._write(locked._x)\n")
     assert _private_uses(HARNESS / "execution" / "grid.py", probe) == [
-        "harness/execution/grid.py:2: harness.runs.store._lock", "harness/execution/grid.py:5: harness.training.runner._write"]
+        "harness/execution/grid.py:2: harness.runs.store._lock",
+        "harness/execution/grid.py:5: harness.training.runner._write"]
     crossing = [u for p in CODE for u in _private_uses(p)]
     assert not crossing, crossing
 

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import ablate
+from harness import files
 from harness.runs import store as St
 
 runner = CliRunner()
@@ -50,10 +51,10 @@ def test_a_results_path_under_a_file_is_an_error_line(tmp_path):
 
 def test_store_writes_and_locks_under_a_read_only_path_raise_store_errors(tmp_path, monkeypatch):
     (tmp_path / "f").write_text("")
-    with pytest.raises(St.StoreError, match=r"f/x/y.json: cannot write here"):
-        St.atomic_write_bytes(tmp_path / "f" / "x" / "y.json", b"{}")
-    with pytest.raises(St.StoreError, match=r"f/x/lock: cannot write here"):
-        with St.locked(tmp_path / "f" / "x" / "lock"):
+    with pytest.raises(files.StoreError, match=r"f/x/y.json: cannot write here"):
+        files.atomic_write_bytes(tmp_path / "f" / "x" / "y.json", b"{}")
+    with pytest.raises(files.StoreError, match=r"f/x/lock: cannot write here"):
+        with files.locked(tmp_path / "f" / "x" / "lock"):
             pass
 
 
@@ -148,7 +149,7 @@ def _copy_run_later(src: St.ResultsStore, dst: St.ResultsStore, run_id: str, rea
     from harness.training.runner import RUN_LOCK
 
     def work():
-        with St.locked(dst.run_dir(run_id) / RUN_LOCK):
+        with files.locked(dst.run_dir(run_id) / RUN_LOCK):
             ready.set()
             time.sleep(1.5)
             for f in src.run_dir(run_id).iterdir():
@@ -198,10 +199,10 @@ def test_inference_costs_are_measured_one_at_a_time_and_not_twice(tmp_path, monk
     ready = threading.Event()
 
     def other_process():
-        with St.locked(path.parent / ".measuring.lock"):
+        with files.locked(path.parent / ".measuring.lock"):
             ready.set()
             time.sleep(1.0)
-            St.atomic_write_json(path, {"measured by": "the other process"})
+            files.atomic_write_json(path, {"measured by": "the other process"})
 
     t = threading.Thread(target=other_process)
     t.start()
