@@ -365,10 +365,13 @@ def test_compress_grid_takes_the_runs_of_every_data_set_of_the_grid(data_cache, 
 # ----------------------------------------------------------------------------- ONNX Runtime int8 (issue 41)
 
 #: ONNX Runtime's int8 paths against the fp32 model on the tiny set's 1,000 test questions of the 4-epoch run
-#: (the ``compressed`` fixture): measured ort-dynamic-int8 ORT_DYN_MEASURED, ort-static-int8 ORT_STATIC_MEASURED
-#: argmax agreement; allowed 97% each and max |logit diff| 1.0 (as torch's dynamic int8), and the accuracy within
-#: 1 point of fp32 (the issue's target)
+#: (the ``compressed`` fixture), measured on this machine: ort-dynamic-int8 99.6% argmax agreement, max |logit
+#: diff| 0.12, accuracy 73.0 (fp32 73.0); ort-static-int8 98.9%, 0.51, 72.8. Allowed 97% each and max |logit diff|
+#: 1.0 (as torch's dynamic int8), the accuracy within 1 point of fp32 (the issue's target). Sizes: dynamic 0.5 of
+#: the fp32 state dict at most; static, whose graph keeps its quantise / dequantise pairs and the fp32 biases of the
+#: Gemms it quantises, 0.54 measured, 0.6 allowed
 ORT_INT8_AGREEMENT, ORT_INT8_LOGIT_DIFF = 0.97, 1.0
+ORT_INT8_SIZE = {"ort-dynamic-int8": 0.5, "ort-static-int8": 0.6}
 ORT_METHODS = ("ort-dynamic-int8", "ort-static-int8")
 
 
@@ -379,12 +382,11 @@ def test_ort_int8_methods_agree_with_fp32_within_tolerance(compressed):
     fp32 = rec["metrics"]["test"]["overall"]
     for m in ORT_METHODS:
         a = out[m]["agreement"]
-        print(m, a, out[m]["metrics"]["test"]["overall"], fp32)
         assert a["n"] == rec["data"]["sizes"]["test"]
         assert a["prediction_agreement"] >= ORT_INT8_AGREEMENT and 0 < a["max_abs_logit_diff"] <= ORT_INT8_LOGIT_DIFF
         assert abs(out[m]["metrics"]["test"]["overall"] - fp32) <= INT8_ACC_POINTS
         assert set(out[m]["metrics"]["test"]["per_type"]) == set(rec["metrics"]["test"]["per_type"])
-        assert out[m]["size"]["bytes"] < 0.5 * out[m]["size"]["fp32_bytes"]  # int8 weights
+        assert out[m]["size"]["bytes"] < ORT_INT8_SIZE[m] * out[m]["size"]["fp32_bytes"]  # int8 weights
         assert (C.directory(store, rec["run_id"], m) / out[m]["size"]["file"]).stat().st_size == out[m]["size"]["bytes"]
     ops = {m: out[m]["method_info"]["quantized_ops"] for m in ORT_METHODS}
     assert ops["ort-dynamic-int8"].get("DynamicQuantizeLSTM") and ops["ort-dynamic-int8"].get("MatMulInteger")
@@ -450,7 +452,8 @@ def test_static_int8_refuses_to_build_without_calibration(tmp_path):
 def test_ort_int8_methods_agree_with_fp32_on_tiny_questions_fast(tiny, tmp_path):
     """The fast form on the shapes of the real path: a randomly initialised tiny-size model, calibrated on 64
     training questions, on 300 test questions. Untrained logits lie close together, so int8 flips near-ties:
-    measured FAST_MEASURED; allowed 85% and max |logit diff| 0.1."""
+    measured ort-dynamic-int8 98.7% argmax agreement, max |logit diff| 0.008; ort-static-int8 98.0%, 0.057; allowed
+    85% and 0.1."""
     import dataclasses
 
     import variants
@@ -465,7 +468,6 @@ def test_ort_int8_methods_agree_with_fp32_on_tiny_questions_fast(tiny, tmp_path)
     for m in ORT_METHODS:
         comp = C.METHODS[m].build(model, cfg, tmp_path / m, cal)
         agree, _ = C.agreement(model, comp.module, few, tiny.features, 100)
-        print(m, agree)
         assert agree["prediction_agreement"] >= 0.85 and 0 < agree["max_abs_logit_diff"] <= 0.1
         assert comp.size_bytes == comp.file.stat().st_size and comp.file.parent == tmp_path / m
 
