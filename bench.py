@@ -167,7 +167,7 @@ def _compress_rows(cfg, config: str, sizes: list[int], methods: list[str], reps:
     torch.manual_seed(0)
     model = variants.build(cfg).eval()
     say(err, f"{cfg.name}: counting MACs, measuring the GEMM rates and the copy bandwidth")
-    macs, rates = C.quantized_macs(model, cfg.model), C.machine_rates()
+    macs, rates = C.quantized_macs(model, cfg.model), C.ort_rates(C.machine_rates())
     fp32_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     paths = {"fp32 eager": (model, fp32_bytes, None)}
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -237,10 +237,19 @@ def _print_compress(records: list[dict], fmt: str) -> None:
             f"profile); non_gemm_share: the share of a forward outside the GEMM operators (matrix products and fused "
             f"LSTMs), from ONNX Runtime's profiler or torch.profiler; measured in this run: fp32 GEMM "
             f"{r0['fp32_gemm_flops'] / 1e9:.0f} GFLOP/s, int8 GEMM {r0['int8_gemm_flops'] / 1e9:.0f} GOP/s "
-            f"({r0['gemm_n']}^3, dynamically quantised Linear), copy {r0['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + "
+            f"({r0['gemm_n']}^3; int8: a dynamically quantised product, its input's quantisation included; each the "
+            f"faster of torch and ONNX Runtime{_engines(r0)}), copy {r0['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + "
             f"written); bound = max(MACs at the path's GEMM rates, its weight bytes at the copy bandwidth); load "
             f"average {r0['load_average_before']}")
     _table(records, COMPRESS_COLUMNS, note, fmt, text_columns=("variant", "path"))
+
+
+def _engines(r: dict) -> str:
+    """Each engine's GEMM rates, where ONNX Runtime's were measured."""
+    if "ort_int8_gemm_flops" not in r:
+        return ", ONNX Runtime not installed"
+    return (f": torch {r['torch_fp32_gemm_flops'] / 1e9:.0f} / {r['torch_int8_gemm_flops'] / 1e9:.0f}, ONNX Runtime "
+            f"{r['ort_fp32_gemm_flops'] / 1e9:.0f} / {r['ort_int8_gemm_flops'] / 1e9:.0f}")
 
 
 def _check_options(variant: list[str], config: str, fmt: str, precision: str, batch_size: str, device: str,

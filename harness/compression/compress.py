@@ -674,6 +674,46 @@ def machine_rates(n: int = 2048, reps: int = 5, copy_mib: int = 256) -> dict:
             "copy_mib": copy_mib, "threads": torch.get_num_threads()}
 
 
+def ort_rates(rates: dict, n: int = 2048, reps: int = 5) -> dict:
+    """``rates`` (:func:`machine_rates`) with ONNX Runtime's own GEMM rates beside torch's: an n x n x n product
+    through a one-MatMul graph in fp32 and dynamically quantised to int8 (MLAS's kernels, the input's
+    quantisation included), with the session options of its paths; ``fp32_gemm_flops`` and
+    ``int8_gemm_flops`` become the faster of the two engines (the least time this machine allows), each
+    engine's kept as ``torch_*`` and ``ort_*``. ``rates`` as they are when onnxruntime is missing."""
+    try:
+        ort, q = _ort(), _quantization("ort-dynamic-int8")
+    except ExportError:
+        return rates
+    out = dict(rates, torch_fp32_gemm_flops=rates["fp32_gemm_flops"], torch_int8_gemm_flops=rates["int8_gemm_flops"])
+    lin = nn.Linear(n, n, bias=False).eval()
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).numpy()
+    with tempfile.TemporaryDirectory() as tmp, _quiet_quantizer():
+        fp32, int8 = Path(tmp) / "mm.onnx", Path(tmp) / "mm-int8.onnx"
+        torch.onnx.export(lin, (torch.from_numpy(a),), str(fp32), dynamo=False, input_names=["a"], opset_version=OPSET)
+        as_matmul(fp32)
+        q.quantize_dynamic(fp32, int8, op_types_to_quantize=["MatMul"], weight_type=q.QuantType.QInt8)
+        for kind, path in (("fp32", fp32), ("int8", int8)):
+            session = ort.InferenceSession(str(path), session_options(ort), providers=["CPUExecutionProvider"])
+            out[f"ort_{kind}_gemm_flops"] = 2 * n ** 3 / _fastest_s(lambda s=session: s.run(None, {"a": a}), reps)
+            out[f"{kind}_gemm_flops"] = max(out[f"torch_{kind}_gemm_flops"], out[f"ort_{kind}_gemm_flops"])
+    return out
+
+
+def as_matmul(path: Path) -> None:
+    """A one-Gemm graph (a 2-D Linear's export) rewritten as a MatMul by its transposed weight, in place: the
+    operator ONNX Runtime's dynamic quantisation turns into its int8 product."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    node, init = m.graph.node[-1], m.graph.initializer[0]
+    if node.op_type == "Gemm":
+        w = numpy_helper.to_array(init)
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.T), init.name))
+        node.CopyFrom(onnx.helper.make_node("MatMul", [node.input[0], init.name], list(node.output), node.name))
+        onnx.save(m, str(path))
+
+
 def quantized_macs(model: nn.Module, cfg_model: dict) -> tuple[int, int]:
     """(MACs per sample of the whole eval forward, of them those in the nn.LSTM and nn.Linear
     modules: what dynamic int8 runs in int8), counted by :mod:`harness.measurement.flops`."""

@@ -254,6 +254,26 @@ def test_bounds_and_quantised_macs():
 def test_machine_rates_are_measured():
     r = C.machine_rates(n=256, reps=2, copy_mib=8)
     assert r["fp32_gemm_flops"] > 1e8 and r["int8_gemm_flops"] > 1e8 and r["copy_bytes_per_s"] > 1e8
+    both = C.ort_rates(r, n=256, reps=2)  # ONNX Runtime's own rates beside torch's; the bound takes the faster
+    for kind in ("fp32", "int8"):
+        assert both[f"ort_{kind}_gemm_flops"] > 1e8 and both[f"torch_{kind}_gemm_flops"] == r[f"{kind}_gemm_flops"]
+        assert both[f"{kind}_gemm_flops"] == max(both[f"ort_{kind}_gemm_flops"], both[f"torch_{kind}_gemm_flops"])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter's notice
+def test_the_rate_graph_is_one_matmul_by_the_transposed_weight(tmp_path):
+    """The int8 rate's graph: a Linear's Gemm rewritten as MatMul(a, W^T), which computes the same product."""
+    import onnx
+    import onnxruntime as ort
+
+    lin = nn.Linear(6, 4, bias=False).eval()
+    a = torch.randn(3, 6)
+    torch.onnx.export(lin, (a,), str(tmp_path / "mm.onnx"), dynamo=False, input_names=["a"], opset_version=C.OPSET)
+    C.as_matmul(tmp_path / "mm.onnx")
+    assert [n.op_type for n in onnx.load(str(tmp_path / "mm.onnx")).graph.node] == ["MatMul"]
+    session = ort.InferenceSession(str(tmp_path / "mm.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"a": a.numpy()})
+    assert torch.allclose(torch.from_numpy(got[0]), a @ lin.weight.detach().T, atol=1e-6)
 
 
 @pytest.mark.slow
