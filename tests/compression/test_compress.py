@@ -210,7 +210,7 @@ def test_grid_evaluate_compress_key_is_checked(tmp_path):
         with pytest.raises(G.GridError, match=pattern):
             load(text)
     assert load('[evaluate]\ncompress = ["ort-static-int8"]\n').compress == ("ort-static-int8",)
-    assert G.load("tiny-compress").compress == ("dynamic-int8", "onnx")
+    assert G.load("tiny-compress").compress == ("dynamic-int8", "onnx", "ort-dynamic-int8", "ort-static-int8")
 
 
 @pytest.mark.slow  # a trained run (4 epochs) and both evaluations: about 35 s on 2 cores
