@@ -373,19 +373,29 @@ def _quantized_ops(path: Path) -> dict[str, int]:
             if op in profiles.ORT_INT8_GEMM or op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")}
 
 
+def _quantize_lstms(q, src: Path, dst: Path) -> None:
+    """``src``'s LSTMs dynamically quantised into ``dst`` (ONNX Runtime's DynamicQuantizeLSTM: int8 W and R, one
+    scale per direction, not per output channel: the quantiser's per-channel mode rewrites the shape of a weight in
+    place, which breaks a second LSTM sharing it, as a multiple-choice model's question encoder does for the
+    candidates)."""
+    q.quantize_dynamic(src, dst, op_types_to_quantize=["LSTM"], per_channel=False, weight_type=q.QuantType.QInt8)
+
+
 def _ort_dynamic_int8(model: nn.Module, cfg: variants.VariantConfig, out_dir: Path, calibration=None) -> Compressed:
     q = _quantization("ort-dynamic-int8")
     path = out_dir / "model-int8.onnx"
     with tempfile.TemporaryDirectory() as tmp:
-        export_onnx(model, cfg.name, Path(tmp) / "model.onnx", cfg.model)
-        with atomic_output(path) as out, _quiet_quantizer():
-            q.quantize_dynamic(Path(tmp) / "model.onnx", out, op_types_to_quantize=["MatMul", "LSTM"],
-                               per_channel=True, weight_type=q.QuantType.QInt8,
-                               extra_options={"MatMulConstBOnly": True})
+        fp32, mm = Path(tmp) / "model.onnx", Path(tmp) / "matmul-int8.onnx"
+        export_onnx(model, cfg.name, fp32, cfg.model)
+        with _quiet_quantizer():
+            q.quantize_dynamic(fp32, mm, op_types_to_quantize=["MatMul"], per_channel=True,
+                               weight_type=q.QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+            with atomic_output(path) as out:
+                _quantize_lstms(q, mm, out)
     return Compressed(_runnable(path, cfg), path, path.stat().st_size, {
         "opset": OPSET, "quantizer": "onnxruntime.quantization.quantize_dynamic", "quantized_ops": _quantized_ops(path),
-        "weights": "int8 per channel (MatMul weights, LSTM W and R)", "activations": "uint8, quantised on the fly per "
-        "run", **session_facts(_ort())})
+        "weights": "int8 (MatMul: per channel; LSTM W and R: per direction)",
+        "activations": "uint8, quantised on the fly per run", **session_facts(_ort())})
 
 
 def _ort_static_int8(model: nn.Module, cfg: variants.VariantConfig, out_dir: Path,
@@ -406,12 +416,12 @@ def _ort_static_int8(model: nn.Module, cfg: variants.VariantConfig, out_dir: Pat
                               activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                               calibrate_method=q.CalibrationMethod.MinMax, extra_options={"MatMulConstBOnly": True})
             with atomic_output(path) as out:  # ONNX Runtime has no static int8 LSTM: its dynamic one
-                q.quantize_dynamic(qdq, out, op_types_to_quantize=["LSTM"], per_channel=True,
-                                   weight_type=q.QuantType.QInt8)
+                _quantize_lstms(q, qdq, out)
     return Compressed(_runnable(path, cfg), path, path.stat().st_size, {
         "opset": OPSET, "quantizer": "onnxruntime.quantization.quantize_static (QDQ, MinMax) then quantize_dynamic "
         "(LSTM)", "quantized_ops": _quantized_ops(path), "calibration": calibration.describe(),
-        "weights": "int8 per channel", "activations": "MatMul / Gemm inputs uint8 with calibrated scales; LSTM inputs "
+        "weights": "int8 (MatMul / Gemm: per channel; LSTM W and R: per direction)",
+        "activations": "MatMul / Gemm inputs uint8 with calibrated scales; LSTM inputs "
         "quantised on the fly (ONNX Runtime has no static int8 LSTM)", **session_facts(_ort())})
 
 register(Method("dynamic-int8", "LSTM and Linear weights int8, activations quantised on the fly (CPU)", _dynamic_int8,

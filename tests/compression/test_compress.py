@@ -358,6 +358,11 @@ def test_the_other_tasks_export_and_quantise(task, tmp_path):
     named = dict(zip(C.input_names(cfg.model)[4:], x[4:]))
     with torch.no_grad():
         assert torch.equal(onnx.module(*x[:4], **named)["logits"], got)
+    for m in ("ort-dynamic-int8", "ort-static-int8"):  # quantised, calibrated on inputs with the task's own
+        q = C.METHODS[m].build(model, cfg, tmp_path / m, C.random_calibration(cfg.model, questions=16, batch_size=8))
+        with torch.no_grad():
+            qgot = q.module(*x[:4], **named)["logits"]
+        assert qgot.shape == ref.shape and 0 < (qgot - ref).abs().max() <= 0.1 * max(1.0, ref.abs().max())
 
 
 def test_compress_grid_takes_the_runs_of_every_data_set_of_the_grid(data_cache, tmp_path, monkeypatch):
