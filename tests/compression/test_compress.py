@@ -477,7 +477,7 @@ def test_static_int8_refuses_to_build_without_calibration(tmp_path):
 def test_ort_int8_methods_agree_with_fp32_on_tiny_questions_fast(tiny, tmp_path):
     """The fast form on the shapes of the real path: a randomly initialised tiny-size model, calibrated on 64
     training questions, on 300 test questions. Untrained logits lie close together, so int8 flips near-ties:
-    measured ort-dynamic-int8 98.7% argmax agreement, max |logit diff| 0.008; ort-static-int8 98.0%, 0.057; allowed
+    measured ort-dynamic-int8 97.7% argmax agreement, max |logit diff| 0.007; ort-static-int8 96.7%, 0.057; allowed
     85% and 0.1."""
     import dataclasses
 
