@@ -12,6 +12,15 @@ evaluates it exactly as the runner evaluates the fp32 model):
   length and candidates dynamic) of a wrapper returning the logits, run by ONNX Runtime's ``CPUExecutionProvider`` with
   this process's torch threads. A model that cannot be exported raises :class:`ExportError`
   naming the variant and the exporter's reason.
+* ``ort-dynamic-int8``: that export quantised by ONNX Runtime's ``quantize_dynamic``: every MatMul by a
+  weight int8 per channel, every LSTM ONNX Runtime's fused int8 LSTM; activations quantised on the fly.
+* ``ort-static-int8``: that export quantised by ``quantize_static`` (QDQ; MatMul and Gemm, int8 weights
+  per channel, uint8 activations whose ranges are calibrated on :data:`CALIBRATION_QUESTIONS` training
+  questions, :func:`training_calibration`: never validation or test), then its LSTMs dynamically (ONNX
+  Runtime has no static int8 LSTM).
+
+Every ONNX Runtime path runs with :func:`session_options` (threads = torch's, sequential, every graph
+optimisation). docs/compression.md says what each does, its bound and figures.
 
 A compressed evaluation of a complete run is recorded beside it, never in place of it:
 ``runs/<run_id>/compressed/<method>/`` holds ``record.json`` (written last, atomically: the
@@ -23,9 +32,12 @@ agreement with the fp32 model on the test split (the share of predictions that a
 difference|), the sizes on disk, and the CPU latency (batch 1 and 32) and memory of fp32 and the
 compressed model, timed in turn in the same process (ratios of the same run, same machine).
 
-Bounds (:func:`machine_rates`, :func:`bound_ms`): the fp32 and int8 GEMM rates and the copy bandwidth
-this CPU reaches, measured in the same run, turn a model's MACs and weight bytes into the least time
-a forward can take on each path, so a latency can be read against what the machine allows.
+Bounds (:func:`machine_rates`, :func:`ort_rates`, :func:`bound_ms`): the fp32 and int8 GEMM rates (the
+faster of torch and ONNX Runtime) and the copy bandwidth this CPU reaches, measured in the same run, turn
+a model's MACs and weight bytes into the least time a forward can take on each path, the MACs a path runs
+in int8 (:func:`int8_macs`: counted from ONNX Runtime's profile for its paths) at the int8 rate, so a
+latency can be read against what the machine allows; :func:`path_profile` says where the rest goes
+(:mod:`harness.compression.profiles`).
 """
 from __future__ import annotations
 
