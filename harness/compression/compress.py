@@ -70,7 +70,7 @@ from harness.compression import profiles
 from harness.evaluation.evaluate import ABLATIONS, evaluate
 from harness.model.inputs import random_inputs
 from harness.runs.record import task as record_task
-from harness.measurement.measure import latency, peak_memory
+from harness.measurement.measure import latency, peak_memory, quiet_fd2
 from harness.runs.store import WEIGHTS, ResultsStore
 from harness.files import atomic_output, atomic_torch_save, atomic_write_json, file_digest, locked
 
@@ -758,7 +758,7 @@ def path_profile(module: nn.Module, inputs: tuple, reps: int = 5) -> dict:
     times = []
     with torch.no_grad():
         module(*inputs)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with quiet_fd2(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(reps):
                 t0 = time.perf_counter()
                 module(*inputs)
