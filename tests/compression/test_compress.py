@@ -221,7 +221,12 @@ def test_report_shows_compressed_rows_beside_fp32_only_when_there_are_some(compr
     md = write_report(store, "r", run_ids=[rec["run_id"]], out_dir=tmp_path).read_text()
     section = md.split("### Compressed: int8 and ONNX Runtime beside fp32")[1].split("\n### ")[0]
     rows = [line for line in section.splitlines() if line.startswith("| dualvgr") or line.startswith("|  |")]
-    assert [r.split("|")[2].strip() for r in rows[:3]] == ["fp32 (eager)", "dynamic-int8", "onnx"]
+    assert [r.split("|")[2].strip() for r in rows[:5]] == ["fp32 (eager)", "dynamic-int8", "onnx",
+                                                          "ort-dynamic-int8", "ort-static-int8"]
+    assert "activation scales calibrated on 256 training questions" in section  # how static int8 was calibrated
+    for row in rows[3:5]:  # ONNX Runtime int8: its paired difference against fp32 and its agreement, as any method
+        cells = [c.strip() for c in row.split("|")]
+        assert cells[6] not in ("", "-") and float(cells[10]) >= 100 * ORT_INT8_AGREEMENT
     onnx_row = rows[2].split("|")
     assert onnx_row[6].strip() == "+0.00" and onnx_row[10].strip() == "100.00"  # Δ fp32, argmax agrees %
     for m in C.METHODS:  # without compressed evaluations there is no such section
