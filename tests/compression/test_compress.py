@@ -525,3 +525,23 @@ def test_ort_methods_without_onnxruntime_are_one_error_line(shared_store, tmp_pa
     assert b.exit_code == 1 and "Traceback" not in b.output
     errs = [line for line in b.stderr.splitlines() if line.startswith("error:")]
     assert len(errs) == 1 and "ort-dynamic-int8 method needs the onnx and onnxruntime packages" in errs[0]
+
+
+@pytest.mark.slow  # the shared store's dualvgr run, compressed twice
+def test_ablate_compress_runs_the_ort_methods_and_says_each(shared_store, tmp_path):
+    """`ablate.py compress RUN --method ort-dynamic-int8 --method ort-static-int8`: one line per method with its
+    accuracy beside fp32's, agreement, size and batch-1 latency; the static one's record names its calibration."""
+    import ablate
+
+    store, recs = shared_store.copy(tmp_path / "results", "dualvgr")
+    rid = recs["dualvgr"]["run_id"]
+    out = CliRunner().invoke(ablate.app, ["compress", rid, "--method", "ort-dynamic-int8", "--method",
+                                          "ort-static-int8", "--results", str(store.root), "--threads", "1"])
+    assert out.exit_code == 0, out.output
+    for m in ORT_METHODS:
+        line = next(x for x in out.output.splitlines() if f"seed 0 {m}: test acc" in x)
+        rec = C.read(store, rid, m)
+        assert f"{rec['metrics']['test']['overall']:.2f}" in line and "predictions agree" in line
+        assert f"{rec['size']['bytes']:,} bytes" in line
+    assert C.read(store, rid, "ort-static-int8")["method_info"]["calibration"]["source"] == "train"
+    assert C.read(store, rid, "onnx") is None  # only the methods asked for
