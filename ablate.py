@@ -243,8 +243,7 @@ def _compress(store, run_ids: list[str], methods: tuple[str, ...], force: bool =
         return []
     failures = compress.compress_runs(store, run_ids, methods, force=force, say=lambda m: say(console, m, "dim"))
     for f in failures:
-        say(console, f"compressed evaluation failed: {f['variant']} ({f['run_id']}), {f['method']}: {f['reason']}",
-            "red")
+        error(console, f"compressed evaluation failed: {f['variant']} ({f['run_id']}), {f['method']}: {f['reason']}")
     return failures
 
 
@@ -381,16 +380,17 @@ def report(grid: str = typer.Option(..., "--grid", help="Grid name or file whose
 @app.command()
 def compress(run_id: Optional[list[str]] = typer.Argument(None, help="Runs to compress (see `ablate.py results`)."),
              grid: Optional[str] = typer.Option(None, "--grid", help="Compress the complete runs of this grid."),
-             method: Optional[list[str]] = typer.Option(None, "--method", help="dynamic-int8 or onnx, repeatable "
-                                                        "[default: the grid's [evaluate] compress, else both]."),
+             method: Optional[list[str]] = typer.Option(None, "--method", help="dynamic-int8, onnx, "
+                                                        "ort-dynamic-int8 or ort-static-int8, repeatable [default: "
+                                                        "the grid's [evaluate] compress, else all]."),
              results: str = typer.Option("results", help="Results store directory."),
              force: bool = typer.Option(False, help="Evaluate and time again those already complete."),
              threads: Optional[int] = typer.Option(None, min=1, help="torch and ONNX Runtime CPU threads [default: "
                                                    "torch's]; on a CPU shared with other work, "
                                                    "1 times more steadily.")):
-    """Evaluate complete runs compressed (int8, ONNX Runtime) on the CPU, without retraining: each is recorded in
-    results/runs/<run>/compressed/<method>/ beside the run (whose own files are only read); complete ones are
-    skipped. `ablate.py report --grid NAME` then shows them beside their fp32 runs."""
+    """Evaluate complete runs compressed (int8, ONNX Runtime, ONNX Runtime int8) on the CPU, without retraining: each
+    is recorded in results/runs/<run>/compressed/<method>/ beside the run (whose own files are only read); complete
+    ones are skipped. `ablate.py report --grid NAME` then shows them beside their fp32 runs."""
     from harness.compression import compress as C
     from harness.execution import grid as G
     from harness.evaluation import metrics as M

@@ -22,7 +22,7 @@ import typer
 from rich.table import Table
 
 import variants
-from harness.console import make_console, plural, say
+from harness.console import error, make_console, plural, say
 from harness.data.sizes import SIZES
 from harness.files import atomic_write_json
 
@@ -77,9 +77,11 @@ def main(
     no_store: bool = typer.Option(False, "--no-store", help="Do not write records under <results>/bench/."),
     compress: Optional[list[str]] = typer.Option(None, "--compress", help="Instead of the measurements above: CPU "
                                                  "latency of fp32 eager and of each compressed path named "
-                                                 "(dynamic-int8, onnx; repeatable), each beside its bound from "
-                                                 "the GEMM rates and copy bandwidth measured in the same run "
-                                                 "(harness.compression.compress; --device cpu)."),
+                                                 "(dynamic-int8, onnx, ort-dynamic-int8, ort-static-int8; "
+                                                 "repeatable), each beside its bound from the GEMM rates and copy "
+                                                 "bandwidth measured in the same run and the share of its time "
+                                                 "outside the GEMMs (harness.compression.compress; --device cpu; "
+                                                 "docs/compression.md)."),
     compress_reps: int = typer.Option(15, min=1, help="With --compress: timed forwards per path and batch size, in "
                                                       "3 rounds that time the paths in turn."),
 ):
@@ -138,7 +140,11 @@ def _compress_main(names: list[str], config: str, sets: dict, sizes: list[int], 
     _warn_if_loaded(dev)
     records = []
     for name in names:
-        recs = _compress_rows(_config(name, config, sets), config, sizes, methods, reps, warmup)
+        try:
+            recs = _compress_rows(_config(name, config, sets), config, sizes, methods, reps, warmup)
+        except CompressError as e:  # a model that cannot be exported, onnxruntime missing: one line
+            error(err, str(e))
+            raise typer.Exit(1) from None
         records.extend(recs)
         if results:
             path = Path(results) / "bench" / f"{recs[0]['measured_at']}-{name}-compress.json"
@@ -157,14 +163,13 @@ def _compress_rows(cfg, config: str, sizes: list[int], methods: list[str], reps:
 
     from harness.compression import compress as C
     from harness.env import device_name, git_commit, load_average
-    from harness.model.inputs import random_inputs
 
     torch.manual_seed(0)
     model = variants.build(cfg).eval()
     say(err, f"{cfg.name}: counting MACs, measuring the GEMM rates and the copy bandwidth")
-    macs, rates = C.quantized_macs(model, cfg.model), C.machine_rates()
+    macs, rates = C.quantized_macs(model, cfg.model), C.ort_rates(C.machine_rates())
     fp32_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    paths = {"fp32 eager": (model, fp32_bytes, "fp32")}
+    paths = {"fp32 eager": (model, fp32_bytes, None)}
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     base = {"variant": cfg.name, "config": config, "device_name": device_name("cpu"),
             "threads": torch.get_num_threads(), "torch_version": torch.__version__,
@@ -173,21 +178,10 @@ def _compress_rows(cfg, config: str, sizes: list[int], methods: list[str], reps:
     with tempfile.TemporaryDirectory() as tmp:
         for m in methods:
             say(err, f"{cfg.name}: {m}")
-            comp = C.METHODS[m].build(model, cfg, Path(tmp) / m)
-            paths[m] = (comp.module, comp.size_bytes, "int8" if m == "dynamic-int8" else "fp32")
-        rows = []
-        for bs in sizes:
-            inputs = random_inputs(cfg.model, bs, "cpu")
-            say(err, f"{cfg.name} batch {bs}: {', '.join(paths)}, timed in turn")
-            lats = C.interleaved_latency({p: m for p, (m, _, _) in paths.items()}, inputs, reps, warmup=warmup)
-            read = variants.task(variants.task_of(cfg)).predict
-            with torch.no_grad():
-                ref = read(model(*inputs)["logits"])
-                agree = {p: float((read(m(*inputs)["logits"]) == ref).float().mean()) for p, (m, _, _) in paths.items()}
-            for path, (_module, wbytes, kind) in paths.items():
-                rows.append({**base, "path": path, "batch_size": bs, "weight_bytes": wbytes, "bound_path": kind,
-                             **lats[path], **C.bound_ms(kind, bs, macs, wbytes, rates),
-                             "argmax_agrees_fp32": agree[path]})
+            calibration = C.random_calibration(cfg.model) if C.METHODS[m].calibrated else None
+            comp = C.METHODS[m].build(model, cfg, Path(tmp) / m, calibration)
+            paths[m] = (comp.module, comp.size_bytes, m)
+        rows = [row for bs in sizes for row in _compress_batch(cfg, model, paths, bs, macs, rates, base, reps, warmup)]
     for r in rows:
         fp32 = next(x for x in rows if x["batch_size"] == r["batch_size"] and x["path"] == "fp32 eager")
         r["speedup_vs_fp32"] = fp32["latency_ms_median"] / r["latency_ms_median"]
@@ -196,8 +190,39 @@ def _compress_rows(cfg, config: str, sizes: list[int], methods: list[str], reps:
     return rows
 
 
+def _compress_batch(cfg, model, paths: dict, bs: int, macs: tuple[int, int], rates: dict, base: dict, reps: int,
+                    warmup: int | None) -> list[dict]:
+    """The rows of one batch size: every path timed in turn on the same inputs, then profiled (where its time
+    goes, and for ONNX Runtime the MACs it ran in int8), beside the bound of what it runs."""
+    import torch
+
+    from harness.compression import compress as C
+    from harness.compression.profiles import fmt_top
+    from harness.model.inputs import random_inputs
+
+    inputs = random_inputs(cfg.model, bs, "cpu")
+    say(err, f"{cfg.name} batch {bs}: {', '.join(paths)}, timed in turn, then profiled")
+    lats = C.interleaved_latency({p: m for p, (m, _, _) in paths.items()}, inputs, reps, warmup=warmup)
+    read = variants.task(variants.task_of(cfg)).predict
+    rows = []
+    with torch.no_grad():
+        ref = read(model(*inputs)["logits"])
+    for path, (module, wbytes, method) in paths.items():
+        with torch.no_grad():
+            agree = float((read(module(*inputs)["logits"]) == ref).float().mean())
+        prof = C.path_profile(module, inputs)
+        q = C.int8_macs(method, macs, prof, bs)
+        kind = "int8" if q else "fp32"
+        rows.append({**base, "path": path, "batch_size": bs, "weight_bytes": wbytes, "bound_path": kind,
+                     "int8_macs_per_sample": q, **lats[path], **C.bound_ms(kind, bs, (macs[0], q), wbytes, rates),
+                     "argmax_agrees_fp32": agree, "non_gemm_share": prof.get("non_gemm_share"),
+                     "profile_tool": prof.get("tool"), "profile_top_ops": fmt_top(prof), "profile": prof})
+    return rows
+
+
 COMPRESS_COLUMNS = ("variant", "path", "batch_size", "latency_ms_median", "latency_ms_p90", "bound_ms", "compute_ms",
-                    "memory_ms", "x_bound", "speedup_vs_fp32", "weight_bytes", "argmax_agrees_fp32")
+                    "memory_ms", "x_bound", "speedup_vs_fp32", "int8_macs_per_sample", "non_gemm_share",
+                    "profile_top_ops", "weight_bytes", "argmax_agrees_fp32")
 
 
 def _print_compress(records: list[dict], fmt: str) -> None:
@@ -208,12 +233,23 @@ def _print_compress(records: list[dict], fmt: str) -> None:
     note = (f"{r0['config']} config, {r0['device_name']}, {plural(r0['threads'], 'thread')}, "
             f"torch {r0['torch_version']}; "
             f"{r0['macs_per_sample'] / 1e9:.3f} G MACs per sample, {r0['macs_int8_per_sample'] / 1e9:.3f} G of them in "
-            f"nn.LSTM / nn.Linear (int8 under dynamic-int8); measured in this run: fp32 GEMM "
+            f"nn.LSTM / nn.Linear (int8 under dynamic-int8; an ONNX Runtime path's int8 MACs counted from its "
+            f"profile); non_gemm_share: the share of a forward outside the GEMM operators (matrix products and fused "
+            f"LSTMs), from ONNX Runtime's profiler or torch.profiler; measured in this run: fp32 GEMM "
             f"{r0['fp32_gemm_flops'] / 1e9:.0f} GFLOP/s, int8 GEMM {r0['int8_gemm_flops'] / 1e9:.0f} GOP/s "
-            f"({r0['gemm_n']}^3, dynamically quantised Linear), copy {r0['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + "
+            f"({r0['gemm_n']}^3; int8: a dynamically quantised product, its input's quantisation included; each the "
+            f"faster of torch and ONNX Runtime{_engines(r0)}), copy {r0['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + "
             f"written); bound = max(MACs at the path's GEMM rates, its weight bytes at the copy bandwidth); load "
             f"average {r0['load_average_before']}")
     _table(records, COMPRESS_COLUMNS, note, fmt, text_columns=("variant", "path"))
+
+
+def _engines(r: dict) -> str:
+    """Each engine's GEMM rates, where ONNX Runtime's were measured."""
+    if "ort_int8_gemm_flops" not in r:
+        return ", ONNX Runtime not installed"
+    return (f": torch {r['torch_fp32_gemm_flops'] / 1e9:.0f} / {r['torch_int8_gemm_flops'] / 1e9:.0f}, ONNX Runtime "
+            f"{r['ort_fp32_gemm_flops'] / 1e9:.0f} / {r['ort_int8_gemm_flops'] / 1e9:.0f}")
 
 
 def _check_options(variant: list[str], config: str, fmt: str, precision: str, batch_size: str, device: str,

@@ -12,6 +12,15 @@ evaluates it exactly as the runner evaluates the fp32 model):
   length and candidates dynamic) of a wrapper returning the logits, run by ONNX Runtime's ``CPUExecutionProvider`` with
   this process's torch threads. A model that cannot be exported raises :class:`ExportError`
   naming the variant and the exporter's reason.
+* ``ort-dynamic-int8``: that export quantised by ONNX Runtime's ``quantize_dynamic``: every MatMul by a
+  weight int8 per channel, every LSTM ONNX Runtime's fused int8 LSTM; activations quantised on the fly.
+* ``ort-static-int8``: that export quantised by ``quantize_static`` (QDQ; MatMul and Gemm, int8 weights
+  per channel, uint8 activations whose ranges are calibrated on :data:`CALIBRATION_QUESTIONS` training
+  questions, :func:`training_calibration`: never validation or test), then its LSTMs dynamically (ONNX
+  Runtime has no static int8 LSTM).
+
+Every ONNX Runtime path runs with :func:`session_options` (threads = torch's, sequential, every graph
+optimisation). docs/compression.md says what each does, its bound and figures.
 
 A compressed evaluation of a complete run is recorded beside it, never in place of it:
 ``runs/<run_id>/compressed/<method>/`` holds ``record.json`` (written last, atomically: the
@@ -23,18 +32,25 @@ agreement with the fp32 model on the test split (the share of predictions that a
 difference|), the sizes on disk, and the CPU latency (batch 1 and 32) and memory of fp32 and the
 compressed model, timed in turn in the same process (ratios of the same run, same machine).
 
-Bounds (:func:`machine_rates`, :func:`bound_ms`): the fp32 and int8 GEMM rates and the copy bandwidth
-this CPU reaches, measured in the same run, turn a model's MACs and weight bytes into the least time
-a forward can take on each path, so a latency can be read against what the machine allows.
+Bounds (:func:`machine_rates`, :func:`ort_rates`, :func:`bound_ms`): the fp32 and int8 GEMM rates (the
+faster of torch and ONNX Runtime) and the copy bandwidth this CPU reaches, measured in the same run, turn
+a model's MACs and weight bytes into the least time a forward can take on each path, the MACs a path runs
+in int8 (:func:`int8_macs`: counted from ONNX Runtime's profile for its paths) at the int8 rate, so a
+latency can be read against what the machine allows; :func:`path_profile` says where the rest goes
+(:mod:`harness.compression.profiles`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import logging
+import tempfile
 import time
 import timeit
 import warnings
 from datetime import datetime, timezone
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -50,10 +66,11 @@ from harness.env import environment, git_commit, load_average
 from harness.errors import HarnessError
 from variants.tasks import OPEN_ENDED
 
+from harness.compression import profiles
 from harness.evaluation.evaluate import ABLATIONS, evaluate
 from harness.model.inputs import random_inputs
 from harness.runs.record import task as record_task
-from harness.measurement.measure import latency, peak_memory
+from harness.measurement.measure import latency, peak_memory, quiet_fd2
 from harness.runs.store import WEIGHTS, ResultsStore
 from harness.files import atomic_output, atomic_torch_save, atomic_write_json, file_digest, locked
 
@@ -92,10 +109,34 @@ class Compressed:
 
 
 @dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Model inputs a static quantisation calibrates its activation ranges on: where they come from
+    (``source``: the split, ``train``, or ``random inputs`` where no data set is at hand, as in
+    ``bench.py --compress``, whose timing the scales do not change), the question ids drawn and the
+    batches, each ``{input name: array}`` as ONNX Runtime is fed."""
+
+    source: str
+    question_ids: tuple
+    batches: tuple[dict[str, np.ndarray], ...]
+
+    def describe(self) -> dict:
+        """What a record says of it: the split, how many questions, their ids."""
+        return {"source": self.source, "questions": sum(len(next(iter(b.values()))) for b in self.batches),
+                "question_ids": [int(q) if isinstance(q, (int, np.integer)) else str(q) for q in self.question_ids]}
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
     name: str
     description: str
-    build: Callable[[nn.Module, variants.VariantConfig, Path], Compressed]  # (fp32 model, config, dir) -> Compressed
+    #: (fp32 model, config, dir, calibration or None) -> Compressed
+    build: Callable[[nn.Module, variants.VariantConfig, Path, "Calibration | None"], Compressed]
+    #: whether ``build`` calibrates on inputs (:class:`Calibration`): :func:`compress_run` draws them from the
+    #: run's training questions only
+    calibrated: bool = False
+    #: a torch path whose nn.LSTM and nn.Linear run in int8 (its bound counts their MACs at the int8 rate);
+    #: an ONNX Runtime path's int8 MACs are counted from its profile instead (:func:`path_profile`)
+    torch_int8: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -129,7 +170,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
                                                       dtype=torch.qint8)
 
 
-def _dynamic_int8(model: nn.Module, cfg: variants.VariantConfig, out_dir: Path) -> Compressed:
+def _dynamic_int8(model: nn.Module, cfg: variants.VariantConfig, out_dir: Path, calibration=None) -> Compressed:
     q = quantize_int8(model)
     path = out_dir / "model-int8.pt"
     digest = atomic_torch_save(path, q.state_dict())
@@ -150,38 +191,80 @@ class _Logits(nn.Module):
         return self.model(*inputs)["logits"]
 
 
-def _ort():
-    """onnxruntime, or an ExportError saying how to install it."""
+def _ort(method: str = "onnx"):
+    """onnxruntime, or an ExportError saying how ``method`` needs it and how to install it."""
     try:
         import onnx  # noqa: F401 - torch.onnx.export writes through it
         import onnxruntime
     except ImportError as e:
-        raise ExportError(f"the onnx method needs the onnx and onnxruntime packages ({e}): "
+        raise ExportError(f"the {method} method needs the onnx and onnxruntime packages ({e}): "
                           "pip install -e '.[compress]'") from None
     return onnxruntime
 
 
+def session_options(ort, threads: int | None = None, profile_prefix: str | None = None):
+    """ONNX Runtime's session options for every ONNX Runtime path: ``threads`` intra-op threads (this
+    process's torch threads when None: the same cores as the torch paths and the GEMM rates of the bound),
+    one inter-op thread, operators run one after another (sequential: these graphs are a chain, a parallel
+    executor only adds scheduling), every graph optimisation (ORT_ENABLE_ALL: node fusions, the int8
+    products fused with their quantisation, weights pre-packed); with ``profile_prefix``, profiling on."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only: the quantised graphs' notes on unused initialisers are not news
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    return opts
+
+
+def session_facts(ort, threads: int | None = None) -> dict:
+    """What a record says of how ONNX Runtime ran a path."""
+    return {"onnxruntime": ort.__version__, "provider": "CPUExecutionProvider",
+            "intra_op_threads": threads or torch.get_num_threads(), "inter_op_threads": 1, "execution": "sequential",
+            "graph_optimization": "ORT_ENABLE_ALL"}
+
+
 class OrtModule(nn.Module):
-    """An exported model run by ONNX Runtime's CPU provider, called like the model (CPU tensors in,
-    ``{"logits": ...}`` out) so that :mod:`harness.evaluation.evaluate` and
+    """An exported model run by ONNX Runtime's CPU provider (:func:`session_options`), called like the model
+    (CPU tensors in, ``{"logits": ...}`` out) so that :mod:`harness.evaluation.evaluate` and
     :mod:`harness.measurement.measure` use it as is."""
 
     def __init__(self, path: Path, names: tuple[str, ...] = _INPUTS, threads: int | None = None):
         super().__init__()
         ort = _ort()
+        self.path, self.threads = Path(path), threads
         self.order = names  # the model's positional inputs, by name
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), session_options(ort, threads),
+                                            providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
 
-    def forward(self, *inputs, **named):
+    def feeds(self, inputs: tuple, named: dict | None = None) -> dict[str, np.ndarray]:
         # positional in the model's order, or by name as harness.evaluation.evaluate passes a task's inputs
-        # (candidates);
-        # fed by name: the exporter drops the inputs a model ignores (question-only: the video)
-        given = {**dict(zip(self.order, inputs)), **named}
-        feeds = {n: t.detach().cpu().numpy() for n, t in given.items() if n in self.names}
-        return {"logits": torch.from_numpy(self.session.run(None, feeds)[0])}
+        # (candidates); fed by name: the exporter drops the inputs a model ignores (question-only: the video)
+        given = {**dict(zip(self.order, inputs)), **(named or {})}
+        return {n: t.detach().cpu().numpy() for n, t in given.items() if n in self.names}
+
+    def forward(self, *inputs, **named):
+        return {"logits": torch.from_numpy(self.session.run(None, self.feeds(inputs, named))[0])}
+
+    def profile(self, inputs: tuple, reps: int = 5) -> dict:
+        """ONNX Runtime's profile of ``reps`` runs on ``inputs`` (after one unprofiled-in-the-summary warm-up
+        run), in a session of its own with the same options, summarised (:func:`profiles.summarize_ort`)."""
+        import json
+        import tempfile
+
+        ort = _ort()
+        with tempfile.TemporaryDirectory() as tmp:
+            session = ort.InferenceSession(str(self.path), session_options(ort, self.threads, f"{tmp}/ort"),
+                                           providers=["CPUExecutionProvider"])
+            feeds = self.feeds(inputs)
+            for _ in range(reps + 1):
+                session.run(None, feeds)
+            events = json.loads(Path(session.end_profiling()).read_text())
+        return profiles.summarize_ort(events, skip_runs=1)
 
 
 def input_names(cfg_model: dict) -> tuple[str, ...]:
@@ -207,30 +290,161 @@ def export_onnx(model: nn.Module, variant: str, path: Path, cfg_model: dict) -> 
     except HarnessError:
         raise
     except Exception as e:  # noqa: BLE001 - any exporter failure becomes one message naming the variant
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ExportError(f"{variant} cannot be exported to ONNX (opset {OPSET}, TorchScript exporter): "
-                          f"{type(e).__name__}: {reason}") from None
+                          f"{type(e).__name__}: {_first_line(e)}") from None
 
 
-def _onnx(model: nn.Module, cfg: variants.VariantConfig, out_dir: Path) -> Compressed:
-    ort = _ort()
-    path, variant = out_dir / "model.onnx", cfg.name
-    export_onnx(model, variant, path, cfg.model)
-    probe = random_inputs(cfg.model, 3, "cpu", question_len=7, seed=1)  # another batch size and question length
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
+def _runnable(path: Path, cfg: variants.VariantConfig) -> OrtModule:
+    """``path`` in an :class:`OrtModule`, run once on another batch size and question length than the export's;
+    ExportError naming the variant when ONNX Runtime cannot."""
+    probe = random_inputs(cfg.model, 3, "cpu", question_len=7, seed=1)
     try:
         module = OrtModule(path, input_names(cfg.model))
         module(*probe)
     except Exception as e:  # noqa: BLE001 - onnxruntime's own error types, named in the message
-        raise ExportError(f"{variant}: ONNX Runtime cannot run the exported {path}: {type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
-    return Compressed(module, path, path.stat().st_size, {"opset": OPSET, "exporter": "torchscript",
-                                                          "onnxruntime": ort.__version__,
-                                                          "provider": "CPUExecutionProvider",
-                                                          "intra_op_threads": torch.get_num_threads()})
+        raise ExportError(f"{cfg.name}: ONNX Runtime cannot run {path}: {type(e).__name__}: {_first_line(e)}") from None
+    return module
 
 
-register(Method("dynamic-int8", "LSTM and Linear weights int8, activations quantised on the fly (CPU)", _dynamic_int8))
+def _onnx(model: nn.Module, cfg: variants.VariantConfig, out_dir: Path, calibration=None) -> Compressed:
+    ort = _ort()
+    path = out_dir / "model.onnx"
+    export_onnx(model, cfg.name, path, cfg.model)
+    return Compressed(_runnable(path, cfg), path, path.stat().st_size,
+                      {"opset": OPSET, "exporter": "torchscript", **session_facts(ort)})
+
+
+#: training questions a static int8 quantisation calibrates its activation ranges on (a few hundred: min/max
+#: ranges settle within that many), drawn at random (seed 0) from the training split only, in batches of
+CALIBRATION_QUESTIONS = 256
+CALIBRATION_BATCH = 32
+
+
+def _calibration_batches(split: D.SplitData, features: D.Features, cfg_model: dict, batch_size: int) -> tuple:
+    names = input_names(cfg_model)
+    return tuple({k: t.numpy() for k, t in zip(names, (b.appearance, b.motion, b.questions, b.lengths,
+                                                        *(b.extra[n] for n in names[4:])))}
+                 for b in D.iterate_batches(split, features, batch_size, device="cpu"))
+
+
+def training_calibration(data: D.VideoQAData, cfg_model: dict, questions: int = CALIBRATION_QUESTIONS,
+                         batch_size: int = CALIBRATION_BATCH, seed: int = 0) -> Calibration:
+    """``questions`` training questions (all of them when fewer) drawn at random with ``seed``, as model
+    inputs: the only split this reads is ``train`` (never validation or test, whose accuracy the compressed
+    model is then measured on)."""
+    split = data.splits["train"]
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:questions].sort().values
+    sub = D.SplitData("train", **{f: getattr(split, f)[idx] for f in ("questions", "lengths", "video_rows", "answers",
+                                                                     "qtypes")},
+                      question_ids=split.question_ids[idx.numpy()], video_ids=split.video_ids[idx.numpy()],
+                      extra={k: v[idx] for k, v in split.extra.items()})
+    return Calibration("train", tuple(sub.question_ids.tolist()),
+                       _calibration_batches(sub, data.features, cfg_model, batch_size))
+
+
+def random_calibration(cfg_model: dict, questions: int = 64, batch_size: int = CALIBRATION_BATCH) -> Calibration:
+    """Random inputs shaped like the data (no question ids): what ``bench.py --compress`` calibrates on, where
+    there is no data set; the scales they give change the latency of a static int8 model, not its kernels."""
+    names = input_names(cfg_model)
+    return Calibration("random inputs", (), tuple(
+        {k: t.numpy() for k, t in zip(names, random_inputs(cfg_model, batch_size, "cpu", seed=s))}
+        for s in range(-(-questions // batch_size))))
+
+
+def _quantization(method: str):
+    """onnxruntime.quantization, or an ExportError saying how to install it."""
+    _ort(method)
+    from onnxruntime import quantization
+
+    return quantization
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """ONNX Runtime's quantiser gives its advice through the root logger (pre-processing, Gemm biases that are
+    not constant) and warnings: not the user's to act on."""
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _quantized_ops(path: Path) -> dict[str, int]:
+    """The int8 operators of a quantised graph (and its quantising ones), by type."""
+    import onnx
+
+    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    return {op: n for op, n in sorted(ops.items())
+            if op in profiles.ORT_INT8_GEMM or op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")}
+
+
+def _quantize_lstms(q, src: Path, dst: Path) -> None:
+    """``src``'s LSTMs dynamically quantised into ``dst`` (ONNX Runtime's DynamicQuantizeLSTM: int8 W and R, one
+    scale per direction, not per output channel: the quantiser's per-channel mode rewrites the shape of a weight in
+    place, which breaks a second LSTM sharing it, as a multiple-choice model's question encoder does for the
+    candidates)."""
+    q.quantize_dynamic(src, dst, op_types_to_quantize=["LSTM"], per_channel=False, weight_type=q.QuantType.QInt8)
+
+
+def _ort_dynamic_int8(model: nn.Module, cfg: variants.VariantConfig, out_dir: Path, calibration=None) -> Compressed:
+    q = _quantization("ort-dynamic-int8")
+    path = out_dir / "model-int8.onnx"
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, mm = Path(tmp) / "model.onnx", Path(tmp) / "matmul-int8.onnx"
+        export_onnx(model, cfg.name, fp32, cfg.model)
+        with _quiet_quantizer():
+            q.quantize_dynamic(fp32, mm, op_types_to_quantize=["MatMul"], per_channel=True,
+                               weight_type=q.QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+            with atomic_output(path) as out:
+                _quantize_lstms(q, mm, out)
+    return Compressed(_runnable(path, cfg), path, path.stat().st_size, {
+        "opset": OPSET, "quantizer": "onnxruntime.quantization.quantize_dynamic", "quantized_ops": _quantized_ops(path),
+        "weights": "int8 (MatMul: per channel; LSTM W and R: per direction)",
+        "activations": "uint8, quantised on the fly per run", **session_facts(_ort())})
+
+
+def _ort_static_int8(model: nn.Module, cfg: variants.VariantConfig, out_dir: Path,
+                     calibration: Calibration | None = None) -> Compressed:
+    q = _quantization("ort-static-int8")
+    if calibration is None or not calibration.batches:
+        raise CompressError(f"{cfg.name}: ort-static-int8 calibrates on questions: none given")
+    path = out_dir / "model-int8-static.onnx"
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, qdq = Path(tmp) / "model.onnx", Path(tmp) / "qdq.onnx"
+        export_onnx(model, cfg.name, fp32, cfg.model)
+        wanted = {i.name for i in _ort().InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()}
+        batches = iter([{k: v for k, v in b.items() if k in wanted} for b in calibration.batches])
+        reader = type("Reader", (q.CalibrationDataReader,), {"get_next": lambda self: next(batches, None)})()
+        with _quiet_quantizer():
+            q.quantize_static(fp32, qdq, reader, quant_format=q.QuantFormat.QDQ,
+                              op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                              activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                              calibrate_method=q.CalibrationMethod.MinMax, extra_options={"MatMulConstBOnly": True})
+            with atomic_output(path) as out:  # ONNX Runtime has no static int8 LSTM: its dynamic one
+                _quantize_lstms(q, qdq, out)
+    return Compressed(_runnable(path, cfg), path, path.stat().st_size, {
+        "opset": OPSET, "quantizer": "onnxruntime.quantization.quantize_static (QDQ, MinMax) then quantize_dynamic "
+        "(LSTM)", "quantized_ops": _quantized_ops(path), "calibration": calibration.describe(),
+        "weights": "int8 (MatMul / Gemm: per channel; LSTM W and R: per direction)",
+        "activations": "MatMul / Gemm inputs uint8 with calibrated scales; LSTM inputs "
+        "quantised on the fly (ONNX Runtime has no static int8 LSTM)", **session_facts(_ort())})
+
+register(Method("dynamic-int8", "LSTM and Linear weights int8, activations quantised on the fly (CPU)", _dynamic_int8,
+                torch_int8=True))
 register(Method("onnx", f"ONNX export (opset {OPSET}) run by ONNX Runtime's CPU provider", _onnx))
+register(Method("ort-dynamic-int8", "the ONNX export quantised by ONNX Runtime: MatMul and LSTM weights int8 per "
+                "channel, activations quantised on the fly, run by its CPU provider", _ort_dynamic_int8))
+register(Method("ort-static-int8", f"the ONNX export quantised by ONNX Runtime, MatMul and Gemm statically (int8 "
+                f"weights per channel, activation scales calibrated on {CALIBRATION_QUESTIONS} training "
+                "questions), its LSTMs dynamically (ONNX Runtime has no static int8 LSTM)", _ort_static_int8,
+                calibrated=True))
 
 
 # ----------------------------------------------------------------------------- where evaluations live
@@ -390,7 +604,8 @@ def _compress_locked(store: ResultsStore, record: dict, method: str, data: D.Vid
     t0 = time.perf_counter()
     cfg = variants.VariantConfig(**record["variant_config"])
     model = fp32_model(store, record)
-    comp = METHODS[method].build(model, cfg, out_dir)
+    calibration = training_calibration(data, cfg.model) if METHODS[method].calibrated else None
+    comp = METHODS[method].build(model, cfg, out_dir, calibration)
     batch = max(int(record.get("train_config", {}).get("batch_size", 64)), 256)  # the runner's eval batch
     task = record_task(record)
     metrics, preds = _evaluations(comp.module, data, batch, task)
@@ -448,9 +663,8 @@ def compress_runs(store: ResultsStore, run_ids: list[str], methods: tuple[str, .
                 else:
                     say(f"{record['variant']} seed {record['seed']} {method}: already complete ({rid}), not "
                         "evaluated again (--force redoes it)")
-            except CompressError as e:
+            except CompressError as e:  # the caller says it (ablate.py: one error line each)
                 failures.append({"run_id": rid, "variant": record["variant"], "method": method, "reason": str(e)})
-                say(f"{rid}: {method}: {e}")
     return failures
 
 
@@ -482,6 +696,46 @@ def machine_rates(n: int = 2048, reps: int = 5, copy_mib: int = 256) -> dict:
             "copy_mib": copy_mib, "threads": torch.get_num_threads()}
 
 
+def ort_rates(rates: dict, n: int = 2048, reps: int = 5) -> dict:
+    """``rates`` (:func:`machine_rates`) with ONNX Runtime's own GEMM rates beside torch's: an n x n x n product
+    through a one-MatMul graph in fp32 and dynamically quantised to int8 (MLAS's kernels, the input's
+    quantisation included), with the session options of its paths; ``fp32_gemm_flops`` and
+    ``int8_gemm_flops`` become the faster of the two engines (the least time this machine allows), each
+    engine's kept as ``torch_*`` and ``ort_*``. ``rates`` as they are when onnxruntime is missing."""
+    try:
+        ort, q = _ort(), _quantization("ort-dynamic-int8")
+    except ExportError:
+        return rates
+    out = dict(rates, torch_fp32_gemm_flops=rates["fp32_gemm_flops"], torch_int8_gemm_flops=rates["int8_gemm_flops"])
+    lin = nn.Linear(n, n, bias=False).eval()
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).numpy()
+    with tempfile.TemporaryDirectory() as tmp, _quiet_quantizer():
+        fp32, int8 = Path(tmp) / "mm.onnx", Path(tmp) / "mm-int8.onnx"
+        torch.onnx.export(lin, (torch.from_numpy(a),), str(fp32), dynamo=False, input_names=["a"], opset_version=OPSET)
+        as_matmul(fp32)
+        q.quantize_dynamic(fp32, int8, op_types_to_quantize=["MatMul"], weight_type=q.QuantType.QInt8)
+        for kind, path in (("fp32", fp32), ("int8", int8)):
+            session = ort.InferenceSession(str(path), session_options(ort), providers=["CPUExecutionProvider"])
+            out[f"ort_{kind}_gemm_flops"] = 2 * n ** 3 / _fastest_s(lambda s=session: s.run(None, {"a": a}), reps)
+            out[f"{kind}_gemm_flops"] = max(out[f"torch_{kind}_gemm_flops"], out[f"ort_{kind}_gemm_flops"])
+    return out
+
+
+def as_matmul(path: Path) -> None:
+    """A one-Gemm graph (a 2-D Linear's export) rewritten as a MatMul by its transposed weight, in place: the
+    operator ONNX Runtime's dynamic quantisation turns into its int8 product."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    node, init = m.graph.node[-1], m.graph.initializer[0]
+    if node.op_type == "Gemm":
+        w = numpy_helper.to_array(init)
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.T), init.name))
+        node.CopyFrom(onnx.helper.make_node("MatMul", [node.input[0], init.name], list(node.output), node.name))
+        onnx.save(m, str(path))
+
+
 def quantized_macs(model: nn.Module, cfg_model: dict) -> tuple[int, int]:
     """(MACs per sample of the whole eval forward, of them those in the nn.LSTM and nn.Linear
     modules: what dynamic int8 runs in int8), counted by :mod:`harness.measurement.flops`."""
@@ -495,10 +749,37 @@ def quantized_macs(model: nn.Module, cfg_model: dict) -> tuple[int, int]:
     return int(total), int(q // 2)
 
 
+def path_profile(module: nn.Module, inputs: tuple, reps: int = 5) -> dict:
+    """Where one path's forward on ``inputs`` spends its time (:mod:`harness.compression.profiles`): ONNX
+    Runtime's profiler for an :class:`OrtModule` (with the MACs its int8 and fp32 GEMM operators did),
+    ``torch.profiler`` over ``reps`` forwards otherwise (after one warm-up)."""
+    if isinstance(module, OrtModule):
+        return module.profile(inputs, reps)
+    times = []
+    with torch.no_grad():
+        module(*inputs)
+        with quiet_fd2(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                module(*inputs)
+                times.append(time.perf_counter() - t0)
+    return profiles.summarize_torch(prof.key_averages(), reps, 1000 * float(np.median(times)))
+
+
+def int8_macs(method: str | None, macs: tuple[int, int], profile: dict, batch: int) -> int:
+    """The MACs per sample a path runs in int8: a torch int8 method's (:attr:`Method.torch_int8`) nn.LSTM and
+    nn.Linear MACs, an ONNX Runtime path's int8 GEMM MACs as its profile at ``batch`` counted them (at most
+    the model's), none for fp32 eager (``method`` None) and the others."""
+    if method is not None and METHODS[method].torch_int8:
+        return macs[1]
+    return min(macs[0], int(profile.get("int8_gemm_macs", 0)) // batch)
+
+
 def bound_ms(path: str, batch: int, macs: tuple[int, int], weight_bytes: int, rates: dict) -> dict:
     """The least time a forward of ``batch`` samples can take on ``path`` (``fp32``, or ``int8``:
-    the quantised MACs at the int8 rate, the rest at the fp32 rate): its compute at the measured
-    GEMM rates, and reading its weights once at the measured bandwidth; the bound is the larger."""
+    the quantised MACs at the int8 rate, the rest at the fp32 rate; ``macs``: (all, int8) per sample,
+    the int8 ones what that path runs in int8, :func:`int8_macs`): its compute at the measured GEMM
+    rates, and reading its weights once at the measured bandwidth; the bound is the larger."""
     total, q = macs
     if path == "int8":
         compute = 2 * batch * (q / rates["int8_gemm_flops"] + (total - q) / rates["fp32_gemm_flops"])

@@ -274,7 +274,7 @@ CPU_STEP_KIND = "cpu_profiler_tensor_peak"
 
 
 @contextlib.contextmanager
-def _quiet_fd2():
+def quiet_fd2():
     """Send file descriptor 2 to /dev/null (the profiler's native library logs its start and stop there)."""
     sys.stderr.flush()
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
@@ -296,7 +296,7 @@ def cpu_tensor_peak_mib(fn: Callable[[], object]) -> float:
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
-    with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
