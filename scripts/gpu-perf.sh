@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU measurement and check, in one call (docs/performance.md, README "Cost"):
+# The whole GPU measurement and check, in one call (docs/performance.md):
 #   bash scripts/gpu-perf.sh [OUT_DIR]            DEVICE=cuda by default; msvd sizes (synthetic:msvd, generated once)
 #   DEVICE=cpu bash scripts/gpu-perf.sh /tmp/dry  the CPU dry run (micro sizes, under a minute; tests/test_gpu_check.py)
 # Installs the wheels carried in .whl/ (scripts/gpu-wheels.sh downloads them) when the python lacks what the

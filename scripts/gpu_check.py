@@ -324,7 +324,7 @@ def table(bench_rows: list[dict], run_out: dict | None, dev: torch.device) -> st
                          f"{ref.get('latency_ms_b1', '-')}, {ref.get('latency_ms_b256', '-')}, "
                          f"{_f(ref.get('peak_mem_mib_train_b256'), 0)} |")
     note = (f"\nbatch {big} stands for b256 on this device ({dev}); reference figures: the reference DualVGR code on "
-            f"one H100 80GB (anchors.md). Runs: {EPOCHS} epochs, the second epoch's figures.")
+            f"one H100 80GB (docs/reference.md). Runs: {EPOCHS} epochs, the second epoch's figures.")
     return "\n".join(lines) + note + "\n"
 
 

@@ -1,4 +1,4 @@
-"""Multiple-choice and count questions about the synthetic videos (issue 26): the presets ``tiny-mc`` and
+"""Multiple-choice and count questions about the synthetic videos: the presets ``tiny-mc`` and
 ``tiny-count`` keep tiny's world, videos and splits (:mod:`harness.data.synthetic_world`) and ask other questions,
 written in HCRN's TGIF-QA layouts (:mod:`harness.data.layout`).
 

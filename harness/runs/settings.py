@@ -6,7 +6,7 @@ from __future__ import annotations
 from harness.env import TRAIN_PRECISIONS
 from harness.errors import HarnessError
 
-#: the reference's training recipe (anchors.md); data sets may suggest their own (synthetic presets)
+#: the reference's training recipe (docs/reference.md); data sets may suggest their own (synthetic presets)
 REFERENCE_TRAIN = {"epochs": 25, "batch_size": 256, "lr": 1e-4, "lr_decay_every": 10, "lr_decay": 0.5,
                    "grad_clip": 12.0}
 #: every training setting's default: the reference recipe, no early stopping, GloVe, fp32

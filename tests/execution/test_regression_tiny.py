@@ -1,6 +1,6 @@
 """Quick regression check on the tiny synthetic set (detectron2-style): DualVGR must beat the
 question-only baseline by a clear margin with the default settings, and land near the numbers
-the README reports (measured on 2 CPU cores; CPU runs are deterministic for a seed)."""
+docs/variants.md reports (measured on 2 CPU cores; CPU runs are deterministic for a seed)."""
 import pytest
 
 from harness.training.plan import RunSpec

@@ -1,4 +1,4 @@
-"""The README's recipe for adding a distillation loss and a student that uses it, followed to the
+"""docs/architecture.md's recipe for adding a distillation loss and a student that uses it, followed to the
 letter: the loss is a registered factory (``functools``-wrapped by ``_factory`` or not), the variant
 names it with empty ``params``, and every parameter of the loss is at once a setting of the variant
 for ``--set`` and for a grid's ``[axes]``, ``[set]``, ``[[include]]`` and ``[[exclude]]``."""
@@ -41,7 +41,7 @@ def example_student_mse():
 
 @pytest.fixture
 def registered():
-    """Register the loss and the variant as the README says (decorators), and unregister them after:
+    """Register the loss and the variant as docs/architecture.md says (decorators), and unregister them after:
     the registries are global and other tests list them."""
     LOSSES.register("example-mse")(example_mse)
     variants.register_variant("example-student-mse", tags=("student",))(example_student_mse)
