@@ -105,12 +105,15 @@ def test_question_only_and_early_stopping(tiny, tmp_path):
     assert rec["params"]["by_module"].keys() == {"linguistic_input_unit", "output_unit"}
 
 
-def test_cli_run_prints_per_type_table(tmp_path, data_cache):
+def test_cli_run_prints_per_type_table(tmp_path, shared_store):
+    """The table ``run`` prints from the run's record (the shared store's dualvgr, copied: the command finds it
+    complete and prints it as it does after training; test_cli.py's runs train through the command)."""
     import ablate
 
+    shared_store.copy(tmp_path, "dualvgr")
     r = CliRunner().invoke(ablate.app, ["run", "dualvgr", "--epochs", "1", "--batch-size", "512",
                                         "--results", str(tmp_path), "--device", "cpu"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0 and "already complete: dualvgr-" in r.output, r.output
     for word in ("what", "who", "how", "when", "where", "test (best-val epoch)", "223,748 parameters"):
         assert word in r.output
     r = CliRunner().invoke(ablate.app, ["results", "--results", str(tmp_path)])
