@@ -111,7 +111,7 @@ def test_cli_run_prints_per_type_table(tmp_path, shared_store):
     import ablate
 
     shared_store.copy(tmp_path, "dualvgr")
-    r = CliRunner().invoke(ablate.app, ["run", "dualvgr", "--epochs", "1", "--batch-size", "512",
+    r = CliRunner().invoke(ablate.app, ["run", "dualvgr", "--epochs", "1", "--batch-size", "512", "--seed", "0",
                                         "--results", str(tmp_path), "--device", "cpu"])
     assert r.exit_code == 0 and "already complete: dualvgr-" in r.output, r.output
     for word in ("what", "who", "how", "when", "where", "test (best-val epoch)", "223,748 parameters"):
