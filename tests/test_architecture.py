@@ -224,8 +224,8 @@ def test_bench_times_the_runners_own_training_step(tiny, tmp_path, monkeypatch):
     (rec,) = M.measure_variant(cfg, [4], "cpu", reps=2, warmup=1, train_reps=2, flops=False)
     assert rec["train_samples_per_s"] is not None and len(calls) >= 3  # warm-up + timed + peak-memory steps
     n_bench = len(calls)
-    train(RunSpec("dualvgr", epochs=1, batch_size=512), ResultsStore(tmp_path), data=tiny, device="cpu",
-          progress=False)
+    train(RunSpec("dualvgr", epochs=1, batch_size=512, overrides={"module_dim": 16}), ResultsStore(tmp_path),
+          data=tiny, device="cpu", progress=False)
     assert len(calls) > n_bench  # the runner trained through TrainStep too
     step = M.make_train_step(cfg, variants.build(cfg), M.build_teachers(cfg, "cpu"))
     assert isinstance(step.train_step, S.TrainStep) and len(step.train_step.teachers) == 1

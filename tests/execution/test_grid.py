@@ -17,6 +17,8 @@ from harness.runs.store import ResultsStore
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO_TRAIN = "[train]\nepochs = 1\nbatch_size = 512\n"
+#: a small model (every variant's module_dim 16, teachers' included) for the tests of a grid's path, not of its models
+SMALL = "[set]\nmodule_dim = 16\n"
 
 
 def write(tmp_path, text, name="g"):
@@ -96,8 +98,9 @@ variant = "student-*"
 
 @pytest.mark.slow
 def test_run_resume_and_failures(tiny, tmp_path):
-    p = write(tmp_path, 'data = "synthetic:tiny"\nvariants = ["question-only", "dualvgr"]\nseeds = [0]\n' + MICRO_TRAIN
-              + '[[include]]\nvariant = "dualvgr"\nbeta = 1e38\n')  # an HSIC weight that overflows: a failing run
+    p = write(tmp_path, 'data = "synthetic:tiny"\nvariants = ["question-only", "dualvgr"]\nseeds = [0]\n'
+              + MICRO_TRAIN + SMALL  # and an HSIC weight that overflows: a failing run
+              + '[[include]]\nvariant = "dualvgr"\nbeta = 1e38\n')
     g = G.load(p)
     store = ResultsStore(tmp_path / "results")
     res = run_grid(g, store, console=quiet())
@@ -115,7 +118,7 @@ def test_run_resume_and_failures(tiny, tmp_path):
 def test_parallel_jobs_and_teacher_order(tiny, tmp_path):
     g = G.load(write(tmp_path, 'data = "synthetic:tiny"\n'
                      'variants = ["student-logits", "student-hint", "question-only"]\n'
-                     'seeds = [0]\n' + MICRO_TRAIN))
+                     'seeds = [0]\n' + MICRO_TRAIN + SMALL))
     store = ResultsStore(tmp_path / "results")
     res = run_grid(g, store, jobs=2, device="cpu", console=quiet())
     assert not res.failed and len(res.complete) == 3
@@ -159,7 +162,7 @@ def test_implicit_teachers_are_counted_and_scheduled_once_before_their_students(
 @pytest.mark.slow
 def test_submitit_local_executor(tiny, tmp_path):
     g = G.load(write(tmp_path, 'data = "synthetic:tiny"\nvariants = ["question-only", "student"]\nseeds = [0]\n'
-                     + MICRO_TRAIN))
+                     + MICRO_TRAIN + SMALL))
     store = ResultsStore(tmp_path / "results")
     res = run_grid(g, store, executor="submitit-local", device="cpu", console=quiet(), poll_s=0.2)
     assert not res.failed and len(res.complete) == 2
@@ -169,7 +172,7 @@ def test_submitit_local_executor(tiny, tmp_path):
 @pytest.mark.slow
 def test_sigkill_halfway_loses_and_duplicates_nothing(tmp_path, data_cache):
     p = write(tmp_path, 'data = "synthetic:tiny"\nvariants = ["question-only", "dualvgr"]\nseeds = [0, 1, 2]\n'
-              + MICRO_TRAIN)
+              + MICRO_TRAIN + SMALL)
     results = tmp_path / "results"
     env = {**os.environ, "VQAKD_DATA_DIR": str(data_cache), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "ablate.py"), "--grid", str(p), "--results", str(results), "--device", "cpu",

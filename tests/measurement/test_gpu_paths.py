@@ -418,7 +418,7 @@ def test_teachers_are_dropped_once_the_cache_replaces_them(tiny, tmp_path, monke
         return {"status": "inspected"}
 
     monkeypatch.setattr(R._Run, "_epochs_then_record", after_setup)
-    s = RunSpec(variant="student-logits", data="synthetic:tiny", seed=1, epochs=1, batch_size=128,
-                overrides={"module_dim": 32})
+    s = RunSpec(variant="student-logits", data="synthetic:tiny", seed=1, epochs=1, batch_size=512,
+                overrides={"module_dim": 16})
     train(s, ResultsStore(tmp_path / "results"), data=tiny, device="cpu", progress=False)
     assert seen["cache"] is not None and seen["teachers"] == [] and seen["step_teachers"] == []

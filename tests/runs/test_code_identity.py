@@ -20,19 +20,19 @@ OLD = "0ldc0de00000"
 @pytest.fixture
 def grid(tmp_path):
     p = tmp_path / "g.toml"
-    p.write_text('data = "synthetic:tiny"\nvariants = ["student-logits"]\nseeds = [0]\n'
+    p.write_text('data = "synthetic:tiny"\nvariants = ["student-logits"]\nseeds = [3]\n'  # the shared store's runs
                  '[train]\nepochs = 1\nbatch_size = 512\n')
     return G.load(p)
 
 
 @pytest.mark.slow
-def test_runs_of_other_code_are_reused_only_by_choice_and_never_by_the_regression_check(tiny, tmp_path, grid,
-                                                                                         monkeypatch):
-    store = ResultsStore(tmp_path / "results")
+def test_runs_of_other_code_are_reused_only_by_choice_and_never_by_the_regression_check(tmp_path, grid, shared_store):
+    """The store of an older checkout: the grid's teacher and student copied from the shared store (the same
+    specs), their records stamped with another code fingerprint (as training under it would have written them)."""
+    store, _ = shared_store.copy(tmp_path / "results", "student-logits")
     current = identity.code_fingerprint()
-    with monkeypatch.context() as m:  # the store of an older checkout
-        m.setattr(identity, "code_fingerprint", lambda: OLD)
-        run_grid(grid, store, console=Console(file=io.StringIO()))
+    for r in store.records():
+        store.write_record({**r, "code": {**r["code"], "fingerprint": OLD}})
     assert {identity.code_of(r) for r in store.records()} == {OLD}
     out = io.StringIO()
     res = run_grid(grid, store, console=Console(file=out, width=200))

@@ -161,4 +161,6 @@ def test_a_teacher_without_the_output_a_loss_reads_fails_before_anything_trains(
     with pytest.raises(GridError, match=re.escape(f"{grid}: ") + msg):  # a grid's refusal names its file
         run_grid(G.load(grid), store)
     assert not list((tmp_path / "results").glob("runs/*/record.json"))  # nothing trained
-    train(RunSpec("student-hint", epochs=1, batch_size=512), store, data=tiny, device="cpu", progress=False)
+    # the same student with a teacher that has the output trains (a small one: module_dim 16, its teacher's too)
+    train(RunSpec("student-hint", epochs=1, batch_size=512, overrides={"module_dim": 16}), store, data=tiny,
+          device="cpu", progress=False)

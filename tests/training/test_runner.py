@@ -19,7 +19,9 @@ from harness.training.runner import train
 from harness.runs.store import ResultsStore
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = {"epochs": 2, "batch_size": 128}
+FAST = {"epochs": 2, "batch_size": 512}
+#: a small dualvgr for the tests of the runner's path (resume, SIGKILL, the embedding, bf16), not of the model
+SMALL = {"overrides": {"module_dim": 16}}
 
 
 def spec(variant="dualvgr", **kw):
@@ -59,11 +61,11 @@ def test_record_fields_and_predictions(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny, tmp_path):
-    full = train(spec(epochs=3), ResultsStore(tmp_path / "a"), data=tiny, device="cpu", progress=False)
+    full = train(spec(epochs=3, **SMALL), ResultsStore(tmp_path / "a"), data=tiny, device="cpu", progress=False)
     store = ResultsStore(tmp_path / "b")
-    part = train(spec(epochs=3), store, data=tiny, device="cpu", progress=False, stop_after_epochs=1)
+    part = train(spec(epochs=3, **SMALL), store, data=tiny, device="cpu", progress=False, stop_after_epochs=1)
     assert part["status"] == "stopped" and not store.is_complete(part["run_id"])
-    resumed = train(spec(epochs=3), store, data=tiny, device="cpu", progress=False)
+    resumed = train(spec(epochs=3, **SMALL), store, data=tiny, device="cpu", progress=False)
     assert resumed["run_id"] == full["run_id"]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
     assert resumed["metrics"]["test"] == full["metrics"]["test"]
@@ -73,8 +75,8 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny, tmp_path):
 def test_sigkill_leaves_the_store_readable_and_rerun_finishes(tiny, tmp_path, data_cache):
     results = tmp_path / "results"
     env = {**os.environ, "VQAKD_DATA_DIR": str(data_cache), "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "ablate.py"), "run", "dualvgr", "--data", "synthetic:tiny", "--epochs", "6",
-           "--batch-size", "128", "--seed", "2", "--results", str(results), "--device", "cpu"]
+    cmd = [sys.executable, str(ROOT / "ablate.py"), "run", "dualvgr", "--data", "synthetic:tiny", "--epochs", "4",
+           "--batch-size", "512", "--set", "module_dim=16", "--seed", "2", "--results", str(results), "--device", "cpu"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -91,8 +93,8 @@ def test_sigkill_leaves_the_store_readable_and_rerun_finishes(tiny, tmp_path, da
     assert out.returncode == 0, out.stdout + out.stderr
     assert "resuming after epoch" in out.stderr or "resuming after epoch" in out.stdout
     recs = store.records()
-    assert len(recs) == 1 and recs[0]["epochs_run"] == 6
-    assert [h["epoch"] for h in recs[0]["history"]] == list(range(6))
+    assert len(recs) == 1 and recs[0]["epochs_run"] == 4
+    assert [h["epoch"] for h in recs[0]["history"]] == list(range(4))
     assert not list(results.glob("runs/*/.*.tmp"))
 
 
@@ -103,12 +105,15 @@ def test_question_only_and_early_stopping(tiny, tmp_path):
     assert rec["params"]["by_module"].keys() == {"linguistic_input_unit", "output_unit"}
 
 
-def test_cli_run_prints_per_type_table(tmp_path, data_cache):
+def test_cli_run_prints_per_type_table(tmp_path, shared_store):
+    """The table ``run`` prints from the run's record (the shared store's dualvgr, copied: the command finds it
+    complete and prints it as it does after training; test_cli.py's runs train through the command)."""
     import ablate
 
-    r = CliRunner().invoke(ablate.app, ["run", "dualvgr", "--epochs", "1", "--batch-size", "256",
+    shared_store.copy(tmp_path, "dualvgr")
+    r = CliRunner().invoke(ablate.app, ["run", "dualvgr", "--epochs", "1", "--batch-size", "512", "--seed", "0",
                                         "--results", str(tmp_path), "--device", "cpu"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0 and "already complete: dualvgr-" in r.output, r.output
     for word in ("what", "who", "how", "when", "where", "test (best-val epoch)", "223,748 parameters"):
         assert word in r.output
     r = CliRunner().invoke(ablate.app, ["results", "--results", str(tmp_path)])
@@ -151,9 +156,9 @@ def test_word_embeddings_start_from_glove(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(R, "build_step", capture)
     store = ResultsStore(tmp_path)
-    train(spec(epochs=1), store, data=tiny, device="cpu", progress=False)
+    train(spec(epochs=1, **SMALL), store, data=tiny, device="cpu", progress=False)  # the embedding: 300 wide
     assert torch.equal(seen[-1], tiny.glove)
-    train(spec(epochs=1, glove=False), store, data=tiny, device="cpu", progress=False)
+    train(spec(epochs=1, glove=False, **SMALL), store, data=tiny, device="cpu", progress=False)
     assert not torch.equal(seen[-1], tiny.glove) and seen[-1].abs().max() <= 1.0  # the reference's U(-1, 1)
 
 
@@ -161,8 +166,8 @@ def test_word_embeddings_start_from_glove(tiny, tmp_path, monkeypatch):
 @needs_cpu_bf16
 def test_bf16_autocast_trains_with_its_own_run_id(tiny, tmp_path):
     store = ResultsStore(tmp_path)
-    fp32 = train(spec(epochs=1), store, data=tiny, device="cpu", progress=False)
-    bf16 = train(spec(epochs=1, precision="bf16"), store, data=tiny, device="cpu", progress=False)
+    fp32 = train(spec(epochs=1, **SMALL), store, data=tiny, device="cpu", progress=False)
+    bf16 = train(spec(epochs=1, precision="bf16", **SMALL), store, data=tiny, device="cpu", progress=False)
     assert "precision" not in fp32["identity"]["computation"]["train"]  # fp32 is neutral: ids of before the option
     assert bf16["train_config"]["precision"] == "bf16" and bf16["run_id"] != fp32["run_id"]
     assert bf16["status"] == "complete" and math.isfinite(bf16["history"][0]["loss"])

@@ -22,7 +22,8 @@ from harness.runs.store import ResultsStore
 from harness.files import atomic_torch_save
 
 #: the same teacher for every student below: equal training settings and seed
-FAST = {"epochs": 2, "batch_size": 256, "seed": 1}
+#: whole runs of a small model (module_dim 16, the teacher's too): what is checked is the cache's path, not the models
+FAST = {"epochs": 2, "batch_size": 512, "seed": 1, "overrides": {"module_dim": 16}}
 N_ROWS = 128  # questions of the training split used by the unit tests (two batches of 64)
 
 

@@ -125,12 +125,13 @@ def test_autoencoder_two_stage_trains_only_reconstruction_first():
 
 
 @pytest.mark.slow
-def test_teacher_and_every_student_complete_through_the_runner(tiny, tmp_path):
+def test_teacher_and_every_student_complete_through_the_runner(tiny, tmp_path, shared_store):
     """teacher-g4, the plain student and each distilled student run through the runner; each
-    teacher is trained once and reused; the store shows which teacher each student used."""
-    store = ResultsStore(tmp_path)
+    teacher is trained once and reused; the store shows which teacher each student used. teacher-g4 and
+    student-logits come from the shared store (the same specs: seed 3, one epoch at batch 512)."""
+    store, _ = shared_store.copy(tmp_path, "student-logits")
     names = ["teacher-g4", "student", *[n for n in variants.list("student-*")]]
-    recs = {n: train(RunSpec(n, epochs=1, batch_size=256), store, data=tiny, device="cpu", progress=False)
+    recs = {n: train(RunSpec(n, seed=3, epochs=1, batch_size=512), store, data=tiny, device="cpu", progress=False)
             for n in names}
     teacher_run = {r["variant"]: r["run_id"] for r in store.records() if r["variant"].startswith("teacher-")}
     assert sorted(teacher_run) == ["teacher-g2", "teacher-g3", "teacher-g4"]
@@ -152,7 +153,8 @@ def test_teacher_and_every_student_complete_through_the_runner(tiny, tmp_path):
 
 def test_records_have_sanity_ablations_and_reconstruction(tiny, tmp_path):
     store = ResultsStore(tmp_path)
-    rec = train(RunSpec("autoencoder", epochs=1, batch_size=256), store, data=tiny, device="cpu", progress=False)
+    rec = train(RunSpec("autoencoder", epochs=1, batch_size=512, overrides={"module_dim": 16}), store, data=tiny,
+                device="cpu", progress=False)
     m = rec["metrics"]
     assert set(m["ablations"]) == {"shuffle_video", "zero_appearance", "zero_motion"}
     assert m["test"]["recon_mse"] > 0 and "loss_recon" in rec["history"][0]
