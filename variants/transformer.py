@@ -70,11 +70,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
 
 
 def hash_scores(rows: int, cols: int, device) -> torch.Tensor:
-    """A fixed pseudo-random (rows, cols) matrix in [0, 1) from the indices alone (the shader hash
-    ``frac(sin(12.9898 i + 78.233 j) x 43758.5453)``): evaluation's "random" blocks, computed on the device."""
-    i = torch.arange(rows, device=device, dtype=torch.float32).unsqueeze(1)
-    j = torch.arange(cols, device=device, dtype=torch.float32).unsqueeze(0)
-    return torch.frac(torch.sin(12.9898 * (i + 1) + 78.233 * (j + 1)).abs() * 43758.5453)
+    """A fixed pseudo-random (rows, cols) matrix in [0, 1) from the indices alone (a multiplicative hash of
+    ``i x cols + j``, squared modulo the prime 2^31 - 1 to break its linearity, in int64): evaluation's "random"
+    blocks, computed on the device."""
+    m = 2147483647
+    x = torch.arange(rows * cols, device=device, dtype=torch.int64).view(rows, cols)
+    h = (x * 2654435761 + 12345) % m
+    h = (h * h + 40503) % m
+    h = (h * h + 40503) % m
+    return h.to(torch.float64).div(m).to(torch.float32)
 
 
 def block_pattern(blocks: int, local: int, random: int, scores: torch.Tensor) -> torch.Tensor:
