@@ -356,7 +356,7 @@ class VideoTextTransformer(nn.Module):
         self.head = nn.Sequential(nn.Linear(width, D), nn.GELU(), nn.LayerNorm(D), nn.Dropout(p), nn.Linear(D, out))
         self.epoch: int | None = None
         for prm in (self.frame_pos, self.clip_pos, self.type_emb, self.video_cls, self.text_cls, self.text_pos):
-            nn.init.trunc_normal_(prm, std=0.02)
+            nn.init.normal_(prm, std=0.02)
 
     @property
     def word_embedding(self) -> nn.Embedding:
