@@ -256,48 +256,48 @@ def _transformer_student(loss: str) -> dict:
 
 
 @register_variant(tags=("student", "transformer"))
-def student_from_transformer_logits():
+def dualvgr_from_transformer_logits():
     """DualVGR student (1 graph layer) + Hinton logit KD (T=4) from the dense transformer teacher."""
     return _student({"name": "logits", "weight": 1.0, "params": {"T": 4.0}}, teachers=("transformer",))
 
 
 @register_variant(tags=("student", "transformer"))
-def student_from_transformer_dkd():
+def dualvgr_from_transformer_dkd():
     """DualVGR student (1 graph layer) + decoupled KD from the dense transformer teacher."""
     return _student({"name": "dkd", "weight": 1.0, "params": {}}, teachers=("transformer",))
 
 
 @register_variant(tags=("student", "transformer"))
-def student_from_transformer_relational():
+def dualvgr_from_transformer_relational():
     """DualVGR student (1 graph layer) + RKD on the video embeddings from the dense transformer teacher."""
     return _student({"name": "relational", "weight": 1.0, "params": {}}, teachers=("transformer",))
 
 
 @register_variant(tags=("student", "transformer"))
-def student_from_transformer_similarity():
+def dualvgr_from_transformer_similarity():
     """DualVGR student (1 graph layer) + TeachText question x video similarity KD from the dense transformer."""
     return _student({"name": "similarity", "weight": 1.0, "params": {}}, teachers=("transformer",))
 
 
 @register_variant(tags=("transformer", "student"))
-def transformer_student_logits():
+def transformer_from_dualvgr_logits():
     """Dense transformer student + Hinton logit KD (T=4) from the DualVGR teacher teacher-g4."""
     return _transformer_student("logits")
 
 
 @register_variant(tags=("transformer", "student"))
-def transformer_student_dkd():
+def transformer_from_dualvgr_dkd():
     """Dense transformer student + decoupled KD from the DualVGR teacher teacher-g4."""
     return _transformer_student("dkd")
 
 
 @register_variant(tags=("transformer", "student"))
-def transformer_student_relational():
+def transformer_from_dualvgr_relational():
     """Dense transformer student + RKD on the video embeddings from the DualVGR teacher teacher-g4."""
     return _transformer_student("relational")
 
 
 @register_variant(tags=("transformer", "student"))
-def transformer_student_similarity():
+def transformer_from_dualvgr_similarity():
     """Dense transformer student + TeachText question x video similarity KD from the DualVGR teacher teacher-g4."""
     return _transformer_student("similarity")

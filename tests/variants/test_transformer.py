@@ -20,7 +20,7 @@ from variants.transformer import (TransformerConfig, VideoTextTransformer, atten
 
 TINY = SIZES["tiny"].model_config()
 NEW = ["transformer", "transformer-svitt", "transformer-svitt-expand"]
-STUDENTS = [*variants.list("student-from-transformer-*"), *variants.list("transformer-student-*")]
+STUDENTS = [*variants.list("dualvgr-from-transformer-*"), *variants.list("transformer-from-dualvgr-*")]
 
 
 # ----------------------------------------------------------------------------- edge sparsity
