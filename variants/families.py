@@ -36,6 +36,7 @@ from torch import nn
 from .dualvgr import DualVGR, DualVGRConfig, QuestionOnly
 from .registry import Registry
 from .tasks import OPEN_ENDED
+from .transformer import TransformerConfig, VideoTextTransformer
 
 #: data-dependent model settings the runner fills in from the feature set
 DATA_KEYS = ("question_vocab", "answer_vocab", "vision_dim", "motion_dim", "word_dim", "num_clips", "num_frames")
@@ -117,3 +118,6 @@ def family(name: str) -> ModelFamily:
 register_family("dualvgr", DualVGR, DualVGRConfig, "DualVGR (NJUPT-MCC/DualVGR-VideoQA): question-guided graph "
                 "reasoning (GAT) over appearance and motion clips; sparse and autoencoder variants are its settings.")
 register_family("question-only", QuestionOnly, DualVGRConfig)
+register_family("transformer", VideoTextTransformer, TransformerConfig,
+                "Video-text transformer (video, text and multimodal encoders over frame, clip and word tokens) with "
+                "SViTT's edge sparsity, node sparsity and temporal expansion as settings (variants/transformer.py).")

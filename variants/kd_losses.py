@@ -46,6 +46,15 @@ from .tasks import COUNT, MULTIPLE_CHOICE, OPEN_ENDED
 FEATURE_KEYS = ("clip_fused", "clip_app", "clip_motion", "video", "question")
 #: what the batch-relation losses (similarity, relational, sp, pkt) may compare
 EMBEDDING_KEYS = FEATURE_KEYS + ("joint",)
+#: the shape each output a loss may read has, and which model families produce it (said when one is missing)
+OUTPUT_SHAPES = {
+    "logits": "(B, answers), (B, candidates) or (B, 1): every family",
+    "clip_fused": "(B, clips, D) per-clip features: DualVGR only (the transformer family has no clips)",
+    "clip_app": "(B, clips, D) per-clip appearance features: DualVGR only",
+    "clip_motion": "(B, clips, D) per-clip motion features: DualVGR only",
+    "video": "(B, D) video embedding: DualVGR and the transformer family",
+    "question": "(B, D) question embedding: DualVGR and the transformer family",
+}
 #: dkd's default warm-up in epochs: mdistiller's CIFAR-100 share (20 of 240 epochs) of a 25-epoch schedule
 DKD_WARMUP = 2.0
 
@@ -133,8 +142,9 @@ class KDLoss(nn.Module):
 
     def _get(self, out: dict, key: str, who: str) -> torch.Tensor:
         if key not in out:
+            needs = f"; it needs {key!r} = {OUTPUT_SHAPES[key]}" if key in OUTPUT_SHAPES else ""
             raise ValueError(f"distillation loss {self.name!r}: the {who}'s outputs have no {key!r} "
-                             f"(keys: {', '.join(sorted(out))})")
+                             f"(keys: {', '.join(sorted(out))}){needs}")
         return out[key]
 
     def student(self, out: dict, key: str) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from .registry import register_variant
 
 #: variant families, in report order (the first tag of each variant)
-FAMILIES = ("baseline", "teacher", "student", "autoencoder", "sparse", "sanity")
+FAMILIES = ("baseline", "teacher", "student", "autoencoder", "sparse", "transformer", "sanity")
 
 #: DualVGR's auxiliary-loss weights (reference defaults)
 DUALVGR_LOSS = {"alpha": 1.0, "beta": 1e-8}
@@ -210,3 +210,94 @@ def sparse_node_edge():
     spec = _teacher(graph_layers=1)
     spec["model"].update(keep_ratio=0.6, edge_k=2, edge_by="time")
     return spec
+
+
+# ----------------------------------------------------------------------------- transformer (SViTT)
+# A second model family (variants/transformer.py): a video-text transformer of width module_dim, dense, with
+# SViTT's sparsity, and with its temporal expansion; students across the two families (the losses that compare
+# outputs both families have: logits, DKD, and the relations of the batch's video / question embeddings).
+
+#: SViTT's sparsity at these sizes: edge (the clip's block + 2 random blocks + [CLS]) and node (keep 50% of the
+#: visual tokens after video layers 1, 2 and 3, and 50% after the first multimodal layer)
+SVITT = {"edge_sparse": True, "edge_local": 1, "edge_random": 2, "video_keep": 0.5, "video_drop_layers": [0, 1, 2],
+         "fusion_keep": 0.5, "fusion_drop_layers": [0]}
+
+
+@register_variant(tags=("transformer",))
+def transformer():
+    ("Dense video-text transformer (4 video, 1 text, 2 multimodal layers of width module_dim, 4 heads; CE only): "
+     "the control of the SViTT-style variants.")
+    return {"arch": "transformer", "model": {}, "loss": {}}
+
+
+@register_variant(tags=("transformer",))
+def transformer_svitt():
+    ("SViTT-style sparse transformer: edge sparsity (each clip's block sees itself, 2 random blocks and [CLS]), "
+     "node sparsity (keep 50% of visual tokens by [CLS] attention after video layers 1-3, 50% by the question's "
+     "attention after multimodal layer 1).")
+    return {"arch": "transformer", "model": dict(SVITT), "loss": {}}
+
+
+@register_variant(tags=("transformer",))
+def transformer_svitt_expand():
+    ("SViTT's temporal expansion of transformer-svitt: 2 epochs on a quarter of the frames at keep 0.7, 2 on half "
+     "at keep 0.6, then every frame at keep 0.5 (evaluation: every frame, keep 0.5).")
+    return {"arch": "transformer", "model": {**SVITT, "expand_stages": 3, "expand_keep": [0.7, 0.6],
+                                             "expand_epochs": 2}, "loss": {}}
+
+
+#: the distillation losses that apply across the two families, with the parameters of their DualVGR students
+CROSS_FAMILY_LOSSES = {"logits": {"T": 4.0}, "dkd": {}, "relational": {}, "similarity": {}}
+
+
+def _transformer_student(loss: str) -> dict:
+    return {"arch": "transformer", "model": {}, "loss": {"ce_weight": 1.0}, "teachers": ["teacher-g4"],
+            "distill": [{"name": loss, "weight": 1.0, "params": dict(CROSS_FAMILY_LOSSES[loss])}]}
+
+
+@register_variant(tags=("student", "transformer"))
+def dualvgr_from_transformer_logits():
+    """DualVGR student (1 graph layer) + Hinton logit KD (T=4) from the dense transformer teacher."""
+    return _student({"name": "logits", "weight": 1.0, "params": {"T": 4.0}}, teachers=("transformer",))
+
+
+@register_variant(tags=("student", "transformer"))
+def dualvgr_from_transformer_dkd():
+    """DualVGR student (1 graph layer) + decoupled KD from the dense transformer teacher."""
+    return _student({"name": "dkd", "weight": 1.0, "params": {}}, teachers=("transformer",))
+
+
+@register_variant(tags=("student", "transformer"))
+def dualvgr_from_transformer_relational():
+    """DualVGR student (1 graph layer) + RKD on the video embeddings from the dense transformer teacher."""
+    return _student({"name": "relational", "weight": 1.0, "params": {}}, teachers=("transformer",))
+
+
+@register_variant(tags=("student", "transformer"))
+def dualvgr_from_transformer_similarity():
+    """DualVGR student (1 graph layer) + TeachText question x video similarity KD from the dense transformer."""
+    return _student({"name": "similarity", "weight": 1.0, "params": {}}, teachers=("transformer",))
+
+
+@register_variant(tags=("transformer", "student"))
+def transformer_from_dualvgr_logits():
+    """Dense transformer student + Hinton logit KD (T=4) from the DualVGR teacher teacher-g4."""
+    return _transformer_student("logits")
+
+
+@register_variant(tags=("transformer", "student"))
+def transformer_from_dualvgr_dkd():
+    """Dense transformer student + decoupled KD from the DualVGR teacher teacher-g4."""
+    return _transformer_student("dkd")
+
+
+@register_variant(tags=("transformer", "student"))
+def transformer_from_dualvgr_relational():
+    """Dense transformer student + RKD on the video embeddings from the DualVGR teacher teacher-g4."""
+    return _transformer_student("relational")
+
+
+@register_variant(tags=("transformer", "student"))
+def transformer_from_dualvgr_similarity():
+    """Dense transformer student + TeachText question x video similarity KD from the DualVGR teacher teacher-g4."""
+    return _transformer_student("similarity")

@@ -158,13 +158,16 @@ ZERO_FLOP_OPS: dict[str, str] = {
     **{f"aten::{op}": _ELEMENTWISE for op in (
         "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "abs", "pow", "sqrt", "rsqrt",
         "exp", "log", "reciprocal", "clamp_min", "clamp_max", "lt", "le", "gt", "ge", "eq", "ne", "where",
-        "masked_fill", "masked_fill_", "logical_not", "logical_and", "logical_or", "sign")},
+        "masked_fill", "masked_fill_", "logical_not", "logical_and", "logical_or", "sign", "sin", "cos", "frac",
+        "remainder", "floor_divide")},
     **{f"aten::{op}": _ACTIVATION for op in (
         "tanh", "tanh_", "sigmoid", "sigmoid_", "elu", "elu_", "leaky_relu", "leaky_relu_", "relu", "relu_",
         "gelu", "silu", "softplus", "hardtanh")},
     **{f"aten::{op}": _REDUCTION for op in (
         "sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "linalg_vector_norm", "norm",
-        "softmax", "log_softmax", "_softmax", "_log_softmax", "logsumexp", "cumsum", "var", "std")},
+        "softmax", "log_softmax", "_softmax", "_log_softmax", "logsumexp", "cumsum", "var", "std", "any", "all")},
+    "aten::layer_norm": "LayerNorm: a normalisation over the features, O(elements) (the transformer family's); "
+                        "FlopCounterMode counts 0 (fvcore would count 5 per element)",
     "aten::batch_norm": "BatchNorm at eval is a per-feature affine map, folded into the preceding Linear "
                         "for inference; FlopCounterMode counts 0 (fvcore would count 1-2 per element)",
     **{f"aten::{op}": "loss on the outputs (autoencoder reconstruction): O(elements); FlopCounterMode counts 0"
@@ -174,7 +177,7 @@ ZERO_FLOP_OPS: dict[str, str] = {
         "embedding", "gather", "scatter", "scatter_", "scatter_add", "scatter_add_", "index_select", "take",
         "topk", "sort", "argsort", "expand_as", "repeat", "flip", "roll", "tril", "triu", "masked_select",
         "nonzero", "unique_dim", "broadcast_tensors", "view_as", "numel", "size", "dim", "_pack_padded_sequence",
-        "_pad_packed_sequence", "type_as", "to", "clone",
+        "_pad_packed_sequence", "type_as", "to", "clone", "pad", "constant_pad_nd", "repeat_interleave",
         "fill_", "zero_", "dropout", "feature_dropout", "alpha_dropout", "native_dropout")},
     **{f"aten::{op}": _CREATION for op in (
         "eye", "zeros", "ones", "zeros_like", "ones_like", "empty_like", "new_zeros", "new_ones", "new_full",

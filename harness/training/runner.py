@@ -317,6 +317,9 @@ class _Run:
         sums = torch.zeros(2, device=self.dev)  # sum of loss * n, correct answers
         part_sums: dict[str, torch.Tensor] = {}
         count = 0
+        set_epoch = getattr(self.model, "set_epoch", None)
+        if set_epoch is not None:  # a model whose training follows the schedule (temporal expansion)
+            set_epoch(epoch)
         _sync(self.dev)
         t0 = time.perf_counter()
         for i, b in enumerate(D.iterate_batches(tr, self.features, self.batch_size, shuffle=True, generator=gen,
