@@ -23,7 +23,7 @@ from torch import nn
 from .families import DATA_KEYS, MODEL_FAMILIES, ModelFamily, family, register_family
 from .losses import LOSSES, Objective
 from .registry import VARIANTS, UnknownNameError, register_variant
-from .tasks import OPEN_ENDED, TASKS, Task, register_task, task
+from .tasks import MC_LOSS_DEFAULT, MC_LOSSES, MULTIPLE_CHOICE, OPEN_ENDED, TASKS, Task, register_task, task
 
 class ConfigError(KeyError):
     """A variant setting that does not exist or does not fit; the message names it."""
@@ -88,6 +88,8 @@ def get_config(name: str, **overrides) -> VariantConfig:
             model[key] = value
         elif key in loss:
             loss[key] = value
+        elif key == "mc_loss":  # every variant's: the multiple-choice loss (variants.tasks.MC_LOSSES)
+            loss[key] = value
         elif key == "task":  # set from the data set; a family without a task setting answers open-ended only
             if value != OPEN_ENDED:
                 raise ConfigError(f"variant {name!r}: model family {arch!r} has no head for the {value} task "
@@ -112,6 +114,7 @@ def get_config(name: str, **overrides) -> VariantConfig:
                 + (f"; distillation settings: {', '.join(kd)}" if kd else ""))
     for t in teachers:
         VARIANTS.get(t)  # unknown teacher: fail now, naming it
+    _mc_loss(name, model, loss)
     _check_types(name, overrides, model, loss, distill, defaults)  # and the loss weights' signs
     try:
         fam.make_config(model)  # ranges (positive dims, keep_ratio in (0, 1]...), checked before anything runs
@@ -119,6 +122,16 @@ def get_config(name: str, **overrides) -> VariantConfig:
         raise ConfigError(f"variant {name!r}: {e}") from None
     return VariantConfig(name=name, arch=arch, description=entry.description, model=model, loss=loss,
                          teachers=teachers, distill=distill)
+
+
+def _mc_loss(name: str, model: dict, loss: dict) -> None:
+    """A multiple-choice config spells its loss (``mc_loss``, default HCRN's hinge) so that its record
+    says which it trained with; a loss that is not one of :data:`variants.tasks.MC_LOSSES` is refused."""
+    if model.get("task") == MULTIPLE_CHOICE:
+        loss.setdefault("mc_loss", MC_LOSS_DEFAULT)
+    if "mc_loss" in loss and (not isinstance(loss["mc_loss"], str) or loss["mc_loss"] not in MC_LOSSES):
+        raise ConfigError(f"variant {name!r}: setting mc_loss = {loss['mc_loss']!r} is not one of "
+                          f"{', '.join(MC_LOSSES)} (the multiple-choice loss: {MC_LOSS_DEFAULT} is HCRN's)")
 
 
 def _model_settings(name: str, arch: str, given: dict) -> tuple[ModelFamily, dict]:
@@ -151,7 +164,7 @@ def settings(name: str) -> dict:
     loss settings, ``teacher`` / ``teachers`` for students, and per distillation loss ``LOSS.weight``
     and every parameter of the loss (:func:`loss_params`)."""
     cfg = get_config(name)
-    out = {**cfg.model, **cfg.loss}
+    out = {**cfg.model, "mc_loss": MC_LOSS_DEFAULT, **cfg.loss}
     for d in cfg.distill:
         out[f"{d['name']}.weight"] = d.get("weight", 1.0)
         out.update({f"{d['name']}.{k}": v for k, v in {**loss_params(d["name"]), **d["params"]}.items()})
