@@ -590,7 +590,7 @@ def run(
     import variants
     from harness.data import dataset as D
     from harness.env import check_precision, resolve_device
-    from harness.training.plan import RunSpec, feature_mode, plan
+    from harness.training.plan import RunSpec, feature_modalities, feature_mode, plan
     from harness.training.runner import RUN_LOCK, train
     from harness.training.sinks import check_sinks
     from harness.runs.store import ResultsStore, StateError
@@ -609,7 +609,7 @@ def run(
                        early_stop=early_stop, glove=not no_glove, precision=precision, overrides=overrides)
         spec.resolved_train()
         variants.get_config(variant, **spec.overrides)
-        ds = D.load(data, mode=feature_mode(spec, mode))
+        ds = D.load(data, mode=feature_mode(spec, mode), modalities=feature_modalities(spec))
         run_id = plan(spec, ds).run_id
         reused = not force and store.usable(run_id, refuse_damaged)  # damaged weights: set aside, retrained
         waited = not reused and held_elsewhere(store.run_dir(run_id) / RUN_LOCK)

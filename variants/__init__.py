@@ -251,6 +251,15 @@ def uses_video(cfg: VariantConfig) -> bool:
     return cfg.model_family.uses_video
 
 
+def modalities(cfg: VariantConfig) -> tuple[str, ...]:
+    """The feature streams the variant's model reads (``harness.data.features.MODALITIES``): both,
+    one (a one-modality student, :mod:`variants.modality`) or none (the question-only sanity model)."""
+    if not uses_video(cfg):
+        return ()
+    one = cfg.model.get("modality")
+    return (one,) if one else ("appearance", "motion")
+
+
 def teacher_settings(teacher: str, settings: dict) -> dict:
     """The model settings among ``settings`` (a student's overrides, e.g. a grid's ``[set]`` or
     ``--set``) that reach its teacher ``teacher``: every model setting that the teacher's own
@@ -274,5 +283,6 @@ from . import zoo  # noqa: E402,F401  (registers the variants)
 __all__ = ["VARIANTS", "LOSSES", "MODEL_FAMILIES", "ModelFamily", "register_family", "family", "VariantConfig",
            "register_variant", "list", "describe",
            "get_config", "settings", "loss_params", "build", "create", "objective", "loss_fn", "uses_video",
+           "modalities",
            "teacher_width", "teacher_settings", "ConfigError", "UnknownNameError", "DATA_KEYS",
            "TASKS", "Task", "register_task", "task", "task_of"]

@@ -34,6 +34,7 @@ from typing import Any
 from torch import nn
 
 from .dualvgr import DualVGR, DualVGRConfig, QuestionOnly
+from .modality import ModalityConfig, OneModalityDualVGR
 from .registry import Registry
 from .tasks import OPEN_ENDED
 
@@ -117,3 +118,6 @@ def family(name: str) -> ModelFamily:
 register_family("dualvgr", DualVGR, DualVGRConfig, "DualVGR (NJUPT-MCC/DualVGR-VideoQA): question-guided graph "
                 "reasoning (GAT) over appearance and motion clips; sparse and autoencoder variants are its settings.")
 register_family("question-only", QuestionOnly, DualVGRConfig)
+register_family("dualvgr-1m", OneModalityDualVGR, ModalityConfig, "DualVGR over one stream, appearance or motion "
+                "(TeachText's modality reduction): the other stream's branch and the fusion removed, its features "
+                "never read.")

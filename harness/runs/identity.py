@@ -65,7 +65,6 @@ NEUTRAL: dict[str, object] = {
     # multiple choice trained with cross entropy before HCRN's hinge became the reference recipe (its default):
     # a multiple-choice run with mc_loss = "ce" keeps its id, one with the hinge has a new one
     "loss.mc_loss": "ce",
-    "model.modality": "both",       # appearance and motion (variants.modality: one-modality students)
     "train.precision": "fp32",
 }
 #: the files whose contents make up the code fingerprint: the model (and which class each model family
