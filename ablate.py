@@ -648,6 +648,8 @@ def _print_run(store, record: dict) -> None:
                  f"{record['metrics']['best_epoch'] + 1}, {record['params']['total']:,} parameters, "
                  f"{record['train_samples_per_s']:.0f} train samples/s on {record['device_name']}; "
                  f"record in {store.run_dir(record['run_id'])}")
+    if R.mc_loss(record):
+        say(console, f"multiple-choice loss: {R.task_loss(record)}")
     for t in record.get("teachers", []):
         say(console, f"teacher {t['variant']}: run {t['run_id']}, {t['params']:,} parameters, "
                      f"{R.test_figure(store.read_record(t['run_id']))}")

@@ -234,6 +234,11 @@ def test_a_grid_over_three_tasks_reports_a_table_per_task(tiny, task_sets, tmp_p
     assert not res.failed and len(res.run_ids) == 12
     md = write_report(store, "tasks", res.run_ids, out_dir=tmp_path / "reports").read_text()
     assert md.count("## Data set:") == 3
+    # the multiple-choice part, and only it, says which loss its runs trained with: HCRN's, the reference recipe
+    assert md.count("Multiple-choice loss") == 1
+    mc_part = next(part for part in md.split("## Data set:") if "Multiple-choice loss" in part)
+    assert "Multiple-choice loss of every run: HCRN's summed max-margin hinge (mc_loss = hinge)." in mc_part
+    assert "| causal |" in mc_part  # the NExT-QA types of the multiple-choice set
     assert md.count("### Main table (count: MSE)") == 1 and md.count("### Main table\n") == 2
     count_part = md.split("### Main table (count: MSE)")[1]
     assert "test MSE" in count_part and "McNemar's test does not apply" in count_part
@@ -256,6 +261,28 @@ def test_a_grid_over_three_tasks_reports_a_table_per_task(tiny, task_sets, tmp_p
     assert "| variant | path | n seeds | test MSE | 95% CI | Δ fp32 |" in count_part
     assert re.search(r"\|  \| dynamic-int8 \| n=1 \| \d+\.\d{3} \|", count_part)
     assert re.search(r"\|  \| onnx \| n=1 \| \d+\.\d\d \|", md.split("### Main table (count: MSE)")[0])
+
+
+def test_the_cli_trains_multiple_choice_with_the_loss_set_and_the_record_says_which(task_sets, tmp_path):
+    from typer.testing import CliRunner
+
+    import ablate
+
+    common = ["--data", str(task_sets[MULTIPLE_CHOICE]), "--epochs", "1", "--batch-size", "512", "--device", "cpu",
+              "--results", str(tmp_path / "results"), "--set", "module_dim=16"]
+    runs = {}
+    for loss in ("hinge", "ce"):
+        res = CliRunner().invoke(ablate.app, ["run", "question-only", *common, "--set", f"mc_loss={loss}"])
+        assert res.exit_code == 0, res.output
+        what = {"hinge": "HCRN's summed max-margin hinge", "ce": "cross entropy over the candidates"}[loss]
+        assert f"multiple-choice loss: {what} (mc_loss = {loss})" in " ".join(res.output.split())
+        runs[loss] = next(r for r in ResultsStore(tmp_path / "results").iter_records()
+                          if r["variant_config"]["loss"].get("mc_loss") == loss)
+        assert set(runs[loss]["history"][0]) >= {f"loss_{'hinge' if loss == 'hinge' else 'ce'}"}
+    assert runs["hinge"]["run_id"] != runs["ce"]["run_id"]
+    res = CliRunner().invoke(ablate.app, ["run", "question-only", *common, "--set", "mc_loss=svm"])
+    assert res.exit_code == 2 and "error: variant 'question-only': setting mc_loss = 'svm' is not one of hinge, ce" \
+        in " ".join(res.output.split())
 
 
 def test_grid_data_must_be_specs(tmp_path):
