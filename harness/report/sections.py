@@ -481,7 +481,7 @@ def context(shared: Shared, data_id: str, groups: list[Group]) -> Context:
 
 
 def _mc_loss_line(ctx: Context) -> list[str]:
-    """Which multiple-choice loss the runs trained with (HCRN's hinge or cross entropy), per variant where they differ."""
+    """Which multiple-choice loss the runs trained with (HCRN's hinge or cross entropy), per variant if they differ."""
     losses = {g.label: sorted({R.task_loss(r) for r in g.runs}) for g in ctx.groups if R.mc_loss(g.runs[0])}
     if not losses:
         return []
