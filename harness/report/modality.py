@@ -12,6 +12,8 @@ after "Accuracy against cost"; a data set without a one-modality group, or witho
 no such section (or says which reference is missing)."""
 from __future__ import annotations
 
+import variants
+
 from harness.report.fmt import fixed, md_table
 from harness.report.grouping import Group
 from harness.report.sections import SECTIONS, Context
@@ -33,13 +35,16 @@ def _training(g: Group) -> tuple:
 
 
 def two_stream_reference(g: Group, groups: list[Group]) -> Group | None:
-    """The two-stream ``dualvgr`` group trained as ``g`` is (see the module docstring), or None."""
+    """The two-stream ``dualvgr`` group trained as ``g`` is (see the module docstring), a student of the zoo
+    first (``student`` before ``dualvgr``, which is trained the same way), or None."""
     want = _training(g)
-    for other in groups:
-        cfg = other.runs[0].get("variant_config") or {}
-        if cfg.get("arch") == "dualvgr" and _training(other) == want:
-            return other
-    return None
+    found = [o for o in groups if (o.runs[0].get("variant_config") or {}).get("arch") == "dualvgr"
+             and _training(o) == want]
+    return min(found, key=lambda o: (_family(o.variant) != "student", groups.index(o)), default=None)
+
+
+def _family(variant: str) -> str | None:
+    return variants.VARIANTS.get(variant).family if variant in variants.VARIANTS else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
