@@ -32,7 +32,8 @@ def test_a_grid_report_says_what_each_one_stream_student_recovers(tiny, tmp_path
 
     f = tmp_path / "modality.toml"
     f.write_text('data = "synthetic:tiny"\nseeds = [0]\n'
-                 'variants = ["student", "student-appearance", "student-motion"]\n[train]\nepochs = 1\nbatch_size = 512\n[set]\nmodule_dim = 16\n')
+                 'variants = ["student", "student-appearance", "student-motion"]\n'
+                 '[train]\nepochs = 1\nbatch_size = 512\n[set]\nmodule_dim = 16\n')
     store = ResultsStore(tmp_path / "results")
     res = run_grid(G.load(f), store, device="cpu")
     assert not res.failed
