@@ -86,9 +86,7 @@ def get_config(name: str, **overrides) -> VariantConfig:
         loss_name, _, param = key.partition(".")
         if key in model:
             model[key] = value
-        elif key in loss:
-            loss[key] = value
-        elif key == "mc_loss":  # every variant's: the multiple-choice loss (variants.tasks.MC_LOSSES)
+        elif key in loss or key == "mc_loss":  # mc_loss: every variant's (the multiple-choice loss)
             loss[key] = value
         elif key == "task":  # set from the data set; a family without a task setting answers open-ended only
             if value != OPEN_ENDED:
@@ -114,7 +112,6 @@ def get_config(name: str, **overrides) -> VariantConfig:
                 + (f"; distillation settings: {', '.join(kd)}" if kd else ""))
     for t in teachers:
         VARIANTS.get(t)  # unknown teacher: fail now, naming it
-    _mc_loss(name, model, loss)
     _check_types(name, overrides, model, loss, distill, defaults)  # and the loss weights' signs
     try:
         fam.make_config(model)  # ranges (positive dims, keep_ratio in (0, 1]...), checked before anything runs
@@ -188,7 +185,9 @@ def _type_ok(default, value) -> bool:
 
 
 def _check_types(name: str, overrides: dict, model: dict, loss: dict, distill: list, defaults: dict) -> None:
-    """Each override has its default's type; then the loss weights are >= 0 (:func:`_check_weights`)."""
+    """Each override has its default's type; then the multiple-choice loss (:func:`_mc_loss`) and the loss
+    weights are >= 0 (:func:`_check_weights`)."""
+    _mc_loss(name, model, loss)
     for key, value in overrides.items():
         if key in ("teacher", "teachers") or key not in defaults:
             continue
