@@ -171,28 +171,28 @@ def _one_modality(modality: str, distilled: bool) -> dict:
 
 
 @register_variant(tags=("modality",))
-def student_appearance():
+def modality_appearance():
     ("One-modality student: DualVGR over the appearance stream only (motion never read or computed), "
      "trained from labels.")
     return _one_modality("appearance", distilled=False)
 
 
 @register_variant(tags=("modality",))
-def student_motion():
+def modality_motion():
     ("One-modality student: DualVGR over the motion stream only (appearance never read or computed), "
      "trained from labels.")
     return _one_modality("motion", distilled=False)
 
 
 @register_variant(tags=("modality",))
-def student_appearance_kd():
+def modality_appearance_kd():
     ("One-modality student (appearance only) + TeachText KD from the two-stream teacher-g4 (Huber between "
      "question x video similarity matrices); the teacher reads motion in training, the student never.")
     return _one_modality("appearance", distilled=True)
 
 
 @register_variant(tags=("modality",))
-def student_motion_kd():
+def modality_motion_kd():
     ("One-modality student (motion only) + TeachText KD from the two-stream teacher-g4 (Huber between "
      "question x video similarity matrices); the teacher reads appearance in training, the student never.")
     return _one_modality("motion", distilled=True)

@@ -4,7 +4,7 @@ does a student that reads one stream recover, and at what cost?).
 Each one-modality run group (``variants.modality``: its config has a ``modality``) is set beside its
 two-stream reference: the group on the same data set trained the same way with both streams, i.e. a
 ``dualvgr`` group of the same width and depth with the same teachers and distillation losses
-(``student`` for ``student-appearance``, ``student-similarity`` for ``student-appearance-kd``). The
+(``student`` for ``modality-appearance``, ``student-similarity`` for ``modality-appearance-kd``). The
 section gives both accuracies, the fraction recovered (100 x one-stream / two-stream, overall and per
 question type, means over seeds) and the costs side by side: parameters, FLOPs per question and CPU
 latency as the runs' records measured them. Registered in :data:`harness.report.sections.SECTIONS`

@@ -16,12 +16,12 @@ def _group(variant: str) -> Group:
 
 def test_each_one_stream_student_has_the_two_stream_model_trained_the_same_way_as_reference():
     groups = [_group(v) for v in ("dualvgr", "teacher-g4", "student", "student-logits", "student-similarity",
-                                  "student-appearance", "student-motion-kd")]
+                                  "modality-appearance", "modality-motion-kd")]
     by = {g.variant: g for g in groups}
-    assert modality(by["student-appearance"]) == "appearance" and modality(by["student"]) is None
-    assert two_stream_reference(by["student-appearance"], groups).variant == "student"
-    assert two_stream_reference(by["student-motion-kd"], groups).variant == "student-similarity"
-    assert two_stream_reference(by["student-motion-kd"], [g for g in groups if g.variant != "student-similarity"]) \
+    assert modality(by["modality-appearance"]) == "appearance" and modality(by["student"]) is None
+    assert two_stream_reference(by["modality-appearance"], groups).variant == "student"
+    assert two_stream_reference(by["modality-motion-kd"], groups).variant == "student-similarity"
+    assert two_stream_reference(by["modality-motion-kd"], [g for g in groups if g.variant != "student-similarity"]) \
         is None
 
 
@@ -32,7 +32,7 @@ def test_a_grid_report_says_what_each_one_stream_student_recovers(tiny, tmp_path
 
     f = tmp_path / "modality.toml"
     f.write_text('data = "synthetic:tiny"\nseeds = [0]\n'
-                 'variants = ["student", "student-appearance", "student-motion"]\n'
+                 'variants = ["student", "modality-appearance", "modality-motion"]\n'
                  '[train]\nepochs = 1\nbatch_size = 512\n[set]\nmodule_dim = 16\n')
     store = ResultsStore(tmp_path / "results")
     res = run_grid(G.load(f), store, device="cpu")
@@ -41,7 +41,7 @@ def test_a_grid_report_says_what_each_one_stream_student_recovers(tiny, tmp_path
     part = md.split("### Modality reduction: one stream against two")[1].split("\n### ")[0]
     recs = {r["variant"]: r for r in store.iter_records()}
     two = recs["student"]["metrics"]["test"]
-    for v, reads in (("student-appearance", "appearance"), ("student-motion", "motion")):
+    for v, reads in (("modality-appearance", "appearance"), ("modality-motion", "motion")):
         one = recs[v]["metrics"]["test"]
         row = re.search(rf"\| {v} \| {reads} \| student \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| n=1 / n=1 \| "
                         rf"([\d,]+) / ([\d,]+) \((\d\.\d\d)x\) \|", part)

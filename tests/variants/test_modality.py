@@ -34,7 +34,7 @@ OTHER = {"appearance": "motion", "motion": "appearance"}
 
 def _models(modality: str, **over):
     two = variants.get_config("student", **SMALL, **over)
-    one = variants.get_config(f"student-{modality}", **SMALL, **over)
+    one = variants.get_config(f"modality-{modality}", **SMALL, **over)
     return two, one, variants.build(two), variants.build(one)
 
 
@@ -83,18 +83,18 @@ def test_the_missing_stream_is_never_touched(modality):
 
 
 def test_the_streams_a_run_reads_are_its_models_and_its_teachers():
-    assert variants.modalities(variants.get_config("student-appearance")) == ("appearance",)
-    assert variants.modalities(variants.get_config("student-motion")) == ("motion",)
+    assert variants.modalities(variants.get_config("modality-appearance")) == ("appearance",)
+    assert variants.modalities(variants.get_config("modality-motion")) == ("motion",)
     assert variants.modalities(variants.get_config("question-only")) == ()
-    assert feature_modalities(RunSpec("student-appearance")) == ("appearance",)
-    assert feature_modalities(RunSpec("student-motion")) == ("motion",)
+    assert feature_modalities(RunSpec("modality-appearance")) == ("appearance",)
+    assert feature_modalities(RunSpec("modality-motion")) == ("motion",)
     # distilled from a two-stream teacher: the run reads both (for the teacher), the student's model one
-    assert feature_modalities(RunSpec("student-appearance-kd")) == ("appearance", "motion")
+    assert feature_modalities(RunSpec("modality-appearance-kd")) == ("appearance", "motion")
     assert feature_modalities(RunSpec("dualvgr")) == ("appearance", "motion")
     with pytest.raises(variants.ConfigError, match="modality must be one of appearance, motion"):
-        variants.get_config("student-appearance", modality="audio")
+        variants.get_config("modality-appearance", modality="audio")
     with pytest.raises(variants.ConfigError, match="keep_ratio = 0.5 is not built for one stream"):
-        variants.get_config("student-appearance", keep_ratio=0.5)
+        variants.get_config("modality-appearance", keep_ratio=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +122,11 @@ def test_a_one_stream_load_never_reads_the_other_streams_features(nan_motion, mo
 
 
 def test_the_cli_trains_an_appearance_only_student_on_a_set_whose_motion_is_unusable(nan_motion, tmp_path):
-    res = CliRunner().invoke(ablate.app, ["run", "student-appearance", "--data", str(nan_motion), "--epochs", "1",
+    res = CliRunner().invoke(ablate.app, ["run", "modality-appearance", "--data", str(nan_motion), "--epochs", "1",
                                           "--batch-size", "512", "--device", "cpu", "--set", "module_dim=16",
                                           "--results", str(tmp_path / "results")])
     assert res.exit_code == 0, res.output
-    assert "student-appearance" in res.output
+    assert "modality-appearance" in res.output
     res = CliRunner().invoke(ablate.app, ["run", "student", "--data", str(nan_motion), "--epochs", "1",
                                           "--results", str(tmp_path / "results")])
     assert res.exit_code == 2 and "error:" in res.output and "NaN or Inf" in res.output  # a user error, one line
