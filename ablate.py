@@ -590,7 +590,7 @@ def run(
     import variants
     from harness.data import dataset as D
     from harness.env import check_precision, resolve_device
-    from harness.training.plan import RunSpec, feature_mode, plan
+    from harness.training.plan import RunSpec, feature_modalities, feature_mode, plan
     from harness.training.runner import RUN_LOCK, train
     from harness.training.sinks import check_sinks
     from harness.runs.store import ResultsStore, StateError
@@ -609,7 +609,7 @@ def run(
                        early_stop=early_stop, glove=not no_glove, precision=precision, overrides=overrides)
         spec.resolved_train()
         variants.get_config(variant, **spec.overrides)
-        ds = D.load(data, mode=feature_mode(spec, mode))
+        ds = D.load(data, mode=feature_mode(spec, mode), modalities=feature_modalities(spec))
         run_id = plan(spec, ds).run_id
         reused = not force and store.usable(run_id, refuse_damaged)  # damaged weights: set aside, retrained
         waited = not reused and held_elsewhere(store.run_dir(run_id) / RUN_LOCK)
@@ -648,6 +648,8 @@ def _print_run(store, record: dict) -> None:
                  f"{record['metrics']['best_epoch'] + 1}, {record['params']['total']:,} parameters, "
                  f"{record['train_samples_per_s']:.0f} train samples/s on {record['device_name']}; "
                  f"record in {store.run_dir(record['run_id'])}")
+    if R.mc_loss(record):
+        say(console, f"multiple-choice loss: {R.task_loss(record)}")
     for t in record.get("teachers", []):
         say(console, f"teacher {t['variant']}: run {t['run_id']}, {t['params']:,} parameters, "
                      f"{R.test_figure(store.read_record(t['run_id']))}")

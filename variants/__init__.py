@@ -23,7 +23,7 @@ from torch import nn
 from .families import DATA_KEYS, MODEL_FAMILIES, ModelFamily, family, register_family
 from .losses import LOSSES, Objective
 from .registry import VARIANTS, UnknownNameError, register_variant
-from .tasks import OPEN_ENDED, TASKS, Task, register_task, task
+from .tasks import MC_LOSS_DEFAULT, MC_LOSSES, MULTIPLE_CHOICE, OPEN_ENDED, TASKS, Task, register_task, task
 
 class ConfigError(KeyError):
     """A variant setting that does not exist or does not fit; the message names it."""
@@ -86,7 +86,7 @@ def get_config(name: str, **overrides) -> VariantConfig:
         loss_name, _, param = key.partition(".")
         if key in model:
             model[key] = value
-        elif key in loss:
+        elif key in loss or key == "mc_loss":  # mc_loss: every variant's (the multiple-choice loss)
             loss[key] = value
         elif key == "task":  # set from the data set; a family without a task setting answers open-ended only
             if value != OPEN_ENDED:
@@ -121,6 +121,16 @@ def get_config(name: str, **overrides) -> VariantConfig:
                          teachers=teachers, distill=distill)
 
 
+def _mc_loss(name: str, model: dict, loss: dict) -> None:
+    """A multiple-choice config spells its loss (``mc_loss``, default HCRN's hinge) so that its record
+    says which it trained with; a loss that is not one of :data:`variants.tasks.MC_LOSSES` is refused."""
+    if model.get("task") == MULTIPLE_CHOICE:
+        loss.setdefault("mc_loss", MC_LOSS_DEFAULT)
+    if "mc_loss" in loss and (not isinstance(loss["mc_loss"], str) or loss["mc_loss"] not in MC_LOSSES):
+        raise ConfigError(f"variant {name!r}: setting mc_loss = {loss['mc_loss']!r} is not one of "
+                          f"{', '.join(MC_LOSSES)} (the multiple-choice loss: {MC_LOSS_DEFAULT} is HCRN's)")
+
+
 def _model_settings(name: str, arch: str, given: dict) -> tuple[ModelFamily, dict]:
     """The variant's model family and its model settings: the family's defaults, updated by the
     variant's registration (``given``), each of which must be a setting of the family."""
@@ -151,7 +161,7 @@ def settings(name: str) -> dict:
     loss settings, ``teacher`` / ``teachers`` for students, and per distillation loss ``LOSS.weight``
     and every parameter of the loss (:func:`loss_params`)."""
     cfg = get_config(name)
-    out = {**cfg.model, **cfg.loss}
+    out = {**cfg.model, "mc_loss": MC_LOSS_DEFAULT, **cfg.loss}
     for d in cfg.distill:
         out[f"{d['name']}.weight"] = d.get("weight", 1.0)
         out.update({f"{d['name']}.{k}": v for k, v in {**loss_params(d["name"]), **d["params"]}.items()})
@@ -175,7 +185,9 @@ def _type_ok(default, value) -> bool:
 
 
 def _check_types(name: str, overrides: dict, model: dict, loss: dict, distill: list, defaults: dict) -> None:
-    """Each override has its default's type; then the loss weights are >= 0 (:func:`_check_weights`)."""
+    """Each override has its default's type; then the multiple-choice loss (:func:`_mc_loss`) and the loss
+    weights are >= 0 (:func:`_check_weights`)."""
+    _mc_loss(name, model, loss)
     for key, value in overrides.items():
         if key in ("teacher", "teachers") or key not in defaults:
             continue
@@ -238,6 +250,15 @@ def uses_video(cfg: VariantConfig) -> bool:
     return cfg.model_family.uses_video
 
 
+def modalities(cfg: VariantConfig) -> tuple[str, ...]:
+    """The feature streams the variant's model reads (``harness.data.features.MODALITIES``): both,
+    one (a one-modality student, :mod:`variants.modality`) or none (the question-only sanity model)."""
+    if not uses_video(cfg):
+        return ()
+    one = cfg.model.get("modality")
+    return (one,) if one else ("appearance", "motion")
+
+
 def teacher_settings(teacher: str, settings: dict) -> dict:
     """The model settings among ``settings`` (a student's overrides, e.g. a grid's ``[set]`` or
     ``--set``) that reach its teacher ``teacher``: every model setting that the teacher's own
@@ -261,5 +282,6 @@ from . import zoo  # noqa: E402,F401  (registers the variants)
 __all__ = ["VARIANTS", "LOSSES", "MODEL_FAMILIES", "ModelFamily", "register_family", "family", "VariantConfig",
            "register_variant", "list", "describe",
            "get_config", "settings", "loss_params", "build", "create", "objective", "loss_fn", "uses_video",
+           "modalities",
            "teacher_width", "teacher_settings", "ConfigError", "UnknownNameError", "DATA_KEYS",
            "TASKS", "Task", "register_task", "task", "task_of"]

@@ -34,6 +34,7 @@ from typing import Any
 from torch import nn
 
 from .dualvgr import DualVGR, DualVGRConfig, QuestionOnly
+from .modality import ModalityConfig, OneModalityDualVGR
 from .registry import Registry
 from .tasks import OPEN_ENDED
 from .transformer import TransformerConfig, VideoTextTransformer
@@ -121,3 +122,6 @@ register_family("question-only", QuestionOnly, DualVGRConfig)
 register_family("transformer", VideoTextTransformer, TransformerConfig,
                 "Video-text transformer (video, text and multimodal encoders over frame, clip and word tokens) with "
                 "SViTT's edge sparsity, node sparsity and temporal expansion as settings (variants/transformer.py).")
+register_family("dualvgr-1m", OneModalityDualVGR, ModalityConfig, "DualVGR over one stream, appearance or motion "
+                "(TeachText's modality reduction): the other stream's branch and the fusion removed, its features "
+                "never read.")

@@ -28,11 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from .registry import Registry
-from .tasks import OPEN_ENDED
-from .tasks import task as get_task
+from .tasks import MC_LOSS_DEFAULT, MULTIPLE_CHOICE, OPEN_ENDED, task_loss
 
-#: the terms of a variant's own objective and their values when its ``loss`` section leaves them out
-LOSS_TERMS = {"alpha": 0.0, "beta": 0.0, "ce_weight": 1.0, "recon_weight": 0.0, "ae_pretrain_steps": 0}
+#: the terms of a variant's own objective and their values when its ``loss`` section leaves them out;
+#: ``mc_loss`` (:data:`variants.tasks.MC_LOSSES`) acts on multiple-choice runs only
+LOSS_TERMS = {"alpha": 0.0, "beta": 0.0, "ce_weight": 1.0, "recon_weight": 0.0, "ae_pretrain_steps": 0,
+              "mc_loss": MC_LOSS_DEFAULT}
+#: loss settings that act on one task only: setting -> that task (the run id leaves them out elsewhere)
+TASK_LOSS_TERMS = {"mc_loss": MULTIPLE_CHOICE}
 
 #: Distillation losses (filled by the distillation issue); one decorated function each.
 LOSSES = Registry("distillation loss")
@@ -64,17 +67,33 @@ def hsic_dependence(emb1: torch.Tensor, emb2: torch.Tensor) -> torch.Tensor:
 
 
 def dualvgr_loss(out: dict, answers: torch.Tensor, alpha: float = 1.0, beta: float = 1e-8,
-                 ce_weight: float = 1.0, task: str = OPEN_ENDED) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``ce_weight`` x the task's loss (CE for open-ended and multiple-choice answers, MSE for a
-    count: :mod:`variants.tasks`) plus DualVGR's auxiliary terms; returns (total, parts). Models
-    without graph outputs (question-only) get the task's loss alone. All values stay on the device
+                 ce_weight: float = 1.0, task: str = OPEN_ENDED,
+                 mc_loss: str = MC_LOSS_DEFAULT) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``ce_weight`` x the task's loss (CE for open-ended answers, ``mc_loss`` for multiple choice:
+    HCRN's hinge or CE, MSE for a count: :mod:`variants.tasks`) plus DualVGR's auxiliary terms; returns
+    (total, parts). Models without graph outputs (question-only) get the task's loss alone; a model
+    with the graphs of one modality only (``variants.modality``) gets that modality's HSIC term and no
+    common term (which compares the two modalities' common graphs). All values stay on the device
     (no host sync)."""
-    t = get_task(task)
-    ce = t.loss(out["logits"], answers)
-    parts = {t.loss_name: ce.detach()}
-    layers = len(out.get("common_app", ()))
+    fn, key = task_loss(task, mc_loss)
+    ce = fn(out["logits"], answers)
+    parts = {key: ce.detach()}
     if ce_weight != 1.0:
         ce = ce_weight * ce
+    if "common_app" in out and "common_motion" in out:
+        return _dual_terms(out, ce, parts, alpha, beta)
+    one = "app" if "common_app" in out else "motion" if "common_motion" in out else None
+    if one is None or beta == 0 or not out[f"common_{one}"]:
+        return ce, parts
+    layers = len(out[f"common_{one}"])
+    dep = sum(hsic_dependence(s, c) for s, c in zip(out[f"specific_{one}"], out[f"common_{one}"])) / layers
+    parts["hsic"] = dep.detach()
+    return ce + beta * dep, parts
+
+
+def _dual_terms(out: dict, ce: torch.Tensor, parts: dict, alpha: float, beta: float):
+    """DualVGR's common and HSIC terms over both modalities' graph layers, added to ``ce``."""
+    layers = len(out.get("common_app", ()))
     if layers == 0 or (alpha == 0 and beta == 0):
         return ce, parts
     com = sum(common_loss(a, m) for a, m in zip(out["common_app"], out["common_motion"])) / layers
@@ -151,6 +170,8 @@ class Objective(torch.nn.Module):
         self.ce_weight = float(terms["ce_weight"])
         self.recon_weight = float(terms["recon_weight"])
         self.pretrain_steps = int(terms["ae_pretrain_steps"])
+        self.mc_loss = str(terms["mc_loss"])
+        task_loss(task, self.mc_loss)  # an unknown multiple-choice loss fails here, naming it
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.kd = torch.nn.ModuleList()
         self.kd_names: list[str] = []
@@ -175,7 +196,8 @@ class Objective(torch.nn.Module):
             return self._forward(to_fp32(out), answers, to_fp32(teacher_outs or []), epoch)
 
     def _forward(self, out: dict, answers: torch.Tensor, teacher_outs: list[dict], epoch: int):
-        total, parts = dualvgr_loss(out, answers, self.alpha, self.beta, self.ce_weight, self.task)
+        total, parts = dualvgr_loss(out, answers, self.alpha, self.beta, self.ce_weight, self.task,
+                                    self.mc_loss)
         for name, weight, module in zip(self.kd_names, self.kd_weights, self.kd):
             progress = {"epoch": epoch} if getattr(module, "progress_aware", False) else {}
             value, kd_parts = module(out, teacher_outs, answers, **progress)

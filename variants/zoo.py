@@ -13,7 +13,7 @@ from __future__ import annotations
 from .registry import register_variant
 
 #: variant families, in report order (the first tag of each variant)
-FAMILIES = ("baseline", "teacher", "student", "autoencoder", "sparse", "transformer", "sanity")
+FAMILIES = ("baseline", "teacher", "student", "modality", "autoencoder", "sparse", "transformer", "sanity")
 
 #: DualVGR's auxiliary-loss weights (reference defaults)
 DUALVGR_LOSS = {"alpha": 1.0, "beta": 1e-8}
@@ -155,6 +155,47 @@ def student_sp():
 def student_pkt():
     """Student + probabilistic knowledge transfer from teacher-g4 (cosine-kernel distributions of video embeddings)."""
     return _student({"name": "pkt", "weight": 1.0, "params": {}})
+
+
+# ----------------------------------------------------------------------------- one modality (TeachText)
+# TeachText's modality reduction: students that read one stream, trained from labels or distilled from
+# the two-stream teacher-g4 with TeachText's similarity loss. Their DualVGR loss has no common term
+# (it compares the two streams' graphs): alpha 0; the HSIC term of their stream stays (beta).
+
+def _one_modality(modality: str, distilled: bool) -> dict:
+    spec = _student({"name": "similarity", "weight": 1.0, "params": {}}) if distilled else _student()
+    spec["arch"] = "dualvgr-1m"
+    spec["model"]["modality"] = modality
+    spec["loss"]["alpha"] = 0.0
+    return spec
+
+
+@register_variant(tags=("modality",))
+def modality_appearance():
+    ("One-modality student: DualVGR over the appearance stream only (motion never read or computed), "
+     "trained from labels.")
+    return _one_modality("appearance", distilled=False)
+
+
+@register_variant(tags=("modality",))
+def modality_motion():
+    ("One-modality student: DualVGR over the motion stream only (appearance never read or computed), "
+     "trained from labels.")
+    return _one_modality("motion", distilled=False)
+
+
+@register_variant(tags=("modality",))
+def modality_appearance_kd():
+    ("One-modality student (appearance only) + TeachText KD from the two-stream teacher-g4 (Huber between "
+     "question x video similarity matrices); the teacher reads motion in training, the student never.")
+    return _one_modality("appearance", distilled=True)
+
+
+@register_variant(tags=("modality",))
+def modality_motion_kd():
+    ("One-modality student (motion only) + TeachText KD from the two-stream teacher-g4 (Huber between "
+     "question x video similarity matrices); the teacher reads appearance in training, the student never.")
+    return _one_modality("motion", distilled=True)
 
 
 # ----------------------------------------------------------------------------- autoencoder (MSVQA)

@@ -45,7 +45,7 @@ from variants.tasks import OPEN_ENDED
 from harness.data import answers as A
 from harness.data import layout as L
 from harness.errors import DataError
-from harness.data.features import Features, check_features, load_features, open_h5, file_fingerprint
+from harness.data.features import MODALITIES, Features, check_features, load_features, open_h5, file_fingerprint
 from harness.data.layout import DataPaths, require
 from harness.data.question_pickle import PickleRefused, load_question_pickle
 
@@ -406,14 +406,17 @@ def check_mode(mode: str, where: str = "feature mode", internal: bool = False) -
 
 
 def load(spec: str | Path, *, splits: tuple[str, ...] = SPLITS, mode: str = "auto",
-         check_finite: bool = True, progress: bool = False, **path_overrides) -> VideoQAData:
+         check_finite: bool = True, progress: bool = False, modalities: tuple[str, ...] = MODALITIES,
+         **path_overrides) -> VideoQAData:
     """Load and validate a data set. ``mode``: ``memory`` (contiguous files memory-mapped, others
     read), ``stream`` (read per batch), ``auto`` (memory when the files can be mapped or fit in
-    half of the available RAM, else stream) or ``none`` (no features: for models without video)."""
+    half of the available RAM, else stream) or ``none`` (no features: for models without video).
+    ``modalities``: the feature streams to read (a one-modality model's: the other's batches are
+    empty tensors, its features never read: :func:`harness.data.features.load_features`)."""
     check_mode(mode, internal=True)
     paths = _resolve_paths(spec, path_overrides)
     vocab = load_vocab(paths.vocab)
-    features, ids = load_features(paths, mode, check_finite)
+    features, ids = load_features(paths, mode, check_finite, tuple(modalities))
     meta = _read_meta(paths)
     split_data, glove, type_names, task = _load_splits(paths, splits, vocab, ids, meta)
     app_shape = (features.num_videos, features.num_clips, features.num_frames, features.vision_dim)

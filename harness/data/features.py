@@ -21,8 +21,14 @@ from harness.data.layout import DataPaths, require
 # ----------------------------------------------------------------------------- features
 
 
+#: the two feature streams; a model reads both or one of them (``variants.modality``)
+MODALITIES = ("appearance", "motion")
+
+
 class Features:
-    """Appearance (V, clips, frames, dim) and motion (V, clips, dim) features, rows = videos."""
+    """Appearance (V, clips, frames, dim) and motion (V, clips, dim) features, rows = videos. A
+    stream left out of ``modalities`` is never read: its batches are empty (B, 0) tensors, and its
+    shape (``num_*``, ``*_dim``) comes from the file's metadata."""
 
     num_videos: int
     num_clips: int
@@ -30,6 +36,7 @@ class Features:
     vision_dim: int
     motion_dim: int
     streaming: bool = False
+    modalities: tuple[str, ...] = MODALITIES
 
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -40,14 +47,19 @@ class InMemoryFeatures(Features):
     synthetic sets) they are copy-on-write memory maps of the h5 files: the OS's page cache holds
     one copy, shared by every process that maps them (the workers of a ``--jobs N`` grid)."""
 
-    def __init__(self, appearance: torch.Tensor, motion: torch.Tensor, mapped: bool = False):
+    def __init__(self, appearance: torch.Tensor, motion: torch.Tensor, mapped: bool = False,
+                 shape: tuple[int, int, int, int] | None = None, motion_dim: int | None = None,
+                 modalities: tuple[str, ...] = MODALITIES):
         self.appearance, self.motion, self.mapped = appearance, motion, mapped
-        self.num_videos, self.num_clips, self.num_frames, self.vision_dim = appearance.shape
-        self.motion_dim = motion.shape[-1]
+        self.num_videos, self.num_clips, self.num_frames, self.vision_dim = shape or appearance.shape
+        self.motion_dim = motion.shape[-1] if motion_dim is None else motion_dim
+        self.modalities = modalities
 
     def to(self, device=None, dtype=None) -> "InMemoryFeatures":
         return InMemoryFeatures(self.appearance.to(device=device, dtype=dtype),
-                                self.motion.to(device=device, dtype=dtype))
+                                self.motion.to(device=device, dtype=dtype),
+                                shape=(self.num_videos, self.num_clips, self.num_frames, self.vision_dim),
+                                motion_dim=self.motion_dim, modalities=self.modalities)
 
     @property
     def nbytes(self) -> int:
@@ -65,25 +77,29 @@ class StreamingFeatures(Features):
     streaming = True
 
     def __init__(self, app_path: Path, motion_path: Path, shape: tuple[int, int, int, int],
-                 motion_dim: int | None = None):
+                 motion_dim: int | None = None, modalities: tuple[str, ...] = MODALITIES):
         self.app_path, self.motion_path = app_path, motion_path
         self.num_videos, self.num_clips, self.num_frames, self.vision_dim = shape
         self.motion_dim = self.vision_dim if motion_dim is None else motion_dim
-        self._files: tuple[h5py.File, h5py.File] | None = None
+        self.modalities = modalities
+        self._files: dict[str, h5py.File] | None = None
 
-    def _open(self):
+    def _open(self) -> dict[str, h5py.File]:
+        """The h5 file of each stream read (a stream left out is not opened)."""
         if self._files is None:
-            self._files = (h5py.File(self.app_path, "r"), h5py.File(self.motion_path, "r"))
+            paths = {"appearance": self.app_path, "motion": self.motion_path}
+            self._files = {m: h5py.File(paths[m], "r") for m in self.modalities}
         return self._files
 
     def gather(self, rows):
-        fa, fm = self._open()
+        files = self._open()
         r = rows.cpu().numpy()
         uniq, inverse = np.unique(r, return_inverse=True)
-        app = torch.from_numpy(fa[L.APPEARANCE_KEY][uniq]).float()
-        mot = torch.from_numpy(fm[L.MOTION_KEY][uniq]).float()
         inv = torch.from_numpy(inverse.reshape(-1))
-        return app[inv], mot[inv]
+        keys = {"appearance": L.APPEARANCE_KEY, "motion": L.MOTION_KEY}
+        out = [torch.from_numpy(files[m][keys[m]][uniq]).float()[inv] if m in files
+               else torch.zeros(len(r), 0) for m in MODALITIES]
+        return out[0], out[1]
 
 
 class NoFeatures(Features):
@@ -317,9 +333,15 @@ def check_features(paths: DataPaths, fa: h5py.File, fm: h5py.File) -> None:
         raise DataError(f"{paths.appearance}: no videos")
 
 
-def load_features(paths: DataPaths, mode: str, check_finite: bool) -> tuple[Features, np.ndarray]:
+def load_features(paths: DataPaths, mode: str, check_finite: bool,
+                  modalities: tuple[str, ...] = MODALITIES) -> tuple[Features, np.ndarray]:
     """The features in ``mode`` (memory: mapped or read; stream: read per batch; none: nothing
-    read) and the video ids (row order)."""
+    read) and the video ids (row order). ``modalities``: the streams the model reads; the other's
+    file is checked against the first (shapes, ids: metadata) but its features are never mapped,
+    read or checked for NaN (their bytes are hashed once for the data set's id, and cached)."""
+    unknown = [m for m in modalities if m not in MODALITIES]
+    if unknown or not modalities:
+        raise ValueError(f"modalities {modalities!r}: each must be one of {', '.join(MODALITIES)}")
     fa = open_h5(paths.appearance, "appearance feature", L.APPEARANCE_KEY)
     fm = open_h5(paths.motion, "motion feature", L.MOTION_KEY)
     try:
@@ -329,19 +351,25 @@ def load_features(paths: DataPaths, mode: str, check_finite: bool) -> tuple[Feat
         shape, motion_dim = tuple(app_ds.shape), mot_ds.shape[2]
         if mode == "none":
             return NoFeatures(shape, motion_dim), ids
-        nbytes = (app_ds.size + mot_ds.size) * 4
+        wanted = {m: (ds, path, key) for m, ds, path, key in (
+            ("appearance", app_ds, paths.appearance, L.APPEARANCE_KEY), ("motion", mot_ds, paths.motion, L.MOTION_KEY))
+            if m in modalities}
+        nbytes = sum(ds.size for ds, _, _ in wanted.values()) * 4
         stream = mode == "stream" or (mode == "auto" and nbytes > _memory_budget_bytes()
                                       and _mappable_offset(app_ds) is None)
         if stream:
             if check_finite:
-                _checked_finite(paths.appearance, L.APPEARANCE_KEY, app_ds)
-                _checked_finite(paths.motion, L.MOTION_KEY, mot_ds)
-            return StreamingFeatures(paths.appearance, paths.motion, shape, motion_dim), ids
-        (app, app_mapped), (mot, _) = _read_features(app_ds, paths.appearance), _read_features(mot_ds, paths.motion)
+                for ds, path, key in wanted.values():
+                    _checked_finite(path, key, ds)
+            return StreamingFeatures(paths.appearance, paths.motion, shape, motion_dim, tuple(modalities)), ids
+        read = {m: _read_features(ds, path) for m, (ds, path, _) in wanted.items()}
     finally:
         fa.close()
         fm.close()
     if check_finite:
-        _checked_finite(paths.appearance, L.APPEARANCE_KEY, app.numpy())
-        _checked_finite(paths.motion, L.MOTION_KEY, mot.numpy())
-    return InMemoryFeatures(app, mot, mapped=app_mapped), ids
+        for m, (_, path, key) in wanted.items():
+            _checked_finite(path, key, read[m][0].numpy())
+    empty = (torch.zeros(shape[0], 0), False)
+    (app, app_mapped), (mot, _) = read.get("appearance", empty), read.get("motion", empty)
+    return InMemoryFeatures(app, mot, mapped=app_mapped, shape=shape, motion_dim=motion_dim,
+                            modalities=tuple(modalities)), ids

@@ -24,7 +24,9 @@ from typing import Callable
 import numpy as np
 
 import variants
-from variants.tasks import COUNT, OPEN_ENDED
+from variants.tasks import COUNT, NO_COUNT, OPEN_ENDED
+
+from harness.errors import HarnessError
 
 #: the statistics a metric can declare: the two-level bootstrap of harness.stats, McNemar's exact test
 BOOTSTRAP, MCNEMAR = "bootstrap", "mcnemar"
@@ -175,10 +177,22 @@ def accuracy_by_type(correct, qtypes, type_names: list[str]) -> dict:
     return out
 
 
+class NonFiniteCount(HarnessError, ValueError):
+    """Count predictions read from non-finite outputs (:data:`variants.tasks.NO_COUNT`): no MSE averages them."""
+
+
 def squared_error_by_type(pred, answers, qtypes, type_names: list[str]) -> dict:
     """A count's squared errors: ``{"mse": mean, "mse_per_type": {name: mean}}`` (types with no
-    question left out), HCRN's figure: the rounded, clamped prediction against the true count."""
-    err = (np.asarray(pred, dtype=np.float64) - np.asarray(answers, dtype=np.float64)) ** 2
+    question left out), HCRN's figure: the rounded, clamped prediction against the true count. A
+    prediction read from a NaN or infinite output (``NO_COUNT``) has no error to average: refused
+    (:class:`NonFiniteCount`, naming how many and the first question)."""
+    pred = np.asarray(pred).reshape(-1)
+    bad = np.flatnonzero(pred == NO_COUNT)
+    if bad.size:
+        raise NonFiniteCount(f"{bad.size} of {pred.size} count outputs are not finite (NaN or Inf; the first at "
+                             f"question {int(bad[0])} of the split): they have no count, and an MSE over them "
+                             f"would be meaningless; the model diverged or its weights are damaged")
+    err = (pred.astype(np.float64) - np.asarray(answers, dtype=np.float64)) ** 2
     qtypes = np.asarray(qtypes, dtype=np.int64).reshape(-1)
     per = {name: float(err[qtypes == i].mean()) for i, name in enumerate(type_names) if (qtypes == i).any()}
     return {"mse": float(err.mean()) if err.size else float("nan"), "mse_per_type": per}

@@ -36,20 +36,21 @@ from variants.registry import Registry
 from harness.data import dataset as D
 from harness.runs import record as R
 from harness.console import plural, say
-from harness.training.plan import RunSpec, feature_mode, plan
+from harness.training.plan import RunSpec, feature_modalities, feature_mode, plan
 from harness.training.runner import train
 from harness.execution.schedule import failure_answer, Schedule, worker_init, cpu_threads_per_worker, device_slots
 from harness.execution.slurm import (MAX_REQUEUES, SLURM_REQUESTS, ExecutorError, SacctNoise, Watch,
     check_executor_options, slurm_parameters)
 from harness.runs.store import ResultsStore
 
-_DATA: dict[tuple[str, str], D.VideoQAData] = {}  # per process: each worker loads a data set once
+_DATA: dict[tuple, D.VideoQAData] = {}  # per process: each worker loads a data set once (per streams read)
 
 
-def _data(spec: str, mode: str) -> D.VideoQAData:
-    if (spec, mode) not in _DATA:
-        _DATA[(spec, mode)] = D.load(spec, mode=mode)
-    return _DATA[(spec, mode)]
+def _data(spec: str, mode: str, modalities: tuple[str, ...] | None = None) -> D.VideoQAData:
+    key = (spec, mode, modalities)
+    if key not in _DATA:
+        _DATA[key] = D.load(spec, mode=mode, **({"modalities": modalities} if modalities else {}))
+    return _DATA[key]
 
 
 def run_one(spec: dict, results: str, device: str = "auto", mode: str = "auto", log: tuple[str, ...] = ()) -> dict:
@@ -59,7 +60,7 @@ def run_one(spec: dict, results: str, device: str = "auto", mode: str = "auto", 
     store = ResultsStore(results)
     run_id = None
     try:
-        data = _data(s.data, feature_mode(s, mode))
+        data = _data(s.data, feature_mode(s, mode), feature_modalities(s))
         run_id = plan(s, data).run_id
         # per-epoch lines named by variant and seed in logs (SLURM, CI); no live bar beside the grid's own
         rec = train(s, store, data=data, device=device, progress=not sys.stderr.isatty(), log=tuple(log))

@@ -32,6 +32,10 @@ def random_inputs(cfg: dict, batch_size: int, device, question_len: int = 12, se
     lengths = torch.randint(1, question_len + 1, (batch_size,), generator=g)
     q = torch.randint(1, cfg["question_vocab"], (batch_size, question_len), generator=g)
     q = q * (torch.arange(question_len) < lengths.unsqueeze(1))
+    if cfg.get("modality") == "appearance":  # a one-modality model: the other stream is empty, as the loader gives it
+        mot = torch.zeros(batch_size, 0)
+    elif cfg.get("modality") == "motion":
+        app = torch.zeros(batch_size, 0)
     extra = _random_candidates(cfg, batch_size, g) if cfg.get("task") == MULTIPLE_CHOICE else ()
     return tuple(t.to(device) for t in (app, mot, q, lengths, *extra))
 

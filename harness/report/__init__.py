@@ -29,6 +29,7 @@ regenerated and diffed.
 from __future__ import annotations
 
 from harness.report import count  # noqa: F401 - registers the count task's sections
+from harness.report import modality  # noqa: F401 - registers the modality-reduction section
 from harness.report.compare import compare_runs
 from harness.report.fmt import QUESTIONS_ONLY, fmt_acc, fmt_cell, fmt_ci, fmt_p
 from harness.report.grouping import CATEGORIES, Group, group_runs, mean_std, reference, type_names

@@ -481,11 +481,24 @@ def context(shared: Shared, data_id: str, groups: list[Group]) -> Context:
                    f"-{slug(data_id)}" if shared.multi else "", shared.written, metric, shared.preds)
 
 
+def _mc_loss_line(ctx: Context) -> list[str]:
+    """Which multiple-choice loss the runs trained with (HCRN's hinge or cross entropy), per variant if they differ."""
+    losses = {g.label: sorted({R.task_loss(r) for r in g.runs}) for g in ctx.groups if R.mc_loss(g.runs[0])}
+    if not losses:
+        return []
+    kinds = {x for v in losses.values() for x in v}
+    if len(kinds) == 1:
+        return [f"Multiple-choice loss of every run: {next(iter(kinds))}.", ""]
+    return ["Multiple-choice loss per variant: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in losses.items())
+            + ".", ""]
+
+
 def data_section(ctx: Context) -> list[str]:
     """One data set's part of the report: its heading, then every section of :data:`SECTIONS`."""
     sizes = R.split_sizes(ctx.groups[0].runs[0])
     lines = [f"## Data set: {ctx.dname} (`{ctx.data_id}`)", ""]
     lines += ["Questions: " + ", ".join(f"{k} {v:,}" for k, v in sorted(sizes.items())) + ".", ""] if sizes else []
+    lines += _mc_loss_line(ctx)
     for title, section in TASK_SECTIONS.get(ctx.metric, SECTIONS):
         body = section(ctx)
         lines += [f"### {title}", ""] + body if body else []  # a section with nothing to show is left out

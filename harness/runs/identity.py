@@ -7,7 +7,9 @@ to, not the settings a variant happens to spell out:
 
 * ``arch`` and ``model``: the model family and every model setting of its config class
   (:mod:`variants.families`; for DualVGR ``variants.dualvgr.DualVGRConfig``), data dimensions included;
-* ``loss``: every term of the variant's own objective (``variants.losses.LOSS_TERMS``);
+* ``loss``: every term of the variant's own objective (``variants.losses.LOSS_TERMS``), less the
+  terms that act on another task than the run's (``variants.losses.TASK_LOSS_TERMS``: ``mc_loss``
+  is in the id of multiple-choice runs only);
 * ``distill``: each distillation loss with its weight and *every* parameter of its factory,
   defaults included (changing a loss's default changes the ids of the runs that use it);
 * ``teachers``: the teachers' run ids (themselves resolved computations);
@@ -42,7 +44,7 @@ import re
 from pathlib import Path
 
 import variants
-from variants.losses import LOSS_TERMS
+from variants.losses import LOSS_TERMS, TASK_LOSS_TERMS
 
 from harness.digests import file_hash
 from harness.runs.settings import TRAIN_DEFAULTS
@@ -60,6 +62,9 @@ NEUTRAL: dict[str, object] = {
     "loss.ce_weight": 1.0,          # plain cross entropy
     "loss.recon_weight": 0.0,       # no reconstruction term
     "loss.ae_pretrain_steps": 0,    # no reconstruction-only stage
+    # multiple choice trained with cross entropy before HCRN's hinge became the reference recipe (its default):
+    # a multiple-choice run with mc_loss = "ce" keeps its id, one with the hinge has a new one
+    "loss.mc_loss": "ce",
     "train.precision": "fp32",
 }
 #: the files whose contents make up the code fingerprint: the model (and which class each model family
@@ -117,7 +122,8 @@ def computation(cfg_dict: dict, data_id: str, seed: int, train: dict, teacher_ru
     ``VariantConfig.to_dict`` gives it (or a record's ``variant_config``)."""
     defaults = model_defaults(cfg_dict["arch"])
     model = {**defaults, **cfg_dict.get("model", {})}
-    loss = {**LOSS_TERMS, **cfg_dict.get("loss", {})}
+    loss = {k: v for k, v in {**LOSS_TERMS, **cfg_dict.get("loss", {})}.items()
+            if TASK_LOSS_TERMS.get(k, model.get("task")) == model.get("task")}
     return {"scheme": SCHEME, "arch": cfg_dict["arch"], "model": _section("model", model, defaults),
             "loss": _section("loss", loss, LOSS_TERMS), "distill": _distill(cfg_dict.get("distill", [])),
             "teachers": builtins.list(teacher_runs or []), "train": _section("train", train, TRAIN_DEFAULTS),
@@ -254,8 +260,9 @@ def _unspelled(record: dict) -> list[str]:
     defaults = model_defaults(cfg["arch"])
     out = [f"model.{k}" for k in defaults if k not in cfg.get("model", {})
            and NEUTRAL.get(f"model.{k}", object()) != defaults[k]]
+    task = cfg.get("model", {}).get("task", defaults.get("task"))
     out += [f"loss.{k}" for k in LOSS_TERMS if k not in cfg.get("loss", {})
-            and NEUTRAL.get(f"loss.{k}", object()) != LOSS_TERMS[k]]
+            and NEUTRAL.get(f"loss.{k}", object()) != LOSS_TERMS[k] and TASK_LOSS_TERMS.get(k, task) == task]
     for d in cfg.get("distill", []):
         given = d.get("params") or {}
         out += [f"{d['name']}.{k}" for k, v in variants.loss_params(d["name"]).items() if k not in given

@@ -13,7 +13,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, TypedDict
 
-from variants.tasks import OPEN_ENDED
+from variants.tasks import MC_LOSSES, MULTIPLE_CHOICE, OPEN_ENDED
 
 from harness.evaluation import metrics as M
 
@@ -152,6 +152,23 @@ def per_type(rec: Record, split: str = "test", name: str = M.PRIMARY) -> dict[st
 def task(rec: Record) -> str:
     """The task the run's model answers (variants.tasks; open-ended for records before tasks)."""
     return (((rec.get("variant_config") or {}).get("model") or {}).get("task")) or OPEN_ENDED
+
+
+def mc_loss(rec: Record) -> str | None:
+    """The multiple-choice loss a multiple-choice run trained with (``mc_loss``, :data:`variants.tasks.MC_LOSSES`):
+    its config's, or ``ce`` for a record from before the setting (cross entropy was the only one); None for a run of
+    another task."""
+    if task(rec) != MULTIPLE_CHOICE:
+        return None
+    return (((rec.get("variant_config") or {}).get("loss") or {}).get("mc_loss")) or "ce"
+
+
+def task_loss(rec: Record) -> str:
+    """What the run's task loss was, in words (``HCRN's summed max-margin hinge (mc_loss = hinge)``)."""
+    name = mc_loss(rec)
+    if name is not None:
+        return f"{MC_LOSSES[name][2] if name in MC_LOSSES else 'unknown'} (mc_loss = {name})"
+    return "mean squared error to the count" if task(rec) == "count" else "cross entropy over the answers"
 
 
 def best_epoch(rec: Record) -> int | None:

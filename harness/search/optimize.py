@@ -70,7 +70,7 @@ from harness.console import plural, say
 from harness.errors import HarnessError
 from harness.execution.grid import Grid, order_runs
 from harness.evaluation.metrics import PRIMARY, task_metric
-from harness.training.plan import RunPruned, RunSpec, feature_mode, plan
+from harness.training.plan import RunPruned, RunSpec, feature_modalities, feature_mode, plan
 from harness.training.runner import train
 from harness.execution.schedule import worker_init, cpu_threads_per_worker, device_slots
 from harness.search.definition import Study, StudyError, load_study
@@ -220,7 +220,7 @@ def search_worker(path: str, results: str, url: str | None, device: str, index: 
     the study's budget is spent, with test metrics sealed. Returns the trials it ran, by state."""
     study, store = load_study(path), ResultsStore(results)
     spec = spec_for(study, {})
-    data = D.load(study.data, mode=feature_mode(spec))
+    data = D.load(study.data, mode=feature_mode(spec), modalities=feature_modalities(spec))
     with R.sealed_test(SEALED):
         o = open_study(study, store, url)
         o.sampler = _sampler(study, 1 + index + 7919 * len(o.trials))

@@ -141,7 +141,8 @@ def check_teacher_outputs(p: Plan) -> None:
         torch.manual_seed(0)
         model = variants.build(p.cfg)
         teachers = [variants.build(t.cfg).eval() for t in p.teachers]
-        inputs = random_inputs(p.cfg.model, 2, cpu)
+        # the batch carries the streams the teachers read too (feature_modalities), whatever the student reads
+        inputs = random_inputs({k: v for k, v in p.cfg.model.items() if k != "modality"}, 2, cpu)
         answers = random_answers(p.cfg.model, 2, cpu)
         base, extra = split_inputs(inputs, p.cfg.model)
         batch = D.Batch(*base, answers, torch.zeros(2, dtype=torch.long), torch.arange(2), extra)
@@ -174,6 +175,24 @@ def recorded_info(spec: str, store: ResultsStore) -> D.DataInfo:
 def feature_mode(spec: RunSpec, mode: str = "auto") -> str:
     """The feature loading mode a run needs: ``none`` for a model that reads no video."""
     return mode if variants.uses_video(variants.get_config(spec.variant)) else "none"
+
+
+def feature_modalities(spec: RunSpec) -> tuple[str, ...]:
+    """The feature streams a run reads: its model's (:func:`variants.modalities`) and its teachers'
+    (a one-modality student distilled from a two-stream teacher reads both in training, for the
+    teacher; its model never touches the other), in ``MODALITIES`` order; both when none reads video
+    (then ``feature_mode`` reads nothing anyway)."""
+    from harness.data.features import MODALITIES
+
+    def streams(name: str, overrides: dict) -> set[str]:
+        cfg = variants.get_config(name, **overrides)
+        out = set(variants.modalities(cfg))
+        for t in cfg.teachers:
+            out |= streams(t, variants.teacher_settings(t, overrides))
+        return out
+
+    read = streams(spec.variant, {k: v for k, v in spec.overrides.items() if k != "task"})
+    return tuple(m for m in MODALITIES if m in read) or MODALITIES
 
 
 def golden_run_ids(data_id: str = "golden-data", seed: int = 666) -> dict[str, str]:

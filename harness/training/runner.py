@@ -52,7 +52,8 @@ from harness.env import sync as _sync
 from harness.evaluation.evaluate import ABLATIONS, evaluate
 from harness.model.inputs import param_counts
 from harness.data.features import InMemoryFeatures
-from harness.training.plan import Plan, RunFailed, RunPruned, RunSpec, check_teacher_outputs, feature_mode, plan
+from harness.training.plan import (Plan, RunFailed, RunPruned, RunSpec, check_teacher_outputs,
+    feature_mode, feature_modalities, plan)
 from harness.measurement.pruning import pruned_info
 from harness.runs.record import RECORD_VERSION, Record, teacher_ref
 from harness.training.sinks import Sinks, check_sinks, run_hparams
@@ -89,7 +90,7 @@ def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQADa
     store = store or ResultsStore()
     console = console or Console(stderr=True)
     dev = resolve_device(device)
-    data = data or D.load(spec.data, mode=feature_mode(spec))
+    data = data or D.load(spec.data, mode=feature_mode(spec), modalities=feature_modalities(spec))
     p = plan(spec, data)
     # before anything trains (teachers included): a precision this device cannot run fails now
     check_precision(dev, p.train.get("precision", "fp32"), train=True)

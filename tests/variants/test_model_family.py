@@ -76,7 +76,8 @@ def toy_family():
 def test_a_registered_family_is_configured_built_and_identified_by_its_own_config(toy_family):
     cfg = variants.get_config("toy-mean", scale=2, module_dim=32)
     assert cfg.model_family.model is MeanPool and cfg.model["scale"] == 2 and "graph_layers" not in cfg.model
-    assert set(variants.settings("toy-mean")) == {*MeanPoolConfig.__dataclass_fields__}
+    # its config's fields, and the multiple-choice loss every variant takes (variants.tasks.MC_LOSSES)
+    assert set(variants.settings("toy-mean")) == {*MeanPoolConfig.__dataclass_fields__, "mc_loss"}
     model = variants.build(cfg)
     assert isinstance(model, MeanPool) and model.cfg == MeanPoolConfig(scale=2, module_dim=32)
     out = model(torch.randn(2, 4, 3, 128), torch.randn(2, 4, 128), torch.tensor([[5, 6, 0], [7, 0, 0]]),

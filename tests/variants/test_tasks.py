@@ -119,11 +119,69 @@ def test_count_predictions_round_and_clamp_as_hcrn():
     assert count_predictions(x).tolist() == (x + 0.5).long().clamp(1, 10).view(-1).tolist()
 
 
-def test_hinge_loss_is_hcrns_margin():
+def test_hinge_loss_is_hcrns_summed_margin_over_every_candidate():
+    s = torch.tensor([[2.0, 0.5, 1.8], [0.0, 0.0, 3.0], [1.0, 1.5, 0.2]])
+    a = torch.tensor([0, 2, 0])
+    # HCRN's train.py: sum over every (question, candidate) of max(0, 1 + s_j - s_answer), the answer's own term
+    # (= 1) included: q0: 1, max(0, 1 + 0.5 - 2) = 0, max(0, 1 + 1.8 - 2) = 0.8 -> 1.8
+    #                 q1: max(0, 1 + 0 - 3) = 0 twice, own 1 -> 1
+    #                 q2: own 1, max(0, 1 + 1.5 - 1) = 1.5, max(0, 1 + 0.2 - 1) = 0.2 -> 2.7
+    assert hinge_loss(s, a).item() == pytest.approx(1.8 + 1.0 + 2.7)
+    # HCRN's own expression, on its flattened (B * K) logits and tiled answers
+    flat, k = s.reshape(-1), s.shape[1]
+    agg = torch.arange(s.shape[0]).repeat_interleave(k) * k
+    hcrn = torch.max(torch.tensor(0.0), 1.0 + flat - flat[a.repeat_interleave(k) + agg]).sum()
+    assert hinge_loss(s, a).item() == pytest.approx(hcrn.item())
+    # the right candidate's own term has no gradient; a wrong one inside the margin pushes its score down
+    s = s.clone().requires_grad_(True)
+    hinge_loss(s, a).backward()
+    assert s.grad.tolist() == [[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [-2.0, 1.0, 1.0]]
+
+
+def test_the_multiple_choice_loss_is_hcrns_hinge_unless_set_to_cross_entropy():
     s = torch.tensor([[2.0, 0.5, 1.8], [0.0, 0.0, 3.0]])
     a = torch.tensor([0, 2])
-    # wrong candidates: (0.5, 1.8) -> relu(1 - 2 + .) = 0, 0.8; (0, 0) -> relu(1 - 3 + 0) = 0, 0
-    assert hinge_loss(s, a).item() == pytest.approx(0.8 / 4)
+    out = {"logits": s}
+    obj = variants.objective(variants.get_config("question-only", task=MULTIPLE_CHOICE))
+    total, parts = obj(out, a)
+    assert set(parts) == {"hinge"} and total.item() == pytest.approx(1.8 + 1.0)
+    ce_cfg = variants.get_config("question-only", task=MULTIPLE_CHOICE, mc_loss="ce")
+    total, parts = variants.objective(ce_cfg)(out, a)
+    assert set(parts) == {"ce"} and total.item() == pytest.approx(torch.nn.functional.cross_entropy(s, a).item())
+    assert variants.get_config("dualvgr", task=MULTIPLE_CHOICE).loss["mc_loss"] == "hinge"
+    assert "mc_loss" not in variants.get_config("dualvgr").loss  # an open-ended config does not spell it
+    with pytest.raises(variants.ConfigError, match=r"mc_loss = 'svm' is not one of hinge, ce"):
+        variants.get_config("dualvgr", task=MULTIPLE_CHOICE, mc_loss="svm")
+
+
+def test_the_run_id_covers_the_multiple_choice_loss_on_multiple_choice_runs_only():
+    from harness.runs import identity
+
+    def rid(**over):
+        cfg = variants.get_config("dualvgr", **over)
+        return identity.run_id("dualvgr", identity.computation(cfg.to_dict(), "d", 0, {}))
+
+    # open-ended and count runs: mc_loss acts on nothing, so it is not in their ids
+    assert rid() == rid(mc_loss="ce") == rid(mc_loss="hinge")
+    assert rid(task=COUNT) == rid(task=COUNT, mc_loss="ce")
+    # multiple choice: the hinge (the reference recipe) is a new computation; cross entropy keeps the id of before
+    def comp(**over):
+        return identity.computation(variants.get_config("dualvgr", task=MULTIPLE_CHOICE, **over).to_dict(), "d", 0, {})
+
+    hinge, ce = comp(), comp(mc_loss="ce")
+    assert hinge["loss"].pop("mc_loss") == "hinge" and "mc_loss" not in ce["loss"]
+    assert hinge == ce  # the hinge's computation is the one of before plus mc_loss: nothing else changed
+    assert rid(task=MULTIPLE_CHOICE, mc_loss="hinge") == rid(task=MULTIPLE_CHOICE) != rid(task=MULTIPLE_CHOICE,
+                                                                                           mc_loss="ce")
+
+
+def test_a_non_finite_count_output_is_no_count_and_never_averaged_into_an_mse():
+    x = torch.tensor([[float("nan")], [float("inf")], [float("-inf")], [3.2]])
+    # before: the clamp ran before the cast, and a NaN became -9223372036854775808
+    assert count_predictions(x).tolist() == [0, 0, 0, 3]
+    with pytest.raises(M.NonFiniteCount, match=r"3 of 4 count outputs .*not finite.*question 0"):
+        M.squared_error_by_type(count_predictions(x).numpy(), np.array([1, 2, 3, 3]), np.zeros(4), ["count"])
+    assert M.squared_error_by_type(np.array([3, 5]), np.array([1, 5]), np.zeros(2), ["count"])["mse"] == 2.0
 
 
 def test_a_family_without_the_task_gets_a_clear_error():
@@ -176,6 +234,11 @@ def test_a_grid_over_three_tasks_reports_a_table_per_task(tiny, task_sets, tmp_p
     assert not res.failed and len(res.run_ids) == 12
     md = write_report(store, "tasks", res.run_ids, out_dir=tmp_path / "reports").read_text()
     assert md.count("## Data set:") == 3
+    # the multiple-choice part, and only it, says which loss its runs trained with: HCRN's, the reference recipe
+    assert md.count("Multiple-choice loss") == 1
+    mc_part = next(part for part in md.split("## Data set:") if "Multiple-choice loss" in part)
+    assert "Multiple-choice loss of every run: HCRN's summed max-margin hinge (mc_loss = hinge)." in mc_part
+    assert "| causal |" in mc_part  # the NExT-QA types of the multiple-choice set
     assert md.count("### Main table (count: MSE)") == 1 and md.count("### Main table\n") == 2
     count_part = md.split("### Main table (count: MSE)")[1]
     assert "test MSE" in count_part and "McNemar's test does not apply" in count_part
@@ -198,6 +261,28 @@ def test_a_grid_over_three_tasks_reports_a_table_per_task(tiny, task_sets, tmp_p
     assert "| variant | path | n seeds | test MSE | 95% CI | Δ fp32 |" in count_part
     assert re.search(r"\|  \| dynamic-int8 \| n=1 \| \d+\.\d{3} \|", count_part)
     assert re.search(r"\|  \| onnx \| n=1 \| \d+\.\d\d \|", md.split("### Main table (count: MSE)")[0])
+
+
+def test_the_cli_trains_multiple_choice_with_the_loss_set_and_the_record_says_which(task_sets, tmp_path):
+    from typer.testing import CliRunner
+
+    import ablate
+
+    common = ["--data", str(task_sets[MULTIPLE_CHOICE]), "--epochs", "1", "--batch-size", "512", "--device", "cpu",
+              "--results", str(tmp_path / "results"), "--set", "module_dim=16"]
+    runs = {}
+    for loss in ("hinge", "ce"):
+        res = CliRunner().invoke(ablate.app, ["run", "question-only", *common, "--set", f"mc_loss={loss}"])
+        assert res.exit_code == 0, res.output
+        what = {"hinge": "HCRN's summed max-margin hinge", "ce": "cross entropy over the candidates"}[loss]
+        assert f"multiple-choice loss: {what} (mc_loss = {loss})" in " ".join(res.output.split())
+        runs[loss] = next(r for r in ResultsStore(tmp_path / "results").iter_records()
+                          if r["variant_config"]["loss"].get("mc_loss") == loss)
+        assert set(runs[loss]["history"][0]) >= {f"loss_{'hinge' if loss == 'hinge' else 'ce'}"}
+    assert runs["hinge"]["run_id"] != runs["ce"]["run_id"]
+    res = CliRunner().invoke(ablate.app, ["run", "question-only", *common, "--set", "mc_loss=svm"])
+    assert res.exit_code == 2 and "error: variant 'question-only': setting mc_loss = 'svm' is not one of hinge, ce" \
+        in " ".join(res.output.split())
 
 
 def test_grid_data_must_be_specs(tmp_path):
