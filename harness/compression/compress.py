@@ -206,7 +206,7 @@ def export_onnx(model: nn.Module, variant: str, path: Path, cfg_model: dict) -> 
                               dynamic_axes=axes)
     except HarnessError:
         raise
-    except Exception as e:  # noqa: BLE001 - any exporter failure becomes one message naming the variant
+    except Exception as e:  # any exporter failure becomes one message naming the variant
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ExportError(f"{variant} cannot be exported to ONNX (opset {OPSET}, TorchScript exporter): "
                           f"{type(e).__name__}: {reason}") from None
@@ -220,7 +220,7 @@ def _onnx(model: nn.Module, cfg: variants.VariantConfig, out_dir: Path) -> Compr
     try:
         module = OrtModule(path, input_names(cfg.model))
         module(*probe)
-    except Exception as e:  # noqa: BLE001 - onnxruntime's own error types, named in the message
+    except Exception as e:  # onnxruntime's own error types, named in the message
         raise ExportError(f"{variant}: ONNX Runtime cannot run the exported {path}: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
     return Compressed(module, path, path.stat().st_size, {"opset": OPSET, "exporter": "torchscript",

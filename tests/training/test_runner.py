@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import ablate
 from tests.conftest import needs_cpu_bf16
-from harness.training.plan import RunSpec
+from harness.training.plan import RunPruned, RunSpec
 from harness.training.runner import train
 from harness.runs.store import ResultsStore
 
@@ -61,8 +61,9 @@ def test_record_fields_and_predictions(tiny, tmp_path):
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny, tmp_path):
     full = train(spec(epochs=3), ResultsStore(tmp_path / "a"), data=tiny, device="cpu", progress=False)
     store = ResultsStore(tmp_path / "b")
-    part = train(spec(epochs=3), store, data=tiny, device="cpu", progress=False, stop_after_epochs=1)
-    assert part["status"] == "stopped" and not store.is_complete(part["run_id"])
+    with pytest.raises(RunPruned):  # stopped after its first epoch
+        train(spec(epochs=3), store, data=tiny, device="cpu", progress=False, on_epoch=lambda epoch, acc: epoch == 0)
+    assert not store.is_complete(full["run_id"]) and (store.run_dir(full["run_id"]) / "state.pt").is_file()
     resumed = train(spec(epochs=3), store, data=tiny, device="cpu", progress=False)
     assert resumed["run_id"] == full["run_id"]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
