@@ -68,7 +68,7 @@ from harness.data import dataset as D
 from harness.runs import record as R
 from harness.console import plural, say
 from harness.errors import HarnessError
-from harness.execution.grid import Grid, order_runs
+from harness.execution.grid import Grid, grid_plans, order_runs
 from harness.evaluation.metrics import PRIMARY, task_metric
 from harness.training.plan import RunPruned, RunSpec, feature_mode, plan
 from harness.training.runner import check_run, train
@@ -316,9 +316,13 @@ def final_specs(study: Study, best_params: dict) -> dict[str, list[RunSpec]]:
     return out
 
 
+def _spec_key(s: RunSpec) -> str:
+    return json.dumps(dataclasses.asdict(s), sort_keys=True)
+
+
 def final_grid(study: Study, specs: dict[str, list[RunSpec]]) -> Grid:
     """The fresh-seed runs as a grid (for :func:`harness.execution.grid.run_grid` and the report)."""
-    runs = list({json.dumps(dataclasses.asdict(s), sort_keys=True): s for v in specs.values() for s in v}.values())
+    runs = list({_spec_key(s): s for v in specs.values() for s in v}.values())
     return Grid(name=f"{study.name}-final", path=study.path, description=f"fresh-seed test comparison of {study.name}",
                 data=study.data, seeds=list(study.search["final_seeds"]), runs=order_runs(runs),
                 executor=study.executor)
@@ -385,8 +389,8 @@ def final_phase(study: Study, store: ResultsStore, o: optuna.Study, *, jobs: int
         raise StudyError(f"study {study.name}: no complete trial yet (run `ablate.py search {study.path}`)")
     specs = final_specs(study, o.best_trial.params)
     g = final_grid(study, specs)
-    info = D.describe(study.data)
-    ids = {role: [plan(s, info).run_id for s in ss] for role, ss in specs.items()}
+    planned = {_spec_key(p.spec): p.run_id for p in grid_plans(g, D.describe)}
+    ids = {role: [planned[_spec_key(s)] for s in ss] for role, ss in specs.items()}
     if train_runs and run_grid(g, store, executor=executor, jobs=jobs, device=device, options=options,
                                console=console, poll_s=poll_s).interrupted:
         raise KeyboardInterrupt
