@@ -587,40 +587,30 @@ def run(
     log: Optional[list[str]] = typer.Option(None, "--log", help=LOG_HELP + "."),
 ):
     """Train and evaluate one variant; print its per-question-type accuracy table."""
-    import variants
     from harness.data import dataset as D
-    from harness.env import check_precision, resolve_device
-    from harness.training.plan import RunSpec, feature_modalities, feature_mode, plan
-    from harness.training.runner import RUN_LOCK, train
-    from harness.training.sinks import check_sinks
+    from harness.files import check_writable
     from harness.runs.store import ResultsStore, StateError
-    from harness.files import check_writable, held_elsewhere
+    from harness.training.plan import RunSpec, feature_modalities, feature_mode, plan
+    from harness.training.runner import check_run, train
 
     store = ResultsStore(results)
     run_id = None
-    try:  # everything is checked before any data is loaded or anything trained
+    try:  # checked once, here: what needs no data before any data is loaded, the plan before anything trains
         check_writable(store.root)
         D.check_mode(mode, "--mode")
-        check_precision(resolve_device(device), precision, train=True)
-        sinks = check_sinks(log)
+        dev, sinks = check_run(device, precision, log)
         overrides = parse_sets(set_)
         check_set_keys(variant, overrides, RUN_OPTIONS)
         spec = RunSpec(variant=variant, data=data, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
                        early_stop=early_stop, glove=not no_glove, precision=precision, overrides=overrides)
-        spec.resolved_train()
-        variants.get_config(variant, **spec.overrides)
         ds = D.load(data, mode=feature_mode(spec, mode), modalities=feature_modalities(spec))
-        run_id = plan(spec, ds).run_id
-        reused = not force and store.usable(run_id, refuse_damaged)  # damaged weights: set aside, retrained
-        waited = not reused and held_elsewhere(store.run_dir(run_id) / RUN_LOCK)
-        if waited:
-            say(console, f"another process is training {run_id}: waiting for it, then showing its record", "yellow")
-        record = train(spec, store, data=ds, device=device, force=force, teacher_cache=not no_teacher_cache,
-                       refuse_damaged=refuse_damaged, log=sinks)
+        p = plan(spec, ds)
+        run_id = p.run_id
+        record = train(p, store, data=ds, device=dev, force=force,
+                       teacher_cache=not no_teacher_cache, refuse_damaged=refuse_damaged, log=sinks)
     except KeyboardInterrupt:
         raise interrupted() from None
     except user_errors() as e:
-
         error(console, e)
         # the run started: record why it failed (a refused resume state: nothing ran, the message says what to do)
         if run_id is not None and store.run_dir(run_id).exists() and not isinstance(e, StateError):
@@ -630,10 +620,10 @@ def run(
         _measure_costs(store, [record["run_id"]], device)
     except KeyboardInterrupt:
         raise interrupted() from None
-    if waited and not force:
+    if record.how == "waited":
         say(console, f"trained by another process: {run_id}, not retrained here (the record from "
                      f"{store.run_dir(run_id)})", "yellow")
-    elif reused:
+    elif record.how == "reused":
         say(console, f"already complete: {run_id}, not retrained (the record from {store.run_dir(run_id)}; "
                      f"--force retrains)", "yellow")
     _print_run(store, record)

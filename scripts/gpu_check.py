@@ -78,7 +78,7 @@ class Parts:
                 entry["ok"] = None
             elif isinstance(result, dict) and result.get("failed"):
                 entry = {"ok": False, "result": result, "error": result["failed"]}
-        except Exception as e:  # noqa: BLE001 - every part is recorded, the others go on
+        except Exception as e:  # every part is recorded, the others go on
             entry = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
             print(entry["traceback"], file=sys.stderr, flush=True)
         entry["seconds"] = round(time.perf_counter() - t, 2)
@@ -239,6 +239,7 @@ def _second_epoch(rec: dict) -> dict:
 
 def runs(dev: torch.device, size: dict, out_dir: Path) -> dict:
     from harness.data import dataset as D
+    from harness.training.plan import RunPruned
     from harness.training.runner import train
     from harness.runs.store import ResultsStore
 
@@ -249,7 +250,12 @@ def runs(dev: torch.device, size: dict, out_dir: Path) -> dict:
            for name in ("dualvgr", "student-logits", "sparse-node")}
     # stopped after one epoch, resumed, against the same run uninterrupted (dualvgr above)
     resumed_store = ResultsStore(out_dir / "runs-resumed")
-    stopped = train(_spec("dualvgr", size), resumed_store, data=data, device=dev, progress=False, stop_after_epochs=1)
+    try:  # stopped after its first epoch
+        train(_spec("dualvgr", size), resumed_store, data=data, device=dev, progress=False,
+              on_epoch=lambda epoch, acc: True)
+        stopped = "complete"
+    except RunPruned:
+        stopped = "stopped"
     resumed = train(_spec("dualvgr", size), resumed_store, data=data, device=dev, progress=False)
     full = store.read_record(resumed["run_id"])
     same = [a["loss"] == b["loss"] and a["val_acc"] == b["val_acc"]

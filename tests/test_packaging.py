@@ -1,7 +1,9 @@
 """The project as a user installs it without a checkout: a wheel built from this tree, installed into
 a fresh virtual environment, trains a tiny grid and writes its report with nothing from the source
-tree on the path; every package of the tree and every grid that comes with it are in the wheel, and
-a record made by the installed code names no git commit of a repository around the venv."""
+tree on the path, and writes the report of a store trained by the checkout (the session's shared tiny
+store: a teacher, its distilled student, the reference model and the question-only baseline) with its
+tables; every package of the tree and every grid that comes with it are in the wheel, and a record made
+by the installed code names no git commit of a repository around the venv."""
 from __future__ import annotations
 
 import json
@@ -67,15 +69,43 @@ def _venv_with(wheel: Path, where: Path) -> Path:
 _WHERE = """
 import json, sys
 import ablate, bench, harness, harness.report, variants
-from harness import grid
+from harness.execution import grid
 print(json.dumps({"files": [m.__file__ for m in (ablate, bench, harness, harness.report, variants)],
                   "grid_dir": str(grid.GRID_DIR), "path": sys.path,
                   "editable": sorted(m for m in sys.modules if m.startswith("__editable__"))}))
 """
 
 
-def test_the_wheel_holds_every_package_and_grid_and_writes_a_report_installed(tmp_path, data_cache):
-    wheel = _build_wheel(tmp_path)
+class Installed:
+    """The wheel installed in a fresh venv, and a folder outside the checkout to run it in."""
+
+    def __init__(self, tmp: Path, data_cache: Path):
+        self.tmp = tmp
+        self.wheel = _build_wheel(tmp)
+        # the venv lies inside a checkout of something else (as a project's .venv does): that checkout's commit
+        # is not the installed code's, and no record may claim it
+        git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "-C", str(tmp)]
+        for args in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "another project"]):
+            subprocess.run([*git, *args], check=True, capture_output=True, timeout=60)
+        self.venv = tmp / "venv"
+        self.py = _venv_with(self.wheel, self.venv)
+        self.env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        self.env.update(OMP_NUM_THREADS="1", VQAKD_DATA_DIR=str(data_cache))
+
+    def run(self, *args, cwd: Path, timeout=300):
+        """``python ARGS`` of the venv in ``cwd`` (neither the checkout nor a folder above it)."""
+        cwd.mkdir(exist_ok=True)
+        return subprocess.run([str(self.py), *args], cwd=cwd, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory, data_cache) -> Installed:
+    return Installed(tmp_path_factory.mktemp("wheel"), data_cache)
+
+
+def test_the_wheel_holds_every_package_and_grid_and_writes_a_report_installed(installed):
+    wheel, venv, tmp_path = installed.wheel, installed.venv, installed.tmp
     names = set(zipfile.ZipFile(wheel).namelist())
     packages = sorted(str(p.relative_to(ROOT)) for d in ("harness", "variants")
                       for p in (ROOT / d).rglob("__init__.py"))
@@ -83,21 +113,10 @@ def test_the_wheel_holds_every_package_and_grid_and_writes_a_report_installed(tm
     assert packages and grids
     missing = [f for f in (*packages, *grids) if f not in names]
     assert not missing, f"missing from the wheel: {missing}"
-
-    # the venv lies inside a checkout of something else (as a project's .venv does): that checkout's commit
-    # is not the installed code's, and no record may claim it
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "-C", str(tmp_path)]
-    for args in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "another project"]):
-        subprocess.run([*git, *args], check=True, capture_output=True, timeout=60)
-    venv = tmp_path / "venv"
-    py = _venv_with(wheel, venv)
     work = tmp_path / "elsewhere"  # neither the checkout nor a folder above it
-    work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(OMP_NUM_THREADS="1", VQAKD_DATA_DIR=str(data_cache))
 
     def run(*args, timeout=300):
-        return subprocess.run([str(py), *args], cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+        return installed.run(*args, cwd=work, timeout=timeout)
 
     r = run("-c", _WHERE)
     assert r.returncode == 0, r.stderr
@@ -122,3 +141,37 @@ def test_the_wheel_holds_every_package_and_grid_and_writes_a_report_installed(tm
     r = run("-m", "ablate", "report", "--grid", "tiny", "--results", "store", "--reports", "reports")
     out = r.stdout + r.stderr
     assert r.returncode == 1 and "error: no complete run of grid tiny" in out and "Traceback" not in out, out
+
+
+#: the report of the shared store's runs, written by the installed harness (the store's own records and
+#: predictions; the data set's info as the store recorded it)
+_REPORT = """
+import sys
+from harness.report import write_report
+from harness.runs.store import ResultsStore
+print(write_report(ResultsStore("store"), "shared", run_ids=sys.argv[1:], out_dir="reports"))
+"""
+
+
+def test_the_installed_harness_writes_the_report_of_a_trained_store(installed, shared_store):
+    work = installed.tmp / "report-elsewhere"
+    store, recs = shared_store.copy(work / "store")
+    ids = sorted(r["run_id"] for r in recs.values())
+    r = installed.run("-c", _REPORT, *ids, cwd=work)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = work / "reports" / "shared.md"
+    assert (work / r.stdout.strip().splitlines()[-1]).resolve() == report.resolve(), r.stdout
+    text = report.read_text()
+    for heading in ("# shared", "### Main table", "### Accuracy per question type", "### Evaluation-time ablations"):
+        assert f"\n{heading}\n" in f"\n{text}", (heading, text)
+    main = text.split("### Main table", 1)[1].split("###", 1)[0]
+    rows = {line.split("|")[1].strip().strip("*"): line for line in main.splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")}
+    assert set(rows) == set(recs), (set(rows), main)  # one row per variant, each trained run reported
+    for variant, rec in recs.items():
+        acc = f"{rec['metrics']['test']['overall']:.2f}"
+        assert acc in rows[variant], (variant, acc, rows[variant])
+    assert "teacher-g4" in rows["student-logits"].rsplit("|", 2)[-2]  # its teachers column
+    csv = (work / "reports" / "shared.csv").read_text().splitlines()
+    assert len(csv) == 1 + len(recs), csv  # the main table: a header and one row per variant
+    assert any((work / "reports" / "shared_files").iterdir())  # its plots

@@ -58,7 +58,7 @@ class VariantConfig:
         return self.model_family.make_config(self.model)
 
 
-def list(pattern: str | list[str] = "*") -> list[str]:  # noqa: A001 - timm-style name
+def list(pattern: str | list[str] = "*") -> list[str]:  # timm-style name
     """Registered variant names matching shell wildcards (``list("teacher-*")``)."""
     return VARIANTS.list(pattern)
 

@@ -289,7 +289,7 @@ def export_onnx(model: nn.Module, variant: str, path: Path, cfg_model: dict) -> 
                               dynamic_axes=axes)
     except HarnessError:
         raise
-    except Exception as e:  # noqa: BLE001 - any exporter failure becomes one message naming the variant
+    except Exception as e:  # any exporter failure becomes one message naming the variant
         raise ExportError(f"{variant} cannot be exported to ONNX (opset {OPSET}, TorchScript exporter): "
                           f"{type(e).__name__}: {_first_line(e)}") from None
 
@@ -305,7 +305,7 @@ def _runnable(path: Path, cfg: variants.VariantConfig) -> OrtModule:
     try:
         module = OrtModule(path, input_names(cfg.model))
         module(*probe)
-    except Exception as e:  # noqa: BLE001 - onnxruntime's own error types, named in the message
+    except Exception as e:  # onnxruntime's own error types, named in the message
         raise ExportError(f"{cfg.name}: ONNX Runtime cannot run {path}: {type(e).__name__}: {_first_line(e)}") from None
     return module
 

@@ -144,7 +144,7 @@ def _load_questions(path: Path, split: str) -> dict:
         obj = load_question_pickle(path)
     except PickleRefused as e:
         raise DataError(f"{path}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is bad input
+    except Exception as e:  # any unpickling failure is bad input
         raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a pickled dict, got {type(obj).__name__}")

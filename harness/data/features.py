@@ -196,7 +196,7 @@ def _mappable_offset(ds: h5py.Dataset) -> int | None:
         return None
     try:
         return ds.id.get_offset()
-    except Exception:  # noqa: BLE001 - h5py raises various errors for unallocated / external storage
+    except Exception:  # h5py raises various errors for unallocated / external storage
         return None
 
 

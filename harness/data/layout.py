@@ -12,7 +12,8 @@ A data set ``{name}`` (e.g. ``msvd-qa``) is a directory holding::
     {name}_{split}_questions.pt pickle of a dict with QUESTION_KEYS (+ optional QUESTION_CATEGORY_KEY)
     {name}_meta.json            optional: how the set was made (synthetic presets write it last);
                                 its TASK_META_KEY names the task (see harness.tasks)
-    {name}_{questions,features}_report.json  optional: what harness.data.prepare found (not read by harness.data.dataset)
+    {name}_{questions,features}_report.json  optional: what harness.data.prepare found (not read by
+                                             harness.data.dataset)
 """
 from __future__ import annotations
 

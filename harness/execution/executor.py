@@ -37,7 +37,7 @@ from harness.data import dataset as D
 from harness.runs import record as R
 from harness.console import plural, say
 from harness.training.plan import RunSpec, feature_modalities, feature_mode, plan
-from harness.training.runner import train
+from harness.training.runner import check_run, train
 from harness.execution.schedule import failure_answer, Schedule, worker_init, cpu_threads_per_worker, device_slots
 from harness.execution.slurm import (MAX_REQUEUES, SLURM_REQUESTS, ExecutorError, SacctNoise, Watch,
     check_executor_options, slurm_parameters)
@@ -61,13 +61,15 @@ def run_one(spec: dict, results: str, device: str = "auto", mode: str = "auto", 
     run_id = None
     try:
         data = _data(s.data, feature_mode(s, mode), feature_modalities(s))
-        run_id = plan(s, data).run_id
+        p = plan(s, data)
+        run_id = p.run_id
+        dev, sinks = check_run(device, s.precision, log)
         # per-epoch lines named by variant and seed in logs (SLURM, CI); no live bar beside the grid's own
-        rec = train(s, store, data=data, device=device, progress=not sys.stderr.isatty(), log=tuple(log))
+        rec = train(p, store, data=data, device=dev, progress=not sys.stderr.isatty(), log=sinks)
         (store.run_dir(run_id) / "failed.json").unlink(missing_ok=True)
         return {"run_id": rec["run_id"], "variant": s.variant, "seed": s.seed, "status": "complete",
                 "test_acc": rec["metrics"]["test"]["overall"], "result": R.test_figure(rec)}
-    except Exception as e:  # noqa: BLE001 - every failure is recorded; the grid goes on
+    except Exception as e:  # every failure is recorded; the grid goes on
         info = {"variant": s.variant, "seed": s.seed, "spec": spec}
         if run_id is None:
             failure = {"run_id": None, **info, "status": "failed", "reason": f"{type(e).__name__}: {e}",
@@ -357,7 +359,7 @@ def follow(pending: dict, executor: str, finished, poll_s: float, squeue_every_s
             p = pending.pop(job)
             try:
                 out = job.result()
-            except Exception as e:  # noqa: BLE001 - the job itself died (node failure, time limit)
+            except Exception as e:  # the job itself died (node failure, time limit)
                 out = failure_answer(p, f"submitit job {job.job_id} failed: {type(e).__name__}: {e}")
             finished(p, out)
         for job in lost:

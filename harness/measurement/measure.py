@@ -92,7 +92,7 @@ def default_warmup(device: torch.device | str) -> int:
     return 10 if torch.device(device).type == "cuda" else 3
 
 
-def maybe_compile(model: nn.Module, compile: bool) -> nn.Module:  # noqa: A002 - the issue's name
+def maybe_compile(model: nn.Module, compile: bool) -> nn.Module:  # the issue's name
     """``torch.compile(model)`` when asked (compilation happens during the warm-up runs)."""
     return torch.compile(model) if compile else model
 
@@ -125,7 +125,7 @@ def cuda_graph(fn: Callable[[], object], device: torch.device, warmup: int = 3) 
 
 @torch.no_grad()
 def latency(model: nn.Module, inputs: tuple, *, warmup: int | None = None, reps: int = 50,
-            precision: str = "fp32", compile: bool = False, path: str | None = None) -> dict:  # noqa: A002
+            precision: str = "fp32", compile: bool = False, path: str | None = None) -> dict:
     """Eval-forward latency in ms: median, p90, p99 over ``reps`` runs after ``warmup``, and the
     inference throughput ``infer_samples_per_s`` = reps x batch / total time of those runs.
     ``path``: ``eager``, ``compile`` (torch.compile; also ``compile=True``) or ``cuda-graph``
@@ -169,7 +169,7 @@ def build_teachers(cfg, device, **settings) -> list[nn.Module]:
 
 def make_train_step(cfg, model: nn.Module, teachers: list[nn.Module] | None = None, *, lr: float = 1e-4,
                     grad_clip: float | None = 12.0, precision: str = "fp32",
-                    compile: bool = False) -> Callable[[tuple, torch.Tensor], torch.Tensor]:  # noqa: A002
+                    compile: bool = False) -> Callable[[tuple, torch.Tensor], torch.Tensor]:
     """The runner's own training step (:class:`harness.model.step.TrainStep`: forward in train mode,
     teacher outputs under ``no_grad``, the variant's objective, backward, grad-norm clip, Adam,
     fused on CUDA), as ``step(inputs, answers) -> loss`` (detached, on the device: no host sync).
@@ -423,7 +423,7 @@ def _measure_training(b: _Bench, rec: dict, inputs: tuple, warmup: int | None, r
         try:
             rec["peak_mem_mib_train_step"] = cpu_tensor_peak_mib(lambda: step(inputs, answers))
             rec["peak_mem_step_kind"] = CPU_STEP_KIND
-        except Exception as e:  # noqa: BLE001 - not measured: "-" with the reason, never the RSS difference
+        except Exception as e:  # not measured: "-" with the reason, never the RSS difference
             errors["peak_mem_mib_train_step"] = f"{type(e).__name__}: {e}"
 
 
@@ -431,7 +431,7 @@ def _flops_or_error(cfg, model, dev, flops_batch_size: int, question_len: int, e
     """FLOPs counted once (fp32, at ``flops_batch_size``); a failure is recorded in ``errors``."""
     try:
         return count_flops(model, random_inputs(cfg.model, flops_batch_size, dev, question_len))
-    except Exception as e:  # noqa: BLE001 - reported, not hidden
+    except Exception as e:  # reported, not hidden
         errors["flops"] = f"{type(e).__name__}: {e}"
     return dict(_NO_FLOPS)
 
@@ -449,12 +449,12 @@ def _run_part(b: _Bench, rec: dict, errors: dict, name: str, fn: Callable[[], No
     say(f"{b.cfg.name} batch {rec['batch_size']}: {'latency' if name == 'latency' else 'training step'}")
     try:
         fn()
-    except Exception as e:  # noqa: BLE001 - a measurement that fails is recorded as missing
+    except Exception as e:  # a measurement that fails is recorded as missing
         errors[name] = f"{type(e).__name__}: {e}"
 
 
 def measure_variant(cfg, batch_sizes: Iterable[int], device: torch.device | str, *, precision: str = "fp32",
-                    compile: bool = False, reps: int = 50, warmup: int | None = None,  # noqa: A002
+                    compile: bool = False, reps: int = 50, warmup: int | None = None,
                     train: bool = True, train_reps: int | None = None, flops: bool = True,
                     flops_batch_size: int = 2, question_len: int = 12,
                     teacher_settings: dict | None = None, on_progress: Callable[[str], None] | None = None,

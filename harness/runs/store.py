@@ -56,7 +56,7 @@ def read_state(path: str | Path, run_id: str | None = None) -> dict:
 
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - whatever torch refuses (a pickle that would run code, a damaged zip)
+    except Exception as e:  # whatever torch refuses (a pickle that would run code, a damaged zip)
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise bad(f"not a resume state this harness wrote (torch.load with weights_only=True: {first.strip()[:200]})") \
             from None

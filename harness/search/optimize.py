@@ -68,10 +68,10 @@ from harness.data import dataset as D
 from harness.runs import record as R
 from harness.console import plural, say
 from harness.errors import HarnessError
-from harness.execution.grid import Grid, order_runs
+from harness.execution.grid import Grid, grid_plans, order_runs
 from harness.evaluation.metrics import PRIMARY, task_metric
 from harness.training.plan import RunPruned, RunSpec, feature_modalities, feature_mode, plan
-from harness.training.runner import train
+from harness.training.runner import check_run, train
 from harness.execution.schedule import worker_init, cpu_threads_per_worker, device_slots
 from harness.search.definition import Study, StudyError, load_study
 from harness.runs.store import ResultsStore
@@ -141,10 +141,10 @@ def storage_for_path(study: Study, store: ResultsStore) -> Path:
 def recover(o: optuna.Study) -> list[int]:
     """Trials left RUNNING by a killed process (call only while no worker runs): marked failed
     (``abandoned``, not counted) and asked again with the same settings; returns their numbers."""
-    storage, out = o._storage, []  # noqa: SLF001 - the study's own storage (journal or RDB)
+    storage, out = o._storage, []  # the study's own storage (journal or RDB)
     for t in o.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_user_attr(t._trial_id, "abandoned", True)  # noqa: SLF001
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001
+        storage.set_trial_user_attr(t._trial_id, "abandoned", True)
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         o.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
         out.append(t.number)
     return out
@@ -176,7 +176,8 @@ def run_trial(o: optuna.Study, trial: optuna.Trial, study: Study, store: Results
     """One trial as an ordinary run: reused when complete in the store, else trained with the pruner
     watching each epoch; told to the study as complete, pruned or failed."""
     spec = spec_for(study, trial.params)
-    run_id = plan(spec, data).run_id
+    planned = plan(spec, data)
+    run_id = planned.run_id
     trial.set_user_attr("run_id", run_id)
     if store.is_complete(run_id):
         view = val_view(store.read_record(run_id))
@@ -191,7 +192,8 @@ def run_trial(o: optuna.Study, trial: optuna.Trial, study: Study, store: Results
         return trial.should_prune()
 
     try:
-        rec = train(spec, store, data=data, device=device, progress=progress, on_epoch=on_epoch)
+        dev, _ = check_run(device, spec.precision)
+        rec = train(planned, store, data=data, device=dev, progress=progress, on_epoch=on_epoch)
     except RunPruned:
         trial.set_user_attr("pruned_epoch", (store.read_pruned(run_id) or {}).get("epoch", -1) + 1)
         o.tell(trial, state=TrialState.PRUNED)
@@ -314,9 +316,13 @@ def final_specs(study: Study, best_params: dict) -> dict[str, list[RunSpec]]:
     return out
 
 
+def _spec_key(s: RunSpec) -> str:
+    return json.dumps(dataclasses.asdict(s), sort_keys=True)
+
+
 def final_grid(study: Study, specs: dict[str, list[RunSpec]]) -> Grid:
     """The fresh-seed runs as a grid (for :func:`harness.execution.grid.run_grid` and the report)."""
-    runs = list({json.dumps(dataclasses.asdict(s), sort_keys=True): s for v in specs.values() for s in v}.values())
+    runs = list({_spec_key(s): s for v in specs.values() for s in v}.values())
     return Grid(name=f"{study.name}-final", path=study.path, description=f"fresh-seed test comparison of {study.name}",
                 data=study.data, seeds=list(study.search["final_seeds"]), runs=order_runs(runs),
                 executor=study.executor)
@@ -383,8 +389,8 @@ def final_phase(study: Study, store: ResultsStore, o: optuna.Study, *, jobs: int
         raise StudyError(f"study {study.name}: no complete trial yet (run `ablate.py search {study.path}`)")
     specs = final_specs(study, o.best_trial.params)
     g = final_grid(study, specs)
-    info = D.describe(study.data)
-    ids = {role: [plan(s, info).run_id for s in ss] for role, ss in specs.items()}
+    planned = {_spec_key(p.spec): p.run_id for p in grid_plans(g, D.describe)}
+    ids = {role: [planned[_spec_key(s)] for s in ss] for role, ss in specs.items()}
     if train_runs and run_grid(g, store, executor=executor, jobs=jobs, device=device, options=options,
                                console=console, poll_s=poll_s).interrupted:
         raise KeyboardInterrupt

@@ -21,19 +21,19 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import numpy as np  # noqa: E402
-import optuna  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib import pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
+import numpy as np
+import optuna
+import pandas as pd
+from matplotlib import pyplot as plt
+from matplotlib.ticker import NullFormatter
+from optuna.trial import TrialState
 
-from harness.measurement import bill  # noqa: E402
-from harness.console import plural  # noqa: E402
-from harness.search.optimize import Study, definition_hash, spent  # noqa: E402
-from harness.runs.store import ResultsStore  # noqa: E402
-from harness.files import atomic_write_bytes  # noqa: E402
-from harness.report.fmt import fixed, md_table  # noqa: E402
+from harness.measurement import bill
+from harness.console import plural
+from harness.search.optimize import Study, definition_hash, spent
+from harness.runs.store import ResultsStore
+from harness.files import atomic_write_bytes
+from harness.report.fmt import fixed, md_table
 
 OPTIMISM = ("The best trial's validation accuracy is optimistic: it is the maximum over {n} trials evaluated on "
             "the same validation questions, so part of its lead is selection on noise. The test comparison below "

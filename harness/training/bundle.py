@@ -394,7 +394,7 @@ def load_weights(where: str, record: dict, data: bytes) -> torch.nn.Module:
     no pickled code runs) that load into it."""
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - whatever torch refuses, the bundle is refused
+    except Exception as e:  # whatever torch refuses, the bundle is refused
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BundleError(f"{where}: {WEIGHTS} refused: not a plain state dict of tensors (torch.load with "
                           f"weights_only=True: {first})") from None

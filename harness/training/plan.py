@@ -83,6 +83,9 @@ class Plan:
     teachers: list["Plan"]
     #: the resolved computation the id hashes (:func:`harness.runs.identity.computation`)
     computation: dict = field(default_factory=dict)
+    #: the outputs of each teacher that this run's losses read, found by :func:`check_plans`'s dry run
+    #: (None until it ran; the runner caches exactly these)
+    teacher_keys: list[list[str]] | None = None
 
     def all_run_ids(self) -> list[str]:
         """This run's id and its teachers' (recursively), teachers first."""
@@ -128,14 +131,11 @@ def _check_objective(cfg: variants.VariantConfig, teachers: list["Plan"]) -> Non
         raise variants.ConfigError(f"variant {cfg.name!r}: {e}") from None
 
 
-def check_teacher_outputs(p: Plan) -> None:
-    """Fail, before anything trains, when a distillation loss of ``p`` (or of its teachers) reads
-    an output its teacher does not produce: the objective is applied once to untrained models of
-    the planned size on two random questions (CPU, no grad, the random state untouched)."""
-    for t in p.teachers:
-        check_teacher_outputs(t)
-    if not p.teachers:
-        return
+def teacher_outputs_read(p: Plan) -> list[list[str]]:
+    """The outputs of each of ``p``'s teachers that its distillation losses read; fails, before
+    anything trains, when a loss reads an output its teacher does not produce. Found by a dry run: the
+    objective applied once to untrained models of the planned size on two random questions (CPU, no
+    grad, the random state untouched)."""
     cpu = torch.device("cpu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -147,20 +147,24 @@ def check_teacher_outputs(p: Plan) -> None:
         base, extra = split_inputs(inputs, p.cfg.model)
         batch = D.Batch(*base, answers, torch.zeros(2, dtype=torch.long), torch.arange(2), extra)
         try:
-            teacher_cache.keys_read(make_objective(p.cfg, teachers, cpu), model, teachers, batch,
-                                    names=[f"{t.spec.variant} ({t.cfg.arch})" for t in p.teachers])
+            return teacher_cache.keys_read(make_objective(p.cfg, teachers, cpu), model, teachers, batch,
+                                           names=[f"{t.spec.variant} ({t.cfg.arch})" for t in p.teachers])
         except (teacher_cache.MissingTeacherOutput, ValueError) as e:  # the losses name a missing output
             raise variants.ConfigError(f"variant {p.cfg.name!r} (teachers: {', '.join(p.cfg.teachers)}): {e}") from None
 
 
 def check_plans(plans: list[Plan]) -> None:
-    """:func:`check_teacher_outputs` once per distinct student configuration of ``plans``."""
-    seen = set()
-    for p in plans:
+    """Set :attr:`Plan.teacher_keys` of every plan of ``plans`` that has teachers (theirs included, teachers
+    first) by :func:`teacher_outputs_read`: one dry run per distinct student configuration, none for a plan
+    already checked. A bad plan fails here, before anything trains."""
+    seen: dict[str, list[list[str]]] = {}
+    for p in (q for top in plans for q in top.all_plans()):
+        if not p.teachers or p.teacher_keys is not None:
+            continue
         key = json.dumps([p.cfg.to_dict(), [t.cfg.to_dict() for t in p.teachers]], sort_keys=True, default=str)
-        if p.teachers and key not in seen:
-            seen.add(key)
-            check_teacher_outputs(p)
+        if key not in seen:
+            seen[key] = teacher_outputs_read(p)
+        p.teacher_keys = seen[key]
 
 
 def recorded_info(spec: str, store: ResultsStore) -> D.DataInfo:

@@ -52,66 +52,115 @@ from harness.env import sync as _sync
 from harness.evaluation.evaluate import ABLATIONS, evaluate
 from harness.model.inputs import param_counts
 from harness.data.features import InMemoryFeatures
-from harness.training.plan import (Plan, RunFailed, RunPruned, RunSpec, check_teacher_outputs,
-    feature_mode, feature_modalities, plan)
+from harness.training.plan import (Plan, RunFailed, RunPruned, RunSpec, check_plans, feature_modalities,
+    feature_mode, plan)
 from harness.measurement.pruning import pruned_info
 from harness.runs.record import RECORD_VERSION, Record, teacher_ref
 from harness.training.sinks import Sinks, check_sinks, run_hparams
 from harness.model.step import TrainStep, build_step
 from harness.runs.store import WEIGHTS, DamagedRun, ResultsStore, StateError, read_state
-from harness.files import atomic_torch_save, atomic_write_bytes, file_digest, locked
+from harness.files import atomic_torch_save, atomic_write_bytes, file_digest, held_elsewhere, locked
 from harness.training.teacher_cache import TeacherOutputs
 
 # ----------------------------------------------------------------------------- training
 
 
-def train(spec: RunSpec, store: ResultsStore | None = None, *, data: D.VideoQAData | None = None,
+#: how :func:`train` got a run's record: trained (or resumed) here, found complete in the store, or trained by
+#: another process while this one waited for the run's lock
+HOW = ("trained", "reused", "waited")
+
+
+class Trained(dict):
+    """A run's record (as the store holds it) and :attr:`how` this call got it (one of :data:`HOW`)."""
+
+    def __init__(self, record: dict, how: str):
+        super().__init__(record)
+        self.how = how
+
+
+def check_run(device: str | torch.device | None, precision: str, log=()) -> tuple[torch.device, tuple[str, ...]]:
+    """What fails before a run's data is read: the device (resolved), the training precision on it and the
+    logging sinks (checked); returns the device and the sinks."""
+    dev = resolve_device(device)
+    check_precision(dev, precision, train=True)
+    return dev, check_sinks(log)
+
+
+@dataclass
+class _Options:
+    """How :func:`train` trains a plan and its teachers (none of it part of a run id)."""
+
+    console: Console
+    progress: bool = True
+    log_every: int = 25
+    teacher_cache: bool = True
+    refuse_damaged: bool = False
+    log: tuple[str, ...] = ()
+
+
+def train(run: Plan | RunSpec, store: ResultsStore | None = None, *, data: D.VideoQAData | None = None,
           device: str | torch.device | None = "auto", force: bool = False, progress: bool = True,
-          console: Console | None = None, log_every: int = 25, stop_after_epochs: int | None = None,
-          teacher_cache: bool = True, refuse_damaged: bool = False, log: tuple[str, ...] = (),
-          on_epoch: Callable[[int, float], bool] | None = None) -> dict:
-    """Train and evaluate one run; returns its record (also written to ``store``).
+          console: Console | None = None, log_every: int = 25, teacher_cache: bool = True,
+          refuse_damaged: bool = False, log: tuple[str, ...] = (),
+          on_epoch: Callable[[int, float], bool] | None = None) -> Trained:
+    """Train and evaluate one run and the teacher runs it needs; returns its record (also written to
+    ``store``) and how it was got (:class:`Trained`).
+
+    ``run``: its plan (:func:`harness.training.plan.plan`), which the caller checked with :func:`check_run`
+    (the CLI, a grid's worker, a search): its teachers train from their own plans, and the dry run of
+    :func:`harness.training.plan.check_plans` runs once (here, when the plan was not checked yet, before
+    its teachers train). Or a :class:`RunSpec`: checked, its data loaded (unless ``data``) and planned here.
 
     A complete run already in the store is returned as is (unless ``force``). An incomplete one
-    resumes from its last completed epoch. ``stop_after_epochs`` ends the process's work early
-    without writing a record (used to test resuming). ``teacher_cache``: a distilled student
-    reads its teachers' outputs from the cache of :mod:`harness.training.teacher_cache` (built on first
-    use) instead of running the teachers every step; the same training, so it is not part of
-    the run id. ``spec.require_code``: a complete run (its teachers too) is reused only when its
-    record was computed by the code of this fingerprint (:func:`harness.runs.identity.code_fingerprint`);
-    otherwise it is trained again from scratch. A complete run (this one, or a teacher) whose weights
-    are damaged is set aside and retrained (:meth:`ResultsStore.usable`), or, with ``refuse_damaged``,
-    refused (DamagedRun). ``log``: live logging sinks (:mod:`harness.training.sinks`) for the runs trained now,
-    teachers included; not part of the run id either. ``on_epoch(epoch, val_acc)`` (a search's pruner):
-    called after each epoch of this run (a resumed run's past epochs first); True stops the run there as
-    pruned (``pruned.json``, no record, RunPruned); not part of the run id, and changes no record.
+    resumes from its last completed epoch. ``teacher_cache``: a distilled student reads its teachers' outputs
+    from the cache of :mod:`harness.training.teacher_cache` (built on first use) instead of running the
+    teachers every step; the same training, so it is not part of the run id. ``spec.require_code``: a
+    complete run (its teachers too) is reused only when its record was computed by the code of this
+    fingerprint (:func:`harness.runs.identity.code_fingerprint`); otherwise it is trained again from scratch.
+    A complete run (this one, or a teacher) whose weights are damaged is set aside and retrained
+    (:meth:`ResultsStore.usable`), or, with ``refuse_damaged``, refused (DamagedRun). ``log``: live logging
+    sinks (:mod:`harness.training.sinks`) for the runs trained now, teachers included; not part of the run id
+    either. ``on_epoch(epoch, val_acc)`` (a search's pruner; a test stopping a run to resume it): called after
+    each epoch of this run (a resumed run's past epochs first); True stops the run there as pruned
+    (``pruned.json``, no record, RunPruned); not part of the run id, and changes no record.
     """
-    log = check_sinks(log)
+    if isinstance(run, RunSpec):
+        device, log = check_run(device, run.precision, log)
+        data = data or D.load(run.data, mode=feature_mode(run), modalities=feature_modalities(run))
+        run = plan(run, data)
+    data = data or D.load(run.spec.data, mode=feature_mode(run.spec), modalities=feature_modalities(run.spec))
     store = store or ResultsStore()
-    console = console or Console(stderr=True)
     dev = resolve_device(device)
-    data = data or D.load(spec.data, mode=feature_mode(spec), modalities=feature_modalities(spec))
-    p = plan(spec, data)
-    # before anything trains (teachers included): a precision this device cannot run fails now
-    check_precision(dev, p.train.get("precision", "fp32"), train=True)
-    apply_math_flags(dev, p.train.get("precision", "fp32"))  # TF32 chosen, not inherited (recorded in environment)
+    apply_math_flags(dev, run.train.get("precision", "fp32"))  # TF32 chosen, not inherited (recorded in environment)
     store.write_data_info(data.info.to_dict())
-    force = force or stale(store, p.run_id, spec.require_code)
-    if not force and store.usable(p.run_id, refuse_damaged):
-        return store.read_record(p.run_id)
-    check_teacher_outputs(p)  # before its teachers train
+    opts = _Options(console or Console(stderr=True), progress, log_every, teacher_cache, refuse_damaged, tuple(log))
+    return _train_plan(run, store, data, dev, force, opts, on_epoch)
+
+
+def _train_plan(p: Plan, store: ResultsStore, data: D.VideoQAData, dev: torch.device, force: bool, opts: _Options,
+                on_epoch: Callable[[int, float], bool] | None = None) -> Trained:
+    """:func:`train` of one plan: its teachers (found in the store by their plans, or trained now), then itself,
+    under its lock (one process trains a given run; others wait, then read its record)."""
+    force = force or stale(store, p.run_id, p.spec.require_code)
+    if not force and store.usable(p.run_id, opts.refuse_damaged):
+        return Trained(store.read_record(p.run_id), "reused")
+    if p.teachers and p.teacher_keys is None:
+        check_plans([p])  # before its teachers train
     teachers, teacher_records = [], []
-    for tp in p.teachers:  # found in the store by their config, data set and seed, or trained now
-        trec = train(tp.spec, store, data=data, device=dev, progress=progress, console=console, log_every=log_every,
-                     teacher_cache=teacher_cache, refuse_damaged=refuse_damaged, log=log)
+    for tp in p.teachers:
+        trec = _train_plan(tp, store, data, dev, False, opts)
         teachers.append(_frozen_teacher(store, trec, dev))
         teacher_records.append(trec)
-    with run_lock(store.run_dir(p.run_id)):  # one process trains a given run; others wait, then read its record
-        if not force and store.usable(p.run_id, refuse_damaged):
-            return store.read_record(p.run_id)
-        run = _Run(p, store, data, dev, teachers, teacher_records, console, progress, log_every, teacher_cache, log)
+    lock = store.run_dir(p.run_id) / RUN_LOCK
+    waited = held_elsewhere(lock)
+    if waited:
+        say(opts.console, f"another process is training {p.run_id}: waiting for it, then using its record", "yellow")
+    with run_lock(store.run_dir(p.run_id)):
+        if not force and store.usable(p.run_id, opts.refuse_damaged):
+            return Trained(store.read_record(p.run_id), "waited" if waited else "reused")
+        run = _Run(p, store, data, dev, teachers, teacher_records, opts)
         run.on_epoch = on_epoch
-        return run.execute(force, stop_after_epochs)
+        return Trained(run.execute(force), "trained")
 
 
 def stale(store: ResultsStore, run_id: str, require_code: str | None) -> bool:
@@ -217,19 +266,18 @@ class _Run:
     :meth:`final_eval`, :meth:`record`."""
 
     def __init__(self, p: Plan, store: ResultsStore, data: D.VideoQAData, dev: torch.device,
-                 teachers: list[torch.nn.Module], teacher_records: list[dict], console: Console, progress: bool,
-                 log_every: int, teacher_cache: bool = True, log: tuple[str, ...] = ()):
+                 teachers: list[torch.nn.Module], teacher_records: list[dict], opts: _Options):
         self.p, self.store, self.data, self.dev = p, store, data, dev
         self.task = variants.task_of(p.cfg)  # what the questions ask (variants.tasks)
         self.read_answer = variants.task(self.task).predict
         self.teachers, self.teacher_records = teachers, teacher_records
-        self.console, self.show_progress, self.log_every = console, progress, log_every
+        self.console, self.show_progress, self.log_every = opts.console, opts.progress, opts.log_every
         self.run_dir = store.run_dir(p.run_id)
         self.state_path, self.best_path = self.run_dir / "state.pt", self.run_dir / WEIGHTS
         self.precision = p.train.get("precision", "fp32")
-        self.use_teacher_cache = teacher_cache and bool(teachers)
+        self.use_teacher_cache = opts.teacher_cache and bool(teachers)
         self.tcache: TeacherOutputs | None = None
-        self.log = log
+        self.log = opts.log
         self.on_epoch: Callable[[int, float], bool] | None = None  # train's
         self.t_process = time.perf_counter()
 
@@ -272,11 +320,10 @@ class _Run:
 
     def _teacher_outputs(self) -> TeacherOutputs:
         """The teachers' outputs on the training split, from their cache (built now if needed):
-        only the keys the objective reads (found by a dry run on a few training questions)."""
+        only the keys the objective reads (the plan's, found by :func:`harness.training.plan.check_plans`)."""
         tr = self.splits["train"]
-        probe = next(D.iterate_batches(tr, self.features, min(4, len(tr)), device=self.dev))
-        keys = teacher_cache.keys_read(self.step.objective, self.model, self.teachers, probe, self.precision)
-        cache = teacher_cache.prepare(self.store, self.teacher_records, self.teachers, keys, tr, self.features,
+        cache = teacher_cache.prepare(self.store, self.teacher_records, self.teachers, self.p.teacher_keys, tr,
+                                      self.features,
                                       self.data.data_id, self.dev, self.precision,
                                       on_build=lambda msg: say(self.console, f"{self.p.run_id}: {msg}", "dim"))
         self.state.cache_build_s += sum(i["build_s_now"] for i in cache.info)
@@ -395,7 +442,7 @@ class _Run:
 
     # -- the whole run
 
-    def execute(self, force: bool, stop_after_epochs: int | None) -> dict:
+    def execute(self, force: bool) -> dict:
         self.setup(force)
         p = self.p
         sinks = Sinks(self.log, self.run_dir, run_hparams(
@@ -403,11 +450,11 @@ class _Run:
             [t.run_id for t in p.teachers], p.train, p.spec.overrides),
             warn=lambda msg: say(self.console, f"{p.run_id}: {msg}", "yellow"))
         try:
-            return self._epochs_then_record(stop_after_epochs, sinks)
+            return self._epochs_then_record(sinks)
         finally:
             sinks.close()
 
-    def _epochs_then_record(self, stop_after_epochs: int | None, sinks: Sinks) -> dict:
+    def _epochs_then_record(self, sinks: Sinks) -> dict:
         tc, st = self.p.train, self.state
         epochs, first = tc["epochs"], st.next_epoch
         steps = D.num_batches(len(self.splits["train"]), self.batch_size, self.drop_last)
@@ -424,8 +471,6 @@ class _Run:
                 sinks.epoch(rec)  # the values the record's history now holds
                 display.epoch_end(epoch_line(rec, epochs), epoch + 1)
                 self._ask_to_stop([rec])
-                if stop_after_epochs is not None and epoch + 1 - first >= stop_after_epochs and epoch + 1 < epochs:
-                    return {"run_id": self.p.run_id, "status": "stopped", "epoch": epoch}
         finally:
             display.close()
         if not st.history:

@@ -157,14 +157,14 @@ class Sinks:
             except ImportError as e:
                 warn(f"{name}: not installed ({e}); this run is not logged to it "
                      f"(pip install tensorboard wandb, or the project's [log] extra)")
-            except Exception as e:  # noqa: BLE001 - a tracker that cannot start never fails the run
+            except Exception as e:  # a tracker that cannot start never fails the run
                 warn(f"{name}: could not start ({type(e).__name__}: {e}); this run is not logged to it")
 
     def _each(self, what: str, *args) -> None:
         for name, sink in list(self.open.items()):
             try:
                 getattr(sink, what)(*args)
-            except Exception as e:  # noqa: BLE001 - a tracker that fails never fails the run
+            except Exception as e:  # a tracker that fails never fails the run
                 self.open.pop(name)
                 self.warn(f"{name}: logging failed ({type(e).__name__}: {e}); the run goes on without it")
 

@@ -344,13 +344,14 @@ SMALL = {**PRESETS["tiny"].model_config()}
 @pytest.mark.cuda
 def test_cuda_resume_completes(tiny, tmp_path):
     """Defect 1 on the device itself: a run stopped after one epoch resumes on CUDA."""
-    from harness.training.plan import RunSpec
+    from harness.training.plan import RunPruned, RunSpec
     from harness.training.runner import train
     from harness.runs.store import ResultsStore
 
     store = ResultsStore(tmp_path / "results")
     s = RunSpec(variant="dualvgr", data="synthetic:tiny", seed=1, epochs=2, batch_size=128)
-    assert train(s, store, data=tiny, device="cuda", progress=False, stop_after_epochs=1)["status"] == "stopped"
+    with pytest.raises(RunPruned):  # stopped after its first epoch
+        train(s, store, data=tiny, device="cuda", progress=False, on_epoch=lambda epoch, acc: True)
     rec = train(s, store, data=tiny, device="cuda", progress=False)
     assert rec["status"] == "complete" and rec["epochs_run"] == 2 and rec["environment"]["tf32_matmul"] is False
     assert rec["cost"]["peak_mem_mib_train_step"] > 0 and rec["cost"]["resident_mib_train"] > 0
@@ -411,9 +412,9 @@ def test_teachers_are_dropped_once_the_cache_replaces_them(tiny, tmp_path, monke
     seen = {}
     real = R._Run._epochs_then_record
 
-    def after_setup(self, stop_after_epochs, sinks):
+    def after_setup(self, sinks):
         if not self.teacher_records:  # the teacher itself trains as usual
-            return real(self, stop_after_epochs, sinks)
+            return real(self, sinks)
         seen.update(teachers=list(self.teachers), step_teachers=list(self.step.teachers), cache=self.tcache)
         return {"status": "inspected"}
 

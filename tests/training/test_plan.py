@@ -16,7 +16,7 @@ import ablate
 from harness.data import dataset as D
 from harness.data.features import FINGERPRINT_FILE, NoFeatures
 from harness.data import layout as L
-from harness.training.plan import RunSpec, plan
+from harness.training.plan import RunPruned, RunSpec, plan
 from harness.training.runner import train
 from harness.runs.store import ResultsStore
 
@@ -117,9 +117,9 @@ def test_contiguous_features_are_memory_mapped(tiny):
 def test_resumed_wall_time_counts_running_time_only(tiny, tmp_path):
     store = ResultsStore(tmp_path)
     s = RunSpec("question-only", epochs=2, batch_size=512, seed=4)
-    out = train(s, store, data=tiny, device="cpu", progress=False, stop_after_epochs=1)
-    assert out["status"] == "stopped"
-    state = store.run_dir(out["run_id"]) / "state.pt"
+    with pytest.raises(RunPruned):  # stopped after its first epoch, as a process that died there
+        train(s, store, data=tiny, device="cpu", progress=False, on_epoch=lambda epoch, acc: True)
+    state = store.run_dir(plan(s, tiny).run_id) / "state.pt"
     old = os.stat(state).st_mtime - 3600
     os.utime(state, (old, old))  # as if the process had died an hour ago
     import torch

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import ablate
 from tests.conftest import needs_cpu_bf16
-from harness.training.plan import RunSpec
+from harness.training.plan import RunPruned, RunSpec
 from harness.training.runner import train
 from harness.runs.store import ResultsStore
 
@@ -63,8 +63,10 @@ def test_record_fields_and_predictions(tiny, tmp_path):
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny, tmp_path):
     full = train(spec(epochs=3, **SMALL), ResultsStore(tmp_path / "a"), data=tiny, device="cpu", progress=False)
     store = ResultsStore(tmp_path / "b")
-    part = train(spec(epochs=3, **SMALL), store, data=tiny, device="cpu", progress=False, stop_after_epochs=1)
-    assert part["status"] == "stopped" and not store.is_complete(part["run_id"])
+    with pytest.raises(RunPruned):  # stopped after its first epoch
+        train(spec(epochs=3, **SMALL), store, data=tiny, device="cpu", progress=False,
+              on_epoch=lambda epoch, acc: epoch == 0)
+    assert not store.is_complete(full["run_id"]) and (store.run_dir(full["run_id"]) / "state.pt").is_file()
     resumed = train(spec(epochs=3, **SMALL), store, data=tiny, device="cpu", progress=False)
     assert resumed["run_id"] == full["run_id"]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
@@ -197,3 +199,46 @@ def test_bf16_on_a_cpu_without_bf16_lstm_fails_up_front(tiny, tmp_path, monkeypa
     r = CliRunner().invoke(ablate.app, ["run", "dualvgr", "--precision", "bf16", "--device", "cpu",
                                         "--results", str(tmp_path / "r2")])
     assert r.exit_code == 2 and "cannot run an LSTM on this CPU" in r.output, r.output
+
+
+def test_a_run_is_planned_and_its_teacher_outputs_dry_run_once(tmp_path, shared_store, monkeypatch):
+    """``ablate.py run`` plans the student once (its teacher's plan inside it) and hands the plan to ``train``: the
+    teacher is not planned again to train it, and the dry run that finds the teacher outputs the losses read runs
+    once (at planning, not again at set-up); the student trains from the teacher in the store."""
+    import harness.training.plan as P
+    from harness.training import teacher_cache as TC
+
+    store, recs = shared_store.copy(tmp_path / "results", "teacher-g4")
+    planned, dry_runs = [], []
+    real_plan, real_keys = P.plan, TC.keys_read
+
+    def counting_plan(s, data):
+        planned.append(s.variant)
+        return real_plan(s, data)
+
+    def counting_keys(*a, **k):
+        dry_runs.append(k.get("names"))
+        return real_keys(*a, **k)
+
+    monkeypatch.setattr(P, "plan", counting_plan)
+    monkeypatch.setattr(TC, "keys_read", counting_keys)
+    r = CliRunner().invoke(ablate.app, ["run", "student-logits", "--seed", "3", "--epochs", "1", "--batch-size", "512",
+                                        "--device", "cpu", "--results", str(store.root)])
+    assert r.exit_code == 0, r.output
+    assert planned == ["student-logits", "teacher-g4"]  # the student's plan, and its teacher's inside it
+    assert len(dry_runs) == 1 and "teacher-g4" in dry_runs[0][0]
+    rec = store.read_record(store.to_frame().query("variant == 'student-logits'")["run_id"].iloc[0])
+    assert rec["teacher_runs"] == [recs["teacher-g4"]["run_id"]]
+    assert rec["training_compute"]["teacher_cache"]["builds"][0]["keys"] == ["logits"]
+
+
+def test_train_says_how_it_got_the_record(tmp_path, tiny):
+    """A plan handed to ``train``: trained the first time, reused the second (the record the store holds)."""
+    from harness.training.plan import plan
+
+    store = ResultsStore(tmp_path / "results")
+    p = plan(spec("question-only", epochs=1, batch_size=512), tiny)
+    first = train(p, store, data=tiny, device="cpu", progress=False)
+    again = train(p, store, data=tiny, device="cpu", progress=False)
+    assert (first.how, again.how) == ("trained", "reused")
+    assert first["run_id"] == p.run_id and again == first == store.read_record(p.run_id)

@@ -15,7 +15,7 @@ from harness.data import dataset as D
 from harness.training import teacher_cache as TC
 from harness.measurement.bill import training_bill
 from harness.errors import HarnessError
-from harness.training.plan import RunSpec, plan
+from harness.training.plan import RunPruned, RunSpec, plan
 from harness.training.runner import train
 from harness.model.step import build_step
 from harness.runs.store import ResultsStore
@@ -242,9 +242,9 @@ def trained(tiny, tmp_path_factory):
     """One store: teacher-g4 trained, student-logits trained from the cache (which it builds),
     stopped after its first epoch and resumed (a second process reading the same cache)."""
     store = ResultsStore(tmp_path_factory.mktemp("tc") / "results")
-    part = train(RunSpec("student-logits", **FAST), store, data=tiny, device="cpu", progress=False,
-                 stop_after_epochs=1)
-    assert part["status"] == "stopped"
+    with pytest.raises(RunPruned):  # stopped after its first epoch (the teacher trains whole)
+        train(RunSpec("student-logits", **FAST), store, data=tiny, device="cpu", progress=False,
+              on_epoch=lambda epoch, acc: True)
     rec = train(RunSpec("student-logits", **FAST), store, data=tiny, device="cpu", progress=False)
     preds = pd.read_csv(store.run_dir(rec["run_id"]) / "predictions_test.csv")
     return store, rec, preds

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import variants  # noqa: F401  (registers the variants and the distillation losses)
-import variants.kd_losses  # noqa: F401
+import variants  # registers the variants and the distillation losses
+import variants.kd_losses
 from variants.losses import LOSSES
 
 B, N, D, A = 4, 3, 6, 5

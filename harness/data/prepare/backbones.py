@@ -54,7 +54,7 @@ def _load_state_dict(path: Path, what: str) -> dict:
         raise PrepareError(f"{what} weights file {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise PrepareError(f"{path}: cannot load {what} weights ({type(e).__name__}: {e})") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

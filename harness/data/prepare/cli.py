@@ -1,5 +1,5 @@
-"""The command line: ``python -m harness.data.prepare questions|tgif-qa|next-qa|next-qa-features|features``. It catches only
-:class:`PrepareError` (printed, exit 2); anything else is a bug and shows its traceback."""
+"""The command line: ``python -m harness.data.prepare questions|tgif-qa|next-qa|next-qa-features|features``.
+It catches only :class:`PrepareError` (printed, exit 2); anything else is a bug and shows its traceback."""
 from __future__ import annotations
 
 import os

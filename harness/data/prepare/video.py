@@ -212,7 +212,7 @@ def _open(path: Path):
     container, or a file FFmpeg cannot read at all (not a video)."""
     try:
         return av.open(str(path))
-    except Exception as e:  # noqa: BLE001 - every kind of unreadable file
+    except Exception as e:  # every kind of unreadable file
         if path.is_file() and path.stat().st_size == 0:
             raise VideoError("empty file (0 bytes)") from None
         damage = container_damage(path)
@@ -238,7 +238,7 @@ def _decode(path: Path, wanted: set[int] | None) -> tuple[dict[int, np.ndarray],
                 if wanted is None or n in wanted:
                     kept[n] = frame.to_ndarray(format="rgb24")
                 n += 1
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if n == 0:
                 raise VideoError(f"cannot decode any frame ({_ffmpeg_error(e)})") from None
             warning = f"decoding stopped after {n} frames ({_ffmpeg_error(e)})"
@@ -252,7 +252,7 @@ def _frame_count(path: Path) -> int:
     try:
         with av.open(str(path)) as c:
             return int(c.streams.video[0].frames) if c.streams.video else 0
-    except Exception:  # noqa: BLE001 - reported by the decoding pass
+    except Exception:  # reported by the decoding pass
         return 0
 
 
@@ -288,7 +288,7 @@ def decode_clips(video_id: int, path: Path, num_clips: int, num_frames: int) -> 
         return DecodedVideo(video_id, path, clips, total, padded, None, warning)
     except VideoError as e:
         return DecodedVideo(video_id, path, None, 0, False, str(e))
-    except Exception as e:  # noqa: BLE001 - any failure on one video is reported, not fatal
+    except Exception as e:  # any failure on one video is reported, not fatal
         return DecodedVideo(video_id, path, None, 0, False, f"{type(e).__name__}: {e}")
 
 

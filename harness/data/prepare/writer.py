@@ -109,7 +109,7 @@ class FeatureFiles:
         for f in self.files:
             try:
                 f.close()
-            except Exception:  # noqa: BLE001 - closing what is left after an error
+            except Exception:  # closing what is left after an error
                 pass
         self.files = []
 
