@@ -260,12 +260,12 @@ def runs(dev: torch.device, size: dict, out_dir: Path) -> dict:
     full = store.read_record(resumed["run_id"])
     same = [a["loss"] == b["loss"] and a["val_acc"] == b["val_acc"]
             for a, b in zip(full["history"], resumed["history"])]
-    out["resume"] = {"stopped": stopped["status"], "status": resumed["status"], "epochs": resumed["epochs_run"],
+    out["resume"] = {"stopped": stopped, "status": resumed["status"], "epochs": resumed["epochs_run"],
                      "equal_per_epoch": same, "test_acc": [full["metrics"]["test"]["overall"],
                                                            resumed["metrics"]["test"]["overall"]],
                      "deterministic_algorithms": resumed["environment"]["deterministic_algorithms"]}
-    if resumed["status"] != "complete" or stopped["status"] != "stopped":
-        out["failed"] = f"resume: {stopped['status']} then {resumed['status']}"
+    if resumed["status"] != "complete" or stopped != "stopped":
+        out["failed"] = f"resume: {stopped} then {resumed['status']}"
     out["jobs2"] = _jobs2_grid(dev, size, out_dir)
     if out["jobs2"].get("failed"):
         out["failed"] = out["jobs2"]["failed"]

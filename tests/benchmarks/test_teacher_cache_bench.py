@@ -26,8 +26,8 @@ from rich.console import Console
 import variants
 from harness.data import dataset as D
 from harness.env import device_name
-from harness.training.plan import RunSpec, plan
-from harness.training.runner import _Display, _Run
+from harness.training.plan import RunSpec, check_plans, plan
+from harness.training.runner import _Display, _Options, _Run
 from harness.runs.store import ResultsStore
 from harness.files import atomic_torch_save
 
@@ -45,6 +45,7 @@ def _runs(preset: str, store: ResultsStore, questions: int | None = None):
             tr.video_ids[:questions])
         data = dataclasses.replace(data, splits={**data.splits, "train": head})
     p = plan(RunSpec("student-logits", data=f"synthetic:{preset}", seed=1), data)
+    check_plans([p])  # the outputs each teacher's cache holds, as train() sets them
     (tp,) = p.teachers
     torch.manual_seed(0)
     teacher = variants.build(tp.cfg).eval().requires_grad_(False)
@@ -53,7 +54,8 @@ def _runs(preset: str, store: ResultsStore, questions: int | None = None):
     console = Console(stderr=True, quiet=True)
     runs = {}
     for cached in (False, True):
-        run = _Run(p, store, data, torch.device("cpu"), [teacher], [trec], console, False, 25, teacher_cache=cached)
+        opts = _Options(console, False, 25, cached, False, ())
+        run = _Run(p, store, data, torch.device("cpu"), [teacher], [trec], opts)
         run.run_dir = store.run_dir(f"{p.run_id}-{'cached' if cached else 'plain'}")  # two separate states
         run.state_path, run.best_path = run.run_dir / "state.pt", run.run_dir / "best.pt"
         run.setup(force=True)

@@ -127,7 +127,10 @@ def _forward_and_objective(name: str):
         teachers = [variants.create(t, **variants.teacher_settings(t, cfg.model)).eval().requires_grad_(False)
                     for t in cfg.teachers]
         objective = variants.objective(cfg, teacher_dim=teachers[0].cfg.module_dim if teachers else None)
-    inputs, answers = _on_cuda(lambda: random_inputs(cfg.model, 4, "cpu"), lambda: random_answers(cfg.model, 4, "cpu"))
+    # a batch carries the streams the run's models read: a one-stream student distilled from a two-stream
+    # teacher gets both (its own model reads one), as the loader gives them
+    shape = {k: v for k, v in cfg.model.items() if k != "modality"} if teachers else cfg.model
+    inputs, answers = _on_cuda(lambda: random_inputs(shape, 4, "cpu"), lambda: random_answers(cfg.model, 4, "cpu"))
     with HostToDevice() as watch:
         out = model(*inputs)
         t_outs = [t(*inputs) for t in teachers] if teachers else None
