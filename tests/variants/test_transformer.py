@@ -246,7 +246,6 @@ def test_each_new_variant_trains_on_each_task(results, name, data):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("cross-family")  # one test worker trains their teachers once (pytest --dist loadgroup)
 @pytest.mark.parametrize("name", STUDENTS)
 def test_each_cross_family_student_trains(results, name):
     r = _run(results, name, "synthetic:tiny")
