@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .dualvgr import (AttentionSFGCN, CandidateAggregation, ContextSelfAttn, DualVGRConfig, LinguisticInputUnit,
-                      PunishGAT, QueryAttn, QueryPunish, VisualAppearanceEncoder, encode_candidates,
-                      full_graph_adjacency, init_reference, need_candidates, output_unit)
+from .dualvgr import (AttentionSFGCN, CandidateAggregation, ContextSelfAttn, DualVGR, DualVGRConfig,
+                      LinguisticInputUnit, PunishGAT, QueryAttn, QueryPunish, VisualAppearanceEncoder,
+                      full_graph_adjacency, init_reference, output_unit)
 from .tasks import COUNT, MULTIPLE_CHOICE, OPEN_ENDED
 
 #: the stream a one-modality model reads -> (its input unit's name in DualVGR, the names of its unit's modules
@@ -133,16 +133,8 @@ class OneModalityDualVGR(nn.Module):
             return self.visual_appearance_input_unit(appearance)
         return self.visual_motion_input_unit(motion)
 
-    def answer(self, question, video, fused, candidates=None, candidate_lengths=None) -> torch.Tensor:
-        """The head's output, as DualVGR's (``variants.dualvgr.DualVGR.answer``)."""
-        if self.cfg.task != MULTIPLE_CHOICE:
-            return self.output_unit(question, video)
-        need_candidates(candidates, candidate_lengths)
-        K = candidates.shape[1]
-        cand = encode_candidates(self.linguistic_input_unit, candidates, candidate_lengths)
-        a_visual = self.candidate_aggregation(cand, fused.repeat_interleave(K, 0))
-        scores = self.output_unit(question.repeat_interleave(K, 0), cand, video.repeat_interleave(K, 0), a_visual)
-        return scores.view(-1, K)
+    #: the head's output, DualVGR's own (the same head modules under the same names)
+    answer = DualVGR.answer
 
     def forward(self, appearance: torch.Tensor, motion: torch.Tensor, questions: torch.Tensor,
                 lengths: torch.Tensor, candidates: torch.Tensor | None = None,
