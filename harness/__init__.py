@@ -16,3 +16,18 @@ the layers before it (tests/test_architecture.py checks every import, inside fun
 The command lines (``ablate.py``, ``bench.py``) sit on top; the model zoo (``variants``) is below them all
 and imports nothing from the harness.
 """
+
+LAYERS = ("data", "evaluation", "runs", "model", "measurement", "training", "compression", "execution", "report",
+          "search")  # the packages of harness/, lowest first
+
+
+def layer_of(module: str) -> int:
+    """The layer of a project module (dotted name), read from its path: the model zoo (``variants``) -1, the
+    foundation (``harness/*.py``) 0, ``harness.<layer>...`` its place in :data:`LAYERS` from 1, the command
+    lines and scripts on top."""
+    parts = module.split(".")
+    if parts[0] == "variants":
+        return -1
+    if parts[0] != "harness":
+        return len(LAYERS) + 1
+    return LAYERS.index(parts[1]) + 1 if len(parts) > 1 and parts[1] in LAYERS else 0

@@ -8,6 +8,11 @@ and the returns: a call into a file that is not on the stack any more although i
 before (the path came back to a file it had left), each distinct caller -> callee pair once (a
 training loop calling the same function a thousand times is one). Module bodies run by an import
 are not calls; the model zoo's forward passes (called by torch) are counted like any other call.
+
+And the two ways a path can fail to go down: a call that goes up a layer (a module of a lower layer
+calling into a higher one at run time, a callback: ``harness.layer_of``), and a call into a file that
+is already on the stack below another file (A -> B -> A: the path entering a module again on its way
+down). Each distinct caller -> callee pair once; both are 0 when every call of the command goes down.
 """
 from __future__ import annotations
 
@@ -18,6 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 _FILES: dict[str, str | None] = {}
+
+
+def layer(path: str) -> int:
+    """The layer of a project file (``harness/runs/store.py`` -> ``harness.runs.store``)."""
+    from harness import layer_of
+
+    return layer_of(path.removesuffix(".py").replace("/", "."))
 
 
 def project_file(filename: str) -> str | None:
@@ -37,6 +49,8 @@ class Trace:
         self.order: list[str] = []
         self.stack: list[str | None] = []  # the project file of each frame (None: not the project's)
         self.returns: dict[tuple[str, str], int] = {}
+        self.up: dict[tuple[str, str], int] = {}  # calls up a layer
+        self.again: dict[tuple[str, str], int] = {}  # A -> B -> A
         self.skip = 0  # depth inside a module body (an import)
 
     def __call__(self, frame, event, arg):
@@ -48,11 +62,15 @@ class Trace:
             f = project_file(code.co_filename)
             if f is not None:
                 caller = next((s for s in reversed(self.stack) if s is not None), None)
+                edge = (f"{caller}", f"{f}:{code.co_name}")
                 if f not in self.order:
                     self.order.append(f)
                 elif f != caller and f not in self.stack:
-                    edge = (f"{caller}", f"{f}:{code.co_name}")
                     self.returns[edge] = self.returns.get(edge, 0) + 1
+                elif f != caller and f in self.stack:
+                    self.again[edge] = self.again.get(edge, 0) + 1
+                if caller is not None and layer(f) > layer(caller):
+                    self.up[edge] = self.up.get(edge, 0) + 1
             self.stack.append(f)
         elif event == "return":
             if self.skip:
@@ -85,6 +103,11 @@ def main(argv: list[str]) -> None:
         print(f"  {n:4d} {f}")
     for (caller, callee) in trace.returns:
         print(f"       {caller} -> {callee}")
+    for what, edges in (("calls up a layer (lower layer -> higher)", trace.up),
+                        ("calls into a file already on the stack below another (A -> B -> A)", trace.again)):
+        print(f"{len(edges)} {what}:")
+        for (caller, callee) in edges:
+            print(f"       {caller} -> {callee}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from harness import LAYERS
+from harness import layer_of as layer
+
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "harness"
 
@@ -157,22 +160,6 @@ def test_the_cycle_finder_finds_cycles_at_any_depth():
 
 #: the harness's layers, bottom to top (``harness/*.py`` below them all: the foundation); a module may
 #: import from its own layer and the layers before it, never from one after it
-LAYERS = ("data", "evaluation", "runs", "model", "measurement", "training", "compression", "execution", "report",
-          "search")
-
-
-def layer(module: str) -> int:
-    """The layer of a project module, read from its path: the model zoo (``variants``) -1, the
-    foundation (``harness/*.py``) 0, ``harness.<layer>...`` its place in :data:`LAYERS` from 1, the
-    command lines and scripts on top."""
-    parts = module.split(".")
-    if parts[0] == "variants":
-        return -1
-    if parts[0] != "harness":
-        return len(LAYERS) + 1
-    return LAYERS.index(parts[1]) + 1 if len(parts) > 1 and parts[1] in LAYERS else 0
-
-
 def upward(graph: dict[str, set[str]]) -> list[str]:
     """Every import that points up a layer (``module -> imported``)."""
     return sorted(f"{m} -> {n}" for m, deps in graph.items() for n in deps if layer(n) > layer(m))
