@@ -147,7 +147,7 @@ def test_ctrl_c_cancels_the_jobs_then_a_time_limited_run_is_requeued_and_resumes
     submitit counts any such signal as the time limit. submitit calls the checkpoint hook and requeues the
     job, and the runner resumes from the last completed epoch again. The record is complete, its history
     continuous, and it spans the attempts."""
-    epochs = max(30, round(30 / _epoch_seconds("question-only", tmp_path)))  # about 30 s of training
+    epochs = max(30, round(15 / _epoch_seconds("question-only", tmp_path)))  # about 15 s of training
     name = f"vqakd-test-{os.getpid()}"
     grid = tmp_path / f"{name}.toml"
     grid.write_text(f'data = "synthetic:tiny"\nvariants = ["question-only"]\nseeds = [0]\n'

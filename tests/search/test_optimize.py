@@ -205,7 +205,7 @@ def test_test_metrics_are_never_read_while_searching(tiny, tmp_path, data_cache,
 def test_a_killed_study_resumes_with_no_trial_lost_or_duplicated(tmp_path, data_cache):
     # the final phase retrains the best settings and the control (3 seeds each), not also the defaults: what is
     # checked here is that no trial is lost or run twice, and that both reports are written
-    path, results = _study(tmp_path, epochs=4, n_trials=3, extra="compare_default = false"), tmp_path / "results"
+    path, results = _study(tmp_path, epochs=3, n_trials=3, extra="compare_default = false"), tmp_path / "results"
     env = {**os.environ, "VQAKD_DATA_DIR": str(data_cache), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "ablate.py"), "search", str(path), "--results", str(results),
            "--reports", str(tmp_path / "reports"), "--device", "cpu"]
