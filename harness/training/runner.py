@@ -488,9 +488,13 @@ class _Run:
                                           self.data.type_names, self.eval_batch, self.dev,
                                           precision=self.precision, task=self.task, **kw)
         test_last, pred_last = ev("test")
-        self.model.load_state_dict(torch.load(self.best_path, map_location=self.dev, weights_only=True))
+        # when the best epoch is the last one, best.pt holds the model's own weights: its test evaluation is the
+        # one just made (not repeated; tests/training/test_runner.py checks it against best.pt evaluated anew)
+        best_is_last = self.state.best["epoch"] == len(self.state.history) - 1
+        if not best_is_last:
+            self.model.load_state_dict(torch.load(self.best_path, map_location=self.dev, weights_only=True))
         val_best, pred_val = ev("val")
-        test_best, pred_best = ev("test")
+        test_best, pred_best = (test_last, pred_last) if best_is_last else ev("test")
         ablations = {a: ev("test", ablation=a)[0] for a in ABLATIONS}
         write_predictions(self.run_dir / "predictions_test.csv", self.data, "test",
                            {"pred_best": pred_best, "pred_last": pred_last})

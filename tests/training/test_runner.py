@@ -100,6 +100,23 @@ def test_sigkill_leaves_the_store_readable_and_rerun_finishes(tiny, tmp_path, da
     assert not list(results.glob("runs/*/.*.tmp"))
 
 
+def test_a_run_whose_best_epoch_is_its_last_reports_what_its_best_weights_give(tiny, tmp_path):
+    """The final evaluation does not evaluate the test split twice when the best epoch is the last one (best.pt
+    then holds the model's own weights): the record's test metrics and predictions are those of best.pt loaded
+    into a fresh model and evaluated anew."""
+    from harness.compression.compress import fp32_model
+    from harness.evaluation.evaluate import evaluate
+
+    store = ResultsStore(tmp_path / "results")
+    rec = train(spec(epochs=1, batch_size=512), store, data=tiny, device="cpu", progress=False)
+    assert rec["metrics"]["best_epoch"] == 0 and rec["metrics"]["test"] == rec["metrics"]["test_last"]
+    metrics, pred = evaluate(fp32_model(store, rec), tiny.splits["test"], tiny.features, tiny.type_names,
+                             max(512, 256), torch.device("cpu"))
+    assert metrics == rec["metrics"]["test"]
+    preds = pd.read_csv(store.run_dir(rec["run_id"]) / "predictions_test.csv")
+    assert (preds["pred_best"].to_numpy() == pred).all() and (preds["pred_last"] == preds["pred_best"]).all()
+
+
 def test_question_only_and_early_stopping(tiny, tmp_path):
     rec = train(spec("question-only", epochs=6, early_stop=1, lr=1e-6), ResultsStore(tmp_path), data=tiny,
                 device="cpu", progress=False)
