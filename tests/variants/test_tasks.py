@@ -225,13 +225,13 @@ def test_a_grid_over_three_tasks_reports_a_table_per_task(tiny, task_sets, tmp_p
 
     sets = [str(tiny.paths.vocab.parent), str(task_sets[MULTIPLE_CHOICE]), str(task_sets[COUNT])]
     f = tmp_path / "tasks.toml"
-    f.write_text(f'data = {json.dumps(sets)}\nseeds = [0, 1]\nvariants = ["dualvgr", "question-only"]\n'
+    f.write_text(f'data = {json.dumps(sets)}\nseeds = [0]\nvariants = ["dualvgr", "question-only"]\n'
                  '[train]\nepochs = 1\nbatch_size = 512\n[set]\nmodule_dim = 16\n')
     g = G.load(f)
-    assert g.datasets == sets and len(g.runs) == 12 and {r.data for r in g.runs} == set(sets)
+    assert g.datasets == sets and len(g.runs) == 6 and {r.data for r in g.runs} == set(sets)
     store = ResultsStore(tmp_path / "results")
     res = run_grid(g, store, device="cpu")
-    assert not res.failed and len(res.run_ids) == 12
+    assert not res.failed and len(res.run_ids) == 6
     md = write_report(store, "tasks", res.run_ids, out_dir=tmp_path / "reports").read_text()
     assert md.count("## Data set:") == 3
     # the multiple-choice part, and only it, says which loss its runs trained with: HCRN's, the reference recipe
