@@ -1,3 +1,4 @@
+import collections
 import copy
 import os
 import shutil
@@ -27,10 +28,8 @@ def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` skip, with the reason, where there is no CUDA device. The test files with the most
     ``slow`` tests run first (each file's tests together and in their order, so module fixtures are set up once):
     test workers then end on short tests rather than one waiting for the other's long one."""
-    slow: dict[str, int] = {}
-    for item in items:
-        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + ("slow" in item.keywords)
-    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])  # stable: a file's order is kept
+    slow = collections.Counter(item.path for item in items if "slow" in item.keywords)
+    items.sort(key=lambda item: -slow[item.path])  # stable: a file's order is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (scripts/gpu_check.py runs these on a lent GPU)")

@@ -158,8 +158,6 @@ def test_the_cycle_finder_finds_cycles_at_any_depth():
     assert [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] == ["executor"]
 
 
-#: the harness's layers, bottom to top (``harness/*.py`` below them all: the foundation); a module may
-#: import from its own layer and the layers before it, never from one after it
 def upward(graph: dict[str, set[str]]) -> list[str]:
     """Every import that points up a layer (``module -> imported``)."""
     return sorted(f"{m} -> {n}" for m, deps in graph.items() for n in deps if layer(n) > layer(m))

@@ -86,6 +86,11 @@ def check_run(device: str | torch.device | None, precision: str, log=()) -> tupl
     return dev, check_sinks(log)
 
 
+def eval_batch_size(train_batch: int) -> int:
+    """The batch size a run evaluates at: its training batch size, at least 256 (no gradients to hold)."""
+    return max(train_batch, 256)
+
+
 @dataclass
 class _Options:
     """How :func:`train` trains a plan and its teachers (none of it part of a run id)."""
@@ -323,8 +328,7 @@ class _Run:
         only the keys the objective reads (the plan's, found by :func:`harness.training.plan.check_plans`)."""
         tr = self.splits["train"]
         cache = teacher_cache.prepare(self.store, self.teacher_records, self.teachers, self.p.teacher_keys, tr,
-                                      self.features,
-                                      self.data.data_id, self.dev, self.precision,
+                                      self.features, self.data.data_id, self.dev, self.precision,
                                       on_build=lambda msg: say(self.console, f"{self.p.run_id}: {msg}", "dim"))
         self.state.cache_build_s += sum(i["build_s_now"] for i in cache.info)
         for f in (f for i in cache.info for f in i["files"] if f["built_now"]):
@@ -438,7 +442,7 @@ class _Run:
 
     @property
     def eval_batch(self) -> int:
-        return max(self.batch_size, 256)
+        return eval_batch_size(self.batch_size)
 
     # -- the whole run
 

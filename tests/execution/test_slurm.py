@@ -67,9 +67,9 @@ def quiet():
     return Console(file=open(os.devnull, "w"))
 
 
-def squeue(name: str) -> list[str]:
-    """States of this user's jobs with this name still queued or running."""
-    out = subprocess.run(["squeue", "-h", "-r", "-n", name, "-o", "%T"], capture_output=True, text=True, timeout=30)
+def squeue(name: str, field: str = "%T") -> list[str]:
+    """A field (default: the state) of each of this user's jobs with this name still queued or running."""
+    out = subprocess.run(["squeue", "-h", "-r", "-n", name, "-o", field], capture_output=True, text=True, timeout=30)
     return out.stdout.split()
 
 
@@ -183,8 +183,7 @@ def test_ctrl_c_cancels_the_jobs_then_a_time_limited_run_is_requeued_and_resumes
     again = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait("an epoch of the resumed job", lambda: _state_epoch(results) >= cancelled_after, again, 180)
-        job = subprocess.run(["squeue", "-h", "-n", f"ablate-{name}", "-o", "%i"], capture_output=True, text=True,
-                             timeout=30).stdout.split()
+        job = squeue(f"ablate-{name}", "%i")
         assert len(job) == 1, job
         subprocess.run(["scancel", "--signal=USR2", job[0]], check=True, timeout=30)
         out, _ = again.communicate(timeout=600)

@@ -106,12 +106,13 @@ def test_a_run_whose_best_epoch_is_its_last_reports_what_its_best_weights_give(t
     into a fresh model and evaluated anew."""
     from harness.compression.compress import fp32_model
     from harness.evaluation.evaluate import evaluate
+    from harness.training.runner import eval_batch_size
 
     store = ResultsStore(tmp_path / "results")
     rec = train(spec(epochs=1, batch_size=512), store, data=tiny, device="cpu", progress=False)
     assert rec["metrics"]["best_epoch"] == 0 and rec["metrics"]["test"] == rec["metrics"]["test_last"]
     metrics, pred = evaluate(fp32_model(store, rec), tiny.splits["test"], tiny.features, tiny.type_names,
-                             max(512, 256), torch.device("cpu"))
+                             eval_batch_size(512), torch.device("cpu"))
     assert metrics == rec["metrics"]["test"]
     preds = pd.read_csv(store.run_dir(rec["run_id"]) / "predictions_test.csv")
     assert (preds["pred_best"].to_numpy() == pred).all() and (preds["pred_last"] == preds["pred_best"]).all()
