@@ -230,11 +230,11 @@ def results(tmp_path_factory, data_cache):
     return tmp_path_factory.mktemp("transformer-results")
 
 
-def _run(results, name: str, data: str, *extra: str):
+def _run(results, name: str, data: str, *extra: str, batch_size: int = 512):
     import ablate
 
-    return CliRunner().invoke(ablate.app, ["run", name, "--data", data, "--epochs", "1", "--batch-size", "512",
-                                           "--device", "cpu", "--results", str(results), *extra])
+    return CliRunner().invoke(ablate.app, ["run", name, "--data", data, "--epochs", "1", "--batch-size",
+                                           str(batch_size), "--device", "cpu", "--results", str(results), *extra])
 
 
 @pytest.mark.slow
@@ -248,10 +248,11 @@ def test_each_new_variant_trains_on_each_task(results, name, data):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", STUDENTS)
 def test_each_cross_family_student_trains(results, name):
-    # RKD's angle term costs O(batch^3): trained at batch 512 once (transformer-from-dualvgr-relational); the other
-    # direction reads the same embeddings through the distance term
+    # RKD's angle term costs O(batch^3): trained once, at batch 128 (transformer-from-dualvgr-relational; with the
+    # teacher-g4 it needs at that batch size, 23 s on a 2-core AVX2 EPYC, against 34 s for the student alone at 512);
+    # the other direction reads the same embeddings through the distance term
     extra = ("--set", "relational.w_angle=0") if name == "dualvgr-from-transformer-relational" else ()
-    r = _run(results, name, "synthetic:tiny", *extra)
+    r = _run(results, name, "synthetic:tiny", *extra, batch_size=128 if name.endswith("-relational") else 512)
     assert r.exit_code == 0, r.output
     from harness.runs.store import ResultsStore
 
