@@ -187,6 +187,7 @@ def test_imports_form_no_cycle_and_point_down():
     assert graph["harness.env"] <= {"harness.errors"}  # the foundation imports nothing but the foundation
 
 
+@pytest.mark.slow
 def test_bench_times_the_runners_own_training_step(tiny, tmp_path, monkeypatch):
     """bench.py's training throughput and the runner's training call one step function."""
     import variants
@@ -267,6 +268,7 @@ def _private_uses(path: Path, text: str | None = None) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_no_private_name_crosses_modules():
     """A helper two modules share is public (no leading underscore) in the module that defines it."""
     probe = ("from harness.training import runner as R\nfrom ..runs.store import _lock, locked\n\n"

@@ -40,6 +40,7 @@ def test_run_bad_distillation_setting_fails_before_the_teacher_trains(tmp_path, 
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_run_nan_loss_ends_with_a_message_and_failed_json(tmp_path, tiny):
     code, out, _ = run("run", "dualvgr", "--set", "beta=1e38", "--epochs", "1", "--batch-size", "512",
                        "--results", tmp_path, "--device", "cpu")
@@ -49,6 +50,7 @@ def test_run_nan_loss_ends_with_a_message_and_failed_json(tmp_path, tiny):
     assert "loss became" in rec["reason"] and "Traceback" in rec["traceback"]
 
 
+@pytest.mark.slow
 def test_run_says_when_it_reuses_a_record(tmp_path, tiny):
     args = ("run", "question-only", "--epochs", "1", "--batch-size", "512", "--results", tmp_path, "--device", "cpu")
     assert run(*args)[0] == 0

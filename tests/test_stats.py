@@ -86,6 +86,7 @@ def test_resampling_three_seeds_as_they_are_undercovers():
     assert covered / sims < 0.88
 
 
+@pytest.mark.slow
 def test_holm_corrected_test_under_no_difference_rejects_at_most_about_5_percent():
     rng = np.random.default_rng(2)
     sims, m, any_rejected, rejected = 400, 4, 0, 0

@@ -103,6 +103,7 @@ def test_top_level_help_keeps_one_example_per_line():
         assert any(ln.startswith(example) for ln in lines), (example, out)
 
 
+@pytest.mark.slow
 def test_results_shows_whole_run_ids_and_dashes_for_empty_cells(tmp_path, monkeypatch, tiny):
     from harness.training.plan import RunSpec
     from harness.training.runner import train
@@ -122,6 +123,7 @@ def _interrupt(*a, **k):
 
 
 @pytest.mark.parametrize("where", ["harness.training.runner.train", "ablate._measure_costs"])
+@pytest.mark.slow
 def test_ctrl_c_in_a_run_says_how_to_resume_and_exits_130(tmp_path, monkeypatch, where, tiny):
     monkeypatch.setattr(where, _interrupt)
     code, out, _ = invoke("run", "question-only", "--epochs", "1", "--batch-size", "512", "--results",
@@ -161,6 +163,7 @@ def _copy_run_later(src: St.ResultsStore, dst: St.ResultsStore, run_id: str, rea
     return t
 
 
+@pytest.mark.slow
 def test_a_run_that_waited_for_another_process_says_so(tmp_path, tiny):
     import threading
 

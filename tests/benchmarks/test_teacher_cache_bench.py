@@ -65,6 +65,7 @@ def _runs(preset: str, store: ResultsStore, questions: int | None = None):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
+@pytest.mark.slow
 def test_student_epoch_with_and_without_teacher_cache(benchmark, data_cache, tmp_path, preset):
     if benchmark.disabled and preset != "tiny":
         pytest.skip("small: only when benchmarking (--benchmark-enable)")

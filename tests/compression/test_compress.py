@@ -343,6 +343,7 @@ def test_a_grid_with_evaluate_compress_trains_then_compresses_and_resumes(data_c
 
 
 @pytest.mark.parametrize("task", ["multiple-choice", "count"])
+@pytest.mark.slow
 def test_the_other_tasks_export_and_quantise(task, tmp_path):
     """A multiple-choice model's candidates are exported inputs (their number and length dynamic); a count model's
     single output is compared as its rounded count (variants.tasks)."""
@@ -516,6 +517,7 @@ def test_ort_int8_methods_agree_with_fp32_on_tiny_questions_fast(tiny, tmp_path)
         assert comp.size_bytes == comp.file.stat().st_size and comp.file.parent == tmp_path / m
 
 
+@pytest.mark.slow
 def test_ort_methods_without_onnxruntime_are_one_error_line(shared_store, tmp_path, monkeypatch):
     """onnxruntime missing: `ablate.py compress` says so in one `error:` line per run and method (how to install
     it), exit 1, and records nothing; `bench.py --compress` likewise."""

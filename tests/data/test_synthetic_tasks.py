@@ -72,6 +72,7 @@ def _candidate_words(d: dict, split: str) -> np.ndarray:
 # --------------------------------------------------------------------------- presets and format
 
 
+@pytest.mark.slow
 def test_presets_name_their_task_and_model_config_fits_the_files(dirs):
     from harness.data.dataset import describe
 
@@ -186,6 +187,7 @@ def test_features_are_tinys_and_the_count_sets_events(data):
     np.testing.assert_array_equal(changed, ev.shown.any(1))
 
 
+@pytest.mark.slow
 def test_task_sets_are_deterministic_and_complete(tmp_path, dirs):
     for name in ("tiny-mc", "tiny-count"):
         again = syn.generate(tmp_path / name, name, seed=0, progress=False)
@@ -198,6 +200,7 @@ def test_task_sets_are_deterministic_and_complete(tmp_path, dirs):
             assert differs[key].read_bytes() != first[key].read_bytes(), (name, key)
 
 
+@pytest.mark.slow
 def test_data_spec_and_cli_know_the_presets(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -292,6 +295,7 @@ def test_tiny_count_needs_the_video(data):
     assert mse_v < 1.0 and mse_q > 6 * mse_v
 
 
+@pytest.mark.slow
 def test_the_question_probe_finds_a_leak_the_balancing_removes(tmp_path, monkeypatch):
     """Without the balancing (right answers as popular as the videos make them, distractors uniform), the
     question+candidates probe beats chance: it is a probe that can fail."""

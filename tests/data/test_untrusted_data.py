@@ -131,6 +131,7 @@ def run_ablate_measured(data: Path, tmp_path: Path) -> tuple[int, str, int]:
 PEAK_KIB = 900 * 1024
 
 
+@pytest.mark.slow
 def test_a_question_pickle_declaring_a_gib_array_is_refused_before_allocating(tmp_path):
     """1.3 KB declaring (8388608, 16) int64 (1 GiB): refused by size, in a process whose peak
     memory stays far below the declared size (a loader trusting the shape allocates and touches it)."""
@@ -142,6 +143,7 @@ def test_a_question_pickle_declaring_a_gib_array_is_refused_before_allocating(tm
     assert peak < PEAK_KIB
 
 
+@pytest.mark.slow
 def test_a_feature_h5_declaring_gibs_it_does_not_store_is_refused_before_reading(tmp_path):
     """A few KB of h5 declaring 1.6 GB of ids and 24 GB of features, never written: HDF5 would fill
     them in on reading. Refused from the metadata, the child's peak memory far below."""
@@ -272,6 +274,7 @@ def test_feature_h5_with_external_storage_is_refused(tmp_path):
                        "'resnet_features' stores its data in an external file ('/etc/passwd')")
 
 
+@pytest.mark.slow
 def test_feature_h5_with_storage_on_a_fifo_is_refused_not_hung(tmp_path):
     """A FIFO blocks a reader forever: the refusal comes from the metadata, before any read (a
     subprocess with a timeout, so that a regression fails instead of hanging the suite)."""

@@ -56,6 +56,7 @@ def test_registry_rejects_bad_metrics():
     assert M.METRICS["recon_mse"].statistics == (M.BOOTSTRAP,) and not M.METRICS["recon_mse"].higher_is_better
 
 
+@pytest.mark.slow
 def test_a_toy_metric_reaches_record_results_report_and_regression(measured, tmp_path):
     got, store = measured
     (rec,) = list(store.iter_records())
@@ -94,6 +95,7 @@ def test_a_toy_metric_reaches_record_results_report_and_regression(measured, tmp
     assert [r["what"] for r in regression.compare(got, lacking)] == ["test_toy_wrong (expected value not finite)"]
 
 
+@pytest.mark.slow
 def test_without_the_toy_metric_nothing_shows_it(tmp_path, measured):
     """Unregistered, the same store's table and report have no such column (what shows it is the registry)."""
     _, store = measured

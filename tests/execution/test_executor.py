@@ -301,6 +301,7 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+@pytest.mark.slow
 def test_cpu_workers_share_out_the_cores(monkeypatch):
     """N CPU workers with every core each oversubscribe the CPU (a --jobs 2 grid on 2 cores ran
     slower than --jobs 1): each gets its share of the cores."""

@@ -82,6 +82,7 @@ def job_logs(results: Path, grid: str) -> str:
 SLURM_SUBSET = ("question-only", "student-logits")
 
 
+@pytest.mark.slow
 def test_ci_grid_on_slurm_matches_expected_results(partition, tiny, tmp_path):
     """Runs of the CI regression grid through SLURM on a CPU-only partition (no GPU asked: gpus_per_run 0),
     one CPU per job, two jobs at a time: the same expected results as the local executor's."""
@@ -136,6 +137,7 @@ def _wait(what: str, done, proc: subprocess.Popen, seconds: float) -> None:
                                            f"{proc.poll() is not None})"
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_the_jobs_then_a_time_limited_run_is_requeued_and_resumes(partition, tiny, data_cache,
                                                                                   tmp_path):
     """One run through `ablate.py --executor slurm --gpus-per-run 0 --time-min 5` (one test for both, to keep

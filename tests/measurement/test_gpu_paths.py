@@ -141,6 +141,7 @@ def _forward_and_objective(name: str):
 
 
 @pytest.mark.parametrize("name", variants.list())
+@pytest.mark.slow
 def test_every_variant_runs_on_fake_cuda_without_a_host_copy(name):
     """A tensor made on the CPU inside a forward or an objective either mixes devices (FakeTensorMode
     raises, as CUDA would) or is copied to the device every step (recorded)."""
@@ -171,6 +172,7 @@ def test_the_fake_cuda_check_catches_a_planted_mismatch_and_a_planted_copy(monke
             _forward_and_objective("dualvgr")
 
 
+@pytest.mark.slow
 def test_teacher_cache_gather_and_evaluation_on_fake_cuda(tiny):
     """A student's teacher outputs gathered for a batch (resident on the device, and streamed from
     host memory), and the evaluation loop over a split, stay on the device."""
@@ -313,6 +315,7 @@ def test_peak_memory_separates_the_steps_own_peak_from_what_was_resident():
     assert 200 <= m["own"] <= 400, m  # the 256 MiB the step allocated, not the 128 MiB resident
 
 
+@pytest.mark.slow
 def test_a_students_inference_is_measured_before_its_teachers_exist(monkeypatch):
     """The inference peak memory of a student included its teacher's weights when training was also
     measured (teachers built before the batch-size loop): the same field depended on a flag."""

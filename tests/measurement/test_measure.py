@@ -332,6 +332,7 @@ def test_bench_json_has_every_field(tmp_path):
     assert json.loads(stored[0].read_text())[0]["params_total"] == records[0]["params_total"]
 
 
+@pytest.mark.slow
 def test_bench_markdown_data_and_no_store(tmp_path, monkeypatch, data_cache):
     monkeypatch.chdir(tmp_path)
     res = _bench(["--variant", "question-only", "--config", "tiny", "--device", "cpu", "--batch-size", "2,4",
@@ -347,6 +348,7 @@ def test_bench_markdown_data_and_no_store(tmp_path, monkeypatch, data_cache):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_bench_cpu_train_step_memory_is_measured_not_the_rss_difference(tmp_path):
     """bench.py on the CPU: the step's own memory is the profiler's tensor peak (the RSS difference
     read 0.03 MiB for dualvgr at batch 256): it grows with the batch, holds at least the gradients

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 import variants
 from harness.report.grouping import Group
 from harness.report.modality import modality, two_stream_reference
@@ -25,6 +27,7 @@ def test_each_one_stream_student_has_the_two_stream_model_trained_the_same_way_a
         is None
 
 
+@pytest.mark.slow
 def test_a_grid_report_says_what_each_one_stream_student_recovers(tiny, tmp_path):
     from harness.execution import grid as G
     from harness.execution.grid import run_grid

@@ -362,6 +362,7 @@ def test_no_cost_anywhere_skips_cost_plots_with_a_note(tmp_path):
     assert "recon MSE" not in main["__header__"]
 
 
+@pytest.mark.slow
 def test_report_is_deterministic(store, tmp_path):
     a = write_report(store, "g", out_dir=tmp_path / "a").read_text().splitlines()
     b = write_report(store, "g", out_dir=tmp_path / "b").read_text().splitlines()
@@ -575,6 +576,7 @@ def test_a_partial_report_says_what_is_missing_in_its_header_and_rows(store, tmp
     assert "Partial report" not in md and "n=2 of" not in md
 
 
+@pytest.mark.slow
 def test_ablate_report_of_a_partly_run_grid_names_the_missing_seed_and_variant(tiny, tmp_path):
     """`ablate.py report --grid` with some of the grid's runs complete: the written report says so."""
     from typer.testing import CliRunner

@@ -100,6 +100,7 @@ def test_study_file_checks_values_and_variants(tmp_path):
 # --- pruned runs -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_pruned_run_is_recorded_as_pruned_and_never_as_finished(tiny, tmp_path, data_cache):
     store = ResultsStore(tmp_path / "results")
     spec = RunSpec("student", epochs=3, batch_size=512, overrides={"module_dim": 16}, seed=5)
@@ -133,6 +134,7 @@ class _PruneOdd(optuna.pruners.BasePruner):
         return trial.number % 2 == 1 and (trial.last_step or 0) >= 1
 
 
+@pytest.mark.slow
 def test_pruned_trials_are_pruned_runs_and_the_report_says_so(tiny, tmp_path, data_cache, monkeypatch):
     monkeypatch.setattr(S, "_pruner", lambda study: _PruneOdd())
     study, store = S.load_study(_study(tmp_path, epochs=3, n_trials=4)), ResultsStore(tmp_path / "results")
@@ -161,6 +163,7 @@ def test_pruned_trials_are_pruned_runs_and_the_report_says_so(tiny, tmp_path, da
 # --- reuse, honesty, resuming --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_trials_reuse_complete_runs(tiny, tmp_path, data_cache):
     study, store = S.load_study(_study(tmp_path, n_trials=2)), ResultsStore(tmp_path / "results")
     done = train(S.spec_for(study, {"alpha": 2.0}), store, data=tiny, device="cpu", progress=False)  # as a grid would
@@ -176,6 +179,7 @@ def test_trials_reuse_complete_runs(tiny, tmp_path, data_cache):
     assert not o.trials[1].user_attrs.get("reused") and len(_finished(o)) == 2
 
 
+@pytest.mark.slow
 def test_test_metrics_are_never_read_while_searching(tiny, tmp_path, data_cache, monkeypatch):
     """The workers search with test metrics sealed: the whole search (a distilled student, whose records
     copy its teacher's test accuracy, included) reads none; a search that read one would fail."""

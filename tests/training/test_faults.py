@@ -210,6 +210,7 @@ def _full_disk(monkeypatch, under: str = "") -> None:
     monkeypatch.setattr(os, "fsync", full)
 
 
+@pytest.mark.slow
 def test_a_grid_given_as_a_path_gets_hints_that_work_and_a_full_disk_one_error_line(tmp_path, data_cache,
                                                                                     monkeypatch):
     import shlex

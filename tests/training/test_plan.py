@@ -65,6 +65,7 @@ def test_fingerprints_are_cached_by_size_and_mtime(tiny, tmp_path, monkeypatch):
     assert D.describe(d).data_id == first and not opened  # no feature file hashed again
 
 
+@pytest.mark.slow
 def test_report_reads_no_feature_file(tiny, tmp_path, monkeypatch, data_cache):
     """A grid's report needs only the results store: the feature files deleted, h5py unusable."""
     grid = tmp_path / "g.toml"

@@ -28,6 +28,7 @@ def spec(variant="dualvgr", **kw):
     return RunSpec(variant=variant, data="synthetic:tiny", seed=1, **{**FAST, **kw})
 
 
+@pytest.mark.slow
 def test_record_fields_and_predictions(tiny, tmp_path):
     store = ResultsStore(tmp_path / "results")
     rec = train(spec(), store, data=tiny, device="cpu", progress=False)
@@ -100,6 +101,7 @@ def test_sigkill_leaves_the_store_readable_and_rerun_finishes(tiny, tmp_path, da
     assert not list(results.glob("runs/*/.*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_run_whose_best_epoch_is_its_last_reports_what_its_best_weights_give(tiny, tmp_path):
     """The final evaluation does not evaluate the test split twice when the best epoch is the last one (best.pt
     then holds the model's own weights): the record's test metrics and predictions are those of best.pt loaded
@@ -125,6 +127,7 @@ def test_question_only_and_early_stopping(tiny, tmp_path):
     assert rec["params"]["by_module"].keys() == {"linguistic_input_unit", "output_unit"}
 
 
+@pytest.mark.slow
 def test_cli_run_prints_per_type_table(tmp_path, shared_store):
     """The table ``run`` prints from the run's record (the shared store's dualvgr, copied: the command finds it
     complete and prints it as it does after training; test_cli.py's runs train through the command)."""
@@ -219,6 +222,7 @@ def test_bf16_on_a_cpu_without_bf16_lstm_fails_up_front(tiny, tmp_path, monkeypa
     assert r.exit_code == 2 and "cannot run an LSTM on this CPU" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_a_run_is_planned_and_its_teacher_outputs_dry_run_once(tmp_path, shared_store, monkeypatch):
     """``ablate.py run`` plans the student once (its teacher's plan inside it) and hands the plan to ``train``: the
     teacher is not planned again to train it, and the dry run that finds the teacher outputs the losses read runs

@@ -86,6 +86,7 @@ def test_recorder_counts_iteration_as_reading_every_key():
 
 
 @pytest.mark.parametrize("name", [n for n in variants.list("student-*") if variants.get_config(n).teachers])
+@pytest.mark.slow
 def test_step_from_the_cache_equals_the_step_that_runs_the_teachers(tiny, tmp_path, name):
     store = ResultsStore(tmp_path)
     split = _head(tiny.splits["train"], N_ROWS)
@@ -250,6 +251,7 @@ def trained(tiny, tmp_path_factory):
     return store, rec, preds
 
 
+@pytest.mark.slow
 def test_student_trained_from_the_cache_gives_the_same_predictions(tiny, trained):
     store, cached, cached_preds = trained
     tc = cached["training_compute"]
@@ -269,6 +271,7 @@ def test_student_trained_from_the_cache_gives_the_same_predictions(tiny, trained
     assert (preds["pred_last"] == cached_preds["pred_last"]).all()
 
 
+@pytest.mark.slow
 def test_students_of_one_teacher_run_share_its_cache(tiny, trained, monkeypatch):
     store, first, _ = trained
 

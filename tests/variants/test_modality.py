@@ -121,6 +121,7 @@ def test_a_one_stream_load_never_reads_the_other_streams_features(nan_motion, mo
     assert mot.shape == (3, 0) and f.motion_dim == data.info.dims.get("motion_dim", f.vision_dim)
 
 
+@pytest.mark.slow
 def test_the_cli_trains_an_appearance_only_student_on_a_set_whose_motion_is_unusable(nan_motion, tmp_path):
     res = CliRunner().invoke(ablate.app, ["run", "modality-appearance", "--data", str(nan_motion), "--epochs", "1",
                                           "--batch-size", "512", "--device", "cpu", "--set", "module_dim=16",

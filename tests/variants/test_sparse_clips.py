@@ -31,6 +31,7 @@ def test_shipped_descriptions_state_the_kept_count_of_the_shipped_sizes():
             assert f"{kept_clips(ratio, p.n_clips)} of {p.n_clips}" in variants.describe(name), (name, p.name)
 
 
+@pytest.mark.slow
 def test_record_and_report_label_say_how_many_clips_were_kept(tiny, tmp_path):
     store = ResultsStore(tmp_path / "results")
     rec = train(RunSpec("sparse-node", epochs=1, batch_size=512, seed=0, overrides={"module_dim": 16}), store,

@@ -141,6 +141,7 @@ def test_edge_sparsity_computes_only_the_scores_of_its_pattern():
     assert macs[False] - macs[True] == 4 * 2 * 64 * (24 * 25 - 8 * 3 * 10)
 
 
+@pytest.mark.slow
 def test_svitt_is_at_least_twice_cheaper_than_its_dense_control_at_msvd_size():
     """FLOPs are deterministic: 8 clips x 16 frames, module_dim 768, the registered keep rates."""
     out = {}

@@ -154,6 +154,7 @@ def test_teacher_and_every_student_complete_through_the_runner(tiny, tmp_path, s
     assert row["teacher_runs"] == ",".join(teacher_run[t] for t in ("teacher-g2", "teacher-g3", "teacher-g4"))
 
 
+@pytest.mark.slow
 def test_records_have_sanity_ablations_and_reconstruction(tiny, tmp_path):
     store = ResultsStore(tmp_path)
     rec = train(RunSpec("autoencoder", epochs=1, batch_size=512, overrides={"module_dim": 16}), store, data=tiny,

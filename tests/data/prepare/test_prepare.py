@@ -238,6 +238,7 @@ def test_features_load_with_the_questions(prepared):
     assert report["padded"] == [{"id": 3, "file": report["padded"][0]["file"], "frames": 3}]
 
 
+@pytest.mark.slow
 def test_features_resume(release, prepared, tmp_path):
     out, _ = prepared
     # a second run finds every video done

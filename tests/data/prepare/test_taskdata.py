@@ -328,6 +328,7 @@ def test_train_on_prepared_frameqa(tgif_features, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_train_on_prepared_count(tgif_release, tgif_out, tmp_path):
     code, output = run_cli("features", "--dataset", "tgif-qa-count", "--videos", tgif_release / "gifs",
                            "--annotations", tgif_release / "dataset", "--out", tmp_path / "f", *FEATURE_ARGS)

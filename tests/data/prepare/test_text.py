@@ -75,6 +75,7 @@ def generated(n: int, seed: int) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_tokenizer_equals_nltk_on_generated_questions():
     nltk_tokenize = pytest.importorskip("nltk.tokenize", reason=NLTK_MISSING)
     reference = nltk_tokenize.NLTKWordTokenizer()

@@ -201,6 +201,7 @@ def extracted(release, tmp_path_factory):
     return out, code, log
 
 
+@pytest.mark.slow
 def test_real_and_damaged_videos_end_to_end(extracted):
     out, code, log = extracted
     assert code == 0, log
@@ -279,6 +280,7 @@ def killed(tmp_path_factory):
     return root, snaps, features(out)
 
 
+@pytest.mark.slow
 def test_a_kill_at_any_flush_leaves_only_complete_videos_done(killed, tmp_path):
     _, snaps, (app, mot, _) = killed
     attrs = {"app_attrs": feature_attrs("resnet101", "random", "", 32, 2, 4),
@@ -300,6 +302,7 @@ def test_a_kill_at_any_flush_leaves_only_complete_videos_done(killed, tmp_path):
 
 
 @pytest.mark.parametrize("kill_at", [7, 10])
+@pytest.mark.slow
 def test_a_killed_run_resumes_with_the_same_features(killed, tmp_path, kill_at):
     """Killed before flush 7 (the second batch's appearance rows written, not flushed) or 10 (its
     appearance ids flushed, its motion ids not): the second batch is extracted again."""
