@@ -1,4 +1,4 @@
-"""Rough edges a new user hit (issue 29): read-only results paths, prepare's file modes, bench.py's
+"""Rough edges a new user hit: read-only results paths, prepare's file modes, bench.py's
 and ablate.py's messages. Each test fails on the behaviour before."""
 from __future__ import annotations
 

@@ -376,8 +376,8 @@ def _quiet_quantizer():
         logging.disable(logging.NOTSET)
 
 
-#: ONNX Runtime's int8 weights in 7 bits ([-64, 64]; its quantisers' ``reduce_range``). Without VNNI (AVX2 and
-#: AVX-512F x86 CPUs), MLAS multiplies uint8 activations by int8 weights with VPMADDUBSW, which adds two products
+#: ONNX Runtime's int8 weights in 7 bits ([-64, 64]; its quantisers' ``reduce_range``). On x86 CPUs with AVX2 or
+#: AVX-512 but no VNNI, MLAS multiplies uint8 activations by int8 weights with VPMADDUBSW, which adds two products
 #: into a saturating int16: 255 * 127 * 2 overflows it, 255 * 64 * 2 does not. With full-range weights a model
 #: quantised anywhere loses accuracy wherever it runs on such a CPU: measured on a 2-core AVX2 EPYC, a tiny-size
 #: DualVGR agreed with fp32 on 62% (dynamic) and 59% (static) of 300 test questions, 96% and 95% with 7-bit

@@ -33,7 +33,7 @@ from harness.files import atomic_torch_save
 
 REPS = 5
 SMOKE_QUESTIONS = 512
-TARGET = 1.3  # issue 14: >= 1.3x faster per student epoch for a teacher-g4 student
+TARGET = 1.3  # >= 1.3x faster per student epoch for a teacher-g4 student
 
 
 def _runs(preset: str, store: ResultsStore, questions: int | None = None):

@@ -393,7 +393,7 @@ def test_compress_grid_takes_the_runs_of_every_data_set_of_the_grid(data_cache, 
     assert {record_task(store.read_record(r)) for r in given} == {"multiple-choice", "count"}
 
 
-# ----------------------------------------------------------------------------- ONNX Runtime int8 (issue 41)
+# ----------------------------------------------------------------------------- ONNX Runtime int8
 
 #: ONNX Runtime's int8 paths against the fp32 model on the tiny set's 1,000 test questions of the 4-epoch run
 #: (the ``compressed`` fixture), measured on a 2-core AVX2 EPYC with 7-bit weights: ort-dynamic-int8 99.5% argmax
@@ -487,8 +487,8 @@ def int8_weights(path) -> dict:
     import onnx
     from onnx import numpy_helper
 
-    arrays = (numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer)
-    return {i: a for i, a in enumerate(arrays) if a.dtype == np.int8 and a.size > 1}
+    arrays = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    return {name: a for name, a in arrays.items() if a.dtype == np.int8 and a.size > 1}
 
 
 def test_ort_int8_methods_agree_with_fp32_on_tiny_questions_fast(tiny, tmp_path):

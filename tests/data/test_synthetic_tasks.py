@@ -1,4 +1,4 @@
-"""The multiple-choice and count synthetic sets (issue 26): ``tiny-mc`` and ``tiny-count`` in HCRN's TGIF-QA
+"""The multiple-choice and count synthetic sets: ``tiny-mc`` and ``tiny-count`` in HCRN's TGIF-QA
 layouts, their answers read from tiny's videos, and learnable from the video only (simple probes on the written
 files: a video-based probe far above question-only ones)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Faults as a cluster user meets them (issue 30): each test injects one and checks that it costs
+"""Faults as a cluster user meets them: each test injects one and checks that it costs
 one run, never the grid, that the failure is remembered (``failed.json``, ``results --failed``,
 the report) and that the messages name what happened."""
 from __future__ import annotations

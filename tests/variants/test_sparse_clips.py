@@ -1,4 +1,4 @@
-"""Node sparsity keeps whole clips (issue 29 item 4): the kept count is in the record and the report
+"""Node sparsity keeps whole clips: the kept count is in the record and the report
 label, and a keep_ratio that keeps every clip is rejected."""
 import pytest
 

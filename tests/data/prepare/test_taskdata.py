@@ -1,5 +1,5 @@
 """harness.data.prepare for TGIF-QA (tsv question files, GIFs) and NExT-QA (csv question files, released
-features): hand-made release files -> data sets checked against the task format of issue 26
+features): hand-made release files -> data sets checked against the task format of docs/tasks.md
 (harness.data.layout: ans_candidates, counts, question_category, the meta file's task)."""
 import json
 import pickle
