@@ -253,7 +253,8 @@ def test_each_cross_family_student_trains(results, name):
     # teacher-g4 it needs at that batch size, 23 s on a 2-core AVX2 EPYC, against 34 s for the student alone at 512);
     # the other direction reads the same embeddings through the distance term
     extra = ("--set", "relational.w_angle=0") if name == "dualvgr-from-transformer-relational" else ()
-    r = _run(results, name, "synthetic:tiny", *extra, batch_size=128 if name.endswith("-relational") else 512)
+    batch = 128 if name == "transformer-from-dualvgr-relational" else 512
+    r = _run(results, name, "synthetic:tiny", *extra, batch_size=batch)
     assert r.exit_code == 0, r.output
     from harness.runs.store import ResultsStore
 

@@ -132,7 +132,7 @@ def test_teacher_and_every_student_complete_through_the_runner(tiny, tmp_path, s
     store, _ = shared_store.copy(tmp_path, "student-logits")
     names = ["teacher-g4", "student", *[n for n in variants.list("student-*")]]
     # RKD's angle term costs O(batch^3): at batch 512 it was a third of this test; it is checked against its
-    # reference in tests/variants/test_kd_losses.py and trained at batch 512 by tests/variants/test_transformer.py
+    # reference in tests/variants/test_kd_losses.py and trained by tests/variants/test_transformer.py (batch 128)
     light = {"student-relational": {"relational.w_angle": 0.0}}
     recs = {n: train(RunSpec(n, seed=3, epochs=1, batch_size=512, overrides=light.get(n, {})), store, data=tiny,
                      device="cpu", progress=False) for n in names}
