@@ -232,10 +232,13 @@ def results(tmp_path_factory, data_cache):
 
 
 def _run(results, name: str, data: str, *extra: str, batch_size: int = 512):
+    """``ablate.py run`` of a small model (module_dim 16, which a student's teachers get too): these tests check
+    that each variant trains through the command, not its accuracy."""
     import ablate
 
     return CliRunner().invoke(ablate.app, ["run", name, "--data", data, "--epochs", "1", "--batch-size",
-                                           str(batch_size), "--device", "cpu", "--results", str(results), *extra])
+                                           str(batch_size), "--device", "cpu", "--results", str(results),
+                                           "--set", "module_dim=16", *extra])
 
 
 @pytest.mark.slow

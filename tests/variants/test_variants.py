@@ -125,26 +125,31 @@ def test_autoencoder_two_stage_trains_only_reconstruction_first():
 
 
 @pytest.mark.slow
-def test_teacher_and_every_student_complete_through_the_runner(tiny, tmp_path, shared_store):
+def test_teacher_and_every_student_complete_through_the_runner(tiny, tmp_path):
     """teacher-g4, the plain student and each distilled student run through the runner; each
-    teacher is trained once and reused; the store shows which teacher each student used. teacher-g4 and
-    student-logits come from the shared store (the same specs: seed 3, one epoch at batch 512)."""
-    store, _ = shared_store.copy(tmp_path, "student-logits")
+    teacher is trained once and reused; the store shows which teacher each student used. A path test: every
+    run is small (module_dim 16, which the students' teachers get too), one epoch at batch 512."""
+    store = ResultsStore(tmp_path)
     names = ["teacher-g4", "student", *[n for n in variants.list("student-*")]]
-    # RKD's angle term costs O(batch^3): at batch 512 it was a third of this test; it is checked against its
-    # reference in tests/variants/test_kd_losses.py and trained by tests/variants/test_transformer.py (batch 128)
+    small = {"module_dim": 16}
+    # RKD's angle term costs O(batch^3): it is checked against its reference in tests/variants/test_kd_losses.py
+    # and trained by tests/variants/test_transformer.py (batch 128)
     light = {"student-relational": {"relational.w_angle": 0.0}}
-    recs = {n: train(RunSpec(n, seed=3, epochs=1, batch_size=512, overrides=light.get(n, {})), store, data=tiny,
-                     device="cpu", progress=False) for n in names}
+    recs = {n: train(RunSpec(n, seed=3, epochs=1, batch_size=512, overrides={**small, **light.get(n, {})}), store,
+                     data=tiny, device="cpu", progress=False) for n in names}
     teacher_run = {r["variant"]: r["run_id"] for r in store.records() if r["variant"].startswith("teacher-")}
     assert sorted(teacher_run) == ["teacher-g2", "teacher-g3", "teacher-g4"]
     assert len(store.records(variant="teacher-g4")) == 1  # trained once, reused by every student
+    assert recs["teacher-g4"]["run_id"] == teacher_run["teacher-g4"]
+    assert all(r["variant_config"]["model"]["module_dim"] == 16 for r in store.records())  # the teachers' too
     assert recs["student"]["teacher_runs"] == []
+    student_params = recs["student"]["params"]["total"]
     for n in names[2:]:
         cfg = variants.get_config(n)
         assert recs[n]["teacher_runs"] == [teacher_run[t] for t in cfg.teachers], n
         assert recs[n]["teachers"][0]["variant"] == cfg.teachers[0]
-        assert recs[n]["params"]["total"] == 223_748  # the student alone: no teacher, no hint regressor
+        # the student alone, as the plain student: no teacher, no hint regressor, no projection counted
+        assert recs[n]["params"]["total"] == student_params, n
         for d in cfg.distill:
             assert f"loss_kd_{d['name']}" in recs[n]["history"][0]
     df = store.to_frame()
