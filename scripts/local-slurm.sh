@@ -76,8 +76,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# a requeued job (a run requeued at its time limit) waits cred_expire seconds to start again (default 120)
-AuthInfo=socket=$SOCKET,cred_expire=10
+# a requeued job (a run requeued at its time limit) waits cred_expire seconds to start again (default 120; 5 is
+# ample for jobs of this one machine)
+AuthInfo=socket=$SOCKET,cred_expire=5
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$RUN/slurmctld.daemon.pid
@@ -92,8 +93,8 @@ JobCompType=jobcomp/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
-# look at pending jobs every 5 s (default 60 and 30): a requeued job starts again soon after it may
-SchedulerParameters=sched_interval=5,bf_interval=5
+# look at pending jobs every second (default 60 and 30): a requeued job starts again as soon as it may
+SchedulerParameters=sched_interval=1,bf_interval=1
 MpiDefault=none
 ReturnToService=2
 KillWait=5

@@ -149,7 +149,9 @@ def test_ctrl_c_cancels_the_jobs_then_a_time_limited_run_is_requeued_and_resumes
     submitit counts any such signal as the time limit. submitit calls the checkpoint hook and requeues the
     job, and the runner resumes from the last completed epoch again. The record is complete, its history
     continuous, and it spans the attempts."""
-    epochs = max(30, round(15 / _epoch_seconds("question-only", tmp_path)))  # about 15 s of training
+    # about 8 s of training, at least 30 epochs: each attempt must still be running when the test has seen its
+    # next epoch's checkpoint (read between the run's replacements of it, which come every epoch)
+    epochs = max(30, round(8 / _epoch_seconds("question-only", tmp_path)))
     name = f"vqakd-test-{os.getpid()}"
     grid = tmp_path / f"{name}.toml"
     grid.write_text(f'data = "synthetic:tiny"\nvariants = ["question-only"]\nseeds = [0]\n'
