@@ -38,7 +38,8 @@ from harness.runs import record as R
 from harness.console import plural, say
 from harness.training.plan import RunSpec, feature_modalities, feature_mode, plan
 from harness.training.runner import check_run, train
-from harness.execution.schedule import failure_answer, Schedule, worker_init, cpu_threads_per_worker, device_slots
+from harness.execution.schedule import (failure_answer, Schedule, worker_init, cpu_threads_per_worker, device_slots,
+                                        job_init, submitit_threads)
 from harness.execution.slurm import (MAX_REQUEUES, SLURM_REQUESTS, ExecutorError, SacctNoise, Watch,
     check_executor_options, slurm_parameters)
 from harness.runs.store import ResultsStore
@@ -84,16 +85,16 @@ class SubmititRun(submitit.helpers.Checkpointable):
     submitit calls :meth:`checkpoint` from its signal handler and requeues the job with the call it
     returns: the same run, which the runner resumes from ``state.pt`` (its last completed epoch)."""
 
-    def __call__(self, spec: dict, results: str, device: str = "auto", mode: str = "auto", log=()) -> dict:
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-        if cpus:  # as many threads as the job was given CPUs (torch would otherwise use every core of the node)
-            torch.set_num_threads(int(cpus))
+    def __call__(self, spec: dict, results: str, device: str = "auto", mode: str = "auto", log=(),
+                 threads: int | None = None) -> dict:
+        job_init(threads)
         return run_one(spec, results, device, mode, log)
 
-    def checkpoint(self, spec: dict, results: str, device: str = "auto", mode: str = "auto", log=()):
+    def checkpoint(self, spec: dict, results: str, device: str = "auto", mode: str = "auto", log=(),
+                   threads: int | None = None):
         print(f"{spec['variant']} seed {spec['seed']}: job time limit or preemption: requeued, the run resumes "
               f"from its last completed epoch", file=sys.stderr, flush=True)
-        return submitit.helpers.DelayedSubmission(self, spec, results, device, mode, log)
+        return submitit.helpers.DelayedSubmission(self, spec, results, device, mode, log, threads)
 
 
 # --- executors: one registered implementation per kind -----------------------------------------------------
@@ -319,9 +320,11 @@ def _run_submitit(sched: Schedule, name: str, store: ResultsStore, executor: str
     try:
         while wave := sched.ready():
             specs = [sched.start(p) for p in wave]
+            # SLURM runs at most ``jobs`` of them at once; submitit's local executor all of them
+            threads = submitit_threads(executor, device, len(wave))
             try:
                 jobs_ = ex.map_array(SubmititRun(), specs, [str(root)] * len(wave), [device] * len(wave),
-                                     [mode] * len(wave), [sched.log] * len(wave))
+                                     [mode] * len(wave), [sched.log] * len(wave), [threads] * len(wave))
             except submitit.core.utils.FailedJobError as e:  # sbatch refused the jobs; its message says why
                 hint = (" (the partition has no GPUs? --gpus-per-run 0 asks for none)"
                         if "gres" in str(e).lower() else "")

@@ -52,6 +52,26 @@ def cpu_threads_per_worker(jobs: int) -> int:
     return max(1, cores // jobs)
 
 
+def submitit_threads(executor: str, device: str, concurrent: int) -> int | None:
+    """The torch CPU threads to give each of ``concurrent`` submitit jobs that run at once: on SLURM None (the
+    job takes the CPUs SLURM gave it, :func:`job_init`); with submitit's local executor, which starts every job
+    of an array at once on this machine, this machine's cores shared out among them, as the local workers'
+    (:func:`cpu_threads_per_worker`); None where the jobs train on a GPU."""
+    if executor == "slurm" or (device != "cpu" and torch.cuda.is_available()):
+        return None
+    return cpu_threads_per_worker(concurrent)
+
+
+def job_init(threads: int | None) -> None:
+    """The start of a submitit job: torch uses as many CPU threads as SLURM gave the job
+    (``SLURM_CPUS_PER_TASK``; it would otherwise use every core of the node), else ``threads``
+    (:func:`submitit_threads`). Jobs that each use every core oversubscribe the CPU: two submitit-local jobs of
+    two threads each on 2 cores took 62 s for what took 6 s with one thread each."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK") or threads
+    if cpus:
+        torch.set_num_threads(int(cpus))
+
+
 def _die_with_parent(parent: int) -> None:
     """Initializer of the grid's worker processes: end this worker when the grid's process ends, even
     by SIGKILL (which leaves no chance to clean up), instead of training on for nobody. Linux: the

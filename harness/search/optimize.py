@@ -72,7 +72,7 @@ from harness.execution.grid import Grid, grid_plans, order_runs
 from harness.evaluation.metrics import PRIMARY, task_metric
 from harness.training.plan import RunPruned, RunSpec, feature_modalities, feature_mode, plan
 from harness.training.runner import check_run, train
-from harness.execution.schedule import worker_init, cpu_threads_per_worker, device_slots
+from harness.execution.schedule import worker_init, cpu_threads_per_worker, device_slots, job_init, submitit_threads
 from harness.search.definition import Study, StudyError, load_study
 from harness.runs.store import ResultsStore
 from harness.files import held_elsewhere, locked
@@ -236,6 +236,12 @@ def search_worker(path: str, results: str, url: str | None, device: str, index: 
 # ----------------------------------------------------------------------------- running workers
 
 
+def search_job(path: str, results: str, url: str | None, device: str, index: int, threads: int | None) -> dict:
+    """:func:`search_worker` as a submitit job, with its share of the CPU (:func:`job_init`)."""
+    job_init(threads)
+    return search_worker(path, results, url, device, index, False)
+
+
 def _pool_main(parent: int, threads: int | None, sharing: int, args: tuple) -> None:
     worker_init(parent, threads, sharing)
     try:
@@ -283,8 +289,9 @@ def _run_submitit(study: Study, results: str, path: str, jobs: int, executor: st
 
     ex = submitit_executor(f"{study.name}-search", Path(results), executor, jobs,
                             device, options)
-    js = ex.map_array(search_worker, [path] * jobs, [results] * jobs, [url] * jobs, [device] * jobs,
-                      list(range(jobs)), [False] * jobs)
+    threads = submitit_threads(executor, device, jobs)
+    js = ex.map_array(search_job, [path] * jobs, [results] * jobs, [url] * jobs, [device] * jobs,
+                      list(range(jobs)), [threads] * jobs)
     lost: list[str] = []
     workers = {j: types.SimpleNamespace(run_id=f"{study.name}-search-{i}", spec=types.SimpleNamespace(
         variant=f"search worker {i}", seed=study.search["seed"])) for i, j in enumerate(js)}

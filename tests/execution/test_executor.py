@@ -217,9 +217,10 @@ def test_checkpoint_requeues_the_same_run():
     run = E.SubmititRun()
     assert isinstance(run, submitit.helpers.Checkpointable)
     spec = {"variant": "dualvgr", "seed": 0}
-    d = run.checkpoint(spec, "/r", "cpu", "memory", ("tensorboard",))
+    d = run.checkpoint(spec, "/r", "cpu", "memory", ("tensorboard",), 3)
     assert isinstance(d, submitit.helpers.DelayedSubmission)
-    assert d.function is run and d.args == (spec, "/r", "cpu", "memory", ("tensorboard",))  # its logging sinks too
+    # its logging sinks and its share of the CPU too
+    assert d.function is run and d.args == (spec, "/r", "cpu", "memory", ("tensorboard",), 3)
 
 
 def _children() -> dict[int, set[int]]:

@@ -12,6 +12,7 @@ import pytest
 from rich.console import Console
 
 from harness.execution import grid as G
+from harness.execution.schedule import cpu_threads_per_worker
 from harness.execution.grid import run_grid
 from harness.runs.store import ResultsStore
 
@@ -167,6 +168,9 @@ def test_submitit_local_executor(tiny, tmp_path):
     res = run_grid(g, store, executor="submitit-local", device="cpu", console=quiet(), poll_s=0.2)
     assert not res.failed and len(res.complete) == 2
     assert (tmp_path / "results" / "submitit" / "g").is_dir()
+    # submitit's local executor starts both jobs at once: each trains with its share of the cores, not all of them
+    share = cpu_threads_per_worker(2)
+    assert [r["environment"]["threads"] for r in store.records()] == [share, share]
 
 
 @pytest.mark.slow

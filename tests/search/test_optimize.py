@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from harness.runs import record as R
+from harness.execution.schedule import cpu_threads_per_worker
 from harness.search import optimize as S
 from harness.training.plan import RunPruned
 from harness.training.plan import RunSpec
@@ -262,6 +263,10 @@ def test_submitit_local_workers_run_the_study(tmp_path, data_cache):
     o = S.search_phase(study, store, jobs=2, executor="submitit-local", device="cpu", options={"time_min": 10},
                        poll_s=0.5)
     assert len(o.trials) == 2 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in o.trials)
+    # both jobs run at once on this machine: each with its share of the cores (two jobs of every core each on a
+    # 2-core machine trained 8x slower)
+    share = cpu_threads_per_worker(2)
+    assert [store.read_record(t.user_attrs["run_id"])["environment"]["threads"] for t in o.trials] == [share] * 2
 
 
 def test_a_second_search_of_the_same_study_is_refused(tmp_path):
