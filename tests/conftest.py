@@ -28,6 +28,16 @@ def cpu_bf16_problem() -> str | None:
 needs_cpu_bf16 = pytest.mark.skipif(cpu_bf16_problem() is not None, reason=f"bf16 on this CPU: {cpu_bf16_problem()}")
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test starts with one torch thread: a command a test runs in this process (``bench.py --threads 2``,
+    ``ablate.py compress --threads 2``) sets torch's thread count for the process, and every later test of this
+    worker would otherwise run two threads beside the other worker's (an every-student test took 53 s instead of
+    21 s after one)."""
+    torch.set_num_threads(1)
+    yield
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` skip, with the reason, where there is no CUDA device. The test files with the most
     ``slow`` tests run first (each file's tests together and in their order, so module fixtures are set up once):
