@@ -38,8 +38,8 @@ from harness.runs import record as R
 from harness.console import plural, say
 from harness.training.plan import RunSpec, feature_modalities, feature_mode, plan
 from harness.training.runner import check_run, train
-from harness.execution.schedule import (failure_answer, Schedule, worker_init, cpu_threads_per_worker, device_slots,
-                                        job_init, submitit_threads)
+from harness.execution.schedule import (failure_answer, Schedule, worker_init, cpu_share, device_slots, job_init,
+                                        submitit_threads)
 from harness.execution.slurm import (MAX_REQUEUES, SLURM_REQUESTS, ExecutorError, SacctNoise, Watch,
     check_executor_options, slurm_parameters)
 from harness.runs.store import ResultsStore
@@ -191,7 +191,7 @@ def _run_pool(sched: Schedule, store: ResultsStore, jobs: int, device: str, mode
                            f"up to {max(n for _, n in slots)} runs share a GPU; their "
                            f"throughput, wall time and device-seconds are shared (recorded as runs_sharing_device)",
             "yellow")
-    threads = None if ngpu else cpu_threads_per_worker(jobs)
+    threads = cpu_share(jobs, device)
     ctx = mp.get_context("spawn")
     work = run_one  # looked up now: what the workers run (a test hands in one that dies)
     workers = [_Worker(ctx, threads, work, slots[i][1]) for i in range(jobs)]

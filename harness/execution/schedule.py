@@ -52,14 +52,19 @@ def cpu_threads_per_worker(jobs: int) -> int:
     return max(1, cores // jobs)
 
 
+def cpu_share(jobs: int, device: str) -> int | None:
+    """The torch CPU threads of each of ``jobs`` processes training at once on this machine: None where they
+    train on the GPUs (``auto`` or ``cuda`` with GPUs here), else the cores shared out
+    (:func:`cpu_threads_per_worker`)."""
+    ngpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    return None if ngpu else cpu_threads_per_worker(jobs)
+
+
 def submitit_threads(executor: str, device: str, concurrent: int) -> int | None:
     """The torch CPU threads to give each of ``concurrent`` submitit jobs that run at once: on SLURM None (the
     job takes the CPUs SLURM gave it, :func:`job_init`); with submitit's local executor, which starts every job
-    of an array at once on this machine, this machine's cores shared out among them, as the local workers'
-    (:func:`cpu_threads_per_worker`); None where the jobs train on a GPU."""
-    if executor == "slurm" or (device != "cpu" and torch.cuda.is_available()):
-        return None
-    return cpu_threads_per_worker(concurrent)
+    of an array at once on this machine, the local workers' share (:func:`cpu_share`)."""
+    return None if executor == "slurm" else cpu_share(concurrent, device)
 
 
 def job_init(threads: int | None) -> None:

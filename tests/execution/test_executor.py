@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from harness.execution import executor as E
 from harness.execution import grid as G
-from harness.execution.schedule import worker_init
+from harness.execution.schedule import cpu_threads_per_worker, worker_init
 from harness.execution import slurm as S
 from harness.errors import GridError
 
@@ -311,7 +311,7 @@ def test_cpu_workers_share_out_the_cores(monkeypatch):
     from concurrent.futures import ProcessPoolExecutor
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    assert [E.cpu_threads_per_worker(j) for j in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    assert [cpu_threads_per_worker(j) for j in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=worker_init,
                              initargs=(os.getpid(), 1)) as pool:
         assert pool.submit(_threads).result(timeout=120) == 1

@@ -252,9 +252,9 @@ def test_each_new_variant_trains_on_each_task(results, name, data):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", STUDENTS)
 def test_each_cross_family_student_trains(results, name):
-    # RKD's angle term costs O(batch^3): trained once, at batch 128 (transformer-from-dualvgr-relational; with the
-    # teacher-g4 it needs at that batch size, 23 s on a 2-core AVX2 EPYC, against 34 s for the student alone at 512);
-    # the other direction reads the same embeddings through the distance term
+    # RKD's angle term costs O(batch^3), whatever the width: trained once, at batch 128
+    # (transformer-from-dualvgr-relational, with the teacher-g4 it needs at that batch size); the other direction
+    # reads the same embeddings through the distance term
     extra = ("--set", "relational.w_angle=0") if name == "dualvgr-from-transformer-relational" else ()
     batch = 128 if name == "transformer-from-dualvgr-relational" else 512
     r = _run(results, name, "synthetic:tiny", *extra, batch_size=batch)
